@@ -76,13 +76,14 @@ class _VAEModule(nn.Module):
     return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
   def resnet(self, channels, name):
-    return ResnetBlock2D(channels, self.config.norm_num_groups, 1e-6, name=name, **self.kw)
+    return ResnetBlock2D(channels, self.config.norm_num_groups, 1e-6, residual_fp32=True,
+                         name=name, **self.kw)
 
   def conv3(self, channels, name):
     return nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=name, **self.kw)
 
   def norm(self, name):
-    return nn.GroupNorm(self.config.norm_num_groups, epsilon=1e-6, name=name, **self.kw)
+    return nn.GroupNorm(self.config.norm_num_groups, epsilon=1e-6, name=name, dtype=jnp.float32, param_dtype=self.param_dtype)
 
 
 class _VAEBlock(_VAEModule):
@@ -113,7 +114,7 @@ class _SpatialSelfAttention(_VAEModule):
     # diffusers computes this softmax in fp32 (upcast_softmax); so do we.
     y = multihead_attention(y, None, heads=1, head_dim=c, out_features=c, qkv_bias=True,
                             upcast=True, **self.kw)
-    return x + y.reshape(b, h, w, c)
+    return x.astype(jnp.float32) + y.reshape(b, h, w, c).astype(jnp.float32)
 
 
 class _MidBlock(_VAEModule):

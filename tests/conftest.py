@@ -1,0 +1,39 @@
+"""Shared fixtures. Eight fake CPU devices are configured before JAX is imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from ti_jax import tiny_model  # noqa: E402
+
+# Parity figures (name, max relative error, tolerance) reported at the end of the run.
+PARITY_FIGURES: list[tuple[str, float, float]] = []
+
+
+def record_parity(name: str, rel_err: float, tol: float) -> None:
+  """Records a parity figure for the summary and asserts it is within `tol`."""
+  PARITY_FIGURES.append((name, rel_err, tol))
+  assert rel_err <= tol, f"{name}: max relative error {rel_err:.3g} > {tol:g}"
+
+
+def pytest_terminal_summary(terminalreporter):
+  if PARITY_FIGURES:
+    terminalreporter.section("parity vs PyTorch diffusers/transformers (max |a-b| / max |b|)")
+    for name, err, tol in PARITY_FIGURES:
+      terminalreporter.write_line(f"{name:<55s} {err:.2e}  (tolerance {tol:g})")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> str:
+  """A tiny random SD 1.x-shaped diffusers folder written by ti_jax."""
+  return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sd15"), "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd21(tmp_path_factory) -> str:
+  """A tiny random SD 2.x-shaped diffusers folder written by ti_jax."""
+  return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sd21"), "tiny-sd21")

@@ -1,0 +1,281 @@
+"""Loading diffusers-format Stable Diffusion folders (local or from the hub) into ti_jax models.
+
+`load_stable_diffusion(name_or_path)` returns the three Flax modules with
+their params, the CLIP tokenizer and the scheduler config. Weights come from
+PyTorch-layout `.safetensors` (preferred), diffusers/transformers Flax
+`.msgpack`, or, only with `allow_pickle=True` and torch installed, `.bin`
+pickles. Every failure is a `ModelLoadError` whose message is one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ti_jax import convert, safetensors_io
+from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ti_jax.models.vae import AutoencoderKL, VAEConfig
+
+
+class ModelLoadError(Exception):
+  """A model folder, file or config cannot be used; the message is one line for the user."""
+
+
+# Weight file stems per component: diffusers models vs transformers models.
+_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                 "text_encoder": "model"}
+_FLAX_FILES = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
+               "text_encoder": "flax_model.msgpack"}
+_BIN_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+              "text_encoder": "pytorch_model"}
+_SPECS = {"unet": convert.UNET, "vae": convert.VAE, "text_encoder": convert.TEXT_ENCODER}
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """A loaded model: frozen Flax modules, their params, tokenizer and scheduler config."""
+  source: str  # what the user passed: a folder or a hub id
+  path: str  # the local diffusers folder
+  unet: UNet2DConditionModel
+  unet_params: Any
+  vae: AutoencoderKL
+  vae_params: Any
+  text_encoder: CLIPTextModel
+  text_encoder_params: Any
+  tokenizer: Any
+  scheduler_config: dict
+  model_index: dict
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
+  var = f".{variant}" if variant else ""
+  patterns = ["model_index.json", "scheduler/*.json", "tokenizer/*"]
+  for comp in COMPONENTS:
+    stem = _WEIGHT_STEMS[comp]
+    patterns += [f"{comp}/config.json", f"{comp}/{stem}{var}.safetensors",
+                 f"{comp}/{stem}{var}.safetensors.index.json",
+                 f"{comp}/{stem}{var}-*.safetensors", f"{comp}/{_FLAX_FILES[comp]}"]
+    if allow_pickle:
+      patterns.append(f"{comp}/{_BIN_FILES[comp]}{var}.bin")
+  return patterns
+
+
+def resolve_model_dir(name_or_path: str, *, variant: str | None = None,
+                      revision: str | None = None, allow_pickle: bool = False) -> str:
+  """Returns a local diffusers folder: `name_or_path` itself, or a hub snapshot of only the needed files."""
+  if os.path.isdir(name_or_path):
+    return name_or_path
+  looks_local = (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
+                 or name_or_path.count("/") != 1)
+  if looks_local:
+    raise ModelLoadError(f"model folder not found: {name_or_path}")
+  try:
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+    return huggingface_hub.snapshot_download(
+        name_or_path, revision=revision, allow_patterns=_hub_patterns(variant, allow_pickle))
+  except Exception as e:  # the hub client raises many types; all mean "not available"
+    raise ModelLoadError(
+        f"cannot fetch model {name_or_path!r} from the Hugging Face hub "
+        f"(offline, unknown id or no access?): {_one_line(e)}") from None
+
+
+def _read_json(path: str, what: str) -> dict:
+  if not os.path.isfile(path):
+    raise ModelLoadError(f"missing {what}: {path}")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ModelLoadError(f"cannot read {what} {path}: {_one_line(e)}") from None
+
+
+def _find_safetensors(folder: str, stem: str, variant: str | None) -> list[str]:
+  var = f".{variant}" if variant else ""
+  single = os.path.join(folder, f"{stem}{var}.safetensors")
+  if os.path.isfile(single):
+    return [single]
+  index = single + ".index.json"
+  if os.path.isfile(index):
+    weight_map = _read_json(index, "safetensors index").get("weight_map", {})
+    return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
+  return []
+
+
+def load_component_weights(folder: str, component: str, *, variant: str | None = None,
+                           allow_pickle: bool = False) -> tuple[str, Any]:
+  """Reads one component's weights.
+
+  Returns `("torch", {key: array})` for PyTorch-layout weights or
+  `("flax", tree)` for a Flax msgpack. Raises `ModelLoadError` if none is usable.
+  """
+  sub = os.path.join(folder, component)
+  files = _find_safetensors(sub, _WEIGHT_STEMS[component], variant)
+  if files:
+    state: dict[str, np.ndarray] = {}
+    for f in files:
+      if not os.path.isfile(f):
+        raise ModelLoadError(f"missing weight shard: {f}")
+      try:
+        state.update(safetensors_io.load(f))
+      except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {f}: {_one_line(e)}") from None
+    return "torch", state
+  flax_file = os.path.join(sub, _FLAX_FILES[component])
+  if os.path.isfile(flax_file):
+    from flax import serialization  # pylint: disable=import-outside-toplevel
+    try:
+      with open(flax_file, "rb") as fh:
+        return "flax", serialization.msgpack_restore(fh.read())
+    except Exception as e:  # msgpack raises several unrelated types on corrupt input
+      raise ModelLoadError(f"cannot read {flax_file}: {_one_line(e)}") from None
+  var = f".{variant}" if variant else ""
+  bin_file = os.path.join(sub, f"{_BIN_FILES[component]}{var}.bin")
+  if os.path.isfile(bin_file):
+    if not allow_pickle:
+      raise ModelLoadError(
+          f"{bin_file} is a pickle, which can run code when loaded; convert it to safetensors "
+          "or pass allow_pickle (--config.allow_pickle=True) if you trust it")
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ModelLoadError(f"{bin_file} is a PyTorch pickle and needs torch installed") from None
+    try:
+      sd = torch.load(bin_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad pickles
+      raise ModelLoadError(f"cannot read {bin_file}: {_one_line(e)}") from None
+    return "torch", {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+                     for k, v in sd.items()}
+  raise ModelLoadError(
+      f"no weights for {component} in {sub} (looked for {_WEIGHT_STEMS[component]}{var}.safetensors, "
+      f"its sharded index, {_FLAX_FILES[component]} and {_BIN_FILES[component]}{var}.bin)")
+
+
+def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
+                  param_dtype: Any = jnp.float32,
+                  attention_impl: str | None = None) -> dict[str, Any]:
+  """Builds the three Flax modules from diffusers/transformers config dicts."""
+  try:
+    unet_cfg = UNetConfig.from_diffusers(configs["unet"])
+    vae_cfg = VAEConfig.from_diffusers(configs["vae"])
+    text_cfg = CLIPTextConfig.from_transformers(configs["text_encoder"])
+  except UnsupportedConfigError as e:
+    raise ModelLoadError(str(e)) from None
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  return {
+      "unet": UNet2DConditionModel(unet_cfg, attention_impl=attention_impl, **kw),
+      "vae": AutoencoderKL(vae_cfg, **kw),
+      "text_encoder": CLIPTextModel(text_cfg, attention_impl=attention_impl, **kw),
+  }
+
+
+def init_fns(modules: dict[str, Any]) -> dict[str, Callable[[jax.Array], Any]]:
+  """Per component, `rng -> {"params": ...}` on minimal dummy inputs (shapes only matter)."""
+  unet, vae, text = modules["unet"], modules["vae"], modules["text_encoder"]
+  down = 2 ** (len(unet.config.block_out_channels) - 1)
+  vdown = 2 ** (len(vae.config.block_out_channels) - 1)
+  return {
+      "unet": lambda rng: unet.init(
+          rng, jnp.zeros((1, down, down, unet.config.in_channels)), jnp.zeros((1,)),
+          jnp.zeros((1, 1, unet.config.cross_attention_dim))),
+      "vae": lambda rng: vae.init(rng, jnp.zeros((1, vdown, vdown, vae.config.in_channels))),
+      "text_encoder": lambda rng: text.init(rng, jnp.zeros((1, 1), jnp.int32)),
+  }
+
+
+def param_shapes(modules: dict[str, Any]) -> dict[str, Any]:
+  """Per component, the param tree of `jax.ShapeDtypeStruct`s (no memory is allocated)."""
+  return {name: jax.eval_shape(fn, jax.random.key(0))["params"]
+          for name, fn in init_fns(modules).items()}
+
+
+def read_configs(folder: str) -> dict[str, dict]:
+  """Reads model_index.json and each component's config from a diffusers folder."""
+  if not os.path.isdir(folder):
+    raise ModelLoadError(f"model folder not found: {folder}")
+  index = _read_json(os.path.join(folder, "model_index.json"), "model_index.json")
+  cls = index.get("_class_name")
+  if cls not in (None, "StableDiffusionPipeline"):
+    raise ModelLoadError(
+        f"{folder}: pipeline {cls!r} is not supported (ti_jax loads StableDiffusionPipeline folders)")
+  configs = {"model_index": index}
+  for comp in COMPONENTS:
+    configs[comp] = _read_json(os.path.join(folder, comp, "config.json"), f"{comp} config")
+  configs["scheduler"] = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
+                                    "scheduler config")
+  return configs
+
+
+def load_tokenizer(folder: str):
+  """The CLIP tokenizer of a diffusers folder (transformers' CLIPTokenizer)."""
+  path = os.path.join(folder, "tokenizer")
+  if not os.path.isdir(path):
+    raise ModelLoadError(f"missing tokenizer folder: {path}")
+  from transformers import CLIPTokenizer  # pylint: disable=import-outside-toplevel
+  try:
+    return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # transformers raises OSError/ValueError/TypeError for bad folders
+    raise ModelLoadError(f"cannot load tokenizer from {path}: {_one_line(e)}") from None
+
+
+def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
+                          param_dtype: Any = jnp.float32, variant: str | None = None,
+                          revision: str | None = None, allow_pickle: bool = False,
+                          attention_impl: str | None = None) -> StableDiffusion:
+  """Loads a diffusers-format Stable Diffusion 1.x/2.x model.
+
+  Args:
+    name_or_path: a local diffusers folder or a hub id such as
+      "stable-diffusion-v1-5/stable-diffusion-v1-5" (only the needed files are fetched).
+    dtype: compute dtype of the Flax modules (float32 or bfloat16).
+    param_dtype: dtype the weights are stored in on the host/device.
+    variant: weight file variant, e.g. "fp16" for `*.fp16.safetensors`.
+    revision: hub revision.
+    allow_pickle: permit `.bin` pickles (which can execute code) when no
+      safetensors/msgpack weights exist. Needs torch.
+    attention_impl: `jax.nn.dot_product_attention` implementation.
+
+  Raises:
+    ModelLoadError: with a one-line message for any unusable input.
+  """
+  folder = resolve_model_dir(name_or_path, variant=variant, revision=revision,
+                             allow_pickle=allow_pickle)
+  configs = read_configs(folder)
+  modules = build_modules(configs, dtype=dtype, param_dtype=param_dtype,
+                          attention_impl=attention_impl)
+  shapes = param_shapes(modules)
+  params = {}
+  for comp in COMPONENTS:
+    kind, weights = load_component_weights(folder, comp, variant=variant, allow_pickle=allow_pickle)
+    try:
+      if kind == "torch":
+        tree = convert.convert_torch_state_dict(_SPECS[comp], weights, shapes[comp],
+                                                dtype=np.dtype(param_dtype))
+      else:
+        tree = convert.normalize_legacy_flax_tree(weights)
+        convert.check_flax_tree(comp, tree, shapes[comp])
+        tree = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np.dtype(param_dtype)), tree)
+    except convert.ConversionError as e:
+      raise ModelLoadError(f"{folder}: {e}") from None
+    params[comp] = tree
+  return StableDiffusion(
+      source=name_or_path, path=folder,
+      unet=modules["unet"], unet_params=params["unet"],
+      vae=modules["vae"], vae_params=params["vae"],
+      text_encoder=modules["text_encoder"], text_encoder_params=params["text_encoder"],
+      tokenizer=load_tokenizer(folder), scheduler_config=configs["scheduler"],
+      model_index=configs["model_index"])

@@ -1,0 +1,96 @@
+"""Architecture configs of the real and tiny Stable Diffusion models, as diffusers writes them.
+
+The SD 1.5 and SD 2.1 entries are the `config.json` contents of the public
+checkpoints (architecture fields only); tests use them to prove that real
+checkpoints convert key for key, and benchmarks build random-weight models of
+those shapes. The tiny entries keep the SD topology at toy widths for
+offline tests and the demo.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_SCHEDULER_BASE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+_SD15 = {
+    "unet": {
+        "sample_size": 64, "in_channels": 4, "out_channels": 4,
+        "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                             "CrossAttnDownBlock2D", "DownBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                           "CrossAttnUpBlock2D"],
+        "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+        "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
+        "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 768,
+        "attention_head_dim": 8, "use_linear_projection": False, "upcast_attention": False,
+    },
+    "vae": {
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+        "act_fn": "silu", "norm_num_groups": 32, "sample_size": 512,
+        "scaling_factor": 0.18215,
+    },
+    "text_encoder": {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+        "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768,
+        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    },
+    "scheduler": dict(_SCHEDULER_BASE, _class_name="PNDMScheduler", skip_prk_steps=True,
+                      prediction_type="epsilon"),
+}
+
+_SD21 = copy.deepcopy(_SD15)
+_SD21["unet"].update(sample_size=96, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                     use_linear_projection=True, upcast_attention=True)
+_SD21["vae"].update(sample_size=768)
+_SD21["text_encoder"].update(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                             num_attention_heads=16, hidden_act="gelu", projection_dim=512)
+_SD21["scheduler"] = dict(_SCHEDULER_BASE, _class_name="DDIMScheduler",
+                          prediction_type="v_prediction")
+
+
+def _tiny(base: dict, **unet_overrides) -> dict:
+  cfg = copy.deepcopy(base)
+  cfg["unet"].update(
+      sample_size=8, block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8,
+      down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+      up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+      cross_attention_dim=32, **unet_overrides)
+  cfg["vae"].update(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8,
+                    sample_size=64)
+  # vocab_size is set by the writer from the tiny tokenizer it writes.
+  cfg["text_encoder"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, projection_dim=32)
+  return cfg
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sd15": _SD15,
+    "sd21": _SD21,
+    "tiny-sd15": _tiny(_SD15, attention_head_dim=2),
+    "tiny-sd21": _tiny(_SD21, attention_head_dim=[2, 4, 4]),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+  """A deep copy of the named preset's component configs (unet, vae, text_encoder, scheduler)."""
+  if name not in PRESETS:
+    raise KeyError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+  return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,153 @@
+"""Writes a complete diffusers-format Stable Diffusion folder with tiny random weights.
+
+The folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/) loads in ti_jax and in diffusers' PyTorch
+`StableDiffusionPipeline.from_pretrained`, so tests, CI and the offline demo
+run the real loading code without the network. The weights are random: images
+made with it are noise-like by design.
+
+  python -m ti_jax.tiny_model --out_dir /tmp/tiny-sd --preset tiny-sd15
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+
+from ti_jax import convert, presets, safetensors_io
+from ti_jax.tiny_tokenizer import write_tiny_clip_tokenizer
+
+# Recorded in the configs as the writing library's version; diffusers and
+# transformers only compare it to warn about very old files.
+_DIFFUSERS_VERSION = "0.42.0"
+_TRANSFORMERS_VERSION = "5.0.0"
+
+
+def _write_json(path: str, obj: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writer) -> None:
+  """Writes a diffusers folder from component configs and ti_jax Flax params.
+
+  Args:
+    out_dir: destination folder (created).
+    configs: {"unet", "vae", "text_encoder", "scheduler"} config dicts.
+    params: {"unet", "vae", "text_encoder"} Flax param trees.
+    tokenizer_writer: `fn(tokenizer_dir)` that writes the tokenizer files.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  specs = {"unet": convert.UNET, "vae": convert.VAE, "text_encoder": convert.TEXT_ENCODER}
+  classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+  for comp, spec in specs.items():
+    sub = os.path.join(out_dir, comp)
+    os.makedirs(sub, exist_ok=True)
+    state = {k: v.astype(np.float32) for k, v in
+             convert.flax_params_to_torch_state_dict(spec, params[comp]).items()}
+    if comp == "text_encoder":
+      cfg = dict(configs[comp], architectures=["CLIPTextModel"], model_type="clip_text_model",
+                 transformers_version=_TRANSFORMERS_VERSION, dtype="float32")
+      safetensors_io.save(os.path.join(sub, "model.safetensors"), state, {"format": "pt"})
+    else:
+      cfg = dict(configs[comp], _class_name=classes[comp], _diffusers_version=_DIFFUSERS_VERSION)
+      safetensors_io.save(os.path.join(sub, "diffusion_pytorch_model.safetensors"), state,
+                          {"format": "pt"})
+    _write_json(os.path.join(sub, "config.json"), cfg)
+  os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+  _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"),
+              dict(configs["scheduler"], _diffusers_version=_DIFFUSERS_VERSION))
+  tokenizer_writer(os.path.join(out_dir, "tokenizer"))
+  _write_json(os.path.join(out_dir, "model_index.json"), {
+      "_class_name": "StableDiffusionPipeline",
+      "_diffusers_version": _DIFFUSERS_VERSION,
+      "feature_extractor": [None, None],
+      "requires_safety_checker": False,
+      "safety_checker": [None, None],
+      "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
+      "text_encoder": ["transformers", "CLIPTextModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"],
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+  })
+
+
+def random_params(shapes, rng: np.random.Generator):
+  """Random weights for a param-shape tree, drawn with numpy.
+
+  Kernels ~ N(0, 1/fan_in), norms' scale ~ 1 + N(0, 0.02^2), biases and
+  embeddings ~ N(0, 0.02^2). numpy is used instead of `module.init` because
+  XLA takes ~25 s to compile the init of the UNet and VAE on CPU.
+  """
+  def draw(path, leaf):
+    name = path[-1].key
+    shape = leaf.shape
+    if name == "kernel":
+      fan_in = int(np.prod(shape[:-1]))
+      return rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)
+    if name == "scale":
+      return 1.0 + 0.02 * rng.standard_normal(shape, dtype=np.float32)
+    return 0.02 * rng.standard_normal(shape, dtype=np.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def write_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> str:
+  """Writes a tiny random-weight SD folder for `preset` ("tiny-sd15" or "tiny-sd21"); returns out_dir."""
+  # Imported here so that `python -m ti_jax.tiny_model --help` stays fast.
+  from ti_jax.loading import build_modules, param_shapes  # pylint: disable=import-outside-toplevel
+  configs = presets.preset(preset)
+  with tempfile.TemporaryDirectory() as tmp:
+    vocab_size = write_tiny_clip_tokenizer(tmp)
+  configs["text_encoder"]["vocab_size"] = vocab_size
+  # The tiny tokenizer's specials are its last two ids; pad is eos, as in SD 1.x.
+  configs["text_encoder"].update(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                                 pad_token_id=vocab_size - 1)
+  shapes = param_shapes(build_modules(configs))
+  rng = np.random.default_rng(seed)
+  params = {name: random_params(tree, rng) for name, tree in shapes.items()}
+  write_model_folder(out_dir, configs, params, write_tiny_clip_tokenizer)
+  return out_dir
+
+
+def ensure_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> str:
+  """Writes the tiny model unless `out_dir` already holds one; safe against interrupted writes."""
+  if os.path.isfile(os.path.join(out_dir, "model_index.json")):
+    return out_dir
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+  try:
+    write_tiny_model(tmp, preset, seed)
+    os.replace(tmp, out_dir)  # atomic: a half-written model is never seen
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  if os.path.exists(os.path.join(f.out_dir, "model_index.json")) and not f.overwrite:
+    raise SystemExit(f"error: {f.out_dir} already holds a model; pass --overwrite to replace it")
+  write_tiny_model(f.out_dir, f.preset, f.seed)
+  print(f"wrote tiny random-weight Stable Diffusion ({f.preset}) to {f.out_dir}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("out_dir", None, "Folder to write the diffusers-format model into.",
+                      required=True)
+  flags.DEFINE_enum("preset", "tiny-sd15", ["tiny-sd15", "tiny-sd21"],
+                    "tiny-sd15: SD 1.x topology (conv proj, quick_gelu, epsilon); "
+                    "tiny-sd21: SD 2.x topology (linear proj, per-block heads, upcast "
+                    "attention, gelu, v-prediction).")
+  flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing model in --out_dir.")
+  app.run(main)
