@@ -75,11 +75,25 @@ def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
   return patterns
 
 
+TINY_MODELS = ("tiny-sd15", "tiny-sd21")
+DEFAULT_CACHE_DIR = "~/.cache/ti_jax"
+
+
 def resolve_model_dir(name_or_path: str, *, variant: str | None = None,
-                      revision: str | None = None, allow_pickle: bool = False) -> str:
-  """Returns a local diffusers folder: `name_or_path` itself, or a hub snapshot of only the needed files."""
+                      revision: str | None = None, allow_pickle: bool = False,
+                      cache_dir: str = DEFAULT_CACHE_DIR) -> str:
+  """Returns a local diffusers folder for `name_or_path`.
+
+  A folder is used as is; "tiny-sd15"/"tiny-sd21" name ti_jax's random-weight
+  test models, written under `cache_dir` on first use; anything else is a hub
+  id, of which only the needed files are fetched.
+  """
   if os.path.isdir(name_or_path):
     return name_or_path
+  if name_or_path in TINY_MODELS:
+    from ti_jax.tiny_model import ensure_tiny_model  # pylint: disable=import-outside-toplevel
+    return ensure_tiny_model(os.path.join(os.path.expanduser(cache_dir), name_or_path),
+                             preset=name_or_path)
   looks_local = (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
                  or name_or_path.count("/") != 1)
   if looks_local:
@@ -235,7 +249,8 @@ def load_tokenizer(folder: str):
 def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
                           param_dtype: Any = jnp.float32, variant: str | None = None,
                           revision: str | None = None, allow_pickle: bool = False,
-                          attention_impl: str | None = None) -> StableDiffusion:
+                          attention_impl: str | None = None,
+                          cache_dir: str = DEFAULT_CACHE_DIR) -> StableDiffusion:
   """Loads a diffusers-format Stable Diffusion 1.x/2.x model.
 
   Args:
@@ -248,12 +263,13 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
     allow_pickle: permit `.bin` pickles (which can execute code) when no
       safetensors/msgpack weights exist. Needs torch.
     attention_impl: `jax.nn.dot_product_attention` implementation.
+    cache_dir: where the tiny random-weight models are written.
 
   Raises:
     ModelLoadError: with a one-line message for any unusable input.
   """
   folder = resolve_model_dir(name_or_path, variant=variant, revision=revision,
-                             allow_pickle=allow_pickle)
+                             allow_pickle=allow_pickle, cache_dir=cache_dir)
   configs = read_configs(folder)
   modules = build_modules(configs, dtype=dtype, param_dtype=param_dtype,
                           attention_impl=attention_impl)

@@ -8,6 +8,7 @@ so converting a 3 GB UNet never holds two full copies in host memory.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Mapping
 
@@ -83,8 +84,16 @@ def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
     arrays.append(a)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data section
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for a in arrays:
-      f.write(a.tobytes())
+  # Write beside the target and rename: an interrupted save never leaves a
+  # half file, and arrays memory-mapped from the old file stay valid.
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      for a in arrays:
+        f.write(a.tobytes())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

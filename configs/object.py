@@ -1,0 +1,27 @@
+"""Learn an object (a toy, a pet, a statue) as a pseudo-word.
+
+  python -m ti_jax.train --config configs/object.py --workdir runs/toy \
+      --config.train_data_dir=path/to/images --config.placeholder_token='<my-toy>' \
+      --config.initializer_token=toy
+
+Variants: `:sd15` (default), `:sd21`, `:tiny` (offline demo on examples/toy).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def get_config(variant: str = "sd15"):
+  c = common.get_config(variant or "sd15")
+  c.learnable_property = "object"  # object templates: "a photo of a {}", ...
+  c.placeholder_token = "<concept>"
+  c.initializer_token = "sculpture"  # a coarse word for the object; prefer your own ("toy", "cat")
+  c.validation_prompt = "a photo of a {} on the beach"
+  if variant == "tiny":
+    c.train_data_dir = "examples/toy"
+    c.placeholder_token = "<toy>"
+    c.initializer_token = "toy"
+  return c

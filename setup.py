@@ -1,0 +1,42 @@
+"""ti_jax: Textual Inversion for Stable Diffusion in JAX/Flax, for TPUs, GPUs and CPUs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ti_jax",
+    version="0.1.0",
+    description="Textual Inversion (Gal et al. 2022) for Stable Diffusion in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ti_jax", "ti_jax.*"]),
+    install_requires=[
+        "jax",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "transformers",
+        "numpy",
+        "ml_dtypes",
+        "pillow",
+        "absl-py",
+        "ml_collections",
+        "safetensors",
+        "huggingface_hub",
+        "tqdm",
+    ],
+    extras_require={
+        # torch and diffusers are the PyTorch reference in the parity tests.
+        # On CPU-only machines install `torch==2.13.0` (CPU build) first, or
+        # pip pulls the CUDA build (several GB).
+        "test": ["pytest", "torch", "diffusers"],
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+        "cuda13": ["jax[cuda13]"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,104 @@
+"""Pseudo-word tokens: adding them to the tokenizer, initialising and splicing their vectors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class EmbeddingError(ValueError):
+  """Bad placeholder or initializer token; the message is one line."""
+
+
+def placeholder_tokens(placeholder_token: str, num_vectors: int) -> list[str]:
+  """`tok` and, for more vectors, `tok_1`, `tok_2`, ... (diffusers' multi-vector naming)."""
+  if num_vectors < 1:
+    raise EmbeddingError(f"num_vectors must be >= 1, got {num_vectors}")
+  return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+
+
+def add_placeholder_tokens(tokenizer, placeholder_token: str, num_vectors: int) -> list[int]:
+  """Adds the placeholder tokens to `tokenizer` (in place); returns their ids.
+
+  Raises:
+    EmbeddingError: if a token is empty, contains whitespace, or already exists
+      in the vocabulary (training would silently overwrite a real word).
+  """
+  if not placeholder_token or any(c.isspace() for c in placeholder_token):
+    raise EmbeddingError(f"placeholder_token {placeholder_token!r} must be one word without spaces")
+  tokens = placeholder_tokens(placeholder_token, num_vectors)
+  vocab = tokenizer.get_vocab()
+  for tok in tokens:
+    if tok in vocab or f"{tok}</w>" in vocab:
+      raise EmbeddingError(
+          f"placeholder token {tok!r} is already in the tokenizer's vocabulary; pick a new "
+          "string such as '<my-concept>'")
+  added = tokenizer.add_tokens(tokens)
+  if added != len(tokens):
+    raise EmbeddingError(f"tokenizer added {added} of the {len(tokens)} placeholder tokens")
+  ids = tokenizer.convert_tokens_to_ids(tokens)
+  return [int(i) for i in ids]
+
+
+def expand_placeholder(text: str, placeholder_token: str, num_vectors: int) -> str:
+  """Replaces `tok` with `tok tok_1 ... tok_{n-1}` so a prompt uses every vector."""
+  if num_vectors == 1:
+    return text
+  return text.replace(placeholder_token, " ".join(placeholder_tokens(placeholder_token, num_vectors)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Initializer:
+  """Initial vectors `[num_vectors, D]` and a one-line description of how they were made."""
+  vectors: np.ndarray
+  note: str
+
+
+def initializer_vectors(tokenizer, token_table: np.ndarray, initializer_token: str,
+                        num_vectors: int) -> Initializer:
+  """Initial values of the learned vectors from the embedding(s) of `initializer_token`.
+
+  A single-token initializer is copied to every vector. A multi-token one
+  (e.g. "teddy bear") is averaged for one vector and cycled over several.
+  """
+  ids = tokenizer(initializer_token, add_special_tokens=False).input_ids
+  if not ids:
+    raise EmbeddingError(f"initializer_token {initializer_token!r} tokenizes to nothing")
+  pieces = tokenizer.convert_ids_to_tokens(ids)
+  table = np.asarray(token_table, np.float32)  # [V, D]
+  if len(ids) == 1:
+    vectors = np.repeat(table[ids], num_vectors, axis=0)
+    note = f"initialised {num_vectors} vector(s) from {initializer_token!r} (token id {ids[0]})"
+  elif num_vectors == 1:
+    vectors = table[ids].mean(axis=0, keepdims=True)
+    note = (f"initializer {initializer_token!r} is {len(ids)} tokens {pieces}; "
+            "initialised the vector from their average")
+  else:
+    vectors = table[[ids[i % len(ids)] for i in range(num_vectors)]]
+    note = (f"initializer {initializer_token!r} is {len(ids)} tokens {pieces}; "
+            f"cycled them over the {num_vectors} vectors")
+  return Initializer(vectors.astype(np.float32), note)
+
+
+def embed_tokens(token_table: jax.Array, learned: jax.Array, placeholder_ids: jax.Array,
+                 input_ids: jax.Array) -> jax.Array:
+  """Token embeddings with the learned vectors spliced in at placeholder positions.
+
+  Args:
+    token_table: the frozen table `[V, D]` (placeholder ids may be >= V).
+    learned: the trainable vectors `[n, D]`.
+    placeholder_ids: `[n]` ids of the placeholder tokens, in vector order.
+    input_ids: `[B, T]`.
+
+  Returns:
+    `[B, T, D]` in the table's dtype. Only the gather from `learned` depends on
+    it, so its gradient costs `B*T*D`, never a `[V, D]` table.
+  """
+  base = jnp.take(token_table, jnp.clip(input_ids, 0, token_table.shape[0] - 1), axis=0)
+  match = input_ids[..., None] == placeholder_ids  # [B, T, n]
+  slot = jnp.argmax(match, axis=-1)  # [B, T]
+  spliced = jnp.take(learned, slot, axis=0).astype(base.dtype)  # [B, T, D]
+  return jnp.where(match.any(-1)[..., None], spliced, base)

@@ -1,0 +1,158 @@
+"""Pure pieces of textual-inversion training: state, loss, optimizer and the per-device step.
+
+Only the learned vectors are trainable. The frozen UNet, text encoder, cached
+VAE posteriors and noise schedule travel as a `Frozen` argument (replicated
+once, never closed over), and gradients are taken with respect to the learned
+vectors alone, so XLA does no weight-gradient work for the frozen models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ti_jax import parallel
+from ti_jax.embeddings import embed_tokens
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What changes during training; everything else is frozen."""
+  step: jax.Array  # int32 scalar: number of completed steps
+  params: dict  # {"embeds": [n, D] float32}, the learned pseudo-word vectors
+  opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class Frozen:
+  """Arrays the step reads but never changes (replicated on every device)."""
+  unet: Any
+  text_encoder: Any  # includes the original token table
+  latent_mean: jax.Array  # [V, h, w, C] posterior mean of each distinct training view
+  latent_std: jax.Array  # [V, h, w, C]
+  placeholder_ids: jax.Array  # [n] int32, token id of each learned vector
+  alphas_cumprod: jax.Array  # [T] float32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """Static (hashable) settings of the step: modules and scalar hyper-parameters."""
+  unet: Any
+  text_encoder: Any
+  scaling_factor: float
+  shift_factor: float
+  prediction_type: str  # "epsilon", "v_prediction" or "sample"
+  seed: int
+
+
+def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
+                           total_steps: int) -> optax.Schedule:
+  """Learning rate by step: constant, constant_with_warmup, linear or cosine decay after warmup."""
+  if schedule not in LR_SCHEDULES:
+    raise ValueError(f"lr_scheduler {schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+  warmup = max(int(warmup_steps), 0)
+  if schedule == "constant":
+    return optax.constant_schedule(base_lr)
+  ramp = optax.linear_schedule(0.0, base_lr, warmup) if warmup else optax.constant_schedule(base_lr)
+  decay_steps = max(total_steps - warmup, 1)
+  after = {
+      "constant_with_warmup": optax.constant_schedule(base_lr),
+      "linear": optax.linear_schedule(base_lr, 0.0, decay_steps),
+      "cosine": optax.cosine_decay_schedule(base_lr, decay_steps),
+  }[schedule]
+  return optax.join_schedules([ramp, after], [warmup])
+
+
+def trainable_labels(params: dict) -> dict:
+  """Optimizer labels: the learned vectors train; any other leaf is frozen."""
+  return {k: jax.tree_util.tree_map(lambda _: "train" if k == "embeds" else "frozen", v)
+          for k, v in params.items()}
+
+
+def make_optimizer(lr: optax.Schedule, b1: float, b2: float, eps: float,
+                   weight_decay: float) -> optax.GradientTransformation:
+  """AdamW on the learned vectors; frozen leaves get zero updates and no optimizer state."""
+  return optax.multi_transform(
+      {"train": optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+       "frozen": optax.set_to_zero()},
+      trainable_labels)
+
+
+def init_state(initial_vectors: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
+  params = {"embeds": jnp.asarray(initial_vectors, jnp.float32)}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def _example_noise(seed: int, step: jax.Array, example_index: jax.Array, latent_shape,
+                   num_timesteps: int):
+  """Posterior sample noise, diffusion noise and timestep for one global example.
+
+  A pure function of (seed, step, global example index): the same example
+  gets the same draws however the batch is split over devices and hosts.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), example_index)
+  k_post, k_noise, k_t = jax.random.split(key, 3)
+  return (jax.random.normal(k_post, latent_shape, jnp.float32),
+          jax.random.normal(k_noise, latent_shape, jnp.float32),
+          jax.random.randint(k_t, (), 0, num_timesteps))
+
+
+def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
+            settings: StepSettings) -> jax.Array:
+  """Mean squared error of the UNet's prediction for this device's examples (float32).
+
+  batch: {"input_ids": [b, T] int32, "view_index": [b] int32, "example_index": [b] int32}.
+  """
+  mean = frozen.latent_mean[batch["view_index"]]  # [b, h, w, C]
+  std = frozen.latent_std[batch["view_index"]]
+  draw = functools.partial(_example_noise, settings.seed, step, latent_shape=mean.shape[1:],
+                           num_timesteps=frozen.alphas_cumprod.shape[0])
+  post_eps, noise, t = jax.vmap(lambda i: draw(i))(batch["example_index"])
+  latents = (mean + std * post_eps - settings.shift_factor) * settings.scaling_factor
+
+  ac = frozen.alphas_cumprod[t][:, None, None, None]  # [b, 1, 1, 1]
+  noisy = jnp.sqrt(ac) * latents + jnp.sqrt(1.0 - ac) * noise
+  if settings.prediction_type == "epsilon":
+    target = noise
+  elif settings.prediction_type == "v_prediction":
+    target = jnp.sqrt(ac) * noise - jnp.sqrt(1.0 - ac) * latents
+  else:
+    target = latents
+
+  table = frozen.text_encoder["embeddings"]["token_embedding"]["embedding"]  # [V, D]
+  embeds = embed_tokens(table, params["embeds"], frozen.placeholder_ids, batch["input_ids"])
+  context = settings.text_encoder.apply({"params": frozen.text_encoder}, batch["input_ids"],
+                                        inputs_embeds=embeds)  # [b, T, D]
+  pred = settings.unet.apply({"params": frozen.unet}, noisy, t, context)  # [b, h, w, C]
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+
+
+def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
+               settings: StepSettings, optimizer: optax.GradientTransformation,
+               lr: optax.Schedule) -> tuple[TrainState, dict]:
+  """One optimisation step on this device's shard; gradients are averaged over devices."""
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, state.step, settings)
+  grads = parallel.pmean(grads)
+  loss = parallel.pmean(loss)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "lr": lr(state.step),
+             "grad_norm": optax.global_norm(grads)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_pmapped_step(settings: StepSettings, optimizer, lr, devices):
+  """The compiled data-parallel step: `(state, frozen, batch) -> (state, metrics)`, all sharded.
+
+  The state buffer is donated: the step updates it in place on device.
+  """
+  step = functools.partial(train_step, settings=settings, optimizer=optimizer, lr=lr)
+  return parallel.pmapped(step, devices, donate_argnums=(0,))
