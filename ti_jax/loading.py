@@ -180,9 +180,13 @@ def load_component_weights(folder: str, component: str, *, variant: str | None =
 
 
 def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
-                  param_dtype: Any = jnp.float32,
-                  attention_impl: str | None = None) -> dict[str, Any]:
-  """Builds the three Flax modules from diffusers/transformers config dicts."""
+                  param_dtype: Any = jnp.float32, attention_impl: str | None = None,
+                  vae_dtype: Any = None) -> dict[str, Any]:
+  """Builds the three Flax modules from diffusers/transformers config dicts.
+
+  `vae_dtype` (default: `dtype`) sets the VAE's compute and param dtype apart
+  from the UNet and text encoder.
+  """
   try:
     unet_cfg = UNetConfig.from_diffusers(configs["unet"])
     vae_cfg = VAEConfig.from_diffusers(configs["vae"])
@@ -192,7 +196,7 @@ def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   return {
       "unet": UNet2DConditionModel(unet_cfg, attention_impl=attention_impl, **kw),
-      "vae": AutoencoderKL(vae_cfg, **kw),
+      "vae": AutoencoderKL(vae_cfg, dtype=vae_dtype or dtype, param_dtype=vae_dtype or param_dtype),
       "text_encoder": CLIPTextModel(text_cfg, attention_impl=attention_impl, **kw),
   }
 
@@ -250,7 +254,8 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
                           param_dtype: Any = jnp.float32, variant: str | None = None,
                           revision: str | None = None, allow_pickle: bool = False,
                           attention_impl: str | None = None,
-                          cache_dir: str = DEFAULT_CACHE_DIR) -> StableDiffusion:
+                          cache_dir: str = DEFAULT_CACHE_DIR,
+                          vae_dtype: Any = None) -> StableDiffusion:
   """Loads a diffusers-format Stable Diffusion 1.x/2.x model.
 
   Args:
@@ -264,6 +269,7 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
       safetensors/msgpack weights exist. Needs torch.
     attention_impl: `jax.nn.dot_product_attention` implementation.
     cache_dir: where the tiny random-weight models are written.
+    vae_dtype: compute and param dtype of the VAE (default: `dtype`/`param_dtype`).
 
   Raises:
     ModelLoadError: with a one-line message for any unusable input.
@@ -272,19 +278,20 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
                              allow_pickle=allow_pickle, cache_dir=cache_dir)
   configs = read_configs(folder)
   modules = build_modules(configs, dtype=dtype, param_dtype=param_dtype,
-                          attention_impl=attention_impl)
+                          attention_impl=attention_impl, vae_dtype=vae_dtype)
   shapes = param_shapes(modules)
   params = {}
   for comp in COMPONENTS:
+    store_dtype = (vae_dtype or param_dtype) if comp == "vae" else param_dtype
     kind, weights = load_component_weights(folder, comp, variant=variant, allow_pickle=allow_pickle)
     try:
       if kind == "torch":
         tree = convert.convert_torch_state_dict(_SPECS[comp], weights, shapes[comp],
-                                                dtype=np.dtype(param_dtype))
+                                                dtype=np.dtype(store_dtype))
       else:
         tree = convert.normalize_legacy_flax_tree(weights)
         convert.check_flax_tree(comp, tree, shapes[comp])
-        tree = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np.dtype(param_dtype)), tree)
+        tree = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np.dtype(store_dtype)), tree)
     except convert.ConversionError as e:
       raise ModelLoadError(f"{folder}: {e}") from None
     params[comp] = tree

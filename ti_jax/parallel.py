@@ -26,9 +26,20 @@ def local_devices(num_devices: int | None = None) -> list:
   return devices
 
 
+def _stacked_sharding(devices: Sequence) -> jax.sharding.NamedSharding:
+  """Sharding of arrays whose leading axis has one entry per device (pmap's layout)."""
+  mesh = jax.sharding.Mesh(np.asarray(list(devices)), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
 def replicate(tree: Any, devices: Sequence) -> Any:
   """Copies every leaf to every device: leaves get a leading `[len(devices)]` axis."""
-  return jax.device_put_replicated(tree, list(devices))
+  sharding = _stacked_sharding(devices)
+  n = len(devices)
+  # broadcast_to is a view: each device receives the host array, no n-fold copy.
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)),
+                               sharding), tree)
 
 
 def unreplicate(tree: Any) -> Any:

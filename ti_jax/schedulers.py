@@ -447,9 +447,9 @@ def _check_spacing(rc: Mapping[str, Any]) -> str:
 
 
 def _require(rc: Mapping[str, Any], field: str, ok: Any, why: str) -> None:
-  """Raises unless rc[field] is `ok` (falsy-equal for False, so None passes as False)."""
+  """Raises unless rc[field] is `ok`; for ok=False any falsy value passes (diffusers allows None)."""
   value = rc[field]
-  if (not value) if ok is False else value != ok:
+  if bool(value) if ok is False else value != ok:
     raise _fail(field, value, why)
 
 
@@ -614,7 +614,7 @@ def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
     h = lam[i + 1] - lam[i]
     c_sample[i] = sigma[i + 1] / sigma[i]
     c_x0[i] = -alpha[i + 1] * np.expm1(-h)
-    if 0 < i < n - 1:  # second order (midpoint): the first and last steps are first order
+    if 0 < i:  # second order (midpoint): the first and last steps are first order
       r0 = (lam[i] - lam[i - 1]) / h
       c_diff[i] = 0.5 * c_x0[i] / r0
   tables = {"alpha": alpha[:-1], "sigma": sigma[:-1], "c_sample": c_sample, "c_x0": c_x0,

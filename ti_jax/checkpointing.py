@@ -1,0 +1,115 @@
+"""Orbax checkpoints of a textual-inversion run and the run's identity record.
+
+A run directory (`--workdir`) holds:
+  run.json                 what this run learns (placeholder, base model, data...)
+  checkpoints/<step>/      Orbax: {"state": learned vectors, optimizer state,
+                           step and rng key data; "metadata": JSON}
+  metrics.jsonl            one JSON line per logged step
+  validation/              validation PNGs
+  learned_embeds.safetensors  the final vectors in diffusers' format
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ti_jax import safetensors_io
+
+# Fields of run.json that define what a run learns: resuming with any of them
+# changed would silently mix two concepts, so it is refused.
+IDENTITY_FIELDS = ("placeholder_token", "num_vectors", "initializer_token",
+                   "pretrained_model_name_or_path", "learnable_property", "train_data_dir",
+                   "resolution")
+
+
+class WorkdirError(ValueError):
+  """The workdir belongs to another run or is unusable; one-line message."""
+
+
+def check_or_write_identity(workdir: str, identity: dict) -> bool:
+  """Writes run.json for a new run, or checks that an existing run learns the same thing.
+
+  Returns True if the workdir already held this run (so training resumes).
+  """
+  path = os.path.join(workdir, "run.json")
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        existing = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise WorkdirError(f"cannot read {path}: {e}") from None
+    diffs = [f"{k}: {existing.get(k)!r} there, {identity.get(k)!r} now"
+             for k in IDENTITY_FIELDS if existing.get(k) != identity.get(k)]
+    if diffs:
+      raise WorkdirError(
+          f"workdir {workdir} holds another run ({'; '.join(diffs)}); use a new --workdir "
+          "or restore the original settings to resume")
+    return True
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(identity, f, indent=2, sort_keys=True)
+  return False
+
+
+def read_identity(workdir: str) -> dict:
+  path = os.path.join(workdir, "run.json")
+  if not os.path.isfile(path):
+    raise WorkdirError(f"{workdir} is not a ti_jax run directory (no run.json)")
+  with open(path) as f:
+    return json.load(f)
+
+
+class Checkpoints:
+  """Saves and restores {state pytree, JSON metadata} with an Orbax CheckpointManager."""
+
+  def __init__(self, workdir: str, max_to_keep: int | None = 3):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=("state", "metadata"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, metadata: dict) -> None:
+    """Saves host arrays at `step` (a no-op if that step is already saved)."""
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(jax.device_get(state)),
+        metadata=ocp.args.JsonSave(metadata)))
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores the state (shaped like `abstract_state`) and metadata saved at `step`."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
+    return restored.state, restored.metadata
+
+  def restore_metadata(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        metadata=ocp.args.JsonRestore())).metadata
+
+  def wait(self) -> None:
+    """Blocks until asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def write_learned_embeds(path: str, tokens: list[str], vectors: np.ndarray,
+                         placeholder_token: str) -> None:
+  """diffusers' `learned_embeds.safetensors`: `{placeholder_token: [num_vectors, D]}`."""
+  del tokens  # diffusers stores all vectors of a multi-vector token under the first name
+  safetensors_io.save(path, {placeholder_token: np.asarray(vectors, np.float32)},
+                      {"format": "pt"})

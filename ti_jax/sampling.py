@@ -1,0 +1,168 @@
+"""Text-to-image generation with learned pseudo-words: a jit-compiled, pmapped denoising loop.
+
+Classifier-free guidance runs the conditional and unconditional halves in one
+batched UNet call; the loop is a `lax.fori_loop`, so a whole image is one
+compiled program. Each image's starting noise is a function of (seed, image
+index) alone, so the images do not depend on how many devices share the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from ti_jax import parallel, schedulers
+from ti_jax.embeddings import embed_tokens
+
+
+@flax.struct.dataclass
+class _GenArrays:
+  """Arrays the generation program reads (replicated over devices)."""
+  unet: Any
+  text_encoder: Any
+  vae: Any
+  learned: jax.Array  # [m, D] vectors of all learned tokens
+  placeholder_ids: jax.Array  # [m] their token ids
+  sampler: schedulers.Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class _GenSettings:
+  unet: Any
+  text_encoder: Any
+  vae: Any
+  guidance_scale: float
+  latent_shape: tuple[int, int, int]  # (h, w, C)
+  scaling_factor: float
+  shift_factor: float
+
+
+def _encode(settings: _GenSettings, arrays: _GenArrays, ids: jax.Array) -> jax.Array:
+  table = arrays.text_encoder["embeddings"]["token_embedding"]["embedding"]  # [V, D]
+  embeds = embed_tokens(table, arrays.learned, arrays.placeholder_ids, ids)
+  return settings.text_encoder.apply({"params": arrays.text_encoder}, ids, inputs_embeds=embeds)
+
+
+def _generate_shard(arrays: _GenArrays, cond_ids: jax.Array, uncond_ids: jax.Array,
+                    image_index: jax.Array, seed: jax.Array, *,
+                    settings: _GenSettings) -> jax.Array:
+  """Images `[b, H, W, 3]` in [0, 1] for this device's prompts (`[b, T]` token ids)."""
+  sampler = arrays.sampler
+  guided = settings.guidance_scale != 1.0
+  context = _encode(settings, arrays, cond_ids)  # [b, T, D]
+  if guided:
+    context = jnp.concatenate([_encode(settings, arrays, uncond_ids), context])  # [2b, T, D]
+  key = jax.random.key(seed)
+  latents = jax.vmap(lambda g: jax.random.normal(jax.random.fold_in(key, g),
+                                                 settings.latent_shape))(image_index)
+  latents = latents * sampler.init_noise_sigma  # [b, h, w, C]
+
+  def body(i, carry):
+    x, state = carry
+    x_in = sampler.scale_model_input(x, i)
+    if guided:
+      x_in = jnp.concatenate([x_in, x_in])
+    t = jnp.broadcast_to(sampler.timesteps[i], (x_in.shape[0],))
+    out = settings.unet.apply({"params": arrays.unet}, x_in, t, context).astype(jnp.float32)
+    if guided:
+      uncond, cond = jnp.split(out, 2)
+      out = uncond + settings.guidance_scale * (cond - uncond)
+    return sampler.step(state, out, i, x)
+
+  latents, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (latents, sampler.init_state(latents)))
+  z = latents / settings.scaling_factor + settings.shift_factor
+  images = settings.vae.apply({"params": arrays.vae}, z, method=settings.vae.decode)
+  return jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+class ImageGenerator:
+  """Generates images for prompts that may use learned pseudo-words, over several devices."""
+
+  def __init__(self, sd, *, scheduler: str = "ddim", num_inference_steps: int = 50,
+               guidance_scale: float = 7.5, height: int = 512, width: int = 512,
+               devices: Sequence | None = None):
+    factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    unet_factor = 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    if height % (factor * unet_factor) or width % (factor * unet_factor):
+      raise ValueError(f"height and width must be multiples of {factor * unet_factor}, "
+                       f"got {height}x{width}")
+    self.sd = sd
+    self.devices = list(devices) if devices is not None else parallel.local_devices()
+    self.sampler = schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
+    self.settings = _GenSettings(
+        unet=sd.unet, text_encoder=sd.text_encoder, vae=sd.vae,
+        guidance_scale=float(guidance_scale),
+        latent_shape=(height // factor, width // factor, sd.unet.config.in_channels),
+        scaling_factor=float(sd.vae.config.scaling_factor),
+        shift_factor=float(sd.vae.config.shift_factor))
+    self._params = parallel.replicate(
+        {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params, "vae": sd.vae_params},
+        self.devices)
+    self._fn = parallel.pmapped(functools.partial(_generate_shard, settings=self.settings),
+                                self.devices)
+
+  def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    """`[N, T]` int32 token ids padded/truncated to the model's context length."""
+    tok = self.sd.tokenizer
+    return np.asarray(tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
+                          truncation=True, return_tensors="np").input_ids, np.int32)
+
+  def generate(self, prompts: Sequence[str], *, seed: int = 0, negative_prompt: str = "",
+               learned: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
+               first_index: int = 0) -> np.ndarray:
+    """Images for `prompts`, uint8 `[N, H, W, 3]`.
+
+    Args:
+      prompts: one prompt per image.
+      seed: image i starts from noise drawn with (seed, first_index + i).
+      negative_prompt: the unconditional prompt of classifier-free guidance.
+      learned: (vectors `[n, D]`, token ids `[n]`) of each learned concept.
+      first_index: global index of the first image (for batches of a longer run).
+    """
+    n = len(prompts)
+    d = len(self.devices)
+    padded = -(-n // d) * d
+    cond = self.tokenize(list(prompts) + [prompts[-1]] * (padded - n))
+    uncond = self.tokenize([negative_prompt] * padded)
+    index = np.arange(first_index, first_index + padded, dtype=np.int32)
+    dim = self.sd.text_encoder.config.hidden_size
+    if learned:
+      vectors = np.concatenate([np.asarray(v, np.float32).reshape(-1, dim) for v, _ in learned])
+      ids = np.concatenate([np.asarray(i, np.int32).reshape(-1) for _, i in learned])
+    else:  # an id that never occurs, so nothing is spliced
+      vectors, ids = np.zeros((1, dim), np.float32), np.full((1,), -1, np.int32)
+    extra = parallel.replicate({"learned": vectors, "placeholder_ids": ids,
+                                "sampler": self.sampler}, self.devices)
+    arrays = _GenArrays(unet=self._params["unet"], text_encoder=self._params["text_encoder"],
+                        vae=self._params["vae"], **extra)
+    seeds = np.full((d,), seed, np.uint32)
+    images = self._fn(arrays, *parallel.shard((cond, uncond, index), d), seeds)
+    images = parallel.unshard(images)[:n]
+    return np.round(images * 255.0).astype(np.uint8)
+
+
+def save_png(path: str, image: np.ndarray, text: dict[str, str] | None = None) -> None:
+  """Writes a uint8 `[H, W, 3]` image as PNG with `text` in tEXt chunks."""
+  info = PngImagePlugin.PngInfo()
+  for k, v in (text or {}).items():
+    info.add_text(k, str(v))
+  Image.fromarray(image).save(path, pnginfo=info)
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+  """Tiles `[N, H, W, 3]` images into one `[rows*H, cols*W, 3]` image."""
+  n, h, w, c = images.shape
+  cols = cols or int(np.ceil(np.sqrt(n)))
+  rows = -(-n // cols)
+  grid = np.zeros((rows * h, cols * w, c), images.dtype)
+  for i, image in enumerate(images):
+    r, k = divmod(i, cols)
+    grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
+  return grid

@@ -1,0 +1,349 @@
+"""Learns a pseudo-word for a concept from a few images (Textual Inversion).
+
+  python -m ti_jax.train --config configs/style.py --workdir runs/my-style \\
+      --config.train_data_dir=path/to/images --config.placeholder_token='<my-style>'
+
+  # offline demo: tiny random-weight model, shipped example images, ~2 min on CPU
+  python -m ti_jax.train --config configs/object.py:tiny --workdir runs/demo
+
+The batch is sharded over every local device with `jax.pmap`. Re-running the
+same command resumes from the newest checkpoint in --workdir. Ctrl-C or
+SIGTERM saves a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ti_jax import checkpointing, data, embeddings, parallel, train_lib
+from ti_jax.loading import ModelLoadError, load_stable_diffusion
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class ConfigError(ValueError):
+  """A config value is out of range; one-line message."""
+
+
+# Errors that are the user's input, reported as one line without a traceback.
+USER_ERRORS = (ConfigError, data.DataError, ModelLoadError, embeddings.EmbeddingError,
+               checkpointing.WorkdirError)
+
+
+def validate_config(c) -> None:
+  """Checks value ranges that config_flags' type checks cannot."""
+  def need(ok, msg):
+    if not ok:
+      raise ConfigError(msg)
+  need(c.train_data_dir, "config.train_data_dir is empty: point it at a folder of 3-5 images")
+  need(c.learnable_property in ("object", "style"),
+       f"config.learnable_property must be 'object' or 'style', got {c.learnable_property!r}")
+  need(c.initializer_token.strip(), "config.initializer_token is empty: give a coarse word, e.g. 'toy'")
+  need(c.num_vectors >= 1, f"config.num_vectors must be >= 1, got {c.num_vectors}")
+  need(c.resolution >= 8 and c.resolution % 8 == 0,
+       f"config.resolution must be a positive multiple of 8, got {c.resolution}")
+  need(c.train_batch_size >= 1, f"config.train_batch_size must be >= 1, got {c.train_batch_size}")
+  need(c.max_train_steps >= 1, f"config.max_train_steps must be >= 1, got {c.max_train_steps}")
+  need(c.learning_rate > 0, f"config.learning_rate must be > 0, got {c.learning_rate}")
+  need(c.lr_scheduler in train_lib.LR_SCHEDULES,
+       f"config.lr_scheduler must be one of {', '.join(train_lib.LR_SCHEDULES)}, got {c.lr_scheduler!r}")
+  need(0.0 <= c.flip_p <= 1.0, f"config.flip_p must be in [0, 1], got {c.flip_p}")
+  for name in ("dtype", "vae_dtype"):
+    need(c[name] in _DTYPES, f"config.{name} must be one of {', '.join(_DTYPES)}, got {c[name]!r}")
+  need(c.checkpointing_steps >= 1, f"config.checkpointing_steps must be >= 1, got {c.checkpointing_steps}")
+  need(c.log_every_steps >= 1, f"config.log_every_steps must be >= 1, got {c.log_every_steps}")
+  need(c.validation_steps >= 1, f"config.validation_steps must be >= 1, got {c.validation_steps}")
+
+
+def _identity(c) -> dict:
+  return {k: c[k] for k in checkpointing.IDENTITY_FIELDS}
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def encode_views(vae, vae_params, views: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+  """VAE posterior (mean, std) of each distinct training view, `[V, h, w, C]` float32 each."""
+  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
+  means, stds = [], []
+  for i in range(0, len(views), chunk):
+    mean, logvar = encode(vae_params, jnp.asarray(views[i:i + chunk]))
+    means.append(np.asarray(mean, np.float32))
+    stds.append(np.asarray(jnp.exp(0.5 * logvar), np.float32))
+  return np.concatenate(means), np.concatenate(stds)
+
+
+class _StopFlag:
+  """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries."""
+
+  def __init__(self):
+    self.signal: int | None = None
+
+  def __call__(self, signum, frame):
+    del frame
+    if self.signal is not None:  # second signal: the user insists
+      raise KeyboardInterrupt
+    self.signal = signum
+    _log(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step "
+         "(press Ctrl-C again to abort without saving)")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: _StopFlag):
+  previous = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      previous[sig] = signal.signal(sig, flag)
+    except ValueError:  # not the main thread (e.g. tests): no handler
+      pass
+  try:
+    yield flag
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def run(config, workdir: str, devices: Sequence | None = None, progress: bool = True) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns {"step", "embeds", "interrupted"}.
+
+  Raises one of USER_ERRORS for bad input.
+  """
+  validate_config(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  devices = list(devices) if devices is not None else parallel.local_devices()
+  num_devices = len(devices)
+  resuming = checkpointing.check_or_write_identity(workdir, _identity(config))
+
+  images = data.load_training_images(config.train_data_dir, config.resolution, config.center_crop)
+  for warning in images.warnings:
+    _log(f"warning: {warning}")
+  templates = data.templates_for(config.learnable_property)
+
+  dtype = _DTYPES[config.dtype]
+  sd = load_stable_diffusion(
+      config.pretrained_model_name_or_path, dtype=dtype, param_dtype=dtype,
+      vae_dtype=_DTYPES[config.vae_dtype], variant=config.variant or None,
+      revision=config.revision or None, allow_pickle=config.allow_pickle,
+      attention_impl=config.attention_impl or None, cache_dir=config.cache_dir)
+  prediction_type = sd.scheduler_config.get("prediction_type", "epsilon")
+  if prediction_type not in _PREDICTION_TYPES:
+    raise ModelLoadError(f"scheduler prediction_type {prediction_type!r} is not supported")
+  latent_size = config.resolution // 2 ** (len(sd.vae.config.block_out_channels) - 1)
+  if latent_size % 2 ** (len(sd.unet.config.block_out_channels) - 1):
+    raise ConfigError(f"config.resolution {config.resolution} gives {latent_size}px latents, "
+                      "which the UNet cannot downsample evenly")
+
+  token_ids = embeddings.add_placeholder_tokens(sd.tokenizer, config.placeholder_token,
+                                                config.num_vectors)
+  tokens = embeddings.placeholder_tokens(config.placeholder_token, config.num_vectors)
+  table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"],
+                     np.float32)
+  init = embeddings.initializer_vectors(sd.tokenizer, table, config.initializer_token,
+                                        config.num_vectors)
+  _log(init.note)
+  placeholder_text = embeddings.expand_placeholder(config.placeholder_token,
+                                                   config.placeholder_token, config.num_vectors)
+  template_ids = data.tokenize(sd.tokenizer, data.build_prompts(
+      np.arange(len(templates)), templates, placeholder_text))  # [num_templates, T]
+
+  flip = config.flip_p > 0
+  views = data.view_pixels(images.pixels, flip)  # [V, R, R, 3]
+  _log(f"encoding {len(views)} training view(s) of {images.num_images} image(s) with the VAE once")
+  latent_mean, latent_std = encode_views(sd.vae, sd.vae_params, views)
+
+  global_batch = config.train_batch_size * num_devices
+  base_lr = config.learning_rate * (global_batch if config.scale_lr else 1)
+  lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
+                                        config.max_train_steps)
+  optimizer = train_lib.make_optimizer(lr, config.adam_beta1, config.adam_beta2,
+                                       config.adam_epsilon, config.adam_weight_decay)
+  state = train_lib.init_state(init.vectors, optimizer)
+
+  ckpts = checkpointing.Checkpoints(workdir, config.checkpoints_total_limit)
+  metadata = {
+      "placeholder_token": config.placeholder_token, "placeholder_tokens": tokens,
+      "token_ids": token_ids, "initializer_token": config.initializer_token,
+      "num_vectors": config.num_vectors, "embedding_dim": int(table.shape[1]),
+      "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+      "model_path": sd.path, "learnable_property": config.learnable_property,
+      "resolution": config.resolution, "seed": config.seed,
+      "config": json.loads(config.to_json()),
+  }
+  rng_data = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
+  start = ckpts.latest_step()
+  if start is not None:
+    abstract = {"state": jax.device_get(state), "rng": rng_data}
+    restored, _ = ckpts.restore(start, abstract)
+    state = restored["state"]
+    if not np.array_equal(np.asarray(restored["rng"]), rng_data):
+      raise checkpointing.WorkdirError(
+          f"checkpoint {start} in {workdir} was made with another seed; use a new --workdir")
+    _log(f"resuming from step {start} in {workdir}")
+  elif resuming:
+    _log(f"{workdir} holds this run but no checkpoint yet: starting from step 0")
+  start = int(state.step)
+
+  _log(f"training {tokens} on {num_devices} device(s) ({jax.devices()[0].platform}), "
+       f"global batch {global_batch}, lr {base_lr:g} ({config.lr_scheduler}), "
+       f"{prediction_type} target, steps {start}->{config.max_train_steps}")
+
+  frozen = train_lib.Frozen(
+      unet=sd.unet_params, text_encoder=sd.text_encoder_params,
+      latent_mean=latent_mean, latent_std=latent_std,
+      placeholder_ids=np.asarray(token_ids, np.int32),
+      alphas_cumprod=_alphas_cumprod(sd.scheduler_config))
+  settings = train_lib.StepSettings(
+      unet=sd.unet, text_encoder=sd.text_encoder,
+      scaling_factor=float(sd.vae.config.scaling_factor),
+      shift_factor=float(sd.vae.config.shift_factor), prediction_type=prediction_type,
+      seed=int(config.seed))
+  step_fn = train_lib.make_pmapped_step(settings, optimizer, lr, devices)
+  frozen = parallel.replicate(frozen, devices)
+  state = parallel.replicate(state, devices)
+
+  validator = _make_validator(config, sd, token_ids, devices, workdir)
+
+  def save(step: int) -> None:
+    host_state = parallel.unreplicate(state)
+    ckpts.save(step, {"state": host_state, "rng": rng_data}, dict(metadata, step=step))
+
+  def batch_for(step: int) -> dict:
+    # This process's share of the global batch (all of it on one host).
+    offset = jax.process_index() * config.train_batch_size * num_devices
+    example_index = offset + np.arange(config.train_batch_size * num_devices)
+    view_index, template_index = data.example_choices(
+        config.seed, step, example_index, global_batch_size=global_batch,
+        num_images=images.num_images, flip_p=config.flip_p, num_templates=len(templates))
+    batch = {"input_ids": template_ids[template_index], "view_index": view_index,
+             "example_index": example_index.astype(np.int32)}
+    return parallel.shard(batch, num_devices)
+
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  bar = _progress_bar(start, config.max_train_steps, progress)
+  flag = _StopFlag()
+  interrupted = False
+  step = start
+  last_log_time, last_log_step = time.perf_counter(), start
+  with _stop_on_signals(flag), open(metrics_path, "a") as metrics_file:
+    next_batch = batch_for(step) if step < config.max_train_steps else None
+    while step < config.max_train_steps:
+      state, metrics = step_fn(state, frozen, next_batch)
+      step += 1
+      if step == start + 1:  # the first call compiles; keep that out of the step times
+        jax.block_until_ready(metrics)
+        _log(f"compiled and ran the first step in {time.perf_counter() - last_log_time:.1f}s")
+        last_log_time, last_log_step = time.perf_counter(), step
+      # Build the next batch while the device computes this one.
+      next_batch = batch_for(step) if step < config.max_train_steps else None
+      if step % config.log_every_steps == 0 or step == config.max_train_steps or flag.signal:
+        m = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        step_time = (now - last_log_time) / max(step - last_log_step, 1)
+        last_log_time, last_log_step = now, step
+        record = {"step": step, **m, "step_time_s": step_time,
+                  "images_per_sec": global_batch / step_time, "time": time.time()}
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                        step_s=f"{step_time:.3f}", img_s=f"{global_batch / step_time:.1f}")
+      bar.update(1)
+      if step % config.checkpointing_steps == 0:
+        save(step)
+        last_log_time, last_log_step = time.perf_counter(), step
+      if validator and step % config.validation_steps == 0:
+        validator(step, parallel.unreplicate(state).params["embeds"])
+        last_log_time, last_log_step = time.perf_counter(), step
+      if flag.signal:
+        interrupted = True
+        break
+    bar.close()
+  save(step)
+  ckpts.wait()
+  ckpts.close()
+  final = np.asarray(parallel.unreplicate(state).params["embeds"])
+  if interrupted:
+    _log(f"stopped at step {step}; checkpoint saved in {ckpts.directory}. "
+         "Re-run the same command to resume.")
+  else:
+    out = os.path.join(workdir, "learned_embeds.safetensors")
+    checkpointing.write_learned_embeds(out, tokens, final, config.placeholder_token)
+    _log(f"done: step {step}; learned embedding in {out}")
+  return {"step": step, "embeds": final, "interrupted": interrupted}
+
+
+def _alphas_cumprod(scheduler_config: dict) -> np.ndarray:
+  from ti_jax import schedulers  # pylint: disable=import-outside-toplevel
+  return np.asarray(schedulers.noise_schedule_from_config(scheduler_config).alphas_cumprod,
+                    np.float32)
+
+
+def _make_validator(config, sd, token_ids, devices, workdir):
+  """A `fn(step, learned_vectors)` that writes validation PNGs, or None without a prompt."""
+  if not config.validation_prompt:
+    return None
+  from ti_jax import sampling  # pylint: disable=import-outside-toplevel
+  prompt = config.validation_prompt.replace("{}", config.placeholder_token)
+  prompt = embeddings.expand_placeholder(prompt, config.placeholder_token, config.num_vectors)
+  out_dir = os.path.join(workdir, "validation")
+  generator = sampling.ImageGenerator(
+      sd, scheduler=config.validation_scheduler, num_inference_steps=config.validation_inference_steps,
+      guidance_scale=config.validation_guidance_scale, height=config.resolution,
+      width=config.resolution, devices=devices)
+
+  def validate(step, learned):
+    images = generator.generate([prompt] * config.num_validation_images, seed=config.seed,
+                                learned=[(np.asarray(learned), token_ids)])
+    os.makedirs(out_dir, exist_ok=True)
+    for i, image in enumerate(images):
+      sampling.save_png(os.path.join(out_dir, f"step{step:06d}_{i}.png"), image,
+                        {"prompt": prompt, "step": str(step), "seed": str(config.seed)})
+  return validate
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+              disable=not enabled, file=sys.stderr)
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  if not f["verbosity"].present:  # Orbax and JAX log every save at INFO; keep the bar readable
+    logging.set_verbosity(logging.WARNING)
+  from ti_jax.cli import config_or_exit  # pylint: disable=import-outside-toplevel
+  config = config_or_exit(f)
+  try:
+    result = run(config, f.workdir)
+  except USER_ERRORS as e:
+    raise SystemExit(f"error: {e}") from None
+  if result["interrupted"]:
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file(
+      "config", None, "Training config file, e.g. configs/style.py or configs/object.py:tiny. "
+      "Override fields with --config.FIELD=VALUE (see the config file for every field).",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, validation images "
+                      "and the final learned_embeds.safetensors. Re-use it to resume.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  from ti_jax.cli import flags_parser  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=flags_parser)
