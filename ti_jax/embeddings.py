@@ -102,3 +102,18 @@ def embed_tokens(token_table: jax.Array, learned: jax.Array, placeholder_ids: ja
   slot = jnp.argmax(match, axis=-1)  # [B, T]
   spliced = jnp.take(learned, slot, axis=0).astype(base.dtype)  # [B, T, D]
   return jnp.where(match.any(-1)[..., None], spliced, base)
+
+
+def merged_token_table(token_table: np.ndarray, learned: np.ndarray,
+                       placeholder_ids) -> np.ndarray:
+  """The full token table a diffusers user gets: the original rows plus the learned ones.
+
+  Rows at placeholder ids beyond the table are appended (ids must be contiguous).
+  """
+  table = np.asarray(token_table, np.float32)
+  ids = [int(i) for i in placeholder_ids]
+  size = max(table.shape[0], max(ids) + 1)
+  merged = np.zeros((size, table.shape[1]), np.float32)
+  merged[: table.shape[0]] = table
+  merged[ids] = np.asarray(learned, np.float32)
+  return merged

@@ -79,6 +79,7 @@ _SPACINGS = ("leading", "trailing", "linspace")
 
 
 def _fail(field: str, value: Any, expected: str) -> SchedulerConfigError:
+  """The one-line error for an unsupported `field=value`."""
   return SchedulerConfigError(f"scheduler config: {field}={value!r} is not supported; {expected}")
 
 
@@ -96,6 +97,11 @@ def _resolve_config(cfg: Mapping[str, Any], class_name: str) -> dict[str, Any]:
   if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 2:
     raise _fail("num_train_timesteps", t, "expected an integer >= 2")
   out["num_train_timesteps"] = int(t)
+  for key in ("beta_start", "beta_end"):
+    if isinstance(out[key], bool) or not isinstance(out[key], (int, float, np.floating)):
+      raise _fail(key, out[key], "expected a number")
+  if isinstance(out["steps_offset"], bool) or not isinstance(out["steps_offset"], (int, np.integer)):
+    raise _fail("steps_offset", out["steps_offset"], "expected an integer")
   return out
 
 
@@ -358,17 +364,18 @@ class Sampler:
     x = sample.astype(jnp.float32)
     m = model_output.astype(jnp.float32)
     row = {k: v[step_index] for k, v in self.tables.items()}
-    if self.kind == "ddim":
-      prev, state = self._ddim_step(row, m, x), state
-    elif self.kind == "pndm":
+    if self.kind == "pndm":
       prev, state = self._pndm_step(row, state, m, x)
-    elif self.kind == "euler":
-      prev, state = self._euler_step(row, m, x), state
-    else:
+    elif self.kind == "dpm++2m":
       prev, state = self._dpm_step(row, state, m, x)
+    elif self.kind == "ddim":
+      prev = self._ddim_step(row, m, x)
+    else:
+      prev = self._euler_step(row, m, x)
     return prev.astype(sample.dtype), state
 
   def _ddim_step(self, row: dict[str, jax.Array], m: jax.Array, x: jax.Array) -> jax.Array:
+    """DDIM with eta=0: predict x0 and eps, then re-noise x0 to the previous alpha."""
     sa, sb = row["sqrt_alpha"], row["sqrt_one_minus_alpha"]
     if self.prediction_type == "epsilon":
       x0, eps = (x - sb * m) / sa, m
@@ -383,6 +390,7 @@ class Sampler:
 
   def _pndm_step(self, row: dict[str, jax.Array], state: dict[str, jax.Array], m: jax.Array,
                  x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PNDM: a multistep (PLMS) or Runge-Kutta (PRK) eps estimate and the PNDM transfer."""
     # Each step is a linear combination fixed by its row: the PRK warm-up, the
     # PLMS ramp-up (1st, 2nd, 3rd, 4th order) and skip_prk's repeated second
     # step differ only in weights and flags, so no branching on the index.
@@ -401,6 +409,7 @@ class Sampler:
     return prev, new_state
 
   def _euler_step(self, row: dict[str, jax.Array], m: jax.Array, x: jax.Array) -> jax.Array:
+    """Euler on the probability-flow ODE in sigma (k-diffusion parametrisation)."""
     sigma = row["sigma"]
     if self.prediction_type == "epsilon":
       x0 = x - sigma * m
@@ -413,6 +422,7 @@ class Sampler:
 
   def _dpm_step(self, row: dict[str, jax.Array], state: dict[str, jax.Array], m: jax.Array,
                 x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DPM-Solver++ 2M in data (x0) prediction with the midpoint second-order correction."""
     alpha, sigma = row["alpha"], row["sigma"]
     if self.prediction_type == "epsilon":
       x0 = (x - sigma * m) / alpha
@@ -431,6 +441,7 @@ SAMPLER_NAMES = ("ddim", "pndm", "euler", "dpm++2m")
 
 
 def _normalise_name(name: str) -> str:
+  """Maps spellings like "DPM++ 2M" or "dpmpp_2m" onto a key of `_BUILDERS`."""
   key = str(name).strip().lower().replace("++", "pp")
   for ch in " _-":
     key = key.replace(ch, "")
@@ -440,6 +451,7 @@ def _normalise_name(name: str) -> str:
 
 
 def _check_spacing(rc: Mapping[str, Any]) -> str:
+  """The config's timestep_spacing, validated."""
   spacing = rc["timestep_spacing"]
   if spacing not in _SPACINGS:
     raise _fail("timestep_spacing", spacing, f"expected one of {', '.join(_SPACINGS)}")
@@ -453,6 +465,16 @@ def _require(rc: Mapping[str, Any], field: str, ok: Any, why: str) -> None:
     raise _fail(field, value, why)
 
 
+def _check_timestep_range(timesteps: np.ndarray, rc: Mapping[str, Any], s: int) -> None:
+  """Raises where diffusers would index alphas_cumprod past its end (e.g. 1000 "leading" steps)."""
+  t_train = rc["num_train_timesteps"]
+  if timesteps.max() >= t_train:
+    raise SchedulerConfigError(
+        f"scheduler config: num_inference_steps={s} with timestep_spacing="
+        f"{rc['timestep_spacing']!r} and steps_offset={rc['steps_offset']} reaches timestep "
+        f"{int(timesteps.max())} >= num_train_timesteps={t_train}")
+
+
 def _descending_grid(spacing: str, t: int, s: int, offset: int) -> np.ndarray:
   """The float64 timestep grid shared by DDIM, PNDM and Euler, largest first (not yet rounded)."""
   if spacing == "linspace":
@@ -464,6 +486,7 @@ def _descending_grid(spacing: str, t: int, s: int, offset: int) -> np.ndarray:
 
 
 def _ddim(rc: dict[str, Any], s: int) -> Sampler:
+  """The sampler of DDIMScheduler (eta=0) for a resolved config and S steps."""
   pred = _check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
   _require(rc, "thresholding", False, "dynamic thresholding is not implemented")
   t_train = rc["num_train_timesteps"]
@@ -472,6 +495,7 @@ def _ddim(rc: dict[str, Any], s: int) -> Sampler:
   final = np.float32(1.0) if rc["set_alpha_to_one"] else acp[0]
   # diffusers steps to t - T // S whatever the spacing, not to the next listed timestep.
   prev_ts = ts - t_train // s
+  _check_timestep_range(ts, rc, s)
   a = acp[ts].astype(np.float64)
   a_prev = np.where(prev_ts >= 0, acp[np.maximum(prev_ts, 0)], final).astype(np.float64)
   tables = {"sqrt_alpha": np.sqrt(a), "sqrt_one_minus_alpha": np.sqrt(1.0 - a),
@@ -481,6 +505,7 @@ def _ddim(rc: dict[str, Any], s: int) -> Sampler:
 
 
 def _pndm(rc: dict[str, Any], s: int) -> Sampler:
+  """The sampler of PNDMScheduler (PLMS, with the PRK warm-up unless skip_prk_steps) for a resolved config and S steps."""
   pred = _check_prediction_type(rc, ("epsilon", "v_prediction"))
   t_train = rc["num_train_timesteps"]
   base = _descending_grid(_check_spacing(rc), t_train, s, rc["steps_offset"])[::-1]
@@ -523,9 +548,9 @@ def _pndm(rc: dict[str, Any], s: int) -> Sampler:
   acp = _alphas_cumprod(rc)
   final = np.float32(1.0) if rc["set_alpha_to_one"] else acp[0]
   unet_t, t_cur, t_prev, weights, prk_upd, push, set_cur, use_cur = map(np.asarray, zip(*rows))
-  # torch would raise on an index >= T (only reachable with exotic step counts); clamp instead.
-  a = acp[np.clip(t_cur, 0, t_train - 1)].astype(np.float64)
-  a_prev = np.where(t_prev >= 0, acp[np.clip(t_prev, 0, t_train - 1)], final).astype(np.float64)
+  _check_timestep_range(t_cur, rc, s)
+  a = acp[t_cur].astype(np.float64)
+  a_prev = np.where(t_prev >= 0, acp[np.maximum(t_prev, 0)], final).astype(np.float64)
   # x_prev = sqrt(a_prev / a) x - (a_prev - a) / (a sqrt(1 - a_prev) + sqrt(a (1 - a) a_prev)) eps
   denom = a * np.sqrt(1.0 - a_prev) + np.sqrt(a * (1.0 - a) * a_prev)
   tables = {
@@ -545,6 +570,7 @@ def _train_sigmas(acp: np.ndarray) -> np.ndarray:
 
 
 def _euler(rc: dict[str, Any], s: int) -> Sampler:
+  """The sampler of EulerDiscreteScheduler (no churn, linear sigma interpolation) for a resolved config and S steps."""
   pred = _check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
   _require(rc, "interpolation_type", "linear", "only 'linear' is implemented")
   for field in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
@@ -567,6 +593,7 @@ def _euler(rc: dict[str, Any], s: int) -> Sampler:
 
 
 def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
+  """The sampler of DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint) for a resolved config and S steps."""
   pred = _check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
   # diffusers silently maps these onto DPM-Solver++ / midpoint.
   algorithm = "dpmsolver++" if rc["algorithm_type"] == "deis" else rc["algorithm_type"]
@@ -598,6 +625,12 @@ def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
   else:
     ts = np.arange(last, 0, -t_train / s).round() - 1
   ts = ts.astype(np.int64)
+  _check_timestep_range(ts, rc, s)
+  if len(np.unique(ts)) != len(ts):
+    # diffusers silently produces NaNs here (a zero log-SNR step divides by zero).
+    raise SchedulerConfigError(
+        f"scheduler config: num_inference_steps={s} with timestep_spacing="
+        f"{rc['timestep_spacing']!r} repeats timesteps, which DPM-Solver cannot step between")
   train_sigmas = _train_sigmas(acp)
   sig = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)
   sig = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)  # [N + 1]
@@ -614,7 +647,7 @@ def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
     h = lam[i + 1] - lam[i]
     c_sample[i] = sigma[i + 1] / sigma[i]
     c_x0[i] = -alpha[i + 1] * np.expm1(-h)
-    if 0 < i:  # second order (midpoint): the first and last steps are first order
+    if 0 < i < n - 1:  # second order (midpoint): the first and last steps are first order
       r0 = (lam[i] - lam[i - 1]) / h
       c_diff[i] = 0.5 * c_x0[i] / r0
   tables = {"alpha": alpha[:-1], "sigma": sigma[:-1], "c_sample": c_sample, "c_x0": c_x0,
@@ -624,6 +657,7 @@ def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
 
 def _finish(kind: str, timesteps: np.ndarray, tables: dict[str, np.ndarray], pred: str,
             init_noise_sigma: float, clip_sample_range: float | None = None) -> Sampler:
+  """Packs float64 numpy tables into a Sampler as float32 (bool flags stay bool)."""
   jt = {k: jnp.asarray(v if v.dtype == bool else v.astype(np.float32)) for k, v in tables.items()}
   return Sampler(timesteps=jnp.asarray(timesteps), tables=jt, kind=kind, prediction_type=pred,
                  init_noise_sigma=float(init_noise_sigma), clip_sample_range=clip_sample_range)

@@ -25,11 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax import checkpointing, data, embeddings, parallel, train_lib
+from ti_jax import checkpointing, data, embeddings, parallel, schedulers, train_lib
 from ti_jax.loading import ModelLoadError, load_stable_diffusion
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 class ConfigError(ValueError):
@@ -137,9 +136,10 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       vae_dtype=_DTYPES[config.vae_dtype], variant=config.variant or None,
       revision=config.revision or None, allow_pickle=config.allow_pickle,
       attention_impl=config.attention_impl or None, cache_dir=config.cache_dir)
-  prediction_type = sd.scheduler_config.get("prediction_type", "epsilon")
-  if prediction_type not in _PREDICTION_TYPES:
-    raise ModelLoadError(f"scheduler prediction_type {prediction_type!r} is not supported")
+  try:
+    schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
+  except ValueError as e:
+    raise ModelLoadError(f"{sd.path}: scheduler config: {e}") from None
   latent_size = config.resolution // 2 ** (len(sd.vae.config.block_out_channels) - 1)
   if latent_size % 2 ** (len(sd.unet.config.block_out_channels) - 1):
     raise ConfigError(f"config.resolution {config.resolution} gives {latent_size}px latents, "
@@ -197,18 +197,16 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
 
   _log(f"training {tokens} on {num_devices} device(s) ({jax.devices()[0].platform}), "
        f"global batch {global_batch}, lr {base_lr:g} ({config.lr_scheduler}), "
-       f"{prediction_type} target, steps {start}->{config.max_train_steps}")
+       f"{schedule.prediction_type} target, steps {start}->{config.max_train_steps}")
 
   frozen = train_lib.Frozen(
       unet=sd.unet_params, text_encoder=sd.text_encoder_params,
       latent_mean=latent_mean, latent_std=latent_std,
-      placeholder_ids=np.asarray(token_ids, np.int32),
-      alphas_cumprod=_alphas_cumprod(sd.scheduler_config))
+      placeholder_ids=np.asarray(token_ids, np.int32), schedule=schedule)
   settings = train_lib.StepSettings(
       unet=sd.unet, text_encoder=sd.text_encoder,
       scaling_factor=float(sd.vae.config.scaling_factor),
-      shift_factor=float(sd.vae.config.shift_factor), prediction_type=prediction_type,
-      seed=int(config.seed))
+      shift_factor=float(sd.vae.config.shift_factor), seed=int(config.seed))
   step_fn = train_lib.make_pmapped_step(settings, optimizer, lr, devices)
   frozen = parallel.replicate(frozen, devices)
   state = parallel.replicate(state, devices)
@@ -281,12 +279,6 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     checkpointing.write_learned_embeds(out, tokens, final, config.placeholder_token)
     _log(f"done: step {step}; learned embedding in {out}")
   return {"step": step, "embeds": final, "interrupted": interrupted}
-
-
-def _alphas_cumprod(scheduler_config: dict) -> np.ndarray:
-  from ti_jax import schedulers  # pylint: disable=import-outside-toplevel
-  return np.asarray(schedulers.noise_schedule_from_config(scheduler_config).alphas_cumprod,
-                    np.float32)
 
 
 def _make_validator(config, sd, token_ids, devices, workdir):

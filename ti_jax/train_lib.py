@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ti_jax import parallel
+from ti_jax import parallel, schedulers
 from ti_jax.embeddings import embed_tokens
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -39,7 +39,7 @@ class Frozen:
   latent_mean: jax.Array  # [V, h, w, C] posterior mean of each distinct training view
   latent_std: jax.Array  # [V, h, w, C]
   placeholder_ids: jax.Array  # [n] int32, token id of each learned vector
-  alphas_cumprod: jax.Array  # [T] float32
+  schedule: schedulers.NoiseSchedule  # alphas_cumprod [T] and the prediction type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,6 @@ class StepSettings:
   text_encoder: Any
   scaling_factor: float
   shift_factor: float
-  prediction_type: str  # "epsilon", "v_prediction" or "sample"
   seed: int
 
 
@@ -114,24 +113,19 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   mean = frozen.latent_mean[batch["view_index"]]  # [b, h, w, C]
   std = frozen.latent_std[batch["view_index"]]
   draw = functools.partial(_example_noise, settings.seed, step, latent_shape=mean.shape[1:],
-                           num_timesteps=frozen.alphas_cumprod.shape[0])
-  post_eps, noise, t = jax.vmap(lambda i: draw(i))(batch["example_index"])
+                           num_timesteps=frozen.schedule.num_train_timesteps)
+  post_eps, noise, t = jax.vmap(draw)(batch["example_index"])
+  # A sample of the cached posterior: the same distribution as encoding each step.
   latents = (mean + std * post_eps - settings.shift_factor) * settings.scaling_factor
-
-  ac = frozen.alphas_cumprod[t][:, None, None, None]  # [b, 1, 1, 1]
-  noisy = jnp.sqrt(ac) * latents + jnp.sqrt(1.0 - ac) * noise
-  if settings.prediction_type == "epsilon":
-    target = noise
-  elif settings.prediction_type == "v_prediction":
-    target = jnp.sqrt(ac) * noise - jnp.sqrt(1.0 - ac) * latents
-  else:
-    target = latents
+  noisy = schedulers.add_noise(frozen.schedule, latents, noise, t)
+  target = schedulers.training_target(frozen.schedule, latents, noise, t)
 
   table = frozen.text_encoder["embeddings"]["token_embedding"]["embedding"]  # [V, D]
   embeds = embed_tokens(table, params["embeds"], frozen.placeholder_ids, batch["input_ids"])
   context = settings.text_encoder.apply({"params": frozen.text_encoder}, batch["input_ids"],
                                         inputs_embeds=embeds)  # [b, T, D]
-  pred = settings.unet.apply({"params": frozen.unet}, noisy, t, context)  # [b, h, w, C]
+  pred = settings.unet.apply({"params": frozen.unet}, noisy.astype(mean.dtype), t,
+                            context)  # [b, h, w, C]
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
 
@@ -145,7 +139,7 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "lr": lr(state.step),
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": optax.tree.norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -1,0 +1,283 @@
+"""Training: what changes, what does not, determinism across devices and restarts, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ti_jax import checkpointing, data, embeddings, parallel, schedulers, train, train_lib
+from ti_jax.loading import load_stable_diffusion
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = os.path.join(REPO, "examples", "toy")
+
+
+def _config(cache_dir, **overrides):
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import object as object_config  # configs/object.py  pylint: disable=import-outside-toplevel
+  c = object_config.get_config("tiny")
+  c.train_data_dir = TOY
+  c.cache_dir = str(cache_dir)
+  c.validation_prompt = ""
+  c.max_train_steps = 4
+  c.checkpointing_steps = 2
+  c.log_every_steps = 1
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sd15):
+  """A tiny SD, placeholder tokens, cached latents and the step pieces (1 device)."""
+  sd = load_stable_diffusion(tiny_sd15)
+  ids = embeddings.add_placeholder_tokens(sd.tokenizer, "<toy>", 2)
+  table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"])
+  init = embeddings.initializer_vectors(sd.tokenizer, table, "toy", 2)
+  images = data.load_training_images(TOY, 64, False)
+  mean, std = train.encode_views(sd.vae, sd.vae_params, data.view_pixels(images.pixels, True))
+  frozen = train_lib.Frozen(unet=sd.unet_params, text_encoder=sd.text_encoder_params,
+                            latent_mean=mean, latent_std=std,
+                            placeholder_ids=np.asarray(ids, np.int32),
+                            schedule=schedulers.noise_schedule_from_config(sd.scheduler_config))
+  settings = train_lib.StepSettings(unet=sd.unet, text_encoder=sd.text_encoder,
+                                    scaling_factor=sd.vae.config.scaling_factor,
+                                    shift_factor=0.0, seed=0)
+  templates = data.templates_for("object")
+  template_ids = data.tokenize(sd.tokenizer, data.build_prompts(
+      np.arange(len(templates)), templates, "<toy> <toy>_1"))
+  return dict(sd=sd, ids=ids, init=init, frozen=frozen, settings=settings,
+              template_ids=template_ids, num_images=images.num_images)
+
+
+def _batch(setup, step, size, seed=0):
+  index = np.arange(size)
+  view, tmpl = data.example_choices(seed, step, index, global_batch_size=size,
+                                    num_images=setup["num_images"], flip_p=0.5,
+                                    num_templates=len(setup["template_ids"]))
+  return {"input_ids": setup["template_ids"][tmpl], "view_index": view,
+          "example_index": index.astype(np.int32)}
+
+
+def _pieces(lr_value=5e-3):
+  lr = optax_constant(lr_value)
+  return lr, train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2)
+
+
+def optax_constant(v):
+  import optax
+  return optax.constant_schedule(v)
+
+
+def test_frozen_params_unchanged_and_only_placeholder_rows_differ(setup):
+  devices = jax.local_devices()[:1]
+  lr, opt = _pieces()
+  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
+  state = parallel.replicate(train_lib.init_state(setup["init"].vectors, opt), devices)
+  frozen = parallel.replicate(setup["frozen"], devices)
+  for step in range(3):
+    state, _ = step_fn(state, frozen, parallel.shard(_batch(setup, step, 2), 1))
+  after = parallel.unreplicate(frozen)
+  flat_before = jax.tree_util.tree_leaves(setup["frozen"])
+  flat_after = jax.tree_util.tree_leaves(after)
+  assert len(flat_before) == len(flat_after)
+  for b, a in zip(flat_before, flat_after):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  learned = np.asarray(parallel.unreplicate(state).params["embeds"])
+  assert not np.allclose(learned, setup["init"].vectors)
+  # The token table a diffusers user ends up with: original rows plus the learned ones.
+  table = np.asarray(setup["frozen"].text_encoder["embeddings"]["token_embedding"]["embedding"])
+  merged = embeddings.merged_token_table(table, learned, setup["ids"])
+  changed = np.flatnonzero(np.any(merged[: table.shape[0]] != table, axis=1))
+  assert set(changed) <= set(setup["ids"])
+  np.testing.assert_array_equal(merged[setup["ids"]], learned)
+
+
+def test_optimizer_keeps_no_state_for_frozen_leaves():
+  lr, opt = _pieces()
+  params = {"embeds": jnp.zeros((2, 8)), "frozen_table": jnp.zeros((1000, 8))}
+  opt_state = opt.init(params)
+  sizes = [x.size for x in jax.tree_util.tree_leaves(opt_state) if hasattr(x, "size")]
+  # Adam's two moments for the [2, 8] vectors (+ a step count); nothing of the 1000-row table.
+  assert max(sizes) == 16
+  updates, _ = opt.update({"embeds": jnp.ones((2, 8)), "frozen_table": jnp.ones((1000, 8))},
+                          opt_state, params)
+  assert not np.any(np.asarray(updates["frozen_table"]))
+  assert np.all(np.asarray(updates["embeds"]) != 0)
+
+
+def test_step_flops_show_no_weight_gradient_work(setup):
+  """Backward w.r.t. the context only: the step costs under 2.4x the forward pass (XLA count)."""
+  devices = jax.local_devices()[:1]
+  lr, opt = _pieces()
+  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
+  state = parallel.replicate(train_lib.init_state(setup["init"].vectors, opt), devices)
+  frozen = parallel.replicate(setup["frozen"], devices)
+  batch = parallel.shard(_batch(setup, 0, 4), 1)
+  step_flops = step_fn.lower(state, frozen, batch).compile().cost_analysis()["flops"]
+  forward = jax.jit(lambda p, f, b: train_lib.loss_fn(p, f, b, 0, setup["settings"]))
+  host_batch = jax.tree_util.tree_map(lambda x: x[0], batch)
+  fwd_flops = forward.lower(train_lib.init_state(setup["init"].vectors, opt).params,
+                            setup["frozen"], host_batch).compile().cost_analysis()["flops"]
+  ratio = step_flops / fwd_flops
+  print(f"step/forward FLOPs ratio: {ratio:.2f} ({step_flops:.3g} / {fwd_flops:.3g})")
+  assert ratio < 2.4, ratio
+
+
+def test_v_prediction_target_matches_diffusers_get_velocity(tiny_sd21):
+  torch = pytest.importorskip("torch")
+  from diffusers import DDPMScheduler
+  sd = load_stable_diffusion(tiny_sd21)
+  assert sd.scheduler_config["prediction_type"] == "v_prediction"
+  schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
+  rng = np.random.default_rng(0)
+  x0 = rng.standard_normal((3, 8, 8, 4)).astype(np.float32)
+  noise = rng.standard_normal((3, 8, 8, 4)).astype(np.float32)
+  t = np.array([1, 500, 999])
+  ref = DDPMScheduler.from_config(sd.scheduler_config).get_velocity(
+      torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+  np.testing.assert_allclose(np.asarray(schedulers.training_target(schedule, x0, noise, t)), ref,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_loss_decreases_on_learnable_case(setup):
+  """From a far-off start, 40 steps lower the loss on a fixed evaluation set of examples."""
+  devices = jax.local_devices()[:1]
+  lr, opt = _pieces(2e-2)
+  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
+  start = np.random.default_rng(1).standard_normal(setup["init"].vectors.shape).astype(np.float32)
+  state = parallel.replicate(train_lib.init_state(start, opt), devices)
+  frozen = parallel.replicate(setup["frozen"], devices)
+  eval_loss = jax.jit(lambda p: jnp.mean(jnp.stack([
+      train_lib.loss_fn(p, setup["frozen"], _batch(setup, 10_000 + i, 8), 10_000 + i,
+                        setup["settings"]) for i in range(4)])))
+  before = float(eval_loss({"embeds": jnp.asarray(start)}))
+  for step in range(40):
+    state, _ = step_fn(state, frozen, parallel.shard(_batch(setup, step, 8), 1))
+  after = float(eval_loss(parallel.unreplicate(state).params))
+  print(f"eval loss {before:.4f} -> {after:.4f}")
+  assert after < before * 0.97, (before, after)
+
+
+def test_eight_devices_equal_one_device(tmp_path, cache_dir):
+  assert jax.local_device_count() >= 8, "conftest sets 8 fake CPU devices"
+  one = train.run(_config(cache_dir, train_batch_size=8), str(tmp_path / "one"),
+                  devices=jax.local_devices()[:1], progress=False)
+  eight = train.run(_config(cache_dir, train_batch_size=1), str(tmp_path / "eight"),
+                    devices=jax.local_devices()[:8], progress=False)
+  # Same examples and noise; only the order of float sums differs.
+  np.testing.assert_allclose(eight["embeds"], one["embeds"], rtol=0, atol=1e-5)
+  initial = train.run(_config(cache_dir, max_train_steps=0 + 1, train_batch_size=8),
+                      str(tmp_path / "short"), devices=jax.local_devices()[:1], progress=False)
+  assert np.abs(initial["embeds"] - one["embeds"]).max() > 1e-3  # training moved the vectors
+
+
+def _cli(workdir, cache_dir, *extra):
+  return [sys.executable, "-m", "ti_jax.train", "--config", os.path.join(REPO, "configs/object.py:tiny"),
+          "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
+          f"--config.train_data_dir={TOY}", "--config.validation_prompt=", *extra]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
+  common = ("--config.max_train_steps=12", "--config.checkpointing_steps=3")
+  full = subprocess.run(_cli(tmp_path / "full", cache_dir, *common), capture_output=True,
+                        text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-2000:]
+  killed_dir = tmp_path / "killed"
+  proc = subprocess.Popen(_cli(killed_dir, cache_dir, *common, "--config.log_every_steps=1"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = killed_dir / "checkpoints" / "6"
+  deadline = time.time() + 300
+  while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.kill()  # SIGKILL: no chance to save anything
+  proc.wait()
+  steps = checkpointing.Checkpoints(str(killed_dir)).all_steps()
+  assert steps and max(steps) < 12, steps
+  resumed = subprocess.run(_cli(killed_dir, cache_dir, *common), capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming from step" in resumed.stderr
+  from ti_jax import safetensors_io
+  a = safetensors_io.load(str(tmp_path / "full" / "learned_embeds.safetensors"))["<toy>"]
+  b = safetensors_io.load(str(killed_dir / "learned_embeds.safetensors"))["<toy>"]
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, cache_dir):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(_cli(workdir, cache_dir, "--config.max_train_steps=100000",
+                               "--config.checkpointing_steps=100000"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and metrics.read_text().count("\n") >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  assert "checkpoint saved" in err and "Traceback" not in err
+  steps = checkpointing.Checkpoints(str(workdir)).all_steps()
+  assert steps and 0 < steps[-1] < 100000
+  meta = checkpointing.Checkpoints(str(workdir)).restore_metadata(steps[-1])
+  assert meta["placeholder_tokens"] == ["<toy>"] and meta["step"] == steps[-1]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"placeholder_token": "toy"}, "already in the tokenizer's vocabulary"),
+    ({"pretrained_model_name_or_path": "/no/such/model"}, "model folder not found"),
+    ({"train_data_dir": "/no/such/images"}, "does not exist"),
+    ({"learnable_property": "texture"}, "learnable_property"),
+    ({"resolution": 60}, "multiple of 8"),
+])
+def test_bad_input_is_one_line_error(tmp_path, cache_dir, override, needle):
+  with pytest.raises(train.USER_ERRORS) as err:
+    train.run(_config(cache_dir, **override), str(tmp_path / "w"), progress=False)
+  assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_workdir_of_another_concept_is_refused_and_kept(tmp_path, cache_dir):
+  workdir = tmp_path / "w"
+  train.run(_config(cache_dir, max_train_steps=2), str(workdir), progress=False)
+  before = (workdir / "run.json").read_text()
+  with pytest.raises(checkpointing.WorkdirError, match="holds another run"):
+    train.run(_config(cache_dir, placeholder_token="<other>"), str(workdir), progress=False)
+  assert (workdir / "run.json").read_text() == before
+  assert checkpointing.Checkpoints(str(workdir)).all_steps() == [2]
+
+
+def test_cli_unknown_config_field_is_one_line(tmp_path, cache_dir):
+  out = subprocess.run(_cli(tmp_path / "w", cache_dir, "--config.no_such_field=1"),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert "error: unknown config field no_such_field" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_final_outputs_are_written(tmp_path, cache_dir):
+  workdir = tmp_path / "w"
+  result = train.run(_config(cache_dir, max_train_steps=3, validation_prompt="a photo of {}",
+                             validation_steps=3, num_validation_images=2,
+                             validation_inference_steps=2), str(workdir), progress=False)
+  from ti_jax import safetensors_io
+  saved = safetensors_io.load(str(workdir / "learned_embeds.safetensors"))
+  np.testing.assert_array_equal(np.asarray(saved["<toy>"]), result["embeds"])
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3]
+  assert all({"loss", "lr", "step_time_s", "images_per_sec"} <= set(l) for l in lines)
+  pngs = sorted(os.listdir(workdir / "validation"))
+  assert pngs == ["step000003_0.png", "step000003_1.png"]
