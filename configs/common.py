@@ -30,6 +30,8 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.variant = ""  # weight file variant, e.g. "fp16" ("" = full precision files)
   c.allow_pickle = False  # permit .bin pickles (they can run code) if no safetensors exist
   c.cache_dir = "~/.cache/ti_jax"  # where tiny models are written
+  # JAX's persistent compilation cache: a restarted run skips compiling ("" = off).
+  c.compilation_cache_dir = "~/.cache/ti_jax/xla"
   c.dtype = "bfloat16"  # compute/param dtype of the frozen UNet and text encoder
   c.vae_dtype = "float32"  # the VAE runs once per training image (latents are cached)
   c.attention_impl = ""  # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"

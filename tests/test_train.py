@@ -25,6 +25,7 @@ def _config(cache_dir, **overrides):
   c = object_config.get_config("tiny")
   c.train_data_dir = TOY
   c.cache_dir = str(cache_dir)
+  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
   c.validation_prompt = ""
   c.max_train_steps = 4
   c.checkpointing_steps = 2
@@ -187,7 +188,8 @@ def test_eight_devices_equal_one_device(tmp_path, cache_dir):
 def _cli(workdir, cache_dir, *extra):
   return [sys.executable, "-m", "ti_jax.train", "--config", os.path.join(REPO, "configs/object.py:tiny"),
           "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
-          f"--config.train_data_dir={TOY}", "--config.validation_prompt=", *extra]
+          f"--config.train_data_dir={TOY}", "--config.validation_prompt=",
+          f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}", *extra]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):

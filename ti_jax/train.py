@@ -69,6 +69,15 @@ def _identity(c) -> dict:
   return {k: c[k] for k in checkpointing.IDENTITY_FIELDS}
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache in `path` ("" leaves it off)."""
+  if not path:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+  # Cache every program that took over a second to compile (the train step does).
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
@@ -120,6 +129,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   Raises one of USER_ERRORS for bad input.
   """
   validate_config(config)
+  enable_compilation_cache(config.compilation_cache_dir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   devices = list(devices) if devices is not None else parallel.local_devices()
   num_devices = len(devices)
