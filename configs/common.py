@@ -80,11 +80,11 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.resolution = 64
     c.train_batch_size = 2
-    c.max_train_steps = 200
+    c.max_train_steps = 1000
     c.learning_rate = 5e-3
-    c.checkpointing_steps = 100
-    c.log_every_steps = 10
-    c.validation_steps = 100
+    c.checkpointing_steps = 250
+    c.log_every_steps = 25
+    c.validation_steps = 500
     c.num_validation_images = 2
     c.validation_inference_steps = 10
   else:
