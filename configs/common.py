@@ -41,6 +41,9 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.placeholder_token = "<concept>"  # the new pseudo-word S*
   c.initializer_token = ""  # word whose embedding starts S* (set by object.py/style.py)
   c.num_vectors = 1  # vectors per pseudo-word (the paper uses 1)
+  # Start from an existing embedding (run dir, diffusers/A1111/kohya file) instead
+  # of initializer_token; its vector count must equal num_vectors.
+  c.init_embedding = ""
   c.learnable_property = "object"  # "object" or "style": which prompt templates to use
   c.resolution = 512  # training image size (pixels, square)
   c.center_crop = False  # crop the central square before resizing (else squash)

@@ -95,6 +95,12 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
     return restored.state, restored.metadata
 
+  def restore_untyped(self, step: int) -> tuple[dict, dict]:
+    """Restores the state as nested dicts of numpy arrays (no template needed) and metadata."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
+    return restored.state, restored.metadata
+
   def restore_metadata(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(
         metadata=ocp.args.JsonRestore())).metadata
@@ -113,3 +119,22 @@ def write_learned_embeds(path: str, tokens: list[str], vectors: np.ndarray,
   del tokens  # diffusers stores all vectors of a multi-vector token under the first name
   safetensors_io.save(path, {placeholder_token: np.asarray(vectors, np.float32)},
                       {"format": "pt"})
+
+
+def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndarray, dict]:
+  """The learned vectors `[n, dim]` and metadata of a run's checkpoint (latest if `step` is None)."""
+  read_identity(workdir)
+  ckpts = Checkpoints(workdir, max_to_keep=None)
+  try:
+    steps = ckpts.all_steps()
+    if not steps:
+      raise WorkdirError(f"{workdir} has no checkpoint yet")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise WorkdirError(f"{workdir} has no checkpoint at step {step} "
+                         f"(available: {', '.join(map(str, sorted(steps)))})")
+    state, metadata = ckpts.restore_untyped(step)
+  finally:
+    ckpts.close()
+  return np.asarray(state["state"]["params"]["embeds"], np.float32), metadata

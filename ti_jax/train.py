@@ -79,7 +79,8 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def _log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  tqdm.write(msg, file=sys.stderr)  # keeps an active progress bar intact
 
 
 def encode_views(vae, vae_params, views: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +161,11 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   tokens = embeddings.placeholder_tokens(config.placeholder_token, config.num_vectors)
   table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"],
                      np.float32)
-  init = embeddings.initializer_vectors(sd.tokenizer, table, config.initializer_token,
-                                        config.num_vectors)
+  if config.init_embedding:
+    init = _init_from_embedding(config.init_embedding, config.num_vectors, table.shape[1])
+  else:
+    init = embeddings.initializer_vectors(sd.tokenizer, table, config.initializer_token,
+                                          config.num_vectors)
   _log(init.note)
   placeholder_text = embeddings.expand_placeholder(config.placeholder_token,
                                                    config.placeholder_token, config.num_vectors)
@@ -289,6 +293,22 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     checkpointing.write_learned_embeds(out, tokens, final, config.placeholder_token)
     _log(f"done: step {step}; learned embedding in {out}")
   return {"step": step, "embeds": final, "interrupted": interrupted}
+
+
+def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> embeddings.Initializer:
+  from ti_jax import embedding_io  # pylint: disable=import-outside-toplevel
+  try:
+    concepts = embedding_io.load_concepts(spec)
+  except (embedding_io.EmbeddingFileError, checkpointing.WorkdirError) as e:
+    raise ConfigError(f"config.init_embedding: {e}") from None
+  if len(concepts) != 1:
+    raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens; name one "
+                      "with PATH:TOKEN or use a single-token file")
+  vectors = concepts[0].vectors
+  if vectors.shape != (num_vectors, dim):
+    raise ConfigError(f"config.init_embedding: {spec} has shape {tuple(vectors.shape)}, "
+                      f"but this run needs ({num_vectors}, {dim}) (num_vectors, model width)")
+  return embeddings.Initializer(vectors, f"initialised {num_vectors} vector(s) from {spec}")
 
 
 def _make_validator(config, sd, token_ids, devices, workdir):

@@ -1,0 +1,232 @@
+"""Sampling from trained runs, several concepts at once, and embedding interop."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import record_parity
+from torch_reference import rel_err
+from ti_jax import embedding_io, embeddings, export, sample, sampling, train
+from ti_jax.loading import load_stable_diffusion
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = dict(num_inference_steps=3, scheduler="ddim", guidance_scale=5.0)
+
+
+def _train(workdir, cache_dir, **overrides):
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import object as object_config  # configs/object.py  pylint: disable=import-outside-toplevel
+  c = object_config.get_config("tiny")
+  c.train_data_dir = os.path.join(REPO, "examples", "toy")
+  c.cache_dir = str(cache_dir)
+  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  c.validation_prompt = ""
+  c.max_train_steps = 3
+  c.checkpointing_steps = 2
+  for k, v in overrides.items():
+    c[k] = v
+  train.run(c, str(workdir), devices=jax.local_devices()[:1], progress=False)
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two tiny runs: '<toy>' (1 vector) and '<style>' (2 vectors, style templates)."""
+  root = tmp_path_factory.mktemp("runs")
+  cache = root / "cache"
+  toy = _train(root / "toy", cache)
+  style = _train(root / "style", cache, placeholder_token="<style>", num_vectors=2,
+                 learnable_property="style", initializer_token="painting",
+                 train_data_dir=os.path.join(REPO, "examples", "style"))
+  return {"toy": toy, "style": style, "cache": str(cache)}
+
+
+def _sample(runs, tmp_path, name, **kw):
+  args = dict(prompts=["a photo of a <toy>"], workdir=runs["toy"], num_images=2,
+              output_dir=str(tmp_path / name), devices=jax.local_devices()[:1], **FAST)
+  args.update(kw)
+  return sample.run(**args)
+
+
+def _pixels(paths):
+  return np.stack([np.asarray(Image.open(p)) for p in paths])
+
+
+def test_sampling_from_a_training_checkpoint_writes_images(runs, tmp_path):
+  paths = _sample(runs, tmp_path, "a", seed=0)
+  assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
+  images = _pixels(paths)
+  assert images.shape == (2, 64, 64, 3)
+  assert not np.array_equal(images[0], images[1])  # image index changes the noise
+  grid = [f for f in os.listdir(tmp_path / "a") if f.endswith("_grid.png")]
+  assert len(grid) == 1
+  text = Image.open(paths[0]).text
+  assert text["prompt"] == "a photo of a <toy>" and text["seed"] == "0"
+  assert text["steps"] == "3" and text["scheduler"] == "ddim"
+  same = _pixels(_sample(runs, tmp_path, "b", seed=0))
+  other = _pixels(_sample(runs, tmp_path, "c", seed=1))
+  np.testing.assert_array_equal(same, images)
+  assert not np.array_equal(other, images)
+
+
+def test_four_devices_give_the_same_images_as_one(runs):
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  concepts = embedding_io.load_concepts(runs["toy"])
+  learned = sample.add_concepts(sd.tokenizer, concepts)
+  images = {}
+  for n in (1, 4):
+    gen = sampling.ImageGenerator(sd, height=64, width=64, devices=jax.local_devices()[:n], **FAST)
+    images[n] = gen.generate(["a photo of a <toy>"] * 4, seed=3, learned=learned)
+  # Same noise per image; only batch layout differs, so at most rounding of one level.
+  assert np.abs(images[1].astype(int) - images[4].astype(int)).max() <= 1
+
+
+def test_two_concepts_compose_in_one_prompt(runs, tmp_path):
+  paths = _sample(runs, tmp_path, "mix", prompts=["a <toy> in the style of <style>"],
+                  embedding_sources=[runs["style"]], num_images=1)
+  assert len(paths) == 1
+  assert Image.open(paths[0]).text["learned_tokens"] == "<toy>,<style>"
+
+
+def test_multi_vector_token_is_expanded_in_prompts(runs):
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  concepts = embedding_io.load_concepts(runs["style"])
+  sample.add_concepts(sd.tokenizer, concepts)
+  prompt, warnings = sample.prepare_prompt("a cat in the style of <style>", concepts, sd.tokenizer)
+  assert prompt == "a cat in the style of <style> <style>_1" and not warnings
+
+
+def test_token_clash_is_refused(runs, tmp_path):
+  with pytest.raises(sample.SampleError, match="comes from both"):
+    _sample(runs, tmp_path, "x", embedding_sources=[runs["toy"]])
+
+
+def test_embedding_of_another_width_is_refused(runs, tmp_path):
+  path = str(tmp_path / "wide.safetensors")
+  embedding_io.write_embedding_file(path, embedding_io.Concept("<wide>", np.ones((1, 48)), ""),
+                                    "diffusers")
+  with pytest.raises(sample.SampleError, match="width 48 but the model's text encoder has width 32"):
+    _sample(runs, tmp_path, "x", embedding_sources=[path])
+
+
+def test_checkpoint_from_another_base_model_is_refused(runs, tmp_path):
+  with pytest.raises(sample.SampleError) as err:
+    _sample(runs, tmp_path, "x", pretrained_model_name_or_path="tiny-sd21", cache_dir=runs["cache"])
+  assert "'tiny-sd15'" in str(err.value) and "'tiny-sd21'" in str(err.value)
+  paths = _sample(runs, tmp_path, "y", pretrained_model_name_or_path="tiny-sd21",
+                  cache_dir=runs["cache"], allow_base_model_mismatch=True, num_images=1)
+  assert len(paths) == 1
+
+
+def test_prompt_warnings_for_missing_token_and_truncation(runs, capsys):
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  concepts = embedding_io.load_concepts(runs["toy"])
+  sample.add_concepts(sd.tokenizer, concepts)
+  _, warnings = sample.prepare_prompt("a red car", concepts, sd.tokenizer)
+  assert any("uses none of the learned tokens" in w for w in warnings)
+  _, warnings = sample.prepare_prompt("a <toy> " + "very " * 100, concepts, sd.tokenizer)
+  assert any("truncated to 77" in w for w in warnings)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(step=999), "no checkpoint at step 999"),
+    (dict(workdir="/no/such/run"), "run directory /no/such/run does not exist"),
+    (dict(workdir=REPO), "not a ti_jax run directory"),
+    (dict(prompts=[]), "no prompt"),
+    (dict(scheduler="heun"), "heun"),
+])
+def test_bad_sampling_input_is_one_line(runs, tmp_path, kwargs, needle):
+  with pytest.raises(sample.USER_ERRORS) as err:
+    _sample(runs, tmp_path, "x", **kwargs)
+  assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_embedding_file_is_one_line(tmp_path):
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(b"\x00\x01not a safetensors file")
+  with pytest.raises(embedding_io.EmbeddingFileError) as err:
+    embedding_io.load_concepts(str(bad))
+  assert "bad.safetensors" in str(err.value) and "\n" not in str(err.value)
+  pt = tmp_path / "bad.pt"
+  pt.write_bytes(b"garbage")
+  with pytest.raises(embedding_io.EmbeddingFileError, match="cannot read"):
+    embedding_io.load_concepts(str(pt))
+
+
+@pytest.mark.parametrize("fmt", embedding_io.FORMATS)
+def test_export_then_import_round_trips(runs, tmp_path, fmt):
+  vectors, _ = train.checkpointing.learned_from_workdir(runs["style"])
+  path = export.export(runs["style"], fmt, str(tmp_path / embedding_io.default_filename("<style>", fmt)))
+  (concept,) = embedding_io.load_concepts(path)
+  np.testing.assert_array_equal(concept.vectors, vectors)
+  assert concept.vectors.shape == (2, 32)
+  expected_token = "style" if fmt == "kohya" else "<style>"  # kohya files are named by file
+  assert concept.token == expected_token
+  (renamed,) = embedding_io.load_concepts(f"{path}:<s2>")
+  assert renamed.token == "<s2>"
+
+
+def test_a1111_pt_has_the_webui_fields(runs, tmp_path):
+  torch = pytest.importorskip("torch")
+  path = export.export(runs["toy"], "a1111-pt", str(tmp_path / "toy.pt"))
+  data = torch.load(path, weights_only=True)
+  assert set(data) >= {"string_to_param", "string_to_token", "name", "step"}
+  assert data["name"] == "<toy>" and data["step"] == 3
+  assert tuple(data["string_to_param"]["*"].shape) == (1, 32)
+
+
+@pytest.mark.parametrize("run_name, fmt", [("toy", "diffusers"), ("style", "diffusers"),
+                                           ("style", "a1111-pt")])
+def test_diffusers_load_textual_inversion_matches_ti_jax(runs, tmp_path, run_name, fmt):
+  """The exported file in diffusers' own loader gives ti_jax's text-encoder output."""
+  torch = pytest.importorskip("torch")
+  from diffusers import StableDiffusionPipeline
+  workdir = runs[run_name]
+  token = "<toy>" if run_name == "toy" else "<style>"
+  path = export.export(workdir, fmt, str(tmp_path / embedding_io.default_filename(token, fmt)))
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  pipe = StableDiffusionPipeline.from_pretrained(sd.path, safety_checker=None)
+  pipe.load_textual_inversion(path, token=token)
+  prompt = f"a photo of {token} on a table"
+  expanded = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+  ids = pipe.tokenizer(expanded, padding="max_length", max_length=77,
+                       return_tensors="pt").input_ids
+  with torch.no_grad():
+    ref = pipe.text_encoder(ids).last_hidden_state.numpy()
+  concepts = embedding_io.load_concepts(workdir)
+  (vectors, token_ids), = sample.add_concepts(sd.tokenizer, concepts)
+  ours_prompt, _ = sample.prepare_prompt(prompt, concepts, sd.tokenizer)
+  our_ids = np.asarray(sd.tokenizer(ours_prompt, padding="max_length", max_length=77,
+                                    return_tensors="np").input_ids)
+  table = sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"]
+  embeds = embeddings.embed_tokens(table, vectors, np.asarray(token_ids), our_ids)
+  ours = sd.text_encoder.apply({"params": sd.text_encoder_params}, our_ids, inputs_embeds=embeds)
+  record_parity(f"load_textual_inversion ({fmt}, {vectors.shape[0]} vector) vs ti_jax",
+                rel_err(ours, ref), 1e-4)
+
+
+def test_export_cli_writes_file(runs, tmp_path):
+  out = tmp_path / "cli" / "toy.safetensors"
+  proc = subprocess.run([sys.executable, "-m", "ti_jax.export", "--workdir", runs["toy"],
+                         "--format", "kohya", "--output", str(out)],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "emb_params" in embedding_io.safetensors_io.read_shapes(str(out))
+  bad = subprocess.run([sys.executable, "-m", "ti_jax.export", "--workdir", str(tmp_path),
+                        "--format", "kohya"], capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_init_embedding_starts_training_from_an_exported_file(runs, tmp_path):
+  path = export.export(runs["toy"], "a1111", str(tmp_path / "toy.safetensors"))
+  vectors, _ = train.checkpointing.learned_from_workdir(runs["toy"])
+  workdir = _train(tmp_path / "again", runs["cache"], placeholder_token="<toy2>",
+                   init_embedding=path, max_train_steps=1, checkpointing_steps=1)
+  meta_vectors, _ = train.checkpointing.learned_from_workdir(workdir)
+  # One step moves the vectors a little from where the file left them.
+  assert np.abs(meta_vectors - vectors).max() < 0.1

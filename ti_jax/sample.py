@@ -1,0 +1,260 @@
+"""Generates images with learned pseudo-words.
+
+  # from a training run (its newest checkpoint; --step N for another)
+  python -m ti_jax.sample --workdir runs/my-style \\
+      --prompt "a painting of a fox in the style of <my-style>" --num_images 4
+
+  # several concepts at once, from runs or embedding files (PATH[:TOKEN])
+  python -m ti_jax.sample --workdir runs/my-toy --embeddings runs/my-style \\
+      --prompt "a <my-toy> in the style of <my-style>"
+
+Rebuilds the base model and tokenizer from the checkpoint's metadata (or
+--pretrained_model_name_or_path). The denoising loop is one jit-compiled
+program; images are spread over all local devices with pmap. Each image is a
+PNG with its prompt, seed, steps and scheduler in the text chunk, plus a grid
+per prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ti_jax import checkpointing, embedding_io, embeddings, parallel, sampling, schedulers
+from ti_jax.loading import ModelLoadError, load_stable_diffusion
+
+
+class SampleError(ValueError):
+  """Bad sampling input; one-line message."""
+
+
+USER_ERRORS = (SampleError, ModelLoadError, embedding_io.EmbeddingFileError,
+               embeddings.EmbeddingError, checkpointing.WorkdirError)
+
+
+def _log(msg: str) -> None:
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  tqdm.write(msg, file=sys.stderr)  # keeps an active progress bar intact
+
+
+def _same_model(a: str, b: str) -> bool:
+  norm = lambda s: os.path.abspath(os.path.expanduser(s)) if os.path.exists(os.path.expanduser(s)) else s
+  return norm(a) == norm(b)
+
+
+def gather_concepts(workdir: str | None, step: int | None,
+                    sources: Sequence[str]) -> list[embedding_io.Concept]:
+  """Concepts of the run in `workdir` (if any) and of each `PATH[:TOKEN]` in `sources`."""
+  concepts = []
+  if workdir:
+    if not os.path.isdir(workdir):
+      raise SampleError(f"run directory {workdir} does not exist")
+    concepts += embedding_io.load_concepts(workdir, step)
+  for spec in sources:
+    concepts += embedding_io.load_concepts(spec)
+  seen = {}
+  for c in concepts:
+    if c.token in seen:
+      raise SampleError(f"token {c.token!r} comes from both {seen[c.token]} and {c.source}; "
+                        "rename one with PATH:NEW_TOKEN")
+    seen[c.token] = c.source
+  return concepts
+
+
+def resolve_base_model(override: str, workdir: str | None,
+                       concepts: Sequence[embedding_io.Concept]) -> tuple[str, str]:
+  """(model id or path, cache_dir) to sample with."""
+  cache_dir = "~/.cache/ti_jax"
+  run_meta = None
+  if workdir:
+    run_meta = checkpointing.read_identity(workdir)
+  if override:
+    return override, cache_dir
+  if run_meta:
+    return run_meta["pretrained_model_name_or_path"], cache_dir
+  for c in concepts:
+    if c.base_model:
+      return c.base_model, cache_dir
+  raise SampleError("no base model: pass --workdir of a training run or "
+                    "--pretrained_model_name_or_path")
+
+
+def check_concepts_fit(concepts, model_id: str, hidden_size: int, allow_mismatch: bool) -> None:
+  """Refuses embeddings of another width or, unless allowed, trained on another base model."""
+  for c in concepts:
+    if c.vectors.shape[1] != hidden_size:
+      raise SampleError(f"embedding {c.token!r} from {c.source} has width {c.vectors.shape[1]} "
+                        f"but the model's text encoder has width {hidden_size} (another base model?)")
+    if c.base_model and not allow_mismatch and not _same_model(c.base_model, model_id):
+      raise SampleError(f"{c.source} was trained on {c.base_model!r} but sampling uses "
+                        f"{model_id!r}; pass --allow_base_model_mismatch to use it anyway")
+
+
+def add_concepts(tokenizer, concepts) -> list[tuple[np.ndarray, list[int]]]:
+  """Adds every concept's tokens to the tokenizer; returns (vectors, token ids) per concept."""
+  out = []
+  for c in concepts:
+    try:
+      ids = embeddings.add_placeholder_tokens(tokenizer, c.token, c.vectors.shape[0])
+    except embeddings.EmbeddingError as e:
+      raise SampleError(f"{c.source}: {e}") from None
+    out.append((c.vectors, ids))
+  return out
+
+
+def prepare_prompt(prompt: str, concepts, tokenizer) -> tuple[str, list[str]]:
+  """Expands multi-vector tokens; returns the prompt and warnings (no token, truncation)."""
+  warnings = []
+  used = [c.token for c in concepts if c.token in prompt]
+  if concepts and not used:
+    warnings.append(f"prompt {prompt!r} uses none of the learned tokens "
+                    f"({', '.join(c.token for c in concepts)})")
+  for c in concepts:
+    prompt = embeddings.expand_placeholder(prompt, c.token, c.vectors.shape[0]) \
+        if c.vectors.shape[0] > 1 and f"{c.token}_1" not in prompt else prompt
+  length = len(tokenizer(prompt).input_ids)
+  if length > tokenizer.model_max_length:
+    warnings.append(f"prompt {prompt[:40]!r}... is {length} tokens; truncated to "
+                    f"{tokenizer.model_max_length} (the text encoder's limit)")
+  return prompt, warnings
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
+
+
+def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None = None,
+        embedding_sources: Sequence[str] = (), pretrained_model_name_or_path: str = "",
+        negative_prompt: str = "", num_images: int = 4, num_inference_steps: int = 50,
+        guidance_scale: float = 7.5, scheduler: str = "ddim", seed: int = 0,
+        height: int = 0, width: int = 0, output_dir: str = "", dtype: str = "auto",
+        batch_size: int = 1, allow_base_model_mismatch: bool = False,
+        cache_dir: str = "", devices: Sequence | None = None) -> list[str]:
+  """Generates `num_images` per prompt; returns the written PNG paths."""
+  if not prompts:
+    raise SampleError("no prompt: pass --prompt (repeatable) or --prompts_file")
+  if num_images < 1 or batch_size < 1 or num_inference_steps < 1:
+    raise SampleError("num_images, batch_size and num_inference_steps must be >= 1")
+  try:
+    schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
+  except ValueError as e:
+    raise SampleError(str(e)) from None
+  concepts = gather_concepts(workdir, step, embedding_sources)
+  model_id, default_cache = resolve_base_model(pretrained_model_name_or_path, workdir, concepts)
+  run_config = {}
+  if workdir:
+    _, meta = checkpointing.learned_from_workdir(workdir, step)
+    run_config = meta.get("config", {})
+  devices = list(devices) if devices is not None else parallel.local_devices()
+  if dtype == "auto":
+    dtype = "float32" if devices[0].platform == "cpu" else "bfloat16"
+  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  sd = load_stable_diffusion(model_id, dtype=jdtype, param_dtype=jdtype, vae_dtype=jnp.float32,
+                             cache_dir=cache_dir or run_config.get("cache_dir", default_cache))
+  check_concepts_fit(concepts, model_id, sd.text_encoder.config.hidden_size,
+                     allow_base_model_mismatch)
+  learned = add_concepts(sd.tokenizer, concepts)
+  factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+  native = run_config.get("resolution") or sd.unet.config.sample_size * factor
+  height, width = height or native, width or native
+  try:
+    generator = sampling.ImageGenerator(
+        sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, height=height, width=width, devices=devices)
+  except ValueError as e:
+    raise SampleError(str(e)) from None
+  out_dir = output_dir or (os.path.join(workdir, "samples") if workdir else "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  chunk = batch_size * len(devices)
+  written = []
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm(total=len(prompts) * num_images, desc="sample", unit="img", file=sys.stderr)
+  for p_index, raw_prompt in enumerate(prompts):
+    prompt, warnings = prepare_prompt(raw_prompt, concepts, sd.tokenizer)
+    for w in warnings:
+      _log(f"warning: {w}")
+    images = []
+    for start in range(0, num_images, chunk):
+      count = min(chunk, num_images - start)
+      batch = generator.generate([prompt] * chunk, seed=seed, negative_prompt=negative_prompt,
+                                 learned=learned, first_index=start)[:count]
+      images.append(batch)
+      bar.update(count)
+    images = np.concatenate(images)
+    stem = f"{p_index:03d}_{_slug(raw_prompt)}"
+    for i, image in enumerate(images):
+      path = os.path.join(out_dir, f"{stem}_seed{seed}_{i:03d}.png")
+      sampling.save_png(path, image, {
+          "prompt": raw_prompt, "negative_prompt": negative_prompt, "seed": str(seed),
+          "image_index": str(i), "steps": str(num_inference_steps), "scheduler": scheduler,
+          "guidance_scale": str(guidance_scale), "model": model_id,
+          "learned_tokens": ",".join(c.token for c in concepts)})
+      written.append(path)
+    sampling.save_png(os.path.join(out_dir, f"{stem}_grid.png"), sampling.image_grid(images),
+                      {"prompt": raw_prompt, "seed": str(seed)})
+  bar.close()
+  _log(f"wrote {len(written)} image(s) and {len(prompts)} grid(s) to {out_dir}")
+  return written
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  prompts = list(f.prompt or [])
+  if f.prompts_file:
+    try:
+      with open(f.prompts_file) as fh:
+        prompts += [line.strip() for line in fh if line.strip()]
+    except OSError as e:
+      raise SystemExit(f"error: cannot read --prompts_file: {e}") from None
+  try:
+    run(prompts=prompts, workdir=f.workdir, step=f.step, embedding_sources=f.embeddings or [],
+        pretrained_model_name_or_path=f.pretrained_model_name_or_path,
+        negative_prompt=f.negative_prompt, num_images=f.num_images,
+        num_inference_steps=f.num_inference_steps, guidance_scale=f.guidance_scale,
+        scheduler=f.scheduler, seed=f.seed, height=f.height, width=f.width,
+        output_dir=f.output_dir, dtype=f.dtype, batch_size=f.batch_size,
+        allow_base_model_mismatch=f.allow_base_model_mismatch, cache_dir=f.cache_dir)
+  except USER_ERRORS as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("workdir", None, "Training run to sample from (its newest checkpoint).")
+  flags.DEFINE_integer("step", None, "Use the checkpoint of this step instead of the newest.")
+  flags.DEFINE_multi_string("embeddings", [], "More concepts: run directories or embedding "
+                            "files (diffusers, A1111 .pt/.safetensors, kohya), as PATH or "
+                            "PATH:TOKEN to choose the token. Repeatable.")
+  flags.DEFINE_multi_string("prompt", [], "Prompt using the learned tokens. Repeatable.")
+  flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
+  flags.DEFINE_string("negative_prompt", "", "Prompt for classifier-free guidance's "
+                      "unconditional half (what to steer away from).")
+  flags.DEFINE_integer("num_images", 4, "Images per prompt.")
+  flags.DEFINE_integer("num_inference_steps", 50, "Denoising steps.")
+  flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale (1 = off).")
+  flags.DEFINE_string("scheduler", "ddim", "Sampler: ddim, pndm, euler or dpm++2m.")
+  flags.DEFINE_integer("seed", 0, "Image i of every prompt starts from noise (seed, i).")
+  flags.DEFINE_integer("height", 0, "Image height (0: the run's resolution or the model's).")
+  flags.DEFINE_integer("width", 0, "Image width (0: the run's resolution or the model's).")
+  flags.DEFINE_string("output_dir", "", "Where PNGs go (default: WORKDIR/samples or ./samples).")
+  flags.DEFINE_string("pretrained_model_name_or_path", "", "Base model to use instead of the "
+                      "one recorded in the checkpoint.")
+  flags.DEFINE_bool("allow_base_model_mismatch", False, "Use embeddings trained on another "
+                    "base model of the same width.")
+  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "UNet/text encoder "
+                    "dtype (auto: float32 on CPU, bfloat16 on GPU/TPU). The VAE runs in float32.")
+  flags.DEFINE_integer("batch_size", 1, "Images per device per compiled call.")
+  flags.DEFINE_string("cache_dir", "", "Where tiny test models live (default: the run's).")
+  from ti_jax.cli import flags_parser  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=flags_parser)
