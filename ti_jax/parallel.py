@@ -1,9 +1,10 @@
 """Every `jax.pmap` idiom of ti_jax lives here, so the step can move to a `Mesh` later.
 
-Data parallelism over one axis named `AXIS`: frozen params and the train state
-are replicated (leading device axis), per-step inputs are sharded
-`[devices, per_device_batch, ...]`, and gradients are averaged with
-`lax.pmean` inside the step.
+Data parallelism over one axis named `AXIS` that spans the devices of every
+process: frozen params and the train state are replicated (a leading device
+axis), each process feeds its own devices' slice of the global batch
+`[local_devices, per_device_batch, ...]`, and gradients are averaged with
+`lax.pmean` inside the step. With one process this is plain single-host pmap.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ def local_devices(num_devices: int | None = None) -> list:
   return devices
 
 
+def all_devices() -> list:
+  """Every device of every process: what a multi-host step spans."""
+  return jax.devices()
+
+
+def addressable(devices: Sequence) -> list:
+  """The devices in `devices` that this process drives."""
+  me = jax.process_index()
+  return [d for d in devices if d.process_index == me]
+
+
 def _stacked_sharding(devices: Sequence) -> jax.sharding.NamedSharding:
   """Sharding of arrays whose leading axis has one entry per device (pmap's layout)."""
   mesh = jax.sharding.Mesh(np.asarray(list(devices)), (AXIS,))
@@ -33,18 +45,27 @@ def _stacked_sharding(devices: Sequence) -> jax.sharding.NamedSharding:
 
 
 def replicate(tree: Any, devices: Sequence) -> Any:
-  """Copies every leaf to every device: leaves get a leading `[len(devices)]` axis."""
+  """Copies every leaf to every device: leaves get a leading `[len(devices)]` axis.
+
+  Each process places the copies on its own devices, so this works unchanged
+  when `devices` spans several hosts.
+  """
   sharding = _stacked_sharding(devices)
   n = len(devices)
-  # broadcast_to is a view: each device receives the host array, no n-fold copy.
-  return jax.tree_util.tree_map(
-      lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)),
-                               sharding), tree)
+
+  def put(x):
+    host = np.asarray(x)[None]  # [1, ...]: one device's copy, no n-fold host array
+    return jax.make_array_from_callback((n,) + host.shape[1:], sharding, lambda _: host)
+  return jax.tree_util.tree_map(put, tree)
 
 
 def unreplicate(tree: Any) -> Any:
-  """The first device's copy of a replicated tree, fetched to the host."""
-  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+  """This process's first copy of a replicated tree, fetched to the host."""
+  def first(x):
+    if isinstance(x, jax.Array):
+      return np.asarray(x.addressable_shards[0].data)[0]
+    return np.asarray(x)[0]
+  return jax.tree_util.tree_map(first, tree)
 
 
 def shard(tree: Any, num_devices: int) -> Any:
@@ -58,9 +79,34 @@ def shard(tree: Any, num_devices: int) -> Any:
 
 
 def unshard(x: Any) -> np.ndarray:
-  """Inverse of `shard` for one array: `[D, b, ...] -> [D * b, ...]` on the host."""
+  """This process's part of a pmapped output, `[D_local, b, ...] -> [D_local * b, ...]`."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = np.concatenate([np.asarray(s.data) for s in
+                        sorted(x.addressable_shards, key=lambda s: s.index[0].start)])
   x = np.asarray(jax.device_get(x))
   return x.reshape((-1,) + x.shape[2:])
+
+
+def allgather(x: np.ndarray) -> np.ndarray:
+  """Concatenates every process's `x` along axis 0 (identity with one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def any_process(flag: bool) -> bool:
+  """True if `flag` is set on any process (all processes must call it at the same point)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(allgather(np.asarray([int(flag)], np.int32)).any())
+
+
+def sync(name: str) -> None:
+  """Barrier across processes (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 def pmean(x: Any) -> Any:
@@ -75,6 +121,8 @@ def device_index() -> jax.Array:
 
 def pmapped(fn: Callable, devices: Sequence, *, donate_argnums: tuple[int, ...] = (),
             static_broadcasted_argnums: tuple[int, ...] = ()) -> Callable:
-  """`jax.pmap` over `devices` along `AXIS`; all arguments carry a leading device axis."""
-  return jax.pmap(fn, axis_name=AXIS, devices=list(devices), donate_argnums=donate_argnums,
+  """`jax.pmap` over `devices` (all processes' devices when multi-host) along `AXIS`."""
+  devices = list(devices)
+  return jax.pmap(fn, axis_name=AXIS, devices=devices if jax.process_count() == 1 else None,
+                  donate_argnums=donate_argnums,
                   static_broadcasted_argnums=static_broadcasted_argnums)

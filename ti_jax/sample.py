@@ -39,6 +39,8 @@ USER_ERRORS = (SampleError, ModelLoadError, embedding_io.EmbeddingFileError,
 
 
 def _log(msg: str) -> None:
+  if jax.process_index() != 0:
+    return
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   tqdm.write(msg, file=sys.stderr)  # keeps an active progress bar intact
 
@@ -151,7 +153,8 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   if workdir:
     _, meta = checkpointing.learned_from_workdir(workdir, step)
     run_config = meta.get("config", {})
-  devices = list(devices) if devices is not None else parallel.local_devices()
+  devices = list(devices) if devices is not None else parallel.all_devices()
+  is_main = jax.process_index() == 0
   if dtype == "auto":
     dtype = "float32" if devices[0].platform == "cpu" else "bfloat16"
   jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
@@ -170,11 +173,13 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   except ValueError as e:
     raise SampleError(str(e)) from None
   out_dir = output_dir or (os.path.join(workdir, "samples") if workdir else "samples")
-  os.makedirs(out_dir, exist_ok=True)
+  if is_main:
+    os.makedirs(out_dir, exist_ok=True)
   chunk = batch_size * len(devices)
   written = []
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  bar = tqdm(total=len(prompts) * num_images, desc="sample", unit="img", file=sys.stderr)
+  bar = tqdm(total=len(prompts) * num_images, desc="sample", unit="img", file=sys.stderr,
+             disable=not is_main)
   for p_index, raw_prompt in enumerate(prompts):
     prompt, warnings = prepare_prompt(raw_prompt, concepts, sd.tokenizer)
     for w in warnings:
@@ -187,6 +192,8 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
       images.append(batch)
       bar.update(count)
     images = np.concatenate(images)
+    if not is_main:  # every process generates; process 0 writes
+      continue
     stem = f"{p_index:03d}_{_slug(raw_prompt)}"
     for i, image in enumerate(images):
       path = os.path.join(out_dir, f"{stem}_seed{seed}_{i:03d}.png")
@@ -210,6 +217,8 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  from ti_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
   prompts = list(f.prompt or [])
   if f.prompts_file:
     try:
@@ -256,5 +265,7 @@ if __name__ == "__main__":
                     "dtype (auto: float32 on CPU, bfloat16 on GPU/TPU). The VAE runs in float32.")
   flags.DEFINE_integer("batch_size", 1, "Images per device per compiled call.")
   flags.DEFINE_string("cache_dir", "", "Where tiny test models live (default: the run's).")
+  from ti_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.define_flags()
   from ti_jax.cli import flags_parser  # pylint: disable=import-outside-toplevel
   app.run(main, flags_parser=flags_parser)

@@ -94,7 +94,7 @@ class ImageGenerator:
       raise ValueError(f"height and width must be multiples of {factor * unet_factor}, "
                        f"got {height}x{width}")
     self.sd = sd
-    self.devices = list(devices) if devices is not None else parallel.local_devices()
+    self.devices = list(devices) if devices is not None else parallel.all_devices()
     self.sampler = schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
     self.settings = _GenSettings(
         unet=sd.unet, text_encoder=sd.text_encoder, vae=sd.vae,
@@ -142,9 +142,14 @@ class ImageGenerator:
                                 "sampler": self.sampler}, self.devices)
     arrays = _GenArrays(unet=self._params["unet"], text_encoder=self._params["text_encoder"],
                         vae=self._params["vae"], **extra)
-    seeds = np.full((d,), seed, np.uint32)
-    images = self._fn(arrays, *parallel.shard((cond, uncond, index), d), seeds)
-    images = parallel.unshard(images)[:n]
+    # Each process feeds its own devices' rows (all rows with one process).
+    local = len(parallel.addressable(self.devices))
+    rows = slice(jax.process_index() * local * (padded // d),
+                 (jax.process_index() + 1) * local * (padded // d))
+    seeds = np.full((local,), seed, np.uint32)
+    images = self._fn(arrays, *parallel.shard((cond[rows], uncond[rows], index[rows]), local),
+                      seeds)
+    images = parallel.allgather(parallel.unshard(images))[:n]
     return np.round(images * 255.0).astype(np.uint8)
 
 

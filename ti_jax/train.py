@@ -79,6 +79,8 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def _log(msg: str) -> None:
+  if jax.process_index() != 0:  # one voice for a multi-host run
+    return
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   tqdm.write(msg, file=sys.stderr)  # keeps an active progress bar intact
 
@@ -132,9 +134,15 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   validate_config(config)
   enable_compilation_cache(config.compilation_cache_dir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  devices = list(devices) if devices is not None else parallel.local_devices()
-  num_devices = len(devices)
-  resuming = checkpointing.check_or_write_identity(workdir, _identity(config))
+  devices = list(devices) if devices is not None else parallel.all_devices()
+  num_devices = len(devices)  # over all processes
+  local_count = len(parallel.addressable(devices))
+  is_main = jax.process_index() == 0
+  # Process 0 writes run.json; the others check it once it exists.
+  resuming = checkpointing.check_or_write_identity(workdir, _identity(config)) if is_main else None
+  parallel.sync("ti_jax:run.json")
+  if not is_main:
+    resuming = checkpointing.check_or_write_identity(workdir, _identity(config))
 
   images = data.load_training_images(config.train_data_dir, config.resolution, config.center_crop)
   for warning in images.warnings:
@@ -233,22 +241,22 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
 
   def batch_for(step: int) -> dict:
     # This process's share of the global batch (all of it on one host).
-    offset = jax.process_index() * config.train_batch_size * num_devices
-    example_index = offset + np.arange(config.train_batch_size * num_devices)
+    offset = jax.process_index() * config.train_batch_size * local_count
+    example_index = offset + np.arange(config.train_batch_size * local_count)
     view_index, template_index = data.example_choices(
         config.seed, step, example_index, global_batch_size=global_batch,
         num_images=images.num_images, flip_p=config.flip_p, num_templates=len(templates))
     batch = {"input_ids": template_ids[template_index], "view_index": view_index,
              "example_index": example_index.astype(np.int32)}
-    return parallel.shard(batch, num_devices)
+    return parallel.shard(batch, local_count)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  bar = _progress_bar(start, config.max_train_steps, progress)
+  bar = _progress_bar(start, config.max_train_steps, progress and is_main)
   flag = _StopFlag()
   interrupted = False
   step = start
   last_log_time, last_log_step = time.perf_counter(), start
-  with _stop_on_signals(flag), open(metrics_path, "a") as metrics_file:
+  with _stop_on_signals(flag), open(metrics_path if is_main else os.devnull, "a") as metrics_file:
     next_batch = batch_for(step) if step < config.max_train_steps else None
     while step < config.max_train_steps:
       state, metrics = step_fn(state, frozen, next_batch)
@@ -259,7 +267,9 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
         last_log_time, last_log_step = time.perf_counter(), step
       # Build the next batch while the device computes this one.
       next_batch = batch_for(step) if step < config.max_train_steps else None
-      if step % config.log_every_steps == 0 or step == config.max_train_steps or flag.signal:
+      # Every process stops at the same step when any of them was signalled.
+      stop = parallel.any_process(flag.signal is not None)
+      if step % config.log_every_steps == 0 or step == config.max_train_steps or stop:
         m = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         step_time = (now - last_log_time) / max(step - last_log_step, 1)
@@ -277,7 +287,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       if validator and step % config.validation_steps == 0:
         validator(step, parallel.unreplicate(state).params["embeds"])
         last_log_time, last_log_step = time.perf_counter(), step
-      if flag.signal:
+      if stop:
         interrupted = True
         break
     bar.close()
@@ -288,7 +298,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   if interrupted:
     _log(f"stopped at step {step}; checkpoint saved in {ckpts.directory}. "
          "Re-run the same command to resume.")
-  else:
+  elif is_main:
     out = os.path.join(workdir, "learned_embeds.safetensors")
     checkpointing.write_learned_embeds(out, tokens, final, config.placeholder_token)
     _log(f"done: step {step}; learned embedding in {out}")
@@ -325,8 +335,11 @@ def _make_validator(config, sd, token_ids, devices, workdir):
       width=config.resolution, devices=devices)
 
   def validate(step, learned):
+    # Every process takes part in generating; process 0 writes the files.
     images = generator.generate([prompt] * config.num_validation_images, seed=config.seed,
                                 learned=[(np.asarray(learned), token_ids)])
+    if jax.process_index() != 0:
+      return
     os.makedirs(out_dir, exist_ok=True)
     for i, image in enumerate(images):
       sampling.save_png(os.path.join(out_dir, f"step{step:06d}_{i}.png"), image,
@@ -348,7 +361,9 @@ def main(argv: Sequence[str]) -> None:
   if not f["verbosity"].present:  # Orbax and JAX log every save at INFO; keep the bar readable
     logging.set_verbosity(logging.WARNING)
   from ti_jax.cli import config_or_exit  # pylint: disable=import-outside-toplevel
+  from ti_jax import distributed  # pylint: disable=import-outside-toplevel
   config = config_or_exit(f)
+  distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
   try:
     result = run(config, f.workdir)
   except USER_ERRORS as e:
@@ -367,5 +382,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, validation images "
                       "and the final learned_embeds.safetensors. Re-use it to resume.")
   flags.mark_flags_as_required(["config", "workdir"])
+  from ti_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.define_flags()
   from ti_jax.cli import flags_parser  # pylint: disable=import-outside-toplevel
   app.run(main, flags_parser=flags_parser)
