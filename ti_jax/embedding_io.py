@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ti_jax import safetensors_io
+from ti_jax import fileio, safetensors_io
 
 FORMATS = ("diffusers", "a1111", "a1111-pt", "kohya")
 # The token id CLIP's tokenizer gives "*", which A1111 writes as string_to_token.
@@ -146,9 +146,9 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
   """
   from ti_jax import checkpointing  # pylint: disable=import-outside-toplevel
   path, token = spec, None
-  if ":" in spec and not os.path.exists(spec):
+  if ":" in spec and not fileio.exists(spec) and not spec.rsplit(":", 1)[1].startswith("//"):
     path, token = spec.rsplit(":", 1)
-  if os.path.isdir(path):
+  if fileio.is_dir(path):
     vectors, meta = checkpointing.learned_from_workdir(path, step)
     concepts = [Concept(meta["placeholder_token"], vectors, path,
                         base_model=meta.get("pretrained_model_name_or_path"))]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax import checkpointing, embedding_io, embeddings, parallel, sampling, schedulers
+from ti_jax import checkpointing, embedding_io, embeddings, fileio, parallel, sampling, schedulers
 from ti_jax.loading import ModelLoadError, load_stable_diffusion
 
 
@@ -55,7 +55,7 @@ def gather_concepts(workdir: str | None, step: int | None,
   """Concepts of the run in `workdir` (if any) and of each `PATH[:TOKEN]` in `sources`."""
   concepts = []
   if workdir:
-    if not os.path.isdir(workdir):
+    if not fileio.is_dir(workdir):
       raise SampleError(f"run directory {workdir} does not exist")
     concepts += embedding_io.load_concepts(workdir, step)
   for spec in sources:
@@ -172,9 +172,9 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         guidance_scale=guidance_scale, height=height, width=width, devices=devices)
   except ValueError as e:
     raise SampleError(str(e)) from None
-  out_dir = output_dir or (os.path.join(workdir, "samples") if workdir else "samples")
+  out_dir = output_dir or (fileio.join(workdir, "samples") if workdir else "samples")
   if is_main:
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
   chunk = batch_size * len(devices)
   written = []
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
@@ -196,14 +196,14 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
       continue
     stem = f"{p_index:03d}_{_slug(raw_prompt)}"
     for i, image in enumerate(images):
-      path = os.path.join(out_dir, f"{stem}_seed{seed}_{i:03d}.png")
+      path = fileio.join(out_dir, f"{stem}_seed{seed}_{i:03d}.png")
       sampling.save_png(path, image, {
           "prompt": raw_prompt, "negative_prompt": negative_prompt, "seed": str(seed),
           "image_index": str(i), "steps": str(num_inference_steps), "scheduler": scheduler,
           "guidance_scale": str(guidance_scale), "model": model_id,
           "learned_tokens": ",".join(c.token for c in concepts)})
       written.append(path)
-    sampling.save_png(os.path.join(out_dir, f"{stem}_grid.png"), sampling.image_grid(images),
+    sampling.save_png(fileio.join(out_dir, f"{stem}_grid.png"), sampling.image_grid(images),
                       {"prompt": raw_prompt, "seed": str(seed)})
   bar.close()
   _log(f"wrote {len(written)} image(s) and {len(prompts)} grid(s) to {out_dir}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 from typing import Any, Sequence
 
 import flax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from ti_jax import parallel, schedulers
+from ti_jax import fileio, parallel, schedulers
 from ti_jax.embeddings import embed_tokens
 
 
@@ -158,7 +159,9 @@ def save_png(path: str, image: np.ndarray, text: dict[str, str] | None = None) -
   info = PngImagePlugin.PngInfo()
   for k, v in (text or {}).items():
     info.add_text(k, str(v))
-  Image.fromarray(image).save(path, pnginfo=info)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+  fileio.write_bytes(path, buffer.getvalue())  # local or gs://
 
 
 def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax import checkpointing, data, embeddings, parallel, schedulers, train_lib
+from ti_jax import checkpointing, data, embeddings, fileio, parallel, schedulers, train_lib
 from ti_jax.loading import ModelLoadError, load_stable_diffusion
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -133,7 +133,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   """
   validate_config(config)
   enable_compilation_cache(config.compilation_cache_dir)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = fileio.resolve(workdir)  # a local folder or gs://...
   devices = list(devices) if devices is not None else parallel.all_devices()
   num_devices = len(devices)  # over all processes
   local_count = len(parallel.addressable(devices))
@@ -250,13 +250,13 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
              "example_index": example_index.astype(np.int32)}
     return parallel.shard(batch, local_count)
 
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  metrics_log = fileio.LineLog(fileio.join(workdir, "metrics.jsonl"), enabled=is_main)
   bar = _progress_bar(start, config.max_train_steps, progress and is_main)
   flag = _StopFlag()
   interrupted = False
   step = start
   last_log_time, last_log_step = time.perf_counter(), start
-  with _stop_on_signals(flag), open(metrics_path if is_main else os.devnull, "a") as metrics_file:
+  with _stop_on_signals(flag):
     next_batch = batch_for(step) if step < config.max_train_steps else None
     while step < config.max_train_steps:
       state, metrics = step_fn(state, frozen, next_batch)
@@ -276,8 +276,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
         last_log_time, last_log_step = now, step
         record = {"step": step, **m, "step_time_s": step_time,
                   "images_per_sec": global_batch / step_time, "time": time.time()}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        metrics_log.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
                         step_s=f"{step_time:.3f}", img_s=f"{global_batch / step_time:.1f}")
       bar.update(1)
@@ -291,6 +290,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
         interrupted = True
         break
     bar.close()
+  metrics_log.close()
   save(step)
   ckpts.wait()
   ckpts.close()
@@ -299,7 +299,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     _log(f"stopped at step {step}; checkpoint saved in {ckpts.directory}. "
          "Re-run the same command to resume.")
   elif is_main:
-    out = os.path.join(workdir, "learned_embeds.safetensors")
+    out = fileio.join(workdir, "learned_embeds.safetensors")
     checkpointing.write_learned_embeds(out, tokens, final, config.placeholder_token)
     _log(f"done: step {step}; learned embedding in {out}")
   return {"step": step, "embeds": final, "interrupted": interrupted}
@@ -328,7 +328,7 @@ def _make_validator(config, sd, token_ids, devices, workdir):
   from ti_jax import sampling  # pylint: disable=import-outside-toplevel
   prompt = config.validation_prompt.replace("{}", config.placeholder_token)
   prompt = embeddings.expand_placeholder(prompt, config.placeholder_token, config.num_vectors)
-  out_dir = os.path.join(workdir, "validation")
+  out_dir = fileio.join(workdir, "validation")
   generator = sampling.ImageGenerator(
       sd, scheduler=config.validation_scheduler, num_inference_steps=config.validation_inference_steps,
       guidance_scale=config.validation_guidance_scale, height=config.resolution,
@@ -340,9 +340,9 @@ def _make_validator(config, sd, token_ids, devices, workdir):
                                 learned=[(np.asarray(learned), token_ids)])
     if jax.process_index() != 0:
       return
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     for i, image in enumerate(images):
-      sampling.save_png(os.path.join(out_dir, f"step{step:06d}_{i}.png"), image,
+      sampling.save_png(fileio.join(out_dir, f"step{step:06d}_{i}.png"), image,
                         {"prompt": prompt, "step": str(step), "seed": str(config.seed)})
   return validate
 

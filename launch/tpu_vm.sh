@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Runs ti_jax training on a Cloud TPU VM or pod slice: create, install, train,
+# fetch results, delete. Every gcloud command is printed; --dry_run only prints.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: launch/tpu_vm.sh [options] STEP...
+
+Steps (run in the order given; "all" = create install train fetch delete):
+  create    gcloud compute tpus tpu-vm create (add --spot for spot capacity)
+  install   copy this repository to every worker and pip install ti_jax[tpu]
+  train     start python -m ti_jax.train on all workers with the same config
+  fetch     copy the run directory back (from worker 0, or gsutil for gs://)
+  delete    delete the TPU VM
+
+Options:
+  --name NAME            TPU VM name (default: ti-jax)
+  --zone ZONE            zone (default: us-west4-a)
+  --accelerator TYPE     e.g. v5litepod-8 (one host), v4-32 (four hosts) (default: v5litepod-8)
+  --version VERSION      TPU software version (default: v2-alpha-tpuv5-lite for v5e, else tpu-ubuntu2204-base)
+  --project PROJECT      GCP project (default: gcloud's configured project)
+  --spot                 request spot (preemptible) capacity; re-run "train" after a
+                         preemption and the run resumes from its last checkpoint
+  --config FILE[:VARIANT]  ti_jax config (default: configs/style.py)
+  --workdir DIR          run directory; must be gs://... for multi-host slices
+  --data DIR             training images on the VM, or gs://... (copied to every worker)
+  --out DIR              local folder for "fetch" (default: ./runs/NAME)
+  --set KEY=VALUE        extra --config.KEY=VALUE override (repeatable)
+  --dry_run              print the commands without running them
+  -h, --help             this help
+USAGE
+}
+
+name="ti-jax"; zone="us-west4-a"; accelerator="v5litepod-8"; version=""; project=""
+spot=0; config="configs/style.py"; workdir=""; data=""; out=""; dry_run=0
+overrides=(); steps=()
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) name="$2"; shift 2 ;;
+    --zone) zone="$2"; shift 2 ;;
+    --accelerator) accelerator="$2"; shift 2 ;;
+    --version) version="$2"; shift 2 ;;
+    --project) project="$2"; shift 2 ;;
+    --spot) spot=1; shift ;;
+    --config) config="$2"; shift 2 ;;
+    --workdir) workdir="$2"; shift 2 ;;
+    --data) data="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --set) overrides+=("--config.$2"); shift 2 ;;
+    --dry_run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    create|install|train|fetch|delete) steps+=("$1"); shift ;;
+    all) steps+=(create install train fetch delete); shift ;;
+    *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ ${#steps[@]} -gt 0 ]] || { echo "error: no step given (see --help)" >&2; exit 2; }
+
+# Hosts in a slice: v4/v5p/v2/v3 names count TensorCores (2 per chip, 4 chips
+# per host); v5e/v6e name chips, 8 on a one-host slice, else 4 per host.
+hosts_of() {
+  local kind="${1%-*}" count="${1##*-}"
+  [[ "$count" =~ ^[0-9]+$ ]] || { echo "error: cannot read accelerator type '$1'" >&2; exit 2; }
+  case "$kind" in
+    v5litepod|v5e|v6e) if (( count <= 8 )); then echo 1; else echo $(( count / 4 )); fi ;;
+    *) if (( count <= 8 )); then echo 1; else echo $(( count / 8 )); fi ;;
+  esac
+}
+hosts=$(hosts_of "$accelerator")
+if [[ -z "$version" ]]; then
+  case "$accelerator" in
+    v5litepod-*|v5e-*) version="v2-alpha-tpuv5-lite" ;;
+    v6e-*) version="v2-alpha-tpuv6e" ;;
+    *) version="tpu-ubuntu2204-base" ;;
+  esac
+fi
+[[ -n "$workdir" ]] || workdir="runs/$name"
+[[ -n "$out" ]] || out="./runs/$name"
+if (( hosts > 1 )) && [[ "$workdir" != gs://* ]]; then
+  echo "error: $accelerator has $hosts hosts; --workdir must be a gs:// path all of them share" >&2
+  exit 2
+fi
+
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+common=(--zone "$zone")
+[[ -n "$project" ]] && common+=(--project "$project")
+
+# Prints a command as a shell would need it typed (quotes only where needed).
+show() {
+  local out="+" a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then out+=" $a"; else out+=" '${a//\'/\'\\\'\'}'"; fi
+  done
+  echo "$out"
+}
+
+run() {
+  show "$@"
+  if (( ! dry_run )); then "$@"; fi
+}
+
+remote_train_cmd() {
+  local cmd="cd ~/ti_jax && python3 -m ti_jax.train --config $config --workdir $workdir"
+  [[ -n "$data" ]] && cmd+=" --config.train_data_dir=$data"
+  local o
+  for o in "${overrides[@]+"${overrides[@]}"}"; do cmd+=" $o"; done
+  echo "$cmd"
+}
+
+echo "# $accelerator: $hosts host(s); workdir $workdir" >&2
+for step in "${steps[@]}"; do
+  case "$step" in
+    create)
+      args=("$name" "${common[@]}" --accelerator-type "$accelerator" --version "$version")
+      (( spot )) && args+=(--spot)
+      run "${gcloud_tpu[@]}" create "${args[@]}" ;;
+    install)
+      run "${gcloud_tpu[@]}" scp --recurse --worker=all "${common[@]}" \
+        "$(cd "$(dirname "$0")/.." && pwd)" "$name:~/ti_jax"
+      run "${gcloud_tpu[@]}" ssh "$name" --worker=all "${common[@]}" \
+        --command "cd ~/ti_jax && python3 -m pip install -q -e '.[tpu]'"
+      if [[ "$data" == gs://* ]]; then
+        :  # read directly from GCS by every worker
+      elif [[ -n "$data" && -d "$data" ]]; then
+        run "${gcloud_tpu[@]}" scp --recurse --worker=all "${common[@]}" "$data" "$name:~/ti_jax/data"
+        data="data"
+      fi ;;
+    train)
+      # The same command on every worker; JAX finds the other hosts itself.
+      run "${gcloud_tpu[@]}" ssh "$name" --worker=all "${common[@]}" \
+        --command "$(remote_train_cmd)" ;;
+    fetch)
+      if [[ "$workdir" == gs://* ]]; then
+        run gsutil -m cp -r "$workdir" "$out"
+      else
+        run "${gcloud_tpu[@]}" scp --recurse --worker=0 "${common[@]}" "$name:~/ti_jax/$workdir" "$out"
+      fi ;;
+    delete)
+      run "${gcloud_tpu[@]}" delete "$name" "${common[@]}" --quiet ;;
+  esac
+done
