@@ -32,19 +32,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-# Prints a command as a shell would need it typed (quotes only where needed).
-show() {
-  local out="+" a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then out+=" $a"; else out+=" '${a//\'/\'\\\'\'}'"; fi
-  done
-  echo "$out"
-}
-
-run() {
-  show "$@"
-  if (( ! dry_run )); then "$@"; fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 cd "$(dirname "$0")/.."
 (( install )) && run python3 -m pip install -q -e '.[cuda]'

@@ -37,14 +37,8 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$workdir" ]] || { echo "error: --workdir is required (a path every node sees)" >&2; exit 2; }
 
-# Prints a command as a shell would need it typed (quotes only where needed).
-show() {
-  local out="+" a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then out+=" $a"; else out+=" '${a//\'/\'\\\'\'}'"; fi
-  done
-  echo "$out"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 if (( dry_run )); then
   first_node="node-0"

@@ -87,19 +87,8 @@ gcloud_tpu=(gcloud compute tpus tpu-vm)
 common=(--zone "$zone")
 [[ -n "$project" ]] && common+=(--project "$project")
 
-# Prints a command as a shell would need it typed (quotes only where needed).
-show() {
-  local out="+" a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then out+=" $a"; else out+=" '${a//\'/\'\\\'\'}'"; fi
-  done
-  echo "$out"
-}
-
-run() {
-  show "$@"
-  if (( ! dry_run )); then "$@"; fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 remote_train_cmd() {
   local cmd="cd ~/ti_jax && python3 -m ti_jax.train --config $config --workdir $workdir"

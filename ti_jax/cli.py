@@ -6,6 +6,7 @@ import sys
 from typing import Sequence
 
 
+
 def flags_parser(argv: Sequence[str]) -> list[str]:
   """Parses absl flags; a bad flag or config override prints one `error:` line and exits 2.
 
@@ -43,3 +44,17 @@ def config_or_exit(flag_values, name: str = "config"):
     sys.stderr.write(f"error: cannot load --{name} file: {detail}\n")
     sys.exit(2)
   return config
+
+
+def start(argv: Sequence[str]):
+  """Common start of an entry point's main(): no stray arguments, quiet library logs.
+
+  Returns absl's FLAGS.
+  """
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  if not f["verbosity"].present:  # Orbax and JAX log every save at INFO; keep the output readable
+    logging.set_verbosity(logging.WARNING)
+  return f

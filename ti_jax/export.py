@@ -34,12 +34,8 @@ def export(workdir: str, fmt: str, output: str = "", step: int | None = None) ->
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags, logging  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")
-  f = flags.FLAGS
-  if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  from ti_jax import cli  # pylint: disable=import-outside-toplevel
+  f = cli.start(argv)
   try:
     path = export(f.workdir, f.format, f.output, f.step)
   except (embedding_io.EmbeddingFileError, checkpointing.WorkdirError) as e:

@@ -211,12 +211,8 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags, logging  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")
-  f = flags.FLAGS
-  if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  from ti_jax import cli  # pylint: disable=import-outside-toplevel
+  f = cli.start(argv)
   from ti_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
   prompts = list(f.prompt or [])

@@ -354,15 +354,10 @@ def _progress_bar(start: int, total: int, enabled: bool):
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags, logging  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")
-  f = flags.FLAGS
-  if not f["verbosity"].present:  # Orbax and JAX log every save at INFO; keep the bar readable
-    logging.set_verbosity(logging.WARNING)
-  from ti_jax.cli import config_or_exit  # pylint: disable=import-outside-toplevel
+  from ti_jax import cli  # pylint: disable=import-outside-toplevel
+  f = cli.start(argv)
   from ti_jax import distributed  # pylint: disable=import-outside-toplevel
-  config = config_or_exit(f)
+  config = cli.config_or_exit(f)
   distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
   try:
     result = run(config, f.workdir)
