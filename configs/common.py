@@ -54,7 +54,9 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.max_train_steps = 5000
   c.learning_rate = 5e-3  # base rate; multiplied by the global batch if scale_lr
   c.scale_lr = True  # lr = learning_rate * train_batch_size * number of devices (paper)
-  c.lr_scheduler = "constant"  # constant, constant_with_warmup, linear, cosine
+  # constant, constant_with_warmup, linear, cosine. The decays span max_train_steps, so
+  # raising max_train_steps to extend a finished run restarts them from the new length.
+  c.lr_scheduler = "constant"
   c.lr_warmup_steps = 0
   c.adam_beta1 = 0.9
   c.adam_beta2 = 0.999

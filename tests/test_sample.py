@@ -66,6 +66,7 @@ def test_sampling_from_a_training_checkpoint_writes_images(runs, tmp_path):
   grid = [f for f in os.listdir(tmp_path / "a") if f.endswith("_grid.png")]
   assert len(grid) == 1
   text = Image.open(paths[0]).text
+  assert "_step3_" in os.path.basename(paths[0]) and text["checkpoint_step"] == "3"
   assert text["prompt"] == "a photo of a <toy>" and text["seed"] == "0"
   assert text["steps"] == "3" and text["scheduler"] == "ddim"
   same = _pixels(_sample(runs, tmp_path, "b", seed=0))
@@ -139,6 +140,7 @@ def test_prompt_warnings_for_missing_token_and_truncation(runs, capsys):
     (dict(workdir=REPO), "not a ti_jax run directory"),
     (dict(prompts=[]), "no prompt"),
     (dict(scheduler="heun"), "heun"),
+    (dict(seed=-1), "seed must be in"),
 ])
 def test_bad_sampling_input_is_one_line(runs, tmp_path, kwargs, needle):
   with pytest.raises(sample.USER_ERRORS) as err:
@@ -217,6 +219,10 @@ def test_export_cli_writes_file(runs, tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "emb_params" in embedding_io.safetensors_io.read_shapes(str(out))
+  into_folder = subprocess.run([sys.executable, "-m", "ti_jax.export", "--workdir", runs["toy"],
+                                "--output", str(tmp_path)], capture_output=True, text=True,
+                               timeout=120)
+  assert into_folder.returncode != 0 and into_folder.stderr.startswith("error: cannot write")
   bad = subprocess.run([sys.executable, "-m", "ti_jax.export", "--workdir", str(tmp_path),
                         "--format", "kohya"], capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr

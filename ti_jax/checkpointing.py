@@ -32,27 +32,37 @@ class WorkdirError(ValueError):
   """The workdir belongs to another run or is unusable; one-line message."""
 
 
-def check_or_write_identity(workdir: str, identity: dict) -> bool:
-  """Writes run.json for a new run, or checks that an existing run learns the same thing.
+def check_identity(workdir: str, identity: dict) -> bool:
+  """Checks that `workdir` is new or holds a run that learns the same thing (writes nothing).
 
-  Returns True if the workdir already held this run (so training resumes).
+  Returns True if the workdir already holds this run (so training resumes).
   """
+  if fileio.exists(workdir) and not fileio.is_dir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a directory")
   path = fileio.join(workdir, "run.json")
-  if fileio.exists(path):
-    try:
-      existing = json.loads(fileio.read_text(path))
-    except (OSError, json.JSONDecodeError) as e:
-      raise WorkdirError(f"cannot read {path}: {e}") from None
-    diffs = [f"{k}: {existing.get(k)!r} there, {identity.get(k)!r} now"
-             for k in IDENTITY_FIELDS if existing.get(k) != identity.get(k)]
-    if diffs:
-      raise WorkdirError(
-          f"workdir {workdir} holds another run ({'; '.join(diffs)}); use a new --workdir "
-          "or restore the original settings to resume")
-    return True
-  fileio.makedirs(workdir)
-  fileio.write_text(path, json.dumps(identity, indent=2, sort_keys=True))
-  return False
+  if not fileio.exists(path):
+    return False
+  try:
+    existing = json.loads(fileio.read_text(path))
+  except (OSError, json.JSONDecodeError) as e:
+    raise WorkdirError(f"cannot read {path}: {e}") from None
+  diffs = [f"{k}: {existing.get(k)!r} there, {identity.get(k)!r} now"
+           for k in IDENTITY_FIELDS if existing.get(k) != identity.get(k)]
+  if diffs:
+    raise WorkdirError(
+        f"workdir {workdir} holds another run ({'; '.join(diffs)}); use a new --workdir "
+        "or restore the original settings to resume")
+  return True
+
+
+def write_identity(workdir: str, identity: dict) -> None:
+  """Writes run.json (once every input has been checked, so a failed start leaves nothing)."""
+  try:
+    fileio.makedirs(workdir)
+    fileio.write_text(fileio.join(workdir, "run.json"),
+                      json.dumps(identity, indent=2, sort_keys=True))
+  except OSError as e:
+    raise WorkdirError(f"cannot write to --workdir {workdir}: {e}") from None
 
 
 def read_identity(workdir: str) -> dict:

@@ -40,6 +40,8 @@ def main(argv: Sequence[str]) -> None:
     path = export(f.workdir, f.format, f.output, f.step)
   except (embedding_io.EmbeddingFileError, checkpointing.WorkdirError) as e:
     raise SystemExit(f"error: {e}") from None
+  except OSError as e:  # e.g. --output names a folder, or a file stands where a folder should
+    raise SystemExit(f"error: cannot write {f.output or 'the export'}: {e.strerror or e}") from None
   print(f"wrote {path}", file=sys.stderr)
 
 

@@ -66,15 +66,22 @@ def write_via_local_file(path: str, writer) -> None:
 class LineLog:
   """An append-only text log (metrics.jsonl): appends locally, rewrites remote objects."""
 
-  def __init__(self, path: str, enabled: bool = True):
+  def __init__(self, path: str, enabled: bool = True, keep=None):
+    """`keep(line) -> bool` filters the lines already in the file (e.g. after a resume)."""
     self.path, self.enabled = path, enabled
     self._lines: list[str] = []
     self._file = None
     if not enabled:
       return
-    if is_remote(path):
-      self._lines = read_text(path).splitlines(keepends=True) if exists(path) else []
-    else:
+    if exists(path):
+      self._lines = read_text(path).splitlines(keepends=True)
+      if keep is not None:
+        kept = [line for line in self._lines if line.strip() and keep(line)]
+        if len(kept) != len(self._lines):
+          self._lines = kept
+          write_text(path, "".join(kept))
+    if not is_remote(path):
+      self._lines = []
       self._file = open(path, "a")  # pylint: disable=consider-using-with
 
   def write(self, line: str) -> None:

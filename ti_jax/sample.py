@@ -137,29 +137,40 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         guidance_scale: float = 7.5, scheduler: str = "ddim", seed: int = 0,
         height: int = 0, width: int = 0, output_dir: str = "", dtype: str = "auto",
         batch_size: int = 1, allow_base_model_mismatch: bool = False,
-        cache_dir: str = "", devices: Sequence | None = None) -> list[str]:
+        cache_dir: str = "", allow_pickle: bool = False,
+        devices: Sequence | None = None) -> list[str]:
   """Generates `num_images` per prompt; returns the written PNG paths."""
   if not prompts:
     raise SampleError("no prompt: pass --prompt (repeatable) or --prompts_file")
   if num_images < 1 or batch_size < 1 or num_inference_steps < 1:
     raise SampleError("num_images, batch_size and num_inference_steps must be >= 1")
+  if not 0 <= seed < 2**32:
+    raise SampleError(f"seed must be in [0, 2**32), got {seed}")
   try:
     schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
   except ValueError as e:
     raise SampleError(str(e)) from None
   concepts = gather_concepts(workdir, step, embedding_sources)
   model_id, default_cache = resolve_base_model(pretrained_model_name_or_path, workdir, concepts)
-  run_config = {}
+  run_config, ckpt_step = {}, None
   if workdir:
     _, meta = checkpointing.learned_from_workdir(workdir, step)
-    run_config = meta.get("config", {})
+    run_config, ckpt_step = meta.get("config", {}), meta.get("step")
+  # The run's weight files (variant, revision) apply only to its own base model.
+  same_files = not pretrained_model_name_or_path or _same_model(
+      pretrained_model_name_or_path, run_config.get("pretrained_model_name_or_path", ""))
   devices = list(devices) if devices is not None else parallel.all_devices()
   is_main = jax.process_index() == 0
   if dtype == "auto":
     dtype = "float32" if devices[0].platform == "cpu" else "bfloat16"
   jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-  sd = load_stable_diffusion(model_id, dtype=jdtype, param_dtype=jdtype, vae_dtype=jnp.float32,
-                             cache_dir=cache_dir or run_config.get("cache_dir", default_cache))
+  sd = load_stable_diffusion(
+      model_id, dtype=jdtype, param_dtype=jdtype, vae_dtype=jnp.float32,
+      variant=(run_config.get("variant") or None) if same_files else None,
+      revision=(run_config.get("revision") or None) if same_files else None,
+      allow_pickle=allow_pickle or bool(run_config.get("allow_pickle")),
+      attention_impl=run_config.get("attention_impl") or None,
+      cache_dir=cache_dir or run_config.get("cache_dir", default_cache))
   check_concepts_fit(concepts, model_id, sd.text_encoder.config.hidden_size,
                      allow_base_model_mismatch)
   learned = add_concepts(sd.tokenizer, concepts)
@@ -194,14 +205,17 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
     images = np.concatenate(images)
     if not is_main:  # every process generates; process 0 writes
       continue
-    stem = f"{p_index:03d}_{_slug(raw_prompt)}"
+    # The checkpoint step is in the name, so sampling another checkpoint adds files.
+    step_part = f"_step{ckpt_step}" if ckpt_step is not None else ""
+    stem = f"{p_index:03d}_{_slug(raw_prompt)}{step_part}"
     for i, image in enumerate(images):
       path = fileio.join(out_dir, f"{stem}_seed{seed}_{i:03d}.png")
       sampling.save_png(path, image, {
           "prompt": raw_prompt, "negative_prompt": negative_prompt, "seed": str(seed),
           "image_index": str(i), "steps": str(num_inference_steps), "scheduler": scheduler,
           "guidance_scale": str(guidance_scale), "model": model_id,
-          "learned_tokens": ",".join(c.token for c in concepts)})
+          "learned_tokens": ",".join(c.token for c in concepts),
+          "checkpoint_step": str(ckpt_step)})
       written.append(path)
     sampling.save_png(fileio.join(out_dir, f"{stem}_grid.png"), sampling.image_grid(images),
                       {"prompt": raw_prompt, "seed": str(seed)})
@@ -229,7 +243,8 @@ def main(argv: Sequence[str]) -> None:
         num_inference_steps=f.num_inference_steps, guidance_scale=f.guidance_scale,
         scheduler=f.scheduler, seed=f.seed, height=f.height, width=f.width,
         output_dir=f.output_dir, dtype=f.dtype, batch_size=f.batch_size,
-        allow_base_model_mismatch=f.allow_base_model_mismatch, cache_dir=f.cache_dir)
+        allow_base_model_mismatch=f.allow_base_model_mismatch, cache_dir=f.cache_dir,
+        allow_pickle=f.allow_pickle)
   except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
 
@@ -260,6 +275,8 @@ if __name__ == "__main__":
   flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "UNet/text encoder "
                     "dtype (auto: float32 on CPU, bfloat16 on GPU/TPU). The VAE runs in float32.")
   flags.DEFINE_integer("batch_size", 1, "Images per device per compiled call.")
+  flags.DEFINE_bool("allow_pickle", False, "Permit the base model's .bin pickles (they can "
+                    "run code) when it has no safetensors.")
   flags.DEFINE_string("cache_dir", "", "Where tiny test models live (default: the run's).")
   from ti_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.define_flags()

@@ -88,7 +88,9 @@ class ImageGenerator:
 
   def __init__(self, sd, *, scheduler: str = "ddim", num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: int = 512, width: int = 512,
-               devices: Sequence | None = None):
+               devices: Sequence | None = None, replicated_params: dict | None = None):
+    """`replicated_params`: already replicated {"unet", "text_encoder"} params to share
+    (e.g. the training step's), instead of placing another copy on every device."""
     factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
     unet_factor = 2 ** (len(sd.unet.config.block_out_channels) - 1)
     if height % (factor * unet_factor) or width % (factor * unet_factor):
@@ -103,9 +105,11 @@ class ImageGenerator:
         latent_shape=(height // factor, width // factor, sd.unet.config.in_channels),
         scaling_factor=float(sd.vae.config.scaling_factor),
         shift_factor=float(sd.vae.config.shift_factor))
-    self._params = parallel.replicate(
-        {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params, "vae": sd.vae_params},
-        self.devices)
+    if replicated_params is None:
+      replicated_params = parallel.replicate(
+          {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params}, self.devices)
+    self._params = dict(replicated_params,
+                        vae=parallel.replicate(sd.vae_params, self.devices))
     self._fn = parallel.pmapped(functools.partial(_generate_shard, settings=self.settings),
                                 self.devices)
 

@@ -29,6 +29,7 @@ from ti_jax import checkpointing, data, embeddings, fileio, parallel, schedulers
 from ti_jax.loading import ModelLoadError, load_stable_diffusion
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ATTENTION_IMPLS = ("", "xla", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,22 @@ def validate_config(c) -> None:
   need(c.checkpointing_steps >= 1, f"config.checkpointing_steps must be >= 1, got {c.checkpointing_steps}")
   need(c.log_every_steps >= 1, f"config.log_every_steps must be >= 1, got {c.log_every_steps}")
   need(c.validation_steps >= 1, f"config.validation_steps must be >= 1, got {c.validation_steps}")
+  need(c.checkpoints_total_limit >= 1,
+       f"config.checkpoints_total_limit must be >= 1 (the newest is always kept), "
+       f"got {c.checkpoints_total_limit}")
+  need(c.seed >= 0, f"config.seed must be >= 0, got {c.seed}")
+  need(c.lr_warmup_steps >= 0, f"config.lr_warmup_steps must be >= 0, got {c.lr_warmup_steps}")
+  need(c.attention_impl in _ATTENTION_IMPLS,
+       f"config.attention_impl must be one of {_ATTENTION_IMPLS}, got {c.attention_impl!r}")
+  if c.validation_prompt:
+    need(c.num_validation_images >= 1,
+         f"config.num_validation_images must be >= 1, got {c.num_validation_images}")
+    need(c.validation_inference_steps >= 1,
+         f"config.validation_inference_steps must be >= 1, got {c.validation_inference_steps}")
+    try:
+      schedulers.make_sampler(c.validation_scheduler, {}, max(c.validation_inference_steps, 2))
+    except ValueError as e:
+      raise ConfigError(f"config.validation_scheduler: {e}") from None
 
 
 def _identity(c) -> dict:
@@ -138,11 +155,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   num_devices = len(devices)  # over all processes
   local_count = len(parallel.addressable(devices))
   is_main = jax.process_index() == 0
-  # Process 0 writes run.json; the others check it once it exists.
-  resuming = checkpointing.check_or_write_identity(workdir, _identity(config)) if is_main else None
-  parallel.sync("ti_jax:run.json")
-  if not is_main:
-    resuming = checkpointing.check_or_write_identity(workdir, _identity(config))
+  resuming = checkpointing.check_identity(workdir, _identity(config))
 
   images = data.load_training_images(config.train_data_dir, config.resolution, config.center_crop)
   for warning in images.warnings:
@@ -193,6 +206,10 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
                                        config.adam_epsilon, config.adam_weight_decay)
   state = train_lib.init_state(init.vectors, optimizer)
 
+  # Every input has loaded: only now does the workdir become this run's.
+  if is_main and not resuming:
+    checkpointing.write_identity(workdir, _identity(config))
+  parallel.sync("ti_jax:run.json")
   ckpts = checkpointing.Checkpoints(workdir, config.checkpoints_total_limit)
   metadata = {
       "placeholder_token": config.placeholder_token, "placeholder_tokens": tokens,
@@ -201,14 +218,19 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
       "model_path": sd.path, "learnable_property": config.learnable_property,
       "resolution": config.resolution, "seed": config.seed,
+      "global_batch": global_batch, "learning_rate": base_lr,
       "config": json.loads(config.to_json()),
   }
   rng_data = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
   start = ckpts.latest_step()
   if start is not None:
     abstract = {"state": jax.device_get(state), "rng": rng_data}
-    restored, _ = ckpts.restore(start, abstract)
+    restored, saved_meta = ckpts.restore(start, abstract)
     state = restored["state"]
+    if saved_meta.get("global_batch", global_batch) != global_batch:
+      _log(f"warning: resuming with global batch {global_batch} (lr {base_lr:g}) where the run "
+           f"used {saved_meta['global_batch']} (lr {saved_meta.get('learning_rate')}): "
+           "train_batch_size is per device and the device count changed")
     if not np.array_equal(np.asarray(restored["rng"]), rng_data):
       raise checkpointing.WorkdirError(
           f"checkpoint {start} in {workdir} was made with another seed; use a new --workdir")
@@ -233,7 +255,8 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   frozen = parallel.replicate(frozen, devices)
   state = parallel.replicate(state, devices)
 
-  validator = _make_validator(config, sd, token_ids, devices, workdir)
+  validator = _make_validator(config, sd, token_ids, devices, workdir,
+                              shared={"unet": frozen.unet, "text_encoder": frozen.text_encoder})
 
   def save(step: int) -> None:
     host_state = parallel.unreplicate(state)
@@ -250,40 +273,52 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
              "example_index": example_index.astype(np.int32)}
     return parallel.shard(batch, local_count)
 
-  metrics_log = fileio.LineLog(fileio.join(workdir, "metrics.jsonl"), enabled=is_main)
+  # Drop records past the restored step: a killed run logged steps it is about to redo.
+  metrics_log = fileio.LineLog(fileio.join(workdir, "metrics.jsonl"), enabled=is_main,
+                               keep=lambda line: json.loads(line).get("step", 0) <= start)
   bar = _progress_bar(start, config.max_train_steps, progress and is_main)
   flag = _StopFlag()
   interrupted = False
   step = start
   last_log_time, last_log_step = time.perf_counter(), start
+  loss_sum, loss_count = None, 0  # device-side running sum: no host sync between logs
   with _stop_on_signals(flag):
     next_batch = batch_for(step) if step < config.max_train_steps else None
     while step < config.max_train_steps:
       state, metrics = step_fn(state, frozen, next_batch)
       step += 1
+      loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
+      loss_count += 1
       if step == start + 1:  # the first call compiles; keep that out of the step times
         jax.block_until_ready(metrics)
         _log(f"compiled and ran the first step in {time.perf_counter() - last_log_time:.1f}s")
         last_log_time, last_log_step = time.perf_counter(), step
       # Build the next batch while the device computes this one.
       next_batch = batch_for(step) if step < config.max_train_steps else None
-      # Every process stops at the same step when any of them was signalled.
-      stop = parallel.any_process(flag.signal is not None)
-      if step % config.log_every_steps == 0 or step == config.max_train_steps or stop:
-        m = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+      # Every process stops at the same step when any of them was signalled; with
+      # several processes that takes a collective, so it is asked at log steps only.
+      at_log = step % config.log_every_steps == 0 or step == config.max_train_steps
+      stop = (parallel.any_process(flag.signal is not None)
+              if at_log or jax.process_count() == 1 else False)
+      if at_log or stop:
+        m = {k: float(parallel.unreplicate(v)) for k, v in metrics.items()}
+        m["loss"] = float(parallel.unreplicate(loss_sum)) / loss_count  # mean since last log
+        loss_sum, loss_count = None, 0
+        record = {"step": step, **m, "time": time.time()}
+        postfix = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}"}
         now = time.perf_counter()
-        step_time = (now - last_log_time) / max(step - last_log_step, 1)
+        if step > last_log_step:  # no timing for an interval that held only the compile
+          step_time = (now - last_log_time) / (step - last_log_step)
+          record.update(step_time_s=step_time, images_per_sec=global_batch / step_time)
+          postfix.update(step_s=f"{step_time:.3f}", img_s=f"{global_batch / step_time:.1f}")
         last_log_time, last_log_step = now, step
-        record = {"step": step, **m, "step_time_s": step_time,
-                  "images_per_sec": global_batch / step_time, "time": time.time()}
         metrics_log.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                        step_s=f"{step_time:.3f}", img_s=f"{global_batch / step_time:.1f}")
+        bar.set_postfix(postfix)
       bar.update(1)
       if step % config.checkpointing_steps == 0:
         save(step)
         last_log_time, last_log_step = time.perf_counter(), step
-      if validator and step % config.validation_steps == 0:
+      if validator and step % config.validation_steps == 0 and not stop:
         validator(step, parallel.unreplicate(state).params["embeds"])
         last_log_time, last_log_step = time.perf_counter(), step
       if stop:
@@ -321,20 +356,28 @@ def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> embeddings.In
   return embeddings.Initializer(vectors, f"initialised {num_vectors} vector(s) from {spec}")
 
 
-def _make_validator(config, sd, token_ids, devices, workdir):
-  """A `fn(step, learned_vectors)` that writes validation PNGs, or None without a prompt."""
+def _make_validator(config, sd, token_ids, devices, workdir, shared=None):
+  """A `fn(step, learned_vectors)` that writes validation PNGs, or None without a prompt.
+
+  The generator is built on first use and reuses `shared` (the step's replicated
+  UNet and text-encoder params), so validation adds only the VAE to device memory.
+  """
   if not config.validation_prompt:
     return None
   from ti_jax import sampling  # pylint: disable=import-outside-toplevel
   prompt = config.validation_prompt.replace("{}", config.placeholder_token)
   prompt = embeddings.expand_placeholder(prompt, config.placeholder_token, config.num_vectors)
   out_dir = fileio.join(workdir, "validation")
-  generator = sampling.ImageGenerator(
-      sd, scheduler=config.validation_scheduler, num_inference_steps=config.validation_inference_steps,
-      guidance_scale=config.validation_guidance_scale, height=config.resolution,
-      width=config.resolution, devices=devices)
+  generator = None
 
   def validate(step, learned):
+    nonlocal generator
+    if generator is None:
+      generator = sampling.ImageGenerator(
+          sd, scheduler=config.validation_scheduler,
+          num_inference_steps=config.validation_inference_steps,
+          guidance_scale=config.validation_guidance_scale, height=config.resolution,
+          width=config.resolution, devices=devices, replicated_params=shared)
     # Every process takes part in generating; process 0 writes the files.
     images = generator.generate([prompt] * config.num_validation_images, seed=config.seed,
                                 learned=[(np.asarray(learned), token_ids)])
