@@ -155,57 +155,66 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   num_devices = len(devices)  # over all processes
   local_count = len(parallel.addressable(devices))
   is_main = jax.process_index() == 0
-  resuming = checkpointing.check_identity(workdir, _identity(config))
-
-  images = data.load_training_images(config.train_data_dir, config.resolution, config.center_crop)
-  for warning in images.warnings:
-    _log(f"warning: {warning}")
-  templates = data.templates_for(config.learnable_property)
-
-  dtype = _DTYPES[config.dtype]
-  sd = load_stable_diffusion(
-      config.pretrained_model_name_or_path, dtype=dtype, param_dtype=dtype,
-      vae_dtype=_DTYPES[config.vae_dtype], variant=config.variant or None,
-      revision=config.revision or None, allow_pickle=config.allow_pickle,
-      attention_impl=config.attention_impl or None, cache_dir=config.cache_dir)
+  # Load and check every input. A process that fails tells the others, so a
+  # multi-host run stops everywhere instead of hanging in the first collective.
+  startup_error = None
   try:
-    schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
-  except ValueError as e:
-    raise ModelLoadError(f"{sd.path}: scheduler config: {e}") from None
-  latent_size = config.resolution // 2 ** (len(sd.vae.config.block_out_channels) - 1)
-  if latent_size % 2 ** (len(sd.unet.config.block_out_channels) - 1):
-    raise ConfigError(f"config.resolution {config.resolution} gives {latent_size}px latents, "
-                      "which the UNet cannot downsample evenly")
+    resuming = checkpointing.check_identity(workdir, _identity(config))
 
-  token_ids = embeddings.add_placeholder_tokens(sd.tokenizer, config.placeholder_token,
-                                                config.num_vectors)
-  tokens = embeddings.placeholder_tokens(config.placeholder_token, config.num_vectors)
-  table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"],
-                     np.float32)
-  if config.init_embedding:
-    init = _init_from_embedding(config.init_embedding, config.num_vectors, table.shape[1])
-  else:
-    init = embeddings.initializer_vectors(sd.tokenizer, table, config.initializer_token,
-                                          config.num_vectors)
-  _log(init.note)
-  placeholder_text = embeddings.expand_placeholder(config.placeholder_token,
-                                                   config.placeholder_token, config.num_vectors)
-  template_ids = data.tokenize(sd.tokenizer, data.build_prompts(
-      np.arange(len(templates)), templates, placeholder_text))  # [num_templates, T]
+    images = data.load_training_images(config.train_data_dir, config.resolution, config.center_crop)
+    for warning in images.warnings:
+      _log(f"warning: {warning}")
+    templates = data.templates_for(config.learnable_property)
 
-  flip = config.flip_p > 0
-  views = data.view_pixels(images.pixels, flip)  # [V, R, R, 3]
-  _log(f"encoding {len(views)} training view(s) of {images.num_images} image(s) with the VAE once")
-  latent_mean, latent_std = encode_views(sd.vae, sd.vae_params, views)
+    dtype = _DTYPES[config.dtype]
+    sd = load_stable_diffusion(
+        config.pretrained_model_name_or_path, dtype=dtype, param_dtype=dtype,
+        vae_dtype=_DTYPES[config.vae_dtype], variant=config.variant or None,
+        revision=config.revision or None, allow_pickle=config.allow_pickle,
+        attention_impl=config.attention_impl or None, cache_dir=config.cache_dir)
+    try:
+      schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
+    except ValueError as e:
+      raise ModelLoadError(f"{sd.path}: scheduler config: {e}") from None
+    latent_size = config.resolution // 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    if latent_size % 2 ** (len(sd.unet.config.block_out_channels) - 1):
+      raise ConfigError(f"config.resolution {config.resolution} gives {latent_size}px latents, "
+                        "which the UNet cannot downsample evenly")
 
-  global_batch = config.train_batch_size * num_devices
-  base_lr = config.learning_rate * (global_batch if config.scale_lr else 1)
-  lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
-                                        config.max_train_steps)
-  optimizer = train_lib.make_optimizer(lr, config.adam_beta1, config.adam_beta2,
-                                       config.adam_epsilon, config.adam_weight_decay)
-  state = train_lib.init_state(init.vectors, optimizer)
+    token_ids = embeddings.add_placeholder_tokens(sd.tokenizer, config.placeholder_token,
+                                                  config.num_vectors)
+    tokens = embeddings.placeholder_tokens(config.placeholder_token, config.num_vectors)
+    table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"],
+                       np.float32)
+    if config.init_embedding:
+      init = _init_from_embedding(config.init_embedding, config.num_vectors, table.shape[1])
+    else:
+      init = embeddings.initializer_vectors(sd.tokenizer, table, config.initializer_token,
+                                            config.num_vectors)
+    _log(init.note)
+    placeholder_text = embeddings.expand_placeholder(config.placeholder_token,
+                                                     config.placeholder_token, config.num_vectors)
+    template_ids = data.tokenize(sd.tokenizer, data.build_prompts(
+        np.arange(len(templates)), templates, placeholder_text))  # [num_templates, T]
 
+    flip = config.flip_p > 0
+    views = data.view_pixels(images.pixels, flip)  # [V, R, R, 3]
+    _log(f"encoding {len(views)} training view(s) of {images.num_images} image(s) with the VAE once")
+    latent_mean, latent_std = encode_views(sd.vae, sd.vae_params, views)
+
+    global_batch = config.train_batch_size * num_devices
+    base_lr = config.learning_rate * (global_batch if config.scale_lr else 1)
+    lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
+                                          config.max_train_steps)
+    optimizer = train_lib.make_optimizer(lr, config.adam_beta1, config.adam_beta2,
+                                         config.adam_epsilon, config.adam_weight_decay)
+    state = train_lib.init_state(init.vectors, optimizer)
+
+  except USER_ERRORS as e:
+    startup_error = e
+  if parallel.any_process(startup_error is not None):
+    raise startup_error or checkpointing.WorkdirError(
+        "another process of this run failed to start; see process 0's error")
   # Every input has loaded: only now does the workdir become this run's.
   if is_main and not resuming:
     checkpointing.write_identity(workdir, _identity(config))
