@@ -294,3 +294,32 @@ def test_final_outputs_are_written(tmp_path, cache_dir):
   assert all({"step_time_s", "images_per_sec"} <= set(l) for l in lines[1:])
   pngs = sorted(os.listdir(workdir / "validation"))
   assert pngs == ["step000003_0.png", "step000003_1.png"]
+
+
+def test_train_step_compiles_once_over_many_steps(setup):
+  """No recompilation after the first step: the backend compiles nothing on later steps."""
+  import jax.monitoring
+  devices = jax.local_devices()[:1]
+  lr, opt = _pieces()
+  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
+  state = parallel.replicate(train_lib.init_state(setup["init"].vectors, opt), devices)
+  frozen = parallel.replicate(setup["frozen"], devices)
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.jit(lambda x: x * 1.2345 + 6.789)(jnp.ones(7)).block_until_ready()
+    assert compiles, "the compile listener sees compilations"
+    state, metrics = step_fn(state, frozen, parallel.shard(_batch(setup, 0, 2), 1))
+    jax.block_until_ready(metrics)
+    first = len(compiles)
+    for step in range(1, 6):
+      state, metrics = step_fn(state, frozen, parallel.shard(_batch(setup, step, 2), 1))
+    jax.block_until_ready(metrics)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(compiles) == first, f"{len(compiles) - first} recompilation(s) after step 1"

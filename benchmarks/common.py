@@ -1,0 +1,59 @@
+"""Model shapes and measurement helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import statistics
+import time
+
+from ti_jax import presets
+
+RESOLUTION = {"tiny": 64, "small": 256, "sd15": 512, "sd21": 768}
+
+
+def model_configs(name: str) -> dict:
+  """Component configs: the presets, plus `small` = SD 1.5 topology at reduced widths."""
+  if name == "tiny":
+    cfg = presets.preset("tiny-sd15")
+    cfg["text_encoder"]["vocab_size"] = 1000
+    return cfg
+  if name == "small":
+    cfg = presets.preset("sd15")
+    cfg["unet"].update(block_out_channels=[128, 256, 512, 512], attention_head_dim=8)
+    cfg["vae"].update(block_out_channels=[64, 128, 256, 256])
+    return cfg
+  return presets.preset(name)
+
+
+def timed(fn, steps: int, warmup: int, sync) -> list[float]:
+  """Runs `fn` warmup + steps times; returns the steady-state step times (seconds)."""
+  for _ in range(warmup):
+    sync(fn())
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def max_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def report(record: dict, json_out: str = "") -> None:
+  """Prints the record as aligned `key: value` lines and optionally writes it as JSON."""
+  for k, v in record.items():
+    print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
+  if json_out:
+    with open(json_out, "w") as f:
+      json.dump(record, f, indent=2)
+
+
+def median(xs):
+  return statistics.median(xs)
+
+
+__all__ = ["RESOLUTION", "model_configs", "timed", "max_rss_bytes", "report", "median", "copy"]
