@@ -1,12 +1,16 @@
 """Shared fixtures. Eight fake CPU devices are configured before JAX is imported."""
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # One persistent XLA cache per test session, shared with the subprocesses the
 # tests start, so each distinct program compiles once (compiles dominate on CPU).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ti_jax-xla-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ti_jax-xla-")
+else:
+  _OWN_XLA_CACHE = None
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,3 +46,9 @@ def tiny_sd15(tmp_path_factory) -> str:
 def tiny_sd21(tmp_path_factory) -> str:
   """A tiny random SD 2.x-shaped diffusers folder written by ti_jax."""
   return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sd21"), "tiny-sd21")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_XLA_CACHE:
+    shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
