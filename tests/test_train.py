@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ti_jax import checkpointing, data, embeddings, parallel, schedulers, train, train_lib
@@ -73,21 +74,23 @@ def _batch(setup, step, size, seed=0):
 
 
 def _pieces(lr_value=5e-3):
-  lr = optax_constant(lr_value)
+  lr = optax.constant_schedule(lr_value)
   return lr, train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2)
 
 
-def optax_constant(v):
-  import optax
-  return optax.constant_schedule(v)
+def _one_device_step(setup, lr_value=5e-3, start_vectors=None):
+  """(pmapped step, replicated state, replicated frozen, optimizer) on one device."""
+  devices = jax.local_devices()[:1]
+  lr, opt = _pieces(lr_value)
+  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
+  vectors = setup["init"].vectors if start_vectors is None else start_vectors
+  state = parallel.replicate(train_lib.init_state(vectors, opt), devices)
+  frozen = parallel.replicate(setup["frozen"], devices)
+  return step_fn, state, frozen, opt
 
 
 def test_frozen_params_unchanged_and_only_placeholder_rows_differ(setup):
-  devices = jax.local_devices()[:1]
-  lr, opt = _pieces()
-  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
-  state = parallel.replicate(train_lib.init_state(setup["init"].vectors, opt), devices)
-  frozen = parallel.replicate(setup["frozen"], devices)
+  step_fn, state, frozen, _ = _one_device_step(setup)
   for step in range(3):
     state, _ = step_fn(state, frozen, parallel.shard(_batch(setup, step, 2), 1))
   after = parallel.unreplicate(frozen)
@@ -121,11 +124,7 @@ def test_optimizer_keeps_no_state_for_frozen_leaves():
 
 def test_step_flops_show_no_weight_gradient_work(setup):
   """Backward w.r.t. the context only: the step costs under 2.4x the forward pass (XLA count)."""
-  devices = jax.local_devices()[:1]
-  lr, opt = _pieces()
-  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
-  state = parallel.replicate(train_lib.init_state(setup["init"].vectors, opt), devices)
-  frozen = parallel.replicate(setup["frozen"], devices)
+  step_fn, state, frozen, opt = _one_device_step(setup)
   batch = parallel.shard(_batch(setup, 0, 4), 1)
   step_flops = step_fn.lower(state, frozen, batch).compile().cost_analysis()["flops"]
   forward = jax.jit(lambda p, f, b: train_lib.loss_fn(p, f, b, 0, setup["settings"]))
@@ -155,12 +154,8 @@ def test_v_prediction_target_matches_diffusers_get_velocity(tiny_sd21):
 
 def test_loss_decreases_on_learnable_case(setup):
   """From a far-off start, 40 steps lower the loss on a fixed evaluation set of examples."""
-  devices = jax.local_devices()[:1]
-  lr, opt = _pieces(2e-2)
-  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
   start = np.random.default_rng(1).standard_normal(setup["init"].vectors.shape).astype(np.float32)
-  state = parallel.replicate(train_lib.init_state(start, opt), devices)
-  frozen = parallel.replicate(setup["frozen"], devices)
+  step_fn, state, frozen, _ = _one_device_step(setup, 2e-2, start)
   eval_loss = jax.jit(lambda p: jnp.mean(jnp.stack([
       train_lib.loss_fn(p, setup["frozen"], _batch(setup, 10_000 + i, 8), 10_000 + i,
                         setup["settings"]) for i in range(4)])))
@@ -299,11 +294,7 @@ def test_final_outputs_are_written(tmp_path, cache_dir):
 def test_train_step_compiles_once_over_many_steps(setup):
   """No recompilation after the first step: the backend compiles nothing on later steps."""
   import jax.monitoring
-  devices = jax.local_devices()[:1]
-  lr, opt = _pieces()
-  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
-  state = parallel.replicate(train_lib.init_state(setup["init"].vectors, opt), devices)
-  frozen = parallel.replicate(setup["frozen"], devices)
+  step_fn, state, frozen, _ = _one_device_step(setup)
   compiles = []
 
   def listener(event, duration, **kwargs):
