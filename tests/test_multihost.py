@@ -1,4 +1,4 @@
-"""Multi-process training: 2 processes x 2 CPU devices equal 1 process x 4 devices."""
+"""Multi-process runs: 2 processes x 2 CPU devices equal 1 process x 4 devices."""
 
 import os
 import socket
@@ -7,9 +7,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
+from PIL import Image
 
-from ti_jax import checkpointing, safetensors_io, train
+from ti_jax import checkpointing, safetensors_io, sample, train
 from test_train import REPO, TOY, _config
+
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
 
 def _free_port() -> int:
@@ -18,30 +22,59 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_and_checkpoint_restores_alone(tmp_path):
-  cache = tmp_path / "cache"
-  single = train.run(_config(cache, train_batch_size=2, max_train_steps=4), str(tmp_path / "one"),
-                     devices=jax.local_devices()[:4], progress=False)
+def _two_processes(args):
+  """Runs `python -m ARGS --coordinator... ` as processes 0 and 1; returns their stderr."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  workdir = tmp_path / "two"
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "ti_jax.train", "--config",
-       os.path.join(REPO, "configs/object.py:tiny"), "--workdir", str(workdir),
-       f"--config.cache_dir={cache}", f"--config.train_data_dir={TOY}",
-       "--config.validation_prompt=", "--config.train_batch_size=2",
-       "--config.max_train_steps=4", "--config.checkpointing_steps=2",
-       f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+      [sys.executable, "-m", *args, f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  assert "on 4 device(s)" in outs[0][1]  # process 0 logs; the step spans both processes
-  assert outs[1][1].count("training [") == 0  # process 1 stays quiet
-  two = np.asarray(safetensors_io.load(str(workdir / "learned_embeds.safetensors"))["<toy>"])
+  return [err for _, err in outs]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("multihost")
+  cache = root / "cache"
+  workdir = root / "two"
+  errs = _two_processes([
+      "ti_jax.train", "--config", os.path.join(REPO, "configs/object.py:tiny"),
+      "--workdir", str(workdir), f"--config.cache_dir={cache}", f"--config.train_data_dir={TOY}",
+      "--config.validation_prompt=", "--config.train_batch_size=2",
+      "--config.max_train_steps=4", "--config.checkpointing_steps=2",
+      f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
+  return {"root": root, "cache": cache, "workdir": workdir, "stderr": errs}
+
+
+def test_two_processes_match_one_process_and_checkpoint_restores_alone(two_process_run):
+  run = two_process_run
+  single = train.run(_config(run["cache"], train_batch_size=2, max_train_steps=4),
+                     str(run["root"] / "one"), devices=jax.local_devices()[:4], progress=False)
+  assert "on 4 device(s)" in run["stderr"][0]  # process 0 logs; the step spans both processes
+  assert "training [" not in run["stderr"][1]  # process 1 stays quiet
+  two = np.asarray(safetensors_io.load(str(run["workdir"] / "learned_embeds.safetensors"))["<toy>"])
   np.testing.assert_allclose(two, single["embeds"], rtol=0, atol=1e-5)
   # The checkpoint the two processes wrote together restores in this single process.
-  vectors, meta = checkpointing.learned_from_workdir(str(workdir))
+  vectors, meta = checkpointing.learned_from_workdir(str(run["workdir"]))
   assert meta["step"] == 4
   np.testing.assert_array_equal(vectors, two)
+
+
+def test_two_process_sampling_matches_one_process(two_process_run):
+  run = two_process_run
+  out2 = run["root"] / "samples2"
+  _two_processes(["ti_jax.sample", "--workdir", str(run["workdir"]), "--prompt",
+                  "a photo of a <toy>", "--num_images", "4", "--num_inference_steps", "3",
+                  "--output_dir", str(out2)])
+  files = sorted(f for f in os.listdir(out2) if "_grid" not in f)
+  assert len(files) == 4  # written once, by process 0
+  out1 = run["root"] / "samples1"
+  sample.run(prompts=["a photo of a <toy>"], workdir=str(run["workdir"]), num_images=4,
+             num_inference_steps=3, output_dir=str(out1), devices=jax.local_devices()[:4])
+  for name in files:
+    a = np.asarray(Image.open(out2 / name)).astype(int)
+    b = np.asarray(Image.open(out1 / name)).astype(int)
+    assert np.abs(a - b).max() <= 1, name

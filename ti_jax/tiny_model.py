@@ -124,7 +124,12 @@ def ensure_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) ->
   tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
   try:
     write_tiny_model(tmp, preset, seed)
-    os.replace(tmp, out_dir)  # atomic: a half-written model is never seen
+    try:
+      os.replace(tmp, out_dir)  # atomic: a half-written model is never seen
+    except OSError:
+      # Another process (a multi-host run on one machine) got there first.
+      if not os.path.isfile(os.path.join(out_dir, "model_index.json")):
+        raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
