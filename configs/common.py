@@ -63,6 +63,8 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.adam_weight_decay = 1e-2
   c.adam_epsilon = 1e-8
   c.seed = 0  # every random choice is a function of (seed, step, example index)
+  # Paper ablation: add w * mean_i ||v_i - v_i(init)||^2 to the loss (0 = off).
+  c.embedding_reg_weight = 0.0
 
   # --- Checkpoints, logging, validation ---
   c.checkpointing_steps = 500  # save an Orbax checkpoint every N steps (and at the end)

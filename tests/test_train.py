@@ -314,3 +314,19 @@ def test_train_step_compiles_once_over_many_steps(setup):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert len(compiles) == first, f"{len(compiles) - first} recompilation(s) after step 1"
+
+
+def test_embedding_regulariser_adds_its_exact_gradient(setup):
+  """embedding_reg_weight w adds w * mean_i ||v_i - init_i||^2, whose gradient is 2w(v - init)/n."""
+  import dataclasses
+  frozen = dataclasses.replace(setup["frozen"], init_embeds=setup["init"].vectors)
+  batch = _batch(setup, 0, 2)
+  vectors = setup["init"].vectors + 0.1 * np.random.default_rng(2).standard_normal(
+      setup["init"].vectors.shape).astype(np.float32)
+  params = {"embeds": jnp.asarray(vectors)}
+  grad = lambda w: jax.grad(train_lib.loss_fn)(
+      params, frozen, batch, 0,
+      dataclasses.replace(setup["settings"], embedding_reg_weight=w))["embeds"]
+  w = 0.5
+  expected = 2 * w * (vectors - setup["init"].vectors) / vectors.shape[0]
+  np.testing.assert_allclose(np.asarray(grad(w) - grad(0.0)), expected, rtol=1e-4, atol=1e-6)

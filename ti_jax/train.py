@@ -68,6 +68,8 @@ def validate_config(c) -> None:
        f"config.checkpoints_total_limit must be >= 1 (the newest is always kept), "
        f"got {c.checkpoints_total_limit}")
   need(c.seed >= 0, f"config.seed must be >= 0, got {c.seed}")
+  need(c.embedding_reg_weight >= 0,
+       f"config.embedding_reg_weight must be >= 0, got {c.embedding_reg_weight}")
   need(c.lr_warmup_steps >= 0, f"config.lr_warmup_steps must be >= 0, got {c.lr_warmup_steps}")
   need(c.attention_impl in _ATTENTION_IMPLS,
        f"config.attention_impl must be one of {_ATTENTION_IMPLS}, got {c.attention_impl!r}")
@@ -255,11 +257,13 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   frozen = train_lib.Frozen(
       unet=sd.unet_params, text_encoder=sd.text_encoder_params,
       latent_mean=latent_mean, latent_std=latent_std,
-      placeholder_ids=np.asarray(token_ids, np.int32), schedule=schedule)
+      placeholder_ids=np.asarray(token_ids, np.int32), schedule=schedule,
+      init_embeds=np.asarray(init.vectors, np.float32))
   settings = train_lib.StepSettings(
       unet=sd.unet, text_encoder=sd.text_encoder,
       scaling_factor=float(sd.vae.config.scaling_factor),
-      shift_factor=float(sd.vae.config.shift_factor), seed=int(config.seed))
+      shift_factor=float(sd.vae.config.shift_factor), seed=int(config.seed),
+      embedding_reg_weight=float(config.embedding_reg_weight))
   step_fn = train_lib.make_pmapped_step(settings, optimizer, lr, devices)
   frozen = parallel.replicate(frozen, devices)
   state = parallel.replicate(state, devices)

@@ -40,6 +40,7 @@ class Frozen:
   latent_std: jax.Array  # [V, h, w, C]
   placeholder_ids: jax.Array  # [n] int32, token id of each learned vector
   schedule: schedulers.NoiseSchedule  # alphas_cumprod [T] and the prediction type
+  init_embeds: jax.Array | None = None  # [n, D] initial vectors, for embedding_reg_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class StepSettings:
   scaling_factor: float
   shift_factor: float
   seed: int
+  # Weight of the squared L2 pull of the vectors toward their initial values
+  # (the paper's regularisation ablation); 0 disables it.
+  embedding_reg_weight: float = 0.0
 
 
 def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
@@ -126,7 +130,11 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
                                         inputs_embeds=embeds)  # [b, T, D]
   pred = settings.unet.apply({"params": frozen.unet}, noisy.astype(mean.dtype), t,
                             context)  # [b, h, w, C]
-  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+  loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+  if settings.embedding_reg_weight:
+    drift = params["embeds"] - frozen.init_embeds  # [n, D]
+    loss = loss + settings.embedding_reg_weight * jnp.mean(jnp.sum(jnp.square(drift), axis=-1))
+  return loss
 
 
 def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
