@@ -37,8 +37,11 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$workdir" ]] || { echo "error: --workdir is required (a path every node sees)" >&2; exit 2; }
 
+# sbatch runs a copy of this script from its spool folder: find the repository
+# through the submit directory instead.
+repo="${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}"
 # shellcheck source=launch/common.sh
-source "$(dirname "$0")/common.sh"
+source "$repo/launch/common.sh"
 
 if (( dry_run )); then
   first_node="node-0"
@@ -61,6 +64,6 @@ cmd=(srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-e
 echo "+ export TI_JAX_COORDINATOR_ADDRESS=$TI_JAX_COORDINATOR_ADDRESS TI_JAX_NUM_PROCESSES=$TI_JAX_NUM_PROCESSES"
 show "${cmd[@]}"
 if (( ! dry_run )); then
-  cd "$(dirname "$0")/.."
+  cd "$repo"
   "${cmd[@]}"
 fi

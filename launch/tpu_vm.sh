@@ -20,11 +20,13 @@ Options:
   --accelerator TYPE     e.g. v5litepod-8 (one host), v4-32 (four hosts) (default: v5litepod-8)
   --version VERSION      TPU software version (default: v2-alpha-tpuv5-lite for v5e, else tpu-ubuntu2204-base)
   --project PROJECT      GCP project (default: gcloud's configured project)
-  --spot                 request spot (preemptible) capacity; re-run "train" after a
-                         preemption and the run resumes from its last checkpoint
+  --spot                 request spot (preemptible) capacity (needs a gs:// --workdir);
+                         after a preemption, create/install/train again and the run
+                         resumes from its last checkpoint
   --config FILE[:VARIANT]  ti_jax config (default: configs/style.py)
   --workdir DIR          run directory; must be gs://... for multi-host slices
-  --data DIR             training images on the VM, or gs://... (copied to every worker)
+  --data DIR             training images: a local folder (copied to every worker by
+                         "install") or gs://... (read by every worker)
   --out DIR              local folder for "fetch" (default: ./runs/NAME)
   --set KEY=VALUE        extra --config.KEY=VALUE override (repeatable)
   --dry_run              print the commands without running them
@@ -73,6 +75,7 @@ if [[ -z "$version" ]]; then
   case "$accelerator" in
     v5litepod-*|v5e-*) version="v2-alpha-tpuv5-lite" ;;
     v6e-*) version="v2-alpha-tpuv6e" ;;
+    v5p-*) version="v2-alpha-tpuv5" ;;
     *) version="tpu-ubuntu2204-base" ;;
   esac
 fi
@@ -82,6 +85,16 @@ if (( hosts > 1 )) && [[ "$workdir" != gs://* ]]; then
   echo "error: $accelerator has $hosts hosts; --workdir must be a gs:// path all of them share" >&2
   exit 2
 fi
+if (( spot )) && [[ "$workdir" != gs://* ]]; then
+  echo "error: a preempted spot VM loses its disk; use a gs:// --workdir with --spot to resume" >&2
+  exit 2
+fi
+# A local image folder is copied to every worker (install step) and read from there.
+local_data=""
+if [[ -n "$data" && "$data" != gs://* ]]; then
+  local_data="$data"
+  data="../ti_jax_data"  # relative to ~/ti_jax, where training runs
+fi
 
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 common=(--zone "$zone")
@@ -90,11 +103,16 @@ common=(--zone "$zone")
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 
+# The training command for the workers' shell, every argument quoted for it.
 remote_train_cmd() {
-  local cmd="cd ~/ti_jax && python3 -m ti_jax.train --config $config --workdir $workdir"
-  [[ -n "$data" ]] && cmd+=" --config.train_data_dir=$data"
-  local o
-  for o in "${overrides[@]+"${overrides[@]}"}"; do cmd+=" $o"; done
+  local args=(python3 -m ti_jax.train --config "$config" --workdir "$workdir")
+  [[ -n "$data" ]] && args+=("--config.train_data_dir=$data")
+  args+=("${overrides[@]+"${overrides[@]}"}")
+  local cmd="cd ~/ti_jax &&"
+  # Several hosts: tell JAX how many processes to expect; it finds the rest itself.
+  (( hosts > 1 )) && cmd+=" TI_JAX_NUM_PROCESSES=$hosts"
+  local a
+  for a in "${args[@]}"; do cmd+=" $(printf '%q' "$a")"; done
   echo "$cmd"
 }
 
@@ -106,15 +124,15 @@ for step in "${steps[@]}"; do
       (( spot )) && args+=(--spot)
       run "${gcloud_tpu[@]}" create "${args[@]}" ;;
     install)
+      # Start clean so a second install does not nest copies inside the first.
+      run "${gcloud_tpu[@]}" ssh "$name" --worker=all "${common[@]}" \
+        --command "rm -rf ~/ti_jax ~/ti_jax_data"
       run "${gcloud_tpu[@]}" scp --recurse --worker=all "${common[@]}" \
         "$(cd "$(dirname "$0")/.." && pwd)" "$name:~/ti_jax"
       run "${gcloud_tpu[@]}" ssh "$name" --worker=all "${common[@]}" \
         --command "cd ~/ti_jax && python3 -m pip install -q -e '.[tpu]'"
-      if [[ "$data" == gs://* ]]; then
-        :  # read directly from GCS by every worker
-      elif [[ -n "$data" && -d "$data" ]]; then
-        run "${gcloud_tpu[@]}" scp --recurse --worker=all "${common[@]}" "$data" "$name:~/ti_jax/data"
-        data="data"
+      if [[ -n "$local_data" ]]; then
+        run "${gcloud_tpu[@]}" scp --recurse --worker=all "${common[@]}" "$local_data" "$name:~/ti_jax_data"
       fi ;;
     train)
       # The same command on every worker; JAX finds the other hosts itself.

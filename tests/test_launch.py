@@ -31,36 +31,46 @@ def test_help_explains_usage(script):
 
 def test_tpu_v5e_8_single_host_dry_run():
   out = _run("launch/tpu_vm.sh", "--dry_run", "--accelerator", "v5litepod-8", "--name", "ti",
-             "--zone", "us-west4-a", "--spot", "all")
+             "--zone", "us-west4-a", "--data", "examples/style",
+             "--set", "placeholder_token=<my-style>", "all")
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()
   assert "1 host(s)" in out.stderr
   assert lines[0] == ("+ gcloud compute tpus tpu-vm create ti --zone us-west4-a "
-                      "--accelerator-type v5litepod-8 --version v2-alpha-tpuv5-lite --spot")
-  assert lines[1].startswith("+ gcloud compute tpus tpu-vm scp --recurse --worker=all")
-  assert "pip install -q -e '\\''.[tpu]'\\''" in lines[2]
-  assert lines[3] == ("+ gcloud compute tpus tpu-vm ssh ti --worker=all --zone us-west4-a "
+                      "--accelerator-type v5litepod-8 --version v2-alpha-tpuv5-lite")
+  assert lines[1] == ("+ gcloud compute tpus tpu-vm ssh ti --worker=all --zone us-west4-a "
+                      "--command 'rm -rf ~/ti_jax ~/ti_jax_data'")
+  assert lines[2].startswith("+ gcloud compute tpus tpu-vm scp --recurse --worker=all")
+  assert "pip install -q -e '\\''.[tpu]'\\''" in lines[3]
+  assert lines[4] == ("+ gcloud compute tpus tpu-vm scp --recurse --worker=all --zone us-west4-a "
+                      "examples/style ti:~/ti_jax_data")
+  # One process on one host: no process count; the placeholder is quoted for the VM's shell.
+  assert lines[5] == ("+ gcloud compute tpus tpu-vm ssh ti --worker=all --zone us-west4-a "
                       "--command 'cd ~/ti_jax && python3 -m ti_jax.train --config "
-                      "configs/style.py --workdir runs/ti'")
-  assert lines[4] == ("+ gcloud compute tpus tpu-vm scp --recurse --worker=0 --zone us-west4-a "
+                      "configs/style.py --workdir runs/ti --config.train_data_dir=../ti_jax_data "
+                      "--config.placeholder_token=\\<my-style\\>'")
+  assert lines[6] == ("+ gcloud compute tpus tpu-vm scp --recurse --worker=0 --zone us-west4-a "
                       "ti:~/ti_jax/runs/ti ./runs/ti")
-  assert lines[5] == "+ gcloud compute tpus tpu-vm delete ti --zone us-west4-a --quiet"
+  assert lines[7] == "+ gcloud compute tpus tpu-vm delete ti --zone us-west4-a --quiet"
 
 
 def test_tpu_v4_32_multi_host_dry_run_uses_shared_gcs_workdir():
-  out = _run("launch/tpu_vm.sh", "--dry_run", "--accelerator", "v4-32", "--name", "pod",
+  out = _run("launch/tpu_vm.sh", "--dry_run", "--accelerator", "v4-32", "--name", "pod", "--spot",
              "--workdir", "gs://bucket/runs/style", "--set", "max_train_steps=3000",
              "create", "train", "fetch")
   assert out.returncode == 0, out.stderr
   assert "4 host(s)" in out.stderr
   lines = out.stdout.splitlines()
-  assert "--accelerator-type v4-32 --version tpu-ubuntu2204-base" in lines[0]
+  assert "--accelerator-type v4-32 --version tpu-ubuntu2204-base --spot" in lines[0]
   assert lines[1] == ("+ gcloud compute tpus tpu-vm ssh pod --worker=all --zone us-west4-a "
-                      "--command 'cd ~/ti_jax && python3 -m ti_jax.train --config configs/style.py "
-                      "--workdir gs://bucket/runs/style --config.max_train_steps=3000'")
+                      "--command 'cd ~/ti_jax && TI_JAX_NUM_PROCESSES=4 python3 -m ti_jax.train "
+                      "--config configs/style.py --workdir gs://bucket/runs/style "
+                      "--config.max_train_steps=3000'")
   assert lines[2] == "+ gsutil -m cp -r gs://bucket/runs/style ./runs/pod"
   refused = _run("launch/tpu_vm.sh", "--dry_run", "--accelerator", "v4-32", "train")
   assert refused.returncode == 2 and "must be a gs:// path" in refused.stderr
+  no_spot = _run("launch/tpu_vm.sh", "--dry_run", "--spot", "train")
+  assert no_spot.returncode == 2 and "gs:// --workdir with --spot" in no_spot.stderr
 
 
 def test_slurm_dry_run_sets_coordinator_environment():
@@ -96,3 +106,13 @@ def test_remote_line_log_rewrites_and_keeps_earlier_lines(tmp_path, monkeypatch)
   assert open(path).read() == "a\nb\nc\n"
   fileio.write_via_local_file(str(tmp_path / "x.bin"), lambda p: open(p, "wb").write(b"xyz"))
   assert open(tmp_path / "x.bin", "rb").read() == b"xyz"
+
+
+def test_line_log_drops_a_line_cut_off_by_a_crash(tmp_path):
+  import json
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1}\n{"step": 2}\n{"ste')
+  log = fileio.LineLog(str(path), keep=lambda line: json.loads(line)["step"] <= 2)
+  log.write('{"step": 3}\n')
+  log.close()
+  assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'

@@ -67,7 +67,17 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def read_embedding_file(path: str) -> list[Concept]:
-  """Reads any supported embedding file; returns its concepts (one for A1111/kohya files)."""
+  """Reads any supported embedding file (local or gs://); returns its concepts."""
+  if fileio.is_remote(path):
+    if not fileio.exists(path):
+      raise EmbeddingFileError(f"embedding file not found: {path}")
+    import tempfile  # pylint: disable=import-outside-toplevel
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, os.path.basename(path))
+      with open(local, "wb") as f:
+        f.write(fileio.read_bytes(path))
+      return [dataclasses.replace(c, source=path, vectors=np.array(c.vectors))
+              for c in read_embedding_file(local)]
   if not os.path.isfile(path):
     raise EmbeddingFileError(f"embedding file not found: {path}")
   stem = os.path.splitext(os.path.basename(path))[0]

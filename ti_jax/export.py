@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Sequence
 
-from ti_jax import checkpointing, embedding_io
+from ti_jax import checkpointing, embedding_io, fileio
 
 
 def export(workdir: str, fmt: str, output: str = "", step: int | None = None) -> str:
@@ -26,10 +26,13 @@ def export(workdir: str, fmt: str, output: str = "", step: int | None = None) ->
   if fmt not in embedding_io.FORMATS:
     raise embedding_io.EmbeddingFileError(
         f"unknown format {fmt!r} (known: {', '.join(embedding_io.FORMATS)})")
-  path = output or os.path.join(workdir, "export",
-                                embedding_io.default_filename(concept.token, fmt))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  embedding_io.write_embedding_file(path, concept, fmt, step=int(meta.get("step", 0)))
+  path = output or fileio.join(workdir, "export",
+                               embedding_io.default_filename(concept.token, fmt))
+  parent = os.path.dirname(path) if not fileio.is_remote(path) else path.rsplit("/", 1)[0]
+  if parent:
+    fileio.makedirs(parent)
+  fileio.write_via_local_file(path, lambda local: embedding_io.write_embedding_file(
+      local, concept, fmt, step=int(meta.get("step", 0))))
   return path
 
 

@@ -43,6 +43,10 @@ def read_text(path: str) -> str:
   return epath.Path(path).read_text()
 
 
+def read_bytes(path: str) -> bytes:
+  return epath.Path(path).read_bytes()
+
+
 def write_text(path: str, text: str) -> None:
   epath.Path(path).write_text(text)
 
@@ -74,12 +78,16 @@ class LineLog:
     if not enabled:
       return
     if exists(path):
-      self._lines = read_text(path).splitlines(keepends=True)
-      if keep is not None:
-        kept = [line for line in self._lines if line.strip() and keep(line)]
-        if len(kept) != len(self._lines):
-          self._lines = kept
-          write_text(path, "".join(kept))
+      lines = [line if line.endswith("\n") else line + "\n"
+               for line in read_text(path).splitlines(keepends=True) if line.strip()]
+
+      def keep_line(line):  # a line cut off by a crash is dropped, not fatal
+        try:
+          return keep is None or keep(line)
+        except ValueError:
+          return False
+      self._lines = [line for line in lines if keep_line(line)]
+      write_text(path, "".join(self._lines))
     if not is_remote(path):
       self._lines = []
       self._file = open(path, "a")  # pylint: disable=consider-using-with

@@ -184,8 +184,14 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   except ValueError as e:
     raise SampleError(str(e)) from None
   out_dir = output_dir or (fileio.join(workdir, "samples") if workdir else "samples")
+  out_error = None
   if is_main:
-    fileio.makedirs(out_dir)
+    try:
+      fileio.makedirs(out_dir)
+    except OSError as e:
+      out_error = SampleError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
+  if parallel.any_process(out_error is not None):  # all processes stop, none waits forever
+    raise out_error or SampleError("process 0 cannot write the output folder")
   chunk = batch_size * len(devices)
   written = []
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
@@ -217,7 +223,7 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
           "learned_tokens": ",".join(c.token for c in concepts),
           "checkpoint_step": str(ckpt_step)})
       written.append(path)
-    sampling.save_png(fileio.join(out_dir, f"{stem}_grid.png"), sampling.image_grid(images),
+    sampling.save_png(fileio.join(out_dir, f"{stem}_seed{seed}_grid.png"), sampling.image_grid(images),
                       {"prompt": raw_prompt, "seed": str(seed)})
   bar.close()
   _log(f"wrote {len(written)} image(s) and {len(prompts)} grid(s) to {out_dir}")

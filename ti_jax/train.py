@@ -163,7 +163,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   try:
     resuming = checkpointing.check_identity(workdir, _identity(config))
 
-    images = data.load_training_images(config.train_data_dir, config.resolution, config.center_crop)
+    images = _load_images(config)
     for warning in images.warnings:
       _log(f"warning: {warning}")
     templates = data.templates_for(config.learnable_property)
@@ -212,14 +212,14 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
                                          config.adam_epsilon, config.adam_weight_decay)
     state = train_lib.init_state(init.vectors, optimizer)
 
+    # Every input has loaded: only now does the workdir become this run's.
+    if is_main and not resuming:
+      checkpointing.write_identity(workdir, _identity(config))
   except USER_ERRORS as e:
     startup_error = e
   if parallel.any_process(startup_error is not None):
     raise startup_error or checkpointing.WorkdirError(
-        "another process of this run failed to start; see process 0's error")
-  # Every input has loaded: only now does the workdir become this run's.
-  if is_main and not resuming:
-    checkpointing.write_identity(workdir, _identity(config))
+        "another process of this run failed to start; see the logs of the other processes")
   parallel.sync("ti_jax:run.json")
   ckpts = checkpointing.Checkpoints(workdir, config.checkpoints_total_limit)
   metadata = {
@@ -351,6 +351,20 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     checkpointing.write_learned_embeds(out, tokens, final, config.placeholder_token)
     _log(f"done: step {step}; learned embedding in {out}")
   return {"step": step, "embeds": final, "interrupted": interrupted}
+
+
+def _load_images(config) -> data.TrainingImages:
+  """The training images, copied from gs:// to a local folder first when remote."""
+  folder = config.train_data_dir
+  if not fileio.is_remote(folder):
+    return data.load_training_images(folder, config.resolution, config.center_crop)
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    try:
+      fileio.copy_tree_to_local(folder, tmp)
+    except OSError as e:
+      raise data.DataError(f"cannot read training images from {folder}: {e}") from None
+    return data.load_training_images(tmp, config.resolution, config.center_crop)
 
 
 def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> embeddings.Initializer:
