@@ -24,7 +24,8 @@ Options:
                          after a preemption, create/install/train again and the run
                          resumes from its last checkpoint
   --config FILE[:VARIANT]  ti_jax config (default: configs/style.py)
-  --workdir DIR          run directory; must be gs://... for multi-host slices
+  --workdir DIR          run directory (default: ~/ti_jax_runs/NAME on worker 0); must be
+                         gs://... for multi-host slices and with --spot
   --data DIR             training images: a local folder (copied to every worker by
                          "install") or gs://... (read by every worker)
   --out DIR              local folder for "fetch" (default: ./runs/NAME)
@@ -79,7 +80,9 @@ if [[ -z "$version" ]]; then
     *) version="tpu-ubuntu2204-base" ;;
   esac
 fi
-[[ -n "$workdir" ]] || workdir="runs/$name"
+# On the VM, training runs in ~/ti_jax, which "install" replaces: the default run
+# directory sits beside it so a re-install never deletes a run.
+[[ -n "$workdir" ]] || workdir="../ti_jax_runs/$name"
 [[ -n "$out" ]] || out="./runs/$name"
 if (( hosts > 1 )) && [[ "$workdir" != gs://* ]]; then
   echo "error: $accelerator has $hosts hosts; --workdir must be a gs:// path all of them share" >&2
@@ -142,7 +145,11 @@ for step in "${steps[@]}"; do
       if [[ "$workdir" == gs://* ]]; then
         run gsutil -m cp -r "$workdir" "$out"
       else
-        run "${gcloud_tpu[@]}" scp --recurse --worker=0 "${common[@]}" "$name:~/ti_jax/$workdir" "$out"
+        # scp takes remote paths without a leading / as relative to the home folder.
+        remote_dir="ti_jax/$workdir"
+        [[ "$workdir" == /* ]] && remote_dir="$workdir"
+        [[ "$workdir" == ../* ]] && remote_dir="${workdir#../}"
+        run "${gcloud_tpu[@]}" scp --recurse --worker=0 "${common[@]}" "$name:$remote_dir" "$out"
       fi ;;
     delete)
       run "${gcloud_tpu[@]}" delete "$name" "${common[@]}" --quiet ;;

@@ -47,10 +47,10 @@ def test_tpu_v5e_8_single_host_dry_run():
   # One process on one host: no process count; the placeholder is quoted for the VM's shell.
   assert lines[5] == ("+ gcloud compute tpus tpu-vm ssh ti --worker=all --zone us-west4-a "
                       "--command 'cd ~/ti_jax && python3 -m ti_jax.train --config "
-                      "configs/style.py --workdir runs/ti --config.train_data_dir=../ti_jax_data "
+                      "configs/style.py --workdir ../ti_jax_runs/ti --config.train_data_dir=../ti_jax_data "
                       "--config.placeholder_token=\\<my-style\\>'")
   assert lines[6] == ("+ gcloud compute tpus tpu-vm scp --recurse --worker=0 --zone us-west4-a "
-                      "ti:~/ti_jax/runs/ti ./runs/ti")
+                      "ti:ti_jax_runs/ti ./runs/ti")
   assert lines[7] == "+ gcloud compute tpus tpu-vm delete ti --zone us-west4-a --quiet"
 
 
