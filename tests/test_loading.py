@@ -34,6 +34,22 @@ def _unet_out(sd):
                                   jnp.ones((1, 77, 32))))
 
 
+def _load_error(model):
+  with pytest.raises(ModelLoadError) as err:
+    load_stable_diffusion(str(model))
+  return err
+
+
+def _error_after_json_edit(src, tmp_path, rel_path, edit):
+  """Copies the model, applies `edit` to one of its JSON files, returns the load error."""
+  model = _copy(src, tmp_path)
+  path = model / rel_path
+  cfg = json.loads(path.read_text())
+  edit(cfg)
+  path.write_text(json.dumps(cfg))
+  return _load_error(model)
+
+
 def test_missing_folder_is_a_one_line_error(tmp_path):
   with pytest.raises(ModelLoadError) as err:
     load_stable_diffusion(str(tmp_path / "nope"))
@@ -43,49 +59,31 @@ def test_missing_folder_is_a_one_line_error(tmp_path):
 def test_missing_config_file_is_named(tiny_sd15, tmp_path):
   model = _copy(tiny_sd15, tmp_path)
   os.remove(model / "unet" / "config.json")
-  with pytest.raises(ModelLoadError) as err:
-    load_stable_diffusion(str(model))
-  _assert_one_line(err, "missing unet config", "unet/config.json")
+  _assert_one_line(_load_error(model), "missing unet config", "unet/config.json")
 
 
 def test_missing_weights_name_what_was_looked_for(tiny_sd15, tmp_path):
   model = _copy(tiny_sd15, tmp_path)
   os.remove(model / "vae" / "diffusion_pytorch_model.safetensors")
-  with pytest.raises(ModelLoadError) as err:
-    load_stable_diffusion(str(model))
-  _assert_one_line(err, "no weights for vae", "diffusion_pytorch_model.safetensors")
+  _assert_one_line(_load_error(model), "no weights for vae", "diffusion_pytorch_model.safetensors")
 
 
 def test_unsupported_architecture_field_is_refused(tiny_sd15, tmp_path):
-  model = _copy(tiny_sd15, tmp_path)
-  cfg_path = model / "unet" / "config.json"
-  cfg = json.loads(cfg_path.read_text())
-  cfg["class_embed_type"] = "timestep"
-  cfg_path.write_text(json.dumps(cfg))
-  with pytest.raises(ModelLoadError) as err:
-    load_stable_diffusion(str(model))
+  err = _error_after_json_edit(tiny_sd15, tmp_path, "unet/config.json",
+                               lambda c: c.update(class_embed_type="timestep"))
   _assert_one_line(err, "class_embed_type='timestep'", "not supported")
 
 
 def test_unsupported_block_type_is_refused(tiny_sd15, tmp_path):
-  model = _copy(tiny_sd15, tmp_path)
-  cfg_path = model / "unet" / "config.json"
-  cfg = json.loads(cfg_path.read_text())
-  cfg["down_block_types"][0] = "SimpleCrossAttnDownBlock2D"
-  cfg_path.write_text(json.dumps(cfg))
-  with pytest.raises(ModelLoadError) as err:
-    load_stable_diffusion(str(model))
+  err = _error_after_json_edit(
+      tiny_sd15, tmp_path, "unet/config.json",
+      lambda c: c["down_block_types"].__setitem__(0, "SimpleCrossAttnDownBlock2D"))
   _assert_one_line(err, "SimpleCrossAttnDownBlock2D", "not supported")
 
 
 def test_shape_mismatch_names_key_and_both_shapes(tiny_sd15, tmp_path):
-  model = _copy(tiny_sd15, tmp_path)
-  cfg_path = model / "unet" / "config.json"
-  cfg = json.loads(cfg_path.read_text())
-  cfg["cross_attention_dim"] = 48  # checkpoint has 32
-  cfg_path.write_text(json.dumps(cfg))
-  with pytest.raises(ModelLoadError) as err:
-    load_stable_diffusion(str(model))
+  err = _error_after_json_edit(tiny_sd15, tmp_path, "unet/config.json",
+                               lambda c: c.update(cross_attention_dim=48))  # checkpoint: 32
   _assert_one_line(err, "shape mismatch", "attn2.to_k.weight", "(32, 32)", "(48, 32)")
 
 
@@ -99,12 +97,8 @@ def test_corrupt_safetensors_is_a_one_line_error(tiny_sd15, tmp_path):
 
 
 def test_wrong_pipeline_class_is_refused(tiny_sd15, tmp_path):
-  model = _copy(tiny_sd15, tmp_path)
-  index = json.loads((model / "model_index.json").read_text())
-  index["_class_name"] = "StableDiffusionXLPipeline"
-  (model / "model_index.json").write_text(json.dumps(index))
-  with pytest.raises(ModelLoadError) as err:
-    load_stable_diffusion(str(model))
+  err = _error_after_json_edit(tiny_sd15, tmp_path, "model_index.json",
+                               lambda c: c.update(_class_name="StableDiffusionXLPipeline"))
   _assert_one_line(err, "StableDiffusionXLPipeline", "not supported")
 
 
