@@ -65,6 +65,9 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.seed = 0  # every random choice is a function of (seed, step, example index)
   # Paper ablation: add w * mean_i ||v_i - v_i(init)||^2 to the loss (0 = off).
   c.embedding_reg_weight = 0.0
+  # Paper ablation (progressive extension): start with one vector and add the next
+  # of num_vectors every N steps (0 = all vectors from the start).
+  c.progressive_words = 0
 
   # --- Checkpoints, logging, validation ---
   c.checkpointing_steps = 500  # save an Orbax checkpoint every N steps (and at the end)

@@ -330,3 +330,22 @@ def test_embedding_regulariser_adds_its_exact_gradient(setup):
   w = 0.5
   expected = 2 * w * (vectors - setup["init"].vectors) / vectors.shape[0]
   np.testing.assert_allclose(np.asarray(grad(w) - grad(0.0)), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_progressive_words_adds_one_trained_vector_every_n_steps(tmp_path, cache_dir):
+  """progressive_words=2 with 3 vectors: vector i starts moving at step 2i, not before."""
+  assert [train_lib.active_vectors(s, 3, 2) for s in range(7)] == [1, 1, 2, 2, 3, 3, 3]
+  init = None
+  moved = {}
+  for steps in (2, 4):
+    result = train.run(_config(cache_dir, num_vectors=3, progressive_words=2, max_train_steps=steps,
+                               checkpointing_steps=100),
+                       str(tmp_path / f"run{steps}"), devices=jax.local_devices()[:1],
+                       progress=False)
+    if init is None:
+      sd = load_stable_diffusion("tiny-sd15", cache_dir=str(cache_dir))
+      table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"])
+      init = embeddings.initializer_vectors(sd.tokenizer, table, "toy", 3).vectors
+    moved[steps] = np.abs(result["embeds"] - init).max(axis=1) > 0
+  assert moved[2].tolist() == [True, False, False]
+  assert moved[4].tolist() == [True, True, False]

@@ -68,6 +68,8 @@ def validate_config(c) -> None:
        f"config.checkpoints_total_limit must be >= 1 (the newest is always kept), "
        f"got {c.checkpoints_total_limit}")
   need(c.seed >= 0, f"config.seed must be >= 0, got {c.seed}")
+  need(c.progressive_words >= 0,
+       f"config.progressive_words must be >= 0, got {c.progressive_words}")
   need(c.embedding_reg_weight >= 0,
        f"config.embedding_reg_weight must be >= 0, got {c.embedding_reg_weight}")
   need(c.lr_warmup_steps >= 0, f"config.lr_warmup_steps must be >= 0, got {c.lr_warmup_steps}")
@@ -194,10 +196,11 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       init = embeddings.initializer_vectors(sd.tokenizer, table, config.initializer_token,
                                             config.num_vectors)
     _log(init.note)
-    placeholder_text = embeddings.expand_placeholder(config.placeholder_token,
-                                                     config.placeholder_token, config.num_vectors)
-    template_ids = data.tokenize(sd.tokenizer, data.build_prompts(
-        np.arange(len(templates)), templates, placeholder_text))  # [num_templates, T]
+    # Prompts with the first k vectors' tokens, for every k (progressive_words
+    # grows k during training; otherwise only k = num_vectors is used).
+    template_ids = np.stack([data.tokenize(sd.tokenizer, data.build_prompts(
+        np.arange(len(templates)), templates, " ".join(tokens[:k])))
+                             for k in range(1, config.num_vectors + 1)])  # [n, num_templates, T]
 
     flip = config.flip_p > 0
     views = data.view_pixels(images.pixels, flip)  # [V, R, R, 3]
@@ -263,7 +266,8 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       unet=sd.unet, text_encoder=sd.text_encoder,
       scaling_factor=float(sd.vae.config.scaling_factor),
       shift_factor=float(sd.vae.config.shift_factor), seed=int(config.seed),
-      embedding_reg_weight=float(config.embedding_reg_weight))
+      embedding_reg_weight=float(config.embedding_reg_weight),
+      progressive_words=int(config.progressive_words))
   step_fn = train_lib.make_pmapped_step(settings, optimizer, lr, devices)
   frozen = parallel.replicate(frozen, devices)
   state = parallel.replicate(state, devices)
@@ -282,7 +286,8 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     view_index, template_index = data.example_choices(
         config.seed, step, example_index, global_batch_size=global_batch,
         num_images=images.num_images, flip_p=config.flip_p, num_templates=len(templates))
-    batch = {"input_ids": template_ids[template_index], "view_index": view_index,
+    k = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
+    batch = {"input_ids": template_ids[k - 1][template_index], "view_index": view_index,
              "example_index": example_index.astype(np.int32)}
     return parallel.shard(batch, local_count)
 

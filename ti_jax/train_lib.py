@@ -54,6 +54,9 @@ class StepSettings:
   # Weight of the squared L2 pull of the vectors toward their initial values
   # (the paper's regularisation ablation); 0 disables it.
   embedding_reg_weight: float = 0.0
+  # Paper ablation (progressive extension): vector i trains from step i * N on
+  # (N = progressive_words); 0 trains every vector from the start.
+  progressive_words: int = 0
 
 
 def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
@@ -145,10 +148,24 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
   grads = parallel.pmean(grads)
   loss = parallel.pmean(loss)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  if settings.progressive_words:
+    # Vectors not yet in the prompts get no gradient, but AdamW's decoupled
+    # weight decay would still move them: hold them where they are.
+    n = state.params["embeds"].shape[0]
+    active = jnp.arange(n) < active_vectors(state.step, n, settings.progressive_words)
+    updates = dict(updates, embeds=updates["embeds"] * active[:, None])
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "lr": lr(state.step),
              "grad_norm": optax.tree.norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def active_vectors(step, num_vectors: int, progressive_words: int):
+  """How many of the vectors the prompts use at `step` (works on ints and traced arrays)."""
+  if not progressive_words:
+    return num_vectors
+  return jnp.minimum(num_vectors, 1 + step // progressive_words) if isinstance(step, jax.Array) \
+      else min(num_vectors, 1 + int(step) // progressive_words)
 
 
 def make_pmapped_step(settings: StepSettings, optimizer, lr, devices):
