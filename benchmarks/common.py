@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import resource
 import statistics
@@ -56,4 +55,4 @@ def median(xs):
   return statistics.median(xs)
 
 
-__all__ = ["RESOLUTION", "model_configs", "timed", "max_rss_bytes", "report", "median", "copy"]
+__all__ = ["RESOLUTION", "model_configs", "timed", "max_rss_bytes", "report", "median"]

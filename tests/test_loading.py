@@ -11,7 +11,7 @@ import pytest
 from flax import serialization, traverse_util
 
 from ti_jax import convert, safetensors_io
-from ti_jax.loading import (ModelLoadError, load_component_weights, load_stable_diffusion,
+from ti_jax.loading import (ModelLoadError, load_stable_diffusion,
                             resolve_model_dir)
 
 

@@ -12,7 +12,6 @@ A run directory (`--workdir`) holds:
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax

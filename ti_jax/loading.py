@@ -10,7 +10,6 @@ pickles. Every failure is a `ModelLoadError` whose message is one line.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 from typing import Any, Callable

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
