@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ti_jax import checkpointing, embedding_io, embeddings, fileio, parallel, sampling, schedulers
-from ti_jax.loading import ModelLoadError, load_stable_diffusion
+from ti_jax.loading import DEFAULT_CACHE_DIR, ModelLoadError, load_stable_diffusion
 
 
 class SampleError(ValueError):
@@ -51,13 +51,20 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def gather_concepts(workdir: str | None, step: int | None,
-                    sources: Sequence[str]) -> list[embedding_io.Concept]:
-  """Concepts of the run in `workdir` (if any) and of each `PATH[:TOKEN]` in `sources`."""
-  concepts = []
+                    sources: Sequence[str]) -> tuple[list[embedding_io.Concept], dict]:
+  """Concepts of the run in `workdir` (first) and of each `PATH[:TOKEN]` in `sources`.
+
+  Also returns the run's checkpoint metadata ({} without a workdir), read
+  with its vectors in one restore.
+  """
+  concepts, run_meta = [], {}
   if workdir:
     if not fileio.is_dir(workdir):
       raise SampleError(f"run directory {workdir} does not exist")
-    concepts += embedding_io.load_concepts(workdir, step)
+    vectors, run_meta = checkpointing.learned_from_workdir(workdir, step)
+    concepts.append(embedding_io.Concept(
+        run_meta["placeholder_token"], vectors, workdir,
+        base_model=run_meta.get("pretrained_model_name_or_path")))
   for spec in sources:
     concepts += embedding_io.load_concepts(spec)
   seen = {}
@@ -66,23 +73,16 @@ def gather_concepts(workdir: str | None, step: int | None,
       raise SampleError(f"token {c.token!r} comes from both {seen[c.token]} and {c.source}; "
                         "rename one with PATH:NEW_TOKEN")
     seen[c.token] = c.source
-  return concepts
+  return concepts, run_meta
 
 
-def resolve_base_model(override: str, workdir: str | None,
-                       concepts: Sequence[embedding_io.Concept]) -> tuple[str, str]:
-  """(model id or path, cache_dir) to sample with."""
-  cache_dir = "~/.cache/ti_jax"
-  run_meta = None
-  if workdir:
-    run_meta = checkpointing.read_identity(workdir)
+def resolve_base_model(override: str, concepts: Sequence[embedding_io.Concept]) -> str:
+  """The model to sample with: the override, else the first concept's (the run's) base model."""
   if override:
-    return override, cache_dir
-  if run_meta:
-    return run_meta["pretrained_model_name_or_path"], cache_dir
+    return override
   for c in concepts:
     if c.base_model:
-      return c.base_model, cache_dir
+      return c.base_model
   raise SampleError("no base model: pass --workdir of a training run or "
                     "--pretrained_model_name_or_path")
 
@@ -118,8 +118,8 @@ def prepare_prompt(prompt: str, concepts, tokenizer) -> tuple[str, list[str]]:
     warnings.append(f"prompt {prompt!r} uses none of the learned tokens "
                     f"({', '.join(c.token for c in concepts)})")
   for c in concepts:
-    prompt = embeddings.expand_placeholder(prompt, c.token, c.vectors.shape[0]) \
-        if c.vectors.shape[0] > 1 and f"{c.token}_1" not in prompt else prompt
+    if f"{c.token}_1" not in prompt:  # the user has not spelt the vectors out already
+      prompt = embeddings.expand_placeholder(prompt, c.token, c.vectors.shape[0])
   length = len(tokenizer(prompt).input_ids)
   if length > tokenizer.model_max_length:
     warnings.append(f"prompt {prompt[:40]!r}... is {length} tokens; truncated to "
@@ -150,12 +150,9 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
     schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
   except ValueError as e:
     raise SampleError(str(e)) from None
-  concepts = gather_concepts(workdir, step, embedding_sources)
-  model_id, default_cache = resolve_base_model(pretrained_model_name_or_path, workdir, concepts)
-  run_config, ckpt_step = {}, None
-  if workdir:
-    _, meta = checkpointing.learned_from_workdir(workdir, step)
-    run_config, ckpt_step = meta.get("config", {}), meta.get("step")
+  concepts, run_meta = gather_concepts(workdir, step, embedding_sources)
+  model_id = resolve_base_model(pretrained_model_name_or_path, concepts)
+  run_config, ckpt_step = run_meta.get("config", {}), run_meta.get("step")
   # The run's weight files (variant, revision) apply only to its own base model.
   same_files = not pretrained_model_name_or_path or _same_model(
       pretrained_model_name_or_path, run_config.get("pretrained_model_name_or_path", ""))
@@ -170,7 +167,7 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
       revision=(run_config.get("revision") or None) if same_files else None,
       allow_pickle=allow_pickle or bool(run_config.get("allow_pickle")),
       attention_impl=run_config.get("attention_impl") or None,
-      cache_dir=cache_dir or run_config.get("cache_dir", default_cache))
+      cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR))
   check_concepts_fit(concepts, model_id, sd.text_encoder.config.hidden_size,
                      allow_base_model_mismatch)
   learned = add_concepts(sd.tokenizer, concepts)
