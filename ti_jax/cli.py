@@ -58,3 +58,12 @@ def start(argv: Sequence[str]):
   if not f["verbosity"].present:  # Orbax and JAX log every save at INFO; keep the output readable
     logging.set_verbosity(logging.WARNING)
   return f
+
+
+def log(msg: str) -> None:
+  """A status line on stderr from process 0 only, without breaking an active progress bar."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:  # one voice for a multi-host run
+    return
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  tqdm.write(msg, file=sys.stderr)

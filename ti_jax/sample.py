@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax import checkpointing, embedding_io, embeddings, fileio, parallel, sampling, schedulers
+from ti_jax import checkpointing, cli, embedding_io, embeddings, fileio, parallel, sampling, schedulers
 from ti_jax.loading import DEFAULT_CACHE_DIR, ModelLoadError, load_stable_diffusion
 
 
@@ -38,11 +38,7 @@ USER_ERRORS = (SampleError, ModelLoadError, embedding_io.EmbeddingFileError,
                embeddings.EmbeddingError, checkpointing.WorkdirError)
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() != 0:
-    return
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  tqdm.write(msg, file=sys.stderr)  # keeps an active progress bar intact
+_log = cli.log
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -228,7 +224,6 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
 
 
 def main(argv: Sequence[str]) -> None:
-  from ti_jax import cli  # pylint: disable=import-outside-toplevel
   f = cli.start(argv)
   from ti_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)

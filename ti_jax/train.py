@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax import checkpointing, data, embeddings, fileio, parallel, schedulers, train_lib
+from ti_jax import checkpointing, cli, data, embeddings, fileio, parallel, schedulers, train_lib
 from ti_jax.loading import ModelLoadError, load_stable_diffusion
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -99,11 +99,7 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() != 0:  # one voice for a multi-host run
-    return
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  tqdm.write(msg, file=sys.stderr)  # keeps an active progress bar intact
+_log = cli.log
 
 
 def encode_views(vae, vae_params, views: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -429,7 +425,6 @@ def _progress_bar(start: int, total: int, enabled: bool):
 
 
 def main(argv: Sequence[str]) -> None:
-  from ti_jax import cli  # pylint: disable=import-outside-toplevel
   f = cli.start(argv)
   from ti_jax import distributed  # pylint: disable=import-outside-toplevel
   config = cli.config_or_exit(f)
