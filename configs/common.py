@@ -51,6 +51,9 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
 
   # --- Optimisation ---
   c.train_batch_size = 4  # per device
+  # If > 0, the global batch regardless of the device count (train_batch_size is
+  # then global_batch_size / devices): reproduces a run on other hardware.
+  c.global_batch_size = 0
   c.max_train_steps = 5000
   c.learning_rate = 5e-3  # base rate; multiplied by the global batch if scale_lr
   c.scale_lr = True  # lr = learning_rate * train_batch_size * number of devices (paper)
@@ -68,6 +71,11 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   # Paper ablation (progressive extension): start with one vector and add the next
   # of num_vectors every N steps (0 = all vectors from the start).
   c.progressive_words = 0
+  # Paper ablation (per-image tokens): learn one extra token S_i per training image;
+  # with probability per_image_token_p a prompt reads "... S* with S_i" for the
+  # example's image, so image-specific detail can go to S_i. Only S* is exported.
+  c.per_image_tokens = False
+  c.per_image_token_p = 0.25
 
   # --- Checkpoints, logging, validation ---
   c.checkpointing_steps = 500  # save an Orbax checkpoint every N steps (and at the end)

@@ -171,8 +171,9 @@ def test_eight_devices_equal_one_device(tmp_path, cache_dir):
   assert jax.local_device_count() >= 8, "conftest sets 8 fake CPU devices"
   one = train.run(_config(cache_dir, train_batch_size=8), str(tmp_path / "one"),
                   devices=jax.local_devices()[:1], progress=False)
-  eight = train.run(_config(cache_dir, train_batch_size=1), str(tmp_path / "eight"),
-                    devices=jax.local_devices()[:8], progress=False)
+  # The same global batch, set once for any device count (train_batch_size is then ignored).
+  eight = train.run(_config(cache_dir, train_batch_size=3, global_batch_size=8),
+                    str(tmp_path / "eight"), devices=jax.local_devices()[:8], progress=False)
   # Same examples and noise; only the order of float sums differs.
   np.testing.assert_allclose(eight["embeds"], one["embeds"], rtol=0, atol=1e-5)
   initial = train.run(_config(cache_dir, max_train_steps=0 + 1, train_batch_size=8),

@@ -24,7 +24,9 @@ from ti_jax import fileio, safetensors_io
 # changed would silently mix two concepts, so it is refused.
 IDENTITY_FIELDS = ("placeholder_token", "num_vectors", "initializer_token",
                    "pretrained_model_name_or_path", "learnable_property", "train_data_dir",
-                   "resolution")
+                   "resolution", "per_image_tokens")
+# Values of identity fields added after runs were first written.
+_IDENTITY_DEFAULTS = {"per_image_tokens": False}
 
 
 class WorkdirError(ValueError):
@@ -45,8 +47,9 @@ def check_identity(workdir: str, identity: dict) -> bool:
     existing = json.loads(fileio.read_text(path))
   except (OSError, json.JSONDecodeError) as e:
     raise WorkdirError(f"cannot read {path}: {e}") from None
-  diffs = [f"{k}: {existing.get(k)!r} there, {identity.get(k)!r} now"
-           for k in IDENTITY_FIELDS if existing.get(k) != identity.get(k)]
+  diffs = [f"{k}: {existing.get(k, _IDENTITY_DEFAULTS.get(k))!r} there, {identity.get(k)!r} now"
+           for k in IDENTITY_FIELDS
+           if existing.get(k, _IDENTITY_DEFAULTS.get(k)) != identity.get(k)]
   if diffs:
     raise WorkdirError(
         f"workdir {workdir} holds another run ({'; '.join(diffs)}); use a new --workdir "

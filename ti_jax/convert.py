@@ -52,6 +52,10 @@ UNET = ComponentSpec("unet")
 VAE = ComponentSpec("vae")
 TEXT_ENCODER = ComponentSpec("text_encoder", strip_prefix="text_model.",
                              ignore=(r"(^|\.)position_ids$",))
+# diffusers' LDMBertModel: the encoder sits under `model.`; the unused
+# `to_logits` language-model head is dropped.
+LDM_BERT = ComponentSpec("text_encoder", strip_prefix="model.",
+                         ignore=(r"^to_logits\.", r"(^|\.)position_ids$"))
 
 
 def torch_key_to_path(key: str) -> tuple[str, ...]:

@@ -110,6 +110,7 @@ _WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 # (SeedSequence pads short entropy with zeros, so lengths alone would not do).
 _EXAMPLE_STREAM = 1
 _EPOCH_STREAM = 2
+_PER_IMAGE_STREAM = 3
 
 
 def _one_line(text: str) -> str:
@@ -405,6 +406,30 @@ def example_choices(seed: int, step: int, global_indices: np.ndarray, *,
     templates[i] = rng.integers(num_templates)
     views[i] = image + num_images if flipped else image
   return views, templates
+
+
+def per_image_choices(seed: int, step: int, global_indices: np.ndarray,
+                      probability: float) -> np.ndarray:
+  """Whether each example's prompt also names its image's own token (paper ablation).
+
+  With per-image tokens the paper mixes, with some probability, prompts such
+  as "a photo of a S* with S_i" in which S_i belongs to the example's image,
+  so image-specific details can go into S_i instead of S*. Like
+  `example_choices`, the draw is a pure function of ``(seed, step, global
+  example index)``, from its own stream so the other choices do not change.
+
+  Returns:
+    bool ``[B]``.
+  """
+  if not 0.0 <= probability <= 1.0:
+    raise DataError(f"per-image token probability must be in [0, 1], got {probability}")
+  return np.array([np.random.default_rng([seed, _PER_IMAGE_STREAM, step, g]).random() < probability
+                   for g in np.asarray(global_indices).reshape(-1).tolist()], dtype=bool)
+
+
+def with_image_token(concept_text: str, image_token: str) -> str:
+  """The placeholder text of a per-image prompt: "S* with S_i"."""
+  return f"{concept_text} with {image_token}"
 
 
 def templates_for(learnable_property: str) -> tuple[str, ...]:

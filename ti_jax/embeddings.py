@@ -29,7 +29,16 @@ def add_placeholder_tokens(tokenizer, placeholder_token: str, num_vectors: int) 
   """
   if not placeholder_token or any(c.isspace() for c in placeholder_token):
     raise EmbeddingError(f"placeholder_token {placeholder_token!r} must be one word without spaces")
-  tokens = placeholder_tokens(placeholder_token, num_vectors)
+  return add_new_tokens(tokenizer, placeholder_tokens(placeholder_token, num_vectors))
+
+
+def per_image_tokens(placeholder_token: str, num_images: int) -> list[str]:
+  """`tok_image0`, `tok_image1`, ...: one extra pseudo-word per training image (paper ablation)."""
+  return [f"{placeholder_token}_image{i}" for i in range(num_images)]
+
+
+def add_new_tokens(tokenizer, tokens: list[str]) -> list[int]:
+  """Adds `tokens` to `tokenizer` (in place), refusing any that already exist; returns their ids."""
   vocab = tokenizer.get_vocab()
   for tok in tokens:
     if tok in vocab or f"{tok}</w>" in vocab:
@@ -81,6 +90,17 @@ def initializer_vectors(tokenizer, token_table: np.ndarray, initializer_token: s
     note = (f"initializer {initializer_token!r} is {len(ids)} tokens {pieces}; "
             f"cycled them over the {num_vectors} vectors")
   return Initializer(vectors.astype(np.float32), note)
+
+
+def token_table(text_encoder, params):
+  """The token table `[V, D]` inside a text encoder's params (CLIP or LDMBert).
+
+  Each text-encoder module names where its table lives (`TOKEN_TABLE_PATH`),
+  so training and sampling splice vectors the same way for every model.
+  """
+  for name in text_encoder.TOKEN_TABLE_PATH:
+    params = params[name]
+  return params
 
 
 def embed_tokens(token_table: jax.Array, learned: jax.Array, placeholder_ids: jax.Array,

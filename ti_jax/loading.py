@@ -1,7 +1,12 @@
-"""Loading diffusers-format Stable Diffusion folders (local or from the hub) into ti_jax models.
+"""Loading diffusers-format latent diffusion folders (local or from the hub) into ti_jax models.
 
 `load_stable_diffusion(name_or_path)` returns the three Flax modules with
-their params, the CLIP tokenizer and the scheduler config. Weights come from
+their params, the tokenizer and the scheduler config. It reads Stable
+Diffusion 1.x/2.x folders (`StableDiffusionPipeline`: unet, vae,
+text_encoder = CLIP) and the paper's LDM-1.4B (`LDMTextToImagePipeline`:
+unet, vqvae = a KL autoencoder, bert = LDMBert with a BERT tokenizer); the
+components are addressed by role (unet, vae, text_encoder) whatever their
+folder is called. Weights come from
 PyTorch-layout `.safetensors` (preferred), diffusers/transformers Flax
 `.msgpack`, or, only with `allow_pickle=True` and torch installed, `.bin`
 pickles. Every failure is a `ModelLoadError` whose message is one line.
@@ -21,6 +26,7 @@ import numpy as np
 from ti_jax import convert, safetensors_io
 from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.models.ldm_bert import LDMBertConfig, LDMBertModel, is_ldm_bert_config
 from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ti_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -36,8 +42,22 @@ _FLAX_FILES = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_mo
                "text_encoder": "flax_model.msgpack"}
 _BIN_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
               "text_encoder": "pytorch_model"}
-_SPECS = {"unet": convert.UNET, "vae": convert.VAE, "text_encoder": convert.TEXT_ENCODER}
 COMPONENTS = ("unet", "vae", "text_encoder")
+
+# Per pipeline class: the folder of each component role, and the tokenizer
+# classes its folder may name.
+PIPELINE_FOLDERS = {
+    "StableDiffusionPipeline": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"},
+    "LDMTextToImagePipeline": {"unet": "unet", "vae": "vqvae", "text_encoder": "bert"},
+}
+_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "BertTokenizer", "BertTokenizerFast")
+
+
+def component_spec(component: str, config: dict) -> convert.ComponentSpec:
+  """How a component's checkpoint keys map onto its Flax tree (the text encoder's depends on its type)."""
+  if component == "text_encoder":
+    return convert.LDM_BERT if is_ldm_bert_config(config) else convert.TEXT_ENCODER
+  return {"unet": convert.UNET, "vae": convert.VAE}[component]
 
 
 @dataclasses.dataclass
@@ -64,17 +84,20 @@ def _one_line(e: BaseException) -> str:
 def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
   var = f".{variant}" if variant else ""
   patterns = ["model_index.json", "scheduler/*.json", "tokenizer/*"]
-  for comp in COMPONENTS:
+  # model_index.json is not known before the download: ask for the folders of
+  # every supported pipeline (patterns that match nothing cost nothing).
+  pairs = {(role, sub) for folders in PIPELINE_FOLDERS.values() for role, sub in folders.items()}
+  for comp, sub in sorted(pairs):
     stem = _WEIGHT_STEMS[comp]
-    patterns += [f"{comp}/config.json", f"{comp}/{stem}{var}.safetensors",
-                 f"{comp}/{stem}{var}.safetensors.index.json",
-                 f"{comp}/{stem}{var}-*.safetensors", f"{comp}/{_FLAX_FILES[comp]}"]
+    patterns += [f"{sub}/config.json", f"{sub}/{stem}{var}.safetensors",
+                 f"{sub}/{stem}{var}.safetensors.index.json",
+                 f"{sub}/{stem}{var}-*.safetensors", f"{sub}/{_FLAX_FILES[comp]}"]
     if allow_pickle:
-      patterns.append(f"{comp}/{_BIN_FILES[comp]}{var}.bin")
+      patterns.append(f"{sub}/{_BIN_FILES[comp]}{var}.bin")
   return patterns
 
 
-TINY_MODELS = ("tiny-sd15", "tiny-sd21")
+TINY_MODELS = ("tiny-sd15", "tiny-sd21", "tiny-ldm")
 DEFAULT_CACHE_DIR = "~/.cache/ti_jax"
 
 
@@ -83,8 +106,8 @@ def resolve_model_dir(name_or_path: str, *, variant: str | None = None,
                       cache_dir: str = DEFAULT_CACHE_DIR) -> str:
   """Returns a local diffusers folder for `name_or_path`.
 
-  A folder is used as is; "tiny-sd15"/"tiny-sd21" name ti_jax's random-weight
-  test models, written under `cache_dir` on first use; anything else is a hub
+  A folder is used as is; "tiny-sd15"/"tiny-sd21"/"tiny-ldm" name ti_jax's
+  random-weight test models, written under `cache_dir` on first use; anything else is a hub
   id, of which only the needed files are fetched.
   """
   if os.path.isdir(name_or_path):
@@ -130,13 +153,14 @@ def _find_safetensors(folder: str, stem: str, variant: str | None) -> list[str]:
 
 
 def load_component_weights(folder: str, component: str, *, variant: str | None = None,
-                           allow_pickle: bool = False) -> tuple[str, Any]:
-  """Reads one component's weights.
+                           allow_pickle: bool = False, subfolder: str | None = None
+                           ) -> tuple[str, Any]:
+  """Reads one component's weights from `folder/subfolder` (default subfolder: the role name).
 
   Returns `("torch", {key: array})` for PyTorch-layout weights or
   `("flax", tree)` for a Flax msgpack. Raises `ModelLoadError` if none is usable.
   """
-  sub = os.path.join(folder, component)
+  sub = os.path.join(folder, subfolder or component)
   files = _find_safetensors(sub, _WEIGHT_STEMS[component], variant)
   if files:
     state: dict[str, np.ndarray] = {}
@@ -183,20 +207,28 @@ def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
                   vae_dtype: Any = None) -> dict[str, Any]:
   """Builds the three Flax modules from diffusers/transformers config dicts.
 
+  The text encoder is an LDMBert when its config says so, else CLIP.
   `vae_dtype` (default: `dtype`) sets the VAE's compute and param dtype apart
   from the UNet and text encoder.
   """
+  ldm_bert = is_ldm_bert_config(configs["text_encoder"])
   try:
     unet_cfg = UNetConfig.from_diffusers(configs["unet"])
     vae_cfg = VAEConfig.from_diffusers(configs["vae"])
-    text_cfg = CLIPTextConfig.from_transformers(configs["text_encoder"])
+    text_cfg = (LDMBertConfig if ldm_bert else CLIPTextConfig).from_transformers(
+        configs["text_encoder"])
   except UnsupportedConfigError as e:
     raise ModelLoadError(str(e)) from None
+  if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
+    raise ModelLoadError(
+        f"text encoder width {text_cfg.hidden_size} does not match the UNet's "
+        f"cross_attention_dim {unet_cfg.cross_attention_dim}")
   kw = dict(dtype=dtype, param_dtype=param_dtype)
+  text_cls = LDMBertModel if ldm_bert else CLIPTextModel
   return {
       "unet": UNet2DConditionModel(unet_cfg, attention_impl=attention_impl, **kw),
       "vae": AutoencoderKL(vae_cfg, dtype=vae_dtype or dtype, param_dtype=vae_dtype or param_dtype),
-      "text_encoder": CLIPTextModel(text_cfg, attention_impl=attention_impl, **kw),
+      "text_encoder": text_cls(text_cfg, attention_impl=attention_impl, **kw),
   }
 
 
@@ -220,33 +252,61 @@ def param_shapes(modules: dict[str, Any]) -> dict[str, Any]:
           for name, fn in init_fns(modules).items()}
 
 
+def component_folders(model_index: dict) -> dict[str, str]:
+  """Role -> subfolder for a model_index.json (one-line error for unsupported pipelines)."""
+  cls = model_index.get("_class_name") or "StableDiffusionPipeline"
+  if cls not in PIPELINE_FOLDERS:
+    raise ModelLoadError(f"pipeline {cls!r} is not supported (ti_jax loads "
+                         f"{' and '.join(PIPELINE_FOLDERS)} folders)")
+  folders = PIPELINE_FOLDERS[cls]
+  vae_class = (model_index.get(folders["vae"]) or [None, None])[1]
+  if vae_class not in (None, "AutoencoderKL"):
+    raise ModelLoadError(f"{folders['vae']} is a {vae_class}; ti_jax supports AutoencoderKL "
+                         "latent spaces only")
+  return folders
+
+
 def read_configs(folder: str) -> dict[str, dict]:
-  """Reads model_index.json and each component's config from a diffusers folder."""
+  """Reads model_index.json and each component's config (keyed by role) from a diffusers folder."""
   if not os.path.isdir(folder):
     raise ModelLoadError(f"model folder not found: {folder}")
   index = _read_json(os.path.join(folder, "model_index.json"), "model_index.json")
-  cls = index.get("_class_name")
-  if cls not in (None, "StableDiffusionPipeline"):
-    raise ModelLoadError(
-        f"{folder}: pipeline {cls!r} is not supported (ti_jax loads StableDiffusionPipeline folders)")
+  try:
+    folders = component_folders(index)
+  except ModelLoadError as e:
+    raise ModelLoadError(f"{folder}: {e}") from None
   configs = {"model_index": index}
   for comp in COMPONENTS:
-    configs[comp] = _read_json(os.path.join(folder, comp, "config.json"), f"{comp} config")
+    configs[comp] = _read_json(os.path.join(folder, folders[comp], "config.json"),
+                               f"{folders[comp]} config")
   configs["scheduler"] = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
                                     "scheduler config")
   return configs
 
 
-def load_tokenizer(folder: str):
-  """The CLIP tokenizer of a diffusers folder (transformers' CLIPTokenizer)."""
+def load_tokenizer(folder: str, model_index: dict | None = None, max_length: int | None = None):
+  """The tokenizer of a diffusers folder: the class model_index.json names (CLIP or BERT).
+
+  `max_length` (the text encoder's positions) caps `model_max_length`: BERT
+  tokenizers declare 512, but LDMBert reads 77 tokens, and every prompt is
+  padded or cut to `model_max_length`.
+  """
   path = os.path.join(folder, "tokenizer")
   if not os.path.isdir(path):
     raise ModelLoadError(f"missing tokenizer folder: {path}")
-  from transformers import CLIPTokenizer  # pylint: disable=import-outside-toplevel
+  entry = (model_index or {}).get("tokenizer") or [None, "CLIPTokenizer"]
+  name = entry[1] or "CLIPTokenizer"
+  if name not in _TOKENIZERS:
+    raise ModelLoadError(f"{path}: tokenizer class {name!r} is not supported "
+                         f"(supported: {', '.join(_TOKENIZERS)})")
+  import transformers  # pylint: disable=import-outside-toplevel
   try:
-    return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = getattr(transformers, name).from_pretrained(path, local_files_only=True)
   except Exception as e:  # transformers raises OSError/ValueError/TypeError for bad folders
     raise ModelLoadError(f"cannot load tokenizer from {path}: {_one_line(e)}") from None
+  if max_length and tokenizer.model_max_length > max_length:
+    tokenizer.model_max_length = max_length
+  return tokenizer
 
 
 def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
@@ -255,11 +315,12 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
                           attention_impl: str | None = None,
                           cache_dir: str = DEFAULT_CACHE_DIR,
                           vae_dtype: Any = None) -> StableDiffusion:
-  """Loads a diffusers-format Stable Diffusion 1.x/2.x model.
+  """Loads a diffusers-format Stable Diffusion 1.x/2.x or LDM-1.4B text-to-image model.
 
   Args:
     name_or_path: a local diffusers folder or a hub id such as
-      "stable-diffusion-v1-5/stable-diffusion-v1-5" (only the needed files are fetched).
+      "stable-diffusion-v1-5/stable-diffusion-v1-5" or
+      "CompVis/ldm-text2im-large-256" (only the needed files are fetched).
     dtype: compute dtype of the Flax modules (float32 or bfloat16).
     param_dtype: dtype the weights are stored in on the host/device.
     variant: weight file variant, e.g. "fp16" for `*.fp16.safetensors`.
@@ -276,16 +337,19 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
   folder = resolve_model_dir(name_or_path, variant=variant, revision=revision,
                              allow_pickle=allow_pickle, cache_dir=cache_dir)
   configs = read_configs(folder)
+  folders = component_folders(configs["model_index"])
   modules = build_modules(configs, dtype=dtype, param_dtype=param_dtype,
                           attention_impl=attention_impl, vae_dtype=vae_dtype)
   shapes = param_shapes(modules)
   params = {}
   for comp in COMPONENTS:
     store_dtype = (vae_dtype or param_dtype) if comp == "vae" else param_dtype
-    kind, weights = load_component_weights(folder, comp, variant=variant, allow_pickle=allow_pickle)
+    kind, weights = load_component_weights(folder, comp, variant=variant,
+                                           allow_pickle=allow_pickle, subfolder=folders[comp])
     try:
       if kind == "torch":
-        tree = convert.convert_torch_state_dict(_SPECS[comp], weights, shapes[comp],
+        tree = convert.convert_torch_state_dict(component_spec(comp, configs[comp]), weights,
+                                                shapes[comp],
                                                 dtype=np.dtype(store_dtype))
       else:
         tree = convert.normalize_legacy_flax_tree(weights)
@@ -299,5 +363,7 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
       unet=modules["unet"], unet_params=params["unet"],
       vae=modules["vae"], vae_params=params["vae"],
       text_encoder=modules["text_encoder"], text_encoder_params=params["text_encoder"],
-      tokenizer=load_tokenizer(folder), scheduler_config=configs["scheduler"],
+      tokenizer=load_tokenizer(folder, configs["model_index"],
+                               modules["text_encoder"].config.max_position_embeddings),
+      scheduler_config=configs["scheduler"],
       model_index=configs["model_index"])

@@ -1,6 +1,6 @@
-"""Architecture configs of the real and tiny Stable Diffusion models, as diffusers writes them.
+"""Architecture configs of the real and tiny latent diffusion models, as diffusers writes them.
 
-The SD 1.5 and SD 2.1 entries are the `config.json` contents of the public
+The SD 1.5, SD 2.1 and LDM-1.4B entries are the `config.json` contents of the public
 checkpoints (architecture fields only); tests use them to prove that real
 checkpoints convert key for key, and benchmarks build random-weight models of
 those shapes. The tiny entries keep the SD topology at toy widths for
@@ -66,6 +66,23 @@ _SD21["scheduler"] = dict(_SCHEDULER_BASE, _class_name="DDIMScheduler",
                           prediction_type="v_prediction")
 
 
+# The paper's LDM-1.4B as diffusers publishes it ("CompVis/ldm-text2im-large-256"):
+# the SD 1.x UNet topology at 256 px with 1280-wide LDMBert context, a KL-f8
+# autoencoder (folder "vqvae") and DDIM.
+_LDM = copy.deepcopy(_SD15)
+_LDM["unet"].update(sample_size=32, cross_attention_dim=1280)
+_LDM["vae"].update(sample_size=256)
+_LDM["text_encoder"] = {
+    "architectures": ["LDMBertModel"], "model_type": "ldmbert",
+    "vocab_size": 30522, "max_position_embeddings": 77, "d_model": 1280,
+    "encoder_layers": 32, "encoder_ffn_dim": 5120, "encoder_attention_heads": 8,
+    "head_dim": 64, "activation_function": "gelu", "scale_embedding": False,
+    "pad_token_id": 0,
+}
+_LDM["scheduler"] = dict(_SCHEDULER_BASE, _class_name="DDIMScheduler",
+                         prediction_type="epsilon")
+
+
 def _tiny(base: dict, **unet_overrides) -> dict:
   cfg = copy.deepcopy(base)
   cfg["unet"].update(
@@ -76,8 +93,12 @@ def _tiny(base: dict, **unet_overrides) -> dict:
   cfg["vae"].update(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8,
                     sample_size=64)
   # vocab_size is set by the writer from the tiny tokenizer it writes.
-  cfg["text_encoder"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, projection_dim=32)
+  if cfg["text_encoder"]["model_type"] == "ldmbert":
+    cfg["text_encoder"].update(d_model=32, encoder_ffn_dim=64, encoder_layers=2,
+                               encoder_attention_heads=2, head_dim=8)
+  else:
+    cfg["text_encoder"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, projection_dim=32)
   return cfg
 
 
@@ -86,6 +107,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd21": _SD21,
     "tiny-sd15": _tiny(_SD15, attention_head_dim=2),
     "tiny-sd21": _tiny(_SD21, attention_head_dim=[2, 4, 4]),
+    "ldm": _LDM,
+    "tiny-ldm": _tiny(_LDM, attention_head_dim=2),
 }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from ti_jax import fileio, parallel, schedulers
-from ti_jax.embeddings import embed_tokens
+from ti_jax.embeddings import embed_tokens, token_table
 
 
 @flax.struct.dataclass
@@ -46,7 +46,7 @@ class _GenSettings:
 
 
 def _encode(settings: _GenSettings, arrays: _GenArrays, ids: jax.Array) -> jax.Array:
-  table = arrays.text_encoder["embeddings"]["token_embedding"]["embedding"]  # [V, D]
+  table = token_table(settings.text_encoder, arrays.text_encoder)  # [V, D]
   embeds = embed_tokens(table, arrays.learned, arrays.placeholder_ids, ids)
   return settings.text_encoder.apply({"params": arrays.text_encoder}, ids, inputs_embeds=embeds)
 

@@ -1,8 +1,10 @@
-"""Writes a complete diffusers-format Stable Diffusion folder with tiny random weights.
+"""Writes a complete diffusers-format latent diffusion folder with tiny random weights.
 
 The folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
 scheduler/) loads in ti_jax and in diffusers' PyTorch
-`StableDiffusionPipeline.from_pretrained`, so tests, CI and the offline demo
+`StableDiffusionPipeline.from_pretrained`; the "tiny-ldm" preset writes the
+paper's LDM layout instead (vqvae/, bert/ with an LDMBert, a BERT
+tokenizer) for `LDMTextToImagePipeline.from_pretrained`. Tests, CI and the offline demo
 run the real loading code without the network. The weights are random: images
 made with it are noise-like by design.
 
@@ -20,7 +22,10 @@ import jax
 import numpy as np
 
 from ti_jax import convert, presets, safetensors_io
-from ti_jax.tiny_tokenizer import write_tiny_clip_tokenizer
+from ti_jax.loading import PIPELINE_FOLDERS, build_modules, component_spec, param_shapes
+
+TINY_PRESETS = ("tiny-sd15", "tiny-sd21", "tiny-ldm")
+from ti_jax.tiny_tokenizer import write_tiny_bert_tokenizer, write_tiny_clip_tokenizer
 
 # Recorded in the configs as the writing library's version; diffusers and
 # transformers only compare it to warn about very old files.
@@ -44,14 +49,25 @@ def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writ
     tokenizer_writer: `fn(tokenizer_dir)` that writes the tokenizer files.
   """
   os.makedirs(out_dir, exist_ok=True)
-  specs = {"unet": convert.UNET, "vae": convert.VAE, "text_encoder": convert.TEXT_ENCODER}
+  ldm = configs["text_encoder"].get("model_type") == "ldmbert"
+  pipeline = "LDMTextToImagePipeline" if ldm else "StableDiffusionPipeline"
+  folders = PIPELINE_FOLDERS[pipeline]
   classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
-  for comp, spec in specs.items():
-    sub = os.path.join(out_dir, comp)
+  for comp in ("unet", "vae", "text_encoder"):
+    sub = os.path.join(out_dir, folders[comp])
     os.makedirs(sub, exist_ok=True)
+    spec = component_spec(comp, configs[comp])
     state = {k: v.astype(np.float32) for k, v in
              convert.flax_params_to_torch_state_dict(spec, params[comp]).items()}
-    if comp == "text_encoder":
+    if comp == "text_encoder" and ldm:
+      # LDMBertModel's language-model head: unused by the pipeline, but part
+      # of the PyTorch model, so it is written to load without missing keys.
+      table = state["model.embed_tokens.weight"]  # [V, D]
+      state["to_logits.weight"] = np.ascontiguousarray(table)
+      state["to_logits.bias"] = np.zeros(table.shape[0], np.float32)
+      cfg = dict(configs[comp], transformers_version=_TRANSFORMERS_VERSION, dtype="float32")
+      safetensors_io.save(os.path.join(sub, "model.safetensors"), state, {"format": "pt"})
+    elif comp == "text_encoder":
       cfg = dict(configs[comp], architectures=["CLIPTextModel"], model_type="clip_text_model",
                  transformers_version=_TRANSFORMERS_VERSION, dtype="float32")
       safetensors_io.save(os.path.join(sub, "model.safetensors"), state, {"format": "pt"})
@@ -64,8 +80,19 @@ def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writ
   _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"),
               dict(configs["scheduler"], _diffusers_version=_DIFFUSERS_VERSION))
   tokenizer_writer(os.path.join(out_dir, "tokenizer"))
+  if ldm:
+    _write_json(os.path.join(out_dir, "model_index.json"), {
+        "_class_name": pipeline,
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        "bert": ["latent_diffusion", "LDMBertModel"],
+        "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
+        "tokenizer": ["transformers", "BertTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vqvae": ["diffusers", "AutoencoderKL"],
+    })
+    return
   _write_json(os.path.join(out_dir, "model_index.json"), {
-      "_class_name": "StableDiffusionPipeline",
+      "_class_name": pipeline,
       "_diffusers_version": _DIFFUSERS_VERSION,
       "feature_extractor": [None, None],
       "requires_safety_checker": False,
@@ -98,20 +125,21 @@ def random_params(shapes, rng: np.random.Generator):
 
 
 def write_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> str:
-  """Writes a tiny random-weight SD folder for `preset` ("tiny-sd15" or "tiny-sd21"); returns out_dir."""
-  # Imported here so that `python -m ti_jax.tiny_model --help` stays fast.
-  from ti_jax.loading import build_modules, param_shapes  # pylint: disable=import-outside-toplevel
+  """Writes a tiny random-weight model folder for `preset` (see TINY_PRESETS); returns out_dir."""
   configs = presets.preset(preset)
+  ldm = configs["text_encoder"].get("model_type") == "ldmbert"
+  tokenizer_writer = write_tiny_bert_tokenizer if ldm else write_tiny_clip_tokenizer
   with tempfile.TemporaryDirectory() as tmp:
-    vocab_size = write_tiny_clip_tokenizer(tmp)
+    vocab_size = tokenizer_writer(tmp)
   configs["text_encoder"]["vocab_size"] = vocab_size
-  # The tiny tokenizer's specials are its last two ids; pad is eos, as in SD 1.x.
-  configs["text_encoder"].update(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                                 pad_token_id=vocab_size - 1)
+  if not ldm:
+    # The tiny tokenizer's specials are its last two ids; pad is eos, as in SD 1.x.
+    configs["text_encoder"].update(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                                   pad_token_id=vocab_size - 1)
   shapes = param_shapes(build_modules(configs))
   rng = np.random.default_rng(seed)
   params = {name: random_params(tree, rng) for name, tree in shapes.items()}
-  write_model_folder(out_dir, configs, params, write_tiny_clip_tokenizer)
+  write_model_folder(out_dir, configs, params, tokenizer_writer)
   return out_dir
 
 
@@ -149,7 +177,8 @@ if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("out_dir", None, "Folder to write the diffusers-format model into.",
                       required=True)
-  flags.DEFINE_enum("preset", "tiny-sd15", ["tiny-sd15", "tiny-sd21"],
+  flags.DEFINE_enum("preset", "tiny-sd15", list(TINY_PRESETS),
+                    "tiny-ldm: the paper's LDM-1.4B layout (LDMBert + BERT tokenizer, DDIM); "
                     "tiny-sd15: SD 1.x topology (conv proj, quick_gelu, epsilon); "
                     "tiny-sd21: SD 2.x topology (linear proj, per-block heads, upcast "
                     "attention, gelu, v-prediction).")

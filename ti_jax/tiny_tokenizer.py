@@ -34,7 +34,7 @@ import json
 import os
 import re
 
-__all__ = ["write_tiny_clip_tokenizer", "bytes_to_unicode", "CORPUS"]
+__all__ = ["write_tiny_clip_tokenizer", "write_tiny_bert_tokenizer", "bytes_to_unicode", "CORPUS"]
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -262,3 +262,39 @@ def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 400) -> int:
     write("special_tokens_map.json", json.dumps(special, indent=2, sort_keys=True) + "\n")
     write("tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return len(vocab)
+
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def write_tiny_bert_tokenizer(out_dir: str) -> int:
+    """Write a small uncased BERT WordPiece tokenizer folder; return its vocab size.
+
+    The paper's LDM-1.4B reads prompts with a BERT tokenizer (bert-base-uncased's
+    30,522 WordPieces). This writes the same kind of folder (``vocab.txt`` with
+    ``[PAD]`` as id 0, as LDMBert's ``pad_token_id`` expects, plus
+    ``tokenizer_config.json``) whose vocabulary is every whole word of
+    ``CORPUS`` and single characters with their ``##`` continuations, so any
+    lower-case ASCII text tokenizes and the template words are one token each.
+    It loads with ``transformers.BertTokenizer.from_pretrained``.
+    """
+    words = sorted(set(re.findall(r"[a-z]+|[0-9]", CORPUS.lower())))
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    punctuation = list(".,'-!?:;()<>_*\"/&")
+    tokens = list(BERT_SPECIAL_TOKENS) + punctuation
+    tokens += [c for c in chars if c not in words] + words + ["##" + c for c in chars]
+    assert len(set(tokens)) == len(tokens), "duplicate vocab entry"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8", newline="\n") as f:
+        f.write("".join(t + "\n" for t in tokens))
+    config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": True,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+        "sep_token": "[SEP]", "mask_token": "[MASK]",
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8",
+              newline="\n") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return len(tokens)

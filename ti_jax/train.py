@@ -54,6 +54,9 @@ def validate_config(c) -> None:
   need(c.resolution >= 8 and c.resolution % 8 == 0,
        f"config.resolution must be a positive multiple of 8, got {c.resolution}")
   need(c.train_batch_size >= 1, f"config.train_batch_size must be >= 1, got {c.train_batch_size}")
+  need(c.global_batch_size >= 0, f"config.global_batch_size must be >= 0, got {c.global_batch_size}")
+  need(0.0 <= c.per_image_token_p <= 1.0,
+       f"config.per_image_token_p must be in [0, 1], got {c.per_image_token_p}")
   need(c.max_train_steps >= 1, f"config.max_train_steps must be >= 1, got {c.max_train_steps}")
   need(c.learning_rate > 0, f"config.learning_rate must be > 0, got {c.learning_rate}")
   need(c.lr_scheduler in train_lib.LR_SCHEDULES,
@@ -184,7 +187,11 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     token_ids = embeddings.add_placeholder_tokens(sd.tokenizer, config.placeholder_token,
                                                   config.num_vectors)
     tokens = embeddings.placeholder_tokens(config.placeholder_token, config.num_vectors)
-    table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"],
+    # Paper ablation: a token per training image, mixed into some prompts.
+    image_tokens = (embeddings.per_image_tokens(config.placeholder_token, images.num_images)
+                    if config.per_image_tokens else [])
+    image_token_ids = embeddings.add_new_tokens(sd.tokenizer, image_tokens) if image_tokens else []
+    table = np.asarray(embeddings.token_table(sd.text_encoder, sd.text_encoder_params),
                        np.float32)
     if config.init_embedding:
       init = _init_from_embedding(config.init_embedding, config.num_vectors, table.shape[1])
@@ -197,19 +204,35 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     template_ids = np.stack([data.tokenize(sd.tokenizer, data.build_prompts(
         np.arange(len(templates)), templates, " ".join(tokens[:k])))
                              for k in range(1, config.num_vectors + 1)])  # [n, num_templates, T]
+    # The same with "S* with S_i" for each image i (per-image tokens only).
+    image_template_ids = np.stack([np.stack([data.tokenize(sd.tokenizer, data.build_prompts(
+        np.arange(len(templates)), templates,
+        data.with_image_token(" ".join(tokens[:k]), image_token)))
+                                             for image_token in image_tokens])
+                                   for k in range(1, config.num_vectors + 1)]
+                                  ) if image_tokens else None  # [n, N, num_templates, T]
 
     flip = config.flip_p > 0
     views = data.view_pixels(images.pixels, flip)  # [V, R, R, 3]
     _log(f"encoding {len(views)} training view(s) of {images.num_images} image(s) with the VAE once")
     latent_mean, latent_std = encode_views(sd.vae, sd.vae_params, views)
 
-    global_batch = config.train_batch_size * num_devices
+    if config.global_batch_size:
+      if config.global_batch_size % num_devices:
+        raise ConfigError(f"config.global_batch_size {config.global_batch_size} is not divisible "
+                          f"by the {num_devices} devices")
+      per_device_batch = config.global_batch_size // num_devices
+    else:
+      per_device_batch = config.train_batch_size
+    global_batch = per_device_batch * num_devices
     base_lr = config.learning_rate * (global_batch if config.scale_lr else 1)
     lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
                                           config.max_train_steps)
     optimizer = train_lib.make_optimizer(lr, config.adam_beta1, config.adam_beta2,
                                          config.adam_epsilon, config.adam_weight_decay)
-    state = train_lib.init_state(init.vectors, optimizer)
+    # Per-image vectors start where S* starts (its first vector).
+    image_init = np.repeat(init.vectors[:1], len(image_tokens), axis=0) if image_tokens else None
+    state = train_lib.init_state(init.vectors, optimizer, image_init)
 
     # Every input has loaded: only now does the workdir become this run's.
     if is_main and not resuming:
@@ -224,6 +247,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   metadata = {
       "placeholder_token": config.placeholder_token, "placeholder_tokens": tokens,
       "token_ids": token_ids, "initializer_token": config.initializer_token,
+      "per_image_tokens": image_tokens,
       "num_vectors": config.num_vectors, "embedding_dim": int(table.shape[1]),
       "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
       "model_path": sd.path, "learnable_property": config.learnable_property,
@@ -240,7 +264,8 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     if saved_meta.get("global_batch", global_batch) != global_batch:
       _log(f"warning: resuming with global batch {global_batch} (lr {base_lr:g}) where the run "
            f"used {saved_meta['global_batch']} (lr {saved_meta.get('learning_rate')}): "
-           "train_batch_size is per device and the device count changed")
+           "train_batch_size is per device and the device count changed "
+           "(set config.global_batch_size to keep it fixed)")
     if not np.array_equal(np.asarray(restored["rng"]), rng_data):
       raise checkpointing.WorkdirError(
           f"checkpoint {start} in {workdir} was made with another seed; use a new --workdir")
@@ -256,7 +281,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   frozen = train_lib.Frozen(
       unet=sd.unet_params, text_encoder=sd.text_encoder_params,
       latent_mean=latent_mean, latent_std=latent_std,
-      placeholder_ids=np.asarray(token_ids, np.int32), schedule=schedule,
+      placeholder_ids=np.asarray(token_ids + image_token_ids, np.int32), schedule=schedule,
       init_embeds=np.asarray(init.vectors, np.float32))
   settings = train_lib.StepSettings(
       unet=sd.unet, text_encoder=sd.text_encoder,
@@ -277,13 +302,19 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
 
   def batch_for(step: int) -> dict:
     # This process's share of the global batch (all of it on one host).
-    offset = jax.process_index() * config.train_batch_size * local_count
-    example_index = offset + np.arange(config.train_batch_size * local_count)
+    offset = jax.process_index() * per_device_batch * local_count
+    example_index = offset + np.arange(per_device_batch * local_count)
     view_index, template_index = data.example_choices(
         config.seed, step, example_index, global_batch_size=global_batch,
         num_images=images.num_images, flip_p=config.flip_p, num_templates=len(templates))
     k = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-    batch = {"input_ids": template_ids[k - 1][template_index], "view_index": view_index,
+    input_ids = template_ids[k - 1][template_index]  # [b, T]
+    if image_template_ids is not None:
+      mixed = data.per_image_choices(config.seed, step, example_index, config.per_image_token_p)
+      image = view_index % images.num_images  # a flipped view shows the same image
+      input_ids = np.where(mixed[:, None], image_template_ids[k - 1][image, template_index],
+                           input_ids)
+    batch = {"input_ids": input_ids, "view_index": view_index,
              "example_index": example_index.astype(np.int32)}
     return parallel.shard(batch, local_count)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from ti_jax import parallel, schedulers
-from ti_jax.embeddings import embed_tokens
+from ti_jax.embeddings import embed_tokens, token_table
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -27,7 +27,9 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 class TrainState:
   """What changes during training; everything else is frozen."""
   step: jax.Array  # int32 scalar: number of completed steps
-  params: dict  # {"embeds": [n, D] float32}, the learned pseudo-word vectors
+  # {"embeds": [n, D] float32}, the learned pseudo-word vectors, and with the
+  # per-image-token ablation "image_embeds": [N, D], one per training image.
+  params: dict
   opt_state: optax.OptState
 
 
@@ -38,7 +40,7 @@ class Frozen:
   text_encoder: Any  # includes the original token table
   latent_mean: jax.Array  # [V, h, w, C] posterior mean of each distinct training view
   latent_std: jax.Array  # [V, h, w, C]
-  placeholder_ids: jax.Array  # [n] int32, token id of each learned vector
+  placeholder_ids: jax.Array  # [n (+ N)] int32, token id of each learned vector (then image tokens)
   schedule: schedulers.NoiseSchedule  # alphas_cumprod [T] and the prediction type
   init_embeds: jax.Array | None = None  # [n, D] initial vectors, for embedding_reg_weight
 
@@ -77,9 +79,12 @@ def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
   return optax.join_schedules([ramp, after], [warmup])
 
 
+TRAINABLE = ("embeds", "image_embeds")
+
+
 def trainable_labels(params: dict) -> dict:
   """Optimizer labels: the learned vectors train; any other leaf is frozen."""
-  return {k: jax.tree_util.tree_map(lambda _: "train" if k == "embeds" else "frozen", v)
+  return {k: jax.tree_util.tree_map(lambda _: "train" if k in TRAINABLE else "frozen", v)
           for k, v in params.items()}
 
 
@@ -92,8 +97,12 @@ def make_optimizer(lr: optax.Schedule, b1: float, b2: float, eps: float,
       trainable_labels)
 
 
-def init_state(initial_vectors: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
+def init_state(initial_vectors: jax.Array, optimizer: optax.GradientTransformation,
+               image_vectors: jax.Array | None = None) -> TrainState:
+  """Step 0: the initial vectors `[n, D]` (and per-image vectors `[N, D]` for that ablation)."""
   params = {"embeds": jnp.asarray(initial_vectors, jnp.float32)}
+  if image_vectors is not None:
+    params["image_embeds"] = jnp.asarray(image_vectors, jnp.float32)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
@@ -127,8 +136,11 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   noisy = schedulers.add_noise(frozen.schedule, latents, noise, t)
   target = schedulers.training_target(frozen.schedule, latents, noise, t)
 
-  table = frozen.text_encoder["embeddings"]["token_embedding"]["embedding"]  # [V, D]
-  embeds = embed_tokens(table, params["embeds"], frozen.placeholder_ids, batch["input_ids"])
+  table = token_table(settings.text_encoder, frozen.text_encoder)  # [V, D]
+  learned = params["embeds"]  # [n, D]
+  if "image_embeds" in params:
+    learned = jnp.concatenate([learned, params["image_embeds"]])  # [n + N, D]
+  embeds = embed_tokens(table, learned, frozen.placeholder_ids, batch["input_ids"])
   context = settings.text_encoder.apply({"params": frozen.text_encoder}, batch["input_ids"],
                                         inputs_embeds=embeds)  # [b, T, D]
   pred = settings.unet.apply({"params": frozen.unet}, noisy.astype(mean.dtype), t,

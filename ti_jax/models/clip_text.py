@@ -156,6 +156,9 @@ class CLIPTextModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
 
+  # Where the token table lives in this module's params.
+  TOKEN_TABLE_PATH = ("embeddings", "token_embedding", "embedding")
+
   @nn.compact
   def __call__(self, input_ids: jax.Array, inputs_embeds: jax.Array | None = None,
                attention_mask: jax.Array | None = None) -> jax.Array:
