@@ -123,7 +123,34 @@ def prepare_prompt(prompt: str, concepts, tokenizer) -> tuple[str, list[str]]:
   return prompt, warnings
 
 
-def _slug(text: str) -> str:
+def load_base_model(concepts, run_config: dict, *, override: str = "", dtype: str = "auto",
+                    platform: str = "cpu", allow_pickle: bool = False, cache_dir: str = "",
+                    allow_base_model_mismatch: bool = False):
+  """Loads the base model the concepts were trained on (or `override`); returns (sd, model id).
+
+  The run's weight files (variant, revision) and settings apply when the base
+  model is the run's own. `dtype` "auto" is float32 on CPU, else bfloat16; the
+  VAE always decodes in float32.
+  """
+  model_id = resolve_base_model(override, concepts)
+  same_files = not override or _same_model(
+      override, run_config.get("pretrained_model_name_or_path", ""))
+  if dtype == "auto":
+    dtype = "float32" if platform == "cpu" else "bfloat16"
+  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  sd = load_stable_diffusion(
+      model_id, dtype=jdtype, param_dtype=jdtype, vae_dtype=jnp.float32,
+      variant=(run_config.get("variant") or None) if same_files else None,
+      revision=(run_config.get("revision") or None) if same_files else None,
+      allow_pickle=allow_pickle or bool(run_config.get("allow_pickle")),
+      attention_impl=run_config.get("attention_impl") or None,
+      cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR))
+  check_concepts_fit(concepts, model_id, sd.text_encoder.config.hidden_size,
+                     allow_base_model_mismatch)
+  return sd, model_id
+
+
+def slug(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
 
 
@@ -147,25 +174,13 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   except ValueError as e:
     raise SampleError(str(e)) from None
   concepts, run_meta = gather_concepts(workdir, step, embedding_sources)
-  model_id = resolve_base_model(pretrained_model_name_or_path, concepts)
   run_config, ckpt_step = run_meta.get("config", {}), run_meta.get("step")
-  # The run's weight files (variant, revision) apply only to its own base model.
-  same_files = not pretrained_model_name_or_path or _same_model(
-      pretrained_model_name_or_path, run_config.get("pretrained_model_name_or_path", ""))
   devices = list(devices) if devices is not None else parallel.all_devices()
   is_main = jax.process_index() == 0
-  if dtype == "auto":
-    dtype = "float32" if devices[0].platform == "cpu" else "bfloat16"
-  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-  sd = load_stable_diffusion(
-      model_id, dtype=jdtype, param_dtype=jdtype, vae_dtype=jnp.float32,
-      variant=(run_config.get("variant") or None) if same_files else None,
-      revision=(run_config.get("revision") or None) if same_files else None,
-      allow_pickle=allow_pickle or bool(run_config.get("allow_pickle")),
-      attention_impl=run_config.get("attention_impl") or None,
-      cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR))
-  check_concepts_fit(concepts, model_id, sd.text_encoder.config.hidden_size,
-                     allow_base_model_mismatch)
+  sd, model_id = load_base_model(
+      concepts, run_config, override=pretrained_model_name_or_path, dtype=dtype,
+      platform=devices[0].platform, allow_pickle=allow_pickle, cache_dir=cache_dir,
+      allow_base_model_mismatch=allow_base_model_mismatch)
   learned = add_concepts(sd.tokenizer, concepts)
   factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
   native = run_config.get("resolution") or sd.unet.config.sample_size * factor
@@ -206,7 +221,7 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
       continue
     # The checkpoint step is in the name, so sampling another checkpoint adds files.
     step_part = f"_step{ckpt_step}" if ckpt_step is not None else ""
-    stem = f"{p_index:03d}_{_slug(raw_prompt)}{step_part}"
+    stem = f"{p_index:03d}_{slug(raw_prompt)}{step_part}"
     for i, image in enumerate(images):
       path = fileio.join(out_dir, f"{stem}_seed{seed}_{i:03d}.png")
       sampling.save_png(path, image, {

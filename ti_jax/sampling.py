@@ -113,15 +113,15 @@ class ImageGenerator:
     self._fn = parallel.pmapped(functools.partial(_generate_shard, settings=self.settings),
                                 self.devices)
 
-  def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+  def tokenize(self, prompts: Sequence[str], tokenizer=None) -> np.ndarray:
     """`[N, T]` int32 token ids padded/truncated to the model's context length."""
-    tok = self.sd.tokenizer
+    tok = tokenizer or self.sd.tokenizer
     return np.asarray(tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
                           truncation=True, return_tensors="np").input_ids, np.int32)
 
   def generate(self, prompts: Sequence[str], *, seed: int = 0, negative_prompt: str = "",
                learned: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
-               first_index: int = 0) -> np.ndarray:
+               first_index: int = 0, tokenizer=None) -> np.ndarray:
     """Images for `prompts`, uint8 `[N, H, W, 3]`.
 
     Args:
@@ -130,12 +130,14 @@ class ImageGenerator:
       negative_prompt: the unconditional prompt of classifier-free guidance.
       learned: (vectors `[n, D]`, token ids `[n]`) of each learned concept.
       first_index: global index of the first image (for batches of a longer run).
+      tokenizer: a tokenizer holding other learned tokens than the model's own
+        (one generator can then serve several runs on the same base model).
     """
     n = len(prompts)
     d = len(self.devices)
     padded = -(-n // d) * d
-    cond = self.tokenize(list(prompts) + [prompts[-1]] * (padded - n))
-    uncond = self.tokenize([negative_prompt] * padded)
+    cond = self.tokenize(list(prompts) + [prompts[-1]] * (padded - n), tokenizer)
+    uncond = self.tokenize([negative_prompt] * padded, tokenizer)
     index = np.arange(first_index, first_index + padded, dtype=np.int32)
     dim = self.sd.text_encoder.config.hidden_size
     if learned:

@@ -164,7 +164,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   try:
     resuming = checkpointing.check_identity(workdir, _identity(config))
 
-    images = _load_images(config)
+    images = load_images(config.train_data_dir, config.resolution, config.center_crop)
     for warning in images.warnings:
       _log(f"warning: {warning}")
     templates = data.templates_for(config.learnable_property)
@@ -385,18 +385,17 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   return {"step": step, "embeds": final, "interrupted": interrupted}
 
 
-def _load_images(config) -> data.TrainingImages:
-  """The training images, copied from gs:// to a local folder first when remote."""
-  folder = config.train_data_dir
+def load_images(folder: str, resolution: int, center_crop: bool) -> data.TrainingImages:
+  """The training images of `folder`, copied from gs:// to a local folder first when remote."""
   if not fileio.is_remote(folder):
-    return data.load_training_images(folder, config.resolution, config.center_crop)
+    return data.load_training_images(folder, resolution, center_crop)
   import tempfile  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     try:
       fileio.copy_tree_to_local(folder, tmp)
     except OSError as e:
       raise data.DataError(f"cannot read training images from {folder}: {e}") from None
-    return data.load_training_images(tmp, config.resolution, config.center_crop)
+    return data.load_training_images(tmp, resolution, center_crop)
 
 
 def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> embeddings.Initializer:
