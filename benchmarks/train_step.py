@@ -28,6 +28,7 @@ flags.DEFINE_integer("devices", 1, "Devices to use (0 = all local).")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_string("attention_impl", "", "jax.nn.dot_product_attention implementation.")
+flags.DEFINE_bool("remat", False, "Rematerialise the UNet's resnets/transformers (config.remat).")
 flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -57,7 +58,7 @@ def main(argv):
   cfg = common.model_configs(FLAGS.model)
   res = common.RESOLUTION[FLAGS.model]
   modules = build_modules(cfg, dtype=dtype, param_dtype=dtype,
-                          attention_impl=FLAGS.attention_impl or None)
+                          attention_impl=FLAGS.attention_impl or None, remat=FLAGS.remat)
   shapes = param_shapes(modules)
   rng = np.random.default_rng(0)
   cast = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
@@ -106,15 +107,17 @@ def main(argv):
   peak = matmul_peak_flops(dtype)
   dev = devices[0]
   stats = dev.memory_stats() if dev.platform != "cpu" else None
+  # XLA's own plan of the step's temporary buffers (what remat trades for FLOPs).
+  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   memory = stats.get("peak_bytes_in_use", 0) if stats else common.max_rss_bytes()
   # XLA's count is for one device's program; FLOPs per image = that / per-device batch.
   common.report({
-      "impl": "ti_jax", "model": FLAGS.model, "resolution": res, "dtype": FLAGS.dtype,
+      "impl": "ti_jax" + (" remat" if FLAGS.remat else ""), "model": FLAGS.model, "resolution": res, "dtype": FLAGS.dtype,
       "device": f"{len(devices)}x {dev.device_kind}", "per_device_batch": FLAGS.batch,
       "compile_s": compile_s, "step_s_median": step_s, "images_per_s": global_batch / step_s,
       "gflop_per_image": flops / FLAGS.batch / 1e9, "measured_peak_tflops": peak / 1e12,
       "mfu": flops / step_s / peak,
-      "peak_memory_gib": memory / 2**30,
+      "peak_memory_gib": memory / 2**30, "xla_temp_gib": temp_bytes / 2**30,
       "memory_kind": "device peak_bytes_in_use" if stats else "host max RSS",
   }, FLAGS.json_out)
 

@@ -1,5 +1,6 @@
 """Training: what changes, what does not, determinism across devices and restarts, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -319,7 +320,6 @@ def test_train_step_compiles_once_over_many_steps(setup):
 
 def test_embedding_regulariser_adds_its_exact_gradient(setup):
   """embedding_reg_weight w adds w * mean_i ||v_i - init_i||^2, whose gradient is 2w(v - init)/n."""
-  import dataclasses
   frozen = dataclasses.replace(setup["frozen"], init_embeds=setup["init"].vectors)
   batch = _batch(setup, 0, 2)
   vectors = setup["init"].vectors + 0.1 * np.random.default_rng(2).standard_normal(
@@ -350,3 +350,20 @@ def test_progressive_words_adds_one_trained_vector_every_n_steps(tmp_path, cache
     moved[steps] = np.abs(result["embeds"] - init).max(axis=1) > 0
   assert moved[2].tolist() == [True, False, False]
   assert moved[4].tolist() == [True, True, False]
+
+
+def test_remat_unet_gives_the_same_gradient_and_recomputes(setup):
+  """config.remat: the same gradient; XLA's FLOP count shows the recomputed forward."""
+  plain = setup["settings"]
+  settings = dataclasses.replace(plain, unet=plain.unet.clone(remat=True))
+  params = {"embeds": jnp.asarray(setup["init"].vectors)}
+  batch = _batch(setup, 0, 2)
+  compile_grad = lambda s: jax.jit(jax.grad(train_lib.loss_fn), static_argnums=4).lower(
+      params, setup["frozen"], batch, 0, s).compile()
+  compiled = {"plain": compile_grad(plain), "remat": compile_grad(settings)}
+  cost = lambda c: c.cost_analysis()[0] if isinstance(c.cost_analysis(), list) else c.cost_analysis()
+  flops = {k: cost(c)["flops"] for k, c in compiled.items()}
+  assert flops["remat"] > 1.1 * flops["plain"], flops
+  grads = {k: c(params, setup["frozen"], batch, 0)["embeds"] for k, c in compiled.items()}
+  np.testing.assert_allclose(np.asarray(grads["remat"]), np.asarray(grads["plain"]),
+                             rtol=1e-5, atol=1e-7)

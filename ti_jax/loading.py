@@ -204,12 +204,13 @@ def load_component_weights(folder: str, component: str, *, variant: str | None =
 
 def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
                   param_dtype: Any = jnp.float32, attention_impl: str | None = None,
-                  vae_dtype: Any = None) -> dict[str, Any]:
+                  vae_dtype: Any = None, remat: bool = False) -> dict[str, Any]:
   """Builds the three Flax modules from diffusers/transformers config dicts.
 
   The text encoder is an LDMBert when its config says so, else CLIP.
   `vae_dtype` (default: `dtype`) sets the VAE's compute and param dtype apart
-  from the UNet and text encoder.
+  from the UNet and text encoder. `remat` rematerialises the UNet's blocks in
+  the backward pass (less activation memory, more compute).
   """
   ldm_bert = is_ldm_bert_config(configs["text_encoder"])
   try:
@@ -226,7 +227,7 @@ def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   text_cls = LDMBertModel if ldm_bert else CLIPTextModel
   return {
-      "unet": UNet2DConditionModel(unet_cfg, attention_impl=attention_impl, **kw),
+      "unet": UNet2DConditionModel(unet_cfg, attention_impl=attention_impl, remat=remat, **kw),
       "vae": AutoencoderKL(vae_cfg, dtype=vae_dtype or dtype, param_dtype=vae_dtype or param_dtype),
       "text_encoder": text_cls(text_cfg, attention_impl=attention_impl, **kw),
   }
@@ -314,7 +315,7 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
                           revision: str | None = None, allow_pickle: bool = False,
                           attention_impl: str | None = None,
                           cache_dir: str = DEFAULT_CACHE_DIR,
-                          vae_dtype: Any = None) -> StableDiffusion:
+                          vae_dtype: Any = None, remat: bool = False) -> StableDiffusion:
   """Loads a diffusers-format Stable Diffusion 1.x/2.x or LDM-1.4B text-to-image model.
 
   Args:
@@ -330,6 +331,7 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
     attention_impl: `jax.nn.dot_product_attention` implementation.
     cache_dir: where the tiny random-weight models are written.
     vae_dtype: compute and param dtype of the VAE (default: `dtype`/`param_dtype`).
+    remat: rematerialise the UNet's resnets and transformers when differentiated.
 
   Raises:
     ModelLoadError: with a one-line message for any unusable input.
@@ -339,7 +341,7 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
   configs = read_configs(folder)
   folders = component_folders(configs["model_index"])
   modules = build_modules(configs, dtype=dtype, param_dtype=param_dtype,
-                          attention_impl=attention_impl, vae_dtype=vae_dtype)
+                          attention_impl=attention_impl, vae_dtype=vae_dtype, remat=remat)
   shapes = param_shapes(modules)
   params = {}
   for comp in COMPONENTS:

@@ -174,7 +174,8 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
         config.pretrained_model_name_or_path, dtype=dtype, param_dtype=dtype,
         vae_dtype=_DTYPES[config.vae_dtype], variant=config.variant or None,
         revision=config.revision or None, allow_pickle=config.allow_pickle,
-        attention_impl=config.attention_impl or None, cache_dir=config.cache_dir)
+        attention_impl=config.attention_impl or None, cache_dir=config.cache_dir,
+        remat=config.remat)
     try:
       schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
     except ValueError as e:

@@ -233,16 +233,19 @@ class _BlockSettings(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  remat: bool = False
 
   def resnet(self, out_channels, name):
-    return ResnetBlock2D(out_channels, self.config.norm_num_groups, self.config.norm_eps,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+    return cls(out_channels, self.config.norm_num_groups, self.config.norm_eps,
+               dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
   def transformer(self, channels, heads, layers, name):
     cfg = self.config
-    return Transformer2D(channels, heads, layers, cfg.norm_num_groups, cfg.use_linear_projection,
-                         cfg.upcast_attention, self.attention_impl, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=name)
+    cls = nn.remat(Transformer2D) if self.remat else Transformer2D
+    return cls(channels, heads, layers, cfg.norm_num_groups, cfg.use_linear_projection,
+               cfg.upcast_attention, self.attention_impl, dtype=self.dtype,
+               param_dtype=self.param_dtype, name=name)
 
 
 class DownBlock(_BlockSettings):
@@ -312,13 +315,16 @@ class UNet2DConditionModel(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  # Recompute each resnet and transformer in the backward pass instead of
+  # keeping its activations: less memory for larger batches, more FLOPs.
+  remat: bool = False
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array,
                encoder_hidden_states: jax.Array) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block_kw = dict(config=cfg, attention_impl=self.attention_impl, **kw)
+    block_kw = dict(config=cfg, attention_impl=self.attention_impl, remat=self.remat, **kw)
     channels = cfg.block_out_channels
     sample = sample.astype(self.dtype)
     context = encoder_hidden_states.astype(self.dtype)  # [B, T, D]

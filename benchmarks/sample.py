@@ -1,0 +1,120 @@
+"""Times image generation: ti_jax's pmapped DDIM loop against diffusers' PyTorch pipeline.
+
+  python benchmarks/sample.py --model small --num_images 2 --steps 50
+  python benchmarks/sample.py --model sd15 --dtype bfloat16 --num_images 16   # GPU/TPU
+
+Both sides load the same random-weight diffusers folder (written once into a
+temporary directory), run DDIM with classifier-free guidance (one batched
+UNet call per step) and decode with the VAE. ti_jax runs its jit-compiled
+`lax.fori_loop` over all local devices; diffusers runs at its best settings
+for the device: float16 with PyTorch SDPA on CUDA, float32 on CPU. Reported:
+compile/first-call time, the median images/s over `--repeats` calls, and the
+ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+flags.DEFINE_enum("model", "small", ["tiny", "small", "sd15", "sd21"], "Model shape.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "ti_jax UNet/text encoder dtype.")
+flags.DEFINE_integer("num_images", 2, "Images per call (over all devices for ti_jax).")
+flags.DEFINE_integer("steps", 50, "DDIM steps.")
+flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
+flags.DEFINE_integer("repeats", 2, "Timed calls per side after the first.")
+flags.DEFINE_enum("impl", "both", ["both", "ti_jax", "diffusers"], "Which side(s) to time.")
+flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
+FLAGS = flags.FLAGS
+PROMPT = "a photo of a red toy on a wooden table"
+
+
+def _write_model(folder: str) -> None:
+  """A random-weight diffusers folder of the benchmark shape (numpy init, no torch)."""
+  import numpy as np
+  from ti_jax.loading import build_modules, param_shapes
+  from ti_jax.tiny_model import random_params, write_model_folder
+  from ti_jax.tiny_tokenizer import write_tiny_clip_tokenizer
+  configs = common.model_configs(FLAGS.model)
+  configs["scheduler"] = dict(configs["scheduler"], _class_name="DDIMScheduler")
+  rng = np.random.default_rng(0)
+  params = {k: random_params(v, rng) for k, v in param_shapes(build_modules(configs)).items()}
+  write_model_folder(folder, configs, params, write_tiny_clip_tokenizer)
+
+
+def _time_ti_jax(folder: str, res: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from ti_jax import parallel, sampling
+  from ti_jax.loading import load_stable_diffusion
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
+  sd = load_stable_diffusion(folder, dtype=dtype, param_dtype=dtype, vae_dtype=jnp.float32)
+  devices = parallel.all_devices()
+  gen = sampling.ImageGenerator(sd, scheduler="ddim", num_inference_steps=FLAGS.steps,
+                                guidance_scale=FLAGS.guidance_scale, height=res, width=res,
+                                devices=devices)
+  prompts = [PROMPT] * FLAGS.num_images
+  t = time.perf_counter()
+  gen.generate(prompts)
+  first = time.perf_counter() - t
+  times = common.timed(lambda: gen.generate(prompts), FLAGS.repeats, 0, lambda x: x)
+  return {"first_call_s": first, "call_s_median": common.median(times),
+          "images_per_s": FLAGS.num_images / common.median(times),
+          "device": f"{len(devices)}x {devices[0].device_kind}", "dtype": FLAGS.dtype}
+
+
+def _time_diffusers(folder: str, res: int) -> dict:
+  import torch
+  from diffusers import DDIMScheduler, StableDiffusionPipeline
+  cuda = torch.cuda.is_available()
+  dtype = torch.float16 if cuda else torch.float32
+  pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                                 requires_safety_checker=False)
+  pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+  pipe = pipe.to("cuda" if cuda else "cpu")
+  pipe.set_progress_bar_config(disable=True)
+
+  def call():
+    out = pipe([PROMPT] * FLAGS.num_images, num_inference_steps=FLAGS.steps,
+               guidance_scale=FLAGS.guidance_scale, height=res, width=res, output_type="np")
+    if cuda:
+      torch.cuda.synchronize()
+    return out
+
+  t = time.perf_counter()
+  call()
+  first = time.perf_counter() - t
+  times = common.timed(call, FLAGS.repeats, 0, lambda x: x)
+  return {"first_call_s": first, "call_s_median": common.median(times),
+          "images_per_s": FLAGS.num_images / common.median(times),
+          "device": torch.cuda.get_device_name() if cuda else "cpu",
+          "dtype": "float16" if cuda else "float32"}
+
+
+def main(argv):
+  del argv
+  res = common.RESOLUTION[FLAGS.model]
+  record = {"model": FLAGS.model, "resolution": res, "num_images": FLAGS.num_images,
+            "ddim_steps": FLAGS.steps, "guidance_scale": FLAGS.guidance_scale}
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = os.path.join(tmp, "model")
+    _write_model(folder)
+    if FLAGS.impl in ("both", "ti_jax"):
+      record.update({f"ti_jax_{k}": v for k, v in _time_ti_jax(folder, res).items()})
+    if FLAGS.impl in ("both", "diffusers"):
+      record.update({f"diffusers_{k}": v for k, v in _time_diffusers(folder, res).items()})
+  if FLAGS.impl == "both":
+    record["images_per_s_ratio"] = (record["ti_jax_images_per_s"]
+                                    / record["diffusers_images_per_s"])
+  common.report(record, FLAGS.json_out)
+
+
+if __name__ == "__main__":
+  app.run(main)
