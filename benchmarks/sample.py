@@ -50,7 +50,6 @@ def _write_model(folder: str) -> None:
 
 
 def _time_ti_jax(folder: str, res: int) -> dict:
-  import jax
   import jax.numpy as jnp
   from ti_jax import parallel, sampling
   from ti_jax.loading import load_stable_diffusion

@@ -34,7 +34,9 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.compilation_cache_dir = "~/.cache/ti_jax/xla"
   c.dtype = "bfloat16"  # compute/param dtype of the frozen UNet and text encoder
   c.vae_dtype = "float32"  # the VAE runs once per training image (latents are cached)
-  c.attention_impl = ""  # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
+  # Attention: "" (JAX picks), "xla", "cudnn" (GPU flash attention), or "pallas_tpu"
+  # (the Pallas TPU flash-attention kernel for the UNet; TPU only).
+  c.attention_impl = ""
   # Recompute the UNet's resnets/transformers in the backward pass: less activation
   # memory (larger batches fit), about a third more compute.
   c.remat = False

@@ -36,19 +36,19 @@ ABLATIONS = ("none", "two_words", "three_words", "progressive", "per_image", "re
 
 
 def _parse(arg: str) -> tuple[str, str, str]:
-  model, prop, ablation = "ldm", "object", "none"
+  chosen = {}
+  kinds = {"model": MODELS, "property": PROPERTIES, "ablation": ABLATIONS}
   for word in filter(None, (w.strip() for w in (arg or "").split(","))):
-    if word in MODELS:
-      model = word
-    elif word in PROPERTIES:
-      prop = word
-    elif word in ABLATIONS:
-      ablation = word
-    else:
+    kind = next((k for k, words in kinds.items() if word in words), None)
+    if kind is None:
       raise ValueError(f"unknown word {word!r} in configs/paper.py:{arg} (models: "
                        f"{', '.join(MODELS)}; properties: {', '.join(PROPERTIES)}; "
                        f"ablations: {', '.join(ABLATIONS)})")
-  return model, prop, ablation
+    if kind in chosen:
+      raise ValueError(f"configs/paper.py:{arg} names two {kind}s ({chosen[kind]!r} and "
+                       f"{word!r}); give one (ablations are run one at a time)")
+    chosen[kind] = word
+  return chosen.get("model", "ldm"), chosen.get("property", "object"), chosen.get("ablation", "none")
 
 
 def get_config(arg: str = "ldm,object"):

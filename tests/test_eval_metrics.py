@@ -131,7 +131,8 @@ def test_prompt_score_and_report_aggregate_by_category():
   assert out["num_prompts"] == 3 and out["step"] == 500
   assert out["prompts"][1] == {"template": "an oil painting of {}", "category": "style",
                                "text_similarity": pytest.approx(0.5),
-                               "text_similarity_std": 0.0, "num_images": 1}
+                               "text_similarity_std": 0.0, "num_images": 1,
+                               "text_similarity_of_mean": pytest.approx(0.5)}
   assert json.loads(json.dumps(out)) == out  # plain JSON types only
 
 
@@ -358,3 +359,16 @@ def test_truncate_shortens_long_labels_to_fit():
   out = eval_plot._truncate(font, label, 120)
   assert out.endswith("\u2026") and font.getlength(out) <= 120
   assert eval_plot._truncate(font, "short", 120) == "short"
+
+
+def test_text_similarity_of_mean_is_the_papers_cosine_of_the_mean_embedding():
+  # Two images at 90 degrees, the text along the first: per-image mean 0.5,
+  # cosine of the mean embedding 1/sqrt(2).
+  images = np.array([[2.0, 0.0], [0.0, 3.0]])
+  text = np.array([1.0, 0.0])
+  assert eval_metrics.text_similarity(images, text) == pytest.approx(0.5)
+  assert eval_metrics.text_similarity_of_mean(images, text) == pytest.approx(2 ** -0.5)
+  score = eval_metrics.prompt_score("a {}", "style", images, text)
+  assert score.text_similarity_of_mean == pytest.approx(2 ** -0.5)
+  report = eval_metrics.report(0.5, [score])
+  assert report["text_similarity_of_mean"] == pytest.approx(2 ** -0.5)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -116,6 +115,7 @@ def test_shipped_prompt_list_is_used_without_a_prompts_file(runs):
     (dict(train_data_dir="/nonexistent/images"), "training images"),
     (dict(protocol=evaluate.Protocol(num_samples=0)), "num_samples"),
     (dict(protocol=evaluate.Protocol(scheduler="nope")), "nope"),
+    (dict(protocol=evaluate.Protocol(seed=2**32)), "seed must be in"),
 ])
 def test_bad_input_is_a_one_line_error(runs, kwargs, needle):
   workdirs, cache, tmp = runs
@@ -136,3 +136,18 @@ def test_cli_help_and_errors_are_clean():
                         capture_output=True, text=True, timeout=120, cwd=REPO)
   assert done.returncode == 1
   assert done.stderr.strip().splitlines() == ["error: run directory /nonexistent does not exist"]
+
+
+def test_every_run_is_checked_before_any_model_loads(runs, tmp_path):
+  workdirs, cache, _ = runs
+  not_a_run = tmp_path / "not_a_run"
+  not_a_run.mkdir()
+  with pytest.raises(evaluate.USER_ERRORS, match="not a ti_jax run directory"):
+    evaluate.run(workdirs=[workdirs["short"], str(not_a_run)], protocol=PROTOCOL,
+                 output_dir=str(tmp_path / "out"), cache_dir=cache,
+                 devices=jax.local_devices()[:1])
+  assert not (tmp_path / "out").exists()  # nothing generated, nothing written
+  with pytest.raises(evaluate.USER_ERRORS, match="no checkpoint at step 7"):
+    evaluate.run(workdirs=[workdirs["short"]], step=7, protocol=PROTOCOL,
+                 output_dir=str(tmp_path / "out"), cache_dir=cache,
+                 devices=jax.local_devices()[:1])

@@ -143,3 +143,56 @@ def test_paper_tiny_config_trains_and_samples_on_the_ldm_from_the_command_line(t
        f"--cache_dir={cache_dir}"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
   assert sample.returncode == 0, sample.stderr[-2000:]
   assert len(list((tmp_path / "out").glob("*_000.png"))) == 1
+
+
+def test_per_image_prompts_name_the_token_of_the_examples_own_image(cache_dir):
+  sd = load_stable_diffusion("tiny-ldm", cache_dir=str(cache_dir))
+  tokens = embeddings.placeholder_tokens("<S*>", 2)
+  image_tokens = embeddings.per_image_tokens("<S*>", 3)
+  embeddings.add_new_tokens(sd.tokenizer, tokens + image_tokens)
+  templates = data.templates_for("object")
+  plain, per_image = train.prompt_tables(sd.tokenizer, templates, tokens, image_tokens)
+  assert plain.shape[:2] == (2, len(templates))
+  assert per_image.shape[:3] == (2, 3, len(templates))
+  view_index = np.array([0, 1, 2, 3, 4, 5])  # views 3..5 mirror images 0..2
+  template_index = np.array([0, 1, 2, 3, 4, 5])
+  mixed = np.array([True, True, True, True, True, False])
+  ids = train.batch_input_ids(plain, per_image, 1, template_index, view_index, mixed)
+  # Compared without spaces and case: the uncased BERT tokenizer lower-cases on decode.
+  squash = lambda text: text.replace(" ", "").lower()
+  decoded = [squash(sd.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
+  for i in range(5):
+    expected = templates[i].format(f"<S*> with <S*>_image{view_index[i] % 3}")
+    assert decoded[i] == squash(expected), (decoded[i], expected)
+  assert decoded[5] == squash(templates[5].format("<S*>"))
+  # With two active vectors, both tokens come before the image token.
+  two = train.batch_input_ids(plain, per_image, 2, template_index, view_index, mixed)
+  assert squash(sd.tokenizer.decode(two[1], skip_special_tokens=True)) == squash(
+      templates[1].format("<S*> <S*>_1 with <S*>_image1"))
+
+
+def test_resuming_per_image_tokens_after_the_images_changed_is_refused(tmp_path, cache_dir):
+  import shutil
+  images = tmp_path / "images"
+  shutil.copytree(os.path.join(REPO, "examples/toy"), images)
+  one = jax.local_devices()[:1]
+  c = _config("tiny,object,per_image", cache_dir, train_data_dir=str(images), max_train_steps=1)
+  train.run(c, str(tmp_path / "run"), devices=one, progress=False)
+  shutil.copy(images / "toy_robot_1.png", images / "toy_robot_5.png")
+  c.max_train_steps = 2
+  with pytest.raises(checkpointing.WorkdirError, match="number of training images"):
+    train.run(c, str(tmp_path / "run"), devices=one, progress=False)
+  (images / "toy_robot_5.png").rename(images / "toy_robot_0.png")  # same count, new order
+  (images / "toy_robot_4.png").unlink()
+  with pytest.raises(checkpointing.WorkdirError, match="per-image tokens for the images"):
+    train.run(c, str(tmp_path / "run"), devices=one, progress=False)
+
+
+def test_progressive_run_stopped_early_exports_only_its_trained_vectors(tmp_path, cache_dir):
+  """paper.py:progressive with 3 vectors, one added every 2 steps, stopped at step 3."""
+  c = _config("tiny,object,progressive", cache_dir, progressive_words=2, max_train_steps=3)
+  train.run(c, str(tmp_path / "run"), devices=jax.local_devices()[:1], progress=False)
+  exported = safetensors_io.load(str(tmp_path / "run" / "learned_embeds.safetensors"))["<S*>"]
+  vectors, meta = checkpointing.learned_from_workdir(str(tmp_path / "run"))
+  assert meta["active_vectors"] == 2 and vectors.shape[0] == 2
+  np.testing.assert_array_equal(np.asarray(exported), vectors)

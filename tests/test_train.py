@@ -248,6 +248,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, cache_dir):
     ({"validation_prompt": "a {}", "validation_scheduler": "heun"}, "validation_scheduler"),
     ({"validation_prompt": "a {}", "num_validation_images": 0}, "num_validation_images"),
     ({"attention_impl": "flash"}, "attention_impl"),
+    ({"attention_impl": "pallas_tpu"}, "needs TPU devices"),
+    ({"placeholder_token": "Toy"}, "already in the tokenizer's vocabulary"),
     ({"seed": -1}, "seed must be >= 0"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, cache_dir, override, needle):

@@ -131,7 +131,11 @@ def write_learned_embeds(path: str, tokens: list[str], vectors: np.ndarray,
 
 
 def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndarray, dict]:
-  """The learned vectors `[n, dim]` and metadata of a run's checkpoint (latest if `step` is None)."""
+  """The learned vectors `[n, dim]` and metadata of a run's checkpoint (latest if `step` is None).
+
+  With progressive_words, only the vectors that had entered training by that
+  step are returned (the others still hold their initial values).
+  """
   read_identity(workdir)
   ckpts = Checkpoints(workdir, max_to_keep=None)
   try:
@@ -146,4 +150,5 @@ def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndar
     state, metadata = ckpts.restore_untyped(step)
   finally:
     ckpts.close()
-  return np.asarray(state["state"]["params"]["embeds"], np.float32), metadata
+  vectors = np.asarray(state["state"]["params"]["embeds"], np.float32)
+  return vectors[:int(metadata.get("active_vectors") or len(vectors))], metadata

@@ -32,6 +32,15 @@ def add_placeholder_tokens(tokenizer, placeholder_token: str, num_vectors: int) 
   return add_new_tokens(tokenizer, placeholder_tokens(placeholder_token, num_vectors))
 
 
+def _normalized(tokenizer, text: str) -> str:
+  """`text` as the tokenizer's normalizer sees it (lower-cased for CLIP and uncased BERT)."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  normalizer = getattr(backend, "normalizer", None)
+  if normalizer is not None:
+    return normalizer.normalize_str(text)
+  return text.lower() if getattr(tokenizer, "do_lower_case", False) else text
+
+
 def per_image_tokens(placeholder_token: str, num_images: int) -> list[str]:
   """`tok_image0`, `tok_image1`, ...: one extra pseudo-word per training image (paper ablation)."""
   return [f"{placeholder_token}_image{i}" for i in range(num_images)]
@@ -41,7 +50,9 @@ def add_new_tokens(tokenizer, tokens: list[str]) -> list[int]:
   """Adds `tokens` to `tokenizer` (in place), refusing any that already exist; returns their ids."""
   vocab = tokenizer.get_vocab()
   for tok in tokens:
-    if tok in vocab or f"{tok}</w>" in vocab:
+    # Tokenizers lower-case their input: "Toy" would take over the word "toy".
+    norm = _normalized(tokenizer, tok)
+    if any(t in vocab for t in (tok, f"{tok}</w>", norm, f"{norm}</w>")):
       raise EmbeddingError(
           f"placeholder token {tok!r} is already in the tokenizer's vocabulary; pick a new "
           "string such as '<my-concept>'")

@@ -79,7 +79,7 @@ class _Generators:
     self._by_model: dict[tuple, tuple] = {}
 
   def get(self, concept, run_config: dict, resolution: int):
-    key = (concept.base_model, resolution)
+    key = (concept.base_model, resolution, run_config.get("variant"), run_config.get("revision"))
     if key not in self._by_model:
       sd, model_id = sample.load_base_model(
           [concept], run_config, dtype=self.dtype, platform=self.devices[0].platform,
@@ -108,25 +108,43 @@ def _generate(generator, prompt: str, protocol: Protocol, learned, tokenizer, ba
   return np.concatenate(images)
 
 
-def evaluate_run(workdir: str, step: int | None, *, protocol: Protocol, clip, generators,
-                 prompts: Sequence[eval_prompts.EvalPrompt] | None, train_data_dir: str,
-                 label: str, bar, images_dir: str = "") -> dict:
-  """Scores one run's checkpoint; returns its report dict (see `eval_metrics.report`)."""
+@dataclasses.dataclass
+class _Run:
+  """A run's checkpoint and training images, read before any model loads."""
+  workdir: str
+  label: str
+  concept: embedding_io.Concept
+  meta: dict
+  images: data.TrainingImages
+  folder: str
+  resolution: int
+
+
+def prepare_run(workdir: str, step: int | None, train_data_dir: str, label: str) -> _Run:
+  """Reads a run's vectors, metadata and training images (one-line errors for bad input)."""
   concepts, meta = sample.gather_concepts(workdir, step, [])
-  concept = concepts[0]
   config = meta.get("config", {})
-  prop = meta.get("learnable_property", "object")
   resolution = int(meta.get("resolution") or config.get("resolution") or 512)
-  folder = train_data_dir or config.get("train_data_dir", "")
+  folder = train_data_dir or meta.get("train_data_path") or config.get("train_data_dir", "")
   if not folder:
     raise EvaluateError(f"{workdir}: the run does not record its training images; "
                         "pass --train_data_dir")
   try:
-    training = train.load_images(folder, resolution, bool(config.get("center_crop", False)))
+    images = train.load_images(folder, resolution, bool(config.get("center_crop", False)))
   except data.DataError as e:
     raise EvaluateError(f"{workdir}: training images: {e} (pass --train_data_dir if they "
                         "moved)") from None
-  sd, model_id, generator = generators.get(concept, config, resolution)
+  return _Run(workdir, label, concepts[0], meta, images, folder, resolution)
+
+
+def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
+                 prompts: Sequence[eval_prompts.EvalPrompt] | None, bar,
+                 images_dir: str = "") -> dict:
+  """Scores one run's checkpoint; returns its report dict (see `eval_metrics.report`)."""
+  concept, meta, label, training = run_.concept, run_.meta, run_.label, run_.images
+  config = meta.get("config", {})
+  prop = meta.get("learnable_property", "object")
+  sd, model_id, generator = generators.get(concept, config, run_.resolution)
   # The run's own tokens go into a copy: other runs on this model may use the same names.
   tokenizer = copy.deepcopy(sd.tokenizer)
   learned = sample.add_concepts(tokenizer, [concept])
@@ -155,9 +173,9 @@ def evaluate_run(workdir: str, step: int | None, *, protocol: Protocol, clip, ge
                                       texts[i])
             for i, (p, images) in enumerate(generated)]
   return eval_metrics.report(image_sim, scores, extra={
-      "label": label, "workdir": workdir, "step": meta.get("step"), "token": token,
+      "label": label, "workdir": run_.workdir, "step": meta.get("step"), "token": token,
       "num_vectors": int(concept.vectors.shape[0]), "learnable_property": prop,
-      "base_model": model_id, "resolution": resolution, "train_data_dir": folder,
+      "base_model": model_id, "resolution": run_.resolution, "train_data_dir": run_.folder,
       "num_training_images": training.num_images, "reconstruction_prompt": recon_template,
       "config": {k: config.get(k) for k in (
           "learning_rate", "max_train_steps", "num_vectors", "progressive_words",
@@ -174,6 +192,8 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
     raise EvaluateError("no run to evaluate: pass --workdir (repeatable)")
   if protocol.num_samples < 1 or protocol.num_inference_steps < 1 or protocol.batch_size < 1:
     raise EvaluateError("num_samples, num_inference_steps and batch_size must be >= 1")
+  if not 0 <= protocol.seed < 2**32:
+    raise EvaluateError(f"seed must be in [0, 2**32), got {protocol.seed}")
   if protocol.num_samples < 2:
     _log("warning: one sample per prompt gives very noisy scores (the paper uses 64)")
   try:
@@ -189,58 +209,56 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
       prompts = eval_prompts.load_prompt_file(prompts_file)
     except (OSError, ValueError) as e:
       raise EvaluateError(f"--prompts_file: {e}") from None
+  # Every run is checked before any model loads, so a typo in the last
+  # --workdir does not cost the evaluation of the others.
+  labels: dict[str, int] = {}
+  runs = [prepare_run(w, step, train_data_dir, _run_label(w, step, labels)) for w in workdirs]
   out_dir = output_dir or (fileio.join(workdirs[0], "eval") if len(workdirs) == 1 else "eval")
   is_main = jax.process_index() == 0
+  devices = list(devices) if devices is not None else parallel.all_devices()
+  # Process 0 alone writes and scores; the others must hear when it cannot,
+  # instead of waiting for it in the first collective of generation.
+  clip, failure = None, None
   if is_main:
     try:
       fileio.makedirs(out_dir)
+      clip = clip_io.load_clip(protocol.clip_model,
+                               cache_dir=cache_dir or os.path.expanduser("~/.cache/ti_jax"))
     except OSError as e:
-      raise EvaluateError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}") from None
-  devices = list(devices) if devices is not None else parallel.all_devices()
-  cache_dir = cache_dir or ""
-  clip = None
-  if is_main:
-    clip = clip_io.load_clip(protocol.clip_model,
-                             cache_dir=cache_dir or os.path.expanduser("~/.cache/ti_jax"))
+      failure = EvaluateError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
+    except ModelLoadError as e:
+      failure = e
+  if parallel.any_process(failure is not None):
+    raise failure or EvaluateError("process 0 could not start the evaluation; see its log")
   generators = _Generators(protocol, devices, dtype, cache_dir, allow_pickle)
-  per_run = len(prompts) if prompts is not None else None
-  labels: dict[str, int] = {}
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  reports = []
+  report = {"protocol": dataclasses.asdict(protocol), "dtype": dtype, "devices": len(devices),
+            "seconds": 0.0, "runs": []}
   started = time.perf_counter()
-  for w in workdirs:
-    label = _run_label(w, step, labels)
-    _log(f"evaluating {label} ({w})")
-    count = (per_run if per_run is not None else _default_prompt_count(w, step)) + 1
-    bar = tqdm(total=count * protocol.num_samples, desc=f"eval {label}", unit="img",
+  for r in runs:
+    _log(f"evaluating {r.label} ({r.workdir})")
+    prop = r.meta.get("learnable_property", "object")
+    count = len(prompts if prompts is not None else eval_prompts.prompts_for(prop)) + 1
+    bar = tqdm(total=count * protocol.num_samples, desc=f"eval {r.label}", unit="img",
                file=sys.stderr, disable=not is_main, dynamic_ncols=True)
     try:
-      result = evaluate_run(w, step, protocol=protocol, clip=clip, generators=generators,
-                            prompts=prompts, train_data_dir=train_data_dir, label=label, bar=bar,
-                            images_dir=out_dir if save_images else "")
+      result = evaluate_run(r, protocol=protocol, clip=clip, generators=generators,
+                            prompts=prompts, bar=bar, images_dir=out_dir if save_images else "")
     finally:
       bar.close()
-    if is_main:
-      reports.append(result)
-      _log(f"{label}: image similarity {result['image_similarity']:.4f}, "
-           f"text similarity {result['text_similarity']:.4f}")
-  report = {"protocol": dataclasses.asdict(protocol), "devices": len(devices),
-            "seconds": round(time.perf_counter() - started, 1), "runs": reports}
-  if is_main:
+    if not is_main:
+      continue
+    report["runs"].append(result)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    _log(f"{r.label}: image similarity {result['image_similarity']:.4f}, "
+         f"text similarity {result['text_similarity']:.4f}")
+    # Written after every run: a long evaluation keeps what it has finished.
     fileio.write_text(fileio.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-    eval_plot.scatter_png([(r["label"], r["text_similarity"], r["image_similarity"])
-                           for r in reports], fileio.join(out_dir, "scatter.png"))
+    eval_plot.scatter_png([(x["label"], x["text_similarity"], x["image_similarity"])
+                           for x in report["runs"]], fileio.join(out_dir, "scatter.png"))
+  if is_main:
     _log(f"wrote report.json and scatter.png to {out_dir}")
   return report
-
-
-def _default_prompt_count(workdir: str, step: int | None) -> int:
-  del step
-  try:
-    prop = checkpointing.read_identity(workdir).get("learnable_property", "object")
-    return len(eval_prompts.prompts_for(prop))
-  except (checkpointing.WorkdirError, ValueError):
-    return len(eval_prompts.prompts_for("object"))
 
 
 def main(argv: Sequence[str]) -> None:

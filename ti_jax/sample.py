@@ -28,6 +28,7 @@ import numpy as np
 
 from ti_jax import checkpointing, cli, embedding_io, embeddings, fileio, parallel, sampling, schedulers
 from ti_jax.loading import DEFAULT_CACHE_DIR, ModelLoadError, load_stable_diffusion
+from ti_jax.models import layers
 
 
 class SampleError(ValueError):
@@ -143,7 +144,9 @@ def load_base_model(concepts, run_config: dict, *, override: str = "", dtype: st
       variant=(run_config.get("variant") or None) if same_files else None,
       revision=(run_config.get("revision") or None) if same_files else None,
       allow_pickle=allow_pickle or bool(run_config.get("allow_pickle")),
-      attention_impl=run_config.get("attention_impl") or None,
+      # A run trained with the TPU kernel still samples elsewhere.
+      attention_impl=(run_config.get("attention_impl") or None) if (
+          platform == "tpu" or run_config.get("attention_impl") != layers.PALLAS_TPU) else None,
       cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR))
   check_concepts_fit(concepts, model_id, sd.text_encoder.config.hidden_size,
                      allow_base_model_mismatch)

@@ -27,9 +27,9 @@ import numpy as np
 
 from ti_jax import checkpointing, cli, data, embeddings, fileio, parallel, schedulers, train_lib
 from ti_jax.loading import ModelLoadError, load_stable_diffusion
+from ti_jax.models import layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_ATTENTION_IMPLS = ("", "xla", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -76,8 +76,8 @@ def validate_config(c) -> None:
   need(c.embedding_reg_weight >= 0,
        f"config.embedding_reg_weight must be >= 0, got {c.embedding_reg_weight}")
   need(c.lr_warmup_steps >= 0, f"config.lr_warmup_steps must be >= 0, got {c.lr_warmup_steps}")
-  need(c.attention_impl in _ATTENTION_IMPLS,
-       f"config.attention_impl must be one of {_ATTENTION_IMPLS}, got {c.attention_impl!r}")
+  need(c.attention_impl in layers.ATTENTION_IMPLS,
+       f"config.attention_impl must be one of {layers.ATTENTION_IMPLS}, got {c.attention_impl!r}")
   if c.validation_prompt:
     need(c.num_validation_images >= 1,
          f"config.num_validation_images must be >= 1, got {c.num_validation_images}")
@@ -155,6 +155,9 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   enable_compilation_cache(config.compilation_cache_dir)
   workdir = fileio.resolve(workdir)  # a local folder or gs://...
   devices = list(devices) if devices is not None else parallel.all_devices()
+  if config.attention_impl == layers.PALLAS_TPU and devices[0].platform != "tpu":
+    raise ConfigError(f"config.attention_impl='{layers.PALLAS_TPU}' needs TPU devices; these "
+                      f"are {devices[0].platform} (use '' or 'cudnn' on GPU)")
   num_devices = len(devices)  # over all processes
   local_count = len(parallel.addressable(devices))
   is_main = jax.process_index() == 0
@@ -200,18 +203,8 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       init = embeddings.initializer_vectors(sd.tokenizer, table, config.initializer_token,
                                             config.num_vectors)
     _log(init.note)
-    # Prompts with the first k vectors' tokens, for every k (progressive_words
-    # grows k during training; otherwise only k = num_vectors is used).
-    template_ids = np.stack([data.tokenize(sd.tokenizer, data.build_prompts(
-        np.arange(len(templates)), templates, " ".join(tokens[:k])))
-                             for k in range(1, config.num_vectors + 1)])  # [n, num_templates, T]
-    # The same with "S* with S_i" for each image i (per-image tokens only).
-    image_template_ids = np.stack([np.stack([data.tokenize(sd.tokenizer, data.build_prompts(
-        np.arange(len(templates)), templates,
-        data.with_image_token(" ".join(tokens[:k]), image_token)))
-                                             for image_token in image_tokens])
-                                   for k in range(1, config.num_vectors + 1)]
-                                  ) if image_tokens else None  # [n, N, num_templates, T]
+    template_ids, image_template_ids = prompt_tables(sd.tokenizer, templates, tokens,
+                                                    image_tokens)
 
     flip = config.flip_p > 0
     views = data.view_pixels(images.pixels, flip)  # [V, R, R, 3]
@@ -254,6 +247,10 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       "model_path": sd.path, "learnable_property": config.learnable_property,
       "resolution": config.resolution, "seed": config.seed,
       "global_batch": global_batch, "learning_rate": base_lr,
+      # Where the images were, wherever the run is read from later (evaluate).
+      "train_data_path": (config.train_data_dir if fileio.is_remote(config.train_data_dir)
+                          else os.path.abspath(config.train_data_dir)),
+      "image_files": [os.path.basename(p) for p in images.paths],
       "config": json.loads(config.to_json()),
   }
   rng_data = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
@@ -262,6 +259,16 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     abstract = {"state": jax.device_get(state), "rng": rng_data}
     restored, saved_meta = ckpts.restore(start, abstract)
     state = restored["state"]
+    saved_shapes = jax.tree_util.tree_map(np.shape, restored["state"].params)
+    if saved_shapes != jax.tree_util.tree_map(np.shape, abstract["state"].params):
+      raise checkpointing.WorkdirError(
+          f"checkpoint {start} in {workdir} holds vectors of shapes {saved_shapes}, this run "
+          f"needs {jax.tree_util.tree_map(np.shape, abstract['state'].params)} (did the "
+          "number of training images change?); use a new --workdir")
+    if image_tokens and saved_meta.get("image_files") not in (None, metadata["image_files"]):
+      raise checkpointing.WorkdirError(
+          f"{workdir} learned per-image tokens for the images {saved_meta['image_files']}; "
+          f"{config.train_data_dir} now holds {metadata['image_files']}; use a new --workdir")
     if saved_meta.get("global_batch", global_batch) != global_batch:
       _log(f"warning: resuming with global batch {global_batch} (lr {base_lr:g}) where the run "
            f"used {saved_meta['global_batch']} (lr {saved_meta.get('learning_rate')}): "
@@ -275,7 +282,8 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     _log(f"{workdir} holds this run but no checkpoint yet: starting from step 0")
   start = int(state.step)
 
-  _log(f"training {tokens} on {num_devices} device(s) ({jax.devices()[0].platform}), "
+  extra = f" and {len(image_tokens)} per-image tokens" if image_tokens else ""
+  _log(f"training {tokens}{extra} on {num_devices} device(s) ({jax.devices()[0].platform}), "
        f"global batch {global_batch}, lr {base_lr:g} ({config.lr_scheduler}), "
        f"{schedule.prediction_type} target, steps {start}->{config.max_train_steps}")
 
@@ -299,7 +307,10 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
 
   def save(step: int) -> None:
     host_state = parallel.unreplicate(state)
-    ckpts.save(step, {"state": host_state, "rng": rng_data}, dict(metadata, step=step))
+    # With progressive_words, later vectors may not have entered training yet.
+    active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
+    ckpts.save(step, {"state": host_state, "rng": rng_data},
+               dict(metadata, step=step, active_vectors=int(active)))
 
   def batch_for(step: int) -> dict:
     # This process's share of the global batch (all of it on one host).
@@ -309,12 +320,10 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
         config.seed, step, example_index, global_batch_size=global_batch,
         num_images=images.num_images, flip_p=config.flip_p, num_templates=len(templates))
     k = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-    input_ids = template_ids[k - 1][template_index]  # [b, T]
-    if image_template_ids is not None:
-      mixed = data.per_image_choices(config.seed, step, example_index, config.per_image_token_p)
-      image = view_index % images.num_images  # a flipped view shows the same image
-      input_ids = np.where(mixed[:, None], image_template_ids[k - 1][image, template_index],
-                           input_ids)
+    mixed = (data.per_image_choices(config.seed, step, example_index, config.per_image_token_p)
+             if image_tokens else None)
+    input_ids = batch_input_ids(template_ids, image_template_ids, k, template_index, view_index,
+                                mixed)
     batch = {"input_ids": input_ids, "view_index": view_index,
              "example_index": example_index.astype(np.int32)}
     return parallel.shard(batch, local_count)
@@ -381,9 +390,47 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
          "Re-run the same command to resume.")
   elif is_main:
     out = fileio.join(workdir, "learned_embeds.safetensors")
-    checkpointing.write_learned_embeds(out, tokens, final, config.placeholder_token)
+    active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
+    checkpointing.write_learned_embeds(out, tokens, final[:active], config.placeholder_token)
     _log(f"done: step {step}; learned embedding in {out}")
   return {"step": step, "embeds": final, "interrupted": interrupted}
+
+
+def prompt_tables(tokenizer, templates, tokens: list[str], image_tokens: list[str]):
+  """Token ids of every training prompt, so a step only indexes (no tokenizing in the loop).
+
+  Returns:
+    `[n, num_templates, T]`: the templates filled with the first k of the n
+    vectors' tokens, for every k (progressive_words grows k during training;
+    otherwise only k = n is used); and, with per-image tokens,
+    `[n, N, num_templates, T]` with "S* with S_i" for each image i (else None).
+  """
+  n = len(tokens)
+  fill = lambda text: data.tokenize(tokenizer, data.build_prompts(
+      np.arange(len(templates)), templates, text))
+  template_ids = np.stack([fill(" ".join(tokens[:k])) for k in range(1, n + 1)])
+  if not image_tokens:
+    return template_ids, None
+  image_template_ids = np.stack([
+      np.stack([fill(data.with_image_token(" ".join(tokens[:k]), t)) for t in image_tokens])
+      for k in range(1, n + 1)])
+  return template_ids, image_template_ids
+
+
+def batch_input_ids(template_ids, image_template_ids, active: int, template_index, view_index,
+                    mixed) -> np.ndarray:
+  """`[b, T]` prompt ids of a batch: `active` vectors; per-image prompts where `mixed`.
+
+  A per-image prompt names the token of the example's own image: view v shows
+  image v mod N (views N..2N-1 are the mirrors, see `data.view_pixels`).
+  """
+  ids = template_ids[active - 1][template_index]  # [b, T]
+  if image_template_ids is None:
+    return ids
+  num_images = image_template_ids.shape[1]
+  image = np.asarray(view_index) % num_images
+  return np.where(np.asarray(mixed)[:, None],
+                  image_template_ids[active - 1][image, template_index], ids)
 
 
 def load_images(folder: str, resolution: int, center_crop: bool) -> data.TrainingImages:

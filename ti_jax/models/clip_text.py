@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.models.layers import xla_implementation
 
 Dtype = Any
 
@@ -97,7 +98,8 @@ class _SelfAttention(nn.Module):
                                   param_dtype=self.param_dtype, name=name)
     split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))  # [B, T, N, H]
     q, k, v = (split(dense(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                       implementation=xla_implementation(self.attention_impl))
     return dense("out_proj")(out.reshape(x.shape[:2] + (cfg.hidden_size,)))
 
 

@@ -16,6 +16,49 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# `attention_impl` values: JAX's own choices plus the Pallas TPU flash-attention kernel.
+PALLAS_TPU = "pallas_tpu"
+ATTENTION_IMPLS = ("", "xla", "cudnn", PALLAS_TPU)
+_PALLAS_BLOCK = 128  # the kernel's default tile; sequence lengths are padded to it
+_LANES = 128  # TPU vector lane width: head dims are padded to a multiple of it
+
+
+def xla_implementation(implementation: str | None) -> str | None:
+  """The `jax.nn.dot_product_attention` implementation for a configured one.
+
+  The Pallas kernel serves the UNet's long image sequences; the text
+  encoders' 77-token (masked) attention stays on XLA.
+  """
+  return None if implementation in (PALLAS_TPU, "") else implementation
+
+
+def _pallas_tpu_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """Flash attention with JAX's Pallas TPU kernel on `[B, T, N, H]` tensors.
+
+  The kernel tiles sequences in blocks of 128 and keeps the head dimension in
+  the 128-wide lanes, so sequences are zero-padded to a multiple of 128 (padded
+  keys are masked out with segment ids, padded query rows dropped) and heads
+  to a multiple of 128 lanes (zeros change neither q.k nor the kept outputs).
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=import-outside-toplevel
+  b, tq, _, h = query.shape
+  tk = key.shape[1]
+  up = lambda n, m: -(-n // m) * m
+  pq, pk, ph = up(tq, _PALLAS_BLOCK), up(tk, _PALLAS_BLOCK), up(h, _LANES)
+
+  def to_kernel(x, length):  # [B, T, N, H] -> [B, N, T', H']
+    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, ph - h)))
+    return x.transpose(0, 2, 1, 3)
+
+  segment_ids = None
+  if pk != tk:
+    segment_ids = fa.SegmentIds(
+        q=jnp.ones((b, pq), jnp.int32),
+        kv=jnp.broadcast_to((jnp.arange(pk) < tk).astype(jnp.int32), (b, pk)))
+  out = fa.flash_attention(to_kernel(query, pq), to_kernel(key, pk), to_kernel(value, pk),
+                           segment_ids=segment_ids, sm_scale=float(h) ** -0.5)  # [B, N, T', H']
+  return out.transpose(0, 2, 1, 3)[:, :tq, :, :h]
+
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               upcast: bool = False, is_causal: bool = False,
@@ -31,7 +74,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     is_causal: apply a lower-triangular mask (CLIP text encoder).
     bias: optional additive logits bias broadcastable to `[B, N, Tq, Tk]`.
     implementation: passed to `jax.nn.dot_product_attention` ("xla", "cudnn"
-      or None for JAX's choice).
+      or None for JAX's choice), or "pallas_tpu" for the Pallas TPU flash
+      attention kernel (no bias or causal mask; TPU only, or in
+      `pltpu.force_tpu_interpret_mode()`).
 
   Returns:
     `[B, Tq, N, H]` in the dtype of `query`.
@@ -39,9 +84,13 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   out_dtype = query.dtype
   if upcast:
     query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
+  if implementation == PALLAS_TPU:
+    if bias is not None or is_causal:
+      raise ValueError("the pallas_tpu attention path takes no bias or causal mask")
+    return _pallas_tpu_attention(query, key, value).astype(out_dtype)
   out = jax.nn.dot_product_attention(query, key, value, bias=bias,
                                      is_causal=is_causal,
-                                     implementation=implementation)
+                                     implementation=xla_implementation(implementation))
   return out.astype(out_dtype)
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.models.layers import xla_implementation
 
 Dtype = Any
 
@@ -94,7 +95,8 @@ class _SelfAttention(nn.Module):
     split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))  # [B, T, N, H]
     q, k, v = (split(nn.Dense(heads * head_dim, use_bias=False, name=n, **kw)(x))
                for n in ("q_proj", "k_proj", "v_proj"))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                       implementation=xla_implementation(self.attention_impl))
     return nn.Dense(cfg.d_model, name="out_proj", **kw)(out.reshape(x.shape[:2] + (-1,)))
 
 
