@@ -8,8 +8,10 @@ must match to 1e-4 relative (max |a-b| / max |ref|) in fp32.
 
 import dataclasses
 import json
+import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -326,3 +328,19 @@ def test_missing_file_is_a_one_line_error(tiny_clip, tmp_path, remove, needle):
 ])
 def test_bad_config_is_a_one_line_error(tiny_clip, tmp_path, edit, needle):
   assert needle in _load_error(_edited_copy(tiny_clip, tmp_path, edit=edit))
+
+
+def test_pickle_weights_load_only_when_allowed(saved_clip, loaded_clip, tmp_path):
+  """A CLIP folder with only pytorch_model.bin: refused by default, equal params with allow_pickle."""
+  model, folder = saved_clip
+  copy = tmp_path / "bin"
+  shutil.copytree(folder, copy)
+  os.remove(copy / "model.safetensors")
+  torch.save(model.state_dict(), str(copy / "pytorch_model.bin"))
+  with pytest.raises(ModelLoadError, match="allow_pickle") as e:
+    clip_io.load_clip(str(copy))
+  assert "\n" not in str(e.value)
+  from_pickle = clip_io.load_clip(str(copy), allow_pickle=True)
+  for a, b in zip(jax.tree_util.tree_leaves(from_pickle.params),
+                  jax.tree_util.tree_leaves(loaded_clip.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

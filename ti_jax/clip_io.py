@@ -160,7 +160,7 @@ def _read_json(path: str, what: str) -> dict:
 
 
 def resolve_clip_dir(name_or_path: str, *, revision: str | None = None,
-                     cache_dir: str = DEFAULT_CACHE_DIR) -> str:
+                     cache_dir: str = DEFAULT_CACHE_DIR, allow_pickle: bool = False) -> str:
   """A local CLIP folder for `name_or_path`: a folder as is, "tiny-clip" (written once), or a hub id.
 
   Raises:
@@ -176,25 +176,45 @@ def resolve_clip_dir(name_or_path: str, *, revision: str | None = None,
     raise ModelLoadError(f"CLIP model folder not found: {name_or_path}")
   try:
     import huggingface_hub  # pylint: disable=import-outside-toplevel
+    patterns = list(HUB_PATTERNS) + (["pytorch_model.bin"] if allow_pickle else [])
     return huggingface_hub.snapshot_download(name_or_path, revision=revision,
-                                             allow_patterns=list(HUB_PATTERNS))
+                                             allow_patterns=patterns)
   except Exception as e:  # noqa: BLE001  the hub client raises many types; all mean "not available"
     raise ModelLoadError(
         f"cannot fetch CLIP model {name_or_path!r} from the Hugging Face hub "
         f"(offline, unknown id or no access?): {_one_line(e)}") from None
 
 
-def _read_weights(folder: str) -> dict[str, np.ndarray]:
+def _read_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
+  if not allow_pickle:
+    raise ModelLoadError(f"{path} is a pickle, which can run code when loaded; pass "
+                         "allow_pickle (--allow_pickle) if you trust it")
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ModelLoadError(f"{path} is a PyTorch pickle and needs torch installed") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001  torch raises many types for bad pickles
+    raise ModelLoadError(f"cannot read {path}: {_one_line(e)}") from None
+  return {k: v.float().numpy() if v.dtype in (torch.bfloat16, torch.float16) else v.numpy()
+          for k, v in state.items()}
+
+
+def _read_weights(folder: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   single = os.path.join(folder, "model.safetensors")
   index = single + ".index.json"
+  pickle = os.path.join(folder, "pytorch_model.bin")
   if os.path.isfile(single):
     files = [single]
   elif os.path.isfile(index):
     weight_map = _read_json(index, "safetensors index").get("weight_map", {})
     files = [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
+  elif os.path.isfile(pickle):
+    return _read_pickle(pickle, allow_pickle)
   else:
-    raise ModelLoadError(f"no CLIP weights in {folder} (looked for model.safetensors and its "
-                         "sharded index)")
+    raise ModelLoadError(f"no CLIP weights in {folder} (looked for model.safetensors, its "
+                         "sharded index and pytorch_model.bin)")
   state: dict[str, np.ndarray] = {}
   for f in files:
     if not os.path.isfile(f):
@@ -255,7 +275,8 @@ def _load_tokenizer(folder: str):
 
 
 def load_clip(name_or_path: str, *, dtype: Any = jnp.float32, revision: str | None = None,
-              cache_dir: str = DEFAULT_CACHE_DIR, attention_impl: str | None = None) -> CLIP:
+              cache_dir: str = DEFAULT_CACHE_DIR, attention_impl: str | None = None,
+              allow_pickle: bool = False) -> CLIP:
   """Loads a transformers-format CLIP (e.g. "openai/clip-vit-base-patch32") into Flax.
 
   Args:
@@ -266,11 +287,14 @@ def load_clip(name_or_path: str, *, dtype: Any = jnp.float32, revision: str | No
     revision: hub revision.
     cache_dir: where "tiny-clip" is written.
     attention_impl: `jax.nn.dot_product_attention` implementation.
+    allow_pickle: read `pytorch_model.bin` (a pickle, which can run code) when
+      the model has no safetensors weights. Needs torch.
 
   Raises:
     ModelLoadError: with a one-line message for any unusable input.
   """
-  folder = resolve_clip_dir(name_or_path, revision=revision, cache_dir=cache_dir)
+  folder = resolve_clip_dir(name_or_path, revision=revision, cache_dir=cache_dir,
+                            allow_pickle=allow_pickle)
   cfg = _read_json(os.path.join(folder, "config.json"), "CLIP config")
   try:
     config = CLIPConfig.from_transformers(cfg)
@@ -287,7 +311,7 @@ def load_clip(name_or_path: str, *, dtype: Any = jnp.float32, revision: str | No
         f"{folder}: preprocessor crop_size {list(preprocessing.crop_size)} does not match the vision "
         f"model's image_size {config.vision.image_size}")
   model = CLIPModel(config, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
-  state = _read_weights(folder)
+  state = _read_weights(folder, allow_pickle)
   try:
     params = torch_state_dict_to_params(state, param_shapes(model), dtype=np.dtype(dtype))
   except convert.ConversionError as e:

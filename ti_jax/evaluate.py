@@ -223,7 +223,8 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
     try:
       fileio.makedirs(out_dir)
       clip = clip_io.load_clip(protocol.clip_model,
-                               cache_dir=cache_dir or os.path.expanduser("~/.cache/ti_jax"))
+                               cache_dir=cache_dir or os.path.expanduser("~/.cache/ti_jax"),
+                               allow_pickle=allow_pickle)
     except OSError as e:
       failure = EvaluateError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
     except ModelLoadError as e:
@@ -305,7 +306,8 @@ if __name__ == "__main__":
   flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "UNet/text encoder "
                     "dtype (auto: float32 on CPU, bfloat16 on GPU/TPU).")
   flags.DEFINE_bool("save_images", False, "Also write a grid PNG of each prompt's images.")
-  flags.DEFINE_bool("allow_pickle", False, "Permit the base model's .bin pickles.")
+  flags.DEFINE_bool("allow_pickle", False, "Permit .bin pickles (they can run code) for the "
+                    "base model and CLIP when they have no safetensors weights.")
   flags.DEFINE_string("cache_dir", "", "Where tiny test models live (default: the run's).")
   from ti_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.define_flags()
