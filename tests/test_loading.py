@@ -83,8 +83,14 @@ def test_unsupported_block_type_is_refused(tiny_sd15, tmp_path):
 
 def test_shape_mismatch_names_key_and_both_shapes(tiny_sd15, tmp_path):
   err = _error_after_json_edit(tiny_sd15, tmp_path, "unet/config.json",
-                               lambda c: c.update(cross_attention_dim=48))  # checkpoint: 32
-  _assert_one_line(err, "shape mismatch", "attn2.to_k.weight", "(32, 32)", "(48, 32)")
+                               lambda c: c.update(out_channels=8))  # checkpoint: 4
+  _assert_one_line(err, "shape mismatch", "conv_out.", "checkpoint (4", "(8")
+
+
+def test_text_encoder_narrower_than_the_unets_context_is_refused(tiny_sd15, tmp_path):
+  err = _error_after_json_edit(tiny_sd15, tmp_path, "unet/config.json",
+                               lambda c: c.update(cross_attention_dim=48))  # text encoder: 32
+  _assert_one_line(err, "text encoder width 32", "cross_attention_dim 48")
 
 
 def test_corrupt_safetensors_is_a_one_line_error(tiny_sd15, tmp_path):
