@@ -327,9 +327,10 @@ def test_embedding_regulariser_adds_its_exact_gradient(setup):
   vectors = setup["init"].vectors + 0.1 * np.random.default_rng(2).standard_normal(
       setup["init"].vectors.shape).astype(np.float32)
   params = {"embeds": jnp.asarray(vectors)}
-  grad = lambda w: jax.grad(train_lib.loss_fn)(
-      params, frozen, batch, 0,
-      dataclasses.replace(setup["settings"], embedding_reg_weight=w))["embeds"]
+  # Compiled: the UNet's backward run op by op takes most of a minute on CPU.
+  grad_fn = jax.jit(jax.grad(train_lib.loss_fn), static_argnums=4)
+  grad = lambda w: grad_fn(params, frozen, batch, 0,
+                           dataclasses.replace(setup["settings"], embedding_reg_weight=w))["embeds"]
   w = 0.5
   expected = 2 * w * (vectors - setup["init"].vectors) / vectors.shape[0]
   np.testing.assert_allclose(np.asarray(grad(w) - grad(0.0)), expected, rtol=1e-4, atol=1e-6)
