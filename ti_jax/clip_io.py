@@ -13,11 +13,8 @@ Every load failure is a `ModelLoadError` with a one-line message.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax import convert, safetensors_io
-from ti_jax.loading import DEFAULT_CACHE_DIR, ModelLoadError
+from ti_jax import convert
+from ti_jax.loading import (DEFAULT_CACHE_DIR, ModelLoadError, download_from_hub, one_line,
+                            read_json, read_safetensors, read_torch_pickle, safetensors_files)
 from ti_jax.models.clip import CLIPConfig, CLIPModel
 from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.tiny_model import ensure_written, write_json
 
 TINY_CLIP = "tiny-clip"
 
@@ -141,24 +140,6 @@ class CLIP:
     return self.model.config.text.max_position_embeddings
 
 
-def _one_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
-def _read_json(path: str, what: str) -> dict:
-  if not os.path.isfile(path):
-    raise ModelLoadError(f"missing {what}: {path}")
-  try:
-    with open(path) as f:
-      obj = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ModelLoadError(f"cannot read {what} {path}: {_one_line(e)}") from None
-  if not isinstance(obj, dict):
-    raise ModelLoadError(f"cannot read {what} {path}: not a JSON object")
-  return obj
-
-
 def resolve_clip_dir(name_or_path: str, *, revision: str | None = None,
                      cache_dir: str = DEFAULT_CACHE_DIR, allow_pickle: bool = False) -> str:
   """A local CLIP folder for `name_or_path`: a folder as is, "tiny-clip" (written once), or a hub id.
@@ -170,60 +151,20 @@ def resolve_clip_dir(name_or_path: str, *, revision: str | None = None,
     return name_or_path
   if name_or_path == TINY_CLIP:
     return ensure_tiny_clip(os.path.join(os.path.expanduser(cache_dir), TINY_CLIP))
-  looks_local = (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
-                 or name_or_path.count("/") != 1)
-  if looks_local:
-    raise ModelLoadError(f"CLIP model folder not found: {name_or_path}")
-  try:
-    import huggingface_hub  # pylint: disable=import-outside-toplevel
-    patterns = list(HUB_PATTERNS) + (["pytorch_model.bin"] if allow_pickle else [])
-    return huggingface_hub.snapshot_download(name_or_path, revision=revision,
-                                             allow_patterns=patterns)
-  except Exception as e:  # noqa: BLE001  the hub client raises many types; all mean "not available"
-    raise ModelLoadError(
-        f"cannot fetch CLIP model {name_or_path!r} from the Hugging Face hub "
-        f"(offline, unknown id or no access?): {_one_line(e)}") from None
-
-
-def _read_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
-  if not allow_pickle:
-    raise ModelLoadError(f"{path} is a pickle, which can run code when loaded; pass "
-                         "allow_pickle (--allow_pickle) if you trust it")
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise ModelLoadError(f"{path} is a PyTorch pickle and needs torch installed") from None
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # noqa: BLE001  torch raises many types for bad pickles
-    raise ModelLoadError(f"cannot read {path}: {_one_line(e)}") from None
-  return {k: v.float().numpy() if v.dtype in (torch.bfloat16, torch.float16) else v.numpy()
-          for k, v in state.items()}
+  patterns = list(HUB_PATTERNS) + (["pytorch_model.bin"] if allow_pickle else [])
+  return download_from_hub(name_or_path, revision=revision, allow_patterns=patterns,
+                           what="CLIP model")
 
 
 def _read_weights(folder: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-  single = os.path.join(folder, "model.safetensors")
-  index = single + ".index.json"
+  files = safetensors_files(folder, "model")
+  if files:
+    return read_safetensors(files)
   pickle = os.path.join(folder, "pytorch_model.bin")
-  if os.path.isfile(single):
-    files = [single]
-  elif os.path.isfile(index):
-    weight_map = _read_json(index, "safetensors index").get("weight_map", {})
-    files = [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
-  elif os.path.isfile(pickle):
-    return _read_pickle(pickle, allow_pickle)
-  else:
-    raise ModelLoadError(f"no CLIP weights in {folder} (looked for model.safetensors, its "
-                         "sharded index and pytorch_model.bin)")
-  state: dict[str, np.ndarray] = {}
-  for f in files:
-    if not os.path.isfile(f):
-      raise ModelLoadError(f"missing weight shard: {f}")
-    try:
-      state.update(safetensors_io.load(f))
-    except (OSError, ValueError) as e:
-      raise ModelLoadError(f"cannot read {f}: {_one_line(e)}") from None
-  return state
+  if os.path.isfile(pickle):
+    return read_torch_pickle(pickle, allow_pickle, "--allow_pickle")
+  raise ModelLoadError(f"no CLIP weights in {folder} (looked for model.safetensors, its "
+                       "sharded index and pytorch_model.bin)")
 
 
 def param_shapes(model: CLIPModel) -> Any:
@@ -271,7 +212,7 @@ def _load_tokenizer(folder: str):
   try:
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
   except Exception as e:  # noqa: BLE001  transformers raises OSError/ValueError/TypeError for bad folders
-    raise ModelLoadError(f"cannot load CLIP tokenizer from {folder}: {_one_line(e)}") from None
+    raise ModelLoadError(f"cannot load CLIP tokenizer from {folder}: {one_line(e)}") from None
 
 
 def load_clip(name_or_path: str, *, dtype: Any = jnp.float32, revision: str | None = None,
@@ -295,13 +236,13 @@ def load_clip(name_or_path: str, *, dtype: Any = jnp.float32, revision: str | No
   """
   folder = resolve_clip_dir(name_or_path, revision=revision, cache_dir=cache_dir,
                             allow_pickle=allow_pickle)
-  cfg = _read_json(os.path.join(folder, "config.json"), "CLIP config")
+  cfg = read_json(os.path.join(folder, "config.json"), "CLIP config")
   try:
     config = CLIPConfig.from_transformers(cfg)
   except UnsupportedConfigError as e:
     raise ModelLoadError(f"{folder}: {e}") from None
   pre_path = os.path.join(folder, "preprocessor_config.json")
-  pre_cfg = _read_json(pre_path, "preprocessor config") if os.path.exists(pre_path) else {}
+  pre_cfg = read_json(pre_path, "preprocessor config") if os.path.exists(pre_path) else {}
   try:
     preprocessing = ImagePreprocessing.from_transformers(pre_cfg, config.vision.image_size)
   except ValueError as e:
@@ -457,12 +398,6 @@ def tiny_clip_config(vocab_size: int) -> dict:
           "transformers_version": _TRANSFORMERS_VERSION, "dtype": "float32"}
 
 
-def _write_json(path: str, obj: dict) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
 def write_tiny_clip(out_dir: str, seed: int = 0) -> str:
   """Writes a tiny random-weight CLIP folder (transformers' CLIPModel format); returns out_dir.
 
@@ -485,27 +420,12 @@ def write_tiny_clip(out_dir: str, seed: int = 0) -> str:
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   size = config.vision.image_size
-  _write_json(os.path.join(out_dir, "preprocessor_config.json"),
+  write_json(os.path.join(out_dir, "preprocessor_config.json"),
               ImagePreprocessing(size=size, crop_size=(size, size)).to_transformers())
-  _write_json(os.path.join(out_dir, "config.json"), cfg)
+  write_json(os.path.join(out_dir, "config.json"), cfg)
   return out_dir
 
 
 def ensure_tiny_clip(out_dir: str, seed: int = 0) -> str:
   """Writes the tiny CLIP unless `out_dir` holds one; concurrent or interrupted writers are safe."""
-  if os.path.isfile(os.path.join(out_dir, "config.json")):
-    return out_dir
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tiny-clip-", dir=parent)
-  try:
-    write_tiny_clip(tmp, seed)
-    try:
-      os.replace(tmp, out_dir)  # atomic: a half-written folder is never seen
-    except OSError:
-      # Another process got there first.
-      if not os.path.isfile(os.path.join(out_dir, "config.json")):
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return out_dir
+  return ensure_written(out_dir, "config.json", lambda folder: write_tiny_clip(folder, seed))

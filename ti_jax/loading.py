@@ -76,7 +76,8 @@ class StableDiffusion:
   model_index: dict
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+  """`Type: first line of the message`, for one-line errors that wrap another library's."""
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0] if text else ''}"
 
@@ -116,40 +117,91 @@ def resolve_model_dir(name_or_path: str, *, variant: str | None = None,
     from ti_jax.tiny_model import ensure_tiny_model  # pylint: disable=import-outside-toplevel
     return ensure_tiny_model(os.path.join(os.path.expanduser(cache_dir), name_or_path),
                              preset=name_or_path)
+  return download_from_hub(name_or_path, revision=revision,
+                           allow_patterns=_hub_patterns(variant, allow_pickle), what="model")
+
+
+def download_from_hub(name_or_path: str, *, revision: str | None, allow_patterns: list[str],
+                      what: str) -> str:
+  """Fetches `allow_patterns` of hub repo `name_or_path`; returns the local snapshot folder.
+
+  A name that looks like a path (or is no "owner/name" id) is reported as a
+  missing `what` folder instead of being sent to the hub.
+  """
   looks_local = (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
                  or name_or_path.count("/") != 1)
   if looks_local:
-    raise ModelLoadError(f"model folder not found: {name_or_path}")
+    raise ModelLoadError(f"{what} folder not found: {name_or_path}")
   try:
     import huggingface_hub  # pylint: disable=import-outside-toplevel
-    return huggingface_hub.snapshot_download(
-        name_or_path, revision=revision, allow_patterns=_hub_patterns(variant, allow_pickle))
+    return huggingface_hub.snapshot_download(name_or_path, revision=revision,
+                                             allow_patterns=list(allow_patterns))
   except Exception as e:  # the hub client raises many types; all mean "not available"
     raise ModelLoadError(
-        f"cannot fetch model {name_or_path!r} from the Hugging Face hub "
-        f"(offline, unknown id or no access?): {_one_line(e)}") from None
+        f"cannot fetch {what} {name_or_path!r} from the Hugging Face hub "
+        f"(offline, unknown id or no access?): {one_line(e)}") from None
 
 
-def _read_json(path: str, what: str) -> dict:
+def read_json(path: str, what: str) -> dict:
+  """A JSON object from `path`; `ModelLoadError` naming `what` if missing or unreadable."""
   if not os.path.isfile(path):
     raise ModelLoadError(f"missing {what}: {path}")
   try:
     with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ModelLoadError(f"cannot read {what} {path}: {_one_line(e)}") from None
+      obj = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ModelLoadError(f"cannot read {what} {path}: {one_line(e)}") from None
+  if not isinstance(obj, dict):
+    raise ModelLoadError(f"cannot read {what} {path}: not a JSON object")
+  return obj
 
 
-def _find_safetensors(folder: str, stem: str, variant: str | None) -> list[str]:
+def safetensors_files(folder: str, stem: str, variant: str | None = None) -> list[str]:
+  """`folder/stem[.variant].safetensors`, or the shards its index names; [] if neither exists."""
   var = f".{variant}" if variant else ""
   single = os.path.join(folder, f"{stem}{var}.safetensors")
   if os.path.isfile(single):
     return [single]
   index = single + ".index.json"
   if os.path.isfile(index):
-    weight_map = _read_json(index, "safetensors index").get("weight_map", {})
+    weight_map = read_json(index, "safetensors index").get("weight_map", {})
     return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
   return []
+
+
+def read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
+  """One state dict from safetensors files (shards); one-line errors for missing or bad files."""
+  state: dict[str, np.ndarray] = {}
+  for f in files:
+    if not os.path.isfile(f):
+      raise ModelLoadError(f"missing weight shard: {f}")
+    try:
+      state.update(safetensors_io.load(f))
+    except (OSError, ValueError) as e:
+      raise ModelLoadError(f"cannot read {f}: {one_line(e)}") from None
+  return state
+
+
+def read_torch_pickle(path: str, allow_pickle: bool, how_to_allow: str) -> dict[str, np.ndarray]:
+  """A PyTorch `.bin` state dict as numpy, only if `allow_pickle` (pickles can run code).
+
+  `how_to_allow` names the switch in the refusal, e.g. "--allow_pickle".
+  Half-precision tensors come back as float32 (numpy has no bfloat16).
+  """
+  if not allow_pickle:
+    raise ModelLoadError(
+        f"{path} is a pickle, which can run code when loaded; convert it to safetensors "
+        f"or pass allow_pickle ({how_to_allow}) if you trust it")
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ModelLoadError(f"{path} is a PyTorch pickle and needs torch installed") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for bad pickles
+    raise ModelLoadError(f"cannot read {path}: {one_line(e)}") from None
+  return {k: v.float().numpy() if v.dtype in (torch.bfloat16, torch.float16) else v.numpy()
+          for k, v in state.items()}
 
 
 def load_component_weights(folder: str, component: str, *, variant: str | None = None,
@@ -161,17 +213,9 @@ def load_component_weights(folder: str, component: str, *, variant: str | None =
   `("flax", tree)` for a Flax msgpack. Raises `ModelLoadError` if none is usable.
   """
   sub = os.path.join(folder, subfolder or component)
-  files = _find_safetensors(sub, _WEIGHT_STEMS[component], variant)
+  files = safetensors_files(sub, _WEIGHT_STEMS[component], variant)
   if files:
-    state: dict[str, np.ndarray] = {}
-    for f in files:
-      if not os.path.isfile(f):
-        raise ModelLoadError(f"missing weight shard: {f}")
-      try:
-        state.update(safetensors_io.load(f))
-      except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {f}: {_one_line(e)}") from None
-    return "torch", state
+    return "torch", read_safetensors(files)
   flax_file = os.path.join(sub, _FLAX_FILES[component])
   if os.path.isfile(flax_file):
     from flax import serialization  # pylint: disable=import-outside-toplevel
@@ -179,24 +223,11 @@ def load_component_weights(folder: str, component: str, *, variant: str | None =
       with open(flax_file, "rb") as fh:
         return "flax", serialization.msgpack_restore(fh.read())
     except Exception as e:  # msgpack raises several unrelated types on corrupt input
-      raise ModelLoadError(f"cannot read {flax_file}: {_one_line(e)}") from None
+      raise ModelLoadError(f"cannot read {flax_file}: {one_line(e)}") from None
   var = f".{variant}" if variant else ""
   bin_file = os.path.join(sub, f"{_BIN_FILES[component]}{var}.bin")
   if os.path.isfile(bin_file):
-    if not allow_pickle:
-      raise ModelLoadError(
-          f"{bin_file} is a pickle, which can run code when loaded; convert it to safetensors "
-          "or pass allow_pickle (--config.allow_pickle=True) if you trust it")
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise ModelLoadError(f"{bin_file} is a PyTorch pickle and needs torch installed") from None
-    try:
-      sd = torch.load(bin_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for bad pickles
-      raise ModelLoadError(f"cannot read {bin_file}: {_one_line(e)}") from None
-    return "torch", {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-                     for k, v in sd.items()}
+    return "torch", read_torch_pickle(bin_file, allow_pickle, "--config.allow_pickle=True")
   raise ModelLoadError(
       f"no weights for {component} in {sub} (looked for {_WEIGHT_STEMS[component]}{var}.safetensors, "
       f"its sharded index, {_FLAX_FILES[component]} and {_BIN_FILES[component]}{var}.bin)")
@@ -271,16 +302,16 @@ def read_configs(folder: str) -> dict[str, dict]:
   """Reads model_index.json and each component's config (keyed by role) from a diffusers folder."""
   if not os.path.isdir(folder):
     raise ModelLoadError(f"model folder not found: {folder}")
-  index = _read_json(os.path.join(folder, "model_index.json"), "model_index.json")
+  index = read_json(os.path.join(folder, "model_index.json"), "model_index.json")
   try:
     folders = component_folders(index)
   except ModelLoadError as e:
     raise ModelLoadError(f"{folder}: {e}") from None
   configs = {"model_index": index}
   for comp in COMPONENTS:
-    configs[comp] = _read_json(os.path.join(folder, folders[comp], "config.json"),
+    configs[comp] = read_json(os.path.join(folder, folders[comp], "config.json"),
                                f"{folders[comp]} config")
-  configs["scheduler"] = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
+  configs["scheduler"] = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
                                     "scheduler config")
   return configs
 
@@ -304,7 +335,7 @@ def load_tokenizer(folder: str, model_index: dict | None = None, max_length: int
   try:
     tokenizer = getattr(transformers, name).from_pretrained(path, local_files_only=True)
   except Exception as e:  # transformers raises OSError/ValueError/TypeError for bad folders
-    raise ModelLoadError(f"cannot load tokenizer from {path}: {_one_line(e)}") from None
+    raise ModelLoadError(f"cannot load tokenizer from {path}: {one_line(e)}") from None
   if max_length and tokenizer.model_max_length > max_length:
     tokenizer.model_max_length = max_length
   return tokenizer

@@ -33,7 +33,8 @@ _DIFFUSERS_VERSION = "0.42.0"
 _TRANSFORMERS_VERSION = "5.0.0"
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
+  """Writes `obj` as sorted, indented JSON, as diffusers and transformers write configs."""
   with open(path, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
@@ -75,13 +76,13 @@ def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writ
       cfg = dict(configs[comp], _class_name=classes[comp], _diffusers_version=_DIFFUSERS_VERSION)
       safetensors_io.save(os.path.join(sub, "diffusion_pytorch_model.safetensors"), state,
                           {"format": "pt"})
-    _write_json(os.path.join(sub, "config.json"), cfg)
+    write_json(os.path.join(sub, "config.json"), cfg)
   os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-  _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"),
+  write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"),
               dict(configs["scheduler"], _diffusers_version=_DIFFUSERS_VERSION))
   tokenizer_writer(os.path.join(out_dir, "tokenizer"))
   if ldm:
-    _write_json(os.path.join(out_dir, "model_index.json"), {
+    write_json(os.path.join(out_dir, "model_index.json"), {
         "_class_name": pipeline,
         "_diffusers_version": _DIFFUSERS_VERSION,
         "bert": ["latent_diffusion", "LDMBertModel"],
@@ -91,7 +92,7 @@ def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writ
         "vqvae": ["diffusers", "AutoencoderKL"],
     })
     return
-  _write_json(os.path.join(out_dir, "model_index.json"), {
+  write_json(os.path.join(out_dir, "model_index.json"), {
       "_class_name": pipeline,
       "_diffusers_version": _DIFFUSERS_VERSION,
       "feature_extractor": [None, None],
@@ -143,24 +144,34 @@ def write_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> 
   return out_dir
 
 
-def ensure_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> str:
-  """Writes the tiny model unless `out_dir` already holds one; safe against interrupted writes."""
-  if os.path.isfile(os.path.join(out_dir, "model_index.json")):
+def ensure_written(out_dir: str, marker: str, write) -> str:
+  """Runs `write(folder)` unless `out_dir/marker` exists; safe against interrupted writes.
+
+  The folder is written beside `out_dir` and renamed into place, so a
+  half-written one is never seen; when another process (a multi-host run on
+  one machine) gets there first, its folder is kept.
+  """
+  if os.path.isfile(os.path.join(out_dir, marker)):
     return out_dir
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
   try:
-    write_tiny_model(tmp, preset, seed)
+    write(tmp)
     try:
-      os.replace(tmp, out_dir)  # atomic: a half-written model is never seen
+      os.replace(tmp, out_dir)
     except OSError:
-      # Another process (a multi-host run on one machine) got there first.
-      if not os.path.isfile(os.path.join(out_dir, "model_index.json")):
+      if not os.path.isfile(os.path.join(out_dir, marker)):
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
+
+
+def ensure_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> str:
+  """Writes the tiny model unless `out_dir` already holds one; safe against interrupted writes."""
+  return ensure_written(out_dir, "model_index.json",
+                        lambda folder: write_tiny_model(folder, preset, seed))
 
 
 def main(argv):
