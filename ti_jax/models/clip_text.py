@@ -16,15 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from ti_jax.models.config_utils import UnsupportedConfigError
-from ti_jax.models.layers import xla_implementation
+from ti_jax.models.layers import ACTIVATIONS, xla_implementation
 
 Dtype = Any
 
-_ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-}
+# The activations CLIP checkpoints use.
+_ACTIVATIONS = {k: ACTIVATIONS[k] for k in ("quick_gelu", "gelu", "gelu_new")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,14 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# transformers' activation names (`hidden_act`, `activation_function`) as JAX functions.
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
 # `attention_impl` values: JAX's own choices plus the Pallas TPU flash-attention kernel.
 PALLAS_TPU = "pallas_tpu"
 ATTENTION_IMPLS = ("", "xla", "cudnn", PALLAS_TPU)

@@ -21,15 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from ti_jax.models.config_utils import UnsupportedConfigError
-from ti_jax.models.layers import xla_implementation
+from ti_jax.models.layers import ACTIVATIONS, xla_implementation
 
 Dtype = Any
 
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
+# The activations BART-style encoders (LDMBert's family) use.
+_ACTIVATIONS = {k: ACTIVATIONS[k] for k in ("gelu", "gelu_new", "relu")}
 
 
 @dataclasses.dataclass(frozen=True)
