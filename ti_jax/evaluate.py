@@ -96,18 +96,6 @@ class _Generators:
     return self._by_model[key]
 
 
-def _generate(generator, prompt: str, protocol: Protocol, learned, tokenizer, bar) -> np.ndarray:
-  """`protocol.num_samples` images `[N, H, W, 3]` uint8 for one prompt."""
-  chunk = protocol.batch_size * len(generator.devices)
-  images = []
-  for start in range(0, protocol.num_samples, chunk):
-    count = min(chunk, protocol.num_samples - start)
-    images.append(generator.generate([prompt] * chunk, seed=protocol.seed, learned=learned,
-                                     first_index=start, tokenizer=tokenizer)[:count])
-    bar.update(count)
-  return np.concatenate(images)
-
-
 @dataclasses.dataclass
 class _Run:
   """A run's checkpoint and training images, read before any model loads."""
@@ -153,7 +141,9 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
   def images_for(template: str) -> np.ndarray:
     prompt, _ = sample.prepare_prompt(eval_prompts.with_token(template, token), [concept],
                                       tokenizer)
-    images = _generate(generator, prompt, protocol, learned, tokenizer, bar)
+    images = sampling.generate_images(
+        generator, prompt, protocol.num_samples, batch_size=protocol.batch_size,
+        seed=protocol.seed, learned=learned, tokenizer=tokenizer, progress=bar.update)
     if images_dir and jax.process_index() == 0:
       path = fileio.join(images_dir, f"{sample.slug(label)}_{sample.slug(template)}.png")
       sampling.save_png(path, sampling.image_grid(images), {"prompt": prompt})
@@ -200,9 +190,6 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
     schedulers.make_sampler(protocol.scheduler, {}, 2)  # checks the name before loading
   except ValueError as e:
     raise EvaluateError(str(e)) from None
-  for w in workdirs:
-    if not fileio.is_dir(w):
-      raise EvaluateError(f"run directory {w} does not exist")
   prompts = None
   if prompts_file:
     try:

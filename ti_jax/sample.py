@@ -139,14 +139,15 @@ def load_base_model(concepts, run_config: dict, *, override: str = "", dtype: st
   if dtype == "auto":
     dtype = "float32" if platform == "cpu" else "bfloat16"
   jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  attention_impl = run_config.get("attention_impl") or None
+  if attention_impl == layers.PALLAS_TPU and platform != "tpu":
+    attention_impl = None  # a run trained with the TPU kernel still samples elsewhere
   sd = load_stable_diffusion(
       model_id, dtype=jdtype, param_dtype=jdtype, vae_dtype=jnp.float32,
       variant=(run_config.get("variant") or None) if same_files else None,
       revision=(run_config.get("revision") or None) if same_files else None,
       allow_pickle=allow_pickle or bool(run_config.get("allow_pickle")),
-      # A run trained with the TPU kernel still samples elsewhere.
-      attention_impl=(run_config.get("attention_impl") or None) if (
-          platform == "tpu" or run_config.get("attention_impl") != layers.PALLAS_TPU) else None,
+      attention_impl=attention_impl,
       cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR))
   check_concepts_fit(concepts, model_id, sd.text_encoder.config.hidden_size,
                      allow_base_model_mismatch)
@@ -203,7 +204,6 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
       out_error = SampleError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
   if parallel.any_process(out_error is not None):  # all processes stop, none waits forever
     raise out_error or SampleError("process 0 cannot write the output folder")
-  chunk = batch_size * len(devices)
   written = []
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   bar = tqdm(total=len(prompts) * num_images, desc="sample", unit="img", file=sys.stderr,
@@ -212,14 +212,9 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
     prompt, warnings = prepare_prompt(raw_prompt, concepts, sd.tokenizer)
     for w in warnings:
       _log(f"warning: {w}")
-    images = []
-    for start in range(0, num_images, chunk):
-      count = min(chunk, num_images - start)
-      batch = generator.generate([prompt] * chunk, seed=seed, negative_prompt=negative_prompt,
-                                 learned=learned, first_index=start)[:count]
-      images.append(batch)
-      bar.update(count)
-    images = np.concatenate(images)
+    images = sampling.generate_images(generator, prompt, num_images, batch_size=batch_size,
+                                      seed=seed, negative_prompt=negative_prompt,
+                                      learned=learned, progress=bar.update)
     if not is_main:  # every process generates; process 0 writes
       continue
     # The checkpoint step is in the name, so sampling another checkpoint adds files.

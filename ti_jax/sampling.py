@@ -160,6 +160,26 @@ class ImageGenerator:
     return np.round(images * 255.0).astype(np.uint8)
 
 
+def generate_images(generator: ImageGenerator, prompt: str, num_images: int, *,
+                    batch_size: int = 1, seed: int = 0, negative_prompt: str = "",
+                    learned=(), tokenizer=None, progress=None) -> np.ndarray:
+  """`num_images` images `[N, H, W, 3]` uint8 of one prompt, `batch_size` per device per call.
+
+  Image i starts from noise (seed, i), so the result does not depend on the
+  batch size or device count. `progress(count)` is called after each call.
+  """
+  chunk = batch_size * len(generator.devices)
+  images = []
+  for start in range(0, num_images, chunk):
+    count = min(chunk, num_images - start)
+    images.append(generator.generate([prompt] * chunk, seed=seed, negative_prompt=negative_prompt,
+                                     learned=learned, first_index=start,
+                                     tokenizer=tokenizer)[:count])
+    if progress:
+      progress(count)
+  return np.concatenate(images)
+
+
 def save_png(path: str, image: np.ndarray, text: dict[str, str] | None = None) -> None:
   """Writes a uint8 `[H, W, 3]` image as PNG with `text` in tEXt chunks."""
   info = PngImagePlugin.PngInfo()
