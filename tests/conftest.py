@@ -29,6 +29,17 @@ def record_parity(name: str, rel_err: float, tol: float) -> None:
   assert rel_err <= tol, f"{name}: max relative error {rel_err:.3g} > {tol:g}"
 
 
+def offline_config(c, cache_dir, **overrides):
+  """A training config for tests: tiny models under `cache_dir`, the session's XLA cache, no
+  validation images; then `overrides` (field=value)."""
+  c.cache_dir = str(cache_dir)
+  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  c.validation_prompt = ""
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
 def pytest_terminal_summary(terminalreporter):
   if PARITY_FIGURES:
     terminalreporter.section("parity vs PyTorch diffusers/transformers (max |a-b| / max |b|)")

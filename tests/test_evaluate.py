@@ -9,6 +9,7 @@ import jax
 import pytest
 from PIL import Image
 
+from conftest import offline_config
 from ti_jax import clip_io, eval_metrics, eval_prompts, evaluate, sampling, train
 from ti_jax.loading import load_stable_diffusion
 
@@ -27,11 +28,8 @@ def runs(tmp_path_factory):
   out = {}
   for name, steps in (("long", 2), ("short", 1)):
     c = paper.get_config("tiny,object")
-    c.train_data_dir = os.path.join(REPO, c.train_data_dir)
-    c.cache_dir = str(cache)
-    c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
-    c.validation_prompt = ""
-    c.max_train_steps = steps
+    offline_config(c, cache, train_data_dir=os.path.join(REPO, c.train_data_dir),
+                   max_train_steps=steps)
     train.run(c, str(tmp / name), devices=jax.local_devices()[:1], progress=False)
     out[name] = str(tmp / name)
   return out, str(cache), tmp

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import offline_config
 from ti_jax import checkpointing, data, embeddings, safetensors_io, train
 from ti_jax.loading import load_stable_diffusion
 
@@ -19,16 +20,9 @@ import paper  # configs/paper.py  # noqa: E402  pylint: disable=wrong-import-pos
 
 def _config(arg, cache_dir, **overrides):
   c = paper.get_config(arg)
-  c.train_data_dir = os.path.join(REPO, c.train_data_dir)
-  c.cache_dir = str(cache_dir)
-  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  c.validation_prompt = ""
-  c.max_train_steps = 3
-  c.checkpointing_steps = 100
-  c.log_every_steps = 1
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  return offline_config(c, cache_dir, **{
+      "train_data_dir": os.path.join(REPO, c.train_data_dir), "max_train_steps": 3,
+      "checkpointing_steps": 100, "log_every_steps": 1, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import offline_config
 from ti_jax import checkpointing, data, embeddings, parallel, schedulers, train, train_lib
 from ti_jax.loading import load_stable_diffusion
 
@@ -24,17 +25,9 @@ TOY = os.path.join(REPO, "examples", "toy")
 def _config(cache_dir, **overrides):
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import object as object_config  # configs/object.py  pylint: disable=import-outside-toplevel
-  c = object_config.get_config("tiny")
-  c.train_data_dir = TOY
-  c.cache_dir = str(cache_dir)
-  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  c.validation_prompt = ""
-  c.max_train_steps = 4
-  c.checkpointing_steps = 2
-  c.log_every_steps = 1
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  return offline_config(object_config.get_config("tiny"), cache_dir, **{
+      "train_data_dir": TOY, "max_train_steps": 4, "checkpointing_steps": 2,
+      "log_every_steps": 1, **overrides})
 
 
 @pytest.fixture(scope="module")
