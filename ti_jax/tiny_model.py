@@ -175,13 +175,13 @@ def ensure_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) ->
 
 
 def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  f = flags.FLAGS
+  from ti_jax import cli  # pylint: disable=import-outside-toplevel
+  f = cli.start(argv)
   if os.path.exists(os.path.join(f.out_dir, "model_index.json")) and not f.overwrite:
     raise SystemExit(f"error: {f.out_dir} already holds a model; pass --overwrite to replace it")
   write_tiny_model(f.out_dir, f.preset, f.seed)
-  print(f"wrote tiny random-weight Stable Diffusion ({f.preset}) to {f.out_dir}")
+  print(f"wrote tiny random-weight {'LDM' if f.preset == 'tiny-ldm' else 'Stable Diffusion'} "
+        f"({f.preset}) to {f.out_dir}")
 
 
 if __name__ == "__main__":
