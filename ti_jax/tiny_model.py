@@ -177,9 +177,19 @@ def ensure_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) ->
 def main(argv):
   from ti_jax import cli  # pylint: disable=import-outside-toplevel
   f = cli.start(argv)
+  if not 0 <= f.seed < 2**32:  # numpy's generator takes no negative seed
+    raise SystemExit(f"error: --seed must be in [0, 2**32), got {f.seed}")
+  if not f.out_dir:
+    raise SystemExit("error: --out_dir is empty: give the folder to write the model into")
+  if os.path.exists(f.out_dir) and not os.path.isdir(f.out_dir):
+    raise SystemExit(f"error: --out_dir {f.out_dir} is a file, not a folder")
   if os.path.exists(os.path.join(f.out_dir, "model_index.json")) and not f.overwrite:
     raise SystemExit(f"error: {f.out_dir} already holds a model; pass --overwrite to replace it")
-  write_tiny_model(f.out_dir, f.preset, f.seed)
+  try:
+    write_tiny_model(f.out_dir, f.preset, f.seed)
+  except OSError as e:  # e.g. a read-only parent folder, or a file where a subfolder goes
+    raise SystemExit(f"error: cannot write the model to {f.out_dir}: "
+                     f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
   print(f"wrote tiny random-weight {'LDM' if f.preset == 'tiny-ldm' else 'Stable Diffusion'} "
         f"({f.preset}) to {f.out_dir}")
 
@@ -195,4 +205,5 @@ if __name__ == "__main__":
                     "attention, gelu, v-prediction).")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing model in --out_dir.")
-  app.run(main)
+  from ti_jax.cli import flags_parser  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=flags_parser)
