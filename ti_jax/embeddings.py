@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +64,80 @@ def add_new_tokens(tokenizer, tokens: list[str]) -> list[int]:
   return [int(i) for i in ids]
 
 
+def lowercases(tokenizer) -> bool:
+  """Whether the tokenizer's normalizer lower-cases (CLIP, uncased BERT): tokens match any case."""
+  return _normalized(tokenizer, "A") == "a"
+
+
+def _token_matches(text: str, counts: dict[str, int], ignore_case: bool):
+  """Occurrences of the pseudo-words' token strings in `text`, as the tokenizer splits them.
+
+  Tokenizers split added tokens out of a text leftmost-longest: at the first
+  position where any added token starts, the longest one wins. So `<mystyle>`
+  is one token even when `mystyle` is also added, and only whole tokens match.
+  Yields (match, owner token, vector index) for every `tok`, `tok_1`, ... of
+  `counts` (token -> number of vectors).
+  """
+  fold = (lambda x: x.lower()) if ignore_case else (lambda x: x)
+  owners = {}
+  for tok, n in counts.items():
+    for i, name in enumerate(placeholder_tokens(tok, n)):
+      owners[fold(name)] = (tok, i)
+  if not owners:
+    return
+  # Python tries alternatives in order: longest first gives leftmost-longest.
+  pattern = re.compile("|".join(re.escape(n) for n in sorted(owners, key=len, reverse=True)),
+                       re.IGNORECASE if ignore_case else 0)
+  for m in pattern.finditer(text):
+    tok, i = owners[fold(m.group(0))]
+    yield m, tok, i
+
+
+def used_tokens(text: str, counts: dict[str, int], ignore_case: bool = False) -> set[str]:
+  """The pseudo-words of `counts` that `text` uses as whole tokens (any of their vectors)."""
+  return {tok for _, tok, _ in _token_matches(text, counts, ignore_case)}
+
+
+def expand_placeholders(text: str, counts: dict[str, int], ignore_case: bool = False) -> str:
+  """Replaces each whole multi-vector token `tok` with `tok tok_1 ... tok_{n-1}`.
+
+  `counts` maps every loaded token to its number of vectors; all of them take
+  part in the matching, so a token inside a longer one (`mystyle` in
+  `<mystyle>`) is left alone, as the tokenizer leaves it. A token whose extra
+  vectors the prompt already names (`tok_1`) is not expanded again.
+  """
+  matches = list(_token_matches(text, counts, ignore_case))
+  spelled_out = {tok for _, tok, i in matches if i > 0}
+  out, pos = [], 0
+  for m, tok, i in matches:
+    if i == 0 and counts[tok] > 1 and tok not in spelled_out:
+      out += [text[pos:m.start()], " ".join(placeholder_tokens(tok, counts[tok]))]
+      pos = m.end()
+  return "".join(out) + text[pos:]
+
+
 def expand_placeholder(text: str, placeholder_token: str, num_vectors: int) -> str:
-  """Replaces `tok` with `tok tok_1 ... tok_{n-1}` so a prompt uses every vector."""
-  if num_vectors == 1:
-    return text
-  return text.replace(placeholder_token, " ".join(placeholder_tokens(placeholder_token, num_vectors)))
+  """Replaces the whole token `tok` with `tok tok_1 ... tok_{n-1}` so a prompt uses every vector."""
+  return expand_placeholders(text, {placeholder_token: num_vectors})
+
+
+def check_separable(tokenizer, token_ids: dict[str, list[int]]) -> None:
+  """Refuses pseudo-words the tokenizer cannot tell apart (after all were added).
+
+  Each token, and the expansion of a multi-vector one, must tokenize to
+  exactly its own ids; otherwise a prompt would silently use another
+  token's vectors (e.g. one token inside another that the tokenizer splits).
+  """
+  for tok, ids in token_ids.items():
+    text = " ".join(placeholder_tokens(tok, len(ids)))
+    got = list(tokenizer(text, add_special_tokens=False).input_ids)
+    if got == list(ids):
+      continue
+    pieces = tokenizer.convert_ids_to_tokens(got)
+    inside = [o for o in token_ids if o != tok and o.lower() in tok.lower()]
+    why = f" (it contains {inside[0]!r})" if inside else ""
+    raise EmbeddingError(f"token {tok!r}{why} is split by the tokenizer into {pieces}, not into "
+                         "its own token(s); rename one of the tokens with PATH:NEW_TOKEN")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ per prompt.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -52,13 +53,19 @@ def gather_concepts(workdir: str | None, step: int | None,
   """Concepts of the run in `workdir` (first) and of each `PATH[:TOKEN]` in `sources`.
 
   Also returns the run's checkpoint metadata ({} without a workdir), read
-  with its vectors in one restore.
+  with its vectors in one restore. Refuses NaN/inf vectors and two concepts
+  with one token name (including the `tok_1`, ... names of extra vectors).
   """
   concepts, run_meta = [], {}
   if workdir:
     if not fileio.is_dir(workdir):
       raise SampleError(f"run directory {workdir} does not exist")
     vectors, run_meta = checkpointing.learned_from_workdir(workdir, step)
+    what = f"{workdir} checkpoint {run_meta.get('step', '?')}"
+    try:
+      vectors = embedding_io.check_vectors(vectors, what)
+    except embedding_io.EmbeddingFileError as e:
+      raise SampleError(f"{e}; pass --step of an earlier checkpoint") from None
     concepts.append(embedding_io.Concept(
         run_meta["placeholder_token"], vectors, workdir,
         base_model=run_meta.get("pretrained_model_name_or_path")))
@@ -66,11 +73,31 @@ def gather_concepts(workdir: str | None, step: int | None,
     concepts += embedding_io.load_concepts(spec)
   seen = {}
   for c in concepts:
-    if c.token in seen:
-      raise SampleError(f"token {c.token!r} comes from both {seen[c.token]} and {c.source}; "
-                        "rename one with PATH:NEW_TOKEN")
-    seen[c.token] = c.source
+    for i, name in enumerate(embeddings.placeholder_tokens(c.token, c.vectors.shape[0])):
+      if name in seen:
+        other, j = seen[name]
+        if i == j == 0:
+          raise SampleError(f"token {c.token!r} comes from both {other.source} and {c.source}; "
+                            "rename one with PATH:NEW_TOKEN")
+        what = lambda k, t: f"{t!r}" if k == 0 else f"{name!r} (vector {k} of {t!r})"
+        raise SampleError(f"token {what(i, c.token)} from {c.source} clashes with "
+                          f"{what(j, other.token)} from {other.source}; "
+                          "rename one with PATH:NEW_TOKEN")
+      seen[name] = (c, i)
   return concepts, run_meta
+
+
+def describe_concepts(concepts: Sequence[embedding_io.Concept]) -> list[str]:
+  """One line per concept loaded from a file or another run: the token it registered and why."""
+  lines = []
+  for c in concepts:
+    if not c.token_from:
+      continue
+    n = c.vectors.shape[0]
+    vectors = f"{n} vectors, expanded in prompts" if n > 1 else "1 vector"
+    lines.append(f"{c.source}: registered {c.token} ({vectors}; the token is "
+                 f"{c.token_from})")
+  return lines
 
 
 def resolve_base_model(override: str, concepts: Sequence[embedding_io.Concept]) -> str:
@@ -96,7 +123,10 @@ def check_concepts_fit(concepts, model_id: str, hidden_size: int, allow_mismatch
 
 
 def add_concepts(tokenizer, concepts) -> list[tuple[np.ndarray, list[int]]]:
-  """Adds every concept's tokens to the tokenizer; returns (vectors, token ids) per concept."""
+  """Adds every concept's tokens to the tokenizer; returns (vectors, token ids) per concept.
+
+  Refuses tokens the tokenizer cannot split apart (`embeddings.check_separable`).
+  """
   out = []
   for c in concepts:
     try:
@@ -104,19 +134,25 @@ def add_concepts(tokenizer, concepts) -> list[tuple[np.ndarray, list[int]]]:
     except embeddings.EmbeddingError as e:
       raise SampleError(f"{c.source}: {e}") from None
     out.append((c.vectors, ids))
+  try:
+    embeddings.check_separable(tokenizer, {c.token: ids for c, (_, ids) in zip(concepts, out)})
+  except embeddings.EmbeddingError as e:
+    raise SampleError(str(e)) from None
   return out
 
 
 def prepare_prompt(prompt: str, concepts, tokenizer) -> tuple[str, list[str]]:
-  """Expands multi-vector tokens; returns the prompt and warnings (no token, truncation)."""
+  """Expands multi-vector tokens; returns the prompt and warnings (no token, truncation).
+
+  Tokens match whole, as the tokenizer splits them (`embeddings.expand_placeholders`).
+  """
   warnings = []
-  used = [c.token for c in concepts if c.token in prompt]
-  if concepts and not used:
+  counts = {c.token: c.vectors.shape[0] for c in concepts}
+  ignore_case = embeddings.lowercases(tokenizer)
+  if concepts and not embeddings.used_tokens(prompt, counts, ignore_case):
     warnings.append(f"prompt {prompt!r} uses none of the learned tokens "
                     f"({', '.join(c.token for c in concepts)})")
-  for c in concepts:
-    if f"{c.token}_1" not in prompt:  # the user has not spelt the vectors out already
-      prompt = embeddings.expand_placeholder(prompt, c.token, c.vectors.shape[0])
+  prompt = embeddings.expand_placeholders(prompt, counts, ignore_case)
   length = len(tokenizer(prompt).input_ids)
   if length > tokenizer.model_max_length:
     warnings.append(f"prompt {prompt[:40]!r}... is {length} tokens; truncated to "
@@ -173,11 +209,18 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
     raise SampleError("num_images, batch_size and num_inference_steps must be >= 1")
   if not 0 <= seed < 2**32:
     raise SampleError(f"seed must be in [0, 2**32), got {seed}")
+  for name, value in (("height", height), ("width", width)):
+    if value < 0:
+      raise SampleError(f"{name} must be > 0 (or 0 for the run's resolution), got {value}")
+  if not math.isfinite(guidance_scale):
+    raise SampleError(f"guidance_scale must be a finite number, got {guidance_scale}")
   try:
     schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
   except ValueError as e:
     raise SampleError(str(e)) from None
   concepts, run_meta = gather_concepts(workdir, step, embedding_sources)
+  for line in describe_concepts(concepts):  # which token each --embeddings source registered
+    _log(line)
   run_config, ckpt_step = run_meta.get("config", {}), run_meta.get("step")
   devices = list(devices) if devices is not None else parallel.all_devices()
   is_main = jax.process_index() == 0
@@ -241,12 +284,14 @@ def main(argv: Sequence[str]) -> None:
   from ti_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
   prompts = list(f.prompt or [])
-  if f.prompts_file:
+  if f.prompts_file is not None:
     try:
-      with open(f.prompts_file) as fh:
-        prompts += [line.strip() for line in fh if line.strip()]
-    except OSError as e:
-      raise SystemExit(f"error: cannot read --prompts_file: {e}") from None
+      lines = cli.read_text_lines(f.prompts_file, "--prompts_file")
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+    if not lines:
+      raise SystemExit(f"error: --prompts_file {f.prompts_file} holds no prompt (one per line)")
+    prompts += lines
   try:
     run(prompts=prompts, workdir=f.workdir, step=f.step, embedding_sources=f.embeddings or [],
         pretrained_model_name_or_path=f.pretrained_model_name_or_path,

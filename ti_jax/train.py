@@ -452,9 +452,10 @@ def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> embeddings.In
     concepts = embedding_io.load_concepts(spec)
   except (embedding_io.EmbeddingFileError, checkpointing.WorkdirError) as e:
     raise ConfigError(f"config.init_embedding: {e}") from None
-  if len(concepts) != 1:
-    raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens; name one "
-                      "with PATH:TOKEN or use a single-token file")
+  if len(concepts) != 1:  # PATH:TOKEN picks one of them (embedding_io.load_concepts)
+    raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens "
+                      f"({', '.join(c.token for c in concepts)}); pick one as "
+                      f"{spec}:{concepts[0].token}")
   vectors = concepts[0].vectors
   if vectors.shape != (num_vectors, dim):
     raise ConfigError(f"config.init_embedding: {spec} has shape {tuple(vectors.shape)}, "
