@@ -134,17 +134,19 @@ def _unknown_field_message(e: BaseException) -> str:
   return f"unknown config field {field}{hint}; the config file lists every field"
 
 
-def flags_parser(argv: Sequence[str]) -> list[str]:
+def flags_parser(argv: Sequence[str], flag_values=None) -> list[str]:
   """Parses absl flags; a bad flag, config file or override prints one `error:` line, exits 2.
 
   Pass as `app.run(main, flags_parser=flags_parser)`. Without it, an unknown
   `--config.field` surfaces as a Python traceback from ml_collections, and
   `--help` exits with status 1 (absl's default); here it exits 0.
+  `flag_values` defaults to absl's FLAGS.
   """
   from absl import flags  # pylint: disable=import-outside-toplevel
-  _guard_config_file_flags(flags.FLAGS)
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  _guard_config_file_flags(flag_values)
   try:
-    return flags.FLAGS(list(argv))
+    return flag_values(list(argv))
   except SystemExit as e:
     # absl's help flags print the usage and exit 1 while parsing.
     if e.code == 1 and _help_requested(argv):

@@ -137,7 +137,8 @@ def check_separable(tokenizer, token_ids: dict[str, list[int]]) -> None:
     inside = [o for o in token_ids if o != tok and o.lower() in tok.lower()]
     why = f" (it contains {inside[0]!r})" if inside else ""
     raise EmbeddingError(f"token {tok!r}{why} is split by the tokenizer into {pieces}, not into "
-                         "its own token(s); rename one of the tokens with PATH:NEW_TOKEN")
+                         "its own token(s), so prompts could not use its vectors; give it "
+                         "another name with PATH:NEW_TOKEN")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -184,6 +185,8 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
     raise EvaluateError("num_samples, num_inference_steps and batch_size must be >= 1")
   if not 0 <= protocol.seed < 2**32:
     raise EvaluateError(f"seed must be in [0, 2**32), got {protocol.seed}")
+  if not math.isfinite(protocol.guidance_scale):
+    raise EvaluateError(f"guidance_scale must be a finite number, got {protocol.guidance_scale}")
   if protocol.num_samples < 2:
     _log("warning: one sample per prompt gives very noisy scores (the paper uses 64)")
   try:
@@ -216,6 +219,10 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
       failure = EvaluateError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
     except ModelLoadError as e:
       failure = e
+      if protocol.clip_model != clip_io.TINY_CLIP:  # most often: offline, the hub unreachable
+        failure = EvaluateError(f"{e}; to try the evaluation offline, pass --clip_model "
+                                f"{clip_io.TINY_CLIP} (a random-weight CLIP: the pipeline "
+                                "runs, the scores mean nothing)")
   if parallel.any_process(failure is not None):
     raise failure or EvaluateError("process 0 could not start the evaluation; see its log")
   generators = _Generators(protocol, devices, dtype, cache_dir, allow_pickle)
