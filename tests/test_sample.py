@@ -167,8 +167,9 @@ def test_export_then_import_round_trips(runs, tmp_path, fmt):
   (concept,) = embedding_io.load_concepts(path)
   np.testing.assert_array_equal(concept.vectors, vectors)
   assert concept.vectors.shape == (2, 32)
-  expected_token = "style" if fmt == "kohya" else "<style>"  # kohya files are named by file
-  assert concept.token == expected_token
+  # Every format's default file registers the run's token: A1111 and kohya files by
+  # their file name, which keeps the token's characters; diffusers files by their key.
+  assert concept.token == "<style>"
   (renamed,) = embedding_io.load_concepts(f"{path}:<s2>")
   assert renamed.token == "<s2>"
 
@@ -222,7 +223,9 @@ def test_export_cli_writes_file(runs, tmp_path):
   into_folder = subprocess.run([sys.executable, "-m", "ti_jax.export", "--workdir", runs["toy"],
                                 "--output", str(tmp_path)], capture_output=True, text=True,
                                timeout=120)
-  assert into_folder.returncode != 0 and into_folder.stderr.startswith("error: cannot write")
+  assert into_folder.returncode != 0
+  assert into_folder.stderr.strip().splitlines() == [f"error: --output {tmp_path} is a folder; "
+                                                     "give a file name"]
   bad = subprocess.run([sys.executable, "-m", "ti_jax.export", "--workdir", str(tmp_path),
                         "--format", "kohya"], capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
@@ -236,3 +239,98 @@ def test_init_embedding_starts_training_from_an_exported_file(runs, tmp_path):
   meta_vectors, _ = train.checkpointing.learned_from_workdir(workdir)
   # One step moves the vectors a little from where the file left them.
   assert np.abs(meta_vectors - vectors).max() < 0.1
+
+
+def _export_cli(workdir, *args):
+  return subprocess.run([sys.executable, "-m", "ti_jax.export", "--workdir", workdir, *args],
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_export_formats_never_replace_each_other(runs, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "toy")
+  shutil.copytree(runs["toy"], workdir)
+  paths = {fmt: export.export(workdir, fmt) for fmt in ("a1111", "kohya", "diffusers")}
+  assert len(set(paths.values())) == 3
+  assert paths["a1111"].endswith(os.path.join("export", "a1111", "<toy>.safetensors"))
+  assert paths["kohya"].endswith(os.path.join("export", "kohya", "<toy>.safetensors"))
+  assert "string_to_param.*" in embedding_io.safetensors_io.read_shapes(paths["a1111"])
+  assert "emb_params" in embedding_io.safetensors_io.read_shapes(paths["kohya"])
+  # A second export to an existing file is refused and leaves it as it was.
+  before = open(paths["kohya"], "rb").read()
+  again = _export_cli(workdir, "--format", "kohya")
+  assert again.returncode == 1
+  assert again.stderr.strip().splitlines() == [
+      f"error: {paths['kohya']} already exists; pass --overwrite to replace it "
+      "(or --output another file)"]
+  assert open(paths["kohya"], "rb").read() == before
+  forced = _export_cli(workdir, "--format", "kohya", "--overwrite")
+  assert forced.returncode == 0, forced.stderr
+  # The CLI says what to type in each tool: the file name for kohya and ComfyUI.
+  assert "kohya sd-scripts: type <toy> in prompts; ComfyUI: type embedding:<toy>" in forced.stderr
+  leftovers = [f for f in os.listdir(os.path.dirname(paths["kohya"])) if ".tmp-" in f]
+  assert leftovers == []
+
+
+def test_interrupted_export_leaves_no_file(runs, tmp_path, monkeypatch):
+  def write_half_then_fail(path, concept, fmt, step=0):
+    del concept, fmt, step
+    with open(path, "wb") as f:
+      f.write(b"half a file")
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(embedding_io, "write_embedding_file", write_half_then_fail)
+  out = tmp_path / "out" / "toy.safetensors"
+  with pytest.raises(OSError):
+    export.export(runs["toy"], "kohya", str(out))
+  assert os.listdir(tmp_path / "out") == []
+
+
+def test_non_finite_vectors_are_never_exported_or_sampled(runs, tmp_path, monkeypatch):
+  real = train.checkpointing.learned_from_workdir
+
+  def diverged(workdir, step=None):
+    vectors, meta = real(workdir, step)
+    return np.full_like(vectors, np.nan), meta
+  monkeypatch.setattr(train.checkpointing, "learned_from_workdir", diverged)
+  out = tmp_path / "nan.safetensors"
+  with pytest.raises(embedding_io.EmbeddingFileError) as err:
+    export.export(runs["toy"], "diffusers", str(out))
+  assert "holds NaN or inf" in str(err.value) and "nothing exported" in str(err.value)
+  assert not out.exists()
+  with pytest.raises(sample.SampleError, match="holds NaN or inf"):
+    _sample(runs, tmp_path, "nan")
+  assert not (tmp_path / "nan").exists()
+
+
+def test_token_inside_the_runs_token_leaves_its_images_unchanged(runs, tmp_path):
+  """A 2-vector file for `toy>` beside the run's `<toy>`: the run's prompt keeps its vectors."""
+  style_file = export.export(runs["style"], "diffusers", str(tmp_path / "style.safetensors"))
+  alone = _pixels(_sample(runs, tmp_path, "alone", num_images=1))
+  both = _pixels(_sample(runs, tmp_path, "both", num_images=1,
+                         embedding_sources=[f"{style_file}:toy>"]))
+  np.testing.assert_array_equal(both, alone)
+
+
+def test_init_embedding_of_a_two_token_file_follows_its_own_advice(runs, tmp_path):
+  two = str(tmp_path / "two.safetensors")
+  vectors, _ = train.checkpointing.learned_from_workdir(runs["toy"])
+  embedding_io.safetensors_io.save(two, {"<a>": vectors, "<b>": vectors * 2})
+  with pytest.raises(train.ConfigError) as err:
+    _train(tmp_path / "x", runs["cache"], placeholder_token="<toy3>", init_embedding=two,
+           max_train_steps=1, checkpointing_steps=1)
+  assert f"pick one as {two}:<a>" in str(err.value)
+  workdir = _train(tmp_path / "y", runs["cache"], placeholder_token="<toy3>",
+                   init_embedding=f"{two}:<b>", max_train_steps=1, checkpointing_steps=1)
+  trained, _ = train.checkpointing.learned_from_workdir(workdir)
+  assert np.abs(trained - vectors * 2).max() < 0.1  # started from <b>, not <a>
+
+
+def test_evaluate_without_the_hub_suggests_tiny_clip(runs, tmp_path):
+  from ti_jax import evaluate  # pylint: disable=import-outside-toplevel
+  protocol = evaluate.Protocol(num_samples=1, num_inference_steps=1,
+                               clip_model="openai/clip-vit-base-patch32")
+  with pytest.raises(evaluate.USER_ERRORS) as err:
+    # conftest sets HF_HUB_OFFLINE: the hub id cannot be fetched.
+    evaluate.run(workdirs=[runs["toy"]], protocol=protocol, output_dir=str(tmp_path / "e"),
+                 cache_dir=runs["cache"], devices=jax.local_devices()[:1])
+  assert "--clip_model tiny-clip" in str(err.value) and "\n" not in str(err.value)

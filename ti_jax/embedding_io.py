@@ -107,17 +107,19 @@ def _torch_load(path: str) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many unrelated types for bad pickles
     text = _ANSI.sub("", str(e))
-    refused = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\.?\s*$)", text, re.M)
+    refused = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, re.S)
     if refused:
       # torch's advice spans several coloured lines and suggests weights_only=False,
       # which would run code from the file: give the cause alone.
-      cause = refused.group(1).strip()
+      cause = " ".join(refused.group(1).split()).split(". Please")[0].rstrip(".")
       named = re.search(r"GLOBAL (\S+)", cause)
-      cause = f"it references {named.group(1)}" if named else cause
-      raise EmbeddingFileError(
-          f"{path}: refused: the file holds Python objects besides tensors ({cause}); "
-          ".pt/.bin files are read only with torch's weights_only loader, which runs no "
-          "code from the file") from None
+      if named:
+        raise EmbeddingFileError(
+            f"{path}: refused: the file holds Python objects besides tensors (it references "
+            f"{named.group(1)}); .pt/.bin files are read only with torch's weights_only "
+            "loader, which runs no code from the file") from None
+      raise EmbeddingFileError(f"{path}: cannot read embedding file (not a torch file, or "
+                               f"corrupt: {cause or 'unreadable pickle'})") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0] if lines else type(e).__name__
     raise EmbeddingFileError(f"{path}: cannot read embedding file ({first})") from None

@@ -3,7 +3,8 @@
   python -m ti_jax.train --config configs/style.py --workdir runs/my-style \\
       --config.train_data_dir=path/to/images --config.placeholder_token='<my-style>'
 
-  # offline demo: tiny random-weight model, shipped example images, ~2 min on CPU
+  # offline demo: tiny random-weight model, shipped example images; about 1 minute
+  # on a 2-core CPU (58 s measured from an empty cache, see README "Quick start")
   python -m ti_jax.train --config configs/object.py:tiny --workdir runs/demo
 
 The batch is sharded over every local device with `jax.pmap`. Re-running the
