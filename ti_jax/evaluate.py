@@ -212,14 +212,18 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
   if is_main:
     try:
       fileio.makedirs(out_dir)
-      clip = clip_io.load_clip(protocol.clip_model,
-                               cache_dir=cache_dir or os.path.expanduser("~/.cache/ti_jax"),
-                               allow_pickle=allow_pickle)
     except OSError as e:
       failure = EvaluateError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
+  if is_main and failure is None:
+    cache = cache_dir or os.path.expanduser("~/.cache/ti_jax")
+    try:
+      clip = clip_io.load_clip(protocol.clip_model, cache_dir=cache, allow_pickle=allow_pickle)
+    except OSError as e:  # e.g. --cache_dir names a file, or the cache is read-only
+      failure = EvaluateError(f"cannot load CLIP model {protocol.clip_model!r} with cache "
+                              f"{cache}: {e.strerror or e}")
     except ModelLoadError as e:
       failure = e
-      if protocol.clip_model != clip_io.TINY_CLIP:  # most often: offline, the hub unreachable
+      if "hub" in str(e) and protocol.clip_model != clip_io.TINY_CLIP:  # most often: offline
         failure = EvaluateError(f"{e}; to try the evaluation offline, pass --clip_model "
                                 f"{clip_io.TINY_CLIP} (a random-weight CLIP: the pipeline "
                                 "runs, the scores mean nothing)")
@@ -269,6 +273,8 @@ def main(argv: Sequence[str]) -> None:
         cache_dir=f.cache_dir, allow_pickle=f.allow_pickle, save_images=f.save_images)
   except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
+  except OSError as e:  # the file system refused: a path flag names something unusable
+    raise SystemExit(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ def export_with_token(workdir: str, fmt: str, output: str = "", step: int | None
   if fmt not in embedding_io.FORMATS:
     raise embedding_io.EmbeddingFileError(
         f"unknown format {fmt!r} (known: {', '.join(embedding_io.FORMATS)})")
+  if not fileio.exists(workdir):
+    raise checkpointing.WorkdirError(f"run directory {workdir} does not exist")
+  if not fileio.is_dir(workdir):
+    raise checkpointing.WorkdirError(f"run directory {workdir} is a file, not a folder")
   vectors, meta = checkpointing.learned_from_workdir(workdir, step)
   ckpt = f"{workdir} checkpoint {meta.get('step', '?')}"
   try:

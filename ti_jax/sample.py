@@ -59,7 +59,8 @@ def gather_concepts(workdir: str | None, step: int | None,
   concepts, run_meta = [], {}
   if workdir:
     if not fileio.is_dir(workdir):
-      raise SampleError(f"run directory {workdir} does not exist")
+      raise SampleError(f"run directory {workdir} is a file, not a folder"
+                        if fileio.exists(workdir) else f"run directory {workdir} does not exist")
     vectors, run_meta = checkpointing.learned_from_workdir(workdir, step)
     what = f"{workdir} checkpoint {run_meta.get('step', '?')}"
     try:
@@ -218,6 +219,9 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
     schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
   except ValueError as e:
     raise SampleError(str(e)) from None
+  if cache_dir and os.path.exists(os.path.expanduser(cache_dir)) and not os.path.isdir(
+      os.path.expanduser(cache_dir)):
+    raise SampleError(f"--cache_dir {cache_dir} is a file, not a folder")
   concepts, run_meta = gather_concepts(workdir, step, embedding_sources)
   for line in describe_concepts(concepts):  # which token each --embeddings source registered
     _log(line)
@@ -303,6 +307,8 @@ def main(argv: Sequence[str]) -> None:
         allow_pickle=f.allow_pickle)
   except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
+  except OSError as e:  # the file system refused: a path flag names something unusable
+    raise SystemExit(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
 
 
 if __name__ == "__main__":
