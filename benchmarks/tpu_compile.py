@@ -78,6 +78,9 @@ def tpu_devices(topology: str) -> list:
   One device per chip, as Cloud TPU VMs run them (v4 in megacore mode), and
   all chips in this one process, so the pmapped program spans every chip.
   """
+  # libtpu takes a lock file so that one process owns the chips; compiling opens
+  # no chip, so several compiling processes (a test next to a benchmark) may share it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   kind, _, layout = topology.partition(":")
   dims = tuple(int(d) for d in layout.lower().split("x")) if layout else ()
