@@ -275,6 +275,26 @@ def _memory_record(compiled, hbm: int) -> dict:
           "hbm_bytes": hbm, "fits": bool(total <= hbm)}
 
 
+def _compile(lowered, record: dict):
+  """Compiles `lowered`, timing it into `record`. XLA:TPU refuses a program larger than the
+  chip's HBM: then `record` says it does not fit, with the compiler's own account of by how
+  much, and None is returned."""
+  from ti_jax import train_lib  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if not train_lib.is_out_of_memory(e):
+      raise
+    record.update(compile_s=time.perf_counter() - t0, fits=False,
+                  compiler_oom=next((line.strip() for line in str(e).splitlines()
+                                     if "Exceeded" in line or "Ran out" in line),
+                                    str(e).splitlines()[0]))
+    return None
+  record["compile_s"] = time.perf_counter() - t0
+  return compiled
+
+
 def _program_record(compiled) -> dict:
   """FLOPs (XLA's count, one chip) and what the compiled TPU program contains."""
   cost = compiled.cost_analysis()
@@ -355,13 +375,12 @@ def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat
                                                    "tokens"))
   n = len(devices)
   step = train_lib.make_pmapped_step(settings, optimizer, lr, devices)
-  t0 = time.perf_counter()
-  compiled = step.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
   record = {"program": "train", "model": model, "resolution": res,
             "dtype": jnp.dtype(dtype).name, "chips": n, "per_chip_batch": batch,
-            "attention_impl": impl or "default", "remat": bool(remat),
-            "compile_s": compile_s}
+            "attention_impl": impl or "default", "remat": bool(remat)}
+  compiled = _compile(step.lower(*args), record)
+  if compiled is None:
+    return record
   record.update(_memory_record(compiled, hbm))
   record["expected_argument_bytes"] = built["expected_argument_bytes"]
   record["weight_bytes"] = built["weight_bytes"]
@@ -409,14 +428,13 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
   ids = sds((n * batch, tokens), jnp.int32)
   cond, uncond, index = parallel.shard((ids, ids, sds((n * batch,), jnp.int32)), n)
   seeds = sds((n,), np.uint32)
-  t0 = time.perf_counter()
-  compiled = generator._fn.lower(arrays, cond, uncond, index, seeds).compile()  # pylint: disable=protected-access
-  compile_s = time.perf_counter() - t0
   record = {"program": "sample", "model": model, "resolution": res,
             "dtype": jnp.dtype(dtype).name, "chips": n, "per_chip_batch": batch,
             "attention_impl": impl or "default", "remat": False,
-            "steps": num_inference_steps, "guidance_scale": guidance_scale,
-            "compile_s": compile_s}
+            "steps": num_inference_steps, "guidance_scale": guidance_scale}
+  compiled = _compile(generator._fn.lower(arrays, cond, uncond, index, seeds), record)  # pylint: disable=protected-access
+  if compiled is None:
+    return record
   record.update(_memory_record(compiled, hbm))
   # The loop only decodes: XLA drops the VAE encoder's params from the program's arguments.
   decoder = {k: v for k, v in shapes["vae"].items() if k in ("decoder", "post_quant_conv")}
@@ -446,9 +464,9 @@ def compile_step_auto_remat(model: str, batch: int, dtype, attention_impl: str, 
                               hbm, num_views)
   record = compile_train_step(model, batch, dtype, attention_impl, False, devices, hbm, num_views)
   if not record["fits"]:
-    plain_total = record["total_bytes"]
+    plain = record
     record = compile_train_step(model, batch, dtype, attention_impl, True, devices, hbm, num_views)
-    record["plain_total_bytes"] = plain_total
+    record["without_remat"] = plain.get("compiler_oom") or f"{plain['total_bytes'] / GIB:.2f} GiB"
   return record
 
 
@@ -491,6 +509,13 @@ def libtpu_version() -> str:
 
 def _print(record: dict) -> None:
   gib = lambda k: f"{record[k] / GIB:.2f} GiB"
+  if "compiler_oom" in record:
+    print(f"{record['program']:>6} {record['model']} {record['resolution']}px "
+          f"{record['chips']} chip(s) batch/chip {record['per_chip_batch']} "
+          f"{record['attention_impl']}{' remat' if record['remat'] else ''}: does NOT fit, "
+          f"the TPU compiler says: {record['compiler_oom']} (after {record['compile_s']:.0f} s)",
+          flush=True)
+    return
   line = (f"{record['program']:>6} {record['model']} {record['resolution']}px "
           f"{record['chips']} chip(s) batch/chip {record['per_chip_batch']} "
           f"{record['attention_impl']}{' remat' if record['remat'] else ''}: "

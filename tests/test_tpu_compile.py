@@ -198,3 +198,35 @@ def test_remat_setting_accepts_true_false_and_auto_only(tmp_path):
   c.remat = "sometimes"
   with pytest.raises(train.ConfigError, match="config.remat must be True, False or auto"):
     train.validate_config(c)
+
+
+class _Refused:
+  """A step whose compile fails as `error`: lower() gives itself, compile() raises."""
+
+  def __init__(self, error):
+    self.error = error
+
+  def lower(self, *args):
+    del args
+    return self
+
+  def compile(self):
+    raise self.error
+
+
+def test_a_step_the_tpu_compiler_refuses_for_memory_does_not_fit_and_other_errors_raise():
+  """XLA:TPU does not plan a program larger than the chip: it fails to compile with
+  RESOURCE_EXHAUSTED (CompileTimeHbmOom). remat="auto" and the sweep read that as "does not fit"."""
+  from ti_jax import train_lib  # pylint: disable=import-outside-toplevel
+  oom = jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of "
+      "memory in memory space hbm. Used 15.75G of 15.75G hbm. Exceeded hbm capacity by 5.38M.")
+  assert train_lib.is_out_of_memory(oom)
+  assert train_lib.fits_memory(_Refused(oom), (), 2**40) is False
+  other = jax.errors.JaxRuntimeError("INTERNAL: something else broke")
+  assert not train_lib.is_out_of_memory(other)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    train_lib.fits_memory(_Refused(other), (), 2**40)
+  record = {}
+  assert _tpu_compile()._compile(_Refused(oom), record) is None  # pylint: disable=protected-access
+  assert record["fits"] is False and "Exceeded hbm capacity by 5.38M" in record["compiler_oom"]

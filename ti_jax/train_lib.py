@@ -206,6 +206,22 @@ def device_memory_limit(device) -> int | None:
   return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
+def is_out_of_memory(error: Exception) -> bool:
+  """Whether a compile error is XLA's "program does not fit the device" (XLA:TPU refuses to
+  compile a program larger than the chip's HBM: RESOURCE_EXHAUSTED, CompileTimeHbmOom)."""
+  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def fits_memory(step, args: tuple, memory_limit: int) -> bool:
+  """Whether the compiled `step(*args)` fits `memory_limit` bytes per device (compiled, not run)."""
+  try:
+    return compiled_memory_bytes(step.lower(*args).compile()) <= memory_limit
+  except jax.errors.JaxRuntimeError as e:
+    if not is_out_of_memory(e):
+      raise
+    return False
+
+
 def remat_if_needed(settings: StepSettings, optimizer, lr, devices, args: tuple,
                     memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
   """`config.remat="auto"`: the plain step if XLA's plan of it fits `memory_limit`, else the
@@ -216,7 +232,7 @@ def remat_if_needed(settings: StepSettings, optimizer, lr, devices, args: tuple,
   step is lowered and compiled for them, never run. No limit (None) keeps the plain step.
   """
   step = make_pmapped_step(settings, optimizer, lr, devices)
-  if memory_limit is None or compiled_memory_bytes(step.lower(*args).compile()) <= memory_limit:
+  if memory_limit is None or fits_memory(step, args, memory_limit):
     return settings, step, False
   settings = dataclasses.replace(settings, unet=settings.unet.clone(remat=True))
   return settings, make_pmapped_step(settings, optimizer, lr, devices), True
