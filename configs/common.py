@@ -34,12 +34,15 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.compilation_cache_dir = "~/.cache/ti_jax/xla"
   c.dtype = "bfloat16"  # compute/param dtype of the frozen UNet and text encoder
   c.vae_dtype = "float32"  # the VAE runs once per training image (latents are cached)
-  # Attention: "" (JAX picks), "xla", "cudnn" (GPU flash attention), or "pallas_tpu"
-  # (the Pallas TPU flash-attention kernel for the UNet; TPU only).
+  # Attention: "" (chosen: the Pallas TPU kernel on TPUs, JAX's choice elsewhere), "xla",
+  # "cudnn" (GPU flash attention), or "pallas_tpu" (the Pallas TPU flash-attention kernel
+  # for the UNet; TPU only).
   c.attention_impl = ""
   # Recompute the UNet's resnets/transformers in the backward pass: less activation
-  # memory (larger batches fit), about a third more compute.
-  c.remat = False
+  # memory (larger batches fit), about a third more compute. True, False, or "auto":
+  # on TPUs only when the step would not fit the chip's memory without it (decided
+  # from the compiled step's memory plan), elsewhere off.
+  c.remat = ml_collections.FieldReference("auto", field_type=object)
 
   # --- Concept and data ---
   c.train_data_dir = ""  # folder with the 3-5 concept images

@@ -26,6 +26,7 @@ import numpy as np
 from ti_jax import convert, safetensors_io
 from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.models.layers import resolve_attention_impl
 from ti_jax.models.ldm_bert import LDMBertConfig, LDMBertModel, is_ldm_bert_config
 from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ti_jax.models.vae import AutoencoderKL, VAEConfig
@@ -256,6 +257,7 @@ def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
         f"text encoder width {text_cfg.hidden_size} does not match the UNet's "
         f"cross_attention_dim {unet_cfg.cross_attention_dim}")
   kw = dict(dtype=dtype, param_dtype=param_dtype)
+  attention_impl = resolve_attention_impl(attention_impl)  # "" on a TPU host: the Pallas kernel
   text_cls = LDMBertModel if ldm_bert else CLIPTextModel
   return {
       "unet": UNet2DConditionModel(unet_cfg, attention_impl=attention_impl, remat=remat, **kw),
@@ -359,7 +361,8 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
     revision: hub revision.
     allow_pickle: permit `.bin` pickles (which can execute code) when no
       safetensors/msgpack weights exist. Needs torch.
-    attention_impl: `jax.nn.dot_product_attention` implementation.
+    attention_impl: `jax.nn.dot_product_attention` implementation, or "pallas_tpu"; None or ""
+      chooses (the Pallas kernel on a TPU host, JAX's choice elsewhere).
     cache_dir: where the tiny random-weight models are written.
     vae_dtype: compute and param dtype of the VAE (default: `dtype`/`param_dtype`).
     remat: rematerialise the UNet's resnets and transformers when differentiated.

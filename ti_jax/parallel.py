@@ -5,6 +5,11 @@ process: frozen params and the train state are replicated (a leading device
 axis), each process feeds its own devices' slice of the global batch
 `[local_devices, per_device_batch, ...]`, and gradients are averaged with
 `lax.pmean` inside the step. With one process this is plain single-host pmap.
+
+`replicate` and `shard` also take `jax.ShapeDtypeStruct` leaves and return
+the per-device layout as shapes, so a step can be lowered and compiled ahead
+of time for devices that are not attached (e.g. a TPU topology described by
+`jax.experimental.topologies` on a CPU host) without materialising any array.
 """
 
 from __future__ import annotations
@@ -48,10 +53,13 @@ def replicate(tree: Any, devices: Sequence) -> Any:
   """Copies every leaf to every device: leaves get a leading `[len(devices)]` axis.
 
   Each process places the copies on its own devices, so this works unchanged
-  when `devices` spans several hosts.
+  when `devices` spans several hosts. A tree of `jax.ShapeDtypeStruct`s gives
+  the replicated shapes (for ahead-of-time lowering); nothing is placed.
   """
-  sharding = _stacked_sharding(devices)
   n = len(devices)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(tree)):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype), tree)
+  sharding = _stacked_sharding(devices)
 
   def put(x):
     host = np.asarray(x)[None]  # [1, ...]: one device's copy, no n-fold host array
@@ -69,12 +77,17 @@ def unreplicate(tree: Any) -> Any:
 
 
 def shard(tree: Any, num_devices: int) -> Any:
-  """Splits leading batch axes `[B, ...]` into `[num_devices, B / num_devices, ...]` (host arrays)."""
+  """Splits leading batch axes `[B, ...]` into `[num_devices, B / num_devices, ...]` (host arrays).
+
+  `jax.ShapeDtypeStruct` leaves give the split shapes (for ahead-of-time lowering).
+  """
   def split(x):
-    x = np.asarray(x)
+    abstract = isinstance(x, jax.ShapeDtypeStruct)
+    x = x if abstract else np.asarray(x)
     if x.shape[0] % num_devices:
       raise ValueError(f"batch of {x.shape[0]} does not split over {num_devices} devices")
-    return x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:])
+    shape = (num_devices, x.shape[0] // num_devices) + x.shape[1:]
+    return jax.ShapeDtypeStruct(shape, x.dtype) if abstract else x.reshape(shape)
   return jax.tree_util.tree_map(split, tree)
 
 

@@ -55,6 +55,7 @@ def validate_config(c) -> None:
   need(c.resolution >= 8 and c.resolution % 8 == 0,
        f"config.resolution must be a positive multiple of 8, got {c.resolution}")
   need(c.train_batch_size >= 1, f"config.train_batch_size must be >= 1, got {c.train_batch_size}")
+  need(c.remat in (True, False, "auto"), f"config.remat must be True, False or auto, got {c.remat!r}")
   need(c.global_batch_size >= 0, f"config.global_batch_size must be >= 0, got {c.global_batch_size}")
   need(0.0 <= c.per_image_token_p <= 1.0,
        f"config.per_image_token_p must be in [0, 1], got {c.per_image_token_p}")
@@ -179,7 +180,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
         vae_dtype=_DTYPES[config.vae_dtype], variant=config.variant or None,
         revision=config.revision or None, allow_pickle=config.allow_pickle,
         attention_impl=config.attention_impl or None, cache_dir=config.cache_dir,
-        remat=config.remat)
+        remat=config.remat is True)
     try:
       schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
     except ValueError as e:
@@ -299,7 +300,6 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       shift_factor=float(sd.vae.config.shift_factor), seed=int(config.seed),
       embedding_reg_weight=float(config.embedding_reg_weight),
       progressive_words=int(config.progressive_words))
-  step_fn = train_lib.make_pmapped_step(settings, optimizer, lr, devices)
   frozen = parallel.replicate(frozen, devices)
   state = parallel.replicate(state, devices)
 
@@ -328,6 +328,14 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     batch = {"input_ids": input_ids, "view_index": view_index,
              "example_index": example_index.astype(np.int32)}
     return parallel.shard(batch, local_count)
+
+  # remat="auto": rematerialise only if the plain step does not fit a TPU chip.
+  limit = train_lib.device_memory_limit(devices[0]) if config.remat == "auto" and \
+      devices[0].platform == "tpu" else None
+  settings, step_fn, remat = train_lib.remat_if_needed(settings, optimizer, lr, devices,
+                                                       (state, frozen, batch_for(start)), limit)
+  if remat:
+    _log("remat=auto: the step does not fit the device memory without remat; rematerialising")
 
   # Drop records past the restored step: a killed run logged steps it is about to redo.
   metrics_log = fileio.LineLog(fileio.join(workdir, "metrics.jsonl"), enabled=is_main,

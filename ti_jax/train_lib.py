@@ -187,3 +187,52 @@ def make_pmapped_step(settings: StepSettings, optimizer, lr, devices):
   """
   step = functools.partial(train_step, settings=settings, optimizer=optimizer, lr=lr)
   return parallel.pmapped(step, devices, donate_argnums=(0,))
+
+
+def compiled_memory_bytes(compiled) -> int:
+  """Device memory one device needs for a compiled program, from XLA's memory plan.
+
+  Arguments, outputs, temporaries and generated code; outputs that reuse a
+  donated argument's buffer (the train state) are counted once.
+  """
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+
+
+def device_memory_limit(device) -> int | None:
+  """Bytes a program may use on `device` (its allocator's limit), or None where unknown (CPU)."""
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def is_out_of_memory(error: Exception) -> bool:
+  """Whether a compile error is XLA's "program does not fit the device" (XLA:TPU refuses to
+  compile a program larger than the chip's HBM: RESOURCE_EXHAUSTED, CompileTimeHbmOom)."""
+  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def fits_memory(step, args: tuple, memory_limit: int) -> bool:
+  """Whether the compiled `step(*args)` fits `memory_limit` bytes per device (compiled, not run)."""
+  try:
+    return compiled_memory_bytes(step.lower(*args).compile()) <= memory_limit
+  except jax.errors.JaxRuntimeError as e:
+    if not is_out_of_memory(e):
+      raise
+    return False
+
+
+def remat_if_needed(settings: StepSettings, optimizer, lr, devices, args: tuple,
+                    memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
+  """`config.remat="auto"`: the plain step if XLA's plan of it fits `memory_limit`, else the
+  step with the UNet's blocks rematerialised (which trades about a third more FLOPs for
+  activation memory). Returns (settings, pmapped step, remat on?).
+
+  `args` are the step's (state, frozen, batch), real or `jax.ShapeDtypeStruct`s: the plain
+  step is lowered and compiled for them, never run. No limit (None) keeps the plain step.
+  """
+  step = make_pmapped_step(settings, optimizer, lr, devices)
+  if memory_limit is None or fits_memory(step, args, memory_limit):
+    return settings, step, False
+  settings = dataclasses.replace(settings, unet=settings.unet.clone(remat=True))
+  return settings, make_pmapped_step(settings, optimizer, lr, devices), True

@@ -31,6 +31,21 @@ _PALLAS_BLOCK = 128  # the kernel's default tile; sequence lengths are padded to
 _LANES = 128  # TPU vector lane width: head dims are padded to a multiple of it
 
 
+def resolve_attention_impl(implementation: str | None, devices=None) -> str | None:
+  """The UNet attention to build for a configured `attention_impl` ("" or None: choose).
+
+  On TPUs the choice is the Pallas flash-attention kernel: XLA's attention
+  materialises `[B, heads, T, T]` scores, the kernel never does, and it pads any
+  sequence and head size to its tiles. Elsewhere None leaves the choice to
+  `jax.nn.dot_product_attention`, as before. `devices` default to JAX's
+  default backend.
+  """
+  if implementation:
+    return implementation
+  platform = devices[0].platform if devices else jax.default_backend()
+  return PALLAS_TPU if platform == "tpu" else None
+
+
 def xla_implementation(implementation: str | None) -> str | None:
   """The `jax.nn.dot_product_attention` implementation for a configured one.
 

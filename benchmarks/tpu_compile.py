@@ -1,0 +1,575 @@
+"""Compiles ti_jax's training step and sampling loop for a TPU ahead of time, on a CPU host.
+
+  python benchmarks/tpu_compile.py --topology v5e:1x1 --model sd15 --batch 8
+  python benchmarks/tpu_compile.py --topology v5e:1x1 --model sd21 --batch 4 --program train
+  python benchmarks/tpu_compile.py --topology v5e:2x2 --model sd15 --sweep_batch
+  python benchmarks/tpu_compile.py --topology v4:2x2x1 --model tiny --attention_impl xla
+
+Needs libtpu (`pip install "jax[tpu]"`), not a TPU: `jax.experimental.topologies`
+describes the chips of a topology, and the real TPU compiler (XLA:TPU and
+Mosaic for the Pallas kernels) compiles for them. Nothing runs and no weights
+exist: the model is built from `jax.eval_shape` of its init, so a full-size
+step needs only the compiler's own memory on the host.
+
+The programs are the ones the entry points run: the training step is
+`train_lib.make_pmapped_step` over every chip of the topology (the gradient
+`pmean` included), with the frozen models replicated once as in
+`ti_jax.train`; the sampling loop is `sampling.ImageGenerator`'s pmapped
+program (DDIM, classifier-free guidance in one batched UNet call, VAE
+decode), as `ti_jax.sample` runs it.
+
+Per chip it prints XLA's memory plan (arguments, outputs, temporaries,
+generated code) against the chip's HBM, FLOPs per image from XLA's cost
+analysis next to the analytic count of `analytic_step_flops`, and the compile
+time. `--sweep_batch` doubles the per-chip batch until the step no longer
+fits, then bisects. XLA's `optimal_seconds` estimate is not reported: it is
+not a time for these programs (it came out negative for a UNet step).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+common.define_model_flags(["tiny", "small", "sd15", "sd21", "ldm"], model="sd15",
+                          dtype="bfloat16", batch=8)
+flags.DEFINE_string("topology", "v5e:1x1",
+                    "TPU topology, as jax.experimental.topologies names it: v4:2x2x1, v5e:1x1, "
+                    "v5e:2x2, v5p:2x2x1, v6e:2x2, ...")
+flags.DEFINE_enum("attention_impl", "", ["", "xla", "pallas_tpu"],
+                  "UNet attention; '' resolves as ti_jax does for TPU devices (pallas_tpu).")
+flags.DEFINE_enum("remat", "false", ["false", "true", "auto"],
+                  "Rematerialise the UNet blocks in the step; 'auto' turns it on only when the "
+                  "step does not fit the chip's HBM without it.")
+flags.DEFINE_enum("program", "both", ["train", "sample", "both"], "Which program(s) to compile.")
+flags.DEFINE_integer("sample_batch", 1, "Images per chip per sampling call.")
+flags.DEFINE_integer("num_inference_steps", 50, "DDIM steps of the sampling loop.")
+flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale of the sampling loop.")
+flags.DEFINE_bool("sweep_batch", False,
+                  "Find the largest per-chip batch whose program fits the chip's HBM (--batch "
+                  "and --sample_batch are the starting points).")
+flags.DEFINE_integer("max_batch", 256, "Upper end of --sweep_batch.")
+flags.DEFINE_integer("num_views", 10, "Cached training views (5 images, flipped), as in training.")
+FLAGS = flags.FLAGS
+
+GIB = 2 ** 30
+# HBM per chip, by the generation prefix of the topology name.
+HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5litepod": 16 * GIB, "v5p": 95 * GIB,
+             "v6e": 32 * GIB}
+
+
+def chip_hbm(topology: str) -> int:
+  """HBM bytes of one chip of `topology` ("v5e:2x2" -> 16 GiB)."""
+  kind = topology.split(":")[0].split("-")[0].lower()
+  if kind not in HBM_BYTES:
+    raise ValueError(f"unknown TPU generation {kind!r} (known: {', '.join(HBM_BYTES)})")
+  return HBM_BYTES[kind]
+
+
+def tpu_devices(topology: str) -> list:
+  """The chips of a TPU topology, compile-only (libtpu needed, no TPU).
+
+  One device per chip, as Cloud TPU VMs run them (v4 in megacore mode), and
+  all chips in this one process, so the pmapped program spans every chip.
+  """
+  # libtpu takes a lock file so that one process owns the chips; compiling opens
+  # no chip, so several compiling processes (a test next to a benchmark) may share it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  kind, _, layout = topology.partition(":")
+  dims = tuple(int(d) for d in layout.lower().split("x")) if layout else ()
+  kwargs = {"chip_config_name": "megacore"} if kind.lower() == "v4" else {}
+  if dims:
+    # libtpu's default host is 2x2x1 chips; a smaller layout (v5e:1x1) must say so.
+    kwargs["chips_per_host_bounds"] = (dims + (1, 1, 1))[:3]
+  return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                           **kwargs).devices)
+
+
+# --- the analytic FLOP count --------------------------------------------------------------
+#
+# Multiply-adds of every convolution, dense layer and attention product, as 2 FLOPs
+# each; norms, activations and elementwise work are left out (a few percent at
+# most). The step differentiates with respect to the learned token vectors only,
+# so its backward pass is "backward to the context": activation gradients through
+# every UNet layer downstream of the first cross-attention (one forward's worth of
+# FLOPs for each conv/dense, two for each attention product: dS and dV, then dQ
+# and dK) and through the whole text encoder, and no weight gradients at all.
+# Layers whose input does not depend on the context (conv_in, the first resnet,
+# the time embedding and every time_emb_proj) get no backward.
+
+
+class _Count:
+  """Forward and backward-to-the-context FLOPs, per image."""
+
+  def __init__(self):
+    self.forward = 0.0
+    self.backward = 0.0
+    self.live = False  # do the activations depend on the context yet?
+
+  def op(self, flops: float, live: bool | None = None, backward_factor: float = 1.0):
+    live = self.live if live is None else live
+    self.forward += flops
+    if live:
+      self.backward += backward_factor * flops
+
+
+def _unet_flops(unet_cfg, latent: int, context_len: int) -> _Count:
+  c = _Count()
+  ch = unet_cfg.block_out_channels
+  n = len(ch)
+  temb = 4 * ch[0]
+  conv = lambda hw, cin, cout, k=3: 2.0 * hw * k * k * cin * cout
+
+  def resnet(hw, cin, cout):
+    c.op(conv(hw, cin, cout))
+    c.op(2.0 * temb * cout, live=False)  # time_emb_proj: a function of t alone
+    c.op(conv(hw, cout, cout))
+    if cin != cout:
+      c.op(conv(hw, cin, cout, 1))
+
+  def transformer(hw, dim, layers):
+    c.op(2.0 * hw * dim * dim)  # proj_in (1x1 conv or dense: the same count)
+    for _ in range(layers):
+      c.op(4 * 2.0 * hw * dim * dim)  # attn1 q, k, v, out
+      c.op(2 * 2.0 * hw * hw * dim, backward_factor=2.0)  # q.k and p.v over hw keys
+      c.op(2 * 2.0 * hw * dim * dim)  # attn2 q, out
+      c.op(2 * 2.0 * context_len * unet_cfg.cross_attention_dim * dim, live=True)  # attn2 k, v
+      c.live = True  # from here on everything depends on the context
+      c.op(2 * 2.0 * hw * context_len * dim, backward_factor=2.0)  # over the 77 text tokens
+      c.op(2.0 * hw * dim * 8 * dim + 2.0 * hw * 4 * dim * dim)  # GEGLU ff: dim -> 2x4dim -> dim
+    c.op(2.0 * hw * dim * dim)  # proj_out
+
+  c.op(2.0 * ch[0] * temb + 2.0 * temb * temb, live=False)  # time embedding MLP
+  side = latent
+  c.op(conv(side * side, unet_cfg.in_channels, ch[0]))  # conv_in
+  skips = [ch[0]]
+  cin = ch[0]
+  for i in range(n):
+    attn = unet_cfg.down_block_types[i] == "CrossAttnDownBlock2D"
+    for _ in range(unet_cfg.layers_per_block[i]):
+      resnet(side * side, cin, ch[i])
+      cin = ch[i]
+      if attn:
+        transformer(side * side, ch[i], unet_cfg.transformer_layers_per_block[i])
+      skips.append(cin)
+    if i < n - 1:
+      side //= 2
+      c.op(conv(side * side, cin, cin))  # stride-2 downsampler
+      skips.append(cin)
+  resnet(side * side, cin, ch[-1])
+  transformer(side * side, ch[-1], unet_cfg.transformer_layers_per_block[-1])
+  resnet(side * side, ch[-1], ch[-1])
+  for i in range(n):
+    rev = n - 1 - i
+    attn = unet_cfg.up_block_types[i] == "CrossAttnUpBlock2D"
+    for _ in range(unet_cfg.layers_per_block[rev] + 1):
+      resnet(side * side, cin + skips.pop(), ch[rev])
+      cin = ch[rev]
+      if attn:
+        transformer(side * side, ch[rev], unet_cfg.transformer_layers_per_block[rev])
+    if i < n - 1:
+      side *= 2
+      c.op(conv(side * side, cin, cin))  # nearest-neighbour upsampler's conv
+  c.op(conv(side * side, cin, unet_cfg.out_channels))  # conv_out
+  return c
+
+
+def _text_flops(text_cfg, tokens: int) -> _Count:
+  """CLIP or LDMBert encoder over `tokens` tokens; all of it is differentiated."""
+  c = _Count()
+  c.live = True
+  if hasattr(text_cfg, "d_model"):  # LDMBert
+    width, ffn = text_cfg.d_model, text_cfg.encoder_ffn_dim
+    inner = text_cfg.encoder_attention_heads * text_cfg.head_dim
+    layers = text_cfg.encoder_layers
+  else:  # CLIP
+    width, ffn = text_cfg.hidden_size, text_cfg.intermediate_size
+    inner, layers = text_cfg.hidden_size, text_cfg.num_hidden_layers
+  for _ in range(layers):
+    c.op(4 * 2.0 * tokens * width * inner)  # q, k, v, out
+    c.op(2 * 2.0 * tokens * tokens * inner, backward_factor=2.0)
+    c.op(2 * 2.0 * tokens * width * ffn)  # the MLP
+  return c
+
+
+def _vae_decoder_flops(vae_cfg, latent: int) -> float:
+  """Forward FLOPs of the VAE decoder (post_quant_conv to conv_out) for one image."""
+  rev = tuple(reversed(vae_cfg.block_out_channels))
+  conv = lambda hw, cin, cout, k=3: 2.0 * hw * k * k * cin * cout
+  side, total = latent, 0.0
+  total += conv(side * side, vae_cfg.latent_channels, vae_cfg.latent_channels, 1)
+  total += conv(side * side, vae_cfg.latent_channels, rev[0])
+  resnet = lambda hw, cin, cout: (conv(hw, cin, cout) + conv(hw, cout, cout)
+                                  + (conv(hw, cin, cout, 1) if cin != cout else 0.0))
+  hw = side * side
+  total += 2 * resnet(hw, rev[0], rev[0]) + 4 * 2.0 * hw * rev[0] ** 2 + 2 * 2.0 * hw * hw * rev[0]
+  cin = rev[0]
+  for i, ch in enumerate(rev):
+    for _ in range(vae_cfg.layers_per_block + 1):
+      total += resnet(side * side, cin, ch)
+      cin = ch
+    if i < len(rev) - 1:
+      side *= 2
+      total += conv(side * side, ch, ch)
+  return total + conv(side * side, cin, vae_cfg.out_channels)
+
+
+def analytic_step_flops(modules: dict, resolution: int, tokens: int = 77) -> dict:
+  """Analytic FLOPs per image of one training step: UNet forward + backward to the context +
+  text encoder forward and backward. For SD 1.5 at 512 px this is 1.70 TFLOP.
+  """
+  latent = resolution // 2 ** (len(modules["vae"].config.block_out_channels) - 1)
+  unet = _unet_flops(modules["unet"].config, latent, tokens)
+  text = _text_flops(modules["text_encoder"].config, tokens)
+  return {"unet_forward": unet.forward, "unet_backward": unet.backward,
+          "text_encoder": text.forward + text.backward,
+          "total": unet.forward + unet.backward + text.forward + text.backward}
+
+
+def analytic_sample_flops(modules: dict, resolution: int, steps: int, guided: bool,
+                          tokens: int = 77) -> dict:
+  """Analytic FLOPs per image of the sampling loop: `steps` UNet calls (two images' worth with
+  guidance), the text encoder on both prompts, and one VAE decode."""
+  latent = resolution // 2 ** (len(modules["vae"].config.block_out_channels) - 1)
+  halves = 2 if guided else 1
+  unet = _unet_flops(modules["unet"].config, latent, tokens).forward * halves
+  text = _text_flops(modules["text_encoder"].config, tokens).forward * halves
+  vae = _vae_decoder_flops(modules["vae"].config, latent)
+  return {"unet_per_step": unet, "text_encoder": text, "vae_decode": vae,
+          "total": steps * unet + text + vae}
+
+
+# --- building and compiling the programs from shapes ---------------------------------------
+
+
+def _abstract(tree):
+  """The same tree with every array leaf replaced by its `jax.ShapeDtypeStruct`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _nbytes(tree) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _memory_record(compiled, hbm: int) -> dict:
+  """XLA's per-chip memory plan of a compiled program, in bytes, and whether it fits `hbm`."""
+  from ti_jax import train_lib  # pylint: disable=import-outside-toplevel
+  m = compiled.memory_analysis()
+  # The rule remat="auto" applies in training: donated inputs aliasing outputs count once.
+  total = train_lib.compiled_memory_bytes(compiled)
+  return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+          "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+          "code_bytes": m.generated_code_size_in_bytes, "total_bytes": total,
+          "hbm_bytes": hbm, "fits": bool(total <= hbm)}
+
+
+def _compile(lowered, record: dict):
+  """Compiles `lowered`, timing it into `record`. XLA:TPU refuses a program larger than the
+  chip's HBM: then `record` says it does not fit, with the compiler's own account of by how
+  much, and None is returned."""
+  from ti_jax import train_lib  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if not train_lib.is_out_of_memory(e):
+      raise
+    record.update(compile_s=time.perf_counter() - t0, fits=False,
+                  compiler_oom=next((line.strip() for line in str(e).splitlines()
+                                     if "Exceeded" in line or "Ran out" in line),
+                                    str(e).splitlines()[0]))
+    return None
+  record["compile_s"] = time.perf_counter() - t0
+  return compiled
+
+
+def _program_record(compiled) -> dict:
+  """FLOPs (XLA's count, one chip) and what the compiled TPU program contains."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  text = compiled.as_text()
+  return {"xla_flops": float(cost.get("flops", 0.0)),
+          "all_reduces": text.count("all-reduce("),
+          # Mosaic-compiled Pallas kernels appear as tpu_custom_call custom-calls.
+          "pallas_kernels": text.count('custom_call_target="tpu_custom_call"')}
+
+
+def build_modules(model: str, dtype, attention_impl: str, remat: bool, devices,
+                  vae_dtype=None):
+  """The model's Flax modules, with `attention_impl` resolved for `devices` as ti_jax does."""
+  from ti_jax import loading  # pylint: disable=import-outside-toplevel
+  from ti_jax.models import layers  # pylint: disable=import-outside-toplevel
+  impl = layers.resolve_attention_impl(attention_impl, devices)
+  return loading.build_modules(common.model_configs(model), dtype=dtype, param_dtype=dtype,
+                               attention_impl=impl, remat=remat, vae_dtype=vae_dtype), impl
+
+
+def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: bool, devices,
+                    num_views: int = 10) -> dict:
+  """What `ti_jax.train` hands its pmapped step, built from shapes alone: the step's settings,
+  optimizer and schedule, and its (state, frozen, batch) arguments as `ShapeDtypeStruct`s in
+  the per-device layout. Also the modules and param shapes, for the record."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from ti_jax import loading, parallel, schedulers, train_lib  # pylint: disable=import-outside-toplevel
+  cfg = common.model_configs(model)
+  modules, impl = build_modules(model, dtype, attention_impl, remat, devices)
+  shapes = loading.param_shapes(modules)
+  res = common.RESOLUTION[model]
+  latent = res // 2 ** (len(modules["vae"].config.block_out_channels) - 1)
+  tokens = modules["text_encoder"].config.max_position_embeddings
+  dim = modules["text_encoder"].config.hidden_size
+  sds = jax.ShapeDtypeStruct
+  # The frozen arrays exactly as train.run builds them: UNet and text encoder in
+  # `dtype`, float32 posterior moments of each cached view, the noise schedule.
+  frozen = train_lib.Frozen(
+      unet=shapes["unet"], text_encoder=shapes["text_encoder"],
+      latent_mean=sds((num_views, latent, latent, 4), jnp.float32),  # [V, h, w, C]
+      latent_std=sds((num_views, latent, latent, 4), jnp.float32),
+      placeholder_ids=sds((1,), jnp.int32),
+      schedule=_abstract(schedulers.noise_schedule_from_config(cfg["scheduler"])))
+  settings = train_lib.StepSettings(
+      unet=modules["unet"], text_encoder=modules["text_encoder"],
+      scaling_factor=float(modules["vae"].config.scaling_factor),
+      shift_factor=float(modules["vae"].config.shift_factor), seed=0)
+  lr = train_lib.learning_rate_schedule(5e-3, "constant", 0, 5000)
+  optimizer = train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2)
+  state = jax.eval_shape(lambda v: train_lib.init_state(v, optimizer),
+                         sds((1, dim), jnp.float32))
+  n = len(devices)
+  chip_batch = {"input_ids": sds((batch, tokens), jnp.int32),  # [b, T]
+                "view_index": sds((batch,), jnp.int32), "example_index": sds((batch,), jnp.int32)}
+  global_batch = jax.tree_util.tree_map(lambda x: sds((n * x.shape[0],) + x.shape[1:], x.dtype),
+                                        chip_batch)
+  args = (parallel.replicate(state, devices), parallel.replicate(frozen, devices),
+          parallel.shard(global_batch, n))
+  return {"settings": settings, "optimizer": optimizer, "lr": lr, "args": args,
+          "modules": modules, "shapes": shapes, "attention_impl": impl, "resolution": res,
+          "tokens": tokens,
+          # What one chip's arguments should be: one copy of the frozen weights, the
+          # state and this chip's batch. More would mean the program duplicates them.
+          "expected_argument_bytes": _nbytes(frozen) + _nbytes(state) + _nbytes(chip_batch),
+          "weight_bytes": _nbytes(shapes["unet"]) + _nbytes(shapes["text_encoder"])}
+
+
+def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat: bool,
+                       devices, hbm: int, num_views: int = 10) -> dict:
+  """AOT-compiles ti_jax.train's pmapped step for `devices`; returns the per-chip record."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from ti_jax import train_lib  # pylint: disable=import-outside-toplevel
+  built = train_step_args(model, batch, dtype, attention_impl, remat, devices, num_views)
+  settings, optimizer, lr, args = (built[k] for k in ("settings", "optimizer", "lr", "args"))
+  modules, res, impl, tokens = (built[k] for k in ("modules", "resolution", "attention_impl",
+                                                   "tokens"))
+  n = len(devices)
+  step = train_lib.make_pmapped_step(settings, optimizer, lr, devices)
+  record = {"program": "train", "model": model, "resolution": res,
+            "dtype": jnp.dtype(dtype).name, "chips": n, "per_chip_batch": batch,
+            "attention_impl": impl or "default", "remat": bool(remat)}
+  compiled = _compile(step.lower(*args), record)
+  if compiled is None:
+    return record
+  record.update(_memory_record(compiled, hbm))
+  record["expected_argument_bytes"] = built["expected_argument_bytes"]
+  record["weight_bytes"] = built["weight_bytes"]
+  record["argument_over_expected"] = record["argument_bytes"] / built["expected_argument_bytes"]
+  record.update(_program_record(compiled))
+  analytic = analytic_step_flops(modules, res, tokens)
+  record["xla_gflop_per_image"] = record["xla_flops"] / batch / 1e9
+  record["analytic_gflop_per_image"] = analytic["total"] / 1e9
+  record["xla_over_analytic"] = record["xla_flops"] / batch / analytic["total"]
+  return record
+
+
+def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices, hbm: int,
+                    num_inference_steps: int = 50, guidance_scale: float = 7.5) -> dict:
+  """AOT-compiles ti_jax.sample's pmapped DDIM loop (with guidance and VAE decode) for `devices`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from ti_jax import loading, parallel, sampling  # pylint: disable=import-outside-toplevel
+  cfg = common.model_configs(model)
+  # As ti_jax.sample on an accelerator: UNet and text encoder in `dtype`, VAE in float32.
+  modules, impl = build_modules(model, dtype, attention_impl, False, devices,
+                                vae_dtype=jnp.float32)
+  shapes = loading.param_shapes(modules)
+  res = common.RESOLUTION[model]
+  sd = loading.StableDiffusion(
+      source=model, path="", unet=modules["unet"], unet_params=shapes["unet"],
+      vae=modules["vae"], vae_params=shapes["vae"], text_encoder=modules["text_encoder"],
+      text_encoder_params=shapes["text_encoder"], tokenizer=None,
+      scheduler_config=cfg["scheduler"], model_index={})
+  generator = sampling.ImageGenerator(sd, scheduler="ddim", num_inference_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, height=res, width=res,
+                                      devices=devices)
+  tokens = modules["text_encoder"].config.max_position_embeddings
+  dim = modules["text_encoder"].config.hidden_size
+  sds = jax.ShapeDtypeStruct
+  n = len(devices)
+  # The arguments ImageGenerator.generate passes to its program, as shapes.
+  extra = parallel.replicate({"learned": sds((1, dim), jnp.float32),
+                              "placeholder_ids": sds((1,), jnp.int32),
+                              "sampler": _abstract(generator.sampler)}, devices)
+  arrays = sampling._GenArrays(  # pylint: disable=protected-access
+      unet=generator._params["unet"], text_encoder=generator._params["text_encoder"],  # pylint: disable=protected-access
+      vae=generator._params["vae"], **extra)  # pylint: disable=protected-access
+  ids = sds((n * batch, tokens), jnp.int32)
+  cond, uncond, index = parallel.shard((ids, ids, sds((n * batch,), jnp.int32)), n)
+  seeds = sds((n,), np.uint32)
+  record = {"program": "sample", "model": model, "resolution": res,
+            "dtype": jnp.dtype(dtype).name, "chips": n, "per_chip_batch": batch,
+            "attention_impl": impl or "default", "remat": False,
+            "steps": num_inference_steps, "guidance_scale": guidance_scale}
+  compiled = _compile(generator._fn.lower(arrays, cond, uncond, index, seeds), record)  # pylint: disable=protected-access
+  if compiled is None:
+    return record
+  record.update(_memory_record(compiled, hbm))
+  # The loop only decodes: XLA drops the VAE encoder's params from the program's arguments.
+  decoder = {k: v for k, v in shapes["vae"].items() if k in ("decoder", "post_quant_conv")}
+  record["weight_bytes"] = _nbytes(shapes["unet"]) + _nbytes(shapes["text_encoder"]) + _nbytes(
+      decoder)
+  record["argument_over_weights"] = record["argument_bytes"] / record["weight_bytes"]
+  record.update(_program_record(compiled))
+  analytic = analytic_sample_flops(modules, res, num_inference_steps, guidance_scale != 1.0,
+                                   tokens)
+  record["xla_gflop_per_image"] = record["xla_flops"] / batch / 1e9
+  record["analytic_gflop_per_image"] = analytic["total"] / 1e9
+  record["analytic_unet_gflop_per_step"] = analytic["unet_per_step"] / 1e9
+  # XLA's cost analysis counts the body of the denoising fori_loop once, not per step:
+  # compare its figure with one step's worth of the loop.
+  record["analytic_gflop_loop_body_once"] = (analytic["total"] - (num_inference_steps - 1)
+                                             * analytic["unet_per_step"]) / 1e9
+  return record
+
+
+def compile_step_auto_remat(model: str, batch: int, dtype, attention_impl: str, devices,
+                            hbm: int, remat: str, num_views: int = 10) -> dict:
+  """The train step with remat "true"/"false", or "auto": without remat, and with it only when
+  the plain step does not fit the chip's HBM (the rule of `train_lib.remat_if_needed`, which
+  `ti_jax.train` applies with remat="auto" on a TPU)."""
+  if remat != "auto":
+    return compile_train_step(model, batch, dtype, attention_impl, remat == "true", devices,
+                              hbm, num_views)
+  record = compile_train_step(model, batch, dtype, attention_impl, False, devices, hbm, num_views)
+  if not record["fits"]:
+    plain = record
+    record = compile_train_step(model, batch, dtype, attention_impl, True, devices, hbm, num_views)
+    record["without_remat"] = plain.get("compiler_oom") or f"{plain['total_bytes'] / GIB:.2f} GiB"
+  return record
+
+
+def sweep(compile_at, start: int, max_batch: int, log) -> tuple[int, list[dict]]:
+  """Largest batch in [1, max_batch] for which `compile_at(batch)["fits"]`, doubling from
+  `start` and then bisecting; returns (batch or 0, every record compiled)."""
+  records = []
+
+  def fits(b):
+    r = compile_at(b)
+    records.append(r)
+    log(r)
+    return r["fits"]
+
+  lo, hi = 0, None  # lo fits (0: nothing fits yet), hi does not
+  b = max(1, start)
+  while b <= max_batch and hi is None:
+    if fits(b):
+      lo, b = b, b * 2
+    else:
+      hi = b
+  if hi is None:
+    return lo, records
+  while hi - lo > 1:  # bisect; from (0, start) when even `start` does not fit
+    mid = (lo + hi) // 2
+    if fits(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo, records
+
+
+def libtpu_version() -> str:
+  try:
+    from importlib import metadata  # pylint: disable=import-outside-toplevel
+    return metadata.version("libtpu")
+  except Exception:  # pylint: disable=broad-except
+    return "unknown"
+
+
+def _print(record: dict) -> None:
+  gib = lambda k: f"{record[k] / GIB:.2f} GiB"
+  if "compiler_oom" in record:
+    print(f"{record['program']:>6} {record['model']} {record['resolution']}px "
+          f"{record['chips']} chip(s) batch/chip {record['per_chip_batch']} "
+          f"{record['attention_impl']}{' remat' if record['remat'] else ''}: does NOT fit, "
+          f"the TPU compiler says: {record['compiler_oom']} (after {record['compile_s']:.0f} s)",
+          flush=True)
+    return
+  line = (f"{record['program']:>6} {record['model']} {record['resolution']}px "
+          f"{record['chips']} chip(s) batch/chip {record['per_chip_batch']} "
+          f"{record['attention_impl']}{' remat' if record['remat'] else ''}: "
+          f"args {gib('argument_bytes')} out {gib('output_bytes')} "
+          f"temp {gib('temp_bytes')} code {gib('code_bytes')} -> total {gib('total_bytes')} "
+          f"of {gib('hbm_bytes')} ({'fits' if record['fits'] else 'does NOT fit'}), "
+          f"{record['xla_gflop_per_image']:.0f} GFLOP/image (analytic "
+          f"{record['analytic_gflop_per_image']:.0f}"
+          + (f"; with the loop body once {record['analytic_gflop_loop_body_once']:.0f}"
+             if "analytic_gflop_loop_body_once" in record else "")
+          + f"), compile {record['compile_s']:.0f} s")
+  print(line, flush=True)
+
+
+def main(argv):
+  del argv
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
+  try:
+    hbm = chip_hbm(FLAGS.topology)
+    devices = tpu_devices(FLAGS.topology)
+  except (ValueError, RuntimeError) as e:
+    sys.exit(f"error: cannot describe TPU topology {FLAGS.topology!r}: "
+             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+  results = {"topology": FLAGS.topology, "libtpu": libtpu_version(), "records": []}
+  out = results["records"]
+  if FLAGS.program in ("train", "both"):
+    at = lambda b: compile_step_auto_remat(FLAGS.model, b, dtype, FLAGS.attention_impl, devices,
+                                           hbm, FLAGS.remat, FLAGS.num_views)
+    if FLAGS.sweep_batch:
+      best, records = sweep(at, FLAGS.batch, FLAGS.max_batch, _print)
+      out.extend(records)
+      results["largest_train_batch"] = best
+      print(f"largest per-chip train batch that fits: {best}")
+    else:
+      out.append(at(FLAGS.batch))
+      _print(out[-1])
+  if FLAGS.program in ("sample", "both"):
+    at = lambda b: compile_sampler(FLAGS.model, b, dtype, FLAGS.attention_impl, devices, hbm,
+                                   FLAGS.num_inference_steps, FLAGS.guidance_scale)
+    if FLAGS.sweep_batch:
+      best, records = sweep(at, FLAGS.sample_batch, FLAGS.max_batch, _print)
+      out.extend(records)
+      results["largest_sample_batch"] = best
+      print(f"largest per-chip sampling batch that fits: {best}")
+    else:
+      out.append(at(FLAGS.sample_batch))
+      _print(out[-1])
+  print(f"libtpu {results['libtpu']}, topology {FLAGS.topology}")
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
