@@ -24,7 +24,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-flags.DEFINE_enum("model", "small", ["tiny", "small", "sd15", "sd21"], "Model shape.")
+flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "ti_jax UNet/text encoder dtype.")
 flags.DEFINE_integer("num_images", 2, "Images per call (over all devices for ti_jax).")
 flags.DEFINE_integer("steps", 50, "DDIM steps.")
