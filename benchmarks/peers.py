@@ -26,8 +26,12 @@ fails the driver runs the script through a launcher that first imports
 transformers, diffusers and accelerate (so they see no torchvision and take
 their PIL paths), then puts a one-class stand-in on `sys.path` and runs the
 unmodified script with `runpy` as `__main__`; the report says so. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from both
-subprocesses' environments (they slow numpy/torch on this CPU); the BLAS and
-OpenMP libraries torch loads are reported via threadpoolctl.
+subprocesses' environments (they slow numpy/torch on this CPU), and
+OMP_WAIT_POLICY=PASSIVE is set: on this shared 2-core machine torch's
+spinning OpenMP threads made a 3x3 conv 10-40x slower than with passive
+waits (47 ms vs 1.1 ms, `benchmarks/peers.py` notes in RESULTS.md), which
+would flatter ti_jax. The BLAS and OpenMP libraries torch loads are reported
+via threadpoolctl. `--ti_jax_xla_flags` adds XLA flags to ti_jax's runs only.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ flags.DEFINE_integer("steps", 6, "Timed steps per run (after the first and the w
 flags.DEFINE_integer("warmup", 2, "Steps after the first left out of each run.")
 flags.DEFINE_integer("repeats", 3, "Runs per side per model, alternating the sides.")
 flags.DEFINE_string("images", "", "Training images (default: examples/toy).")
+flags.DEFINE_string("ti_jax_xla_flags", "", "XLA_FLAGS for the ti_jax runs.")
 flags.DEFINE_string("json_out", "", "Also write all results as JSON here.")
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +98,7 @@ def _env(extra_path: str = "") -> dict:
          if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "XLA_FLAGS")}
   env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, ROOT, env.get("PYTHONPATH", "")) if p)
   env["PYTHONUNBUFFERED"] = "1"
+  env["OMP_WAIT_POLICY"] = "PASSIVE"
   env["HF_HUB_OFFLINE"] = "1"
   return env
 
@@ -136,7 +142,10 @@ def run_ti_jax(folder: str, images: str, workdir: str, cache: str) -> list[float
                    validation_prompt="", compilation_cache_dir=cache)
   cmd = [sys.executable, "-m", "ti_jax.train", f"--config={ROOT}/configs/object.py",
          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-  subprocess.run(cmd, env=_env(), check=True, stdout=subprocess.DEVNULL,
+  env = _env()
+  if FLAGS.ti_jax_xla_flags:
+    env["XLA_FLAGS"] = FLAGS.ti_jax_xla_flags
+  subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
@@ -193,6 +202,7 @@ def main(argv):
                      "examples/textual_inversion/textual_inversion.py")
   images = FLAGS.images or os.path.join(ROOT, "examples", "toy")
   record = {"resolution": RESOLUTION, "batch": 1, "dtype": "float32",
+            "ti_jax_xla_flags": FLAGS.ti_jax_xla_flags, "omp_wait_policy": "PASSIVE",
             "timed_steps_per_run": FLAGS.steps, "repeats": FLAGS.repeats,
             "torch_threadpools": torch_threading(), "models": {}}
   with tempfile.TemporaryDirectory() as tmp:
