@@ -162,9 +162,10 @@ class ImageGenerator:
 
 
 # Per-device batch when sampling without a requested one. On CPU there is no device
-# memory to size against (host RAM is far larger than a batch needs) and XLA:CPU's
-# images/s stop growing beyond a few images per call (benchmarks/sample.py
-# --batch_size), so the batch is capped here.
+# memory to size against (host RAM is far larger than a batch needs); the cap keeps
+# one call's latency and host memory modest. It is a chosen value: batch 4 was
+# measured at 1.54x diffusers' images/s (benchmarks/RESULTS.md), other batches
+# were not compared (`benchmarks/sample.py --batch_size N` does).
 CPU_AUTO_BATCH = 4
 # On GPU/TPU, the share of the device memory left after the weights that generated
 # images may take, and the most images per device per call.
