@@ -9,7 +9,9 @@ import time
 
 from ti_jax import presets
 
-RESOLUTION = {"tiny": 64, "small": 256, "sd15": 512, "sd21": 768, "ldm": 256}
+RESOLUTION = {"tiny": 64, "narrow": 256, "small": 256, "sd15": 512, "sd21": 768, "ldm": 256}
+# The Stable Diffusion-topology shapes (every benchmark takes these; tpu_compile also `ldm`).
+MODELS = ("tiny", "narrow", "small", "sd15", "sd21")
 
 
 def define_model_flags(models, *, model: str = "small", dtype: str = "float32",
@@ -26,14 +28,19 @@ def define_model_flags(models, *, model: str = "small", dtype: str = "float32",
 
 
 def model_configs(name: str) -> dict:
-  """Component configs: the presets, plus `small` = SD 1.5 topology at reduced widths."""
+  """Component configs: the presets, plus `small` and `narrow` = SD 1.5 topology at reduced widths.
+
+  `small`: UNet widths (128, 256, 512, 512); `narrow`: (64, 128, 256, 256). Both
+  keep SD 1.5's 8 heads, its full text encoder and VAE widths (64, 128, 256, 256).
+  """
   if name == "tiny":
     cfg = presets.preset("tiny-sd15")
     cfg["text_encoder"]["vocab_size"] = 1000
     return cfg
-  if name == "small":
+  if name in ("small", "narrow"):
     cfg = presets.preset("sd15")
-    cfg["unet"].update(block_out_channels=[128, 256, 512, 512], attention_head_dim=8)
+    widths = [128, 256, 512, 512] if name == "small" else [64, 128, 256, 256]
+    cfg["unet"].update(block_out_channels=widths, attention_head_dim=8)
     cfg["vae"].update(block_out_channels=[64, 128, 256, 256])
     return cfg
   return presets.preset(name)
@@ -68,4 +75,5 @@ def median(xs):
   return statistics.median(xs)
 
 
-__all__ = ["RESOLUTION", "define_model_flags", "model_configs", "timed", "max_rss_bytes", "report", "median"]
+__all__ = ["RESOLUTION", "MODELS", "define_model_flags", "model_configs", "timed", "max_rss_bytes",
+           "report", "median"]

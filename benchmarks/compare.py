@@ -13,7 +13,10 @@ import tempfile
 
 from absl import app, flags
 
-flags.DEFINE_enum("model", "small", ["tiny", "small", "sd15", "sd21"], "Model shape.")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_integer("batch", 1, "Per-device batch (both sides).")
 flags.DEFINE_string("jax_dtype", "float32", "ti_jax frozen-model dtype.")
 flags.DEFINE_integer("steps", 10, "Timed steps per side.")

@@ -9,7 +9,8 @@ UNet call per step) and decode with the VAE. ti_jax runs its jit-compiled
 `lax.fori_loop` over all local devices; diffusers runs at its best settings
 for the device: float16 with PyTorch SDPA on CUDA, float32 on CPU. Reported:
 compile/first-call time, the median images/s over `--repeats` calls, and the
-ratio.
+ratio. After one untimed call per side, the timed calls alternate between
+the sides.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-flags.DEFINE_enum("model", "small", ["tiny", "small", "sd15", "sd21"], "Model shape.")
+flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "ti_jax UNet/text encoder dtype.")
 flags.DEFINE_integer("num_images", 2, "Images per call (over all devices for ti_jax).")
 flags.DEFINE_integer("steps", 50, "DDIM steps.")
 flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
+flags.DEFINE_integer("batch_size", 0, "ti_jax images per device per call (0: "
+                     "sampling.auto_batch_size, as ti_jax.sample does).")
 flags.DEFINE_integer("repeats", 2, "Timed calls per side after the first.")
 flags.DEFINE_enum("impl", "both", ["both", "ti_jax", "diffusers"], "Which side(s) to time.")
 flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
@@ -49,7 +52,8 @@ def _write_model(folder: str) -> None:
   write_model_folder(folder, configs, params, write_tiny_clip_tokenizer)
 
 
-def _time_ti_jax(folder: str, res: int) -> dict:
+def _setup_ti_jax(folder: str, res: int):
+  """(call generating --num_images images, its settings) for ti_jax."""
   import jax.numpy as jnp
   from ti_jax import parallel, sampling
   from ti_jax.loading import load_stable_diffusion
@@ -59,17 +63,16 @@ def _time_ti_jax(folder: str, res: int) -> dict:
   gen = sampling.ImageGenerator(sd, scheduler="ddim", num_inference_steps=FLAGS.steps,
                                 guidance_scale=FLAGS.guidance_scale, height=res, width=res,
                                 devices=devices)
-  prompts = [PROMPT] * FLAGS.num_images
-  t = time.perf_counter()
-  gen.generate(prompts)
-  first = time.perf_counter() - t
-  times = common.timed(lambda: gen.generate(prompts), FLAGS.repeats, 0, lambda x: x)
-  return {"first_call_s": first, "call_s_median": common.median(times),
-          "images_per_s": FLAGS.num_images / common.median(times),
-          "device": f"{len(devices)}x {devices[0].device_kind}", "dtype": FLAGS.dtype}
+  batch = FLAGS.batch_size or sampling.auto_batch_size(gen, FLAGS.num_images)
+  call = lambda: sampling.generate_images(gen, PROMPT, FLAGS.num_images, batch_size=batch)
+  return call, {"device": f"{len(devices)}x {devices[0].device_kind}", "dtype": FLAGS.dtype,
+                "per_device_batch": batch}
 
 
-def _time_diffusers(folder: str, res: int) -> dict:
+def _setup_diffusers(folder: str, res: int):
+  """(call generating --num_images images in one pipeline call, its settings) for diffusers."""
+  # Passive OpenMP waits: on a shared CPU torch's spinning threads lose 10x (RESULTS.md).
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   import torch
   from diffusers import DDIMScheduler, StableDiffusionPipeline
   cuda = torch.cuda.is_available()
@@ -87,14 +90,8 @@ def _time_diffusers(folder: str, res: int) -> dict:
       torch.cuda.synchronize()
     return out
 
-  t = time.perf_counter()
-  call()
-  first = time.perf_counter() - t
-  times = common.timed(call, FLAGS.repeats, 0, lambda x: x)
-  return {"first_call_s": first, "call_s_median": common.median(times),
-          "images_per_s": FLAGS.num_images / common.median(times),
-          "device": torch.cuda.get_device_name() if cuda else "cpu",
-          "dtype": "float16" if cuda else "float32"}
+  return call, {"device": torch.cuda.get_device_name() if cuda else "cpu",
+                "dtype": "float16" if cuda else "float32"}
 
 
 def main(argv):
@@ -105,10 +102,25 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     folder = os.path.join(tmp, "model")
     _write_model(folder)
+    sides = {}
     if FLAGS.impl in ("both", "ti_jax"):
-      record.update({f"ti_jax_{k}": v for k, v in _time_ti_jax(folder, res).items()})
+      sides["ti_jax"] = _setup_ti_jax(folder, res)
     if FLAGS.impl in ("both", "diffusers"):
-      record.update({f"diffusers_{k}": v for k, v in _time_diffusers(folder, res).items()})
+      sides["diffusers"] = _setup_diffusers(folder, res)
+    times = {name: [] for name in sides}
+    for name, (call, info) in sides.items():  # first calls: compilation / warm-up
+      t = time.perf_counter()
+      call()
+      record[f"{name}_first_call_s"] = time.perf_counter() - t
+      record.update({f"{name}_{k}": v for k, v in info.items()})
+    for _ in range(FLAGS.repeats):  # the sides alternate, so load changes hit both
+      for name, (call, _) in sides.items():
+        t = time.perf_counter()
+        call()
+        times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+      record[f"{name}_call_s_median"] = common.median(ts)
+      record[f"{name}_images_per_s"] = FLAGS.num_images / common.median(ts)
   if FLAGS.impl == "both":
     record["images_per_s_ratio"] = (record["ti_jax_images_per_s"]
                                     / record["diffusers_images_per_s"])

@@ -19,7 +19,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-flags.DEFINE_enum("model", "small", ["tiny", "small", "sd15", "sd21"], "Model shape.")
+flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_integer("batch", 1, "Batch.")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps.")

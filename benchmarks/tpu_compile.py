@@ -37,7 +37,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-common.define_model_flags(["tiny", "small", "sd15", "sd21", "ldm"], model="sd15",
+common.define_model_flags(["tiny", "narrow", "small", "sd15", "sd21", "ldm"], model="sd15",
                           dtype="bfloat16", batch=8)
 flags.DEFINE_string("topology", "v5e:1x1",
                     "TPU topology, as jax.experimental.topologies names it: v4:2x2x1, v5e:1x1, "

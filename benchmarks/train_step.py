@@ -21,7 +21,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-flags.DEFINE_enum("model", "small", ["tiny", "small", "sd15", "sd21"], "Model shape.")
+flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Frozen model dtype.")
 flags.DEFINE_integer("batch", 1, "Per-device batch.")
 flags.DEFINE_integer("devices", 1, "Devices to use (0 = all local).")

@@ -17,9 +17,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-flags.DEFINE_enum("model", "small", ["tiny", "small", "sd15", "sd21"], "Model shape.")
+flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "UNet dtype.")
 flags.DEFINE_integer("batch", 4, "Batch of latents.")
+flags.DEFINE_string("attention_impl", "", "config.attention_impl (\"\": ti_jax's default).")
 flags.DEFINE_integer("repeats", 3, "Timed calls (and loop steps).")
 flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 FLAGS = flags.FLAGS
@@ -35,7 +36,8 @@ def main(argv):
 
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
   cfg = common.model_configs(FLAGS.model)
-  unet = build_modules(cfg, dtype=dtype, param_dtype=dtype)["unet"]
+  unet = build_modules(cfg, dtype=dtype, param_dtype=dtype,
+                       attention_impl=FLAGS.attention_impl or None)["unet"]
   cast = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
   params = jax.device_put(cast(random_params(_unet_shapes(unet), np.random.default_rng(0))))
   latent = common.RESOLUTION[FLAGS.model] // 8
@@ -57,6 +59,7 @@ def main(argv):
   in_loop = (time.perf_counter() - start) / FLAGS.repeats
   common.report({
       "model": FLAGS.model, "dtype": FLAGS.dtype, "batch": b,
+      "attention_impl": FLAGS.attention_impl or "default",
       "device": jax.devices()[0].device_kind, "gflop_per_call": flops / 1e9,
       "jit_forward_s": alone, "fori_loop_step_s": in_loop,
       "gflop_per_s": flops / alone / 1e9,

@@ -95,6 +95,9 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.validation_scheduler = "dpm++2m"  # ddim, pndm, euler, dpm++2m
   c.validation_inference_steps = 25
   c.validation_guidance_scale = 7.5
+  # Validation images per device per compiled call; 0 = as many as
+  # num_validation_images needs, capped by device memory (4 on CPU).
+  c.validation_batch_size = 0
 
   if variant == "sd15":
     pass

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -334,3 +335,89 @@ def test_evaluate_without_the_hub_suggests_tiny_clip(runs, tmp_path):
     evaluate.run(workdirs=[runs["toy"]], protocol=protocol, output_dir=str(tmp_path / "e"),
                  cache_dir=runs["cache"], devices=jax.local_devices()[:1])
   assert "--clip_model tiny-clip" in str(err.value) and "\n" not in str(err.value)
+
+
+# --- per-device batches and streamed writing ---------------------------------
+
+
+@pytest.mark.parametrize("devices, batch_size", [(1, 3), (4, 1), (4, 2)])
+def test_batch_size_and_device_count_do_not_change_the_images(runs, devices, batch_size):
+  """Image i starts from noise (seed, i) however the images are batched over calls and devices."""
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  learned = sample.add_concepts(sd.tokenizer, embedding_io.load_concepts(runs["toy"]))
+  images = {}
+  for n, b in ((1, 1), (devices, batch_size)):
+    gen = sampling.ImageGenerator(sd, height=64, width=64, devices=jax.local_devices()[:n], **FAST)
+    images[n, b] = sampling.generate_images(gen, "a photo of a <toy>", 5, batch_size=b, seed=3,
+                                            learned=learned)
+  ref, other = images[1, 1], images[devices, batch_size]
+  assert ref.shape == other.shape == (5, 64, 64, 3)
+  # Same noise per image; only the batch layout differs, so at most rounding of one level.
+  assert np.abs(ref.astype(int) - other.astype(int)).max() <= 1
+  assert not np.array_equal(ref[0], ref[1])
+
+
+def test_sample_writes_each_batch_before_generating_the_next(runs, tmp_path, monkeypatch):
+  out = tmp_path / "stream"
+  on_disk = []
+  generate = sampling.ImageGenerator.generate
+
+  def counting_generate(self, *args, **kwargs):
+    on_disk.append(len([f for f in os.listdir(out) if not f.endswith("_grid.png")]))
+    return generate(self, *args, **kwargs)
+
+  monkeypatch.setattr(sampling.ImageGenerator, "generate", counting_generate)
+  paths = _sample(runs, tmp_path, "stream", num_images=5, batch_size=2)
+  # Three calls of 2 images on one device; before each, every earlier image is a PNG.
+  assert on_disk == [0, 2, 4]
+  assert len(paths) == 5 and all(os.path.exists(p) for p in paths)
+
+
+def test_sample_grid_holds_at_most_grid_max_images(runs, tmp_path, monkeypatch):
+  monkeypatch.setattr(sample, "GRID_MAX", 2)
+  paths = _sample(runs, tmp_path, "grid", num_images=3, batch_size=2)
+  assert len(paths) == 3
+  grid_path = [f for f in os.listdir(tmp_path / "grid") if f.endswith("_grid.png")]
+  grid = Image.open(tmp_path / "grid" / grid_path[0])
+  assert grid.size == (128, 64)  # two 64 px tiles side by side
+  assert grid.text["images"] == "0-1 of 3"
+
+
+class _FakeDevice:
+  def __init__(self, platform, limit=None):
+    self.platform, self._limit = platform, limit
+
+  def memory_stats(self):
+    return {"bytes_limit": self._limit} if self._limit else None
+
+
+def test_auto_batch_size_covers_the_images_within_the_device_memory(runs):
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(
+      (sd.unet_params, sd.text_encoder_params, sd.vae_params)))
+  per_image = sampling.image_bytes(sd, 64, 64)
+  assert per_image == 8 * 64 * 64 * sd.vae.config.block_out_channels[0] * 4
+
+  def auto(devices, num_images):
+    gen = types.SimpleNamespace(devices=devices, sd=sd, image_size=(64, 64))
+    return sampling.auto_batch_size(gen, num_images)
+
+  cpu = [_FakeDevice("cpu")] * 2
+  assert auto(cpu, 3) == 2  # ceil(3 / 2 devices): one call
+  assert auto(cpu, 64) == sampling.CPU_AUTO_BATCH
+  # Room for exactly 5 images after the weights, of which half may be used: 2.
+  small = [_FakeDevice("gpu", weights + 5 * per_image)]
+  assert auto(small, 64) == 2
+  assert auto([_FakeDevice("gpu", weights)], 64) == 1  # never below one
+  big = [_FakeDevice("tpu", 2**40)]
+  assert auto(big, 64) == 16 and auto(big, 5) == 5
+  assert auto([_FakeDevice("gpu")], 64) == sampling.CPU_AUTO_BATCH  # no stats: the CPU cap
+
+
+def test_validation_writes_every_image_in_per_device_batches(runs, tmp_path):
+  workdir = _train(tmp_path / "val", runs["cache"], max_train_steps=1, checkpointing_steps=1,
+                   validation_prompt="a photo of {}", validation_steps=1,
+                   num_validation_images=3, validation_batch_size=2,
+                   validation_inference_steps=2)
+  pngs = sorted(os.listdir(os.path.join(workdir, "validation")))
+  assert pngs == ["step000001_0.png", "step000001_1.png", "step000001_2.png"]

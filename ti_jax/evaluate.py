@@ -58,7 +58,7 @@ class Protocol:
   guidance_scale: float = 5.0
   scheduler: str = "ddim"
   seed: int = 0
-  batch_size: int = 1  # images per device per compiled call
+  batch_size: int = 0  # images per device per compiled call (0: sampling.auto_batch_size)
   clip_model: str = "openai/clip-vit-base-patch32"
 
 
@@ -181,8 +181,9 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
   """Evaluates each run; writes report.json and scatter.png; returns the report."""
   if not workdirs:
     raise EvaluateError("no run to evaluate: pass --workdir (repeatable)")
-  if protocol.num_samples < 1 or protocol.num_inference_steps < 1 or protocol.batch_size < 1:
-    raise EvaluateError("num_samples, num_inference_steps and batch_size must be >= 1")
+  if protocol.num_samples < 1 or protocol.num_inference_steps < 1 or protocol.batch_size < 0:
+    raise EvaluateError("num_samples and num_inference_steps must be >= 1, batch_size >= 0 "
+                        "(0: chosen to fit device memory)")
   if not 0 <= protocol.seed < 2**32:
     raise EvaluateError(f"seed must be in [0, 2**32), got {protocol.seed}")
   if not math.isfinite(protocol.guidance_scale):
@@ -295,7 +296,8 @@ if __name__ == "__main__":
                       "or dpm++2m.")
   flags.DEFINE_integer("seed", defaults.seed, "Image i of every prompt starts from noise "
                        "(seed, i), the same for every run.")
-  flags.DEFINE_integer("batch_size", defaults.batch_size, "Images per device per compiled call.")
+  flags.DEFINE_integer("batch_size", defaults.batch_size, "Images per device per compiled "
+                       "call (0: as many as the samples need, capped by device memory; 4 on CPU).")
   flags.DEFINE_string("prompts_file", "", "Editability prompts instead of the shipped list: "
                       "one per line with {} for the pseudo-word, optionally CATEGORY<TAB>PROMPT; "
                       "# starts a comment.")

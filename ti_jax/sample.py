@@ -41,6 +41,9 @@ USER_ERRORS = (SampleError, ModelLoadError, embedding_io.EmbeddingFileError,
 
 
 _log = cli.log
+# The per-prompt grid tiles the first GRID_MAX images (a 100000-image run's grid
+# would not fit in memory, nor be viewable).
+GRID_MAX = 64
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -200,14 +203,20 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         negative_prompt: str = "", num_images: int = 4, num_inference_steps: int = 50,
         guidance_scale: float = 7.5, scheduler: str = "ddim", seed: int = 0,
         height: int = 0, width: int = 0, output_dir: str = "", dtype: str = "auto",
-        batch_size: int = 1, allow_base_model_mismatch: bool = False,
+        batch_size: int = 0, allow_base_model_mismatch: bool = False,
         cache_dir: str = "", allow_pickle: bool = False,
         devices: Sequence | None = None) -> list[str]:
-  """Generates `num_images` per prompt; returns the written PNG paths."""
+  """Generates `num_images` per prompt; returns the written PNG paths.
+
+  `batch_size` images per device per compiled call (0: `sampling.auto_batch_size`);
+  PNGs are written as each call finishes.
+  """
   if not prompts:
     raise SampleError("no prompt: pass --prompt (repeatable) or --prompts_file")
-  if num_images < 1 or batch_size < 1 or num_inference_steps < 1:
-    raise SampleError("num_images, batch_size and num_inference_steps must be >= 1")
+  if num_images < 1 or num_inference_steps < 1:
+    raise SampleError("num_images and num_inference_steps must be >= 1")
+  if batch_size < 0:
+    raise SampleError("batch_size must be >= 1 (or 0: chosen to fit device memory)")
   if not 0 <= seed < 2**32:
     raise SampleError(f"seed must be in [0, 2**32), got {seed}")
   for name, value in (("height", height), ("width", width)):
@@ -255,29 +264,38 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   bar = tqdm(total=len(prompts) * num_images, desc="sample", unit="img", file=sys.stderr,
              disable=not is_main)
+  batch_size = batch_size or sampling.auto_batch_size(generator, num_images)
   for p_index, raw_prompt in enumerate(prompts):
     prompt, warnings = prepare_prompt(raw_prompt, concepts, sd.tokenizer)
     for w in warnings:
       _log(f"warning: {w}")
-    images = sampling.generate_images(generator, prompt, num_images, batch_size=batch_size,
-                                      seed=seed, negative_prompt=negative_prompt,
-                                      learned=learned, progress=bar.update)
-    if not is_main:  # every process generates; process 0 writes
-      continue
     # The checkpoint step is in the name, so sampling another checkpoint adds files.
     step_part = f"_step{ckpt_step}" if ckpt_step is not None else ""
     stem = f"{p_index:03d}_{slug(raw_prompt)}{step_part}"
-    for i, image in enumerate(images):
-      path = fileio.join(out_dir, f"{stem}_seed{seed}_{i:03d}.png")
-      sampling.save_png(path, image, {
-          "prompt": raw_prompt, "negative_prompt": negative_prompt, "seed": str(seed),
-          "image_index": str(i), "steps": str(num_inference_steps), "scheduler": scheduler,
-          "guidance_scale": str(guidance_scale), "model": model_id,
-          "learned_tokens": ",".join(c.token for c in concepts),
-          "checkpoint_step": str(ckpt_step)})
-      written.append(path)
-    sampling.save_png(fileio.join(out_dir, f"{stem}_seed{seed}_grid.png"), sampling.image_grid(images),
-                      {"prompt": raw_prompt, "seed": str(seed)})
+    # Each batch is written as soon as it is decoded, so a long run keeps what it
+    # finished and holds one batch (plus the grid's first GRID_MAX images) in memory.
+    grid = []
+    for start, images in sampling.image_batches(
+        generator, prompt, num_images, batch_size=batch_size, seed=seed,
+        negative_prompt=negative_prompt, learned=learned):
+      bar.update(len(images))
+      if not is_main:  # every process generates; process 0 writes
+        continue
+      for i, image in enumerate(images, start):
+        path = fileio.join(out_dir, f"{stem}_seed{seed}_{i:03d}.png")
+        sampling.save_png(path, image, {
+            "prompt": raw_prompt, "negative_prompt": negative_prompt, "seed": str(seed),
+            "image_index": str(i), "steps": str(num_inference_steps), "scheduler": scheduler,
+            "guidance_scale": str(guidance_scale), "model": model_id,
+            "learned_tokens": ",".join(c.token for c in concepts),
+            "checkpoint_step": str(ckpt_step)})
+        written.append(path)
+      grid.extend(images[:max(GRID_MAX - len(grid), 0)])
+    if is_main:
+      sampling.save_png(fileio.join(out_dir, f"{stem}_seed{seed}_grid.png"),
+                        sampling.image_grid(np.stack(grid)),
+                        {"prompt": raw_prompt, "seed": str(seed),
+                         "images": f"0-{len(grid) - 1} of {num_images}"})
   bar.close()
   _log(f"wrote {len(written)} image(s) and {len(prompts)} grid(s) to {out_dir}")
   return written
@@ -336,7 +354,8 @@ if __name__ == "__main__":
                     "base model of the same width.")
   flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "UNet/text encoder "
                     "dtype (auto: float32 on CPU, bfloat16 on GPU/TPU). The VAE runs in float32.")
-  flags.DEFINE_integer("batch_size", 1, "Images per device per compiled call.")
+  flags.DEFINE_integer("batch_size", 0, "Images per device per compiled call (0: as many "
+                       "as the images need, capped by device memory; 4 on CPU).")
   flags.DEFINE_bool("allow_pickle", False, "Permit the base model's .bin pickles (they can "
                     "run code) when it has no safetensors.")
   flags.DEFINE_string("cache_dir", "", "Where tiny test models live (default: the run's).")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax
 import jax
@@ -97,6 +97,7 @@ class ImageGenerator:
       raise ValueError(f"height and width must be multiples of {factor * unet_factor}, "
                        f"got {height}x{width}")
     self.sd = sd
+    self.image_size = (height, width)
     self.devices = list(devices) if devices is not None else parallel.all_devices()
     self.sampler = schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
     self.settings = _GenSettings(
@@ -160,23 +161,92 @@ class ImageGenerator:
     return np.round(images * 255.0).astype(np.uint8)
 
 
+# Per-device batch when sampling without a requested one. On CPU there is no device
+# memory to size against (host RAM is far larger than a batch needs); the cap keeps
+# one call's latency and host memory modest. It is a chosen value: batch 4 was
+# measured at 1.54x diffusers' images/s (benchmarks/RESULTS.md), other batches
+# were not compared (`benchmarks/sample.py --batch_size N` does).
+CPU_AUTO_BATCH = 4
+# On GPU/TPU, the share of the device memory left after the weights that generated
+# images may take, and the most images per device per call.
+_MEMORY_SHARE = 0.5
+_MAX_AUTO_BATCH = 16
+
+
+def image_bytes(sd, height: int, width: int) -> int:
+  """A generous estimate of one image's activation memory in the generation program.
+
+  The VAE decoder at full resolution dominates: its top blocks hold a few
+  float32 `[H, W, C0]` tensors at once (C0 = its first width, 128 in SD). Eight
+  of them bound the resnet/upsample working set; the UNet's latent-resolution
+  activations (two rows per image with guidance) are far smaller.
+  """
+  top = int(sd.vae.config.block_out_channels[0])
+  return 8 * height * width * top * 4
+
+
+def auto_batch_size(generator: "ImageGenerator", num_images: int) -> int:
+  """Images per device per call for `num_images` images when none is requested.
+
+  Enough to cover `num_images` over all devices in one call, capped by device
+  memory where the device reports it (`memory_stats()["bytes_limit"]`, minus
+  the replicated weights, `_MEMORY_SHARE` of the rest over `image_bytes`) and
+  by `CPU_AUTO_BATCH` on CPU. The result depends only on the device kind and
+  the model, so every process of a multi-host run picks the same batch.
+  """
+  needed = -(-num_images // len(generator.devices))
+  device = generator.devices[0]
+  if device.platform == "cpu":
+    return max(1, min(needed, CPU_AUTO_BATCH))
+  try:
+    limit = int((device.memory_stats() or {}).get("bytes_limit", 0))
+  except Exception:  # pylint: disable=broad-except  # backends without memory stats
+    limit = 0
+  if not limit:
+    return max(1, min(needed, CPU_AUTO_BATCH))
+  weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(
+      (generator.sd.unet_params, generator.sd.text_encoder_params, generator.sd.vae_params)))
+  h, w = generator.image_size
+  fit = int(_MEMORY_SHARE * max(limit - weights, 0) // image_bytes(generator.sd, h, w))
+  return max(1, min(needed, fit, _MAX_AUTO_BATCH))
+
+
+def image_batches(generator: ImageGenerator, prompt: str, num_images: int, *,
+                  batch_size: int = 0, seed: int = 0, negative_prompt: str = "",
+                  learned=(), tokenizer=None) -> Iterator[tuple[int, np.ndarray]]:
+  """Yields (index of the first image, uint8 `[n, H, W, 3]`) per call, `batch_size` images
+  per device per call (0: `auto_batch_size`).
+
+  Image i starts from noise (seed, i), so the images do not depend on the
+  batch size or device count; a caller can write each batch before the next
+  one is generated, so nothing grows with `num_images`.
+  """
+  batch_size = batch_size or auto_batch_size(generator, num_images)
+  chunk = batch_size * len(generator.devices)
+  for start in range(0, num_images, chunk):
+    count = min(chunk, num_images - start)
+    # Always `chunk` prompts: one compiled program for every call, the last one included.
+    yield start, generator.generate([prompt] * chunk, seed=seed, negative_prompt=negative_prompt,
+                                    learned=learned, first_index=start,
+                                    tokenizer=tokenizer)[:count]
+
+
 def generate_images(generator: ImageGenerator, prompt: str, num_images: int, *,
-                    batch_size: int = 1, seed: int = 0, negative_prompt: str = "",
+                    batch_size: int = 0, seed: int = 0, negative_prompt: str = "",
                     learned=(), tokenizer=None, progress=None) -> np.ndarray:
-  """`num_images` images `[N, H, W, 3]` uint8 of one prompt, `batch_size` per device per call.
+  """`num_images` images `[N, H, W, 3]` uint8 of one prompt, `batch_size` per device per call
+  (0: `auto_batch_size`).
 
   Image i starts from noise (seed, i), so the result does not depend on the
   batch size or device count. `progress(count)` is called after each call.
   """
-  chunk = batch_size * len(generator.devices)
   images = []
-  for start in range(0, num_images, chunk):
-    count = min(chunk, num_images - start)
-    images.append(generator.generate([prompt] * chunk, seed=seed, negative_prompt=negative_prompt,
-                                     learned=learned, first_index=start,
-                                     tokenizer=tokenizer)[:count])
+  for _, batch in image_batches(generator, prompt, num_images, batch_size=batch_size, seed=seed,
+                                negative_prompt=negative_prompt, learned=learned,
+                                tokenizer=tokenizer):
+    images.append(batch)
     if progress:
-      progress(count)
+      progress(len(batch))
   return np.concatenate(images)
 
 

@@ -85,6 +85,8 @@ def validate_config(c) -> None:
          f"config.num_validation_images must be >= 1, got {c.num_validation_images}")
     need(c.validation_inference_steps >= 1,
          f"config.validation_inference_steps must be >= 1, got {c.validation_inference_steps}")
+    need(c.validation_batch_size >= 0,
+         f"config.validation_batch_size must be >= 0, got {c.validation_batch_size}")
     try:
       schedulers.make_sampler(c.validation_scheduler, {}, max(c.validation_inference_steps, 2))
     except ValueError as e:
@@ -494,15 +496,17 @@ def _make_validator(config, sd, token_ids, devices, workdir, shared=None):
           num_inference_steps=config.validation_inference_steps,
           guidance_scale=config.validation_guidance_scale, height=config.resolution,
           width=config.resolution, devices=devices, replicated_params=shared)
-    # Every process takes part in generating; process 0 writes the files.
-    images = generator.generate([prompt] * config.num_validation_images, seed=config.seed,
-                                learned=[(np.asarray(learned), token_ids)])
-    if jax.process_index() != 0:
-      return
-    fileio.makedirs(out_dir)
-    for i, image in enumerate(images):
-      sampling.save_png(fileio.join(out_dir, f"step{step:06d}_{i}.png"), image,
-                        {"prompt": prompt, "step": str(step), "seed": str(config.seed)})
+    # Every process takes part in generating; process 0 writes each batch as it is done.
+    for start, images in sampling.image_batches(
+        generator, prompt, config.num_validation_images,
+        batch_size=config.validation_batch_size, seed=config.seed,
+        learned=[(np.asarray(learned), token_ids)]):
+      if jax.process_index() != 0:
+        continue
+      fileio.makedirs(out_dir)
+      for i, image in enumerate(images, start):
+        sampling.save_png(fileio.join(out_dir, f"step{step:06d}_{i}.png"), image,
+                          {"prompt": prompt, "step": str(step), "seed": str(config.seed)})
   return validate
 
 
