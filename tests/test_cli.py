@@ -155,6 +155,8 @@ def test_sample_cli_bad_flags_are_one_error_line(tmp_path, args, needle):
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(height=-64), "height must be > 0"),
     (dict(width=-8), "width must be > 0"),
+    (dict(height=100000), "height 100000 is above the limit of 2048 px"),
+    (dict(width=4096), "width 4096 is above the limit of 2048 px"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
 ])

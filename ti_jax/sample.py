@@ -44,6 +44,10 @@ _log = cli.log
 # The per-prompt grid tiles the first GRID_MAX images (a 100000-image run's grid
 # would not fit in memory, nor be viewable).
 GRID_MAX = 64
+# Largest image side: the VAE decoder holds 128 x H x W float32 activations per image
+# in its last blocks (2 GiB at 2048 px), and Stable Diffusion models are trained at
+# 512-1024 px (the same bound as training's resolution).
+MAX_IMAGE_SIZE = 2048
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -222,6 +226,10 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   for name, value in (("height", height), ("width", width)):
     if value < 0:
       raise SampleError(f"{name} must be > 0 (or 0 for the run's resolution), got {value}")
+    if value > MAX_IMAGE_SIZE:
+      raise SampleError(f"{name} {value} is above the limit of {MAX_IMAGE_SIZE} px: the VAE "
+                        "decoder's activations alone would need 2 GiB or more per image, and "
+                        "Stable Diffusion models are trained at 512-1024 px")
   if not math.isfinite(guidance_scale):
     raise SampleError(f"guidance_scale must be a finite number, got {guidance_scale}")
   try:
