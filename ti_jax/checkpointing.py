@@ -16,6 +16,7 @@ A run directory (`--workdir`) holds:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -212,10 +213,23 @@ class Checkpoints:
                                  f"{one_line(e)}; {last}") from None
 
   def _restore(self, step: int, args: ocp.args.Composite):
+    # When a read fails, tensorstore's pending callbacks reach Orbax's already
+    # closed event loop and Python prints each "Event loop is closed" as an
+    # unraisable exception (a traceback on stderr); the failure itself is
+    # reported once, below.
+    previous = sys.unraisablehook
+
+    def quiet(unraisable):
+      if not (isinstance(unraisable.exc_value, RuntimeError)
+              and "Event loop is closed" in str(unraisable.exc_value)):
+        previous(unraisable)
+    sys.unraisablehook = quiet
     try:
       return self._manager.restore(step, args=args)
     except Exception as e:  # pylint: disable=broad-except  # tensorstore/JSON/asyncio errors
       raise UnreadableCheckpointError(step, one_line(e)) from None
+    finally:
+      sys.unraisablehook = previous
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores the state (shaped like `abstract_state`) and metadata saved at `step`.

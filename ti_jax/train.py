@@ -69,6 +69,10 @@ def validate_config(c) -> None:
        f"config.learnable_property must be 'object' or 'style', got {c.learnable_property!r}")
   need(c.initializer_token.strip(), "config.initializer_token is empty: give a coarse word, e.g. 'toy'")
   need(c.num_vectors >= 1, f"config.num_vectors must be >= 1, got {c.num_vectors}")
+  # Each vector takes one of the text encoder's 77 tokens, 2 of which are start
+  # and end (the exact limit, which depends on the templates, is checked later).
+  need(c.num_vectors <= 75, f"config.num_vectors {c.num_vectors} cannot fit the text "
+       "encoder's 77-token prompts (each vector takes a token; at most 75 fit)")
   need(c.resolution >= 8 and c.resolution % 8 == 0,
        f"config.resolution must be a positive multiple of 8, got {c.resolution}")
   need(c.resolution <= MAX_RESOLUTION,
@@ -575,14 +579,13 @@ def _train(config, workdir, ckpts, devices, progress, *, sd, images, templates, 
         if stop:
           interrupted = True
           break
-      bar.close()
       save(step)
   except KeyboardInterrupt:
-    bar.close()
     last = ckpts.latest_step()
     raise Aborted(f"aborted by a second signal at step {step} without saving; the last "
                   f"checkpoint is step {last if last is not None else 'none'}") from None
   finally:
+    bar.close()  # ends the bar's line, so an error message starts on its own line
     metrics_log.close()
   ckpts.wait()
   final = np.asarray(parallel.unreplicate(state).params["embeds"])
@@ -593,13 +596,28 @@ def _train(config, workdir, ckpts, devices, progress, *, sd, images, templates, 
     out = fileio.join(workdir, "learned_embeds.safetensors")
     active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
     try:
-      checkpointing.write_learned_embeds(out, tokens, final[:active], config.placeholder_token)
+      # A re-run of a finished run finds the file already right: no write, so a
+      # workdir that has become read-only since still reports its result.
+      if step > start or not _file_holds(out, config.placeholder_token, final[:active]):
+        checkpointing.write_learned_embeds(out, tokens, final[:active], config.placeholder_token)
     except OSError as e:
       raise checkpointing.WorkdirError(
           f"cannot write {out}: {checkpointing.one_line(e)}; the final checkpoint, step "
           f"{step}, is saved: fix the cause and re-run the same command to write it") from None
     _log(f"done: step {step}; learned embedding in {out}")
   return {"step": step, "embeds": final, "interrupted": interrupted}
+def _file_holds(path: str, key: str, vectors: np.ndarray) -> bool:
+  """True if the safetensors file `path` exists and holds exactly `vectors` under `key`."""
+  from ti_jax import safetensors_io  # pylint: disable=import-outside-toplevel
+  if not fileio.exists(path):
+    return False
+  try:
+    saved = safetensors_io.load(path).get(key)
+  except Exception:  # pylint: disable=broad-except  # unreadable: rewrite it
+    return False
+  return saved is not None and np.array_equal(np.asarray(saved), vectors)
+
+
 def prompt_tables(tokenizer, templates, tokens: list[str], image_tokens: list[str]):
   """Token ids of every training prompt, so a step only indexes (no tokenizing in the loop).
 
