@@ -153,8 +153,10 @@ def write_identity(workdir: str, identity: dict) -> None:
   """Writes run.json (once every input has been checked, so a failed start leaves nothing)."""
   try:
     fileio.makedirs(workdir)
-    fileio.write_text(fileio.join(workdir, "run.json"),
-                      json.dumps(identity, indent=2, sort_keys=True))
+    text = json.dumps(identity, indent=2, sort_keys=True)
+    # Atomically: a half-written run.json would make the run unreadable.
+    fileio.write_via_local_file(fileio.join(workdir, "run.json"),
+                                lambda local: fileio.write_text(local, text))
   except OSError as e:
     raise WorkdirError(f"cannot write to --workdir {workdir}: {e}") from None
 

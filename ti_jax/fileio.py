@@ -106,7 +106,10 @@ class LineLog:
         except ValueError:
           return False
       self._lines = [line for line in lines if keep_line(line)]
-      write_text(path, "".join(self._lines))
+      text = "".join(self._lines)
+      if text != read_text(path):  # rewritten only when lines were dropped or completed
+        # Atomically: a crash while dropping lines must not lose the others.
+        write_via_local_file(path, lambda local: write_text(local, text))
     if not is_remote(path):
       self._lines = []
       self._file = open(path, "a")  # pylint: disable=consider-using-with

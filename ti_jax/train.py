@@ -580,6 +580,11 @@ def _train(config, workdir, ckpts, devices, progress, *, sd, images, templates, 
           interrupted = True
           break
       save(step)
+  except OSError as e:  # metrics.jsonl or a validation image (checkpoints raise their own)
+    last = ckpts.latest_step()
+    raise checkpointing.WorkdirError(
+        f"cannot write to {workdir} at step {step}: {checkpointing.one_line(e)}; the last good "
+        f"checkpoint is step {last if last is not None else 'none'}") from None
   except KeyboardInterrupt:
     last = ckpts.latest_step()
     raise Aborted(f"aborted by a second signal at step {step} without saving; the last "
