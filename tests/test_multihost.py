@@ -78,3 +78,28 @@ def test_two_process_sampling_matches_one_process(two_process_run):
     a = np.asarray(Image.open(out2 / name)).astype(int)
     b = np.asarray(Image.open(out1 / name)).astype(int)
     assert np.abs(a - b).max() <= 1, name
+
+
+def test_locked_workdir_stops_both_processes_with_one_line(tmp_path):
+  """Process 0 takes the lock for the run; its refusal ends process 1 as well."""
+  from test_hardening_run import _hold_lock  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "w"
+  holder = _hold_lock(workdir)
+  port = _free_port()
+  try:
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "ti_jax.train", "--config",
+         os.path.join(REPO, "configs/object.py:tiny"), "--workdir", str(workdir),
+         f"--config.cache_dir={tmp_path / 'cache'}", f"--config.train_data_dir={TOY}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    holder.kill()
+    holder.wait()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 1, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+  lines = [l for l in errs[0].splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and f"pid {holder.pid}" in lines[0], errs[0][-2000:]
+  assert os.listdir(workdir) == ["ti_jax.lock"]  # neither process wrote anything

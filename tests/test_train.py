@@ -244,6 +244,12 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, cache_dir):
     ({"attention_impl": "pallas_tpu"}, "needs TPU devices"),
     ({"placeholder_token": "Toy"}, "already in the tokenizer's vocabulary"),
     ({"seed": -1}, "seed must be >= 0"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number"),
+    ({"adam_beta1": float("nan")}, "adam_beta1 must be a finite number"),
+    ({"adam_beta2": 1.0}, "adam_beta2 must be in [0, 1)"),
+    ({"num_vectors": 1000}, "at most 75 fit"),
+    ({"num_vectors": 70}, "leaving room for at most 68 vectors"),  # the templates' exact limit
+    ({"resolution": 10016}, "above the limit of 2048 px"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, cache_dir, override, needle):
   with pytest.raises(train.USER_ERRORS) as err:

@@ -55,10 +55,29 @@ def write_bytes(path: str, data: bytes) -> None:
   epath.Path(path).write_bytes(data)
 
 
+def rename(src: str, dst: str) -> None:
+  """Moves a file or folder (local, or within one remote store)."""
+  epath.Path(src).rename(dst)
+
+
 def write_via_local_file(path: str, writer) -> None:
-  """Calls `writer(local_path)` and moves the result to `path` (local or remote)."""
+  """Calls `writer(local_path)` and moves the result to `path` (local or remote).
+
+  Locally the file is written beside `path` and renamed over it, so a crash
+  or full disk leaves the previous file (or none), never a truncated one.
+  """
   if not is_remote(path):
-    writer(path)
+    # Beside the target (same file system, so the rename is atomic); the writer
+    # creates it, so it gets the usual permissions.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+      writer(tmp)
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
     return
   with tempfile.TemporaryDirectory() as tmp:
     local = os.path.join(tmp, os.path.basename(path))
@@ -87,7 +106,10 @@ class LineLog:
         except ValueError:
           return False
       self._lines = [line for line in lines if keep_line(line)]
-      write_text(path, "".join(self._lines))
+      text = "".join(self._lines)
+      if text != read_text(path):  # rewritten only when lines were dropped or completed
+        # Atomically: a crash while dropping lines must not lose the others.
+        write_via_local_file(path, lambda local: write_text(local, text))
     if not is_remote(path):
       self._lines = []
       self._file = open(path, "a")  # pylint: disable=consider-using-with
@@ -118,3 +140,132 @@ def copy_tree_to_local(src: str, dst: str) -> None:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       with open(target, "wb") as f:
         f.write(item.read_bytes())
+
+
+LOCK_NAME = "ti_jax.lock"
+
+
+class LockHeld(Exception):
+  """The directory's lock is held by another live process; `holder` is its record (may be {})."""
+
+  def __init__(self, path: str, holder: dict):
+    super().__init__(path)
+    self.path, self.holder = path, holder
+
+
+def _lock_record() -> dict:
+  import socket  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  return {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          "token": os.urandom(8).hex()}
+
+
+def _parse_record(text: str) -> dict:
+  import json  # pylint: disable=import-outside-toplevel
+  try:
+    record = json.loads(text)
+  except ValueError:
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
+def pid_alive(pid) -> bool:
+  """True if a process with this id exists on this host."""
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
+    return True
+  except (TypeError, ValueError, OverflowError):
+    return False
+  return True
+
+
+def gcs_create_if_absent(path: str, data: bytes) -> bool:
+  """Creates the gs:// object `path` only if no object has that name; False if one does.
+
+  One request with the generation precondition `ifGenerationMatch=0`, so two
+  processes racing for the same name cannot both succeed.
+  """
+  if not str(path).startswith("gs://"):
+    raise OSError(f"cannot lock {path}: exclusive creation is only supported on local "
+                  "paths and gs://")
+  try:
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.cloud import storage  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise OSError(f"locking {path} needs the google-cloud-storage package "
+                  "(pip install google-cloud-storage)") from None
+  bucket, _, name = str(path)[len("gs://"):].partition("/")
+  blob = storage.Client().bucket(bucket).blob(name)
+  try:
+    blob.upload_from_string(data, if_generation_match=0)
+  except exceptions.PreconditionFailed:
+    return False
+  return True
+
+
+class DirLock:
+  """An exclusive lock on a directory, held until `release()` or until the process ends.
+
+  Local paths use `fcntl.flock` on `<dir>/ti_jax.lock`: the kernel drops the
+  lock when its holder dies, so a stale lock is taken over without any
+  clean-up. The file also holds a JSON record (pid, host, start time) for the
+  refusal message. On gs:// the lock is an object created with a generation
+  precondition (only one creator can win); a record left by a dead process of
+  this host is taken over, one of another host has to be deleted by hand.
+  """
+
+  def __init__(self, directory: str):
+    self.path = join(directory, LOCK_NAME)
+    self._fd = None
+    self._token = None
+
+  def acquire(self) -> None:
+    """Takes the lock; raises LockHeld if another process holds it, OSError if it cannot."""
+    record = _lock_record()
+    import json  # pylint: disable=import-outside-toplevel
+    data = json.dumps(record).encode()
+    if not is_remote(self.path):
+      import fcntl  # pylint: disable=import-outside-toplevel
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = _parse_record(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        os.close(fd)
+        raise LockHeld(self.path, holder) from None
+      except OSError:
+        os.close(fd)
+        raise
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, data, 0)
+      self._fd = fd
+      return
+    for _ in range(2):  # a second try after taking over a dead process's record
+      if gcs_create_if_absent(self.path, data):
+        self._token = record["token"]
+        return
+      try:
+        holder = _parse_record(read_text(self.path))
+      except FileNotFoundError:  # released between the two calls: try again
+        continue
+      if holder.get("host") != record["host"] or pid_alive(holder.get("pid")):
+        raise LockHeld(self.path, holder)
+      epath.Path(self.path).unlink(missing_ok=True)  # a dead process of this host held it
+    raise LockHeld(self.path, {})
+
+  def release(self) -> None:
+    """Releases the lock (a no-op if it is not held)."""
+    if self._fd is not None:
+      os.close(self._fd)  # closing the descriptor drops the flock
+      self._fd = None
+    if self._token is not None:
+      try:  # remove the object only while it is still this process's record
+        if _parse_record(read_text(self.path)).get("token") == self._token:
+          epath.Path(self.path).unlink(missing_ok=True)
+      except FileNotFoundError:
+        pass
+      self._token = None

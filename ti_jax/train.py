@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -37,9 +38,26 @@ class ConfigError(ValueError):
   """A config value is out of range; one-line message."""
 
 
+class DivergedError(ValueError):
+  """The loss or the learned vectors stopped being finite (or sane); one-line message."""
+
+
+class Aborted(Exception):
+  """A second stop signal ended the run before its checkpoint was written."""
+
+
 # Errors that are the user's input, reported as one line without a traceback.
 USER_ERRORS = (ConfigError, data.DataError, ModelLoadError, embeddings.EmbeddingError,
-               checkpointing.WorkdirError)
+               checkpointing.WorkdirError, DivergedError)
+
+# Largest training resolution: Stable Diffusion models are trained at 512-1024 px,
+# and the VAE encoder's first layers hold 128 x R x R float32 activations per
+# image (2 GiB at 2048 px), beside R x R x 3 pixels per training view on the host.
+MAX_RESOLUTION = 2048
+# A learned vector whose L2 norm exceeds this many times the largest norm of the
+# model's token table (or of the initial vectors) has diverged: the text encoder
+# has never seen inputs of that size. Normal runs stay within about 10x.
+MAX_NORM_FACTOR = 1000.0
 
 
 def validate_config(c) -> None:
@@ -52,8 +70,20 @@ def validate_config(c) -> None:
        f"config.learnable_property must be 'object' or 'style', got {c.learnable_property!r}")
   need(c.initializer_token.strip(), "config.initializer_token is empty: give a coarse word, e.g. 'toy'")
   need(c.num_vectors >= 1, f"config.num_vectors must be >= 1, got {c.num_vectors}")
+  # Each vector takes one of the text encoder's 77 tokens, 2 of which are start
+  # and end (the exact limit, which depends on the templates, is checked later).
+  need(c.num_vectors <= 75, f"config.num_vectors {c.num_vectors} cannot fit the text "
+       "encoder's 77-token prompts (each vector takes a token; at most 75 fit)")
   need(c.resolution >= 8 and c.resolution % 8 == 0,
        f"config.resolution must be a positive multiple of 8, got {c.resolution}")
+  need(c.resolution <= MAX_RESOLUTION,
+       f"config.resolution {c.resolution} is above the limit of {MAX_RESOLUTION} px: Stable "
+       "Diffusion is trained at 512-1024 px, and encoding larger images needs tens of GB")
+  # nan compares False with everything, so each range check below also refuses it.
+  for name in ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay",
+               "embedding_reg_weight", "flip_p", "per_image_token_p",
+               "validation_guidance_scale"):
+    need(math.isfinite(float(c[name])), f"config.{name} must be a finite number, got {c[name]}")
   need(c.train_batch_size >= 1, f"config.train_batch_size must be >= 1, got {c.train_batch_size}")
   need(c.remat in (True, False, "auto"), f"config.remat must be True, False or auto, got {c.remat!r}")
   need(c.global_batch_size >= 0, f"config.global_batch_size must be >= 0, got {c.global_batch_size}")
@@ -61,6 +91,11 @@ def validate_config(c) -> None:
        f"config.per_image_token_p must be in [0, 1], got {c.per_image_token_p}")
   need(c.max_train_steps >= 1, f"config.max_train_steps must be >= 1, got {c.max_train_steps}")
   need(c.learning_rate > 0, f"config.learning_rate must be > 0, got {c.learning_rate}")
+  for name in ("adam_beta1", "adam_beta2"):
+    need(0.0 <= c[name] < 1.0, f"config.{name} must be in [0, 1), got {c[name]}")
+  need(c.adam_epsilon > 0, f"config.adam_epsilon must be > 0, got {c.adam_epsilon}")
+  need(c.adam_weight_decay >= 0,
+       f"config.adam_weight_decay must be >= 0, got {c.adam_weight_decay}")
   need(c.lr_scheduler in train_lib.LR_SCHEDULES,
        f"config.lr_scheduler must be one of {', '.join(train_lib.LR_SCHEDULES)}, got {c.lr_scheduler!r}")
   need(0.0 <= c.flip_p <= 1.0, f"config.flip_p must be in [0, 1], got {c.flip_p}")
@@ -121,17 +156,28 @@ def encode_views(vae, vae_params, views: np.ndarray, chunk: int = 8) -> tuple[np
 
 
 class _StopFlag:
-  """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries."""
+  """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries.
+
+  A second signal aborts without saving, except while a checkpoint is being
+  written (`saving`): that write always completes, so no step is lost.
+  """
 
   def __init__(self):
     self.signal: int | None = None
+    self.saving = False
 
   def __call__(self, signum, frame):
     del frame
+    name = signal.Signals(signum).name
+    if self.saving:
+      _log(f"received {name} while writing a checkpoint: finishing the write first")
+      if self.signal is None:
+        self.signal = signum
+      return
     if self.signal is not None:  # second signal: the user insists
       raise KeyboardInterrupt
     self.signal = signum
-    _log(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step "
+    _log(f"\nreceived {name}: saving a checkpoint after this step "
          "(press Ctrl-C again to abort without saving)")
 
 
@@ -153,11 +199,68 @@ def _stop_on_signals(flag: _StopFlag):
 def run(config, workdir: str, devices: Sequence | None = None, progress: bool = True) -> dict:
   """Trains (or resumes) the run in `workdir`; returns {"step", "embeds", "interrupted"}.
 
-  Raises one of USER_ERRORS for bad input.
+  The workdir is locked for the whole run (process 0 takes the lock; a
+  refusal stops every process). Raises one of USER_ERRORS for bad input, a
+  failed checkpoint write or a diverged run, and Aborted if a second signal
+  cut the run short.
   """
   validate_config(config)
-  enable_compilation_cache(config.compilation_cache_dir)
   workdir = fileio.resolve(workdir)  # a local folder or gs://...
+  lock, created = _lock_workdir(workdir)
+  try:
+    return _run_locked(config, workdir, devices, progress)
+  except BaseException:
+    if created:
+      _remove_unclaimed_workdir(workdir)
+    raise
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _lock_workdir(workdir: str):
+  """(lock or None, whether the workdir was created): process 0 locks, all learn the outcome."""
+  lock, error, created = None, None, False
+  if jax.process_index() == 0:
+    created = not fileio.exists(workdir)
+    try:
+      lock = checkpointing.lock_workdir(workdir)
+    except checkpointing.WorkdirError as e:
+      error = e
+  if parallel.any_process(error is not None):
+    raise error or checkpointing.WorkdirError(
+        "process 0 of this run could not lock the workdir; see its log")
+  return lock, created
+
+
+def _remove_unclaimed_workdir(workdir: str) -> None:
+  """Removes a workdir this run created if a failed start left only its lock in it."""
+  if fileio.is_remote(workdir) or not os.path.isdir(workdir):
+    return
+  if os.listdir(workdir) == [fileio.LOCK_NAME]:
+    os.unlink(os.path.join(workdir, fileio.LOCK_NAME))
+    os.rmdir(workdir)
+
+
+def _check_prompts_fit(tokenizer, templates, tokens: list[str], image_tokens: list[str]) -> None:
+  """Refuses a vector count whose prompts would be cut off by the text encoder's token limit."""
+  limit = int(tokenizer.model_max_length)
+  count = lambda text: len(tokenizer(text).input_ids)  # with the start/end tokens
+  # Tokens the longest template takes besides the placeholder (one token for "x").
+  overhead = max(count(t.format("x")) - 1 for t in templates)
+  if image_tokens:
+    overhead += max(count(data.with_image_token("x", t)) - count("x") for t in image_tokens)
+  room = limit - overhead
+  if len(tokens) > room:
+    raise ConfigError(
+        f"config.num_vectors {len(tokens)} does not fit the prompts: the longest training "
+        f"template takes {overhead} of the text encoder's {limit} tokens, leaving room for "
+        f"at most {max(room, 0)} vectors")
+
+
+def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) -> dict:
+  """`run` once the workdir is locked."""
+  enable_compilation_cache(config.compilation_cache_dir)
   devices = list(devices) if devices is not None else parallel.all_devices()
   if config.attention_impl == layers.PALLAS_TPU and devices[0].platform != "tpu":
     raise ConfigError(f"config.attention_impl='{layers.PALLAS_TPU}' needs TPU devices; these "
@@ -169,9 +272,13 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   # multi-host run stops everywhere instead of hanging in the first collective.
   startup_error = None
   try:
-    resuming = checkpointing.check_identity(workdir, _identity(config))
+    has_run_json = checkpointing.check_identity(workdir, _identity(config))
 
-    images = load_images(config.train_data_dir, config.resolution, config.center_crop)
+    try:
+      images = load_images(config.train_data_dir, config.resolution, config.center_crop)
+    except MemoryError:
+      raise ConfigError(f"config.resolution {config.resolution}: not enough host memory to "
+                        "hold the training images at that size") from None
     for warning in images.warnings:
       _log(f"warning: {warning}")
     templates = data.templates_for(config.learnable_property)
@@ -199,6 +306,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     image_tokens = (embeddings.per_image_tokens(config.placeholder_token, images.num_images)
                     if config.per_image_tokens else [])
     image_token_ids = embeddings.add_new_tokens(sd.tokenizer, image_tokens) if image_tokens else []
+    _check_prompts_fit(sd.tokenizer, templates, tokens, image_tokens)
     table = np.asarray(embeddings.token_table(sd.text_encoder, sd.text_encoder_params),
                        np.float32)
     if config.init_embedding:
@@ -206,14 +314,23 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     else:
       init = embeddings.initializer_vectors(sd.tokenizer, table, config.initializer_token,
                                             config.num_vectors)
+    if not np.all(np.isfinite(init.vectors)):
+      raise ConfigError("the initial vectors are not finite (NaN or inf): "
+                        + (f"config.init_embedding {config.init_embedding} holds such values"
+                           if config.init_embedding else "the model's token table holds them"))
     _log(init.note)
     template_ids, image_template_ids = prompt_tables(sd.tokenizer, templates, tokens,
                                                     image_tokens)
 
     flip = config.flip_p > 0
-    views = data.view_pixels(images.pixels, flip)  # [V, R, R, 3]
-    _log(f"encoding {len(views)} training view(s) of {images.num_images} image(s) with the VAE once")
-    latent_mean, latent_std = encode_views(sd.vae, sd.vae_params, views)
+    try:
+      views = data.view_pixels(images.pixels, flip)  # [V, R, R, 3]
+      _log(f"encoding {len(views)} training view(s) of {images.num_images} image(s) with the "
+           "VAE once")
+      latent_mean, latent_std = encode_views(sd.vae, sd.vae_params, views)
+    except MemoryError:
+      raise ConfigError(f"config.resolution {config.resolution}: not enough memory to encode "
+                        "the training images at that size") from None
 
     if config.global_batch_size:
       if config.global_batch_size % num_devices:
@@ -231,17 +348,73 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     # Per-image vectors start where S* starts (its first vector).
     image_init = np.repeat(init.vectors[:1], len(image_tokens), axis=0) if image_tokens else None
     state = train_lib.init_state(init.vectors, optimizer, image_init)
-
-    # Every input has loaded: only now does the workdir become this run's.
-    if is_main and not resuming:
-      checkpointing.write_identity(workdir, _identity(config))
   except USER_ERRORS as e:
     startup_error = e
   if parallel.any_process(startup_error is not None):
     raise startup_error or checkpointing.WorkdirError(
         "another process of this run failed to start; see the logs of the other processes")
-  parallel.sync("ti_jax:run.json")
   ckpts = checkpointing.Checkpoints(workdir, config.checkpoints_total_limit)
+  try:
+    return _train(config, workdir, ckpts, devices, progress, sd=sd, images=images,
+                  templates=templates, schedule=schedule, tokens=tokens, token_ids=token_ids,
+                  image_tokens=image_tokens, image_token_ids=image_token_ids, table=table,
+                  init=init, template_ids=template_ids, image_template_ids=image_template_ids,
+                  latent_mean=latent_mean, latent_std=latent_std,
+                  per_device_batch=per_device_batch, global_batch=global_batch,
+                  base_lr=base_lr, lr=lr, optimizer=optimizer, state=state,
+                  has_run_json=has_run_json)
+  finally:
+    ckpts.close()
+
+
+def _restore_checkpoint(ckpts, start_state, metadata: dict, workdir: str):
+  """(state, step, saved metadata) of the newest usable checkpoint, or (start_state, None, None).
+
+  An unreadable checkpoint (corrupt files, non-finite vectors) is moved to
+  unreadable_checkpoints/ with a warning and the next older one is tried. A
+  readable one made by another run (its own metadata says so) is refused.
+  """
+  for step in reversed(ckpts.all_steps()):
+    try:
+      untyped, saved_meta = ckpts.restore_untyped(step)
+    except checkpointing.UnreadableCheckpointError as e:
+      moved = ckpts.set_aside(step)
+      _log(f"warning: skipping checkpoint {step} in {ckpts.directory}: {e.why}; "
+           f"moved it to {moved}")
+      continue
+    diffs = checkpointing.identity_diffs(saved_meta, metadata)
+    if diffs:
+      raise checkpointing.WorkdirError(
+          f"checkpoint {step} in {workdir} was made by another run ({'; '.join(diffs)}); "
+          "use a new --workdir or restore the original settings to resume")
+    want = jax.tree_util.tree_map(np.shape, start_state.params)
+    saved_shapes = jax.tree_util.tree_map(np.shape, untyped["state"]["params"])
+    if saved_shapes != want:
+      raise checkpointing.WorkdirError(
+          f"checkpoint {step} in {workdir} holds vectors of shapes {saved_shapes}, this run "
+          f"needs {want} (did the number of training images change?); use a new --workdir")
+    abstract = {"state": start_state}
+    if "rng" in untyped:  # checkpoints of older versions also stored the seed's key
+      abstract["rng"] = np.asarray(untyped["rng"])
+    try:
+      restored, _ = ckpts.restore(step, abstract)
+    except checkpointing.UnreadableCheckpointError as e:
+      moved = ckpts.set_aside(step)
+      _log(f"warning: skipping checkpoint {step} in {ckpts.directory}: {e.why}; "
+           f"moved it to {moved}")
+      continue
+    return restored["state"], step, saved_meta
+  return start_state, None, None
+
+
+def _train(config, workdir, ckpts, devices, progress, *, sd, images, templates, schedule, tokens,
+           token_ids, image_tokens, image_token_ids, table, init, template_ids,
+           image_template_ids, latent_mean, latent_std, per_device_batch, global_batch, base_lr,
+           lr, optimizer, state, has_run_json) -> dict:
+  """Resumes from the newest usable checkpoint and runs the training loop."""
+  num_devices = len(devices)
+  local_count = len(parallel.addressable(devices))
+  is_main = jax.process_index() == 0
   metadata = {
       "placeholder_token": config.placeholder_token, "placeholder_tokens": tokens,
       "token_ids": token_ids, "initializer_token": config.initializer_token,
@@ -257,33 +430,29 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       "image_files": [os.path.basename(p) for p in images.paths],
       "config": json.loads(config.to_json()),
   }
-  rng_data = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
-  start = ckpts.latest_step()
+  had_checkpoints = bool(ckpts.all_steps())
+  state, start, saved_meta = _restore_checkpoint(ckpts, jax.device_get(state), metadata, workdir)
   if start is not None:
-    abstract = {"state": jax.device_get(state), "rng": rng_data}
-    restored, saved_meta = ckpts.restore(start, abstract)
-    state = restored["state"]
-    saved_shapes = jax.tree_util.tree_map(np.shape, restored["state"].params)
-    if saved_shapes != jax.tree_util.tree_map(np.shape, abstract["state"].params):
-      raise checkpointing.WorkdirError(
-          f"checkpoint {start} in {workdir} holds vectors of shapes {saved_shapes}, this run "
-          f"needs {jax.tree_util.tree_map(np.shape, abstract['state'].params)} (did the "
-          "number of training images change?); use a new --workdir")
-    if image_tokens and saved_meta.get("image_files") not in (None, metadata["image_files"]):
-      raise checkpointing.WorkdirError(
-          f"{workdir} learned per-image tokens for the images {saved_meta['image_files']}; "
-          f"{config.train_data_dir} now holds {metadata['image_files']}; use a new --workdir")
     if saved_meta.get("global_batch", global_batch) != global_batch:
       _log(f"warning: resuming with global batch {global_batch} (lr {base_lr:g}) where the run "
            f"used {saved_meta['global_batch']} (lr {saved_meta.get('learning_rate')}): "
            "train_batch_size is per device and the device count changed "
            "(set config.global_batch_size to keep it fixed)")
-    if not np.array_equal(np.asarray(restored["rng"]), rng_data):
-      raise checkpointing.WorkdirError(
-          f"checkpoint {start} in {workdir} was made with another seed; use a new --workdir")
     _log(f"resuming from step {start} in {workdir}")
-  elif resuming:
+  elif had_checkpoints:
+    _log(f"no readable checkpoint left in {ckpts.directory}: starting from step 0")
+  elif has_run_json:
     _log(f"{workdir} holds this run but no checkpoint yet: starting from step 0")
+  # run.json caches the identity the checkpoints carry; (re)written once it is
+  # known to match them, so a failed start leaves none.
+  error = None
+  if is_main and not has_run_json:
+    try:
+      checkpointing.write_identity(workdir, _identity(config))
+    except checkpointing.WorkdirError as e:
+      error = e
+  if parallel.any_process(error is not None):
+    raise error or checkpointing.WorkdirError("process 0 could not write run.json; see its log")
   start = int(state.step)
 
   extra = f" and {len(image_tokens)} per-image tokens" if image_tokens else ""
@@ -304,16 +473,38 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       progressive_words=int(config.progressive_words))
   frozen = parallel.replicate(frozen, devices)
   state = parallel.replicate(state, devices)
+  # Norm above which a vector has diverged (see MAX_NORM_FACTOR).
+  norm_limit = MAX_NORM_FACTOR * max(float(np.linalg.norm(table, axis=-1).max()),
+                                     float(np.linalg.norm(init.vectors, axis=-1).max()))
 
   validator = _make_validator(config, sd, token_ids, devices, workdir,
                               shared={"unet": frozen.unet, "text_encoder": frozen.text_encoder})
+  flag = _StopFlag()
+
+  def check_sane(step: int, loss: float | None, params: dict | None, norm: float | None) -> None:
+    """Raises DivergedError if the loss or the vectors are not finite or too large."""
+    if params is not None:
+      norm = max(float(np.linalg.norm(np.asarray(v), axis=-1).max()) for v in params.values())
+    bad = [f"loss {loss}"] if loss is not None and not math.isfinite(loss) else []
+    if norm is not None and not norm <= norm_limit:  # also catches nan
+      bad.append(f"largest vector norm {norm:.3g} (limit {norm_limit:.3g})")
+    if bad:
+      last = ckpts.latest_step()
+      kept = (f"the last finite checkpoint, step {last}, is kept" if last is not None
+              else "no checkpoint was written")
+      raise DivergedError(f"training diverged by step {step} ({', '.join(bad)}); {kept}. Lower "
+                          "config.learning_rate or check the adam_* settings")
 
   def save(step: int) -> None:
     host_state = parallel.unreplicate(state)
+    check_sane(step, None, host_state.params, None)
     # With progressive_words, later vectors may not have entered training yet.
     active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-    ckpts.save(step, {"state": host_state, "rng": rng_data},
-               dict(metadata, step=step, active_vectors=int(active)))
+    flag.saving = True  # a further signal waits for this write instead of cutting it short
+    try:
+      ckpts.save(step, {"state": host_state}, dict(metadata, step=step, active_vectors=int(active)))
+    finally:
+      flag.saving = False
 
   def batch_for(step: int) -> dict:
     # This process's share of the global batch (all of it on one host).
@@ -340,61 +531,79 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
     _log("remat=auto: the step does not fit the device memory without remat; rematerialising")
 
   # Drop records past the restored step: a killed run logged steps it is about to redo.
-  metrics_log = fileio.LineLog(fileio.join(workdir, "metrics.jsonl"), enabled=is_main,
-                               keep=lambda line: json.loads(line).get("step", 0) <= start)
+  try:
+    metrics_log = fileio.LineLog(fileio.join(workdir, "metrics.jsonl"), enabled=is_main,
+                                 keep=lambda line: json.loads(line).get("step", 0) <= start)
+  except (OSError, UnicodeDecodeError) as e:
+    raise checkpointing.WorkdirError(f"cannot open {fileio.join(workdir, 'metrics.jsonl')}: "
+                                     f"{checkpointing.one_line(e)}") from None
   bar = _progress_bar(start, config.max_train_steps, progress and is_main)
-  flag = _StopFlag()
   interrupted = False
   step = start
   last_log_time, last_log_step = time.perf_counter(), start
   loss_sum, loss_count = None, 0  # device-side running sum: no host sync between logs
-  with _stop_on_signals(flag):
-    next_batch = batch_for(step) if step < config.max_train_steps else None
-    while step < config.max_train_steps:
-      state, metrics = step_fn(state, frozen, next_batch)
-      step += 1
-      loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
-      loss_count += 1
-      if step == start + 1:  # the first call compiles; keep that out of the step times
-        jax.block_until_ready(metrics)
-        _log(f"compiled and ran the first step in {time.perf_counter() - last_log_time:.1f}s")
-        last_log_time, last_log_step = time.perf_counter(), step
-      # Build the next batch while the device computes this one.
+  try:
+    with _stop_on_signals(flag):
       next_batch = batch_for(step) if step < config.max_train_steps else None
-      # Every process stops at the same step when any of them was signalled; with
-      # several processes that takes a collective, so it is asked at log steps only.
-      at_log = step % config.log_every_steps == 0 or step == config.max_train_steps
-      stop = (parallel.any_process(flag.signal is not None)
-              if at_log or jax.process_count() == 1 else False)
-      if at_log or stop:
-        m = {k: float(parallel.unreplicate(v)) for k, v in metrics.items()}
-        m["loss"] = float(parallel.unreplicate(loss_sum)) / loss_count  # mean since last log
-        loss_sum, loss_count = None, 0
-        record = {"step": step, **m, "time": time.time()}
-        postfix = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}"}
-        now = time.perf_counter()
-        if step > last_log_step:  # no timing for an interval that held only the compile
-          step_time = (now - last_log_time) / (step - last_log_step)
-          record.update(step_time_s=step_time, images_per_sec=global_batch / step_time)
-          postfix.update(step_s=f"{step_time:.3f}", img_s=f"{global_batch / step_time:.1f}")
-        last_log_time, last_log_step = now, step
-        metrics_log.write(json.dumps(record) + "\n")
-        bar.set_postfix(postfix)
-      bar.update(1)
-      if step % config.checkpointing_steps == 0:
-        save(step)
-        last_log_time, last_log_step = time.perf_counter(), step
-      if validator and step % config.validation_steps == 0 and not stop:
-        validator(step, parallel.unreplicate(state).params["embeds"])
-        last_log_time, last_log_step = time.perf_counter(), step
-      if stop:
-        interrupted = True
-        break
-    bar.close()
-  metrics_log.close()
-  save(step)
+      if step < config.max_train_steps:
+        _log("compiling the training step (the first step takes a while)")
+      while step < config.max_train_steps:
+        state, metrics = step_fn(state, frozen, next_batch)
+        step += 1
+        loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
+        loss_count += 1
+        if step == start + 1:  # the first call compiles; keep that out of the step times
+          jax.block_until_ready(metrics)
+          _log(f"compiled and ran the first step in {time.perf_counter() - last_log_time:.1f}s")
+          last_log_time, last_log_step = time.perf_counter(), step
+        # Build the next batch while the device computes this one.
+        next_batch = batch_for(step) if step < config.max_train_steps else None
+        # Every process stops at the same step when any of them was signalled; with
+        # several processes that takes a collective, so it is asked at log steps only.
+        at_log = step % config.log_every_steps == 0 or step == config.max_train_steps
+        stop = (parallel.any_process(flag.signal is not None)
+                if at_log or jax.process_count() == 1 else False)
+        if at_log or stop:
+          m = {k: float(parallel.unreplicate(v)) for k, v in metrics.items()}
+          m["loss"] = float(parallel.unreplicate(loss_sum)) / loss_count  # mean since last log
+          loss_sum, loss_count = None, 0
+          # A nan in any step since the last log makes the summed loss nan.
+          check_sane(step, m["loss"], None, m["max_vector_norm"])
+          record = {"step": step, **m, "time": time.time()}
+          postfix = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}"}
+          now = time.perf_counter()
+          if step > last_log_step:  # no timing for an interval that held only the compile
+            step_time = (now - last_log_time) / (step - last_log_step)
+            record.update(step_time_s=step_time, images_per_sec=global_batch / step_time)
+            postfix.update(step_s=f"{step_time:.3f}", img_s=f"{global_batch / step_time:.1f}")
+          last_log_time, last_log_step = now, step
+          metrics_log.write(json.dumps(record) + "\n")
+          bar.set_postfix(postfix)
+        bar.update(1)
+        if step % config.checkpointing_steps == 0:
+          save(step)
+          last_log_time, last_log_step = time.perf_counter(), step
+        if validator and not stop and (step % config.validation_steps == 0
+                                       or step == config.max_train_steps):
+          validator(step, parallel.unreplicate(state).params["embeds"])
+          last_log_time, last_log_step = time.perf_counter(), step
+        if stop:
+          interrupted = True
+          break
+      save(step)
+  except OSError as e:  # metrics.jsonl or a validation image (checkpoints raise their own)
+    last = ckpts.latest_step()
+    raise checkpointing.WorkdirError(
+        f"cannot write to {workdir} at step {step}: {checkpointing.one_line(e)}; the last good "
+        f"checkpoint is step {last if last is not None else 'none'}") from None
+  except KeyboardInterrupt:
+    last = ckpts.latest_step()
+    raise Aborted(f"aborted by a second signal at step {step} without saving; the last "
+                  f"checkpoint is step {last if last is not None else 'none'}") from None
+  finally:
+    bar.close()  # ends the bar's line, so an error message starts on its own line
+    metrics_log.close()
   ckpts.wait()
-  ckpts.close()
   final = np.asarray(parallel.unreplicate(state).params["embeds"])
   if interrupted:
     _log(f"stopped at step {step}; checkpoint saved in {ckpts.directory}. "
@@ -402,9 +611,27 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   elif is_main:
     out = fileio.join(workdir, "learned_embeds.safetensors")
     active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-    checkpointing.write_learned_embeds(out, tokens, final[:active], config.placeholder_token)
+    try:
+      # A re-run of a finished run finds the file already right: no write, so a
+      # workdir that has become read-only since still reports its result.
+      if step > start or not _file_holds(out, config.placeholder_token, final[:active]):
+        checkpointing.write_learned_embeds(out, tokens, final[:active], config.placeholder_token)
+    except OSError as e:
+      raise checkpointing.WorkdirError(
+          f"cannot write {out}: {checkpointing.one_line(e)}; the final checkpoint, step "
+          f"{step}, is saved: fix the cause and re-run the same command to write it") from None
     _log(f"done: step {step}; learned embedding in {out}")
   return {"step": step, "embeds": final, "interrupted": interrupted}
+def _file_holds(path: str, key: str, vectors: np.ndarray) -> bool:
+  """True if the safetensors file `path` exists and holds exactly `vectors` under `key`."""
+  from ti_jax import safetensors_io  # pylint: disable=import-outside-toplevel
+  if not fileio.exists(path):
+    return False
+  try:
+    saved = safetensors_io.load(path).get(key)
+  except Exception:  # pylint: disable=broad-except  # unreadable: rewrite it
+    return False
+  return saved is not None and np.array_equal(np.asarray(saved), vectors)
 
 
 def prompt_tables(tokenizer, templates, tokens: list[str], image_tokens: list[str]):
@@ -524,9 +751,25 @@ def main(argv: Sequence[str]) -> None:
   try:
     result = run(config, f.workdir)
   except USER_ERRORS as e:
-    raise SystemExit(f"error: {e}") from None
+    _exit_now(f"error: {e}", 1)
+  except Aborted as e:
+    _exit_now(f"error: {e}", 130)
   if result["interrupted"]:
     raise SystemExit(130)
+
+
+def _exit_now(message: str, code: int) -> None:
+  """Prints one line and ends the process at once.
+
+  os._exit rather than SystemExit: after a failed write, a library thread
+  (Orbax's, the distributed client's) may still be waiting for a signal that
+  will never come, and a normal interpreter exit joins such threads forever.
+  Every file this run writes is complete or absent by now.
+  """
+  sys.stdout.flush()
+  sys.stderr.write(message + "\n")
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -167,8 +167,12 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
     active = jnp.arange(n) < active_vectors(state.step, n, settings.progressive_words)
     updates = dict(updates, embeds=updates["embeds"] * active[:, None])
   params = optax.apply_updates(state.params, updates)
+  # Largest L2 norm of a learned vector: the host stops a run whose vectors
+  # diverge (nan propagates through the max).
+  max_norm = jnp.max(jnp.stack([jnp.max(jnp.linalg.norm(v, axis=-1))
+                                for v in jax.tree_util.tree_leaves(params)]))
   metrics = {"loss": loss, "lr": lr(state.step),
-             "grad_norm": optax.tree.norm(grads)}
+             "grad_norm": optax.tree.norm(grads), "max_vector_norm": max_norm}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
