@@ -62,13 +62,18 @@ def max_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def write_json(path: str, record: dict) -> None:
+  """Writes `record` as indented JSON to `path` ("" writes nothing)."""
+  if path:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=2)
+
+
 def report(record: dict, json_out: str = "") -> None:
   """Prints the record as aligned `key: value` lines and optionally writes it as JSON."""
   for k, v in record.items():
     print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
-  if json_out:
-    with open(json_out, "w") as f:
-      json.dump(record, f, indent=2)
+  write_json(json_out, record)
 
 
 def median(xs):
@@ -76,4 +81,4 @@ def median(xs):
 
 
 __all__ = ["RESOLUTION", "MODELS", "define_model_flags", "model_configs", "timed", "max_rss_bytes",
-           "report", "median"]
+           "write_json", "report", "median"]

@@ -237,9 +237,7 @@ def main(argv):
     print(f"{model:>8}  {str(m['unet_widths']):>22}  {m['ti_jax_step_s']:>13.3f}  "
           f"{m['diffusers_script_step_s']:>23.3f}  {m['images_per_s_ratio']:.2f}")
   print(f"torchvision: {record['torchvision']}; torch thread pools: {record['torch_threadpools']}")
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, "w") as f:
-      json.dump(record, f, indent=2)
+  common.write_json(FLAGS.json_out, record)
 
 
 if __name__ == "__main__":

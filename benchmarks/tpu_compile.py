@@ -533,7 +533,6 @@ def _print(record: dict) -> None:
 def main(argv):
   del argv
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
   try:
     hbm = chip_hbm(FLAGS.topology)
@@ -543,32 +542,27 @@ def main(argv):
              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
   results = {"topology": FLAGS.topology, "libtpu": libtpu_version(), "records": []}
   out = results["records"]
-  if FLAGS.program in ("train", "both"):
-    at = lambda b: compile_step_auto_remat(FLAGS.model, b, dtype, FLAGS.attention_impl, devices,
-                                           hbm, FLAGS.remat, FLAGS.num_views)
+  programs = {  # program name -> (compile at a per-chip batch, the batch asked for)
+      "train": (lambda b: compile_step_auto_remat(FLAGS.model, b, dtype, FLAGS.attention_impl,
+                                                  devices, hbm, FLAGS.remat, FLAGS.num_views),
+                FLAGS.batch),
+      "sample": (lambda b: compile_sampler(FLAGS.model, b, dtype, FLAGS.attention_impl, devices,
+                                           hbm, FLAGS.num_inference_steps, FLAGS.guidance_scale),
+                 FLAGS.sample_batch)}
+  for name, (at, batch) in programs.items():
+    if FLAGS.program not in (name, "both"):
+      continue
     if FLAGS.sweep_batch:
-      best, records = sweep(at, FLAGS.batch, FLAGS.max_batch, _print)
+      best, records = sweep(at, batch, FLAGS.max_batch, _print)
       out.extend(records)
-      results["largest_train_batch"] = best
-      print(f"largest per-chip train batch that fits: {best}")
+      results[f"largest_{name}_batch"] = best
+      print(f"largest per-chip {'train' if name == 'train' else 'sampling'} batch that fits: "
+            f"{best}")
     else:
-      out.append(at(FLAGS.batch))
-      _print(out[-1])
-  if FLAGS.program in ("sample", "both"):
-    at = lambda b: compile_sampler(FLAGS.model, b, dtype, FLAGS.attention_impl, devices, hbm,
-                                   FLAGS.num_inference_steps, FLAGS.guidance_scale)
-    if FLAGS.sweep_batch:
-      best, records = sweep(at, FLAGS.sample_batch, FLAGS.max_batch, _print)
-      out.extend(records)
-      results["largest_sample_batch"] = best
-      print(f"largest per-chip sampling batch that fits: {best}")
-    else:
-      out.append(at(FLAGS.sample_batch))
+      out.append(at(batch))
       _print(out[-1])
   print(f"libtpu {results['libtpu']}, topology {FLAGS.topology}")
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, "w") as f:
-      json.dump(results, f, indent=2)
+  common.write_json(FLAGS.json_out, results)
 
 
 if __name__ == "__main__":

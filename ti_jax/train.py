@@ -266,8 +266,6 @@ def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) 
     raise ConfigError(f"config.attention_impl='{layers.PALLAS_TPU}' needs TPU devices; these "
                       f"are {devices[0].platform} (use '' or 'cudnn' on GPU)")
   num_devices = len(devices)  # over all processes
-  local_count = len(parallel.addressable(devices))
-  is_main = jax.process_index() == 0
   # Load and check every input. A process that fails tells the others, so a
   # multi-host run stops everywhere instead of hanging in the first collective.
   startup_error = None
