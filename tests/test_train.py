@@ -95,12 +95,20 @@ def test_frozen_params_unchanged_and_only_placeholder_rows_differ(setup):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   learned = np.asarray(parallel.unreplicate(state).params["embeds"])
   assert not np.allclose(learned, setup["init"].vectors)
-  # The token table a diffusers user ends up with: original rows plus the learned ones.
+  # What the text encoder sees after training: every id of the vocabulary plus the
+  # placeholders, looked up through the step's own splice. Only the placeholder
+  # rows may differ from the frozen table, and they hold the learned vectors.
   table = np.asarray(setup["frozen"].text_encoder["embeddings"]["token_embedding"]["embedding"])
+  all_ids = np.arange(max(setup["ids"]) + 1, dtype=np.int32)[None]  # [1, V + n]
+  looked_up = np.asarray(embeddings.embed_tokens(
+      jnp.asarray(table), jnp.asarray(learned), jnp.asarray(setup["ids"], jnp.int32),
+      jnp.asarray(all_ids)))[0]  # [V + n, D]
+  changed = np.flatnonzero(np.any(looked_up[: table.shape[0]] != table, axis=1))
+  assert changed.size == 0  # no row of the vocabulary moved
+  np.testing.assert_array_equal(looked_up[setup["ids"]], learned)
+  # merged_token_table (what export hands a diffusers user) agrees with that lookup.
   merged = embeddings.merged_token_table(table, learned, setup["ids"])
-  changed = np.flatnonzero(np.any(merged[: table.shape[0]] != table, axis=1))
-  assert set(changed) <= set(setup["ids"])
-  np.testing.assert_array_equal(merged[setup["ids"]], learned)
+  np.testing.assert_array_equal(merged, looked_up)
 
 
 def test_optimizer_keeps_no_state_for_frozen_leaves():
