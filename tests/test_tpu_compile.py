@@ -51,11 +51,13 @@ def tiny_v5e_2x2(tmp_path_factory):
     pytest.skip(NO_LIBTPU)
   out = tmp_path_factory.mktemp("tpu") / "tiny.json"
   # JAX_PLATFORMS=cpu (from conftest): the program runs nothing, so no TPU backend starts.
+  # Its TPU executables stay out of the suite's shared CPU compilation cache.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   proc = subprocess.run(
       [sys.executable, os.path.join(BENCHMARKS, "tpu_compile.py"), "--topology", "v5e:2x2",
        "--model", "tiny", "--batch", "2", "--sample_batch", "2", "--attention_impl",
        "pallas_tpu", "--num_inference_steps", "4", "--json_out", str(out)],
-      capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=900, env=dict(env, JAX_PLATFORMS="cpu"),
       check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
