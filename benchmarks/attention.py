@@ -11,13 +11,10 @@ jit-compiled; median of `--repeats` calls. This is the measurement behind
 
 from __future__ import annotations
 
-import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 
 flags.DEFINE_integer("batch", 2, "Batch (2 = one image with classifier-free guidance).")
 flags.DEFINE_integer("tokens", 1024, "Query and key tokens (32x32 latents = 1024).")
@@ -36,6 +33,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from ti_jax.models import layers
 
   rng = np.random.default_rng(0)

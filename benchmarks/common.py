@@ -7,7 +7,7 @@ import resource
 import statistics
 import time
 
-from ti_jax import presets
+from ti_jax.weights import presets
 
 RESOLUTION = {"tiny": 64, "narrow": 256, "small": 256, "sd15": 512, "sd21": 768, "ldm": 256}
 # The Stable Diffusion-topology shapes (every benchmark takes these; tpu_compile also `ldm`).

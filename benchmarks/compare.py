@@ -13,8 +13,7 @@ import tempfile
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 
 flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_integer("batch", 1, "Per-device batch (both sides).")

@@ -47,8 +47,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 
 flags.DEFINE_string("diffusers_script", None, "Path to diffusers' "
                     "examples/textual_inversion/textual_inversion.py.")
@@ -106,9 +105,10 @@ def _env(extra_path: str = "") -> dict:
 def write_model(folder: str, model: str) -> None:
   """A random-weight diffusers folder whose text encoder's vocabulary is the tokenizer's."""
   import numpy as np
-  from ti_jax.loading import build_modules, param_shapes
-  from ti_jax.tiny_model import random_params, write_model_folder
-  from ti_jax.tiny_tokenizer import write_tiny_clip_tokenizer
+
+  from ti_jax.testing.tiny_models import random_params, write_model_folder
+  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
+  from ti_jax.weights.loading import build_modules, param_shapes
   configs = common.model_configs(model)
   with tempfile.TemporaryDirectory() as tmp:
     configs["text_encoder"]["vocab_size"] = write_tiny_clip_tokenizer(tmp)

@@ -16,14 +16,12 @@ the sides.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 
 flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "ti_jax UNet/text encoder dtype.")
@@ -31,7 +29,7 @@ flags.DEFINE_integer("num_images", 2, "Images per call (over all devices for ti_
 flags.DEFINE_integer("steps", 50, "DDIM steps.")
 flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
 flags.DEFINE_integer("batch_size", 0, "ti_jax images per device per call (0: "
-                     "sampling.auto_batch_size, as ti_jax.sample does).")
+                     "generation.auto_batch_size, as ti_jax.sample does).")
 flags.DEFINE_integer("repeats", 2, "Timed calls per side after the first.")
 flags.DEFINE_enum("impl", "both", ["both", "ti_jax", "diffusers"], "Which side(s) to time.")
 flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
@@ -42,9 +40,10 @@ PROMPT = "a photo of a red toy on a wooden table"
 def _write_model(folder: str) -> None:
   """A random-weight diffusers folder of the benchmark shape (numpy init, no torch)."""
   import numpy as np
-  from ti_jax.loading import build_modules, param_shapes
-  from ti_jax.tiny_model import random_params, write_model_folder
-  from ti_jax.tiny_tokenizer import write_tiny_clip_tokenizer
+
+  from ti_jax.testing.tiny_models import random_params, write_model_folder
+  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
+  from ti_jax.weights.loading import build_modules, param_shapes
   configs = common.model_configs(FLAGS.model)
   configs["scheduler"] = dict(configs["scheduler"], _class_name="DDIMScheduler")
   rng = np.random.default_rng(0)
@@ -55,16 +54,18 @@ def _write_model(folder: str) -> None:
 def _setup_ti_jax(folder: str, res: int):
   """(call generating --num_images images, its settings) for ti_jax."""
   import jax.numpy as jnp
-  from ti_jax import parallel, sampling
-  from ti_jax.loading import load_stable_diffusion
+
+  from ti_jax.runtime import parallel
+  from ti_jax.sampling import generation
+  from ti_jax.weights.loading import load_stable_diffusion
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
   sd = load_stable_diffusion(folder, dtype=dtype, param_dtype=dtype, vae_dtype=jnp.float32)
   devices = parallel.all_devices()
-  gen = sampling.ImageGenerator(sd, scheduler="ddim", num_inference_steps=FLAGS.steps,
+  gen = generation.ImageGenerator(sd, scheduler="ddim", num_inference_steps=FLAGS.steps,
                                 guidance_scale=FLAGS.guidance_scale, height=res, width=res,
                                 devices=devices)
-  batch = FLAGS.batch_size or sampling.auto_batch_size(gen, FLAGS.num_images)
-  call = lambda: sampling.generate_images(gen, PROMPT, FLAGS.num_images, batch_size=batch)
+  batch = FLAGS.batch_size or generation.auto_batch_size(gen, FLAGS.num_images)
+  call = lambda: generation.generate_images(gen, PROMPT, FLAGS.num_images, batch_size=batch)
   return call, {"device": f"{len(devices)}x {devices[0].device_kind}", "dtype": FLAGS.dtype,
                 "per_device_batch": batch}
 

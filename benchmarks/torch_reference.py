@@ -11,13 +11,10 @@ in float32. Random weights of the same shapes as benchmarks/train_step.py.
 
 from __future__ import annotations
 
-import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 
 flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_integer("batch", 1, "Batch.")

@@ -14,7 +14,7 @@ step needs only the compiler's own memory on the host.
 The programs are the ones the entry points run: the training step is
 `train_lib.make_pmapped_step` over every chip of the topology (the gradient
 `pmean` included), with the frozen models replicated once as in
-`ti_jax.train`; the sampling loop is `sampling.ImageGenerator`'s pmapped
+`ti_jax.train`; the sampling loop is `generation.ImageGenerator`'s pmapped
 program (DDIM, classifier-free guidance in one batched UNet call, VAE
 decode), as `ti_jax.sample` runs it.
 
@@ -34,8 +34,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 
 common.define_model_flags(["tiny", "narrow", "small", "sd15", "sd21", "ldm"], model="sd15",
                           dtype="bfloat16", batch=8)
@@ -265,7 +264,7 @@ def _nbytes(tree) -> int:
 
 def _memory_record(compiled, hbm: int) -> dict:
   """XLA's per-chip memory plan of a compiled program, in bytes, and whether it fits `hbm`."""
-  from ti_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
   m = compiled.memory_analysis()
   # The rule remat="auto" applies in training: donated inputs aliasing outputs count once.
   total = train_lib.compiled_memory_bytes(compiled)
@@ -279,7 +278,7 @@ def _compile(lowered, record: dict):
   """Compiles `lowered`, timing it into `record`. XLA:TPU refuses a program larger than the
   chip's HBM: then `record` says it does not fit, with the compiler's own account of by how
   much, and None is returned."""
-  from ti_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -309,8 +308,8 @@ def _program_record(compiled) -> dict:
 def build_modules(model: str, dtype, attention_impl: str, remat: bool, devices,
                   vae_dtype=None):
   """The model's Flax modules, with `attention_impl` resolved for `devices` as ti_jax does."""
-  from ti_jax import loading  # pylint: disable=import-outside-toplevel
   from ti_jax.models import layers  # pylint: disable=import-outside-toplevel
+  from ti_jax.weights import loading  # pylint: disable=import-outside-toplevel
   impl = layers.resolve_attention_impl(attention_impl, devices)
   return loading.build_modules(common.model_configs(model), dtype=dtype, param_dtype=dtype,
                                attention_impl=impl, remat=remat, vae_dtype=vae_dtype), impl
@@ -323,7 +322,11 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
   the per-device layout. Also the modules and param shapes, for the record."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from ti_jax import loading, parallel, schedulers, train_lib  # pylint: disable=import-outside-toplevel
+
+  from ti_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
+  from ti_jax.sampling import schedulers  # pylint: disable=import-outside-toplevel
+  from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
+  from ti_jax.weights import loading  # pylint: disable=import-outside-toplevel
   cfg = common.model_configs(model)
   modules, impl = build_modules(model, dtype, attention_impl, remat, devices)
   shapes = loading.param_shapes(modules)
@@ -368,7 +371,8 @@ def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat
                        devices, hbm: int, num_views: int = 10) -> dict:
   """AOT-compiles ti_jax.train's pmapped step for `devices`; returns the per-chip record."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from ti_jax import train_lib  # pylint: disable=import-outside-toplevel
+
+  from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
   built = train_step_args(model, batch, dtype, attention_impl, remat, devices, num_views)
   settings, optimizer, lr, args = (built[k] for k in ("settings", "optimizer", "lr", "args"))
   modules, res, impl, tokens = (built[k] for k in ("modules", "resolution", "attention_impl",
@@ -399,7 +403,10 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from ti_jax import loading, parallel, sampling  # pylint: disable=import-outside-toplevel
+
+  from ti_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
+  from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
+  from ti_jax.weights import loading  # pylint: disable=import-outside-toplevel
   cfg = common.model_configs(model)
   # As ti_jax.sample on an accelerator: UNet and text encoder in `dtype`, VAE in float32.
   modules, impl = build_modules(model, dtype, attention_impl, False, devices,
@@ -411,7 +418,7 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
       vae=modules["vae"], vae_params=shapes["vae"], text_encoder=modules["text_encoder"],
       text_encoder_params=shapes["text_encoder"], tokenizer=None,
       scheduler_config=cfg["scheduler"], model_index={})
-  generator = sampling.ImageGenerator(sd, scheduler="ddim", num_inference_steps=num_inference_steps,
+  generator = generation.ImageGenerator(sd, scheduler="ddim", num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, height=res, width=res,
                                       devices=devices)
   tokens = modules["text_encoder"].config.max_position_embeddings
@@ -422,7 +429,7 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
   extra = parallel.replicate({"learned": sds((1, dim), jnp.float32),
                               "placeholder_ids": sds((1,), jnp.int32),
                               "sampler": _abstract(generator.sampler)}, devices)
-  arrays = sampling._GenArrays(  # pylint: disable=protected-access
+  arrays = generation._GenArrays(  # pylint: disable=protected-access
       unet=generator._params["unet"], text_encoder=generator._params["text_encoder"],  # pylint: disable=protected-access
       vae=generator._params["vae"], **extra)  # pylint: disable=protected-access
   ids = sds((n * batch, tokens), jnp.int32)

@@ -8,14 +8,11 @@ batch of 4 is what 2 images with classifier-free guidance evaluate per step.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 
 flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "UNet dtype.")
@@ -31,8 +28,9 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from ti_jax.loading import build_modules
-  from ti_jax.tiny_model import random_params
+
+  from ti_jax.testing.tiny_models import random_params
+  from ti_jax.weights.loading import build_modules
 
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
   cfg = common.model_configs(FLAGS.model)

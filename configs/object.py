@@ -7,15 +7,11 @@
 Variants: `:sd15` (default), `:sd21`, `:tiny` (offline demo on examples/toy).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+from ti_jax.training import defaults
 
 
 def get_config(variant: str = "sd15"):
-  c = common.get_config(variant or "sd15")
+  c = defaults.get_config(variant or "sd15")
   c.learnable_property = "object"  # object templates: "a photo of a {}", ...
   c.placeholder_token = "<concept>"
   c.initializer_token = "sculpture"  # a coarse word for the object; prefer your own ("toy", "cat")

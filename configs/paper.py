@@ -22,11 +22,7 @@ is fixed here (`global_batch_size`), so any device count reproduces it when it
 divides 8 (1, 2, 4 or 8 devices); on others set `--config.global_batch_size`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+from ti_jax.training import defaults
 
 LDM = "CompVis/ldm-text2im-large-256"
 MODELS = ("ldm", "sd15", "tiny")
@@ -54,7 +50,7 @@ def _parse(arg: str) -> tuple[str, str, str]:
 def get_config(arg: str = "ldm,object"):
   """The paper's setup for `arg` = "model,property,ablation" (each optional, any order)."""
   model, prop, ablation = _parse(arg)
-  c = common.get_config("tiny" if model == "tiny" else "sd15")
+  c = defaults.get_config("tiny" if model == "tiny" else "sd15")
   c.learnable_property = prop
   # The paper's initializers: a coarse descriptor of the object, "painting" for styles.
   c.initializer_token = "painting" if prop == "style" else "sculpture"

@@ -6,15 +6,11 @@
 Variants: `:sd15` (default), `:sd21`, `:tiny` (offline demo on examples/style).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
+from ti_jax.training import defaults
 
 
 def get_config(variant: str = "sd15"):
-  c = common.get_config(variant or "sd15")
+  c = defaults.get_config(variant or "sd15")
   c.learnable_property = "style"  # style templates: "a painting in the style of {}", ...
   c.placeholder_token = "<style>"
   c.initializer_token = "painting"  # the paper's initializer for styles

@@ -1,7 +1,10 @@
 """Shared fixtures. Eight fake CPU devices are configured before JAX is imported."""
 
+import gc
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -17,7 +20,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from ti_jax import tiny_model  # noqa: E402
+from ti_jax.testing import tiny_models  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_file_module(path: str, name: str):
+  """The Python file at `path` as a module named `name` (config files and benchmark scripts
+  are files, not packages)."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # before running it: dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def config_module(name: str):
+  """configs/<name>.py, e.g. config_module("object").get_config("tiny")."""
+  return load_file_module(os.path.join(REPO, "configs", f"{name}.py"), f"configs_{name}")
+
+
+def benchmark_module(name: str):
+  """benchmarks/<name>.py as a module. The scripts import their shared `common`
+  (benchmarks/common.py) by name, as Python does for a script's own folder."""
+  for module in ("common", name):
+    if module not in sys.modules:
+      load_file_module(os.path.join(REPO, "benchmarks", f"{module}.py"), module)
+  return sys.modules[name]
+
 
 # Parity figures (name, max relative error, tolerance) reported at the end of the run.
 PARITY_FIGURES: list[tuple[str, float, float]] = []
@@ -40,7 +70,37 @@ def offline_config(c, cache_dir, **overrides):
   return c
 
 
+def _memory_maps() -> int:
+  try:
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux
+    return 0
+
+
+MAX_MEMORY_MAPS: list[int] = [0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops every compiled XLA program after each test module.
+
+  Each CPU executable holds its own memory maps, and Linux allows a process
+  65530 of them (vm.max_map_count): the whole suite's programs in one pytest
+  process ran into that limit, and LLVM then crashed the process ("Cannot
+  allocate memory", then SIGSEGV). Programs still come back from the persistent
+  cache for later modules."""
+  yield
+  MAX_MEMORY_MAPS[0] = max(MAX_MEMORY_MAPS[0], _memory_maps())
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.clear_caches()
+  gc.collect()
+
+
 def pytest_terminal_summary(terminalreporter):
+  if MAX_MEMORY_MAPS[0]:
+    terminalreporter.write_line(f"most memory maps held by the test process: {MAX_MEMORY_MAPS[0]}"
+                                " (Linux's limit: vm.max_map_count, usually 65530)")
   if PARITY_FIGURES:
     terminalreporter.section("parity vs PyTorch diffusers/transformers (max |a-b| / max |b|)")
     for name, err, tol in PARITY_FIGURES:
@@ -50,13 +110,13 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory) -> str:
   """A tiny random SD 1.x-shaped diffusers folder written by ti_jax."""
-  return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sd15"), "tiny-sd15")
+  return tiny_models.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sd15"), "tiny-sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd21(tmp_path_factory) -> str:
   """A tiny random SD 2.x-shaped diffusers folder written by ti_jax."""
-  return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sd21"), "tiny-sd21")
+  return tiny_models.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sd21"), "tiny-sd21")
 
 
 def pytest_sessionfinish(session, exitstatus):

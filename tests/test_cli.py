@@ -9,9 +9,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from ti_jax import cli, embedding_io
+from conftest import REPO
+from ti_jax import cli
+from ti_jax.embeddings import embedding_io
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ("train", "sample", "export", "evaluate", "tiny_model")
 
 
@@ -161,9 +162,9 @@ def test_sample_cli_bad_flags_are_one_error_line(tmp_path, args, needle):
     (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
 ])
 def test_sample_bad_sizes_and_guidance_are_refused_before_loading(tmp_path, kwargs, needle):
-  from ti_jax import sample  # pylint: disable=import-outside-toplevel
-  with pytest.raises(sample.SampleError) as err:
-    sample.run(prompts=["a photo"], pretrained_model_name_or_path="tiny-sd15",
+  from ti_jax.sampling import runner  # pylint: disable=import-outside-toplevel
+  with pytest.raises(runner.SampleError) as err:
+    runner.run(prompts=["a photo"], pretrained_model_name_or_path="tiny-sd15",
                cache_dir=str(tmp_path / "cache"), **kwargs)
   assert needle in str(err.value) and "\n" not in str(err.value)
   assert not (tmp_path / "cache").exists()

@@ -1,14 +1,13 @@
 """launch/ scripts: help, dry runs for one-host and multi-host TPU slices, SLURM, shellcheck."""
 
-import os
 import shutil
 import subprocess
 
 import pytest
 
-from ti_jax import fileio
+from conftest import REPO
+from ti_jax.runtime import fileio
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/tpu_vm.sh", "launch/gpu_single_node.sh", "launch/slurm_multi_node.sh"]
 
 

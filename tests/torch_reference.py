@@ -26,8 +26,13 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.n
 
 def build_torch_pipeline(configs: dict, tokenizer_dir: str, seed: int = 0):
   """A StableDiffusionPipeline with random weights from component config dicts."""
-  from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                         UNet2DConditionModel)
+  from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+  )
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
   torch.manual_seed(seed)
   unet = perturb_(UNet2DConditionModel(**configs["unet"]), seed + 1)

@@ -205,7 +205,7 @@ def read_text_lines(path: str, flag: str) -> list[str]:
     ValueError: one line naming the flag for a missing file, a folder, a
       binary or non-UTF-8 file, or a read error.
   """
-  from ti_jax import fileio  # pylint: disable=import-outside-toplevel
+  from ti_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
   if not path:
     raise ValueError(f"{flag} is empty: give a text file with one prompt per line")
   try:
@@ -233,3 +233,17 @@ def log(msg: str) -> None:
     return
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   tqdm.write(msg, file=sys.stderr)
+
+
+def exit_now(message: str, code: int) -> None:
+  """Prints one line and ends the process at once.
+
+  os._exit rather than SystemExit: after a failed write, a library thread
+  (Orbax's, the distributed client's) may still be waiting for a signal that
+  will never come, and a normal interpreter exit joins such threads forever.
+  Every file this run writes is complete or absent by now.
+  """
+  sys.stdout.flush()
+  sys.stderr.write(message + "\n")
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access

@@ -13,169 +13,13 @@ made with it are noise-like by design.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 
-import jax
-import numpy as np
-
-from ti_jax import convert, presets, safetensors_io
-from ti_jax.loading import PIPELINE_FOLDERS, build_modules, component_spec, param_shapes
-
-TINY_PRESETS = ("tiny-sd15", "tiny-sd21", "tiny-ldm")
-from ti_jax.tiny_tokenizer import write_tiny_bert_tokenizer, write_tiny_clip_tokenizer
-
-# Recorded in the configs as the writing library's version; diffusers and
-# transformers only compare it to warn about very old files.
-_DIFFUSERS_VERSION = "0.42.0"
-_TRANSFORMERS_VERSION = "5.0.0"
-
-
-def write_json(path: str, obj: dict) -> None:
-  """Writes `obj` as sorted, indented JSON, as diffusers and transformers write configs."""
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
-def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writer) -> None:
-  """Writes a diffusers folder from component configs and ti_jax Flax params.
-
-  Args:
-    out_dir: destination folder (created).
-    configs: {"unet", "vae", "text_encoder", "scheduler"} config dicts.
-    params: {"unet", "vae", "text_encoder"} Flax param trees.
-    tokenizer_writer: `fn(tokenizer_dir)` that writes the tokenizer files.
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  ldm = configs["text_encoder"].get("model_type") == "ldmbert"
-  pipeline = "LDMTextToImagePipeline" if ldm else "StableDiffusionPipeline"
-  folders = PIPELINE_FOLDERS[pipeline]
-  classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
-  for comp in ("unet", "vae", "text_encoder"):
-    sub = os.path.join(out_dir, folders[comp])
-    os.makedirs(sub, exist_ok=True)
-    spec = component_spec(comp, configs[comp])
-    state = {k: v.astype(np.float32) for k, v in
-             convert.flax_params_to_torch_state_dict(spec, params[comp]).items()}
-    if comp == "text_encoder" and ldm:
-      # LDMBertModel's language-model head: unused by the pipeline, but part
-      # of the PyTorch model, so it is written to load without missing keys.
-      table = state["model.embed_tokens.weight"]  # [V, D]
-      state["to_logits.weight"] = np.ascontiguousarray(table)
-      state["to_logits.bias"] = np.zeros(table.shape[0], np.float32)
-      cfg = dict(configs[comp], transformers_version=_TRANSFORMERS_VERSION, dtype="float32")
-      safetensors_io.save(os.path.join(sub, "model.safetensors"), state, {"format": "pt"})
-    elif comp == "text_encoder":
-      cfg = dict(configs[comp], architectures=["CLIPTextModel"], model_type="clip_text_model",
-                 transformers_version=_TRANSFORMERS_VERSION, dtype="float32")
-      safetensors_io.save(os.path.join(sub, "model.safetensors"), state, {"format": "pt"})
-    else:
-      cfg = dict(configs[comp], _class_name=classes[comp], _diffusers_version=_DIFFUSERS_VERSION)
-      safetensors_io.save(os.path.join(sub, "diffusion_pytorch_model.safetensors"), state,
-                          {"format": "pt"})
-    write_json(os.path.join(sub, "config.json"), cfg)
-  os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-  write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"),
-              dict(configs["scheduler"], _diffusers_version=_DIFFUSERS_VERSION))
-  tokenizer_writer(os.path.join(out_dir, "tokenizer"))
-  if ldm:
-    write_json(os.path.join(out_dir, "model_index.json"), {
-        "_class_name": pipeline,
-        "_diffusers_version": _DIFFUSERS_VERSION,
-        "bert": ["latent_diffusion", "LDMBertModel"],
-        "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
-        "tokenizer": ["transformers", "BertTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vqvae": ["diffusers", "AutoencoderKL"],
-    })
-    return
-  write_json(os.path.join(out_dir, "model_index.json"), {
-      "_class_name": pipeline,
-      "_diffusers_version": _DIFFUSERS_VERSION,
-      "feature_extractor": [None, None],
-      "requires_safety_checker": False,
-      "safety_checker": [None, None],
-      "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
-      "text_encoder": ["transformers", "CLIPTextModel"],
-      "tokenizer": ["transformers", "CLIPTokenizer"],
-      "unet": ["diffusers", "UNet2DConditionModel"],
-      "vae": ["diffusers", "AutoencoderKL"],
-  })
-
-
-def random_params(shapes, rng: np.random.Generator):
-  """Random weights for a param-shape tree, drawn with numpy.
-
-  Kernels ~ N(0, 1/fan_in), norms' scale ~ 1 + N(0, 0.02^2), biases and
-  embeddings ~ N(0, 0.02^2). numpy is used instead of `module.init` because
-  XLA takes ~25 s to compile the init of the UNet and VAE on CPU.
-  """
-  def draw(path, leaf):
-    name = path[-1].key
-    shape = leaf.shape
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1]))
-      return rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)
-    if name == "scale":
-      return 1.0 + 0.02 * rng.standard_normal(shape, dtype=np.float32)
-    return 0.02 * rng.standard_normal(shape, dtype=np.float32)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def write_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> str:
-  """Writes a tiny random-weight model folder for `preset` (see TINY_PRESETS); returns out_dir."""
-  configs = presets.preset(preset)
-  ldm = configs["text_encoder"].get("model_type") == "ldmbert"
-  tokenizer_writer = write_tiny_bert_tokenizer if ldm else write_tiny_clip_tokenizer
-  with tempfile.TemporaryDirectory() as tmp:
-    vocab_size = tokenizer_writer(tmp)
-  configs["text_encoder"]["vocab_size"] = vocab_size
-  if not ldm:
-    # The tiny tokenizer's specials are its last two ids; pad is eos, as in SD 1.x.
-    configs["text_encoder"].update(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                                   pad_token_id=vocab_size - 1)
-  shapes = param_shapes(build_modules(configs))
-  rng = np.random.default_rng(seed)
-  params = {name: random_params(tree, rng) for name, tree in shapes.items()}
-  write_model_folder(out_dir, configs, params, tokenizer_writer)
-  return out_dir
-
-
-def ensure_written(out_dir: str, marker: str, write) -> str:
-  """Runs `write(folder)` unless `out_dir/marker` exists; safe against interrupted writes.
-
-  The folder is written beside `out_dir` and renamed into place, so a
-  half-written one is never seen; when another process (a multi-host run on
-  one machine) gets there first, its folder is kept.
-  """
-  if os.path.isfile(os.path.join(out_dir, marker)):
-    return out_dir
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-  try:
-    write(tmp)
-    try:
-      os.replace(tmp, out_dir)
-    except OSError:
-      if not os.path.isfile(os.path.join(out_dir, marker)):
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return out_dir
-
-
-def ensure_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> str:
-  """Writes the tiny model unless `out_dir` already holds one; safe against interrupted writes."""
-  return ensure_written(out_dir, "model_index.json",
-                        lambda folder: write_tiny_model(folder, preset, seed))
+from ti_jax import cli
+from ti_jax.testing import tiny_models
 
 
 def main(argv):
-  from ti_jax import cli  # pylint: disable=import-outside-toplevel
   f = cli.start(argv)
   if not 0 <= f.seed < 2**32:  # numpy's generator takes no negative seed
     raise SystemExit(f"error: --seed must be in [0, 2**32), got {f.seed}")
@@ -186,7 +30,7 @@ def main(argv):
   if os.path.exists(os.path.join(f.out_dir, "model_index.json")) and not f.overwrite:
     raise SystemExit(f"error: {f.out_dir} already holds a model; pass --overwrite to replace it")
   try:
-    write_tiny_model(f.out_dir, f.preset, f.seed)
+    tiny_models.write_tiny_model(f.out_dir, f.preset, f.seed)
   except OSError as e:  # e.g. a read-only parent folder, or a file where a subfolder goes
     raise SystemExit(f"error: cannot write the model to {f.out_dir}: "
                      f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
@@ -198,12 +42,11 @@ if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("out_dir", None, "Folder to write the diffusers-format model into.",
                       required=True)
-  flags.DEFINE_enum("preset", "tiny-sd15", list(TINY_PRESETS),
+  flags.DEFINE_enum("preset", "tiny-sd15", list(tiny_models.TINY_PRESETS),
                     "tiny-ldm: the paper's LDM-1.4B layout (LDMBert + BERT tokenizer, DDIM); "
                     "tiny-sd15: SD 1.x topology (conv proj, quick_gelu, epsilon); "
                     "tiny-sd21: SD 2.x topology (linear proj, per-block heads, upcast "
                     "attention, gelu, v-prediction).")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing model in --out_dir.")
-  from ti_jax.cli import flags_parser  # pylint: disable=import-outside-toplevel
-  app.run(main, flags_parser=flags_parser)
+  app.run(main, flags_parser=cli.flags_parser)

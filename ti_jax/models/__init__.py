@@ -1,0 +1,3 @@
+"""Frozen Flax modules of the latent diffusion models (UNet, VAE, CLIP text, LDMBert, CLIP),
+proven equal to diffusers/transformers PyTorch by tests/models.
+"""

@@ -3,7 +3,7 @@
 Parameter names mirror transformers' `CLIPModel` (`text_model.*`,
 `vision_model.*`, `visual_projection`, `text_projection`, `logit_scale`) with
 list indices folded into module names (`layers.0` -> `layers_0`), so
-`ti_jax.convert` maps a transformers checkpoint onto the tree. The encoder
+`ti_jax.weights.convert` maps a transformers checkpoint onto the tree. The encoder
 layers are those of ti_jax's CLIP text encoder, which has the same pre-norm
 transformer block; the vision tower simply runs them without a mask.
 """

@@ -2,7 +2,7 @@
 
 Module and parameter names mirror the PyTorch diffusers names (`resnets_0` for
 `resnets.0`, `to_out_0` for `to_out.0`), so that checkpoint conversion is a
-mechanical rename plus layout change (see `ti_jax.convert`). All tensors are
+mechanical rename plus layout change (see `ti_jax.weights.convert`). All tensors are
 NHWC: `[B, H, W, C]`.
 """
 

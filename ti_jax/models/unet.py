@@ -1,7 +1,7 @@
 """Flax UNet2DConditionModel for Stable Diffusion 1.x and 2.x.
 
 Parameter names mirror diffusers' PyTorch `UNet2DConditionModel`, so a
-diffusers checkpoint converts by renaming (`ti_jax.convert`). Tensors are
+diffusers checkpoint converts by renaming (`ti_jax.weights.convert`). Tensors are
 NHWC. Parity with diffusers is asserted in `tests/test_parity.py`.
 """
 
@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ti_jax.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from ti_jax.models.config_utils import UnsupportedConfigError, check_supported
+from ti_jax.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 
 Dtype = Any
 

@@ -10,7 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from ti_jax.models.config_utils import UnsupportedConfigError, check_supported
-from ti_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, multihead_attention
+from ti_jax.models.layers import (
+  Downsample2D,
+  ResnetBlock2D,
+  Upsample2D,
+  multihead_attention,
+)
 
 Dtype = Any
 

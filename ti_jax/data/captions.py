@@ -1,0 +1,121 @@
+"""Prompt templates, prompts with the placeholder filled in, and their token ids.
+
+`tokenize` is the one place prompts become token ids (padded to the encoder's
+length); training, sampling and the evaluation all call it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ti_jax.data.image_loader import DataError
+
+# Prompt templates of the textual-inversion paper (Gal et al. 2022).  "{}" is
+# replaced by the placeholder token.  The paper's style list repeats two
+# entries; they are kept once here so templates are drawn uniformly.
+OBJECT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+
+STYLE_TEMPLATES: tuple[str, ...] = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+)
+
+
+_TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+def with_image_token(concept_text: str, image_token: str) -> str:
+  """The placeholder text of a per-image prompt: "S* with S_i"."""
+  return f"{concept_text} with {image_token}"
+
+
+def templates_for(learnable_property: str) -> tuple[str, ...]:
+  """Returns the prompt templates for "object" or "style" concepts."""
+  key = str(learnable_property).strip().lower()
+  if key not in _TEMPLATES:
+    raise DataError(
+        f"learnable_property must be 'object' or 'style', got {learnable_property!r}")
+  return _TEMPLATES[key]
+
+
+def build_prompts(template_index: np.ndarray, templates: Sequence[str],
+                  placeholder_text: str) -> list[str]:
+  """Fills the chosen templates with the placeholder token.
+
+  Args:
+    template_index: int ``[B]`` indices into `templates`.
+    templates: templates with one "{}" each, e.g. `templates_for("object")`.
+    placeholder_text: the pseudo-word, e.g. "<cat-toy>".
+
+  Returns:
+    B prompts, e.g. "a photo of a <cat-toy>".
+  """
+  out = []
+  for i in np.asarray(template_index).reshape(-1).tolist():
+    if not 0 <= i < len(templates):
+      raise DataError(f"template index {i} out of range for {len(templates)} templates")
+    # Positional format keeps any braces inside the placeholder literal.
+    out.append(templates[i].format(placeholder_text))
+  return out
+
+
+def tokenize(tokenizer: Any, prompts: list[str]) -> np.ndarray:
+  """Tokenizes prompts to a fixed-length id array for the text encoder.
+
+  Args:
+    tokenizer: a Hugging Face (CLIP) tokenizer.
+    prompts: B prompts.
+
+  Returns:
+    int32 ``[B, tokenizer.model_max_length]`` ids, padded and truncated to
+    that length (77 for Stable Diffusion).
+  """
+  ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                  truncation=True, return_tensors="np").input_ids
+  return np.asarray(ids, dtype=np.int32)  # [B, max_len]

@@ -1,0 +1,273 @@
+"""The concept's image files: read, checked, cropped, resized; their (flipped) views.
+
+Problems with individual files come back as one-line warnings for the entry
+point to log; fatal problems raise `DataError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ti_jax import errors
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "OBJECT_TEMPLATES",
+    "STYLE_TEMPLATES",
+    "DataError",
+    "TrainingImages",
+    "build_prompts",
+    "example_choices",
+    "load_training_images",
+    "templates_for",
+    "tokenize",
+    "view_pixels",
+]
+
+
+# File extensions (lower case, with the dot) that are read as images; the
+# match is case-insensitive, so "IMG_0001.JPG" counts.
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+# Modes whose pixels carry an alpha channel (premultiplied or not).
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+# Single-channel modes deeper than 8 bit that PIL's convert("RGB") would clip.
+_WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def _one_line(text: str) -> str:
+  """Collapses line breaks (e.g. from a path or a library error) into spaces."""
+  return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
+
+
+class DataError(errors.UserError):
+  """Training data cannot be used; the one-line message names the folder/file and the problem."""
+
+  def __init__(self, message: str):
+    super().__init__(_one_line(message))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingImages:
+  """The concept images, ready for the VAE.
+
+  Attributes:
+    pixels: uint8 ``[N, R, R, 3]`` RGB images, in the order of `paths`.
+    paths: the files the images came from, sorted by file name.
+    warnings: one line per skipped or questionable file, for the caller to log.
+  """
+
+  pixels: np.ndarray  # [N, R, R, 3] uint8
+  paths: list[str]
+  warnings: list[str]
+
+  @property
+  def num_images(self) -> int:
+    return int(self.pixels.shape[0])
+
+
+# ---------------------------------------------------------------------------
+# Loading images.
+# ---------------------------------------------------------------------------
+
+
+def _list_image_files(folder: str) -> list[str]:
+  """Returns the sorted image file paths directly inside `folder`."""
+  if not os.path.exists(folder):
+    raise DataError(f"training image folder {folder!r} does not exist")
+  if not os.path.isdir(folder):
+    raise DataError(f"training image folder {folder!r} is not a directory")
+  try:
+    names = os.listdir(folder)
+  except OSError as e:
+    raise DataError(f"cannot list training image folder {folder!r}: {e.strerror or e}") from e
+  images, others = [], 0
+  for name in sorted(names):
+    path = os.path.join(folder, name)
+    # Hidden files (".DS_Store", "._IMG.jpg" resource forks) are never images
+    # the user meant to train on.
+    if name.startswith(".") or not os.path.isfile(path):
+      continue
+    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+      images.append(path)
+    else:
+      others += 1
+  if not images:
+    found = f" (found {others} other file{'s' * (others != 1)})" if others else ""
+    raise DataError(
+        f"no image files in {folder!r}{found}; accepted extensions: "
+        f"{', '.join(IMAGE_EXTENSIONS)} (any case)")
+  return images
+
+
+def _wide_gray_to_l(img: Image.Image) -> Image.Image:
+  """Converts a >8-bit single-channel image to 8-bit "L" without clipping.
+
+  16-bit modes are scaled by their full range (65535 -> 255), which keeps the
+  picture's brightness as the file means it.  For 32-bit "I" and float "F",
+  whose nominal range says nothing about the data, values that fit 8 or 16
+  bit are read as such and anything else is stretched to its own min..max.
+  """
+  # NaNs (float TIFFs) would poison min/max; read them as black.
+  a = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # [H, W]
+  if img.mode.startswith("I;16"):
+    scaled = a / 257.0
+  else:
+    lo, hi = float(a.min()), float(a.max())
+    if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+      scaled = a * 255.0
+    elif lo >= 0.0 and hi <= 255.0:
+      scaled = a
+    elif lo >= 0.0 and hi <= 65535.0:
+      scaled = a / 257.0
+    else:
+      scaled = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+  return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+  """Converts an image of any PIL mode to "RGB", with transparency on white."""
+  if img.mode in _WIDE_GRAY_MODES:
+    img = _wide_gray_to_l(img)
+  if img.mode in _ALPHA_MODES or "transparency" in img.info:
+    # Transparent areas are usually "no background"; black would add a dark
+    # halo the model would learn as part of the concept, white is neutral.
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  return img.convert("RGB")
+
+
+def _describe(error: BaseException) -> str:
+  text = _one_line(str(error))
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _read_rgb(path: str) -> tuple[Image.Image, str | None]:
+  """Reads the first frame of an image file, upright (EXIF orientation), as RGB.
+
+  Returns:
+    The image and, if its EXIF orientation could not be applied, why.
+
+  Raises:
+    Exception: whatever PIL raises for an unreadable, corrupt or truncated file.
+  """
+  note = None
+  with Image.open(path) as img:
+    # Animated GIF/WebP/TIFF: train on the first frame only.
+    img.seek(0)
+    img.load()
+    try:
+      upright = ImageOps.exif_transpose(img)
+    except Exception as e:  # A broken EXIF block should not cost the image.
+      upright, note = img, f"ignored its unreadable EXIF orientation ({_describe(e)})"
+    return _to_rgb(upright), note
+
+
+def load_training_images(folder: str, resolution: int, center_crop: bool,
+                         min_side: int = 32) -> TrainingImages:
+  """Loads the concept images of `folder` as square RGB arrays.
+
+  Files are taken from the folder itself (not subfolders, not hidden files) by
+  extension (`IMAGE_EXTENSIONS`) and in sorted order, so runs are
+  reproducible.  Each image is turned upright by its EXIF orientation,
+  converted to RGB (alpha composited on white, 16-bit gray scaled rather than
+  clipped, first frame of animations) and then either center-cropped to a
+  square and resized (`center_crop=True`) or resized whole, squashing its
+  aspect ratio (`center_crop=False`, as diffusers' textual-inversion script
+  does).  Resizing is bicubic.
+
+  Args:
+    folder: directory with the images.
+    resolution: side R of the output images, in pixels.
+    center_crop: whether to crop the central square before resizing.
+    min_side: images whose shorter side is below this are skipped.
+
+  Returns:
+    The images, their paths, and one-line warnings about skipped files and
+    images that had to be upscaled.
+
+  Raises:
+    DataError: the folder is missing or holds no readable, large enough image.
+  """
+  if resolution < 1:
+    raise DataError(f"resolution must be a positive number of pixels, got {resolution}")
+  paths = _list_image_files(folder)
+  pixels, kept, warnings = [], [], []
+  unreadable = too_small = 0
+  for path in paths:
+    try:
+      img, note = _read_rgb(path)
+    except Exception as e:  # PIL plugins raise many types for bad files.
+      unreadable += 1
+      warnings.append(_one_line(f"skipped {path}: cannot read image ({_describe(e)})"))
+      continue
+    if note:
+      warnings.append(_one_line(f"{path}: {note}"))
+    w, h = img.size
+    if min(w, h) < min_side:
+      too_small += 1
+      warnings.append(_one_line(f"skipped {path}: too small: {w}x{h}, need at least {min_side} px"))
+      continue
+    if center_crop:
+      side = min(w, h)
+      left, top = (w - side) // 2, (h - side) // 2
+      box = (left, top, left + side, top + side)
+      factor = resolution / side
+    else:
+      box = (0, 0, w, h)
+      factor = max(resolution / w, resolution / h)
+    if factor > 1.0:
+      warnings.append(_one_line(
+          f"{path}: upscaled {factor:.2f}x ({w}x{h} to {resolution}x{resolution}), it may look "
+          "blurry; larger images are better"))
+    # Crop first: resize(box=...) would let the filter reach pixels outside
+    # the square and bleed the cropped-away borders into its edges.
+    if box != (0, 0, w, h):
+      img = img.crop(box)
+    img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    pixels.append(np.asarray(img, dtype=np.uint8))  # [R, R, 3]
+    kept.append(path)
+  if not kept:
+    reasons = []
+    if unreadable:
+      reasons.append(f"{unreadable} unreadable")
+    if too_small:
+      reasons.append(f"{too_small} smaller than {min_side} px")
+    raise DataError(
+        f"no readable images in {folder!r}: skipped {len(paths)} file"
+        f"{'s' * (len(paths) != 1)} ({', '.join(reasons)}); first problem: {warnings[0]}")
+  return TrainingImages(pixels=np.stack(pixels), paths=kept, warnings=warnings)  # [N, R, R, 3]
+
+
+# ---------------------------------------------------------------------------
+# Views, per-example choices, prompts and tokens.
+# ---------------------------------------------------------------------------
+
+
+def view_pixels(pixels: np.ndarray, flip: bool) -> np.ndarray:
+  """Returns every distinct training view of the images, scaled for the VAE.
+
+  Args:
+    pixels: uint8 ``[N, R, R, 3]`` images.
+    flip: whether horizontal flipping is used in training.
+
+  Returns:
+    float32 ``[V, R, R, 3]`` in ``[-1, 1]``: ``V = N`` without flipping;
+    with flipping ``V = 2N`` and view ``i + N`` is the mirror of image ``i``
+    (the indexing `example_choices` uses).
+  """
+  pixels = np.asarray(pixels)
+  if pixels.ndim != 4 or pixels.shape[-1] != 3:
+    raise DataError(f"expected images of shape [N, R, R, 3], got {list(pixels.shape)}")
+  views = np.concatenate([pixels, pixels[:, :, ::-1]], axis=0) if flip else pixels  # [V, R, R, 3]
+  return views.astype(np.float32) / np.float32(127.5) - np.float32(1.0)

@@ -1,0 +1,351 @@
+"""Learned-embedding files: diffusers, AUTOMATIC1111 and kohya formats, read and written.
+
+Formats (all vectors are `[num_vectors, dim]` float32):
+  diffusers  `learned_embeds.safetensors` (or legacy `.bin`): `{token: [n, dim]}`.
+  a1111      `.pt`: {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, dim]},
+             "name": str, "step": int}; `.safetensors`: the tensor under
+             "string_to_param.*" with name/step in the metadata.
+  kohya      `.safetensors`: {"emb_params": [n, dim]}.
+
+Which token a file registers follows the tool that owns its format:
+  * A1111 and kohya files (string_to_param / emb_params) register their FILE
+    NAME without the extension, whatever `name` they hold inside: A1111's
+    embedding database names each embedding after its file (the internal name
+    is only read from embeddings stored in PNG images), kohya's sd-scripts
+    take the token string from the file name, and ComfyUI finds an embedding
+    by its file name (`embedding:NAME` in a prompt). A renamed file therefore
+    registers its new name, as in those tools.
+  * diffusers files register their key, as diffusers' `load_textual_inversion`
+    does, unless a token is given (`PATH:TOKEN`).
+
+`.pt`/`.bin` files need torch and are loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from ti_jax import errors
+from ti_jax.runtime import fileio
+from ti_jax.weights import safetensors_io
+
+FORMATS = ("diffusers", "a1111", "a1111-pt", "kohya")
+# The token id CLIP's tokenizer gives "*", which A1111 writes as string_to_token.
+_A1111_STAR_TOKEN = 265
+# A CLIP prompt holds 77 tokens, two of them BOS/EOS: more vectors can never be used.
+MAX_VECTORS = 75
+# Real embedding files are kilobytes (75 vectors of width 1280 are 384 KB); anything
+# this large is a model checkpoint or not an embedding, and is refused before reading.
+MAX_FILE_BYTES = 64 * 2**20
+# Keys of SDXL embeddings (one table per text encoder), as kohya and A1111 write them.
+_SDXL_KEYS = ("clip_l", "clip_g")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class EmbeddingFileError(errors.UserError):
+  """An embedding file cannot be read or written; one-line message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+  """One learned pseudo-word: its token and vectors `[n, dim]`, and where it came from.
+
+  `token_from` says how the token was chosen (the file name, the file's key,
+  the run, or `PATH:TOKEN`), for the line that reports what a file registered.
+  """
+  token: str
+  vectors: np.ndarray
+  source: str
+  base_model: str | None = None  # the model it was trained on, when known
+  token_from: str = ""
+
+
+def check_vectors(vectors: Any, what: str) -> np.ndarray:
+  """`vectors` as float32 `[n, dim]`; refuses bad dtypes, shapes, sizes, NaN/inf and zero rows.
+
+  `what` names the source in the one-line error ("x.pt", "checkpoint 3 of runs/a").
+  """
+  dtype = getattr(vectors, "dtype", None)
+  if dtype is not None and not (np.issubdtype(np.dtype(dtype), np.floating)
+                                or str(dtype) == "bfloat16"):
+    raise EmbeddingFileError(f"{what}: vectors have dtype {dtype}; an embedding holds "
+                             "floating-point vectors")
+  try:
+    a = np.asarray(vectors, dtype=np.float32)
+  except (TypeError, ValueError) as e:
+    raise EmbeddingFileError(f"{what}: vectors are not numeric ({e})") from None
+  if a.ndim == 1:
+    a = a[None]
+  if a.ndim != 2 or 0 in a.shape:
+    raise EmbeddingFileError(f"{what}: expected an embedding of shape [num_vectors, dim], "
+                             f"got {tuple(a.shape)}")
+  if a.shape[0] > MAX_VECTORS:
+    raise EmbeddingFileError(f"{what}: {a.shape[0]} vectors cannot fit a 77-token prompt "
+                             f"(at most {MAX_VECTORS}); is it an embedding file?")
+  bad = ~np.isfinite(a).all(axis=1)
+  if bad.any():
+    raise EmbeddingFileError(f"{what}: vector {int(np.argmax(bad))} holds NaN or inf (a "
+                             "diverged training run?); it would give black images")
+  zero = ~a.any(axis=1)
+  if zero.any():
+    raise EmbeddingFileError(f"{what}: vector {int(np.argmax(zero))} is all zeros (an empty "
+                             "or untrained embedding?)")
+  return a
+
+
+def _torch_load(path: str) -> Any:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise EmbeddingFileError(f"{path}: reading .pt/.bin files needs torch installed "
+                             "(or convert the file to .safetensors)") from None
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many unrelated types for bad pickles
+    text = _ANSI.sub("", str(e))
+    refused = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, re.S)
+    if refused:
+      # torch's advice spans several coloured lines and suggests weights_only=False,
+      # which would run code from the file: give the cause alone.
+      cause = " ".join(refused.group(1).split()).split(". Please")[0].rstrip(".")
+      named = re.search(r"GLOBAL (\S+)", cause)
+      if named:
+        raise EmbeddingFileError(
+            f"{path}: refused: the file holds Python objects besides tensors (it references "
+            f"{named.group(1)}); .pt/.bin files are read only with torch's weights_only "
+            "loader, which runs no code from the file") from None
+      raise EmbeddingFileError(f"{path}: cannot read embedding file (not a torch file, or "
+                               f"corrupt: {cause or 'unreadable pickle'})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(e).__name__
+    raise EmbeddingFileError(f"{path}: cannot read embedding file ({first})") from None
+
+
+def _sdxl_error(path: str) -> EmbeddingFileError:
+  return EmbeddingFileError(
+      f"{path} is an SDXL embedding (clip_l/clip_g vectors for SDXL's two text encoders); "
+      "ti_jax supports Stable Diffusion 1.x/2.x and LDM, not SDXL yet")
+
+
+def _stem(path: str) -> str:
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _by_file_name(path: str, vectors: Any, tool: str) -> Concept:
+  return Concept(_stem(path), check_vectors(vectors, path), path,
+                 token_from=f"its file name, as {tool} do")
+
+
+def _by_keys(path: str, tensors: dict) -> list[Concept]:
+  if any(k in tensors for k in _SDXL_KEYS):
+    raise _sdxl_error(path)
+  return [Concept(str(k), check_vectors(v, f"{path} (key {k!r})"), path,
+                  token_from="its key, as diffusers does")
+          for k, v in sorted(tensors.items(), key=lambda kv: str(kv[0]))]
+
+
+def _to_numpy(x: Any) -> Any:
+  if hasattr(x, "detach"):  # a torch tensor; integer ones keep their dtype for the error
+    x = x.detach().cpu()
+    return x.float().numpy() if x.is_floating_point() else x.numpy()
+  return x
+
+
+def read_embedding_file(path: str) -> list[Concept]:
+  """Reads any supported embedding file (local or gs://); returns its concepts.
+
+  The token of each concept follows the format's own tool (see the module
+  docstring); every vector is checked (`check_vectors`).
+  """
+  if fileio.is_remote(path):
+    if not fileio.exists(path):
+      raise EmbeddingFileError(f"embedding file not found: {path}")
+    import tempfile  # pylint: disable=import-outside-toplevel
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, os.path.basename(path))
+      with open(local, "wb") as f:
+        f.write(fileio.read_bytes(path))
+      return [dataclasses.replace(c, source=path, vectors=np.array(c.vectors))
+              for c in read_embedding_file(local)]
+  if os.path.isdir(path):
+    raise EmbeddingFileError(f"{path} is a folder without learned_embeds.safetensors or "
+                             "learned_embeds.bin; pass the embedding file itself")
+  if not os.path.isfile(path):
+    raise EmbeddingFileError(f"embedding file not found: {path}")
+  size = os.path.getsize(path)
+  if size > MAX_FILE_BYTES:
+    raise EmbeddingFileError(f"{path} is {size / 2**20:.0f} MB, far more than an embedding "
+                             f"(limit {MAX_FILE_BYTES // 2**20} MB): a model checkpoint?")
+  ext = os.path.splitext(path)[1].lower()
+  if ext == ".safetensors":
+    try:
+      header = safetensors_io.read_header(path)
+      tensors = safetensors_io.load(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # any corrupt header
+      raise EmbeddingFileError(f"{path}: cannot read embedding file ({e})") from None
+    if not isinstance(header, dict):
+      raise EmbeddingFileError(f"{path}: cannot read embedding file (corrupt header)")
+    if "string_to_param.*" in tensors:
+      return [_by_file_name(path, tensors["string_to_param.*"], "A1111 and ComfyUI")]
+    if "emb_params" in tensors:
+      return [_by_file_name(path, tensors["emb_params"], "kohya, A1111 and ComfyUI")]
+    if not tensors:
+      raise EmbeddingFileError(f"{path}: holds no tensors")
+    return _by_keys(path, tensors)
+  if ext in (".pt", ".bin", ".pth"):
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+      raise EmbeddingFileError(f"{path}: not an embedding file (top level is {type(obj).__name__})")
+    if "string_to_param" in obj:
+      params = obj["string_to_param"]
+      if not isinstance(params, dict) or not params:
+        raise EmbeddingFileError(f"{path}: string_to_param is empty")
+      if any(k in params for k in _SDXL_KEYS):
+        raise _sdxl_error(path)
+      if len(params) != 1:  # A1111 refuses these too ("multiple terms")
+        raise EmbeddingFileError(f"{path}: string_to_param holds {len(params)} terms; an "
+                                 "A1111 embedding holds one")
+      return [_by_file_name(path, _to_numpy(next(iter(params.values()))), "A1111 and ComfyUI")]
+    if "emb_params" in obj:
+      return [_by_file_name(path, _to_numpy(obj["emb_params"]), "kohya, A1111 and ComfyUI")]
+    tensors = {k: _to_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}
+    if not tensors:
+      raise EmbeddingFileError(f"{path}: no embedding tensors found")
+    return _by_keys(path, tensors)
+  raise EmbeddingFileError(f"{path}: unknown embedding file type {ext!r} (.safetensors, .pt, .bin)")
+
+
+def write_embedding_file(path: str, concept: Concept, fmt: str, *, step: int = 0) -> None:
+  """Writes `concept` in format `fmt` (one of FORMATS); refuses NaN/inf or zero vectors."""
+  vectors = check_vectors(concept.vectors, concept.source or concept.token)
+  if fmt == "diffusers":
+    safetensors_io.save(path, {concept.token: vectors}, {"format": "pt"})
+  elif fmt == "kohya":
+    safetensors_io.save(path, {"emb_params": vectors}, {"format": "pt"})
+  elif fmt == "a1111":
+    safetensors_io.save(path, {"string_to_param.*": vectors}, {
+        "format": "pt", "name": concept.token, "step": str(step),
+        "string_to_token": json.dumps({"*": _A1111_STAR_TOKEN})})
+  elif fmt == "a1111-pt":
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise EmbeddingFileError("writing A1111 .pt files needs torch; use --format=a1111 "
+                               "(.safetensors) instead") from None
+    torch.save({"string_to_token": {"*": _A1111_STAR_TOKEN},
+                "string_to_param": {"*": torch.from_numpy(vectors.copy())},
+                "name": concept.token, "step": int(step)}, path)
+  else:
+    raise EmbeddingFileError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+# Characters no file name may hold: "/" and NUL everywhere, and on Windows also
+# these and control characters (Windows also drops trailing dots and spaces).
+_WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
+
+
+def file_stem(token: str, windows: bool | None = None) -> str:
+  """The file name (without extension) that registers `token` in A1111, kohya and ComfyUI.
+
+  Those tools take the token from the file name, so the token's own
+  characters are kept wherever the file system allows them: `<toy>` is
+  `<toy>.safetensors`, never `toy`, which is a word every prompt already uses.
+  Where a character is not allowed (Windows forbids `<>:"/\\|?*`), it becomes
+  `_`, so `<toy>` is `_toy_` there: still not a vocabulary word.
+  """
+  windows = os.name == "nt" if windows is None else windows
+  out = []
+  for c in token:
+    bad = c in "/\0" or ord(c) < 32 or (windows and c in _WINDOWS_FORBIDDEN)
+    out.append("_" if bad else c)
+  stem = "".join(out)
+  if windows:
+    stem = stem.rstrip(". ")
+  if stem.startswith("."):  # a hidden file; "." and ".." are not names at all
+    stem = "_" + stem[1:]
+  return stem or "embedding"
+
+
+# Each format gets its own folder: A1111 and kohya both want `<token>.safetensors`
+# (the file name is the token), so one folder could hold only one of them.
+_FORMAT_FILES = {"diffusers": ("diffusers", "learned_embeds", ".safetensors"),
+                 "a1111": ("a1111", None, ".safetensors"), "a1111-pt": ("a1111-pt", None, ".pt"),
+                 "kohya": ("kohya", None, ".safetensors")}
+
+
+def default_filename(token: str, fmt: str) -> str:
+  """The default export path of `token` in `fmt`, relative to the export folder.
+
+  `diffusers/learned_embeds.safetensors`, `a1111/<stem>.safetensors`,
+  `a1111-pt/<stem>.pt`, `kohya/<stem>.safetensors` (see `file_stem`).
+  """
+  if fmt not in _FORMAT_FILES:
+    raise EmbeddingFileError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+  folder, name, ext = _FORMAT_FILES[fmt]
+  return f"{folder}/{name or file_stem(token)}{ext}"
+
+
+def prompt_usage(path: str, token: str, fmt: str) -> str:
+  """What a user types for the file at `path` in each tool that reads format `fmt`."""
+  stem = _stem(path)
+  if fmt == "diffusers":
+    return (f"diffusers: pipe.load_textual_inversion({path!r}), then type {token} in "
+            f"prompts; ti_jax.sample --embeddings {path}: type {token}")
+  tools = "A1111 (put it in embeddings/)" if fmt.startswith("a1111") else "kohya sd-scripts"
+  return (f"{tools}: type {stem} in prompts; ComfyUI: type embedding:{stem}; "
+          f"ti_jax.sample --embeddings {path}: type {stem}")
+
+
+def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
+  """Concepts from `PATH[:TOKEN]`: a ti_jax run directory or an embedding file.
+
+  A run directory gives its checkpoint's vectors (latest, or `step`) under
+  its placeholder token and records the base model it was trained on; a
+  folder that is not a run but holds `learned_embeds.safetensors` (or `.bin`,
+  as diffusers' loader accepts) gives that file's concepts. An embedding file
+  registers the token its format's tool would (the file name for A1111 and
+  kohya files, the key for diffusers files; see the module docstring).
+  `:TOKEN` renames a single-concept source, or picks one concept of a file
+  that holds several.
+  """
+  from ti_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  path, token = spec, None
+  if ":" in spec and not fileio.exists(spec) and not spec.rsplit(":", 1)[1].startswith("//"):
+    path, token = spec.rsplit(":", 1)
+    if not token.strip() or any(c.isspace() for c in token):
+      raise EmbeddingFileError(f"{spec!r}: the token after ':' must be one word without spaces")
+  if fileio.is_dir(path):
+    diffusers_files = [fileio.join(path, f"learned_embeds{e}") for e in (".safetensors", ".bin")]
+    has_run = fileio.exists(fileio.join(path, "run.json"))
+    if not has_run and not any(map(fileio.exists, diffusers_files)):
+      raise EmbeddingFileError(f"{path} is not a ti_jax run directory (no run.json) and holds "
+                               "no learned_embeds.safetensors or .bin; pass an embedding "
+                               "file or a run directory")
+    if has_run:
+      vectors, meta = checkpointing.learned_from_workdir(path, step)
+      what = f"{path} (checkpoint {meta.get('step', '?')})"
+      concepts = [Concept(meta["placeholder_token"], check_vectors(vectors, what), path,
+                          base_model=meta.get("pretrained_model_name_or_path"),
+                          token_from="its run's placeholder_token")]
+    else:
+      concepts = read_embedding_file(next(f for f in diffusers_files if fileio.exists(f)))
+  else:
+    concepts = read_embedding_file(path)
+  if token:
+    if len(concepts) == 1:
+      concepts = [dataclasses.replace(concepts[0], token=token, token_from=f"{spec}")]
+    else:
+      chosen = [c for c in concepts if c.token == token]
+      if not chosen:
+        raise EmbeddingFileError(
+            f"{path} holds {len(concepts)} tokens ({', '.join(c.token for c in concepts)}); "
+            f"{token!r} is none of them: pick one as {path}:TOKEN")
+      concepts = [dataclasses.replace(chosen[0], token_from=f"{spec} (one of the file's "
+                                      f"{len(concepts)} keys)")]
+  return concepts

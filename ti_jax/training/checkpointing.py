@@ -1,0 +1,335 @@
+"""Orbax checkpoints of a textual-inversion run and the run's identity record.
+
+A run directory (`--workdir`) holds:
+  ti_jax.lock              the lock of the training run using it (pid, host)
+  run.json                 what this run learns (placeholder, base model, data...);
+                           a cache of the checkpoints' own metadata
+  checkpoints/<step>/      Orbax: {"state": learned vectors, optimizer state and
+                           step (older runs: also rng key data); "metadata": JSON
+                           with the run's identity, see CHECKPOINT_IDENTITY}
+  unreadable_checkpoints/  checkpoints a resumed run could not read, set aside
+  metrics.jsonl            one JSON line per logged step
+  validation/              validation PNGs
+  learned_embeds.safetensors  the final vectors in diffusers' format
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ti_jax import errors
+from ti_jax.runtime import fileio
+from ti_jax.weights import safetensors_io
+
+# Fields of run.json that define what a run learns: resuming with any of them
+# changed would silently mix two concepts, so it is refused.
+IDENTITY_FIELDS = ("placeholder_token", "num_vectors", "initializer_token",
+                   "pretrained_model_name_or_path", "learnable_property", "train_data_dir",
+                   "resolution", "per_image_tokens")
+# Values of identity fields added after runs were first written.
+_IDENTITY_DEFAULTS = {"per_image_tokens": False}
+
+
+# Fields of a checkpoint's metadata that say what it learned. A run resumes a
+# checkpoint only if all of them match (run.json may be missing or rewritten).
+CHECKPOINT_IDENTITY = ("placeholder_token", "initializer_token", "pretrained_model_name_or_path",
+                       "num_vectors", "learnable_property", "resolution", "image_files", "seed",
+                       "per_image_tokens")
+
+
+class WorkdirError(errors.UserError):
+  """The workdir belongs to another run or is unusable; one-line message."""
+
+
+class UnreadableCheckpointError(WorkdirError):
+  """A checkpoint's files cannot be restored, or it holds non-finite values."""
+
+  def __init__(self, step: int, why: str):
+    super().__init__(f"checkpoint {step} is unreadable: {why}")
+    self.step, self.why = step, why
+
+
+class CheckpointWriteError(WorkdirError):
+  """Saving a checkpoint failed; the message names the last good one."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+  """The first line of an exception's message (its type if empty), at most `limit` characters."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _read_json_object(path: str) -> dict:
+  """A JSON object file; WorkdirError with one line if unreadable, not UTF-8 or not an object."""
+  try:
+    value = json.loads(fileio.read_bytes(path).decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise WorkdirError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") \
+        from None
+  except json.JSONDecodeError as e:
+    raise WorkdirError(f"cannot read {path}: not JSON ({e.msg} at line {e.lineno})") from None
+  except OSError as e:
+    raise WorkdirError(f"cannot read {path}: {one_line(e)}") from None
+  if not isinstance(value, dict):
+    raise WorkdirError(f"cannot read {path}: it holds a JSON {type(value).__name__}, "
+                       "not an object")
+  return value
+
+
+def lock_workdir(workdir: str) -> fileio.DirLock:
+  """Takes the exclusive lock of a run directory (created if absent) for a training run.
+
+  Raises WorkdirError (one line, naming the holder) if another live process
+  holds it or the directory cannot be written.
+  """
+  if fileio.exists(workdir) and not fileio.is_dir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a directory")
+  lock = fileio.DirLock(workdir)
+  try:
+    fileio.makedirs(workdir)
+    lock.acquire()
+  except fileio.LockHeld as e:
+    h = e.holder
+    who = (f"pid {h.get('pid')} on {h.get('host')}, started {h.get('started')}"
+           if h else "a process that has not written its record yet")
+    hint = (f"; if that run is dead, delete {e.path}" if fileio.is_remote(workdir) else "")
+    raise WorkdirError(f"--workdir {workdir} is in use by another training run ({who}); "
+                       f"wait for it to finish or use another --workdir{hint}") from None
+  except OSError as e:
+    raise WorkdirError(f"cannot lock --workdir {workdir} for training: {one_line(e)} "
+                       "(a training run needs a writable workdir; sample, export and evaluate "
+                       "only read it)") from None
+  return lock
+
+
+def vectors_finite(tree: Any) -> bool:
+  """True if every floating-point leaf of `tree` is finite."""
+  for leaf in jax.tree_util.tree_leaves(tree):
+    a = np.asarray(leaf)
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+      return False
+  return True
+
+
+def identity_diffs(saved: dict, run: dict) -> list[str]:
+  """`field: saved there, run now` for each CHECKPOINT_IDENTITY field that differs.
+
+  Fields an older checkpoint did not record are not compared.
+  """
+  def norm(v):  # JSON turns tuples into lists
+    return list(v) if isinstance(v, tuple) else v
+  return [f"{k}: {saved[k]!r} there, {run.get(k)!r} now" for k in CHECKPOINT_IDENTITY
+          if k in saved and norm(saved[k]) != norm(run.get(k))]
+
+
+def check_identity(workdir: str, identity: dict) -> bool:
+  """Checks that `workdir` is new or holds a run that learns the same thing (writes nothing).
+
+  Returns True if the workdir already holds this run (so training resumes).
+  """
+  if fileio.exists(workdir) and not fileio.is_dir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a directory")
+  path = fileio.join(workdir, "run.json")
+  if not fileio.exists(path):
+    return False
+  existing = _read_json_object(path)
+  diffs = [f"{k}: {existing.get(k, _IDENTITY_DEFAULTS.get(k))!r} there, {identity.get(k)!r} now"
+           for k in IDENTITY_FIELDS
+           if existing.get(k, _IDENTITY_DEFAULTS.get(k)) != identity.get(k)]
+  if diffs:
+    raise WorkdirError(
+        f"workdir {workdir} holds another run ({'; '.join(diffs)}); use a new --workdir "
+        "or restore the original settings to resume")
+  return True
+
+
+def write_identity(workdir: str, identity: dict) -> None:
+  """Writes run.json (once every input has been checked, so a failed start leaves nothing)."""
+  try:
+    fileio.makedirs(workdir)
+    text = json.dumps(identity, indent=2, sort_keys=True)
+    # Atomically: a half-written run.json would make the run unreadable.
+    fileio.write_via_local_file(fileio.join(workdir, "run.json"),
+                                lambda local: fileio.write_text(local, text))
+  except OSError as e:
+    raise WorkdirError(f"cannot write to --workdir {workdir}: {e}") from None
+
+
+def read_identity(workdir: str) -> dict:
+  """run.json of a run directory (WorkdirError if missing or unreadable)."""
+  path = fileio.join(workdir, "run.json")
+  if not fileio.exists(path):
+    raise WorkdirError(f"{workdir} is not a ti_jax run directory (no run.json)")
+  return _read_json_object(path)
+
+
+class Checkpoints:
+  """Saves and restores {state pytree, JSON metadata} with an Orbax CheckpointManager.
+
+  Saves are synchronous: the state is a few KB of vectors, and an asynchronous
+  save that fails leaves Orbax threads waiting for signals that never come
+  (the process then cannot exit). A failed save raises CheckpointWriteError.
+  """
+
+  def __init__(self, workdir: str, max_to_keep: int | None = 3):
+    self.workdir = fileio.resolve(workdir)
+    self.directory = fileio.join(self.workdir, "checkpoints")
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=False),
+        item_names=("state", "metadata"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, metadata: dict) -> None:
+    """Saves host arrays at `step` (a no-op if that step is already saved).
+
+    Raises CheckpointWriteError if `state` holds non-finite values (nothing is
+    written) or the write fails; either way earlier checkpoints are kept.
+    """
+    steps = self.all_steps()
+    if step in steps:
+      return
+    last = (f"the last good checkpoint is step {max(steps)}" if steps
+            else "there is no earlier checkpoint")
+    state = jax.device_get(state)
+    if not vectors_finite(state):
+      raise CheckpointWriteError(f"refusing to write checkpoint {step}: it holds non-finite "
+                                 f"values; {last} in {self.directory}")
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)))
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
+      raise CheckpointWriteError(f"cannot write checkpoint {step} in {self.directory}: "
+                                 f"{one_line(e)}; {last}") from None
+
+  def _restore(self, step: int, args: ocp.args.Composite):
+    # When a read fails, tensorstore's pending callbacks reach Orbax's already
+    # closed event loop and Python prints each "Event loop is closed" as an
+    # unraisable exception (a traceback on stderr); the failure itself is
+    # reported once, below.
+    previous = sys.unraisablehook
+
+    def quiet(unraisable):
+      if not (isinstance(unraisable.exc_value, RuntimeError)
+              and "Event loop is closed" in str(unraisable.exc_value)):
+        previous(unraisable)
+    sys.unraisablehook = quiet
+    try:
+      return self._manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore/JSON/asyncio errors
+      raise UnreadableCheckpointError(step, one_line(e)) from None
+    finally:
+      sys.unraisablehook = previous
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores the state (shaped like `abstract_state`) and metadata saved at `step`.
+
+    Raises UnreadableCheckpointError if the files cannot be read or hold
+    non-finite values.
+    """
+    restored = self._restore(step, ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
+    if not vectors_finite(restored.state):
+      raise UnreadableCheckpointError(step, "it holds non-finite (NaN or inf) values")
+    return restored.state, restored.metadata
+
+  def restore_untyped(self, step: int) -> tuple[dict, dict]:
+    """Restores the state as nested dicts of numpy arrays (no template needed) and metadata."""
+    restored = self._restore(step, ocp.args.Composite(
+        state=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
+    if not vectors_finite(restored.state):
+      raise UnreadableCheckpointError(step, "it holds non-finite (NaN or inf) values")
+    return restored.state, restored.metadata
+
+  def restore_metadata(self, step: int) -> dict:
+    return self._restore(step, ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+
+  def set_aside(self, step: int) -> str:
+    """Moves an unreadable step to `unreadable_checkpoints/` (kept, no longer a step).
+
+    Process 0 moves it; every process then reloads the step list. Returns the new path.
+    """
+    from ti_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
+    target = fileio.join(self.workdir, "unreadable_checkpoints",
+                         f"{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    if jax.process_index() == 0:
+      fileio.makedirs(fileio.join(self.workdir, "unreadable_checkpoints"))
+      fileio.rename(fileio.join(self.directory, str(step)), target)
+    parallel.sync(f"ti_jax:set_aside:{step}")
+    self._manager.reload()
+    return target
+
+  def wait(self) -> None:
+    """Blocks until asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def write_learned_embeds(path: str, tokens: list[str], vectors: np.ndarray,
+                         placeholder_token: str) -> None:
+  """diffusers' `learned_embeds.safetensors`: `{placeholder_token: [num_vectors, D]}`.
+
+  Written atomically (a crash leaves the previous file or none); non-finite
+  vectors are refused with WorkdirError.
+  """
+  if not vectors_finite(vectors):
+    raise WorkdirError(f"refusing to write {path}: the vectors are not finite")
+  del tokens  # diffusers stores all vectors of a multi-vector token under the first name
+  fileio.write_via_local_file(path, lambda local: safetensors_io.save(
+      local, {placeholder_token: np.asarray(vectors, np.float32)}, {"format": "pt"}))
+
+
+def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndarray, dict]:
+  """The learned vectors `[n, dim]` and metadata of a run's checkpoint (latest if `step` is None).
+
+  With progressive_words, only the vectors that had entered training by that
+  step are returned (the others still hold their initial values). A checkpoint
+  that cannot be read (or holds non-finite vectors) raises WorkdirError naming
+  it and the newest readable step to pass as --step instead.
+  """
+  read_identity(workdir)
+  ckpts = Checkpoints(workdir, max_to_keep=None)
+  try:
+    steps = ckpts.all_steps()
+    if not steps:
+      raise WorkdirError(f"{workdir} has no checkpoint yet")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise WorkdirError(f"{workdir} has no checkpoint at step {step} "
+                         f"(available: {', '.join(map(str, sorted(steps)))})")
+    try:
+      state, metadata = ckpts.restore_untyped(step)
+    except UnreadableCheckpointError as e:
+      good = None
+      for other in sorted((s for s in steps if s != step), reverse=True):
+        try:
+          ckpts.restore_untyped(other)
+        except UnreadableCheckpointError:
+          continue
+        good = other
+        break
+      advice = (f"use --step {good} (the newest readable checkpoint)" if good is not None
+                else "no other checkpoint is readable either")
+      raise WorkdirError(f"checkpoint {step} in {ckpts.directory} is unreadable ({e.why}); "
+                         f"{advice}") from None
+  finally:
+    ckpts.close()
+  vectors = np.asarray(state["state"]["params"]["embeds"], np.float32)
+  return vectors[:int(metadata.get("active_vectors") or len(vectors))], metadata

@@ -1,0 +1,121 @@
+"""Every training config field, with its default: the base of configs/*.py.
+
+Field names follow diffusers' `textual_inversion.py` so its users can move
+over. Defaults are the paper's: base learning rate 5e-3 scaled by the global
+batch, 5000 steps, one vector, Stable Diffusion 1.5.
+
+Variants (`--config configs/style.py:VARIANT`):
+  sd15  Stable Diffusion 1.5 from the hub (the default).
+  sd21  Stable Diffusion 2.1 (768 px, v-prediction) from the hub.
+  tiny  a tiny random-weight model written locally on first use, trained on
+        the example images in examples/: runs offline in about two minutes on
+        a 2-core CPU. Its outputs are noise by design; it exercises the tool.
+"""
+
+import ml_collections
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD21 = "stabilityai/stable-diffusion-2-1"
+
+
+def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
+  """Base config; `configs/object.py`, `style.py` and `paper.py` fill in the concept fields."""
+  c = ml_collections.ConfigDict()
+
+  # --- Model ---
+  # Hub id or local diffusers folder. "tiny-sd15"/"tiny-sd21" name ti_jax's
+  # offline random-weight models, written to `cache_dir` on first use.
+  c.pretrained_model_name_or_path = SD15
+  c.revision = ""  # hub revision ("" = default branch)
+  c.variant = ""  # weight file variant, e.g. "fp16" ("" = full precision files)
+  c.allow_pickle = False  # permit .bin pickles (they can run code) if no safetensors exist
+  c.cache_dir = "~/.cache/ti_jax"  # where tiny models are written
+  # JAX's persistent compilation cache: a restarted run skips compiling ("" = off).
+  c.compilation_cache_dir = "~/.cache/ti_jax/xla"
+  c.dtype = "bfloat16"  # compute/param dtype of the frozen UNet and text encoder
+  c.vae_dtype = "float32"  # the VAE runs once per training image (latents are cached)
+  # Attention: "" (chosen: the Pallas TPU kernel on TPUs, JAX's choice elsewhere), "xla",
+  # "cudnn" (GPU flash attention), or "pallas_tpu" (the Pallas TPU flash-attention kernel
+  # for the UNet; TPU only).
+  c.attention_impl = ""
+  # Recompute the UNet's resnets/transformers in the backward pass: less activation
+  # memory (larger batches fit), about a third more compute. True, False, or "auto":
+  # on TPUs only when the step would not fit the chip's memory without it (decided
+  # from the compiled step's memory plan), elsewhere off.
+  c.remat = ml_collections.FieldReference("auto", field_type=object)
+
+  # --- Concept and data ---
+  c.train_data_dir = ""  # folder with the 3-5 concept images
+  c.placeholder_token = "<concept>"  # the new pseudo-word S*
+  c.initializer_token = ""  # word whose embedding starts S* (set by object.py/style.py)
+  c.num_vectors = 1  # vectors per pseudo-word (the paper uses 1)
+  # Start from an existing embedding (run dir, diffusers/A1111/kohya file) instead
+  # of initializer_token; its vector count must equal num_vectors.
+  c.init_embedding = ""
+  c.learnable_property = "object"  # "object" or "style": which prompt templates to use
+  c.resolution = 512  # training image size (pixels, square)
+  c.center_crop = False  # crop the central square before resizing (else squash)
+  c.flip_p = 0.5  # probability of a horizontal flip per example
+
+  # --- Optimisation ---
+  c.train_batch_size = 4  # per device
+  # If > 0, the global batch regardless of the device count (train_batch_size is
+  # then global_batch_size / devices): reproduces a run on other hardware.
+  c.global_batch_size = 0
+  c.max_train_steps = 5000
+  c.learning_rate = 5e-3  # base rate; multiplied by the global batch if scale_lr
+  c.scale_lr = True  # lr = learning_rate * train_batch_size * number of devices (paper)
+  # constant, constant_with_warmup, linear, cosine. The decays span max_train_steps, so
+  # raising max_train_steps to extend a finished run restarts them from the new length.
+  c.lr_scheduler = "constant"
+  c.lr_warmup_steps = 0
+  c.adam_beta1 = 0.9
+  c.adam_beta2 = 0.999
+  c.adam_weight_decay = 1e-2
+  c.adam_epsilon = 1e-8
+  c.seed = 0  # every random choice is a function of (seed, step, example index)
+  # Paper ablation: add w * mean_i ||v_i - v_i(init)||^2 to the loss (0 = off).
+  c.embedding_reg_weight = 0.0
+  # Paper ablation (progressive extension): start with one vector and add the next
+  # of num_vectors every N steps (0 = all vectors from the start).
+  c.progressive_words = 0
+  # Paper ablation (per-image tokens): learn one extra token S_i per training image;
+  # with probability per_image_token_p a prompt reads "... S* with S_i" for the
+  # example's image, so image-specific detail can go to S_i. Only S* is exported.
+  c.per_image_tokens = False
+  c.per_image_token_p = 0.25
+
+  # --- Checkpoints, logging, validation ---
+  c.checkpointing_steps = 500  # save an Orbax checkpoint every N steps (and at the end)
+  c.checkpoints_total_limit = 3  # keep the last N checkpoints
+  c.log_every_steps = 10  # metrics to metrics.jsonl and the progress bar
+  c.validation_prompt = ""  # "{}" is replaced by the placeholder; "" = no validation
+  c.validation_steps = 500  # generate validation images every N steps
+  c.num_validation_images = 4
+  c.validation_scheduler = "dpm++2m"  # ddim, pndm, euler, dpm++2m
+  c.validation_inference_steps = 25
+  c.validation_guidance_scale = 7.5
+  # Validation images per device per compiled call; 0 = as many as
+  # num_validation_images needs, capped by device memory (4 on CPU).
+  c.validation_batch_size = 0
+
+  if variant == "sd15":
+    pass
+  elif variant == "sd21":
+    c.pretrained_model_name_or_path = SD21
+    c.resolution = 768
+  elif variant == "tiny":
+    c.pretrained_model_name_or_path = "tiny-sd15"
+    c.dtype = "float32"
+    c.resolution = 64
+    c.train_batch_size = 2
+    c.max_train_steps = 1000
+    c.learning_rate = 5e-3
+    c.checkpointing_steps = 250
+    c.log_every_steps = 25
+    c.validation_steps = 500
+    c.num_validation_images = 2
+    c.validation_inference_steps = 10
+  else:
+    raise ValueError(f"unknown config variant {variant!r} (known: sd15, sd21, tiny)")
+  return c

@@ -1,0 +1,243 @@
+"""Pure pieces of textual-inversion training: state, loss, optimizer and the per-device step.
+
+Only the learned vectors are trainable. The frozen UNet, text encoder, cached
+VAE posteriors and noise schedule travel as a `Frozen` argument (replicated
+once, never closed over), and gradients are taken with respect to the learned
+vectors alone, so XLA does no weight-gradient work for the frozen models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ti_jax.embeddings.pseudo_words import embed_tokens, token_table
+from ti_jax.runtime import parallel
+from ti_jax.sampling import schedulers
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What changes during training; everything else is frozen."""
+  step: jax.Array  # int32 scalar: number of completed steps
+  # {"embeds": [n, D] float32}, the learned pseudo-word vectors, and with the
+  # per-image-token ablation "image_embeds": [N, D], one per training image.
+  params: dict
+  opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class Frozen:
+  """Arrays the step reads but never changes (replicated on every device)."""
+  unet: Any
+  text_encoder: Any  # includes the original token table
+  latent_mean: jax.Array  # [V, h, w, C] posterior mean of each distinct training view
+  latent_std: jax.Array  # [V, h, w, C]
+  placeholder_ids: jax.Array  # [n (+ N)] int32, token id of each learned vector (then image tokens)
+  schedule: schedulers.NoiseSchedule  # alphas_cumprod [T] and the prediction type
+  init_embeds: jax.Array | None = None  # [n, D] initial vectors, for embedding_reg_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """Static (hashable) settings of the step: modules and scalar hyper-parameters."""
+  unet: Any
+  text_encoder: Any
+  scaling_factor: float
+  shift_factor: float
+  seed: int
+  # Weight of the squared L2 pull of the vectors toward their initial values
+  # (the paper's regularisation ablation); 0 disables it.
+  embedding_reg_weight: float = 0.0
+  # Paper ablation (progressive extension): vector i trains from step i * N on
+  # (N = progressive_words); 0 trains every vector from the start.
+  progressive_words: int = 0
+
+
+def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
+                           total_steps: int) -> optax.Schedule:
+  """Learning rate by step: constant, constant_with_warmup, linear or cosine decay after warmup."""
+  if schedule not in LR_SCHEDULES:
+    raise ValueError(f"lr_scheduler {schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+  warmup = max(int(warmup_steps), 0)
+  if schedule == "constant":
+    return optax.constant_schedule(base_lr)
+  ramp = optax.linear_schedule(0.0, base_lr, warmup) if warmup else optax.constant_schedule(base_lr)
+  decay_steps = max(total_steps - warmup, 1)
+  after = {
+      "constant_with_warmup": optax.constant_schedule(base_lr),
+      "linear": optax.linear_schedule(base_lr, 0.0, decay_steps),
+      "cosine": optax.cosine_decay_schedule(base_lr, decay_steps),
+  }[schedule]
+  return optax.join_schedules([ramp, after], [warmup])
+
+
+TRAINABLE = ("embeds", "image_embeds")
+
+
+def trainable_labels(params: dict) -> dict:
+  """Optimizer labels: the learned vectors train; any other leaf is frozen."""
+  return {k: jax.tree_util.tree_map(lambda _: "train" if k in TRAINABLE else "frozen", v)
+          for k, v in params.items()}
+
+
+def make_optimizer(lr: optax.Schedule, b1: float, b2: float, eps: float,
+                   weight_decay: float) -> optax.GradientTransformation:
+  """AdamW on the learned vectors; frozen leaves get zero updates and no optimizer state."""
+  return optax.multi_transform(
+      {"train": optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+       "frozen": optax.set_to_zero()},
+      trainable_labels)
+
+
+def init_state(initial_vectors: jax.Array, optimizer: optax.GradientTransformation,
+               image_vectors: jax.Array | None = None) -> TrainState:
+  """Step 0: the initial vectors `[n, D]` (and per-image vectors `[N, D]` for that ablation)."""
+  params = {"embeds": jnp.asarray(initial_vectors, jnp.float32)}
+  if image_vectors is not None:
+    params["image_embeds"] = jnp.asarray(image_vectors, jnp.float32)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def _example_noise(seed: int, step: jax.Array, example_index: jax.Array, latent_shape,
+                   num_timesteps: int):
+  """Posterior sample noise, diffusion noise and timestep for one global example.
+
+  A pure function of (seed, step, global example index): the same example
+  gets the same draws however the batch is split over devices and hosts.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), example_index)
+  k_post, k_noise, k_t = jax.random.split(key, 3)
+  return (jax.random.normal(k_post, latent_shape, jnp.float32),
+          jax.random.normal(k_noise, latent_shape, jnp.float32),
+          jax.random.randint(k_t, (), 0, num_timesteps))
+
+
+def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
+            settings: StepSettings) -> jax.Array:
+  """Mean squared error of the UNet's prediction for this device's examples (float32).
+
+  batch: {"input_ids": [b, T] int32, "view_index": [b] int32, "example_index": [b] int32}.
+  """
+  mean = frozen.latent_mean[batch["view_index"]]  # [b, h, w, C]
+  std = frozen.latent_std[batch["view_index"]]
+  draw = functools.partial(_example_noise, settings.seed, step, latent_shape=mean.shape[1:],
+                           num_timesteps=frozen.schedule.num_train_timesteps)
+  post_eps, noise, t = jax.vmap(draw)(batch["example_index"])
+  # A sample of the cached posterior: the same distribution as encoding each step.
+  latents = (mean + std * post_eps - settings.shift_factor) * settings.scaling_factor
+  noisy = schedulers.add_noise(frozen.schedule, latents, noise, t)
+  target = schedulers.training_target(frozen.schedule, latents, noise, t)
+
+  table = token_table(settings.text_encoder, frozen.text_encoder)  # [V, D]
+  learned = params["embeds"]  # [n, D]
+  if "image_embeds" in params:
+    learned = jnp.concatenate([learned, params["image_embeds"]])  # [n + N, D]
+  embeds = embed_tokens(table, learned, frozen.placeholder_ids, batch["input_ids"])
+  context = settings.text_encoder.apply({"params": frozen.text_encoder}, batch["input_ids"],
+                                        inputs_embeds=embeds)  # [b, T, D]
+  pred = settings.unet.apply({"params": frozen.unet}, noisy.astype(mean.dtype), t,
+                            context)  # [b, h, w, C]
+  loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+  if settings.embedding_reg_weight:
+    drift = params["embeds"] - frozen.init_embeds  # [n, D]
+    loss = loss + settings.embedding_reg_weight * jnp.mean(jnp.sum(jnp.square(drift), axis=-1))
+  return loss
+
+
+def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
+               settings: StepSettings, optimizer: optax.GradientTransformation,
+               lr: optax.Schedule) -> tuple[TrainState, dict]:
+  """One optimisation step on this device's shard; gradients are averaged over devices."""
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, state.step, settings)
+  grads = parallel.pmean(grads)
+  loss = parallel.pmean(loss)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  if settings.progressive_words:
+    # Vectors not yet in the prompts get no gradient, but AdamW's decoupled
+    # weight decay would still move them: hold them where they are.
+    n = state.params["embeds"].shape[0]
+    active = jnp.arange(n) < active_vectors(state.step, n, settings.progressive_words)
+    updates = dict(updates, embeds=updates["embeds"] * active[:, None])
+  params = optax.apply_updates(state.params, updates)
+  # Largest L2 norm of a learned vector: the host stops a run whose vectors
+  # diverge (nan propagates through the max).
+  max_norm = jnp.max(jnp.stack([jnp.max(jnp.linalg.norm(v, axis=-1))
+                                for v in jax.tree_util.tree_leaves(params)]))
+  metrics = {"loss": loss, "lr": lr(state.step),
+             "grad_norm": optax.tree.norm(grads), "max_vector_norm": max_norm}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def active_vectors(step, num_vectors: int, progressive_words: int):
+  """How many of the vectors the prompts use at `step` (works on ints and traced arrays)."""
+  if not progressive_words:
+    return num_vectors
+  return jnp.minimum(num_vectors, 1 + step // progressive_words) if isinstance(step, jax.Array) \
+      else min(num_vectors, 1 + int(step) // progressive_words)
+
+
+def make_pmapped_step(settings: StepSettings, optimizer, lr, devices):
+  """The compiled data-parallel step: `(state, frozen, batch) -> (state, metrics)`, all sharded.
+
+  The state buffer is donated: the step updates it in place on device.
+  """
+  step = functools.partial(train_step, settings=settings, optimizer=optimizer, lr=lr)
+  return parallel.pmapped(step, devices, donate_argnums=(0,))
+
+
+def compiled_memory_bytes(compiled) -> int:
+  """Device memory one device needs for a compiled program, from XLA's memory plan.
+
+  Arguments, outputs, temporaries and generated code; outputs that reuse a
+  donated argument's buffer (the train state) are counted once.
+  """
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+
+
+def device_memory_limit(device) -> int | None:
+  """Bytes a program may use on `device` (its allocator's limit), or None where unknown (CPU)."""
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def is_out_of_memory(error: Exception) -> bool:
+  """Whether a compile error is XLA's "program does not fit the device" (XLA:TPU refuses to
+  compile a program larger than the chip's HBM: RESOURCE_EXHAUSTED, CompileTimeHbmOom)."""
+  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def fits_memory(step, args: tuple, memory_limit: int) -> bool:
+  """Whether the compiled `step(*args)` fits `memory_limit` bytes per device (compiled, not run)."""
+  try:
+    return compiled_memory_bytes(step.lower(*args).compile()) <= memory_limit
+  except jax.errors.JaxRuntimeError as e:
+    if not is_out_of_memory(e):
+      raise
+    return False
+
+
+def remat_if_needed(settings: StepSettings, optimizer, lr, devices, args: tuple,
+                    memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
+  """`config.remat="auto"`: the plain step if XLA's plan of it fits `memory_limit`, else the
+  step with the UNet's blocks rematerialised (which trades about a third more FLOPs for
+  activation memory). Returns (settings, pmapped step, remat on?).
+
+  `args` are the step's (state, frozen, batch), real or `jax.ShapeDtypeStruct`s: the plain
+  step is lowered and compiled for them, never run. No limit (None) keeps the plain step.
+  """
+  step = make_pmapped_step(settings, optimizer, lr, devices)
+  if memory_limit is None or fits_memory(step, args, memory_limit):
+    return settings, step, False
+  settings = dataclasses.replace(settings, unet=settings.unet.clone(remat=True))
+  return settings, make_pmapped_step(settings, optimizer, lr, devices), True

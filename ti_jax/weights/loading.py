@@ -1,0 +1,406 @@
+"""Loading diffusers-format latent diffusion folders (local or from the hub) into ti_jax models.
+
+`load_stable_diffusion(name_or_path)` returns the three Flax modules with
+their params, the tokenizer and the scheduler config. It reads Stable
+Diffusion 1.x/2.x folders (`StableDiffusionPipeline`: unet, vae,
+text_encoder = CLIP) and the paper's LDM-1.4B (`LDMTextToImagePipeline`:
+unet, vqvae = a KL autoencoder, bert = LDMBert with a BERT tokenizer); the
+components are addressed by role (unet, vae, text_encoder) whatever their
+folder is called. Weights come from
+PyTorch-layout `.safetensors` (preferred), diffusers/transformers Flax
+`.msgpack`, or, only with `allow_pickle=True` and torch installed, `.bin`
+pickles. Every failure is a `ModelLoadError` whose message is one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ti_jax import errors
+from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.models.layers import resolve_attention_impl
+from ti_jax.models.ldm_bert import LDMBertConfig, LDMBertModel, is_ldm_bert_config
+from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ti_jax.models.vae import AutoencoderKL, VAEConfig
+from ti_jax.weights import convert, safetensors_io
+
+
+class ModelLoadError(errors.UserError):
+  """A model folder, file or config cannot be used; the message is one line for the user."""
+
+
+# Weight file stems per component: diffusers models vs transformers models.
+_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                 "text_encoder": "model"}
+_FLAX_FILES = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
+               "text_encoder": "flax_model.msgpack"}
+_BIN_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+              "text_encoder": "pytorch_model"}
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+# Per pipeline class: the folder of each component role, and the tokenizer
+# classes its folder may name.
+PIPELINE_FOLDERS = {
+    "StableDiffusionPipeline": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"},
+    "LDMTextToImagePipeline": {"unet": "unet", "vae": "vqvae", "text_encoder": "bert"},
+}
+_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "BertTokenizer", "BertTokenizerFast")
+
+
+def component_spec(component: str, config: dict) -> convert.ComponentSpec:
+  """How a component's checkpoint keys map onto its Flax tree (the text encoder's depends on its type)."""
+  if component == "text_encoder":
+    return convert.LDM_BERT if is_ldm_bert_config(config) else convert.TEXT_ENCODER
+  return {"unet": convert.UNET, "vae": convert.VAE}[component]
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """A loaded model: frozen Flax modules, their params, tokenizer and scheduler config."""
+  source: str  # what the user passed: a folder or a hub id
+  path: str  # the local diffusers folder
+  unet: UNet2DConditionModel
+  unet_params: Any
+  vae: AutoencoderKL
+  vae_params: Any
+  text_encoder: CLIPTextModel
+  text_encoder_params: Any
+  tokenizer: Any
+  scheduler_config: dict
+  model_index: dict
+
+
+def one_line(e: BaseException) -> str:
+  """`Type: first line of the message`, for one-line errors that wrap another library's."""
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
+  var = f".{variant}" if variant else ""
+  patterns = ["model_index.json", "scheduler/*.json", "tokenizer/*"]
+  # model_index.json is not known before the download: ask for the folders of
+  # every supported pipeline (patterns that match nothing cost nothing).
+  pairs = {(role, sub) for folders in PIPELINE_FOLDERS.values() for role, sub in folders.items()}
+  for comp, sub in sorted(pairs):
+    stem = _WEIGHT_STEMS[comp]
+    patterns += [f"{sub}/config.json", f"{sub}/{stem}{var}.safetensors",
+                 f"{sub}/{stem}{var}.safetensors.index.json",
+                 f"{sub}/{stem}{var}-*.safetensors", f"{sub}/{_FLAX_FILES[comp]}"]
+    if allow_pickle:
+      patterns.append(f"{sub}/{_BIN_FILES[comp]}{var}.bin")
+  return patterns
+
+
+TINY_MODELS = ("tiny-sd15", "tiny-sd21", "tiny-ldm")
+DEFAULT_CACHE_DIR = "~/.cache/ti_jax"
+
+
+def resolve_model_dir(name_or_path: str, *, variant: str | None = None,
+                      revision: str | None = None, allow_pickle: bool = False,
+                      cache_dir: str = DEFAULT_CACHE_DIR) -> str:
+  """Returns a local diffusers folder for `name_or_path`.
+
+  A folder is used as is; "tiny-sd15"/"tiny-sd21"/"tiny-ldm" name ti_jax's
+  random-weight test models, written under `cache_dir` on first use; anything else is a hub
+  id, of which only the needed files are fetched.
+  """
+  if os.path.isdir(name_or_path):
+    return name_or_path
+  if name_or_path in TINY_MODELS:
+    from ti_jax.testing.tiny_models import ensure_tiny_model  # pylint: disable=import-outside-toplevel
+    return ensure_tiny_model(os.path.join(os.path.expanduser(cache_dir), name_or_path),
+                             preset=name_or_path)
+  return download_from_hub(name_or_path, revision=revision,
+                           allow_patterns=_hub_patterns(variant, allow_pickle), what="model")
+
+
+def download_from_hub(name_or_path: str, *, revision: str | None, allow_patterns: list[str],
+                      what: str) -> str:
+  """Fetches `allow_patterns` of hub repo `name_or_path`; returns the local snapshot folder.
+
+  A name that looks like a path (or is no "owner/name" id) is reported as a
+  missing `what` folder instead of being sent to the hub.
+  """
+  looks_local = (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
+                 or name_or_path.count("/") != 1)
+  if looks_local:
+    raise ModelLoadError(f"{what} folder not found: {name_or_path}")
+  try:
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+    return huggingface_hub.snapshot_download(name_or_path, revision=revision,
+                                             allow_patterns=list(allow_patterns))
+  except Exception as e:  # the hub client raises many types; all mean "not available"
+    raise ModelLoadError(
+        f"cannot fetch {what} {name_or_path!r} from the Hugging Face hub "
+        f"(offline, unknown id or no access?): {one_line(e)}") from None
+
+
+def read_json(path: str, what: str) -> dict:
+  """A JSON object from `path`; `ModelLoadError` naming `what` if missing or unreadable."""
+  if not os.path.isfile(path):
+    raise ModelLoadError(f"missing {what}: {path}")
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ModelLoadError(f"cannot read {what} {path}: {one_line(e)}") from None
+  if not isinstance(obj, dict):
+    raise ModelLoadError(f"cannot read {what} {path}: not a JSON object")
+  return obj
+
+
+def safetensors_files(folder: str, stem: str, variant: str | None = None) -> list[str]:
+  """`folder/stem[.variant].safetensors`, or the shards its index names; [] if neither exists."""
+  var = f".{variant}" if variant else ""
+  single = os.path.join(folder, f"{stem}{var}.safetensors")
+  if os.path.isfile(single):
+    return [single]
+  index = single + ".index.json"
+  if os.path.isfile(index):
+    weight_map = read_json(index, "safetensors index").get("weight_map", {})
+    return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
+  return []
+
+
+def read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
+  """One state dict from safetensors files (shards); one-line errors for missing or bad files."""
+  state: dict[str, np.ndarray] = {}
+  for f in files:
+    if not os.path.isfile(f):
+      raise ModelLoadError(f"missing weight shard: {f}")
+    try:
+      state.update(safetensors_io.load(f))
+    except (OSError, ValueError) as e:
+      raise ModelLoadError(f"cannot read {f}: {one_line(e)}") from None
+  return state
+
+
+def read_torch_pickle(path: str, allow_pickle: bool, how_to_allow: str) -> dict[str, np.ndarray]:
+  """A PyTorch `.bin` state dict as numpy, only if `allow_pickle` (pickles can run code).
+
+  `how_to_allow` names the switch in the refusal, e.g. "--allow_pickle".
+  Half-precision tensors come back as float32 (numpy has no bfloat16).
+  """
+  if not allow_pickle:
+    raise ModelLoadError(
+        f"{path} is a pickle, which can run code when loaded; convert it to safetensors "
+        f"or pass allow_pickle ({how_to_allow}) if you trust it")
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ModelLoadError(f"{path} is a PyTorch pickle and needs torch installed") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for bad pickles
+    raise ModelLoadError(f"cannot read {path}: {one_line(e)}") from None
+  return {k: v.float().numpy() if v.dtype in (torch.bfloat16, torch.float16) else v.numpy()
+          for k, v in state.items()}
+
+
+def load_component_weights(folder: str, component: str, *, variant: str | None = None,
+                           allow_pickle: bool = False, subfolder: str | None = None
+                           ) -> tuple[str, Any]:
+  """Reads one component's weights from `folder/subfolder` (default subfolder: the role name).
+
+  Returns `("torch", {key: array})` for PyTorch-layout weights or
+  `("flax", tree)` for a Flax msgpack. Raises `ModelLoadError` if none is usable.
+  """
+  sub = os.path.join(folder, subfolder or component)
+  files = safetensors_files(sub, _WEIGHT_STEMS[component], variant)
+  if files:
+    return "torch", read_safetensors(files)
+  flax_file = os.path.join(sub, _FLAX_FILES[component])
+  if os.path.isfile(flax_file):
+    from flax import serialization  # pylint: disable=import-outside-toplevel
+    try:
+      with open(flax_file, "rb") as fh:
+        return "flax", serialization.msgpack_restore(fh.read())
+    except Exception as e:  # msgpack raises several unrelated types on corrupt input
+      raise ModelLoadError(f"cannot read {flax_file}: {one_line(e)}") from None
+  var = f".{variant}" if variant else ""
+  bin_file = os.path.join(sub, f"{_BIN_FILES[component]}{var}.bin")
+  if os.path.isfile(bin_file):
+    return "torch", read_torch_pickle(bin_file, allow_pickle, "--config.allow_pickle=True")
+  raise ModelLoadError(
+      f"no weights for {component} in {sub} (looked for {_WEIGHT_STEMS[component]}{var}.safetensors, "
+      f"its sharded index, {_FLAX_FILES[component]} and {_BIN_FILES[component]}{var}.bin)")
+
+
+def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
+                  param_dtype: Any = jnp.float32, attention_impl: str | None = None,
+                  vae_dtype: Any = None, remat: bool = False) -> dict[str, Any]:
+  """Builds the three Flax modules from diffusers/transformers config dicts.
+
+  The text encoder is an LDMBert when its config says so, else CLIP.
+  `vae_dtype` (default: `dtype`) sets the VAE's compute and param dtype apart
+  from the UNet and text encoder. `remat` rematerialises the UNet's blocks in
+  the backward pass (less activation memory, more compute).
+  """
+  ldm_bert = is_ldm_bert_config(configs["text_encoder"])
+  try:
+    unet_cfg = UNetConfig.from_diffusers(configs["unet"])
+    vae_cfg = VAEConfig.from_diffusers(configs["vae"])
+    text_cfg = (LDMBertConfig if ldm_bert else CLIPTextConfig).from_transformers(
+        configs["text_encoder"])
+  except UnsupportedConfigError as e:
+    raise ModelLoadError(str(e)) from None
+  if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
+    raise ModelLoadError(
+        f"text encoder width {text_cfg.hidden_size} does not match the UNet's "
+        f"cross_attention_dim {unet_cfg.cross_attention_dim}")
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  attention_impl = resolve_attention_impl(attention_impl)  # "" on a TPU host: the Pallas kernel
+  text_cls = LDMBertModel if ldm_bert else CLIPTextModel
+  return {
+      "unet": UNet2DConditionModel(unet_cfg, attention_impl=attention_impl, remat=remat, **kw),
+      "vae": AutoencoderKL(vae_cfg, dtype=vae_dtype or dtype, param_dtype=vae_dtype or param_dtype),
+      "text_encoder": text_cls(text_cfg, attention_impl=attention_impl, **kw),
+  }
+
+
+def init_fns(modules: dict[str, Any]) -> dict[str, Callable[[jax.Array], Any]]:
+  """Per component, `rng -> {"params": ...}` on minimal dummy inputs (shapes only matter)."""
+  unet, vae, text = modules["unet"], modules["vae"], modules["text_encoder"]
+  down = 2 ** (len(unet.config.block_out_channels) - 1)
+  vdown = 2 ** (len(vae.config.block_out_channels) - 1)
+  return {
+      "unet": lambda rng: unet.init(
+          rng, jnp.zeros((1, down, down, unet.config.in_channels)), jnp.zeros((1,)),
+          jnp.zeros((1, 1, unet.config.cross_attention_dim))),
+      "vae": lambda rng: vae.init(rng, jnp.zeros((1, vdown, vdown, vae.config.in_channels))),
+      "text_encoder": lambda rng: text.init(rng, jnp.zeros((1, 1), jnp.int32)),
+  }
+
+
+def param_shapes(modules: dict[str, Any]) -> dict[str, Any]:
+  """Per component, the param tree of `jax.ShapeDtypeStruct`s (no memory is allocated)."""
+  return {name: jax.eval_shape(fn, jax.random.key(0))["params"]
+          for name, fn in init_fns(modules).items()}
+
+
+def component_folders(model_index: dict) -> dict[str, str]:
+  """Role -> subfolder for a model_index.json (one-line error for unsupported pipelines)."""
+  cls = model_index.get("_class_name") or "StableDiffusionPipeline"
+  if cls not in PIPELINE_FOLDERS:
+    raise ModelLoadError(f"pipeline {cls!r} is not supported (ti_jax loads "
+                         f"{' and '.join(PIPELINE_FOLDERS)} folders)")
+  folders = PIPELINE_FOLDERS[cls]
+  vae_class = (model_index.get(folders["vae"]) or [None, None])[1]
+  if vae_class not in (None, "AutoencoderKL"):
+    raise ModelLoadError(f"{folders['vae']} is a {vae_class}; ti_jax supports AutoencoderKL "
+                         "latent spaces only")
+  return folders
+
+
+def read_configs(folder: str) -> dict[str, dict]:
+  """Reads model_index.json and each component's config (keyed by role) from a diffusers folder."""
+  if not os.path.isdir(folder):
+    raise ModelLoadError(f"model folder not found: {folder}")
+  index = read_json(os.path.join(folder, "model_index.json"), "model_index.json")
+  try:
+    folders = component_folders(index)
+  except ModelLoadError as e:
+    raise ModelLoadError(f"{folder}: {e}") from None
+  configs = {"model_index": index}
+  for comp in COMPONENTS:
+    configs[comp] = read_json(os.path.join(folder, folders[comp], "config.json"),
+                               f"{folders[comp]} config")
+  configs["scheduler"] = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
+                                    "scheduler config")
+  return configs
+
+
+def load_tokenizer(folder: str, model_index: dict | None = None, max_length: int | None = None):
+  """The tokenizer of a diffusers folder: the class model_index.json names (CLIP or BERT).
+
+  `max_length` (the text encoder's positions) caps `model_max_length`: BERT
+  tokenizers declare 512, but LDMBert reads 77 tokens, and every prompt is
+  padded or cut to `model_max_length`.
+  """
+  path = os.path.join(folder, "tokenizer")
+  if not os.path.isdir(path):
+    raise ModelLoadError(f"missing tokenizer folder: {path}")
+  entry = (model_index or {}).get("tokenizer") or [None, "CLIPTokenizer"]
+  name = entry[1] or "CLIPTokenizer"
+  if name not in _TOKENIZERS:
+    raise ModelLoadError(f"{path}: tokenizer class {name!r} is not supported "
+                         f"(supported: {', '.join(_TOKENIZERS)})")
+  import transformers  # pylint: disable=import-outside-toplevel
+  try:
+    tokenizer = getattr(transformers, name).from_pretrained(path, local_files_only=True)
+  except Exception as e:  # transformers raises OSError/ValueError/TypeError for bad folders
+    raise ModelLoadError(f"cannot load tokenizer from {path}: {one_line(e)}") from None
+  if max_length and tokenizer.model_max_length > max_length:
+    tokenizer.model_max_length = max_length
+  return tokenizer
+
+
+def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
+                          param_dtype: Any = jnp.float32, variant: str | None = None,
+                          revision: str | None = None, allow_pickle: bool = False,
+                          attention_impl: str | None = None,
+                          cache_dir: str = DEFAULT_CACHE_DIR,
+                          vae_dtype: Any = None, remat: bool = False) -> StableDiffusion:
+  """Loads a diffusers-format Stable Diffusion 1.x/2.x or LDM-1.4B text-to-image model.
+
+  Args:
+    name_or_path: a local diffusers folder or a hub id such as
+      "stable-diffusion-v1-5/stable-diffusion-v1-5" or
+      "CompVis/ldm-text2im-large-256" (only the needed files are fetched).
+    dtype: compute dtype of the Flax modules (float32 or bfloat16).
+    param_dtype: dtype the weights are stored in on the host/device.
+    variant: weight file variant, e.g. "fp16" for `*.fp16.safetensors`.
+    revision: hub revision.
+    allow_pickle: permit `.bin` pickles (which can execute code) when no
+      safetensors/msgpack weights exist. Needs torch.
+    attention_impl: `jax.nn.dot_product_attention` implementation, or "pallas_tpu"; None or ""
+      chooses (the Pallas kernel on a TPU host, JAX's choice elsewhere).
+    cache_dir: where the tiny random-weight models are written.
+    vae_dtype: compute and param dtype of the VAE (default: `dtype`/`param_dtype`).
+    remat: rematerialise the UNet's resnets and transformers when differentiated.
+
+  Raises:
+    ModelLoadError: with a one-line message for any unusable input.
+  """
+  folder = resolve_model_dir(name_or_path, variant=variant, revision=revision,
+                             allow_pickle=allow_pickle, cache_dir=cache_dir)
+  configs = read_configs(folder)
+  folders = component_folders(configs["model_index"])
+  modules = build_modules(configs, dtype=dtype, param_dtype=param_dtype,
+                          attention_impl=attention_impl, vae_dtype=vae_dtype, remat=remat)
+  shapes = param_shapes(modules)
+  params = {}
+  for comp in COMPONENTS:
+    store_dtype = (vae_dtype or param_dtype) if comp == "vae" else param_dtype
+    kind, weights = load_component_weights(folder, comp, variant=variant,
+                                           allow_pickle=allow_pickle, subfolder=folders[comp])
+    try:
+      if kind == "torch":
+        tree = convert.convert_torch_state_dict(component_spec(comp, configs[comp]), weights,
+                                                shapes[comp],
+                                                dtype=np.dtype(store_dtype))
+      else:
+        tree = convert.normalize_legacy_flax_tree(weights)
+        convert.check_flax_tree(comp, tree, shapes[comp])
+        tree = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np.dtype(store_dtype)), tree)
+    except convert.ConversionError as e:
+      raise ModelLoadError(f"{folder}: {e}") from None
+    params[comp] = tree
+  return StableDiffusion(
+      source=name_or_path, path=folder,
+      unet=modules["unet"], unet_params=params["unet"],
+      vae=modules["vae"], vae_params=params["vae"],
+      text_encoder=modules["text_encoder"], text_encoder_params=params["text_encoder"],
+      tokenizer=load_tokenizer(folder, configs["model_index"],
+                               modules["text_encoder"].config.max_position_embeddings),
+      scheduler_config=configs["scheduler"],
+      model_index=configs["model_index"])
