@@ -105,17 +105,25 @@ def build_prompts(template_index: np.ndarray, templates: Sequence[str],
   return out
 
 
-def tokenize(tokenizer: Any, prompts: list[str]) -> np.ndarray:
-  """Tokenizes prompts to a fixed-length id array for the text encoder.
+def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int | None = None) -> np.ndarray:
+  """Tokenizes prompts to a fixed-length id array for a text encoder.
+
+  The one place prompts become token ids: training, sampling and the CLIP
+  evaluation all come here.
 
   Args:
-    tokenizer: a Hugging Face (CLIP) tokenizer.
+    tokenizer: a Hugging Face tokenizer (CLIP or BERT).
     prompts: B prompts.
+    max_length: the encoder's context length; default `tokenizer.model_max_length`
+      (77 for Stable Diffusion).
 
   Returns:
-    int32 ``[B, tokenizer.model_max_length]`` ids, padded and truncated to
-    that length (77 for Stable Diffusion).
+    int32 ``[B, max_length]`` ids, padded and truncated to that length (the
+    tokenizer keeps the end token when it truncates).
   """
-  ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+  if isinstance(prompts, str):
+    raise TypeError("tokenize takes a list of prompts, not a single string")
+  ids = tokenizer(list(prompts), padding="max_length",
+                  max_length=max_length or tokenizer.model_max_length,
                   truncation=True, return_tensors="np").input_ids
   return np.asarray(ids, dtype=np.int32)  # [B, max_len]

@@ -15,19 +15,7 @@ from PIL import Image, ImageOps
 
 from ti_jax import errors
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "OBJECT_TEMPLATES",
-    "STYLE_TEMPLATES",
-    "DataError",
-    "TrainingImages",
-    "build_prompts",
-    "example_choices",
-    "load_training_images",
-    "templates_for",
-    "tokenize",
-    "view_pixels",
-]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "TrainingImages", "load_training_images", "view_pixels"]
 
 
 # File extensions (lower case, with the dot) that are read as images; the

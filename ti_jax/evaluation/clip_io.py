@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ti_jax.data import captions
 from ti_jax.models.clip import CLIPConfig, CLIPModel
 from ti_jax.models.config_utils import UnsupportedConfigError
 from ti_jax.testing.tiny_models import ensure_written, write_json
@@ -378,10 +379,7 @@ def text_features(clip: CLIP, prompts: Sequence[str], batch_size: int = 256) -> 
   Prompts are padded to the model's context length and truncated to it (the
   tokenizer keeps the eos), as CLIP's own tokenization does.
   """
-  if isinstance(prompts, str):
-    raise TypeError("text_features takes a list of prompts, not a single string")
-  ids = clip.tokenizer(list(prompts), padding="max_length", max_length=clip.max_text_length,
-                       truncation=True, return_tensors="np").input_ids.astype(np.int32)  # [N, T]
+  ids = captions.tokenize(clip.tokenizer, prompts, clip.max_text_length)  # [N, T]
   return _batched(_compiled(clip, "text"), clip.params, ids, batch_size)
 
 

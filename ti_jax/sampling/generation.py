@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from ti_jax.data import captions
 from ti_jax.embeddings.pseudo_words import embed_tokens, token_table
 from ti_jax.runtime import fileio, parallel
 from ti_jax.sampling import schedulers
@@ -115,12 +116,6 @@ class ImageGenerator:
     self._fn = parallel.pmapped(functools.partial(_generate_shard, settings=self.settings),
                                 self.devices)
 
-  def tokenize(self, prompts: Sequence[str], tokenizer=None) -> np.ndarray:
-    """`[N, T]` int32 token ids padded/truncated to the model's context length."""
-    tok = tokenizer or self.sd.tokenizer
-    return np.asarray(tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
-                          truncation=True, return_tensors="np").input_ids, np.int32)
-
   def generate(self, prompts: Sequence[str], *, seed: int = 0, negative_prompt: str = "",
                learned: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
                first_index: int = 0, tokenizer=None) -> np.ndarray:
@@ -138,8 +133,9 @@ class ImageGenerator:
     n = len(prompts)
     d = len(self.devices)
     padded = -(-n // d) * d
-    cond = self.tokenize(list(prompts) + [prompts[-1]] * (padded - n), tokenizer)
-    uncond = self.tokenize([negative_prompt] * padded, tokenizer)
+    tokenizer = tokenizer or self.sd.tokenizer
+    cond = captions.tokenize(tokenizer, list(prompts) + [prompts[-1]] * (padded - n))
+    uncond = captions.tokenize(tokenizer, [negative_prompt] * padded)
     index = np.arange(first_index, first_index + padded, dtype=np.int32)
     dim = self.sd.text_encoder.config.hidden_size
     if learned:
