@@ -1,5 +1,6 @@
 """Sampling from trained runs, several concepts at once, and embedding interop."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -89,6 +90,30 @@ def test_four_devices_give_the_same_images_as_one(runs):
                              tokenizer=tokenizer)
   # Same noise per image; only batch layout differs, so at most rounding of one level.
   assert np.abs(images[1].astype(int) - images[4].astype(int)).max() <= 1
+
+
+def test_lower_gives_the_generators_program_from_weight_shapes_alone(runs):
+  """What benchmarks/tpu_compile.py compiles: `lower` needs the weights' shapes, not their values."""
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  devices = jax.local_devices()[:2]
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                               tree)
+  abstract = dataclasses.replace(sd, unet_params=shapes(sd.unet_params),
+                                 vae_params=shapes(sd.vae_params),
+                                 text_encoder_params=shapes(sd.text_encoder_params))
+  lowered = generation.ImageGenerator(abstract, height=64, width=32, devices=devices,
+                                      **FAST).lower(3)
+  real = generation.ImageGenerator(sd, height=64, width=32, devices=devices, **FAST).lower(3)
+  assert lowered.as_text() == real.as_text()
+  out = jax.tree_util.tree_leaves(lowered.out_info)[0]
+  assert out.shape == (2, 3, 64, 32, 3)  # [devices, per-device batch, H, W, RGB]
+  # The learned-vector argument: one [1, D] vector per device, two with num_learned=2.
+  assert "tensor<2x1x32xf32>" in lowered.as_text()
+  wider = generation.ImageGenerator(abstract, height=64, width=32, devices=devices,
+                                    **FAST).lower(3, num_learned=2)
+  assert "tensor<2x2x32xf32>" in wider.as_text()
+  # It compiles, and its output is the float32 images of both devices.
+  assert lowered.compile().memory_analysis().output_size_in_bytes == 2 * 3 * 64 * 32 * 3 * 4
 
 
 def test_two_concepts_compose_in_one_prompt(runs, tmp_path):
