@@ -112,8 +112,8 @@ def test_lower_gives_the_generators_program_from_weight_shapes_alone(runs):
   wider = generation.ImageGenerator(abstract, height=64, width=32, devices=devices,
                                     **FAST).lower(3, num_learned=2)
   assert "tensor<2x2x32xf32>" in wider.as_text()
-  # It compiles, and its output is the float32 images of both devices.
-  assert lowered.compile().memory_analysis().output_size_in_bytes == 2 * 3 * 64 * 32 * 3 * 4
+  # It compiles; per device, its output is the float32 images of that device's 3 prompts.
+  assert lowered.compile().memory_analysis().output_size_in_bytes == 3 * 64 * 32 * 3 * 4
 
 
 def test_two_concepts_compose_in_one_prompt(runs, tmp_path):

@@ -171,13 +171,8 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
   })
 
 
-def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol = Protocol(),
-        prompts_file: str = "", train_data_dir: str = "", output_dir: str = "",
-        dtype: str = "auto", cache_dir: str = "", allow_pickle: bool = False,
-        save_images: bool = False, devices: Sequence | None = None) -> dict:
-  """Evaluates each run; writes report.json and scatter.png; returns the report."""
-  if not workdirs:
-    raise EvaluateError("no run to evaluate: pass --workdir (repeatable)")
+def check_protocol(protocol: Protocol) -> None:
+  """Refuses a protocol that cannot run with a one-line `EvaluateError`; warns of a noisy one."""
   if protocol.num_samples < 1 or protocol.num_inference_steps < 1 or protocol.batch_size < 0:
     raise EvaluateError("num_samples and num_inference_steps must be >= 1, batch_size >= 0 "
                         "(0: chosen to fit device memory)")
@@ -191,6 +186,16 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
     schedulers.make_sampler(protocol.scheduler, {}, 2)  # checks the name before loading
   except ValueError as e:
     raise EvaluateError(str(e)) from None
+
+
+def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol = Protocol(),
+        prompts_file: str = "", train_data_dir: str = "", output_dir: str = "",
+        dtype: str = "auto", cache_dir: str = "", allow_pickle: bool = False,
+        save_images: bool = False, devices: Sequence | None = None) -> dict:
+  """Evaluates each run; writes report.json and scatter.png; returns the report."""
+  if not workdirs:
+    raise EvaluateError("no run to evaluate: pass --workdir (repeatable)")
+  check_protocol(protocol)
   prompts = None
   if prompts_file:
     try:

@@ -47,19 +47,10 @@ GRID_MAX = 64
 MAX_IMAGE_SIZE = 2048
 
 
-def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None = None,
-        embedding_sources: Sequence[str] = (), pretrained_model_name_or_path: str = "",
-        negative_prompt: str = "", num_images: int = 4, num_inference_steps: int = 50,
-        guidance_scale: float = 7.5, scheduler: str = "ddim", seed: int = 0,
-        height: int = 0, width: int = 0, output_dir: str = "", dtype: str = "auto",
-        batch_size: int = 0, allow_base_model_mismatch: bool = False,
-        cache_dir: str = "", allow_pickle: bool = False,
-        devices: Sequence | None = None) -> list[str]:
-  """Generates `num_images` per prompt; returns the written PNG paths.
-
-  `batch_size` images per device per compiled call (0: `generation.auto_batch_size`);
-  PNGs are written as each call finishes.
-  """
+def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_size: int,
+                   seed: int, height: int, width: int, guidance_scale: float, scheduler: str,
+                   cache_dir: str) -> None:
+  """Refuses bad sampling arguments with a one-line `SampleError`, before anything loads."""
   if not prompts:
     raise SampleError("no prompt: pass --prompt (repeatable) or --prompts_file")
   if num_images < 1 or num_inference_steps < 1:
@@ -84,6 +75,25 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   if cache_dir and os.path.exists(os.path.expanduser(cache_dir)) and not os.path.isdir(
       os.path.expanduser(cache_dir)):
     raise SampleError(f"--cache_dir {cache_dir} is a file, not a folder")
+
+
+def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None = None,
+        embedding_sources: Sequence[str] = (), pretrained_model_name_or_path: str = "",
+        negative_prompt: str = "", num_images: int = 4, num_inference_steps: int = 50,
+        guidance_scale: float = 7.5, scheduler: str = "ddim", seed: int = 0,
+        height: int = 0, width: int = 0, output_dir: str = "", dtype: str = "auto",
+        batch_size: int = 0, allow_base_model_mismatch: bool = False,
+        cache_dir: str = "", allow_pickle: bool = False,
+        devices: Sequence | None = None) -> list[str]:
+  """Generates `num_images` per prompt; returns the written PNG paths.
+
+  `batch_size` images per device per compiled call (0: `generation.auto_batch_size`);
+  PNGs are written as each call finishes.
+  """
+  _check_request(prompts=prompts, num_images=num_images,
+                 num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed,
+                 height=height, width=width, guidance_scale=guidance_scale, scheduler=scheduler,
+                 cache_dir=cache_dir)
   concepts, run_meta = gather_concepts(workdir, step, embedding_sources)
   for line in describe_concepts(concepts):  # which token each --embeddings source registered
     _log(line)
@@ -146,9 +156,9 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
       grid.extend(images[:max(GRID_MAX - len(grid), 0)])
     if is_main:
       generation.save_png(fileio.join(out_dir, f"{stem}_seed{seed}_grid.png"),
-                        generation.image_grid(np.stack(grid)),
-                        {"prompt": raw_prompt, "seed": str(seed),
-                         "images": f"0-{len(grid) - 1} of {num_images}"})
+                          generation.image_grid(np.stack(grid)),
+                          {"prompt": raw_prompt, "seed": str(seed),
+                           "images": f"0-{len(grid) - 1} of {num_images}"})
   bar.close()
   _log(f"wrote {len(written)} image(s) and {len(prompts)} grid(s) to {out_dir}")
   return written
