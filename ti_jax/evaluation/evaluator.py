@@ -95,7 +95,11 @@ class _Run:
 
 def _load_training_images(folder: str, resolution: int,
                           center_crop: bool) -> image_loader.TrainingImages:
-  """The run's training images as training read them; a gs:// folder is copied to a local one first."""
+  """The run's training images as training read them; a gs:// folder is copied to a local one first.
+
+  The same steps as `ti_jax.training.trainer.load_images`, written on data/ and
+  runtime/ pieces so the evaluation does not import the training run.
+  """
   if not fileio.is_remote(folder):
     return image_loader.load_training_images(folder, resolution, center_crop)
   import tempfile  # pylint: disable=import-outside-toplevel
