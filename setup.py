@@ -24,6 +24,7 @@ setup(
         "safetensors",
         "huggingface_hub",
         "tqdm",
+        "matplotlib",  # the evaluation's scatter plot (Agg backend, no display)
     ],
     extras_require={
         # torch and diffusers are the PyTorch reference in the parity tests.

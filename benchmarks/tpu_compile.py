@@ -32,9 +32,8 @@ import os
 import sys
 import time
 
-from absl import app, flags
-
 import common  # benchmarks/common.py: a script's own folder is on sys.path
+from absl import app, flags
 
 common.define_model_flags(["tiny", "narrow", "small", "sd15", "sd21", "ldm"], model="sd15",
                           dtype="bfloat16", batch=8)
@@ -400,11 +399,8 @@ def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat
 def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices, hbm: int,
                     num_inference_steps: int = 50, guidance_scale: float = 7.5) -> dict:
   """AOT-compiles ti_jax.sample's pmapped DDIM loop (with guidance and VAE decode) for `devices`."""
-  import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from ti_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
   from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
   from ti_jax.weights import loading  # pylint: disable=import-outside-toplevel
   cfg = common.model_configs(model)
@@ -422,24 +418,12 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
                                       guidance_scale=guidance_scale, height=res, width=res,
                                       devices=devices)
   tokens = modules["text_encoder"].config.max_position_embeddings
-  dim = modules["text_encoder"].config.hidden_size
-  sds = jax.ShapeDtypeStruct
   n = len(devices)
-  # The arguments ImageGenerator.generate passes to its program, as shapes.
-  extra = parallel.replicate({"learned": sds((1, dim), jnp.float32),
-                              "placeholder_ids": sds((1,), jnp.int32),
-                              "sampler": _abstract(generator.sampler)}, devices)
-  arrays = generation._GenArrays(  # pylint: disable=protected-access
-      unet=generator._params["unet"], text_encoder=generator._params["text_encoder"],  # pylint: disable=protected-access
-      vae=generator._params["vae"], **extra)  # pylint: disable=protected-access
-  ids = sds((n * batch, tokens), jnp.int32)
-  cond, uncond, index = parallel.shard((ids, ids, sds((n * batch,), jnp.int32)), n)
-  seeds = sds((n,), np.uint32)
   record = {"program": "sample", "model": model, "resolution": res,
             "dtype": jnp.dtype(dtype).name, "chips": n, "per_chip_batch": batch,
             "attention_impl": impl or "default", "remat": False,
             "steps": num_inference_steps, "guidance_scale": guidance_scale}
-  compiled = _compile(generator._fn.lower(arrays, cond, uncond, index, seeds), record)  # pylint: disable=protected-access
+  compiled = _compile(generator.lower(batch), record)
   if compiled is None:
     return record
   record.update(_memory_record(compiled, hbm))

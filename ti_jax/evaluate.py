@@ -33,11 +33,13 @@ from ti_jax.runtime import distributed
 def main(argv: Sequence[str]) -> None:
   f = cli.start(argv)
   distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
-  protocol = evaluator.Protocol(num_samples=f.num_samples, num_inference_steps=f.num_inference_steps,
-                      guidance_scale=f.guidance_scale, scheduler=f.scheduler, seed=f.seed,
-                      batch_size=f.batch_size, clip_model=f.clip_model)
+  protocol = evaluator.Protocol(
+      num_samples=f.num_samples, num_inference_steps=f.num_inference_steps,
+      guidance_scale=f.guidance_scale, scheduler=f.scheduler, seed=f.seed,
+      batch_size=f.batch_size, clip_model=f.clip_model)
   try:
-    evaluator.run(workdirs=f.workdir or [], step=f.step, protocol=protocol, prompts_file=f.prompts_file,
+    evaluator.run(
+        workdirs=f.workdir or [], step=f.step, protocol=protocol, prompts_file=f.prompts_file,
         train_data_dir=f.train_data_dir, output_dir=f.output_dir, dtype=f.dtype,
         cache_dir=f.cache_dir, allow_pickle=f.allow_pickle, save_images=f.save_images)
   except errors.UserError as e:

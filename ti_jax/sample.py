@@ -37,7 +37,8 @@ def main(argv: Sequence[str]) -> None:
       raise SystemExit(f"error: --prompts_file {f.prompts_file} holds no prompt (one per line)")
     prompts += lines
   try:
-    runner.run(prompts=prompts, workdir=f.workdir, step=f.step, embedding_sources=f.embeddings or [],
+    runner.run(
+        prompts=prompts, workdir=f.workdir, step=f.step, embedding_sources=f.embeddings or [],
         pretrained_model_name_or_path=f.pretrained_model_name_or_path,
         negative_prompt=f.negative_prompt, num_images=f.num_images,
         num_inference_steps=f.num_inference_steps, guidance_scale=f.guidance_scale,

@@ -181,7 +181,7 @@ def test_token_inside_another_token_is_not_expanded(tokenizer):
   """The issue's case: a 2-vector `mystyle` beside the run's `<mystyle>`."""
   concepts = [embedding_io.Concept("<mystyle>", _vectors(1), "run"),
               embedding_io.Concept("mystyle", _vectors(2), "file")]
-  runner.add_concepts(tokenizer, concepts)
+  tokenizer, _ = runner.tokenizer_with_concepts(tokenizer, concepts)
   prompt, warnings = runner.prepare_prompt("a photo of <mystyle>", concepts, tokenizer)
   assert prompt == "a photo of <mystyle>" and not warnings
   prompt, _ = runner.prepare_prompt("a mystyle cat and <mystyle>", concepts, tokenizer)
@@ -206,7 +206,7 @@ def test_tokens_the_tokenizer_cannot_separate_are_refused(tokenizer):
   # Tokenizers split special tokens out first, so this token can never be one token.
   concepts = [embedding_io.Concept("x<|endoftext|>", _vectors(), "file")]
   with pytest.raises(runner.SampleError) as err:
-    runner.add_concepts(tokenizer, concepts)
+    runner.tokenizer_with_concepts(tokenizer, concepts)
   assert "split by the tokenizer" in str(err.value) and "PATH:NEW_TOKEN" in str(err.value)
 
 

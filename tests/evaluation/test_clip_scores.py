@@ -266,80 +266,57 @@ def test_load_prompt_file_missing_and_undecodable(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [[0.5], [0.3, 0.3], [0.21, 0.27, 0.33], [0.0, 1.0],
-                                    [-0.05, 0.012], [0.6004, 0.6021]])
-def test_nice_range_covers_data_on_round_ticks(values):
-  low, high, step = plot.nice_range(values)
-  assert low < min(values) and high > max(values)
-  for bound in (low, high):
-    assert abs(bound / step - round(bound / step)) < 1e-6
-  assert 2 <= round((high - low) / step) <= 6
-  mantissa = step / 10 ** math.floor(math.log10(step))
-  assert any(math.isclose(mantissa, m) for m in (1, 2, 2.5, 5))
+def _plotted(fig):
+  """(label, x, y) of each marker and the texts written beside them, from the figure's artists."""
+  (ax,) = fig.axes
+  points = [(c.get_label(), *map(float, c.get_offsets()[0])) for c in ax.collections]
+  return points, [t.get_text() for t in ax.texts]
 
 
-def test_data_to_pixel_maps_range_corners_to_plot_box():
-  layout = plot.layout_for([("a", 0.2, 0.7), ("b", 0.3, 0.8)])
-  left, top, right, bottom = layout.plot_box
-  assert plot.data_to_pixel(layout, layout.x_range[0], layout.y_range[0]) == (left, bottom)
-  assert plot.data_to_pixel(layout, layout.x_range[1], layout.y_range[1]) == (right, top)
-  # Higher image similarity is higher on the image (smaller row).
-  assert plot.data_to_pixel(layout, 0.25, 0.8)[1] < plot.data_to_pixel(
-      layout, 0.25, 0.7)[1]
-
-
-def _pixel(img: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int]:
-  return img.getpixel(xy)[:3]
-
-
-def test_scatter_png_draws_each_point_in_its_colour(tmp_path):
-  rng = np.random.default_rng(1)
-  # Twelve points on a jittered grid, so no two markers overlap.
-  points = [(f"run {i} " + "with a very long descriptive label " * 3,
-             0.18 + 0.012 * (i % 4) + 0.002 * rng.random(),
-             0.62 + 0.05 * (i // 4) + 0.005 * rng.random()) for i in range(12)]
+def test_scatter_png_writes_a_png_of_the_requested_size(tmp_path):
   path = tmp_path / "plot.png"
-  layout = plot.scatter_png(points, str(path), title="twelve runs", size=(900, 560))
-  img = Image.open(path)
-  assert img.format == "PNG" and img.size == (900, 560)
-  img = img.convert("RGB")
-  colours = [plot.color_for(i) for i in range(len(points))]
-  assert len(set(colours)) == len(points)
-  for i, (_, x, y) in enumerate(points):
-    assert _pixel(img, plot.data_to_pixel(layout, x, y)) == colours[i]
-  assert layout.legend_rows == len(points)
-  assert [p for p in os.listdir(tmp_path)] == ["plot.png"]  # no temporary file left
-
-
-def test_scatter_png_one_point_and_identical_points(tmp_path):
-  layout = plot.scatter_png([("only", 0.25, 0.75)], str(tmp_path / "one.png"))
-  img = Image.open(tmp_path / "one.png").convert("RGB")
-  xy = plot.data_to_pixel(layout, 0.25, 0.75)
-  assert _pixel(img, xy) == plot.color_for(0)
-  # One point sits in the middle of its axes, not on an edge.
-  left, top, right, bottom = layout.plot_box
-  assert abs(xy[0] - (left + right) / 2) <= 2 and abs(xy[1] - (top + bottom) / 2) <= 2
-
-  layout = plot.scatter_png([("a", 0.3, 0.3), ("b", 0.3, 0.3)], str(tmp_path / "same.png"))
-  img = Image.open(tmp_path / "same.png").convert("RGB")
-  # The later point is drawn over the earlier one; both stay in the legend.
-  assert _pixel(img, plot.data_to_pixel(layout, 0.3, 0.3)) == plot.color_for(1)
-  assert layout.legend_rows == 2
-
-
-def test_scatter_png_many_points_legend_overflows_into_summary_row(tmp_path):
-  points = [(f"p{i}", i / 60, 1 - i / 60) for i in range(60)]
-  layout = plot.scatter_png(points, str(tmp_path / "many.png"))
-  assert 0 < layout.legend_rows < 60
-  assert layout.legend_box[3] <= layout.plot_box[3]  # the legend fits beside the plot
-
-
-def test_scatter_png_replaces_existing_file_atomically(tmp_path):
-  path = tmp_path / "plot.png"
-  path.write_bytes(b"old contents")
+  path.write_bytes(b"old contents")  # replaced, through a file beside it
+  plot.scatter_png([("a", 0.2, 0.8), ("b", 0.3, 0.7)], str(path), size=(900, 560))
+  with Image.open(path) as img:
+    assert img.format == "PNG" and img.size == (900, 560)
+  assert os.listdir(tmp_path) == ["plot.png"]  # no temporary file left
   plot.scatter_png([("a", 0.2, 0.8)], str(path))
-  assert Image.open(path).format == "PNG"
-  assert os.listdir(tmp_path) == ["plot.png"]
+  with Image.open(path) as img:
+    assert img.size == (960, 600)  # the evaluation's scatter.png
+
+
+def test_figure_has_one_labelled_point_per_run_on_the_papers_axes():
+  points = [("long", 0.21, 0.71), ("short", 0.25, 0.65), ("two words", 0.3, 0.6)]
+  fig = plot.figure(points, title="three runs")
+  plotted, texts = _plotted(fig)
+  assert [p[0] for p in plotted] == ["long", "short", "two words"]
+  np.testing.assert_allclose([p[1:] for p in plotted], [p[1:] for p in points])
+  assert texts == ["long", "short", "two words"]
+  (ax,) = fig.axes
+  assert ax.get_xlabel() == plot.X_TITLE and ax.get_ylabel() == plot.Y_TITLE
+  assert ax.get_title() == "three runs"
+  colours = [tuple(c.get_facecolor()[0]) for c in ax.collections]
+  assert len(set(colours)) == 3
+  # Every point inside the axes, off their edges.
+  (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+  assert all(x0 < x < x1 and y0 < y < y1 for _, x, y in points)
+
+
+def test_figure_of_one_point_and_of_identical_points_keeps_every_point():
+  fig = plot.figure([("only", 0.25, 0.75)])
+  (ax,) = fig.axes
+  (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+  assert x0 < 0.25 < x1 and y0 < 0.75 < y1
+  plotted, texts = _plotted(plot.figure([("a", 0.3, 0.3), ("b", 0.3, 0.3)]))
+  assert [p[0] for p in plotted] == ["a", "b"] and texts == ["a", "b"]
+
+
+def test_long_labels_are_shortened_beside_the_point_and_kept_whole_on_the_marker():
+  label = "run with a very long descriptive label " * 3
+  plotted, (text,) = _plotted(plot.figure([(label, 0.2, 0.8)]))
+  assert plotted[0][0] == label
+  assert len(text) == plot.MAX_LABEL_CHARS and text.endswith("\u2026")
+  assert label.startswith(text[:-1])
 
 
 def test_scatter_png_rejects_bad_points_without_writing(tmp_path):
@@ -350,15 +327,9 @@ def test_scatter_png_rejects_bad_points_without_writing(tmp_path):
     plot.scatter_png([("a", 0.2, 0.8), ("b", float("nan"), 0.8)], str(path))
   with pytest.raises(ValueError, match="point 0 must be"):
     plot.scatter_png([("a", 0.2)], str(path))
+  with pytest.raises(ValueError, match="at least 100x100"):
+    plot.scatter_png([("a", 0.2, 0.8)], str(path), size=(0, 600))
   assert not path.exists()
-
-
-def test_truncate_shortens_long_labels_to_fit():
-  font = plot._font(13)
-  label = "a label that is much too long to fit in the legend box " * 3
-  out = plot._truncate(font, label, 120)
-  assert out.endswith("\u2026") and font.getlength(out) <= 120
-  assert plot._truncate(font, "short", 120) == "short"
 
 
 def test_text_similarity_of_mean_is_the_papers_cosine_of_the_mean_embedding():

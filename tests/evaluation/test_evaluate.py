@@ -61,9 +61,15 @@ def test_report_and_scatter_plot_are_written_for_several_runs(runs, report):
   assert written["protocol"]["num_samples"] == 3 and written["devices"] == 2
   assert [r["label"] for r in written["runs"]] == ["long", "short"]
   for r in written["runs"]:
-    assert -1 <= r["image_similarity"] <= 1 and -1 <= r["text_similarity"] <= 1
+    # Overall and per-category text similarity are means over the prompts (one per category).
+    texts = [p["text_similarity"] for p in r["prompts"]]
+    assert texts[0] != texts[1]  # two prompts, two texts: two scores
+    assert r["text_similarity"] == pytest.approx((texts[0] + texts[1]) / 2)
+    assert r["text_similarity_by_category"] == pytest.approx(
+        {"background": texts[0], "style": texts[1]})
+    for p in r["prompts"]:  # the cosine of the mean image is never nearer zero than the mean cosine
+      assert abs(p["text_similarity_of_mean"]) >= abs(p["text_similarity"]) - 1e-9
     assert r["num_prompts"] == 2 and r["reconstruction_prompt"] == "a photo of {}"
-    assert set(r["text_similarity_by_category"]) == {"background", "style"}
     assert [p["num_images"] for p in r["prompts"]] == [3, 3]
     assert r["base_model"] == "tiny-ldm" and r["num_training_images"] == 4
   assert written["runs"][0]["step"] == 2 and written["runs"][1]["step"] == 1

@@ -1,5 +1,6 @@
 """Sampling from trained runs, several concepts at once, and embedding interop."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from torch_reference import rel_err
 
 from ti_jax import errors
 from ti_jax.embeddings import embedding_io, exporter, pseudo_words
+from ti_jax.sampling import concepts as sampling_concepts
 from ti_jax.sampling import generation, runner
 from ti_jax.training import trainer
 from ti_jax.weights.loading import load_stable_diffusion
@@ -80,13 +82,38 @@ def test_sampling_from_a_training_checkpoint_writes_images(runs, tmp_path):
 def test_four_devices_give_the_same_images_as_one(runs):
   sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
   concepts = embedding_io.load_concepts(runs["toy"])
-  learned = runner.add_concepts(sd.tokenizer, concepts)
+  tokenizer, learned = sampling_concepts.tokenizer_with_concepts(sd.tokenizer, concepts)
   images = {}
   for n in (1, 4):
     gen = generation.ImageGenerator(sd, height=64, width=64, devices=jax.local_devices()[:n], **FAST)
-    images[n] = gen.generate(["a photo of a <toy>"] * 4, seed=3, learned=learned)
+    images[n] = gen.generate(["a photo of a <toy>"] * 4, seed=3, learned=learned,
+                             tokenizer=tokenizer)
   # Same noise per image; only batch layout differs, so at most rounding of one level.
   assert np.abs(images[1].astype(int) - images[4].astype(int)).max() <= 1
+
+
+def test_lower_gives_the_generators_program_from_weight_shapes_alone(runs):
+  """What benchmarks/tpu_compile.py compiles: `lower` needs the weights' shapes, not their values."""
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  devices = jax.local_devices()[:2]
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                               tree)
+  abstract = dataclasses.replace(sd, unet_params=shapes(sd.unet_params),
+                                 vae_params=shapes(sd.vae_params),
+                                 text_encoder_params=shapes(sd.text_encoder_params))
+  lowered = generation.ImageGenerator(abstract, height=64, width=32, devices=devices,
+                                      **FAST).lower(3)
+  real = generation.ImageGenerator(sd, height=64, width=32, devices=devices, **FAST).lower(3)
+  assert lowered.as_text() == real.as_text()
+  out = jax.tree_util.tree_leaves(lowered.out_info)[0]
+  assert out.shape == (2, 3, 64, 32, 3)  # [devices, per-device batch, H, W, RGB]
+  # The learned-vector argument: one [1, D] vector per device, two with num_learned=2.
+  assert "tensor<2x1x32xf32>" in lowered.as_text()
+  wider = generation.ImageGenerator(abstract, height=64, width=32, devices=devices,
+                                    **FAST).lower(3, num_learned=2)
+  assert "tensor<2x2x32xf32>" in wider.as_text()
+  # It compiles; per device, its output is the float32 images of that device's 3 prompts.
+  assert lowered.compile().memory_analysis().output_size_in_bytes == 3 * 64 * 32 * 3 * 4
 
 
 def test_two_concepts_compose_in_one_prompt(runs, tmp_path):
@@ -99,9 +126,50 @@ def test_two_concepts_compose_in_one_prompt(runs, tmp_path):
 def test_multi_vector_token_is_expanded_in_prompts(runs):
   sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
   concepts = embedding_io.load_concepts(runs["style"])
-  runner.add_concepts(sd.tokenizer, concepts)
-  prompt, warnings = runner.prepare_prompt("a cat in the style of <style>", concepts, sd.tokenizer)
+  tokenizer, _ = sampling_concepts.tokenizer_with_concepts(sd.tokenizer, concepts)
+  prompt, warnings = sampling_concepts.prepare_prompt("a cat in the style of <style>", concepts,
+                                                      tokenizer)
   assert prompt == "a cat in the style of <style> <style>_1" and not warnings
+
+
+def test_concept_tokens_go_into_a_new_tokenizer(runs):
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  size = len(sd.tokenizer)
+  concepts = embedding_io.load_concepts(runs["style"])
+  tokenizer, learned = sampling_concepts.tokenizer_with_concepts(sd.tokenizer, concepts)
+  assert len(sd.tokenizer) == size and "<style>" not in sd.tokenizer.get_vocab()
+  assert len(tokenizer) == size + 2
+  assert learned[0][1] == tokenizer.convert_tokens_to_ids(["<style>", "<style>_1"])
+  # The model's tokenizer still takes the same names (e.g. the next run of one concept).
+  again, _ = sampling_concepts.tokenizer_with_concepts(sd.tokenizer, concepts)
+  assert again.get_vocab()["<style>_1"] == tokenizer.get_vocab()["<style>_1"]
+
+
+def test_sampling_leaves_the_models_tokenizer_unchanged(runs, tmp_path, monkeypatch):
+  loaded = []
+  load = sampling_concepts.load_stable_diffusion
+
+  def recording_load(*args, **kwargs):
+    sd = load(*args, **kwargs)
+    loaded.append((sd, len(sd.tokenizer)))
+    return sd
+
+  monkeypatch.setattr(sampling_concepts, "load_stable_diffusion", recording_load)
+  _sample(runs, tmp_path, "untouched", embedding_sources=[runs["style"]], num_images=1,
+          prompts=["a <toy> in the style of <style>"])
+  (sd, size), = loaded
+  assert len(sd.tokenizer) == size
+  assert not {"<toy>", "<style>", "<style>_1"} & set(sd.tokenizer.get_vocab())
+
+
+def test_generator_refuses_learned_ids_its_tokenizer_lacks(runs):
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
+  concepts = embedding_io.load_concepts(runs["toy"])
+  _, learned = sampling_concepts.tokenizer_with_concepts(sd.tokenizer, concepts)
+  gen = generation.ImageGenerator(sd, height=64, width=64, devices=jax.local_devices()[:1], **FAST)
+  # The model's own tokenizer would split "<toy>" into pieces and splice nothing.
+  with pytest.raises(ValueError, match="tokenizer_with_concepts"):
+    gen.generate(["a photo of a <toy>"], learned=learned)
 
 
 def test_token_clash_is_refused(runs, tmp_path):
@@ -129,11 +197,14 @@ def test_checkpoint_from_another_base_model_is_refused(runs, tmp_path):
 def test_prompt_warnings_for_missing_token_and_truncation(runs, capsys):
   sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
   concepts = embedding_io.load_concepts(runs["toy"])
-  runner.add_concepts(sd.tokenizer, concepts)
-  _, warnings = runner.prepare_prompt("a red car", concepts, sd.tokenizer)
+  tokenizer, _ = sampling_concepts.tokenizer_with_concepts(sd.tokenizer, concepts)
+  _, warnings = sampling_concepts.prepare_prompt("a red car", concepts, tokenizer)
   assert any("uses none of the learned tokens" in w for w in warnings)
-  _, warnings = runner.prepare_prompt("a <toy> " + "very " * 100, concepts, sd.tokenizer)
+  _, warnings = sampling_concepts.prepare_prompt("a <toy> " + "very " * 100, concepts, tokenizer)
   assert any("truncated to 77" in w for w in warnings)
+  # 75 words and <toy> as one id each fit; counted in the model's own pieces they would not.
+  _, warnings = sampling_concepts.prepare_prompt("<toy> " + "a " * 74, concepts, tokenizer)
+  assert not warnings
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -204,10 +275,11 @@ def test_diffusers_load_textual_inversion_matches_ti_jax(runs, tmp_path, run_nam
   with torch.no_grad():
     ref = pipe.text_encoder(ids).last_hidden_state.numpy()
   concepts = embedding_io.load_concepts(workdir)
-  (vectors, token_ids), = runner.add_concepts(sd.tokenizer, concepts)
-  ours_prompt, _ = runner.prepare_prompt(prompt, concepts, sd.tokenizer)
-  our_ids = np.asarray(sd.tokenizer(ours_prompt, padding="max_length", max_length=77,
-                                    return_tensors="np").input_ids)
+  tokenizer, ((vectors, token_ids),) = sampling_concepts.tokenizer_with_concepts(sd.tokenizer,
+                                                                                concepts)
+  ours_prompt, _ = sampling_concepts.prepare_prompt(prompt, concepts, tokenizer)
+  our_ids = np.asarray(tokenizer(ours_prompt, padding="max_length", max_length=77,
+                                 return_tensors="np").input_ids)
   table = sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"]
   embeds = pseudo_words.embed_tokens(table, vectors, np.asarray(token_ids), our_ids)
   ours = sd.text_encoder.apply({"params": sd.text_encoder_params}, our_ids, inputs_embeds=embeds)
@@ -345,12 +417,13 @@ def test_evaluate_without_the_hub_suggests_tiny_clip(runs, tmp_path):
 def test_batch_size_and_device_count_do_not_change_the_images(runs, devices, batch_size):
   """Image i starts from noise (seed, i) however the images are batched over calls and devices."""
   sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
-  learned = runner.add_concepts(sd.tokenizer, embedding_io.load_concepts(runs["toy"]))
+  tokenizer, learned = sampling_concepts.tokenizer_with_concepts(
+      sd.tokenizer, embedding_io.load_concepts(runs["toy"]))
   images = {}
   for n, b in ((1, 1), (devices, batch_size)):
     gen = generation.ImageGenerator(sd, height=64, width=64, devices=jax.local_devices()[:n], **FAST)
     images[n, b] = generation.generate_images(gen, "a photo of a <toy>", 5, batch_size=b, seed=3,
-                                            learned=learned)
+                                              learned=learned, tokenizer=tokenizer)
   ref, other = images[1, 1], images[devices, batch_size]
   assert ref.shape == other.shape == (5, 64, 64, 3)
   # Same noise per image; only the batch layout differs, so at most rounding of one level.

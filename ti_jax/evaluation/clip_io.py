@@ -13,6 +13,7 @@ Every load failure is a `ModelLoadError` with a one-line message.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -128,17 +129,20 @@ class ImagePreprocessing:
     }
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CLIP:
-  """A loaded CLIP: the Flax module, its params, tokenizer and image preprocessing."""
+  """A loaded CLIP: the Flax module, its params, tokenizer and image preprocessing.
+
+  It holds no compiled functions: `image_features`/`text_features` run one
+  jitted program keyed by the (hashable) module, so CLIPs that share a module
+  also share its compilations.
+  """
   source: str  # what the caller passed: a folder, a hub id or "tiny-clip"
   path: str  # the local folder read
   model: CLIPModel
   params: Any
   tokenizer: Any  # transformers.CLIPTokenizer
   preprocessing: ImagePreprocessing
-  # Jitted `(params, batch) -> unit features` per kind, built on first use.
-  _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def image_size(self) -> int:
@@ -326,13 +330,11 @@ def _unit(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _compiled(clip: CLIP, kind: str) -> Callable:
-  if kind not in clip._jitted:  # pylint: disable=protected-access
-    method = {"image": CLIPModel.get_image_features, "text": CLIPModel.get_text_features}[kind]
-    model = clip.model
-    clip._jitted[kind] = jax.jit(  # pylint: disable=protected-access
-        lambda params, batch: _unit(model.apply({"params": params}, batch, method=method)))
-  return clip._jitted[kind]  # pylint: disable=protected-access
+@functools.partial(jax.jit, static_argnames=("model", "kind"))
+def _unit_features(params: Any, batch: jax.Array, *, model: CLIPModel, kind: str) -> jax.Array:
+  """Unit features `[B, P]` of pixels `[B, S, S, 3]` (kind "image") or token ids `[B, T]` ("text")."""
+  method = {"image": CLIPModel.get_image_features, "text": CLIPModel.get_text_features}[kind]
+  return _unit(model.apply({"params": params}, batch, method=method))
 
 
 def _batched(fn: Callable, params: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
@@ -370,7 +372,8 @@ def image_features(clip: CLIP, pixels: np.ndarray | Sequence[np.ndarray],
     batch = pixels.astype(np.float32)
   else:
     batch = preprocess_images(pixels, clip.preprocessing)
-  return _batched(_compiled(clip, "image"), clip.params, batch, batch_size)
+  fn = functools.partial(_unit_features, model=clip.model, kind="image")
+  return _batched(fn, clip.params, batch, batch_size)
 
 
 def text_features(clip: CLIP, prompts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -380,7 +383,8 @@ def text_features(clip: CLIP, prompts: Sequence[str], batch_size: int = 256) -> 
   tokenizer keeps the eos), as CLIP's own tokenization does.
   """
   ids = captions.tokenize(clip.tokenizer, prompts, clip.max_text_length)  # [N, T]
-  return _batched(_compiled(clip, "text"), clip.params, ids, batch_size)
+  fn = functools.partial(_unit_features, model=clip.model, kind="text")
+  return _batched(fn, clip.params, ids, batch_size)
 
 
 # Tiny random-weight CLIP: the CLIPModel topology at toy widths.

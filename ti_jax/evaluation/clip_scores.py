@@ -145,10 +145,10 @@ def text_similarity(generated: Any, text: Any) -> float:
       ("A photo of on the moon").
 
   Returns:
-    The mean over the N images of cos(image, text), as the issue defining
-    ti_jax's evaluation asks. The paper's text (section 5) instead takes the
-    cosine of the *mean* image embedding with the text: see
-    `text_similarity_of_mean`.
+    The mean over the N images of cos(image, text): the score ti_jax reports
+    as text similarity (with its spread over the images, `prompt_score`). The
+    paper's text (section 5) instead takes the cosine of the *mean* image
+    embedding with the text: see `text_similarity_of_mean`, reported beside it.
   """
   return float(text_cosines(generated, text).mean())
 
@@ -157,8 +157,8 @@ def text_similarity_of_mean(generated: Any, text: Any) -> float:
   """Text similarity as the paper words it: cos(mean of the N unit image embeddings, text).
 
   It equals `text_similarity` divided by the length of the mean unit
-  embedding, so it is never lower; the gap grows with the spread of the
-  images. Both are reported so numbers can be set against the paper's figure.
+  embedding (at most 1), so it is never nearer zero; the gap grows with the
+  spread of the images. Both are reported so numbers can be set against the paper's figure.
   """
   unit = normalize(generated, "generated")  # [N, D]
   return float(cosine_matrix(unit.mean(axis=0, keepdims=True), np.atleast_2d(text),

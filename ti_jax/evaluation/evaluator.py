@@ -6,7 +6,6 @@ measured and written.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -23,8 +22,7 @@ from ti_jax.data import image_loader
 from ti_jax.embeddings import embedding_io
 from ti_jax.evaluation import clip_io, clip_scores, plot, prompt_lists
 from ti_jax.runtime import fileio, parallel
-from ti_jax.sampling import generation, runner, schedulers
-from ti_jax.training import trainer
+from ti_jax.sampling import concepts, generation, schedulers
 from ti_jax.weights.loading import ModelLoadError
 
 
@@ -68,7 +66,7 @@ class _Generators:
   def get(self, concept, run_config: dict, resolution: int):
     key = (concept.base_model, resolution, run_config.get("variant"), run_config.get("revision"))
     if key not in self._by_model:
-      sd, model_id = runner.load_base_model(
+      sd, model_id = concepts.load_base_model(
           [concept], run_config, dtype=self.dtype, platform=self.devices[0].platform,
           allow_pickle=self.allow_pickle, cache_dir=self.cache_dir)
       p = self.protocol
@@ -95,9 +93,27 @@ class _Run:
   resolution: int
 
 
+def _load_training_images(folder: str, resolution: int,
+                          center_crop: bool) -> image_loader.TrainingImages:
+  """The run's training images as training read them; a gs:// folder is copied to a local one first.
+
+  The same steps as `ti_jax.training.trainer.load_images`, written on data/ and
+  runtime/ pieces so the evaluation does not import the training run.
+  """
+  if not fileio.is_remote(folder):
+    return image_loader.load_training_images(folder, resolution, center_crop)
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    try:
+      fileio.copy_tree_to_local(folder, tmp)
+    except OSError as e:
+      raise image_loader.DataError(f"cannot read training images from {folder}: {e}") from None
+    return image_loader.load_training_images(tmp, resolution, center_crop)
+
+
 def prepare_run(workdir: str, step: int | None, train_data_dir: str, label: str) -> _Run:
   """Reads a run's vectors, metadata and training images (one-line errors for bad input)."""
-  concepts, meta = runner.gather_concepts(workdir, step, [])
+  found, meta = concepts.gather_concepts(workdir, step, [])
   config = meta.get("config", {})
   resolution = int(meta.get("resolution") or config.get("resolution") or 512)
   folder = train_data_dir or meta.get("train_data_path") or config.get("train_data_dir", "")
@@ -105,11 +121,11 @@ def prepare_run(workdir: str, step: int | None, train_data_dir: str, label: str)
     raise EvaluateError(f"{workdir}: the run does not record its training images; "
                         "pass --train_data_dir")
   try:
-    images = trainer.load_images(folder, resolution, bool(config.get("center_crop", False)))
+    images = _load_training_images(folder, resolution, bool(config.get("center_crop", False)))
   except image_loader.DataError as e:
     raise EvaluateError(f"{workdir}: training images: {e} (pass --train_data_dir if they "
                         "moved)") from None
-  return _Run(workdir, label, concepts[0], meta, images, folder, resolution)
+  return _Run(workdir, label, found[0], meta, images, folder, resolution)
 
 
 def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
@@ -120,19 +136,18 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
   config = meta.get("config", {})
   prop = meta.get("learnable_property", "object")
   sd, model_id, generator = generators.get(concept, config, run_.resolution)
-  # The run's own tokens go into a copy: other runs on this model may use the same names.
-  tokenizer = copy.deepcopy(sd.tokenizer)
-  learned = runner.add_concepts(tokenizer, [concept])
+  # A tokenizer of the run's own: other runs on this model may use the same token names.
+  tokenizer, learned = concepts.tokenizer_with_concepts(sd.tokenizer, [concept])
   token = concept.token
 
   def images_for(template: str) -> np.ndarray:
-    prompt, _ = runner.prepare_prompt(prompt_lists.with_token(template, token), [concept],
-                                      tokenizer)
+    prompt, _ = concepts.prepare_prompt(prompt_lists.with_token(template, token), [concept],
+                                        tokenizer)
     images = generation.generate_images(
         generator, prompt, protocol.num_samples, batch_size=protocol.batch_size,
         seed=protocol.seed, learned=learned, tokenizer=tokenizer, progress=bar.update)
     if images_dir and jax.process_index() == 0:
-      path = fileio.join(images_dir, f"{runner.slug(label)}_{runner.slug(template)}.png")
+      path = fileio.join(images_dir, f"{generation.slug(label)}_{generation.slug(template)}.png")
       generation.save_png(path, generation.image_grid(images), {"prompt": prompt})
     return images
 
@@ -160,13 +175,8 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
   })
 
 
-def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol = Protocol(),
-        prompts_file: str = "", train_data_dir: str = "", output_dir: str = "",
-        dtype: str = "auto", cache_dir: str = "", allow_pickle: bool = False,
-        save_images: bool = False, devices: Sequence | None = None) -> dict:
-  """Evaluates each run; writes report.json and scatter.png; returns the report."""
-  if not workdirs:
-    raise EvaluateError("no run to evaluate: pass --workdir (repeatable)")
+def check_protocol(protocol: Protocol) -> None:
+  """Refuses a protocol that cannot run with a one-line `EvaluateError`; warns of a noisy one."""
   if protocol.num_samples < 1 or protocol.num_inference_steps < 1 or protocol.batch_size < 0:
     raise EvaluateError("num_samples and num_inference_steps must be >= 1, batch_size >= 0 "
                         "(0: chosen to fit device memory)")
@@ -180,6 +190,16 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
     schedulers.make_sampler(protocol.scheduler, {}, 2)  # checks the name before loading
   except ValueError as e:
     raise EvaluateError(str(e)) from None
+
+
+def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol = Protocol(),
+        prompts_file: str = "", train_data_dir: str = "", output_dir: str = "",
+        dtype: str = "auto", cache_dir: str = "", allow_pickle: bool = False,
+        save_images: bool = False, devices: Sequence | None = None) -> dict:
+  """Evaluates each run; writes report.json and scatter.png; returns the report."""
+  if not workdirs:
+    raise EvaluateError("no run to evaluate: pass --workdir (repeatable)")
+  check_protocol(protocol)
   prompts = None
   if prompts_file:
     try:

@@ -1,3 +1,4 @@
 """Sampling: `schedulers` (noise schedule and samplers), `generation` (the compiled,
-pmapped guided loop) and `runner` (concepts, prompts and PNGs for `ti_jax.sample`).
+pmapped guided loop), `concepts` (learned concepts: gathered, checked, tokenized into a
+tokenizer of their own) and `runner` (prompts and PNGs for `ti_jax.sample`).
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import re
 from typing import Any, Iterator, Sequence
 
 import flax
@@ -127,26 +128,27 @@ class ImageGenerator:
       negative_prompt: the unconditional prompt of classifier-free guidance.
       learned: (vectors `[n, D]`, token ids `[n]`) of each learned concept.
       first_index: global index of the first image (for batches of a longer run).
-      tokenizer: a tokenizer holding other learned tokens than the model's own
-        (one generator can then serve several runs on the same base model).
+      tokenizer: the tokenizer that holds the learned tokens
+        (`concepts.tokenizer_with_concepts`), so one generator can serve several
+        runs on the same base model; default: the model's own.
+
+    Raises:
+      ValueError: a learned token id the tokenizer does not have.
     """
     n = len(prompts)
     d = len(self.devices)
     padded = -(-n // d) * d
     tokenizer = tokenizer or self.sd.tokenizer
+    vectors, ids = self._learned_arrays(learned)
+    if ids.max() >= len(tokenizer):  # the ids were added to another tokenizer
+      raise ValueError(f"learned token id {int(ids.max())} is not in the tokenizer "
+                       f"({len(tokenizer)} tokens): pass the tokenizer that "
+                       "concepts.tokenizer_with_concepts returned with these ids")
     cond = captions.tokenize(tokenizer, list(prompts) + [prompts[-1]] * (padded - n))
     uncond = captions.tokenize(tokenizer, [negative_prompt] * padded)
     index = np.arange(first_index, first_index + padded, dtype=np.int32)
-    dim = self.sd.text_encoder.config.hidden_size
-    if learned:
-      vectors = np.concatenate([np.asarray(v, np.float32).reshape(-1, dim) for v, _ in learned])
-      ids = np.concatenate([np.asarray(i, np.int32).reshape(-1) for _, i in learned])
-    else:  # an id that never occurs, so nothing is spliced
-      vectors, ids = np.zeros((1, dim), np.float32), np.full((1,), -1, np.int32)
-    extra = parallel.replicate({"learned": vectors, "placeholder_ids": ids,
-                                "sampler": self.sampler}, self.devices)
-    arrays = _GenArrays(unet=self._params["unet"], text_encoder=self._params["text_encoder"],
-                        vae=self._params["vae"], **extra)
+    arrays = self._arrays(parallel.replicate(
+        {"learned": vectors, "placeholder_ids": ids, "sampler": self.sampler}, self.devices))
     # Each process feeds its own devices' rows (all rows with one process).
     local = len(parallel.addressable(self.devices))
     rows = slice(jax.process_index() * local * (padded // d),
@@ -156,6 +158,41 @@ class ImageGenerator:
                       seeds)
     images = parallel.allgather(parallel.unshard(images))[:n]
     return np.round(images * 255.0).astype(np.uint8)
+
+  def lower(self, per_device_batch: int, num_learned: int = 1) -> jax.stages.Lowered:
+    """The generation program lowered for the generator's devices, without running it.
+
+    For ahead-of-time compilation and memory analysis (benchmarks/tpu_compile.py
+    lowers it for TPU topologies it does not have). The program's arguments are
+    those `generate` passes, as shapes: `per_device_batch` prompts of the text
+    encoder's context length per device and `num_learned` learned vectors.
+    The generator's weights may be `jax.ShapeDtypeStruct`s.
+    """
+    sds = jax.ShapeDtypeStruct
+    abstract = lambda tree: jax.tree_util.tree_map(lambda x: sds(np.shape(x), x.dtype), tree)
+    n = len(self.devices)
+    config = self.sd.text_encoder.config
+    extra = parallel.replicate({"learned": sds((num_learned, config.hidden_size), jnp.float32),
+                                "placeholder_ids": sds((num_learned,), jnp.int32),
+                                "sampler": abstract(self.sampler)}, self.devices)
+    arrays = abstract(self._arrays(extra))
+    ids = sds((n * per_device_batch, config.max_position_embeddings), jnp.int32)
+    cond, uncond, index = parallel.shard((ids, ids, sds((n * per_device_batch,), jnp.int32)), n)
+    return self._fn.lower(arrays, cond, uncond, index, sds((n,), np.uint32))
+
+  def _learned_arrays(self, learned) -> tuple[np.ndarray, np.ndarray]:
+    """All concepts' vectors `[m, D]` and their token ids `[m]`, as the program reads them."""
+    dim = self.sd.text_encoder.config.hidden_size
+    if not learned:  # an id that never occurs, so nothing is spliced
+      return np.zeros((1, dim), np.float32), np.full((1,), -1, np.int32)
+    vectors = np.concatenate([np.asarray(v, np.float32).reshape(-1, dim) for v, _ in learned])
+    ids = np.concatenate([np.asarray(i, np.int32).reshape(-1) for _, i in learned])
+    return vectors, ids
+
+  def _arrays(self, extra: dict) -> _GenArrays:
+    """The program's arrays: the replicated weights and `extra` (replicated learned, ids, sampler)."""
+    return _GenArrays(unet=self._params["unet"], text_encoder=self._params["text_encoder"],
+                      vae=self._params["vae"], **extra)
 
 
 # Per-device batch when sampling without a requested one. On CPU there is no device
@@ -267,3 +304,8 @@ def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
     r, k = divmod(i, cols)
     grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
   return grid
+
+
+def slug(text: str) -> str:
+  """`text` as a file-name part: runs of other characters than [A-Za-z0-9] become "_", 60 at most."""
+  return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"

@@ -1,0 +1,182 @@
+"""The concepts a sampling run uses: gathered, checked against the base model, tokenized.
+
+`gather_concepts` reads a training run's vectors and any embedding files;
+`load_base_model` loads the model they were trained on and checks they fit;
+`tokenizer_with_concepts` returns a new tokenizer holding their tokens (the
+model's own is never changed); `prepare_prompt` expands multi-vector tokens.
+`ti_jax.sample` (`runner`) and `ti_jax.evaluate` both build on these.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from ti_jax import errors
+from ti_jax.embeddings import embedding_io, pseudo_words
+from ti_jax.models import layers
+from ti_jax.runtime import fileio
+from ti_jax.training import checkpointing
+from ti_jax.weights.loading import DEFAULT_CACHE_DIR, load_stable_diffusion
+
+
+class SampleError(errors.UserError):
+  """Bad sampling input; one-line message."""
+
+
+def _same_model(a: str, b: str) -> bool:
+  norm = lambda s: os.path.abspath(os.path.expanduser(s)) if os.path.exists(os.path.expanduser(s)) else s
+  return norm(a) == norm(b)
+
+
+def gather_concepts(workdir: str | None, step: int | None,
+                    sources: Sequence[str]) -> tuple[list[embedding_io.Concept], dict]:
+  """Concepts of the run in `workdir` (first) and of each `PATH[:TOKEN]` in `sources`.
+
+  Also returns the run's checkpoint metadata ({} without a workdir), read
+  with its vectors in one restore. Refuses NaN/inf vectors and two concepts
+  with one token name (including the `tok_1`, ... names of extra vectors).
+  """
+  concepts, run_meta = [], {}
+  if workdir:
+    if not fileio.is_dir(workdir):
+      raise SampleError(f"run directory {workdir} is a file, not a folder"
+                        if fileio.exists(workdir) else f"run directory {workdir} does not exist")
+    vectors, run_meta = checkpointing.learned_from_workdir(workdir, step)
+    what = f"{workdir} checkpoint {run_meta.get('step', '?')}"
+    try:
+      vectors = embedding_io.check_vectors(vectors, what)
+    except embedding_io.EmbeddingFileError as e:
+      raise SampleError(f"{e}; pass --step of an earlier checkpoint") from None
+    concepts.append(embedding_io.Concept(
+        run_meta["placeholder_token"], vectors, workdir,
+        base_model=run_meta.get("pretrained_model_name_or_path")))
+  for spec in sources:
+    concepts += embedding_io.load_concepts(spec)
+  seen = {}
+  for c in concepts:
+    for i, name in enumerate(pseudo_words.placeholder_tokens(c.token, c.vectors.shape[0])):
+      if name in seen:
+        other, j = seen[name]
+        if i == j == 0:
+          raise SampleError(f"token {c.token!r} comes from both {other.source} and {c.source}; "
+                            "rename one with PATH:NEW_TOKEN")
+        what = lambda k, t: f"{t!r}" if k == 0 else f"{name!r} (vector {k} of {t!r})"
+        raise SampleError(f"token {what(i, c.token)} from {c.source} clashes with "
+                          f"{what(j, other.token)} from {other.source}; "
+                          "rename one with PATH:NEW_TOKEN")
+      seen[name] = (c, i)
+  return concepts, run_meta
+
+
+def describe_concepts(concepts: Sequence[embedding_io.Concept]) -> list[str]:
+  """One line per concept loaded from a file or another run: the token it registered and why."""
+  lines = []
+  for c in concepts:
+    if not c.token_from:
+      continue
+    n = c.vectors.shape[0]
+    vectors = f"{n} vectors, expanded in prompts" if n > 1 else "1 vector"
+    lines.append(f"{c.source}: registered {c.token} ({vectors}; the token is "
+                 f"{c.token_from})")
+  return lines
+
+
+def resolve_base_model(override: str, concepts: Sequence[embedding_io.Concept]) -> str:
+  """The model to sample with: the override, else the first concept's (the run's) base model."""
+  if override:
+    return override
+  for c in concepts:
+    if c.base_model:
+      return c.base_model
+  raise SampleError("no base model: pass --workdir of a training run or "
+                    "--pretrained_model_name_or_path")
+
+
+def check_concepts_fit(concepts, model_id: str, hidden_size: int, allow_mismatch: bool) -> None:
+  """Refuses embeddings of another width or, unless allowed, trained on another base model."""
+  for c in concepts:
+    if c.vectors.shape[1] != hidden_size:
+      raise SampleError(f"embedding {c.token!r} from {c.source} has width {c.vectors.shape[1]} "
+                        f"but the model's text encoder has width {hidden_size} (another base model?)")
+    if c.base_model and not allow_mismatch and not _same_model(c.base_model, model_id):
+      raise SampleError(f"{c.source} was trained on {c.base_model!r} but sampling uses "
+                        f"{model_id!r}; pass --allow_base_model_mismatch to use it anyway")
+
+
+def tokenizer_with_concepts(tokenizer, concepts) -> tuple[Any, list[tuple[np.ndarray, list[int]]]]:
+  """A copy of `tokenizer` holding every concept's tokens, and (vectors, token ids) per concept.
+
+  The caller's tokenizer is left as it was, so one loaded model can serve
+  runs whose tokens share names (the evaluation of several runs of one
+  concept). Refuses tokens the tokenizer cannot split apart
+  (`pseudo_words.check_separable`).
+  """
+  tokenizer = copy.deepcopy(tokenizer)
+  learned = []
+  for c in concepts:
+    try:
+      ids = pseudo_words.add_placeholder_tokens(tokenizer, c.token, c.vectors.shape[0])
+    except pseudo_words.EmbeddingError as e:
+      raise SampleError(f"{c.source}: {e}") from None
+    learned.append((c.vectors, ids))
+  try:
+    pseudo_words.check_separable(tokenizer, {c.token: ids for c, (_, ids) in zip(concepts, learned)})
+  except pseudo_words.EmbeddingError as e:
+    raise SampleError(str(e)) from None
+  return tokenizer, learned
+
+
+def prepare_prompt(prompt: str, concepts, tokenizer) -> tuple[str, list[str]]:
+  """Expands multi-vector tokens; returns the prompt and warnings (no token, truncation).
+
+  `tokenizer` is the one from `tokenizer_with_concepts` (the truncation
+  warning counts the concepts' tokens as one id each). Tokens match whole, as
+  the tokenizer splits them (`pseudo_words.expand_placeholders`).
+  """
+  warnings = []
+  counts = {c.token: c.vectors.shape[0] for c in concepts}
+  ignore_case = pseudo_words.lowercases(tokenizer)
+  if concepts and not pseudo_words.used_tokens(prompt, counts, ignore_case):
+    warnings.append(f"prompt {prompt!r} uses none of the learned tokens "
+                    f"({', '.join(c.token for c in concepts)})")
+  prompt = pseudo_words.expand_placeholders(prompt, counts, ignore_case)
+  length = len(tokenizer(prompt).input_ids)
+  if length > tokenizer.model_max_length:
+    warnings.append(f"prompt {prompt[:40]!r}... is {length} tokens; truncated to "
+                    f"{tokenizer.model_max_length} (the text encoder's limit)")
+  return prompt, warnings
+
+
+def load_base_model(concepts, run_config: dict, *, override: str = "", dtype: str = "auto",
+                    platform: str = "cpu", allow_pickle: bool = False, cache_dir: str = "",
+                    allow_base_model_mismatch: bool = False):
+  """Loads the base model the concepts were trained on (or `override`); returns (sd, model id).
+
+  The run's weight files (variant, revision) and settings apply when the base
+  model is the run's own. `dtype` "auto" is float32 on CPU, else bfloat16; the
+  VAE always decodes in float32.
+  """
+  model_id = resolve_base_model(override, concepts)
+  same_files = not override or _same_model(
+      override, run_config.get("pretrained_model_name_or_path", ""))
+  if dtype == "auto":
+    dtype = "float32" if platform == "cpu" else "bfloat16"
+  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  attention_impl = run_config.get("attention_impl") or None
+  if attention_impl == layers.PALLAS_TPU and platform != "tpu":
+    attention_impl = None  # a run trained with the TPU kernel still samples elsewhere
+  sd = load_stable_diffusion(
+      model_id, dtype=jdtype, param_dtype=jdtype, vae_dtype=jnp.float32,
+      variant=(run_config.get("variant") or None) if same_files else None,
+      revision=(run_config.get("revision") or None) if same_files else None,
+      allow_pickle=allow_pickle or bool(run_config.get("allow_pickle")),
+      attention_impl=attention_impl,
+      cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR))
+  check_concepts_fit(concepts, model_id, sd.text_encoder.config.hidden_size,
+                     allow_base_model_mismatch)
+  return sd, model_id
