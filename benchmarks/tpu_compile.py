@@ -32,9 +32,8 @@ import os
 import sys
 import time
 
-from absl import app, flags
-
 import common  # benchmarks/common.py: a script's own folder is on sys.path
+from absl import app, flags
 
 common.define_model_flags(["tiny", "narrow", "small", "sd15", "sd21", "ldm"], model="sd15",
                           dtype="bfloat16", batch=8)
