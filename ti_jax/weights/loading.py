@@ -30,7 +30,7 @@ from ti_jax.models.layers import resolve_attention_impl
 from ti_jax.models.ldm_bert import LDMBertConfig, LDMBertModel, is_ldm_bert_config
 from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ti_jax.models.vae import AutoencoderKL, VAEConfig
-from ti_jax.weights import convert, safetensors_io
+from ti_jax.weights import convert, presets, safetensors_io
 
 
 class ModelLoadError(errors.UserError):
@@ -100,7 +100,7 @@ def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
   return patterns
 
 
-TINY_MODELS = ("tiny-sd15", "tiny-sd21", "tiny-ldm")
+TINY_MODELS = presets.TINY_MODELS  # kept importable here: the names this module resolves
 DEFAULT_CACHE_DIR = "~/.cache/ti_jax"
 
 

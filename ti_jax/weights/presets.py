@@ -110,6 +110,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ldm": _LDM,
     "tiny-ldm": _tiny(_LDM, attention_head_dim=2),
 }
+# The tiny random-weight models ti_jax writes itself (`ti_jax.testing.tiny_models`):
+# the names `pretrained_model_name_or_path` and `python -m ti_jax.tiny_model --preset` take.
+TINY_MODELS = tuple(name for name in PRESETS if name.startswith("tiny-"))
 
 
 def preset(name: str) -> dict[str, Any]:
