@@ -14,10 +14,7 @@ def get_config(variant: str = "sd15"):
   """Object config for `variant` (sd15, sd21 or tiny)."""
   # Object templates ("a photo of a {}", ...); "sculpture" is a coarse word for
   # the object: prefer your own ("toy", "cat").
-  c = defaults.concept_config(variant, "object", "<concept>", "sculpture",
-                              "a photo of a {} on the beach")
-  if variant == "tiny":
-    c.train_data_dir = "examples/toy"
-    c.placeholder_token = "<toy>"
-    c.initializer_token = "toy"
-  return c
+  return defaults.concept_config(
+      variant, "object", "<concept>", "sculpture", "a photo of a {} on the beach",
+      tiny={"train_data_dir": "examples/toy", "placeholder_token": "<toy>",
+            "initializer_token": "toy"})

@@ -13,8 +13,6 @@ def get_config(variant: str = "sd15"):
   """Style config for `variant` (sd15, sd21 or tiny)."""
   # Style templates ("a painting in the style of {}", ...); "painting" is the
   # paper's initializer for styles.
-  c = defaults.concept_config(variant, "style", "<style>", "painting",
-                              "a painting of a fox in the style of {}")
-  if variant == "tiny":
-    c.train_data_dir = "examples/style"
-  return c
+  return defaults.concept_config(variant, "style", "<style>", "painting",
+                                 "a painting of a fox in the style of {}",
+                                 tiny={"train_data_dir": "examples/style"})
