@@ -6,7 +6,7 @@
 Both sides load the same random-weight diffusers folder (written once into a
 temporary directory), run DDIM with classifier-free guidance (one batched
 UNet call per step) and decode with the VAE. ti_jax runs its jit-compiled
-`lax.fori_loop` over all local devices; diffusers runs at its best settings
+`lax.fori_loop` over every device (`parallel.all_devices`); diffusers runs at its best settings
 for the device: float16 with PyTorch SDPA on CUDA, float32 on CPU. Reported:
 compile/first-call time, the median images/s over `--repeats` calls, and the
 ratio. After one untimed call per side, the timed calls alternate between

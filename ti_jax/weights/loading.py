@@ -64,16 +64,20 @@ def component_spec(component: str, config: dict) -> convert.ComponentSpec:
 
 @dataclasses.dataclass
 class StableDiffusion:
-  """A loaded model: frozen Flax modules, their params, tokenizer and scheduler config."""
+  """A loaded model: frozen Flax modules, their params, tokenizer and scheduler config.
+
+  Also the paper's LDM-1.4B: its vqvae is a KL autoencoder (`vae`), its bert
+  an `LDMBertModel` (`text_encoder`) with a BERT `tokenizer`.
+  """
   source: str  # what the user passed: a folder or a hub id
   path: str  # the local diffusers folder
   unet: UNet2DConditionModel
   unet_params: Any
   vae: AutoencoderKL
   vae_params: Any
-  text_encoder: CLIPTextModel
+  text_encoder: CLIPTextModel | LDMBertModel  # same calling convention (inputs_embeds, mask)
   text_encoder_params: Any
-  tokenizer: Any
+  tokenizer: Any  # a transformers CLIP or BERT tokenizer
   scheduler_config: dict
   model_index: dict
 
