@@ -42,18 +42,26 @@ class EncoderBlockConfig:
   mlp_name: str | None = "mlp"
 
 
-class SelfAttention(nn.Module):
-  """Multi-head self-attention with transformers' names q_proj/k_proj/v_proj/out_proj."""
+class _BlockPart(nn.Module):
+  """The fields every part of the block takes."""
   config: EncoderBlockConfig
   attention_impl: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  @property
+  def kw(self) -> dict:
+    """The dtypes a submodule of this part takes."""
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class SelfAttention(_BlockPart):
+  """Multi-head self-attention with transformers' names q_proj/k_proj/v_proj/out_proj."""
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """`x [B, T, D]` -> `[B, T, D]`; `mask`: bool, broadcastable to [B, 1, T, T], True = attend."""
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    cfg, kw = self.config, self.kw
     inner = cfg.num_heads * cfg.head_dim
     split = lambda t: t.reshape(t.shape[:2] + (cfg.num_heads, cfg.head_dim))  # [B, T, N, H]
     q, k, v = (split(nn.Dense(inner, use_bias=cfg.qkv_bias, name=n, **kw)(x))
@@ -69,28 +77,20 @@ def _feed_forward(x: jax.Array, cfg: EncoderBlockConfig, kw: dict) -> jax.Array:
   return nn.Dense(cfg.hidden_size, name="fc2", **kw)(h)
 
 
-class _FeedForward(nn.Module):
+class _FeedForward(_BlockPart):
   """`_feed_forward` in a scope of its own (CLIP's `mlp`)."""
-  config: EncoderBlockConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _feed_forward(x, self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype))
+    return _feed_forward(x, self.config, self.kw)
 
 
-class EncoderBlock(nn.Module):
+class EncoderBlock(_BlockPart):
   """Pre-norm block: `x + self_attn(norm(x))`, then `x + mlp(norm(x))`; `[B, T, D]` in and out."""
-  config: EncoderBlockConfig
-  attention_impl: str | None = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    cfg, kw = self.config, self.kw
     ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **kw)
     x = x + SelfAttention(cfg, self.attention_impl, name="self_attn", **kw)(
         ln(cfg.attn_norm_name)(x), mask)
