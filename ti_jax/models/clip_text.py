@@ -1,9 +1,9 @@
 """Flax CLIP text transformer (the text encoder of Stable Diffusion 1.x/2.x).
 
 Parameter names mirror transformers' `CLIPTextModel` without the leading
-`text_model.`. The token table is an explicit input option (`token_embeddings`)
-so textual inversion can splice learned rows into it without copying the
-module. The encoder blocks are `ti_jax.models.transformer.EncoderBlock`;
+`text_model.`. Learned pseudo-word vectors enter through `inputs_embeds`
+(token embeddings before positions), so textual inversion needs no copy of
+the module or of its token table. The encoder blocks are `ti_jax.models.transformer.EncoderBlock`;
 `CLIPEncoder` and `clip_block` also serve the CLIP vision tower (clip.py).
 """
 
