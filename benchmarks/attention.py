@@ -11,12 +11,11 @@ jit-compiled; median of `--repeats` calls. This is the measurement behind
 
 from __future__ import annotations
 
-
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 from absl import app, flags
 
-import common  # benchmarks/common.py: a script's own folder is on sys.path
-
-flags.DEFINE_integer("batch", 2, "Batch (2 = one image with classifier-free guidance).")
+common.define_model_flags(None, dtype=None, batch=2,
+                          batch_help="Batch (2 = one image with classifier-free guidance).")
 flags.DEFINE_integer("tokens", 1024, "Query and key tokens (32x32 latents = 1024).")
 flags.DEFINE_integer("key_tokens", 0, "Key tokens if not --tokens (77 = cross-attention).")
 flags.DEFINE_integer("heads", 8, "Heads.")
@@ -24,7 +23,6 @@ flags.DEFINE_integer("head_dim", 8, "Head width.")
 flags.DEFINE_string("blocks", "128x256,256x512,256x1024,512x1024",
                     "Comma-separated QxK block sizes of the blocked path to time.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
-flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 FLAGS = flags.FLAGS
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import statistics
+import sys
 import time
 
 from ti_jax.weights import presets
@@ -14,17 +15,29 @@ RESOLUTION = {"tiny": 64, "narrow": 256, "small": 256, "sd15": 512, "sd21": 768,
 MODELS = ("tiny", "narrow", "small", "sd15", "sd21")
 
 
-def define_model_flags(models, *, model: str = "small", dtype: str = "float32",
-                       batch: int = 1) -> None:
-  """Defines the flags every benchmark shares: --model, --dtype, --batch (per device), --json_out.
+def define_model_flags(models=MODELS, *, model: str = "small", dtype: str | None = "float32",
+                       dtype_help: str = "Frozen model dtype.", batch: int | None = 1,
+                       batch_help: str = "Per-device batch.", json_out: bool = True,
+                       json_out_help: str = "Also write the results as JSON here.") -> None:
+  """Defines the flags the benchmarks share: --model, --dtype, --batch, --json_out.
 
-  `models` lists the shapes the script supports (keys of RESOLUTION).
+  `models` lists the shapes the script supports (keys of RESOLUTION; None:
+  no --model); `dtype=None`, `batch=None` and `json_out=False` leave that flag
+  out; the `*_help` strings say what the flag means in that script. The flags
+  are listed under the calling script, so its `--help` shows them.
   """
   from absl import flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_enum("model", model, list(models), "Model shape (random weights).")
-  flags.DEFINE_enum("dtype", dtype, ["float32", "bfloat16"], "Frozen model dtype.")
-  flags.DEFINE_integer("batch", batch, "Per-device batch.")
-  flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
+  caller = sys._getframe(1).f_globals.get("__name__", "")  # pylint: disable=protected-access
+  # absl files the main script's flags under sys.argv[0]; --help lists that module's.
+  kw = {"module_name": sys.argv[0] if caller == "__main__" else caller}
+  if models is not None:
+    flags.DEFINE_enum("model", model, list(models), "Model shape (random weights).", **kw)
+  if dtype is not None:
+    flags.DEFINE_enum("dtype", dtype, ["float32", "bfloat16"], dtype_help, **kw)
+  if batch is not None:
+    flags.DEFINE_integer("batch", batch, batch_help, **kw)
+  if json_out:
+    flags.DEFINE_string("json_out", "", json_out_help, **kw)
 
 
 def model_configs(name: str) -> dict:

@@ -11,12 +11,11 @@ import subprocess
 import sys
 import tempfile
 
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 from absl import app, flags
 
-import common  # benchmarks/common.py: a script's own folder is on sys.path
-
-flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
-flags.DEFINE_integer("batch", 1, "Per-device batch (both sides).")
+# No --dtype or --json_out: the two sides' dtypes differ, and the results are printed.
+common.define_model_flags(dtype=None, batch_help="Per-device batch (both sides).", json_out=False)
 flags.DEFINE_string("jax_dtype", "float32", "ti_jax frozen-model dtype.")
 flags.DEFINE_integer("steps", 10, "Timed steps per side.")
 FLAGS = flags.FLAGS

@@ -45,9 +45,8 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
-
 import common  # benchmarks/common.py: a script's own folder is on sys.path
+from absl import app, flags
 
 flags.DEFINE_string("diffusers_script", None, "Path to diffusers' "
                     "examples/textual_inversion/textual_inversion.py.")
@@ -57,7 +56,8 @@ flags.DEFINE_integer("warmup", 2, "Steps after the first left out of each run.")
 flags.DEFINE_integer("repeats", 3, "Runs per side per model, alternating the sides.")
 flags.DEFINE_string("images", "", "Training images (default: examples/toy).")
 flags.DEFINE_string("ti_jax_xla_flags", "", "XLA_FLAGS for the ti_jax runs.")
-flags.DEFINE_string("json_out", "", "Also write all results as JSON here.")
+common.define_model_flags(None, dtype=None, batch=None,
+                          json_out_help="Also write all results as JSON here.")
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 256

@@ -6,7 +6,7 @@
 Both sides load the same random-weight diffusers folder (written once into a
 temporary directory), run DDIM with classifier-free guidance (one batched
 UNet call per step) and decode with the VAE. ti_jax runs its jit-compiled
-`lax.fori_loop` over all local devices; diffusers runs at its best settings
+`lax.fori_loop` over every device (`parallel.all_devices`); diffusers runs at its best settings
 for the device: float16 with PyTorch SDPA on CUDA, float32 on CPU. Reported:
 compile/first-call time, the median images/s over `--repeats` calls, and the
 ratio. After one untimed call per side, the timed calls alternate between
@@ -19,12 +19,10 @@ import os
 import tempfile
 import time
 
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 from absl import app, flags
 
-import common  # benchmarks/common.py: a script's own folder is on sys.path
-
-flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "ti_jax UNet/text encoder dtype.")
+common.define_model_flags(dtype_help="ti_jax UNet/text encoder dtype.", batch=None)
 flags.DEFINE_integer("num_images", 2, "Images per call (over all devices for ti_jax).")
 flags.DEFINE_integer("steps", 50, "DDIM steps.")
 flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
@@ -32,7 +30,6 @@ flags.DEFINE_integer("batch_size", 0, "ti_jax images per device per call (0: "
                      "generation.auto_batch_size, as ti_jax.sample does).")
 flags.DEFINE_integer("repeats", 2, "Timed calls per side after the first.")
 flags.DEFINE_enum("impl", "both", ["both", "ti_jax", "diffusers"], "Which side(s) to time.")
-flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 FLAGS = flags.FLAGS
 PROMPT = "a photo of a red toy on a wooden table"
 

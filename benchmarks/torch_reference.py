@@ -11,16 +11,12 @@ in float32. Random weights of the same shapes as benchmarks/train_step.py.
 
 from __future__ import annotations
 
-
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 from absl import app, flags
 
-import common  # benchmarks/common.py: a script's own folder is on sys.path
-
-flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
-flags.DEFINE_integer("batch", 1, "Batch.")
+common.define_model_flags(dtype=None, batch_help="Batch.")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps.")
-flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 FLAGS = flags.FLAGS
 
 

@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import time
 
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 from absl import app, flags
 
-import common  # benchmarks/common.py: a script's own folder is on sys.path
-
-flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Frozen model dtype.")
-flags.DEFINE_integer("batch", 1, "Per-device batch.")
+common.define_model_flags()
 flags.DEFINE_integer("devices", 1, "Devices to use (0 = all local).")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_string("attention_impl", "", "jax.nn.dot_product_attention implementation.")
 flags.DEFINE_bool("remat", False, "Rematerialise the UNet's resnets/transformers (config.remat).")
-flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 FLAGS = flags.FLAGS
 
 

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import time
 
+import common  # benchmarks/common.py: a script's own folder is on sys.path
 from absl import app, flags
 
-import common  # benchmarks/common.py: a script's own folder is on sys.path
-
-flags.DEFINE_enum("model", "small", list(common.MODELS), "Model shape.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "UNet dtype.")
-flags.DEFINE_integer("batch", 4, "Batch of latents.")
+common.define_model_flags(dtype_help="UNet dtype.", batch=4, batch_help="Batch of latents.")
 flags.DEFINE_string("attention_impl", "", "config.attention_impl (\"\": ti_jax's default).")
 flags.DEFINE_integer("repeats", 3, "Timed calls (and loop steps).")
-flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 FLAGS = flags.FLAGS
 
 

@@ -11,13 +11,10 @@ from ti_jax.training import defaults
 
 
 def get_config(variant: str = "sd15"):
-  c = defaults.get_config(variant or "sd15")
-  c.learnable_property = "object"  # object templates: "a photo of a {}", ...
-  c.placeholder_token = "<concept>"
-  c.initializer_token = "sculpture"  # a coarse word for the object; prefer your own ("toy", "cat")
-  c.validation_prompt = "a photo of a {} on the beach"
-  if variant == "tiny":
-    c.train_data_dir = "examples/toy"
-    c.placeholder_token = "<toy>"
-    c.initializer_token = "toy"
-  return c
+  """Object config for `variant` (sd15, sd21 or tiny)."""
+  # Object templates ("a photo of a {}", ...); "sculpture" is a coarse word for
+  # the object: prefer your own ("toy", "cat").
+  return defaults.concept_config(
+      variant, "object", "<concept>", "sculpture", "a photo of a {} on the beach",
+      tiny={"train_data_dir": "examples/toy", "placeholder_token": "<toy>",
+            "initializer_token": "toy"})

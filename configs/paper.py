@@ -50,13 +50,11 @@ def _parse(arg: str) -> tuple[str, str, str]:
 def get_config(arg: str = "ldm,object"):
   """The paper's setup for `arg` = "model,property,ablation" (each optional, any order)."""
   model, prop, ablation = _parse(arg)
-  c = defaults.get_config("tiny" if model == "tiny" else "sd15")
-  c.learnable_property = prop
   # The paper's initializers: a coarse descriptor of the object, "painting" for styles.
-  c.initializer_token = "painting" if prop == "style" else "sculpture"
-  c.placeholder_token = "<S*>"
-  c.validation_prompt = ("a painting of a fox in the style of {}" if prop == "style"
-                         else "a photo of {} on the beach")
+  c = defaults.concept_config(
+      "tiny" if model == "tiny" else "sd15", prop, "<S*>",
+      "painting" if prop == "style" else "sculpture",
+      "a painting of a fox in the style of {}" if prop == "style" else "a photo of {} on the beach")
 
   # --- The paper's hyper-parameters ---
   c.global_batch_size = 8  # 4 per GPU on 2 GPUs

@@ -10,11 +10,9 @@ from ti_jax.training import defaults
 
 
 def get_config(variant: str = "sd15"):
-  c = defaults.get_config(variant or "sd15")
-  c.learnable_property = "style"  # style templates: "a painting in the style of {}", ...
-  c.placeholder_token = "<style>"
-  c.initializer_token = "painting"  # the paper's initializer for styles
-  c.validation_prompt = "a painting of a fox in the style of {}"
-  if variant == "tiny":
-    c.train_data_dir = "examples/style"
-  return c
+  """Style config for `variant` (sd15, sd21 or tiny)."""
+  # Style templates ("a painting in the style of {}", ...); "painting" is the
+  # paper's initializer for styles.
+  return defaults.concept_config(variant, "style", "<style>", "painting",
+                                 "a painting of a fox in the style of {}",
+                                 tiny={"train_data_dir": "examples/style"})

@@ -1,14 +1,9 @@
-"""Writes a complete diffusers-format latent diffusion folder with tiny random weights.
-
-The folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-scheduler/) loads in ti_jax and in diffusers' PyTorch
-`StableDiffusionPipeline.from_pretrained`; the "tiny-ldm" preset writes the
-paper's LDM layout instead (vqvae/, bert/ with an LDMBert, a BERT
-tokenizer) for `LDMTextToImagePipeline.from_pretrained`. Tests, CI and the offline demo
-run the real loading code without the network. The weights are random: images
-made with it are noise-like by design.
+"""Writes a tiny random-weight diffusers model folder (see `ti_jax.testing.tiny_models`).
 
   python -m ti_jax.tiny_model --out_dir /tmp/tiny-sd --preset tiny-sd15
+
+It loads in ti_jax and in diffusers' PyTorch pipelines, without the network;
+its images are noise-like by design.
 """
 
 from __future__ import annotations

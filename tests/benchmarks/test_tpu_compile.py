@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, benchmark_module, config_module
+
 from ti_jax.models import layers
 from ti_jax.runtime import parallel
 from ti_jax.weights import loading
@@ -67,7 +67,8 @@ def test_tpu_step_arguments_hold_one_copy_of_the_frozen_weights(tiny_v5e_2x2):
   """Per chip, the arguments are the weights + state + batch once. (Tiny arrays are padded to
   TPU tiles, so they take more than their bytes; a second copy would take twice that.)"""
   step = tiny_v5e_2x2["train"]
-  assert step["expected_argument_bytes"] >= step["weight_bytes"]
+  # The frozen weights are arguments of the compiled step (not constants baked into it).
+  assert step["argument_bytes"] >= step["weight_bytes"] > 0
   ratio = step["argument_bytes"] / step["expected_argument_bytes"]
   assert 1.0 <= ratio < 2.0, step
 

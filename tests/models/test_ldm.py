@@ -105,14 +105,21 @@ def test_bert_tokenizer_is_capped_at_the_encoders_77_positions(saved_ldm, tmp_pa
 
 
 def test_tiny_ldm_writer_loads_in_diffusers_without_missing_keys(tmp_path):
+  """The written bert/ folder is complete for diffusers and gives ti_jax's LDMBert output."""
   from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
     LDMBertModel as TorchBert,
   )
   folder = tiny_models.write_tiny_model(str(tmp_path / "tiny-ldm"), "tiny-ldm")
-  _, info = TorchBert.from_pretrained(os.path.join(folder, "bert"), output_loading_info=True)
+  bert, info = TorchBert.from_pretrained(os.path.join(folder, "bert"), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   sd = load_stable_diffusion(folder)
-  assert sd.text_encoder.config.hidden_size == sd.unet.config.cross_attention_dim
+  ids = sd.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                     return_tensors="np").input_ids  # [3, 77]
+  with torch.no_grad():
+    ref = bert.eval()(torch.from_numpy(ids))[0].numpy()
+  out = sd.text_encoder.apply({"params": sd.text_encoder_params}, ids)
+  record_parity("tiny-ldm writer: LDMBert, diffusers vs ti_jax load", rel_err(out, ref),
+                TOLERANCE["float32"])
 
 
 def _edit_model_index(folder, tmp_path, **changes):

@@ -3,9 +3,9 @@
 Parameter names mirror transformers' `CLIPModel` (`text_model.*`,
 `vision_model.*`, `visual_projection`, `text_projection`, `logit_scale`) with
 list indices folded into module names (`layers.0` -> `layers_0`), so
-`ti_jax.weights.convert` maps a transformers checkpoint onto the tree. The encoder
-layers are those of ti_jax's CLIP text encoder, which has the same pre-norm
-transformer block; the vision tower simply runs them without a mask.
+`ti_jax.weights.convert` maps a transformers checkpoint onto the tree. Both
+towers run the shared pre-norm block (`ti_jax.models.transformer`) through
+clip_text's `CLIPEncoder`; the vision tower runs it without a mask.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from ti_jax.models.clip_text import (
-  _ACTIVATIONS,
+  CLIP_ACTIVATIONS,
+  CLIPEncoder,
   CLIPTextConfig,
   CLIPTextModel,
-  _Encoder,
+  clip_block,
 )
 from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.models.transformer import EncoderBlockConfig
 
 Dtype = Any
 
@@ -77,9 +79,9 @@ class CLIPVisionConfig:
       raise UnsupportedConfigError(
           f"{name}: model_type {model_type!r} is not supported (clip_vision_model only)")
     act = cfg.get("hidden_act", cls.hidden_act)
-    if act not in _ACTIVATIONS:
+    if act not in CLIP_ACTIVATIONS:
       raise UnsupportedConfigError(
-          f"{name}: hidden_act={act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+          f"{name}: hidden_act={act!r} is not supported (supported: {', '.join(CLIP_ACTIVATIONS)})")
     ints = {f: _positive_int(name, cfg, f, getattr(cls, f)) for f in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "image_size", "patch_size", "num_channels")}
@@ -98,16 +100,10 @@ class CLIPVisionConfig:
     """Patches per image side (a trailing partial patch is dropped, as by PyTorch's strided conv)."""
     return self.image_size // self.patch_size
 
-  def encoder_config(self) -> CLIPTextConfig:
-    """The same transformer block sizes in the config type ti_jax's shared encoder reads.
-
-    The encoder only reads the block fields; vocabulary and text positions are
-    left at their defaults and unused.
-    """
-    return CLIPTextConfig(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                          num_hidden_layers=self.num_hidden_layers,
-                          num_attention_heads=self.num_attention_heads,
-                          hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps)
+  def block(self) -> EncoderBlockConfig:
+    """The vision tower's encoder block: CLIP's, with these sizes."""
+    return clip_block(self.hidden_size, self.intermediate_size, self.num_attention_heads,
+                      self.hidden_act, self.layer_norm_eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +213,8 @@ class CLIPVisionModel(nn.Module):
     x = _VisionEmbeddings(cfg, name="embeddings", **kw)(pixels.astype(self.dtype))
     x = ln("pre_layrnorm")(x)  # transformers' spelling, kept so the checkpoint keys match
     # Every patch sees every other: no mask.
-    x = _Encoder(cfg.encoder_config(), self.attention_impl, name="encoder", **kw)(x, None)
+    x = CLIPEncoder(cfg.block(), cfg.num_hidden_layers, self.attention_impl, name="encoder",
+                    **kw)(x, None)
     return x, ln("post_layernorm")(x[:, 0])
 
 

@@ -1,9 +1,10 @@
 """Flax CLIP text transformer (the text encoder of Stable Diffusion 1.x/2.x).
 
 Parameter names mirror transformers' `CLIPTextModel` without the leading
-`text_model.`. The token table is an explicit input option (`token_embeddings`)
-so textual inversion can splice learned rows into it without copying the
-module.
+`text_model.`. Learned pseudo-word vectors enter through `inputs_embeds`
+(token embeddings before positions), so textual inversion needs no copy of
+the module or of its token table. The encoder blocks are `ti_jax.models.transformer.EncoderBlock`;
+`CLIPEncoder` and `clip_block` also serve the CLIP vision tower (clip.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from ti_jax.models.config_utils import UnsupportedConfigError
-from ti_jax.models.layers import ACTIVATIONS, xla_implementation
+from ti_jax.models.layers import ACTIVATIONS
+from ti_jax.models.transformer import EncoderBlockConfig, encoder_layers
 
 Dtype = Any
 
 # The activations CLIP checkpoints use.
-_ACTIVATIONS = {k: ACTIVATIONS[k] for k in ("quick_gelu", "gelu", "gelu_new")}
+CLIP_ACTIVATIONS = {k: ACTIVATIONS[k] for k in ("quick_gelu", "gelu", "gelu_new")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +46,9 @@ class CLIPTextConfig:
       raise UnsupportedConfigError(
           f"text_encoder config: architecture {arch[0]!r} is not supported (CLIPTextModel only)")
     act = cfg.get("hidden_act", "quick_gelu")
-    if act not in _ACTIVATIONS:
+    if act not in CLIP_ACTIVATIONS:
       raise UnsupportedConfigError(
-          f"text_encoder config: hidden_act={act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+          f"text_encoder config: hidden_act={act!r} is not supported (supported: {', '.join(CLIP_ACTIVATIONS)})")
     hidden, heads = cfg.get("hidden_size", 768), cfg.get("num_attention_heads", 12)
     if hidden % heads:
       raise UnsupportedConfigError(
@@ -62,55 +64,18 @@ class CLIPTextConfig:
         layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
     )
 
-
-class _EncoderLayer(nn.Module):
-  config: CLIPTextConfig
-  attention_impl: str | None = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask):
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **kw)
-    x = x + _SelfAttention(cfg, self.attention_impl, name="self_attn", **kw)(ln("layer_norm1")(x), mask)
-    return x + _MLP(cfg, name="mlp", **kw)(ln("layer_norm2")(x))
+  def block(self) -> EncoderBlockConfig:
+    """The encoder block these sizes describe (the hidden size split over the heads)."""
+    return clip_block(self.hidden_size, self.intermediate_size, self.num_attention_heads,
+                      self.hidden_act, self.layer_norm_eps)
 
 
-class _SelfAttention(nn.Module):
-  """Causal self-attention with transformers' names q_proj/k_proj/v_proj/out_proj."""
-  config: CLIPTextConfig
-  attention_impl: str | None = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask):
-    # mask: bool [B or 1, 1, T, T], True where a query may attend to a key.
-    cfg = self.config
-    heads = cfg.num_attention_heads
-    head_dim = cfg.hidden_size // heads
-    dense = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
-    split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))  # [B, T, N, H]
-    q, k, v = (split(dense(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                       implementation=xla_implementation(self.attention_impl))
-    return dense("out_proj")(out.reshape(x.shape[:2] + (cfg.hidden_size,)))
-
-
-class _MLP(nn.Module):
-  config: CLIPTextConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = _ACTIVATIONS[cfg.hidden_act](nn.Dense(cfg.intermediate_size, name="fc1", **kw)(x))
-    return nn.Dense(cfg.hidden_size, name="fc2", **kw)(x)
+def clip_block(hidden_size: int, intermediate_size: int, num_heads: int, act: str,
+               layer_norm_eps: float) -> EncoderBlockConfig:
+  """CLIP's block (text and vision alike): biased q/k/v, `layer_norm1/2`, fc1/fc2 under `mlp`."""
+  return EncoderBlockConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                            num_heads=num_heads, head_dim=hidden_size // num_heads,
+                            activation=act, layer_norm_eps=layer_norm_eps)
 
 
 class _Embeddings(nn.Module):
@@ -130,18 +95,18 @@ class _Embeddings(nn.Module):
     return inputs_embeds + self.position_embedding(positions)
 
 
-class _Encoder(nn.Module):
-  config: CLIPTextConfig
+class CLIPEncoder(nn.Module):
+  """The stack of encoder blocks (transformers' `encoder.layers.{i}`)."""
+  config: EncoderBlockConfig
+  num_layers: int
   attention_impl: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask):
-    for i in range(self.config.num_hidden_layers):
-      x = _EncoderLayer(self.config, self.attention_impl, name=f"layers_{i}", dtype=self.dtype,
-                        param_dtype=self.param_dtype)(x, mask)
-    return x
+    return encoder_layers(x, mask, self.config, self.num_layers, self.attention_impl,
+                          self.dtype, self.param_dtype)
 
 
 class CLIPTextModel(nn.Module):
@@ -169,5 +134,6 @@ class CLIPTextModel(nn.Module):
     mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # [1, 1, T, T] causal
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    x = _Encoder(cfg, self.attention_impl, name="encoder", **kw)(x, mask)
+    x = CLIPEncoder(cfg.block(), cfg.num_hidden_layers, self.attention_impl, name="encoder",
+                    **kw)(x, mask)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)

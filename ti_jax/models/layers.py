@@ -1,4 +1,5 @@
-"""Building blocks shared by the Flax UNet and VAE.
+"""Building blocks shared by the Flax models: attention (XLA, Pallas, blocked), activations,
+and the UNet/VAE blocks.
 
 Module and parameter names mirror the PyTorch diffusers names (`resnets_0` for
 `resnets.0`, `to_out_0` for `to_out.0`), so that checkpoint conversion is a

@@ -8,7 +8,9 @@ included: the pipeline passes no attention mask).
 
 Parameter names mirror diffusers' PyTorch `LDMBertModel` without the leading
 `model.` (`model.layers.3.self_attn.q_proj.weight` -> `layers_3/self_attn/q_proj/kernel`).
-Its `to_logits` head is not part of the encoder and is not loaded.
+Its `to_logits` head is not part of the encoder and is not loaded. The layers
+are the shared pre-norm block of `ti_jax.models.transformer` (`block()` holds
+LDMBert's differences from CLIP).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from ti_jax.models.config_utils import UnsupportedConfigError
-from ti_jax.models.layers import ACTIVATIONS, xla_implementation
+from ti_jax.models.layers import ACTIVATIONS
+from ti_jax.models.transformer import EncoderBlockConfig, encoder_layers
 
 Dtype = Any
 
@@ -70,49 +73,20 @@ class LDMBertConfig:
         activation_function=act,
     )
 
+  def block(self) -> EncoderBlockConfig:
+    """LDMBert's block: no q/k/v bias, inner width heads * head_dim, fc1/fc2 in the block."""
+    return EncoderBlockConfig(
+        hidden_size=self.d_model, intermediate_size=self.encoder_ffn_dim,
+        num_heads=self.encoder_attention_heads, head_dim=self.head_dim,
+        activation=self.activation_function, layer_norm_eps=self.layer_norm_eps,
+        qkv_bias=False, attn_norm_name="self_attn_layer_norm", mlp_norm_name="final_layer_norm",
+        mlp_name=None)
+
 
 def is_ldm_bert_config(cfg: Mapping[str, Any]) -> bool:
   """Whether a text-encoder config.json describes an LDMBert (rather than CLIP)."""
   arch = (cfg.get("architectures") or [""])[0]
   return cfg.get("model_type") == "ldmbert" or arch == "LDMBertModel"
-
-
-class _SelfAttention(nn.Module):
-  """Bidirectional attention with inner width heads * head_dim (512 in LDM-1.4B, not d_model)."""
-  config: LDMBertConfig
-  attention_impl: str | None = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask):
-    cfg = self.config
-    heads, head_dim = cfg.encoder_attention_heads, cfg.head_dim
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))  # [B, T, N, H]
-    q, k, v = (split(nn.Dense(heads * head_dim, use_bias=False, name=n, **kw)(x))
-               for n in ("q_proj", "k_proj", "v_proj"))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                       implementation=xla_implementation(self.attention_impl))
-    return nn.Dense(cfg.d_model, name="out_proj", **kw)(out.reshape(x.shape[:2] + (-1,)))
-
-
-class _EncoderLayer(nn.Module):
-  config: LDMBertConfig
-  attention_impl: str | None = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask):
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **kw)
-    x = x + _SelfAttention(cfg, self.attention_impl, name="self_attn", **kw)(
-        ln("self_attn_layer_norm")(x), mask)
-    h = _ACTIVATIONS[cfg.activation_function](
-        nn.Dense(cfg.encoder_ffn_dim, name="fc1", **kw)(ln("final_layer_norm")(x)))
-    return x + nn.Dense(cfg.d_model, name="fc2", **kw)(h)
 
 
 class LDMBertModel(nn.Module):
@@ -146,6 +120,6 @@ class LDMBertModel(nn.Module):
     mask = None
     if attention_mask is not None:
       mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]
-    for i in range(cfg.encoder_layers):
-      x = _EncoderLayer(cfg, self.attention_impl, name=f"layers_{i}", **kw)(x, mask)
+    x = encoder_layers(x, mask, cfg.block(), cfg.encoder_layers, self.attention_impl,
+                       self.dtype, self.param_dtype)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="layer_norm", **kw)(x)

@@ -2,7 +2,7 @@
 
 Parameter names mirror diffusers' PyTorch `UNet2DConditionModel`, so a
 diffusers checkpoint converts by renaming (`ti_jax.weights.convert`). Tensors are
-NHWC. Parity with diffusers is asserted in `tests/test_parity.py`.
+NHWC. Parity with diffusers is asserted in `tests/models/test_parity.py`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ gives smooth, anti-aliased edges from PIL's aliased primitives.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from typing import Sequence
@@ -27,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["draw_example_concept", "draw_example_style", "main"]
+__all__ = ["draw_example_concept", "draw_example_style", "draw_examples", "main"]
 
 # Supersampling factor: shapes are drawn this many times larger than the output.
 _SS = 4
@@ -394,16 +393,27 @@ def draw_example_style(out_dir: str, size: int = 128) -> list[str]:
   return _save(images, [f"pastel_{name}.png" for name, _ in subjects], out_dir)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  """Regenerates ``<out_dir>/toy`` and ``<out_dir>/style``."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--out_dir", default="examples",
-                      help="folder receiving toy/ and style/ (default: ./examples)")
-  parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-  args = parser.parse_args(argv)
-  draw_example_concept(os.path.join(args.out_dir, "toy"), args.size)
-  draw_example_style(os.path.join(args.out_dir, "style"), args.size)
+def draw_examples(out_dir: str = "examples", size: int = 128) -> list[str]:
+  """Draws both example concepts into ``<out_dir>/toy`` and ``<out_dir>/style``; returns the paths."""
+  return (draw_example_concept(os.path.join(out_dir, "toy"), size)
+          + draw_example_style(os.path.join(out_dir, "style"), size))
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m ti_jax.testing.example_images`: regenerates the examples into --out_dir."""
+  from ti_jax import cli  # pylint: disable=import-outside-toplevel
+  f = cli.start(argv)
+  try:
+    draw_examples(f.out_dir, f.size)
+  except OSError as e:  # e.g. a read-only folder, or a file where a folder goes
+    raise SystemExit(f"error: cannot write the examples to {f.out_dir}: "
+                     f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
 
 
 if __name__ == "__main__":
-  main()
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+
+  from ti_jax import cli  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("out_dir", "examples", "Folder receiving toy/ and style/.")
+  flags.DEFINE_integer("size", 128, "Image side in pixels.", lower_bound=1)
+  app.run(main, flags_parser=cli.flags_parser)

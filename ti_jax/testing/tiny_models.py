@@ -33,7 +33,7 @@ from ti_jax.weights.loading import (
   param_shapes,
 )
 
-TINY_PRESETS = ("tiny-sd15", "tiny-sd21", "tiny-ldm")
+TINY_PRESETS = presets.TINY_MODELS  # the presets this module writes (owned by presets.py)
 
 
 # Recorded in the configs as the writing library's version; diffusers and

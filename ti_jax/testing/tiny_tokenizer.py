@@ -104,28 +104,28 @@ a bronze figure of a dancer, photographed against a plain background.
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """Return GPT-2 / CLIP's reversible byte -> printable-unicode table.
+  """Return GPT-2 / CLIP's reversible byte -> printable-unicode table.
 
-    BPE works on strings, so every byte must map to a visible character that
-    is not whitespace or a control character (those would be split or
-    normalized away).  Printable Latin-1 bytes map to themselves; the other 68
-    bytes are shifted to code points 256 and up.  The dict's insertion order
-    (printable bytes first, then the shifted ones) is the order CLIP uses for
-    the first 256 vocabulary ids, so callers rely on it.
-    """
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+  BPE works on strings, so every byte must map to a visible character that
+  is not whitespace or a control character (those would be split or
+  normalized away).  Printable Latin-1 bytes map to themselves; the other 68
+  bytes are shifted to code points 256 and up.  The dict's insertion order
+  (printable bytes first, then the shifted ones) is the order CLIP uses for
+  the first 256 vocabulary ids, so callers rely on it.
+  """
+  bs = (
+      list(range(ord("!"), ord("~") + 1))
+      + list(range(ord("¡"), ord("¬") + 1))
+      + list(range(ord("®"), ord("ÿ") + 1))
+  )
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, (chr(c) for c in cs)))
 
 
 # CLIP's pre-tokenizer pattern with \p{L} / \p{N} replaced by ASCII classes:
@@ -137,164 +137,164 @@ _PRETOKENIZE = re.compile(
 
 
 def _word_counts(corpus: str) -> dict[tuple[str, ...], int]:
-    """Split ``corpus`` like CLIP and return symbol tuples with their counts.
+  """Split ``corpus`` like CLIP and return symbol tuples with their counts.
 
-    Each word becomes its byte symbols with ``</w>`` glued to the last one,
-    which is how CLIP's ``bpe()`` starts every word.
-    """
-    if not corpus.isascii():
-        raise ValueError("the built-in corpus must be ASCII (see _PRETOKENIZE)")
-    byte_encoder = bytes_to_unicode()
-    counts: collections.Counter[tuple[str, ...]] = collections.Counter()
-    text = " ".join(corpus.split()).lower()  # CLIP: whitespace_clean + lower
-    for word in _PRETOKENIZE.findall(text):
-        symbols = [byte_encoder[b] for b in word.encode("utf-8")]
-        symbols[-1] += END_OF_WORD
-        counts[tuple(symbols)] += 1
-    return dict(counts)
+  Each word becomes its byte symbols with ``</w>`` glued to the last one,
+  which is how CLIP's ``bpe()`` starts every word.
+  """
+  if not corpus.isascii():
+    raise ValueError("the built-in corpus must be ASCII (see _PRETOKENIZE)")
+  byte_encoder = bytes_to_unicode()
+  counts: collections.Counter[tuple[str, ...]] = collections.Counter()
+  text = " ".join(corpus.split()).lower()  # CLIP: whitespace_clean + lower
+  for word in _PRETOKENIZE.findall(text):
+    symbols = [byte_encoder[b] for b in word.encode("utf-8")]
+    symbols[-1] += END_OF_WORD
+    counts[tuple(symbols)] += 1
+  return dict(counts)
 
 
 def _merge_word(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """Replace every non-overlapping occurrence of ``pair`` in ``word``."""
-    first, second = pair
-    out: list[str] = []
-    i = 0
-    while i < len(word):
-        if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
-            out.append(first + second)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
+  """Replace every non-overlapping occurrence of ``pair`` in ``word``."""
+  first, second = pair
+  out: list[str] = []
+  i = 0
+  while i < len(word):
+    if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
+      out.append(first + second)
+      i += 2
+    else:
+      out.append(word[i])
+      i += 1
+  return tuple(out)
 
 
 def _learn_merges(corpus: str, num_merges: int, taken: set[str]) -> list[tuple[str, str]]:
-    """Learn up to ``num_merges`` BPE merges from ``corpus``, deterministically.
+  """Learn up to ``num_merges`` BPE merges from ``corpus``, deterministically.
 
-    Classic greedy BPE: repeatedly merge the most frequent adjacent pair.
-    Ties are broken by the smallest ``(first, second)`` string pair, so the
-    result never depends on dict/set iteration order.  A pair whose
-    concatenation is already a token (``taken``, grown as merges are made) is
-    skipped: CLIP's layout gives every merge its own vocab id, and a duplicate
-    string would collapse two ids into one in ``vocab.json``.  Stops early if
-    every word has become a single symbol.
-    """
-    words = _word_counts(corpus)
-    taken = set(taken)
-    merges: list[tuple[str, str]] = []
-    while len(merges) < num_merges:
-        pair_counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        for word, count in words.items():
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] += count
-        candidates = [(-c, p) for p, c in pair_counts.items() if p[0] + p[1] not in taken]
-        if not candidates:
-            break
-        best = min(candidates)[1]  # highest count, then smallest pair
-        merges.append(best)
-        taken.add(best[0] + best[1])
-        words = {_merge_word(w, best): c for w, c in words.items()}
-    return merges
+  Classic greedy BPE: repeatedly merge the most frequent adjacent pair.
+  Ties are broken by the smallest ``(first, second)`` string pair, so the
+  result never depends on dict/set iteration order.  A pair whose
+  concatenation is already a token (``taken``, grown as merges are made) is
+  skipped: CLIP's layout gives every merge its own vocab id, and a duplicate
+  string would collapse two ids into one in ``vocab.json``.  Stops early if
+  every word has become a single symbol.
+  """
+  words = _word_counts(corpus)
+  taken = set(taken)
+  merges: list[tuple[str, str]] = []
+  while len(merges) < num_merges:
+    pair_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    for word, count in words.items():
+      for pair in zip(word, word[1:]):
+        pair_counts[pair] += count
+    candidates = [(-c, p) for p, c in pair_counts.items() if p[0] + p[1] not in taken]
+    if not candidates:
+      break
+    best = min(candidates)[1]  # highest count, then smallest pair
+    merges.append(best)
+    taken.add(best[0] + best[1])
+    words = {_merge_word(w, best): c for w, c in words.items()}
+  return merges
 
 
 def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 400) -> int:
-    """Write a small CLIP-format BPE tokenizer folder and return its vocab size.
+  """Write a small CLIP-format BPE tokenizer folder and return its vocab size.
 
-    Args:
-        out_dir: Folder to write into (created if missing), e.g. the
-            ``tokenizer/`` subfolder of a diffusers Stable Diffusion model
-            folder.  Existing files of the same names are overwritten.
-        num_merges: Maximum number of BPE merges to learn from the built-in
-            corpus.  Fewer are learned if the corpus runs out of pairs.  The
-            default gives a ~900-entry vocab in which the textual-inversion
-            template words and common initializer words are single tokens.
+  Args:
+    out_dir: Folder to write into (created if missing), e.g. the
+      ``tokenizer/`` subfolder of a diffusers Stable Diffusion model
+      folder.  Existing files of the same names are overwritten.
+    num_merges: Maximum number of BPE merges to learn from the built-in
+      corpus.  Fewer are learned if the corpus runs out of pairs.  The
+      default gives a ~900-entry vocab in which the textual-inversion
+      template words and common initializer words are single tokens.
 
-    Returns:
-        The vocabulary size: ``512 + number_of_merges + 2``.
+  Returns:
+    The vocabulary size: ``512 + number_of_merges + 2``.
 
-    Writes ``vocab.json``, ``merges.txt`` (first line ``#version: 0.2``),
-    ``special_tokens_map.json`` and ``tokenizer_config.json``.  The output is
-    byte-for-byte deterministic for a given ``num_merges``.
-    """
-    if num_merges < 0:
-        raise ValueError(f"num_merges must be >= 0, got {num_merges}")
+  Writes ``vocab.json``, ``merges.txt`` (first line ``#version: 0.2``),
+  ``special_tokens_map.json`` and ``tokenizer_config.json``.  The output is
+  byte-for-byte deterministic for a given ``num_merges``.
+  """
+  if num_merges < 0:
+    raise ValueError(f"num_merges must be >= 0, got {num_merges}")
 
-    byte_symbols = list(bytes_to_unicode().values())
-    base = byte_symbols + [s + END_OF_WORD for s in byte_symbols]
-    merges = _learn_merges(CORPUS, num_merges, taken=set(base))
-    tokens = base + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    assert len(vocab) == len(tokens), "duplicate vocab entry"
+  byte_symbols = list(bytes_to_unicode().values())
+  base = byte_symbols + [s + END_OF_WORD for s in byte_symbols]
+  merges = _learn_merges(CORPUS, num_merges, taken=set(base))
+  tokens = base + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
+  vocab = {tok: i for i, tok in enumerate(tokens)}
+  assert len(vocab) == len(tokens), "duplicate vocab entry"
 
-    os.makedirs(out_dir, exist_ok=True)
+  os.makedirs(out_dir, exist_ok=True)
 
-    def write(name: str, text: str) -> None:
-        # Explicit encoding and "\n" newlines so files are identical on every
-        # platform (byte-identical outputs are part of the contract).
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+  def write(name: str, text: str) -> None:
+      # Explicit encoding and "\n" newlines so files are identical on every
+      # platform (byte-identical outputs are part of the contract).
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8", newline="\n") as f:
+      f.write(text)
 
-    # ensure_ascii=False keeps the byte symbols readable, as in CLIP's file.
-    write("vocab.json", json.dumps(vocab, ensure_ascii=False, indent=2) + "\n")
-    write("merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  # ensure_ascii=False keeps the byte symbols readable, as in CLIP's file.
+  write("vocab.json", json.dumps(vocab, ensure_ascii=False, indent=2) + "\n")
+  write("merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
-    # Same special-token roles as Stable Diffusion 1.x's tokenizer folder:
-    # eos doubles as pad and unk (CLIP has no dedicated pad/unk token).
-    special = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
-        "unk_token": EOS_TOKEN,
-    }
-    config = {
-        # Without tokenizer_class, AutoTokenizer cannot tell which class to
-        # build (there is no config.json next to a diffusers tokenizer folder).
-        "tokenizer_class": "CLIPTokenizer",
-        # Without model_max_length the tokenizer reports a huge sentinel and
-        # padding="max_length" with max_length=model_max_length breaks.
-        "model_max_length": MODEL_MAX_LENGTH,
-        "do_lower_case": True,
-        "add_prefix_space": False,
-        "errors": "replace",
-        **special,
-    }
-    write("special_tokens_map.json", json.dumps(special, indent=2, sort_keys=True) + "\n")
-    write("tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return len(vocab)
+  # Same special-token roles as Stable Diffusion 1.x's tokenizer folder:
+  # eos doubles as pad and unk (CLIP has no dedicated pad/unk token).
+  special = {
+      "bos_token": BOS_TOKEN,
+      "eos_token": EOS_TOKEN,
+      "pad_token": EOS_TOKEN,
+      "unk_token": EOS_TOKEN,
+  }
+  config = {
+      # Without tokenizer_class, AutoTokenizer cannot tell which class to
+      # build (there is no config.json next to a diffusers tokenizer folder).
+      "tokenizer_class": "CLIPTokenizer",
+      # Without model_max_length the tokenizer reports a huge sentinel and
+      # padding="max_length" with max_length=model_max_length breaks.
+      "model_max_length": MODEL_MAX_LENGTH,
+      "do_lower_case": True,
+      "add_prefix_space": False,
+      "errors": "replace",
+      **special,
+  }
+  write("special_tokens_map.json", json.dumps(special, indent=2, sort_keys=True) + "\n")
+  write("tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+  return len(vocab)
 
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def write_tiny_bert_tokenizer(out_dir: str) -> int:
-    """Write a small uncased BERT WordPiece tokenizer folder; return its vocab size.
+  """Write a small uncased BERT WordPiece tokenizer folder; return its vocab size.
 
-    The paper's LDM-1.4B reads prompts with a BERT tokenizer (bert-base-uncased's
-    30,522 WordPieces). This writes the same kind of folder (``vocab.txt`` with
-    ``[PAD]`` as id 0, as LDMBert's ``pad_token_id`` expects, plus
-    ``tokenizer_config.json``) whose vocabulary is every whole word of
-    ``CORPUS`` and single characters with their ``##`` continuations, so any
-    lower-case ASCII text tokenizes and the template words are one token each.
-    It loads with ``transformers.BertTokenizer.from_pretrained``.
-    """
-    words = sorted(set(re.findall(r"[a-z]+|[0-9]", CORPUS.lower())))
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789"))
-    punctuation = list(".,'-!?:;()<>_*\"/&")
-    tokens = list(BERT_SPECIAL_TOKENS) + punctuation
-    tokens += [c for c in chars if c not in words] + words + ["##" + c for c in chars]
-    assert len(set(tokens)) == len(tokens), "duplicate vocab entry"
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8", newline="\n") as f:
-        f.write("".join(t + "\n" for t in tokens))
-    config = {
-        "tokenizer_class": "BertTokenizer",
-        "do_lower_case": True,
-        "model_max_length": MODEL_MAX_LENGTH,
-        "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
-        "sep_token": "[SEP]", "mask_token": "[MASK]",
-    }
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8",
-              newline="\n") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return len(tokens)
+  The paper's LDM-1.4B reads prompts with a BERT tokenizer (bert-base-uncased's
+  30,522 WordPieces). This writes the same kind of folder (``vocab.txt`` with
+  ``[PAD]`` as id 0, as LDMBert's ``pad_token_id`` expects, plus
+  ``tokenizer_config.json``) whose vocabulary is every whole word of
+  ``CORPUS`` and single characters with their ``##`` continuations, so any
+  lower-case ASCII text tokenizes and the template words are one token each.
+  It loads with ``transformers.BertTokenizer.from_pretrained``.
+  """
+  words = sorted(set(re.findall(r"[a-z]+|[0-9]", CORPUS.lower())))
+  chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789"))
+  punctuation = list(".,'-!?:;()<>_*\"/&")
+  tokens = list(BERT_SPECIAL_TOKENS) + punctuation
+  tokens += [c for c in chars if c not in words] + words + ["##" + c for c in chars]
+  assert len(set(tokens)) == len(tokens), "duplicate vocab entry"
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8", newline="\n") as f:
+    f.write("".join(t + "\n" for t in tokens))
+  config = {
+      "tokenizer_class": "BertTokenizer",
+      "do_lower_case": True,
+      "model_max_length": MODEL_MAX_LENGTH,
+      "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+      "sep_token": "[SEP]", "mask_token": "[MASK]",
+  }
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8",
+            newline="\n") as f:
+    f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  return len(tokens)

@@ -119,3 +119,21 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   else:
     raise ValueError(f"unknown config variant {variant!r} (known: sd15, sd21, tiny)")
   return c
+
+
+def concept_config(variant: str, learnable_property: str, placeholder_token: str,
+                   initializer_token: str, validation_prompt: str,
+                   tiny: dict | None = None) -> ml_collections.ConfigDict:
+  """`get_config(variant)` ("" = sd15) with the concept fields a configs/*.py file sets.
+
+  `tiny` holds the fields that differ under the `tiny` variant (its example
+  images, a token that suits them).
+  """
+  c = get_config(variant or "sd15")
+  c.learnable_property = learnable_property  # picks the templates: "object" or "style"
+  c.placeholder_token = placeholder_token
+  c.initializer_token = initializer_token
+  c.validation_prompt = validation_prompt
+  if variant == "tiny":
+    c.update(tiny or {})
+  return c

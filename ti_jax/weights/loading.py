@@ -30,7 +30,7 @@ from ti_jax.models.layers import resolve_attention_impl
 from ti_jax.models.ldm_bert import LDMBertConfig, LDMBertModel, is_ldm_bert_config
 from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ti_jax.models.vae import AutoencoderKL, VAEConfig
-from ti_jax.weights import convert, safetensors_io
+from ti_jax.weights import convert, presets, safetensors_io
 
 
 class ModelLoadError(errors.UserError):
@@ -64,16 +64,20 @@ def component_spec(component: str, config: dict) -> convert.ComponentSpec:
 
 @dataclasses.dataclass
 class StableDiffusion:
-  """A loaded model: frozen Flax modules, their params, tokenizer and scheduler config."""
+  """A loaded model: frozen Flax modules, their params, tokenizer and scheduler config.
+
+  Also the paper's LDM-1.4B: its vqvae is a KL autoencoder (`vae`), its bert
+  an `LDMBertModel` (`text_encoder`) with a BERT `tokenizer`.
+  """
   source: str  # what the user passed: a folder or a hub id
   path: str  # the local diffusers folder
   unet: UNet2DConditionModel
   unet_params: Any
   vae: AutoencoderKL
   vae_params: Any
-  text_encoder: CLIPTextModel
+  text_encoder: CLIPTextModel | LDMBertModel  # same calling convention (inputs_embeds, mask)
   text_encoder_params: Any
-  tokenizer: Any
+  tokenizer: Any  # a transformers CLIP or BERT tokenizer
   scheduler_config: dict
   model_index: dict
 
@@ -100,7 +104,7 @@ def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
   return patterns
 
 
-TINY_MODELS = ("tiny-sd15", "tiny-sd21", "tiny-ldm")
+TINY_MODELS = presets.TINY_MODELS  # kept importable here: the names this module resolves
 DEFAULT_CACHE_DIR = "~/.cache/ti_jax"
 
 

@@ -3,8 +3,9 @@
 The SD 1.5, SD 2.1 and LDM-1.4B entries are the `config.json` contents of the public
 checkpoints (architecture fields only); tests use them to prove that real
 checkpoints convert key for key, and benchmarks build random-weight models of
-those shapes. The tiny entries keep the SD topology at toy widths for
-offline tests and the demo.
+those shapes. The tiny entries keep their model's topology (SD 1.5, SD 2.1,
+LDM) at toy widths for offline tests and the demo; `TINY_MODELS` lists their
+names, the one list every other module imports.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ldm": _LDM,
     "tiny-ldm": _tiny(_LDM, attention_head_dim=2),
 }
+# The tiny random-weight models ti_jax writes itself (`ti_jax.testing.tiny_models`):
+# the names `pretrained_model_name_or_path` and `python -m ti_jax.tiny_model --preset` take.
+TINY_MODELS = tuple(name for name in PRESETS if name.startswith("tiny-"))
 
 
 def preset(name: str) -> dict[str, Any]:
