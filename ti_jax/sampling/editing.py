@@ -117,10 +117,15 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
     log: called with one line per decision (working size, thin mask).
 
   Every edit equals `image` outside `mask` dilated by half a latent cell.
+
+  Raises:
+    EditError: a mask of another size, or a step count or scheduler setting
+      the model's scheduler config cannot take.
   """
   log = log or (lambda _: None)
   if image.shape[:2] != mask.shape:
-    raise ValueError(f"mask {mask.shape} and image {image.shape[:2]} differ in size")
+    raise EditError(f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                    f"{image.shape[1]}x{image.shape[0]}; the mask must have the image's size")
   factor, multiple = blended.latent_factor(sd), blended.size_multiple(sd)
   h, w = image.shape[:2]
   resolution = resolution or sd.unet.config.sample_size * factor
@@ -129,7 +134,9 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
     log(f"image {w}x{h} is edited at {size[1]}x{size[0]} (sides multiples of {multiple}, the "
         f"shorter near the model's {resolution} px) and resized back to {w}x{h}")
   work_image = _resize(image, size, Image.LANCZOS)
-  work_mask = _resize(mask.astype(np.uint8) * 255, size, Image.NEAREST) >= 128  # [H', W']
+  # Area-averaged, any coverage counts: a stroke thinner than the downscaling keeps its
+  # pixels (the latent grid's half-cover rule and `is_thin` then decide, as at full size).
+  work_mask = _resize(mask.astype(np.uint8) * 255, size, Image.BOX) > 0  # [H', W']
   thin = blended.is_thin(work_mask, factor)
   if mask_shrink_stages < 0:
     mask_shrink_stages = THIN_MASK_STAGES if thin else 0
@@ -137,9 +144,12 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
     log(f"the mask is thin at the latent grid ({factor} px cells): every cell it touches is "
         f"edited, with {mask_shrink_stages} progressive mask shrinking stage(s)")
   masks = blended.latent_masks(work_mask, factor, mask_shrink_stages)  # [S, h, w, 1]
-  editor = blended.BlendedEditor(sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, height=size[0], width=size[1],
-                                 devices=devices)
+  try:
+    editor = blended.BlendedEditor(sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
+                                   guidance_scale=guidance_scale, height=size[0], width=size[1],
+                                   devices=devices)
+  except ValueError as e:  # a step count or scheduler setting the model's config cannot take
+    raise EditError(str(e)) from None
   latents = editor.encode(work_image)  # [h, w, C], the image encoded once
   # Half a latent cell at the working size, in the image's own pixels (at least 1).
   radius = max(1, round(factor / 2 * max(h / size[0], w / size[1])))
@@ -211,6 +221,10 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
       concepts, run_config, override=pretrained_model_name_or_path, dtype=dtype,
       platform=devices[0].platform, allow_pickle=allow_pickle, cache_dir=cache_dir,
       allow_base_model_mismatch=allow_base_model_mismatch)
+  try:  # the model's scheduler config fixes which step counts work: checked before any output
+    schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
+  except ValueError as e:
+    raise EditError(str(e)) from None
   learned = runner.add_concepts(sd.tokenizer, concepts)
   expanded, warnings = runner.prepare_prompt(prompt, concepts, sd.tokenizer)
   for line in warnings:
