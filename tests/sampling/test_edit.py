@@ -197,6 +197,22 @@ def test_thin_mask_is_edited_and_logged(run):
   assert (edits[0][stroke] != run["image"][stroke]).any(axis=-1).mean() > 0.5
 
 
+def test_a_thin_stroke_survives_downscaling_to_the_working_size(run):
+  # 128 px is edited at 64 px: a 1 px line on an even row is one that nearest-neighbour
+  # downscaling would drop (it keeps odd rows); the area-averaged mask keeps it.
+  image = np.asarray(Image.fromarray(run["image"]).resize((128, 128)))  # [128, 128, 3]
+  line = np.zeros((128, 128), bool)
+  line[60, 10:118] = True
+  lines = []
+  edits = _edit(run, line, image=image, log=lines.append)
+  assert edits.shape == (2, 128, 128, 3)
+  assert any("edited at 64x64" in message for message in lines)
+  assert any("thin" in message for message in lines)
+  outside = ~blended.dilate(line, 8)  # half a 64 px latent cell is 8 px at 128 px
+  np.testing.assert_array_equal(edits[0][outside], image[outside])
+  assert (edits[0][line] != image[line]).any(axis=-1).mean() > 0.5
+
+
 @pytest.mark.parametrize("preset", ["tiny-sd21", "tiny-ldm"])
 def test_every_base_model_edits_with_the_background_kept(run, preset):
   sd = load_stable_diffusion(preset, cache_dir=run["cache"])
