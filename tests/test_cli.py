@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 from absl import flags
+from conftest import REPO
 from ml_collections import config_flags
 
-from conftest import REPO
 from ti_jax import cli
 from ti_jax.embeddings import embedding_io
 

@@ -4,8 +4,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO
+
 from ti_jax.runtime import fileio
 
 SCRIPTS = ["launch/tpu_vm.sh", "launch/gpu_single_node.sh", "launch/slurm_multi_node.sh"]

@@ -8,9 +8,9 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from ti_jax.data import captions, choices, image_loader
 from ti_jax.testing import example_images
 

@@ -24,6 +24,7 @@ from ti_jax import cli, errors
 from ti_jax.data import image_loader
 from ti_jax.runtime import fileio, parallel
 from ti_jax.sampling import blended, generation, runner, schedulers
+from ti_jax.sampling import concepts as concept_lib
 
 
 class EditError(errors.UserError):
@@ -100,7 +101,7 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
                  scheduler: str = "ddim", num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, seed: int = 0, negative_prompt: str = "",
                  learned=(), resolution: int = 0, mask_shrink_stages: int = -1,
-                 batch_size: int = 0, devices: Sequence | None = None,
+                 batch_size: int = 0, devices: Sequence | None = None, tokenizer=None,
                  log=None) -> Iterator[tuple[int, np.ndarray]]:
   """Yields (index of the first edit, uint8 `[n, H, W, 3]`) per compiled call.
 
@@ -108,7 +109,7 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
     sd: the loaded base model (`load_stable_diffusion`).
     image: uint8 `[H, W, 3]`, any size the model's working size can be reached from.
     mask: bool `[H, W]`, True where the image may change.
-    prompt: the prompt, learned tokens already expanded (`runner.prepare_prompt`).
+    prompt: the prompt, learned tokens already expanded (`concepts.prepare_prompt`).
     num_images: edits to make; edit i draws its noise from (seed, i).
     resolution: the shorter side to edit at (0: the model's resolution).
     mask_shrink_stages: progressive mask shrinking stages (-1: `THIN_MASK_STAGES`
@@ -161,7 +162,7 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
     # Always `chunk` prompts: one compiled program for every call, the last one included.
     edits = editor.edit([prompt] * chunk, latents, masks, seed=seed,
                         negative_prompt=negative_prompt, learned=learned, first_index=start,
-                        tokenizer=sd.tokenizer)[:count]
+                        tokenizer=tokenizer or sd.tokenizer)[:count]
     edits = np.stack([_resize(e, (h, w), Image.LANCZOS) for e in edits])  # [n, H, W, 3]
     yield start, blended.blend_pixels(image, edits, region)
 
@@ -211,13 +212,13 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
                     f"{mask_threshold} (white marks the region to edit)")
   _log(f"mask: pixels with a grey level >= {mask_threshold} of 255 are changed "
        f"({100.0 * region.mean():.1f}% of the image)")
-  concepts, run_meta = runner.gather_concepts(workdir, step, embedding_sources)
-  for line in runner.describe_concepts(concepts):
+  concepts, run_meta = concept_lib.gather_concepts(workdir, step, embedding_sources)
+  for line in concept_lib.describe_concepts(concepts):
     _log(line)
   run_config, ckpt_step = run_meta.get("config", {}), run_meta.get("step")
   devices = list(devices) if devices is not None else parallel.all_devices()
   is_main = jax.process_index() == 0
-  sd, model_id = runner.load_base_model(
+  sd, model_id = concept_lib.load_base_model(
       concepts, run_config, override=pretrained_model_name_or_path, dtype=dtype,
       platform=devices[0].platform, allow_pickle=allow_pickle, cache_dir=cache_dir,
       allow_base_model_mismatch=allow_base_model_mismatch)
@@ -225,8 +226,8 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
     schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
   except ValueError as e:
     raise EditError(str(e)) from None
-  learned = runner.add_concepts(sd.tokenizer, concepts)
-  expanded, warnings = runner.prepare_prompt(prompt, concepts, sd.tokenizer)
+  tokenizer, learned = concept_lib.tokenizer_with_concepts(sd.tokenizer, concepts)
+  expanded, warnings = concept_lib.prepare_prompt(prompt, concepts, tokenizer)
   for line in warnings:
     _log(f"warning: {line}")
   out_dir = output_dir or (fileio.join(workdir, "edits") if workdir else "edits")
@@ -239,7 +240,7 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
   if parallel.any_process(out_error is not None):  # all processes stop, none waits forever
     raise out_error or EditError("process 0 cannot write the output folder")
   step_part = f"_step{ckpt_step}" if ckpt_step is not None else ""
-  stem = f"{runner.slug(prompt)}{step_part}_seed{seed}"
+  stem = f"{generation.slug(prompt)}{step_part}_seed{seed}"
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   bar = tqdm(total=num_images, desc="edit", unit="img", file=sys.stderr, disable=not is_main)
   written, grid = [], []
@@ -248,7 +249,7 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
       negative_prompt=negative_prompt, learned=learned,
       resolution=run_config.get("resolution") or 0, mask_shrink_stages=mask_shrink_stages,
-      batch_size=batch_size, devices=devices, log=_log)
+      batch_size=batch_size, devices=devices, tokenizer=tokenizer, log=_log)
   for start, edits in batches:
     bar.update(len(edits))
     if not is_main:  # every process edits; process 0 writes
