@@ -18,6 +18,7 @@ import pytest
 from test_train import _cli, _config
 
 from ti_jax import errors
+from ti_jax.embeddings import embedding_io
 from ti_jax.runtime import fileio
 from ti_jax.training import checkpointing, trainer
 from ti_jax.weights import safetensors_io
@@ -276,9 +277,11 @@ def test_checkpoint_with_non_finite_vectors_is_refused_on_restore(tmp_path, cach
     checkpointing.learned_from_workdir(str(workdir))
   with pytest.raises(checkpointing.CheckpointWriteError, match="non-finite"):
     checkpointing.Checkpoints(str(workdir)).save(5, state, meta)
-  with pytest.raises(checkpointing.WorkdirError, match="not finite"):
-    checkpointing.write_learned_embeds(str(tmp_path / "x.safetensors"), ["<toy>"],
-                                       np.full((1, 4), np.inf, np.float32), "<toy>")
+  # The writer of the final learned_embeds.safetensors refuses them too, writing nothing.
+  with pytest.raises(embedding_io.EmbeddingFileError, match="holds NaN or inf"):
+    embedding_io.save_embedding(str(tmp_path / "x.safetensors"), embedding_io.Concept(
+        "<toy>", np.full((1, 4), np.inf, np.float32), "x"), "diffusers")
+  assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_non_finite_init_embedding_is_refused(tmp_path, cache_dir):

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, config_module, offline_config
 
 from ti_jax import errors
-from ti_jax.data import captions, choices, image_loader
+from ti_jax.data import captions, choices, image_loader, latent_cache
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import parallel
 from ti_jax.sampling import schedulers
@@ -46,7 +46,7 @@ def setup(tiny_sd15):
   table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"])
   init = pseudo_words.initializer_vectors(sd.tokenizer, table, "toy", 2)
   images = image_loader.load_training_images(TOY, 64, False)
-  mean, std = trainer.encode_views(sd.vae, sd.vae_params, image_loader.view_pixels(images.pixels, True))
+  mean, std = latent_cache.encode_views(sd.vae, sd.vae_params, image_loader.view_pixels(images.pixels, True))
   frozen = train_lib.Frozen(unet=sd.unet_params, text_encoder=sd.text_encoder_params,
                             latent_mean=mean, latent_std=std,
                             placeholder_ids=np.asarray(ids, np.int32),
