@@ -352,8 +352,11 @@ def test_progressive_words_adds_one_trained_vector_every_n_steps(tmp_path, cache
   init = None
   moved = {}
   for steps in (2, 4):
+    # The 2-step run also writes its validation image: at step 2, 2 of the 3 vectors are active.
+    shown = (dict(validation_prompt="a photo of {}", validation_steps=100, num_validation_images=1,
+                  validation_inference_steps=2) if steps == 2 else {})
     result = trainer.run(_config(cache_dir, num_vectors=3, progressive_words=2, max_train_steps=steps,
-                               checkpointing_steps=100),
+                               checkpointing_steps=100, **shown),
                        str(tmp_path / f"run{steps}"), devices=jax.local_devices()[:1],
                        progress=False)
     if init is None:
@@ -363,6 +366,10 @@ def test_progressive_words_adds_one_trained_vector_every_n_steps(tmp_path, cache
     moved[steps] = np.abs(result["embeds"] - init).max(axis=1) > 0
   assert moved[2].tolist() == [True, False, False]
   assert moved[4].tolist() == [True, True, False]
+  # The validation prompt names the active vectors only, as the training prompts do.
+  from PIL import Image
+  with Image.open(tmp_path / "run2" / "validation" / "step000002_0.png") as png:
+    assert png.text["prompt"] == "a photo of <toy> <toy>_1"
 
 
 def test_remat_unet_gives_the_same_gradient_and_recomputes(setup):
