@@ -279,6 +279,25 @@ def test_workdir_of_another_concept_is_refused_and_kept(tmp_path, cache_dir):
   assert checkpointing.Checkpoints(str(workdir)).all_steps() == [2]
 
 
+def test_run_leaves_jax_config_alone_and_the_cli_turns_the_cache_on(tmp_path, cache_dir):
+  """config.compilation_cache_dir is the entry point's business: `run` (here one that fails
+  at start-up) does not touch jax.config; `python -m ti_jax.train` fills that cache."""
+  before = jax.config.jax_compilation_cache_dir
+  other = tmp_path / "other-xla"
+  with pytest.raises(image_loader.DataError):
+    trainer.run(_config(cache_dir, compilation_cache_dir=str(other),
+                        train_data_dir=str(tmp_path / "missing")), str(tmp_path / "w"),
+                progress=False)
+  assert jax.config.jax_compilation_cache_dir == before and not other.exists()
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  cmd = [c for c in _cli(tmp_path / "cli", cache_dir, "--config.max_train_steps=1")
+         if not c.startswith("--config.compilation_cache_dir=")]
+  out = subprocess.run(cmd + [f"--config.compilation_cache_dir={other}"], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert other.is_dir() and os.listdir(other)  # the step's program, cached by the CLI
+
+
 def test_cli_unknown_config_field_is_one_line(tmp_path, cache_dir):
   out = subprocess.run(_cli(tmp_path / "w", cache_dir, "--config.no_such_field=1"),
                        capture_output=True, text=True, timeout=120)
