@@ -410,13 +410,16 @@ def test_example_choices_use_every_template():
 
 
 def test_example_choices_reject_bad_arguments():
-  with pytest.raises(image_loader.DataError):
+  # Each refusal names its own argument (not just any DataError).
+  with pytest.raises(image_loader.DataError, match=r"global_indices must lie in \[0, 8\), got 8"):
     choices.example_choices(0, 0, np.array([8]), **_CHOICE_KW)
-  with pytest.raises(image_loader.DataError):
+  with pytest.raises(image_loader.DataError, match=r"flip_p must be in \[0, 1\], got 1.5"):
     choices.example_choices(0, 0, np.array([0]), global_batch_size=8, num_images=5, flip_p=1.5,
                          num_templates=3)
-  with pytest.raises(image_loader.DataError):
+  with pytest.raises(image_loader.DataError, match="must be non-negative, got seed=-1"):
     choices.example_choices(-1, 0, np.array([0]), **_CHOICE_KW)
+  with pytest.raises(image_loader.DataError, match="must be 1-D"):
+    choices.example_choices(0, 0, np.zeros((2, 2), np.int64), **_CHOICE_KW)
 
 
 # ---------------------------------------------------------------------------
@@ -443,7 +446,7 @@ def test_build_prompts_fill_placeholder():
   assert prompts == ["a photo of a <toy-robot>", "a rendering of a <toy-robot>",
                      "a photo of a <toy-robot>"]
   assert captions.build_prompts(np.array([0]), templates, "{odd}") == ["a photo of a {odd}"]
-  with pytest.raises(image_loader.DataError):
+  with pytest.raises(image_loader.DataError, match=f"template index {len(templates)} out of range"):
     captions.build_prompts(np.array([len(templates)]), templates, "x")
 
 

@@ -157,6 +157,29 @@ def test_writing_non_finite_vectors_is_refused(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_save_embedding_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+  """The one writer of embedding files (final learned_embeds and every export)."""
+  path = tmp_path / "learned_embeds.safetensors"
+  embedding_io.save_embedding(str(path), embedding_io.Concept("<toy>", _vectors(2), ""),
+                              "diffusers")
+  np.testing.assert_array_equal(safetensors_io.load(str(path))["<toy>"], _vectors(2))
+  assert embedding_io.holds_embedding(str(path), "<toy>", _vectors(2))
+  assert not embedding_io.holds_embedding(str(path), "<toy>", _vectors(2, seed=1))
+  assert not embedding_io.holds_embedding(str(path), "<other>", _vectors(2))
+  before = path.read_bytes()
+
+  def dies_half_way(local, concept, fmt, step=0):
+    del concept, fmt, step
+    with open(local, "wb") as f:
+      f.write(b"half")
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(embedding_io, "write_embedding_file", dies_half_way)
+  with pytest.raises(OSError, match="No space left"):
+    embedding_io.save_embedding(str(path), embedding_io.Concept("<toy>", _vectors(2, seed=1), ""),
+                                "diffusers")
+  assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+
+
 # --- export file names --------------------------------------------------------------------
 
 def test_default_export_names_are_distinct_per_format():

@@ -18,6 +18,7 @@ import pytest
 from test_train import _cli, _config
 
 from ti_jax import errors
+from ti_jax.embeddings import embedding_io
 from ti_jax.runtime import fileio
 from ti_jax.training import checkpointing, trainer
 from ti_jax.weights import safetensors_io
@@ -51,7 +52,7 @@ def _non_daemon_threads():
 
 def _hold_lock(workdir):
   """A separate process that holds the workdir lock until killed."""
-  code = ("import sys, time; from ti_jax import checkpointing; "
+  code = ("import sys, time; from ti_jax.training import checkpointing; "
           "checkpointing.lock_workdir(sys.argv[1]); print('locked', flush=True); time.sleep(600)")
   proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE,
                           text=True)
@@ -250,16 +251,24 @@ def test_unreadable_newest_checkpoint_names_a_good_step_and_train_falls_back(
 
 def test_diverging_run_stops_at_a_log_step_and_writes_no_non_finite_checkpoint(
     tmp_path, cache_dir):
+  """3 sane steps (checkpoint 3), then a resumed run at lr 1e30 diverges at once: the log of
+  step 5 stops it before checkpoint 6, and checkpoint 3 stays the newest."""
   workdir = tmp_path / "w"
+  trainer.run(_config(cache_dir, max_train_steps=3, checkpointing_steps=3), str(workdir),
+              progress=False)
+  (workdir / "learned_embeds.safetensors").unlink()  # the sane run's export, not wanted here
   with pytest.raises(trainer.DivergedError) as err:
     trainer.run(_config(cache_dir, learning_rate=1e30, max_train_steps=20, log_every_steps=5,
-                      checkpointing_steps=3), str(workdir), progress=False)
+                        checkpointing_steps=3), str(workdir), progress=False)
   message = str(err.value)
-  assert "training diverged by step" in message and "\n" not in message
+  assert "training diverged by step 5" in message and "\n" not in message
+  assert "the last finite checkpoint, step 3, is kept" in message
   ckpts = checkpointing.Checkpoints(str(workdir))
-  for step in ckpts.all_steps():  # every checkpoint kept is finite
-    state, _ = ckpts.restore_untyped(step)
-    assert np.all(np.isfinite(state["state"]["params"]["embeds"]))
+  assert ckpts.all_steps() == [3]  # nothing written after the divergence
+  state, _ = ckpts.restore_untyped(3)
+  assert np.all(np.isfinite(state["state"]["params"]["embeds"]))
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3]  # the diverged step 5 is not logged
   assert not (workdir / "learned_embeds.safetensors").exists()
 
 
@@ -276,9 +285,11 @@ def test_checkpoint_with_non_finite_vectors_is_refused_on_restore(tmp_path, cach
     checkpointing.learned_from_workdir(str(workdir))
   with pytest.raises(checkpointing.CheckpointWriteError, match="non-finite"):
     checkpointing.Checkpoints(str(workdir)).save(5, state, meta)
-  with pytest.raises(checkpointing.WorkdirError, match="not finite"):
-    checkpointing.write_learned_embeds(str(tmp_path / "x.safetensors"), ["<toy>"],
-                                       np.full((1, 4), np.inf, np.float32), "<toy>")
+  # The writer of the final learned_embeds.safetensors refuses them too, writing nothing.
+  with pytest.raises(embedding_io.EmbeddingFileError, match="holds NaN or inf"):
+    embedding_io.save_embedding(str(tmp_path / "x.safetensors"), embedding_io.Concept(
+        "<toy>", np.full((1, 4), np.inf, np.float32), "x"), "diffusers")
+  assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_non_finite_init_embedding_is_refused(tmp_path, cache_dir):

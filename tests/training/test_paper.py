@@ -146,13 +146,13 @@ def test_per_image_prompts_name_the_token_of_the_examples_own_image(cache_dir):
   image_tokens = pseudo_words.per_image_tokens("<S*>", 3)
   pseudo_words.add_new_tokens(sd.tokenizer, tokens + image_tokens)
   templates = captions.templates_for("object")
-  plain, per_image = trainer.prompt_tables(sd.tokenizer, templates, tokens, image_tokens)
+  plain, per_image = captions.prompt_tables(sd.tokenizer, templates, tokens, image_tokens)
   assert plain.shape[:2] == (2, len(templates))
   assert per_image.shape[:3] == (2, 3, len(templates))
   view_index = np.array([0, 1, 2, 3, 4, 5])  # views 3..5 mirror images 0..2
   template_index = np.array([0, 1, 2, 3, 4, 5])
   mixed = np.array([True, True, True, True, True, False])
-  ids = trainer.batch_input_ids(plain, per_image, 1, template_index, view_index, mixed)
+  ids = captions.batch_input_ids(plain, per_image, 1, template_index, view_index, mixed)
   # Compared without spaces and case: the uncased BERT tokenizer lower-cases on decode.
   squash = lambda text: text.replace(" ", "").lower()
   decoded = [squash(sd.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
@@ -161,7 +161,7 @@ def test_per_image_prompts_name_the_token_of_the_examples_own_image(cache_dir):
     assert decoded[i] == squash(expected), (decoded[i], expected)
   assert decoded[5] == squash(templates[5].format("<S*>"))
   # With two active vectors, both tokens come before the image token.
-  two = trainer.batch_input_ids(plain, per_image, 2, template_index, view_index, mixed)
+  two = captions.batch_input_ids(plain, per_image, 2, template_index, view_index, mixed)
   assert squash(sd.tokenizer.decode(two[1], skip_special_tokens=True)) == squash(
       templates[1].format("<S*> <S*>_1 with <S*>_image1"))
 

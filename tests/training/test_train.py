@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, config_module, offline_config
 
 from ti_jax import errors
-from ti_jax.data import captions, choices, image_loader
+from ti_jax.data import captions, choices, image_loader, latent_cache
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import parallel
 from ti_jax.sampling import schedulers
@@ -46,7 +46,7 @@ def setup(tiny_sd15):
   table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"])
   init = pseudo_words.initializer_vectors(sd.tokenizer, table, "toy", 2)
   images = image_loader.load_training_images(TOY, 64, False)
-  mean, std = trainer.encode_views(sd.vae, sd.vae_params, image_loader.view_pixels(images.pixels, True))
+  mean, std = latent_cache.encode_views(sd.vae, sd.vae_params, image_loader.view_pixels(images.pixels, True))
   frozen = train_lib.Frozen(unet=sd.unet_params, text_encoder=sd.text_encoder_params,
                             latent_mean=mean, latent_std=std,
                             placeholder_ids=np.asarray(ids, np.int32),
@@ -279,6 +279,25 @@ def test_workdir_of_another_concept_is_refused_and_kept(tmp_path, cache_dir):
   assert checkpointing.Checkpoints(str(workdir)).all_steps() == [2]
 
 
+def test_run_leaves_jax_config_alone_and_the_cli_turns_the_cache_on(tmp_path, cache_dir):
+  """config.compilation_cache_dir is the entry point's business: `run` (here one that fails
+  at start-up) does not touch jax.config; `python -m ti_jax.train` fills that cache."""
+  before = jax.config.jax_compilation_cache_dir
+  other = tmp_path / "other-xla"
+  with pytest.raises(image_loader.DataError):
+    trainer.run(_config(cache_dir, compilation_cache_dir=str(other),
+                        train_data_dir=str(tmp_path / "missing")), str(tmp_path / "w"),
+                progress=False)
+  assert jax.config.jax_compilation_cache_dir == before and not other.exists()
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  cmd = [c for c in _cli(tmp_path / "cli", cache_dir, "--config.max_train_steps=1")
+         if not c.startswith("--config.compilation_cache_dir=")]
+  out = subprocess.run(cmd + [f"--config.compilation_cache_dir={other}"], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert other.is_dir() and os.listdir(other)  # the step's program, cached by the CLI
+
+
 def test_cli_unknown_config_field_is_one_line(tmp_path, cache_dir):
   out = subprocess.run(_cli(tmp_path / "w", cache_dir, "--config.no_such_field=1"),
                        capture_output=True, text=True, timeout=120)
@@ -352,8 +371,11 @@ def test_progressive_words_adds_one_trained_vector_every_n_steps(tmp_path, cache
   init = None
   moved = {}
   for steps in (2, 4):
+    # The 2-step run also writes its validation image: at step 2, 2 of the 3 vectors are active.
+    shown = (dict(validation_prompt="a photo of {}", validation_steps=100, num_validation_images=1,
+                  validation_inference_steps=2) if steps == 2 else {})
     result = trainer.run(_config(cache_dir, num_vectors=3, progressive_words=2, max_train_steps=steps,
-                               checkpointing_steps=100),
+                               checkpointing_steps=100, **shown),
                        str(tmp_path / f"run{steps}"), devices=jax.local_devices()[:1],
                        progress=False)
     if init is None:
@@ -363,6 +385,10 @@ def test_progressive_words_adds_one_trained_vector_every_n_steps(tmp_path, cache
     moved[steps] = np.abs(result["embeds"] - init).max(axis=1) > 0
   assert moved[2].tolist() == [True, False, False]
   assert moved[4].tolist() == [True, True, False]
+  # The validation prompt names the active vectors only, as the training prompts do.
+  from PIL import Image
+  with Image.open(tmp_path / "run2" / "validation" / "step000002_0.png") as png:
+    assert png.text["prompt"] == "a photo of <toy> <toy>_1"
 
 
 def test_remat_unet_gives_the_same_gradient_and_recomputes(setup):

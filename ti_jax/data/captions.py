@@ -127,3 +127,44 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int | None = No
                   max_length=max_length or tokenizer.model_max_length,
                   truncation=True, return_tensors="np").input_ids
   return np.asarray(ids, dtype=np.int32)  # [B, max_len]
+
+
+def prompt_tables(tokenizer: Any, templates: Sequence[str], tokens: list[str],
+                  image_tokens: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+  """Token ids of every training prompt, so a step only indexes (no tokenizing in the loop).
+
+  Returns:
+    `[n, num_templates, T]`: the templates filled with the first k of the n
+    vectors' tokens, for every k (progressive_words grows k during training;
+    otherwise only k = n is used); and, with per-image tokens,
+    `[n, N, num_templates, T]` with "S* with S_i" for each image i (else None).
+  """
+  n = len(tokens)
+  every_template = np.arange(len(templates))
+
+  def fill(text):
+    return tokenize(tokenizer, build_prompts(every_template, templates, text))  # [templates, T]
+  template_ids = np.stack([fill(" ".join(tokens[:k])) for k in range(1, n + 1)])
+  if not image_tokens:
+    return template_ids, None
+  image_template_ids = np.stack([
+      np.stack([fill(with_image_token(" ".join(tokens[:k]), t)) for t in image_tokens])
+      for k in range(1, n + 1)])
+  return template_ids, image_template_ids
+
+
+def batch_input_ids(template_ids: np.ndarray, image_template_ids: np.ndarray | None, active: int,
+                    template_index: np.ndarray, view_index: np.ndarray,
+                    mixed: np.ndarray | None) -> np.ndarray:
+  """`[b, T]` prompt ids of a batch: `active` vectors; per-image prompts where `mixed`.
+
+  A per-image prompt names the token of the example's own image: view v shows
+  image v mod N (views N..2N-1 are the mirrors, see `image_loader.view_pixels`).
+  """
+  ids = template_ids[active - 1][template_index]  # [b, T]
+  if image_template_ids is None:
+    return ids
+  num_images = image_template_ids.shape[1]
+  image = np.asarray(view_index) % num_images
+  return np.where(np.asarray(mixed)[:, None],
+                  image_template_ids[active - 1][image, template_index], ids)

@@ -14,8 +14,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ti_jax import errors
+from ti_jax.runtime import fileio
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "TrainingImages", "load_training_images", "view_pixels"]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "TrainingImages", "load_images", "load_training_images",
+           "view_pixels"]
 
 
 # File extensions (lower case, with the dot) that are read as images; the
@@ -240,6 +242,19 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
 # ---------------------------------------------------------------------------
 # Views, per-example choices, prompts and tokens.
 # ---------------------------------------------------------------------------
+
+
+def load_images(folder: str, resolution: int, center_crop: bool) -> TrainingImages:
+  """`load_training_images` of a local or gs:// folder (a remote one is copied locally first)."""
+  if not fileio.is_remote(folder):
+    return load_training_images(folder, resolution, center_crop)
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    try:
+      fileio.copy_tree_to_local(folder, tmp)
+    except OSError as e:
+      raise DataError(f"cannot read training images from {folder}: {e}") from None
+    return load_training_images(tmp, resolution, center_crop)
 
 
 def view_pixels(pixels: np.ndarray, flip: bool) -> np.ndarray:

@@ -222,7 +222,8 @@ def read_embedding_file(path: str) -> list[Concept]:
 
 
 def write_embedding_file(path: str, concept: Concept, fmt: str, *, step: int = 0) -> None:
-  """Writes `concept` in format `fmt` (one of FORMATS); refuses NaN/inf or zero vectors."""
+  """Writes `concept` in format `fmt` (one of FORMATS) to the local file `path` as it goes;
+  refuses NaN/inf or zero vectors. `save_embedding` is the atomic, local-or-gs:// form."""
   vectors = check_vectors(concept.vectors, concept.source or concept.token)
   if fmt == "diffusers":
     safetensors_io.save(path, {concept.token: vectors}, {"format": "pt"})
@@ -243,6 +244,39 @@ def write_embedding_file(path: str, concept: Concept, fmt: str, *, step: int = 0
                 "name": concept.token, "step": int(step)}, path)
   else:
     raise EmbeddingFileError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def save_embedding(path: str, concept: Concept, fmt: str, *, step: int = 0) -> None:
+  """Writes `concept` in `fmt` to `path` (local or gs://) whole or not at all.
+
+  The one writer of embedding files: the training run's final
+  `learned_embeds.safetensors` and every export go through it. A write that
+  fails half way (full disk, a kill) leaves the previous file, or none.
+  """
+  if fileio.is_remote(path):  # an object store upload replaces the object whole
+    fileio.write_via_local_file(path, lambda local: write_embedding_file(local, concept, fmt,
+                                                                          step=step))
+    return
+  folder, name = os.path.split(os.path.abspath(path))
+  # The temporary name keeps the extension: torch.save and safetensors write by it.
+  tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
+  try:
+    write_embedding_file(tmp, concept, fmt, step=step)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def holds_embedding(path: str, token: str, vectors: np.ndarray) -> bool:
+  """True if the diffusers file `path` exists and holds exactly `vectors` under `token`."""
+  if not fileio.exists(path):
+    return False
+  try:
+    saved = safetensors_io.load(path).get(token)
+  except Exception:  # pylint: disable=broad-except  # unreadable: the caller rewrites it
+    return False
+  return saved is not None and np.array_equal(np.asarray(saved), vectors)
 
 
 # Characters no file name may hold: "/" and NUL everywhere, and on Windows also

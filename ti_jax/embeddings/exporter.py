@@ -12,22 +12,6 @@ from ti_jax.runtime import fileio
 from ti_jax.training import checkpointing
 
 
-def _write_atomically(path: str, writer) -> None:
-  """`writer(tmp)` then a rename onto `path`: an interrupted export never leaves half a file."""
-  if fileio.is_remote(path):  # an object store upload replaces the object whole
-    fileio.write_via_local_file(path, writer)
-    return
-  folder, name = os.path.split(os.path.abspath(path))
-  # The temporary name keeps the extension: torch.save and safetensors write by it.
-  tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
-  try:
-    writer(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def export(workdir: str, fmt: str, output: str = "", step: int | None = None,
            overwrite: bool = False) -> str:
   """Writes the run's vectors (newest checkpoint, or `step`) in `fmt`; returns the path.
@@ -66,6 +50,5 @@ def export_with_token(workdir: str, fmt: str, output: str = "", step: int | None
   parent = os.path.dirname(path) if not fileio.is_remote(path) else path.rsplit("/", 1)[0]
   if parent:
     fileio.makedirs(parent)
-  _write_atomically(path, lambda local: embedding_io.write_embedding_file(
-      local, concept, fmt, step=int(meta.get("step", 0))))
+  embedding_io.save_embedding(path, concept, fmt, step=int(meta.get("step", 0)))
   return path, concept.token

@@ -10,12 +10,17 @@ A run directory (`--workdir`) holds:
   unreadable_checkpoints/  checkpoints a resumed run could not read, set aside
   metrics.jsonl            one JSON line per logged step
   validation/              validation PNGs
-  learned_embeds.safetensors  the final vectors in diffusers' format
+  learned_embeds.safetensors  the final vectors in diffusers' format (embedding_io)
+
+This module owns the run's identity and every check made before a run resumes:
+`check_identity` (run.json), `resume` (the checkpoints' own metadata, the
+shapes of their vectors, a changed global batch) and `claim_workdir`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -24,9 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ti_jax import errors
+from ti_jax import cli, errors
 from ti_jax.runtime import fileio
-from ti_jax.weights import safetensors_io
 
 # Fields of run.json that define what a run learns: resuming with any of them
 # changed would silently mix two concepts, so it is refused.
@@ -42,6 +46,33 @@ _IDENTITY_DEFAULTS = {"per_image_tokens": False}
 CHECKPOINT_IDENTITY = ("placeholder_token", "initializer_token", "pretrained_model_name_or_path",
                        "num_vectors", "learnable_property", "resolution", "image_files", "seed",
                        "per_image_tokens")
+
+
+def run_identity(config) -> dict:
+  """The run.json record of a training config: its IDENTITY_FIELDS."""
+  return {k: config[k] for k in IDENTITY_FIELDS}
+
+
+def run_metadata(config, *, tokens: list[str], token_ids: list[int], image_tokens: list[str],
+                 embedding_dim: int, model_path: str, global_batch: int, base_lr: float,
+                 image_paths: list[str]) -> dict:
+  """The metadata every checkpoint of the run carries: its CHECKPOINT_IDENTITY and what
+  sample/export/evaluate need to use it (tokens, base model, images, the config)."""
+  return {
+      "placeholder_token": config.placeholder_token, "placeholder_tokens": tokens,
+      "token_ids": token_ids, "initializer_token": config.initializer_token,
+      "per_image_tokens": image_tokens,
+      "num_vectors": config.num_vectors, "embedding_dim": int(embedding_dim),
+      "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+      "model_path": model_path, "learnable_property": config.learnable_property,
+      "resolution": config.resolution, "seed": config.seed,
+      "global_batch": global_batch, "learning_rate": base_lr,
+      # Where the images were, wherever the run is read from later (evaluate).
+      "train_data_path": (config.train_data_dir if fileio.is_remote(config.train_data_dir)
+                          else os.path.abspath(config.train_data_dir)),
+      "image_files": [os.path.basename(p) for p in image_paths],
+      "config": json.loads(config.to_json()),
+  }
 
 
 class WorkdirError(errors.UserError):
@@ -281,20 +312,6 @@ class Checkpoints:
     self._manager.close()
 
 
-def write_learned_embeds(path: str, tokens: list[str], vectors: np.ndarray,
-                         placeholder_token: str) -> None:
-  """diffusers' `learned_embeds.safetensors`: `{placeholder_token: [num_vectors, D]}`.
-
-  Written atomically (a crash leaves the previous file or none); non-finite
-  vectors are refused with WorkdirError.
-  """
-  if not vectors_finite(vectors):
-    raise WorkdirError(f"refusing to write {path}: the vectors are not finite")
-  del tokens  # diffusers stores all vectors of a multi-vector token under the first name
-  fileio.write_via_local_file(path, lambda local: safetensors_io.save(
-      local, {placeholder_token: np.asarray(vectors, np.float32)}, {"format": "pt"}))
-
-
 def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndarray, dict]:
   """The learned vectors `[n, dim]` and metadata of a run's checkpoint (latest if `step` is None).
 
@@ -333,3 +350,92 @@ def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndar
     ckpts.close()
   vectors = np.asarray(state["state"]["params"]["embeds"], np.float32)
   return vectors[:int(metadata.get("active_vectors") or len(vectors))], metadata
+
+
+# ---------------------------------------------------------------------------
+# Resuming a training run.
+# ---------------------------------------------------------------------------
+
+
+def check_checkpoint(step: int, saved_meta: dict, metadata: dict, saved_params: Any,
+                     start_params: Any, workdir: str) -> None:
+  """Refuses a readable checkpoint this run must not resume: another run made it (its
+  CHECKPOINT_IDENTITY differs), or its vectors have other shapes than `start_params`."""
+  diffs = identity_diffs(saved_meta, metadata)
+  if diffs:
+    raise WorkdirError(
+        f"checkpoint {step} in {workdir} was made by another run ({'; '.join(diffs)}); "
+        "use a new --workdir or restore the original settings to resume")
+  want = jax.tree_util.tree_map(np.shape, start_params)
+  saved_shapes = jax.tree_util.tree_map(np.shape, saved_params)
+  if saved_shapes != want:
+    raise WorkdirError(
+        f"checkpoint {step} in {workdir} holds vectors of shapes {saved_shapes}, this run "
+        f"needs {want} (did the number of training images change?); use a new --workdir")
+
+
+def restore_newest(ckpts: Checkpoints, start_state: Any, metadata: dict,
+                   workdir: str) -> tuple[Any, int | None, dict | None]:
+  """(state, step, saved metadata) of the newest usable checkpoint, or (start_state, None, None).
+
+  An unreadable checkpoint (corrupt files, non-finite vectors) is moved to
+  unreadable_checkpoints/ with a warning and the next older one is tried. A
+  readable one this run must not resume is refused (`check_checkpoint`).
+  """
+  for step in reversed(ckpts.all_steps()):
+    try:
+      untyped, saved_meta = ckpts.restore_untyped(step)
+      check_checkpoint(step, saved_meta, metadata, untyped["state"]["params"],
+                       start_state.params, workdir)
+      abstract = {"state": start_state}
+      if "rng" in untyped:  # checkpoints of older versions also stored the seed's key
+        abstract["rng"] = np.asarray(untyped["rng"])
+      restored, _ = ckpts.restore(step, abstract)
+    except UnreadableCheckpointError as e:
+      moved = ckpts.set_aside(step)
+      cli.log(f"warning: skipping checkpoint {step} in {ckpts.directory}: {e.why}; "
+              f"moved it to {moved}")
+      continue
+    return restored["state"], step, saved_meta
+  return start_state, None, None
+
+
+def resume(ckpts: Checkpoints, start_state: Any, metadata: dict, identity: dict, workdir: str,
+           has_run_json: bool) -> Any:
+  """The state a run starts from: its newest usable checkpoint, or `start_state` (step 0).
+
+  Says which on stderr, warns when the global batch changed since the
+  checkpoint, then writes run.json (`identity`, see `run_identity`) if missing. Raises
+  WorkdirError on every process if a checkpoint belongs to another run.
+  """
+  had_checkpoints = bool(ckpts.all_steps())
+  state, step, saved_meta = restore_newest(ckpts, start_state, metadata, workdir)
+  if step is not None:
+    global_batch = metadata["global_batch"]
+    if saved_meta.get("global_batch", global_batch) != global_batch:
+      cli.log(f"warning: resuming with global batch {global_batch} (lr "
+              f"{metadata['learning_rate']:g}) where the run used {saved_meta['global_batch']} "
+              f"(lr {saved_meta.get('learning_rate')}): train_batch_size is per device and the "
+              "device count changed (set config.global_batch_size to keep it fixed)")
+    cli.log(f"resuming from step {step} in {workdir}")
+  elif had_checkpoints:
+    cli.log(f"no readable checkpoint left in {ckpts.directory}: starting from step 0")
+  elif has_run_json:
+    cli.log(f"{workdir} holds this run but no checkpoint yet: starting from step 0")
+  if not has_run_json:
+    claim_workdir(workdir, identity)
+  return state
+
+
+def claim_workdir(workdir: str, identity: dict) -> None:
+  """Process 0 writes run.json (a cache of the identity the checkpoints carry), once it
+  is known to match them, so a failed start leaves none; every process learns the outcome."""
+  from ti_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
+  error = None
+  if jax.process_index() == 0:
+    try:
+      write_identity(workdir, identity)
+    except WorkdirError as e:
+      error = e
+  if parallel.any_process(error is not None):
+    raise error or WorkdirError("process 0 could not write run.json; see its log")
