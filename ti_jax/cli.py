@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging as _std_logging
 import os
 import re
 import sys
+import types
 from typing import Sequence
 
 # absl's help flags exit with status 1; asking for help is not an error.
@@ -247,3 +249,37 @@ def exit_now(message: str, code: int) -> None:
   sys.stderr.write(message + "\n")
   sys.stderr.flush()
   os._exit(code)  # pylint: disable=protected-access
+
+
+def define_generation_flags(flag_values=None) -> None:
+  """The flags `ti_jax.sample` and `ti_jax.edit` share: concepts, base model and sampler.
+
+  Each entry point adds its own (prompts, image and mask, sizes, outputs, batch)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  fv = flags.FLAGS if flag_values is None else flag_values
+  # Filed under the entry point's own module, so its --help (not only --helpfull) lists them.
+  defines = {name: functools.partial(getattr(flags, name), flag_values=fv, module_name=sys.argv[0])
+             for name in ("DEFINE_string", "DEFINE_integer", "DEFINE_multi_string",
+                          "DEFINE_float", "DEFINE_bool", "DEFINE_enum")}
+  shared = types.SimpleNamespace(**defines)
+  shared.DEFINE_string("workdir", None, "Training run whose concept to use (its newest "
+                      "checkpoint).")
+  shared.DEFINE_integer("step", None, "Use the checkpoint of this step instead of the newest.")
+  shared.DEFINE_multi_string("embeddings", [], "More concepts: run directories or embedding "
+                            "files (diffusers, A1111 .pt/.safetensors, kohya), as PATH or "
+                            "PATH:TOKEN to choose the token. Repeatable.")
+  shared.DEFINE_string("negative_prompt", "", "Prompt for classifier-free guidance's "
+                      "unconditional half (what to steer away from).")
+  shared.DEFINE_integer("num_inference_steps", 50, "Denoising steps.")
+  shared.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale (1 = off).",)
+  shared.DEFINE_string("scheduler", "ddim", "Sampler: ddim, pndm, euler or dpm++2m.",)
+  shared.DEFINE_string("pretrained_model_name_or_path", "", "Base model to use instead of the "
+                      "one recorded in the checkpoint.")
+  shared.DEFINE_bool("allow_base_model_mismatch", False, "Use embeddings trained on another "
+                    "base model of the same width.")
+  shared.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "UNet/text encoder "
+                    "dtype (auto: float32 on CPU, bfloat16 on GPU/TPU). The VAE runs in "
+                    "float32.")
+  shared.DEFINE_bool("allow_pickle", False, "Permit the base model's .bin pickles (they can "
+                    "run code) when it has no safetensors.")
+  shared.DEFINE_string("cache_dir", "", "Where tiny test models live (default: the run's).",)

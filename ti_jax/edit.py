@@ -43,10 +43,7 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("workdir", None, "Training run whose concept to use (its newest checkpoint).")
-  flags.DEFINE_integer("step", None, "Use the checkpoint of this step instead of the newest.")
-  flags.DEFINE_multi_string("embeddings", [], "More concepts: run directories or embedding "
-                            "files, as PATH or PATH:TOKEN to choose the token. Repeatable.")
+  cli.define_generation_flags()
   flags.DEFINE_string("image", "", "The image to edit (any size and mode training accepts).")
   flags.DEFINE_string("mask", "", "An image of the same size: white marks the region to change.")
   flags.DEFINE_integer("mask_threshold", 128, "Mask pixels with a grey level (0-255) at or "
@@ -55,24 +52,10 @@ if __name__ == "__main__":
                        "for thin masks): the first steps blend with the latent mask dilated by "
                        "this many cells, shrinking to the mask. -1: 2 for a thin mask, else 0.")
   flags.DEFINE_string("prompt", "", "What the region should show, with the learned tokens.")
-  flags.DEFINE_string("negative_prompt", "", "Prompt for classifier-free guidance's "
-                      "unconditional half (what to steer away from).")
   flags.DEFINE_integer("num_images", 4, "Edits to make.")
-  flags.DEFINE_integer("num_inference_steps", 50, "Denoising steps.")
-  flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale (1 = off).")
-  flags.DEFINE_string("scheduler", "ddim", "Sampler: ddim, pndm, euler or dpm++2m.")
   flags.DEFINE_integer("seed", 0, "Edit i draws its noise from (seed, i).")
   flags.DEFINE_string("output_dir", "", "Where PNGs go (default: WORKDIR/edits or ./edits).")
-  flags.DEFINE_string("pretrained_model_name_or_path", "", "Base model to use instead of the "
-                      "one recorded in the checkpoint.")
-  flags.DEFINE_bool("allow_base_model_mismatch", False, "Use embeddings trained on another "
-                    "base model of the same width.")
-  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "UNet/text encoder "
-                    "dtype (auto: float32 on CPU, bfloat16 on GPU/TPU). The VAE runs in float32.")
   flags.DEFINE_integer("batch_size", 0, "Edits per device per compiled call (0: as many "
                        "as the edits need, capped by device memory; 4 on CPU).")
-  flags.DEFINE_bool("allow_pickle", False, "Permit the base model's .bin pickles (they can "
-                    "run code) when it has no safetensors.")
-  flags.DEFINE_string("cache_dir", "", "Where tiny test models live (default: the run's).")
   distributed.define_flags()
   app.run(main, flags_parser=cli.flags_parser)

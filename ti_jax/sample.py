@@ -54,33 +54,15 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("workdir", None, "Training run to sample from (its newest checkpoint).")
-  flags.DEFINE_integer("step", None, "Use the checkpoint of this step instead of the newest.")
-  flags.DEFINE_multi_string("embeddings", [], "More concepts: run directories or embedding "
-                            "files (diffusers, A1111 .pt/.safetensors, kohya), as PATH or "
-                            "PATH:TOKEN to choose the token. Repeatable.")
+  cli.define_generation_flags()
   flags.DEFINE_multi_string("prompt", [], "Prompt using the learned tokens. Repeatable.")
   flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
-  flags.DEFINE_string("negative_prompt", "", "Prompt for classifier-free guidance's "
-                      "unconditional half (what to steer away from).")
   flags.DEFINE_integer("num_images", 4, "Images per prompt.")
-  flags.DEFINE_integer("num_inference_steps", 50, "Denoising steps.")
-  flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale (1 = off).")
-  flags.DEFINE_string("scheduler", "ddim", "Sampler: ddim, pndm, euler or dpm++2m.")
   flags.DEFINE_integer("seed", 0, "Image i of every prompt starts from noise (seed, i).")
   flags.DEFINE_integer("height", 0, "Image height (0: the run's resolution or the model's).")
   flags.DEFINE_integer("width", 0, "Image width (0: the run's resolution or the model's).")
   flags.DEFINE_string("output_dir", "", "Where PNGs go (default: WORKDIR/samples or ./samples).")
-  flags.DEFINE_string("pretrained_model_name_or_path", "", "Base model to use instead of the "
-                      "one recorded in the checkpoint.")
-  flags.DEFINE_bool("allow_base_model_mismatch", False, "Use embeddings trained on another "
-                    "base model of the same width.")
-  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "UNet/text encoder "
-                    "dtype (auto: float32 on CPU, bfloat16 on GPU/TPU). The VAE runs in float32.")
   flags.DEFINE_integer("batch_size", 0, "Images per device per compiled call (0: as many "
                        "as the images need, capped by device memory; 4 on CPU).")
-  flags.DEFINE_bool("allow_pickle", False, "Permit the base model's .bin pickles (they can "
-                    "run code) when it has no safetensors.")
-  flags.DEFINE_string("cache_dir", "", "Where tiny test models live (default: the run's).")
   distributed.define_flags()
   app.run(main, flags_parser=cli.flags_parser)

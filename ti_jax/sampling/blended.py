@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ti_jax.data import captions
-from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import parallel
-from ti_jax.sampling import schedulers
+from ti_jax.sampling import generation, schedulers
 
 
 def noised_latents(sampler: schedulers.Sampler, schedule: schedulers.NoiseSchedule,
@@ -144,21 +143,14 @@ class _EditSettings:
   shift_factor: float
 
 
-def _context(settings: _EditSettings, arrays: _EditArrays, ids: jax.Array) -> jax.Array:
-  """Text-encoder states `[b, T, D]` of token ids `[b, T]`, learned vectors spliced in."""
-  table = pseudo_words.token_table(settings.text_encoder, arrays.text_encoder)  # [V, D]
-  embeds = pseudo_words.embed_tokens(table, arrays.learned, arrays.placeholder_ids, ids)
-  return settings.text_encoder.apply({"params": arrays.text_encoder}, ids, inputs_embeds=embeds)
-
-
 def _edit_shard(arrays: _EditArrays, cond_ids: jax.Array, uncond_ids: jax.Array,
                 image_index: jax.Array, seed: jax.Array, *, settings: _EditSettings) -> jax.Array:
   """Decoded edits `[b, H, W, 3]` in [0, 1] for this device's prompts (`[b, T]` token ids)."""
   sampler, n = arrays.sampler, arrays.sampler.num_steps
   guided = settings.guidance_scale != 1.0
-  context = _context(settings, arrays, cond_ids)  # [b, T, D]
+  context = generation.encode_prompts(settings, arrays, cond_ids)  # [b, T, D]
   if guided:
-    context = jnp.concatenate([_context(settings, arrays, uncond_ids), context])  # [2b, T, D]
+    context = jnp.concatenate([generation.encode_prompts(settings, arrays, uncond_ids), context])  # [2b, T, D]
   b = cond_ids.shape[0]
   source = jnp.broadcast_to(arrays.latents, (b,) + arrays.latents.shape)  # [b, h, w, C]
   key = jax.random.key(seed)
@@ -171,14 +163,7 @@ def _edit_shard(arrays: _EditArrays, cond_ids: jax.Array, uncond_ids: jax.Array,
 
   def body(i, carry):
     x, state = carry
-    x_in = sampler.scale_model_input(x, i)
-    if guided:
-      x_in = jnp.concatenate([x_in, x_in])
-    t = jnp.broadcast_to(sampler.timesteps[i], (x_in.shape[0],))
-    out = settings.unet.apply({"params": arrays.unet}, x_in, t, context).astype(jnp.float32)
-    if guided:
-      uncond, cond = jnp.split(out, 2)
-      out = uncond + settings.guidance_scale * (cond - uncond)
+    out = generation.guided_output(settings, arrays, sampler, x, i, context)
     x, state = sampler.step(state, out, i, x)
     # The blend: the denoised sample inside the mask, the input noised to the same level outside.
     background = noised_latents(sampler, arrays.schedule, source, noise(i + 1), i + 1)
@@ -186,9 +171,7 @@ def _edit_shard(arrays: _EditArrays, cond_ids: jax.Array, uncond_ids: jax.Array,
     return m * x + (1.0 - m) * background, state
 
   x, _ = jax.lax.fori_loop(0, n, body, (x, sampler.init_state(x)))
-  z = x / settings.scaling_factor + settings.shift_factor
-  images = settings.vae.apply({"params": arrays.vae}, z, method=settings.vae.decode)
-  return jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+  return generation.decode_latents(settings, arrays, x)
 
 
 class BlendedEditor:

@@ -48,10 +48,42 @@ class _GenSettings:
   shift_factor: float
 
 
-def _encode(settings: _GenSettings, arrays: _GenArrays, ids: jax.Array) -> jax.Array:
+# The three pieces of every guided denoising program (this sampler's and ti_jax.edit's).
+# `settings` holds the modules and scalars, `arrays` the params and learned vectors; any pair
+# with those fields works (`_GenSettings`/`_GenArrays` here, their editing counterparts).
+
+
+def encode_prompts(settings, arrays, ids: jax.Array) -> jax.Array:
+  """Text-encoder states `[b, T, D]` of token ids `[b, T]`, the learned vectors spliced in."""
   table = token_table(settings.text_encoder, arrays.text_encoder)  # [V, D]
   embeds = embed_tokens(table, arrays.learned, arrays.placeholder_ids, ids)
   return settings.text_encoder.apply({"params": arrays.text_encoder}, ids, inputs_embeds=embeds)
+
+
+def guided_output(settings, arrays, sampler: schedulers.Sampler, x: jax.Array, i: jax.Array,
+                  context: jax.Array) -> jax.Array:
+  """The UNet's float32 output for latents `x` `[b, h, w, C]` at sampler step `i`.
+
+  With classifier-free guidance (`settings.guidance_scale != 1`) `context` is `[2b, T, D]`,
+  the unconditional half first; otherwise `[b, T, D]`.
+  """
+  guided = settings.guidance_scale != 1.0
+  x_in = sampler.scale_model_input(x, i)
+  if guided:
+    x_in = jnp.concatenate([x_in, x_in])
+  t = jnp.broadcast_to(sampler.timesteps[i], (x_in.shape[0],))
+  out = settings.unet.apply({"params": arrays.unet}, x_in, t, context).astype(jnp.float32)
+  if guided:
+    uncond, cond = jnp.split(out, 2)
+    out = uncond + settings.guidance_scale * (cond - uncond)
+  return out
+
+
+def decode_latents(settings, arrays, latents: jax.Array) -> jax.Array:
+  """Images `[b, H, W, 3]` in [0, 1] from scaled latents `[b, h, w, C]`."""
+  z = latents / settings.scaling_factor + settings.shift_factor
+  images = settings.vae.apply({"params": arrays.vae}, z, method=settings.vae.decode)
+  return jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def _generate_shard(arrays: _GenArrays, cond_ids: jax.Array, uncond_ids: jax.Array,
@@ -60,9 +92,9 @@ def _generate_shard(arrays: _GenArrays, cond_ids: jax.Array, uncond_ids: jax.Arr
   """Images `[b, H, W, 3]` in [0, 1] for this device's prompts (`[b, T]` token ids)."""
   sampler = arrays.sampler
   guided = settings.guidance_scale != 1.0
-  context = _encode(settings, arrays, cond_ids)  # [b, T, D]
+  context = encode_prompts(settings, arrays, cond_ids)  # [b, T, D]
   if guided:
-    context = jnp.concatenate([_encode(settings, arrays, uncond_ids), context])  # [2b, T, D]
+    context = jnp.concatenate([encode_prompts(settings, arrays, uncond_ids), context])  # [2b, T, D]
   key = jax.random.key(seed)
   latents = jax.vmap(lambda g: jax.random.normal(jax.random.fold_in(key, g),
                                                  settings.latent_shape))(image_index)
@@ -70,20 +102,10 @@ def _generate_shard(arrays: _GenArrays, cond_ids: jax.Array, uncond_ids: jax.Arr
 
   def body(i, carry):
     x, state = carry
-    x_in = sampler.scale_model_input(x, i)
-    if guided:
-      x_in = jnp.concatenate([x_in, x_in])
-    t = jnp.broadcast_to(sampler.timesteps[i], (x_in.shape[0],))
-    out = settings.unet.apply({"params": arrays.unet}, x_in, t, context).astype(jnp.float32)
-    if guided:
-      uncond, cond = jnp.split(out, 2)
-      out = uncond + settings.guidance_scale * (cond - uncond)
-    return sampler.step(state, out, i, x)
+    return sampler.step(state, guided_output(settings, arrays, sampler, x, i, context), i, x)
 
   latents, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (latents, sampler.init_state(latents)))
-  z = latents / settings.scaling_factor + settings.shift_factor
-  images = settings.vae.apply({"params": arrays.vae}, z, method=settings.vae.decode)
-  return jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+  return decode_latents(settings, arrays, latents)
 
 
 class ImageGenerator:
