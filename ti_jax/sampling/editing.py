@@ -256,13 +256,13 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
       continue
     for i, edit in enumerate(edits, start):
       path = fileio.join(out_dir, f"{stem}_{i:03d}.png")
-      generation.save_png(path, edit, {
-          "prompt": prompt, "negative_prompt": negative_prompt, "seed": str(seed),
-          "image_index": str(i), "steps": str(num_inference_steps), "scheduler": scheduler,
-          "guidance_scale": str(guidance_scale), "model": model_id,
-          "learned_tokens": ",".join(c.token for c in concepts),
-          "checkpoint_step": str(ckpt_step), "image": image, "mask": mask,
-          "mask_threshold": str(mask_threshold), "method": "blended latent diffusion"})
+      text = generation.image_text(
+          prompt=prompt, negative_prompt=negative_prompt, seed=seed, index=i,
+          steps=num_inference_steps, scheduler=scheduler, guidance_scale=guidance_scale,
+          model=model_id, concepts=concepts, checkpoint_step=ckpt_step)
+      generation.save_png(path, edit, dict(text, image=image, mask=mask,
+                                           mask_threshold=str(mask_threshold),
+                                           method="blended latent diffusion"))
       written.append(path)
     grid.extend(edits[:max(GRID_MAX - len(grid), 0)])
   bar.close()

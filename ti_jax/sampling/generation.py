@@ -306,6 +306,17 @@ def generate_images(generator: ImageGenerator, prompt: str, num_images: int, *,
   return np.concatenate(images)
 
 
+def image_text(*, prompt: str, negative_prompt: str, seed: int, index: int, steps: int,
+               scheduler: str, guidance_scale: float, model: str, concepts,
+               checkpoint_step) -> dict[str, str]:
+  """The PNG text chunk of a generated image: everything needed to make it again."""
+  return {"prompt": prompt, "negative_prompt": negative_prompt, "seed": str(seed),
+          "image_index": str(index), "steps": str(steps), "scheduler": scheduler,
+          "guidance_scale": str(guidance_scale), "model": model,
+          "learned_tokens": ",".join(c.token for c in concepts),
+          "checkpoint_step": str(checkpoint_step)}
+
+
 def save_png(path: str, image: np.ndarray, text: dict[str, str] | None = None) -> None:
   """Writes a uint8 `[H, W, 3]` image as PNG with `text` in tEXt chunks."""
   info = PngImagePlugin.PngInfo()

@@ -146,12 +146,10 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         continue
       for i, image in enumerate(images, start):
         path = fileio.join(out_dir, f"{stem}_seed{seed}_{i:03d}.png")
-        generation.save_png(path, image, {
-            "prompt": raw_prompt, "negative_prompt": negative_prompt, "seed": str(seed),
-            "image_index": str(i), "steps": str(num_inference_steps), "scheduler": scheduler,
-            "guidance_scale": str(guidance_scale), "model": model_id,
-            "learned_tokens": ",".join(c.token for c in concepts),
-            "checkpoint_step": str(ckpt_step)})
+        generation.save_png(path, image, generation.image_text(
+            prompt=raw_prompt, negative_prompt=negative_prompt, seed=seed, index=i,
+            steps=num_inference_steps, scheduler=scheduler, guidance_scale=guidance_scale,
+            model=model_id, concepts=concepts, checkpoint_step=ckpt_step))
         written.append(path)
       grid.extend(images[:max(GRID_MAX - len(grid), 0)])
     if is_main:
