@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging as _std_logging
 import os
@@ -283,3 +284,15 @@ def define_generation_flags(flag_values=None) -> None:
   shared.DEFINE_bool("allow_pickle", False, "Permit the base model's .bin pickles (they can "
                     "run code) when it has no safetensors.")
   shared.DEFINE_string("cache_dir", "", "Where tiny test models live (default: the run's).",)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+  """Turns a user error, or a path the file system refuses, into one `error:` line and exit 1."""
+  from ti_jax import errors  # pylint: disable=import-outside-toplevel
+  try:
+    yield
+  except errors.UserError as e:
+    raise SystemExit(f"error: {e}") from None
+  except OSError as e:  # the file system refused: a path flag names something unusable
+    raise SystemExit(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ti_jax import cli, errors
+from ti_jax import cli
 from ti_jax.runtime import distributed
 from ti_jax.sampling import editing
 
@@ -24,7 +24,7 @@ from ti_jax.sampling import editing
 def main(argv: Sequence[str]) -> None:
   f = cli.start(argv)
   distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
-  try:
+  with cli.one_line_errors():
     editing.run(image=f.image, mask=f.mask, prompt=f.prompt, workdir=f.workdir, step=f.step,
                 embedding_sources=f.embeddings or [],
                 pretrained_model_name_or_path=f.pretrained_model_name_or_path,
@@ -35,10 +35,6 @@ def main(argv: Sequence[str]) -> None:
                 dtype=f.dtype, batch_size=f.batch_size,
                 allow_base_model_mismatch=f.allow_base_model_mismatch, cache_dir=f.cache_dir,
                 allow_pickle=f.allow_pickle)
-  except errors.UserError as e:
-    raise SystemExit(f"error: {e}") from None
-  except OSError as e:  # the file system refused: a path flag names something unusable
-    raise SystemExit(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ti_jax import cli, errors
+from ti_jax import cli
 from ti_jax.evaluation import evaluator
 from ti_jax.runtime import distributed
 
@@ -37,15 +37,11 @@ def main(argv: Sequence[str]) -> None:
       num_samples=f.num_samples, num_inference_steps=f.num_inference_steps,
       guidance_scale=f.guidance_scale, scheduler=f.scheduler, seed=f.seed,
       batch_size=f.batch_size, clip_model=f.clip_model)
-  try:
+  with cli.one_line_errors():
     evaluator.run(
         workdirs=f.workdir or [], step=f.step, protocol=protocol, prompts_file=f.prompts_file,
         train_data_dir=f.train_data_dir, output_dir=f.output_dir, dtype=f.dtype,
         cache_dir=f.cache_dir, allow_pickle=f.allow_pickle, save_images=f.save_images)
-  except errors.UserError as e:
-    raise SystemExit(f"error: {e}") from None
-  except OSError as e:  # the file system refused: a path flag names something unusable
-    raise SystemExit(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
 
 
 if __name__ == "__main__":

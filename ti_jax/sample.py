@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ti_jax import cli, errors
+from ti_jax import cli
 from ti_jax.runtime import distributed
 from ti_jax.sampling import runner
 
@@ -36,7 +36,7 @@ def main(argv: Sequence[str]) -> None:
     if not lines:
       raise SystemExit(f"error: --prompts_file {f.prompts_file} holds no prompt (one per line)")
     prompts += lines
-  try:
+  with cli.one_line_errors():
     runner.run(
         prompts=prompts, workdir=f.workdir, step=f.step, embedding_sources=f.embeddings or [],
         pretrained_model_name_or_path=f.pretrained_model_name_or_path,
@@ -46,10 +46,6 @@ def main(argv: Sequence[str]) -> None:
         output_dir=f.output_dir, dtype=f.dtype, batch_size=f.batch_size,
         allow_base_model_mismatch=f.allow_base_model_mismatch, cache_dir=f.cache_dir,
         allow_pickle=f.allow_pickle)
-  except errors.UserError as e:
-    raise SystemExit(f"error: {e}") from None
-  except OSError as e:  # the file system refused: a path flag names something unusable
-    raise SystemExit(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
 
 
 if __name__ == "__main__":

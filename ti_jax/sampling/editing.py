@@ -231,14 +231,7 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
   for line in warnings:
     _log(f"warning: {line}")
   out_dir = output_dir or (fileio.join(workdir, "edits") if workdir else "edits")
-  out_error = None
-  if is_main:
-    try:
-      fileio.makedirs(out_dir)
-    except OSError as e:
-      out_error = EditError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
-  if parallel.any_process(out_error is not None):  # all processes stop, none waits forever
-    raise out_error or EditError("process 0 cannot write the output folder")
+  generation.make_output_dir(out_dir, EditError)
   step_part = f"_step{ckpt_step}" if ckpt_step is not None else ""
   stem = f"{generation.slug(prompt)}{step_part}_seed{seed}"
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel

@@ -306,6 +306,18 @@ def generate_images(generator: ImageGenerator, prompt: str, num_images: int, *,
   return np.concatenate(images)
 
 
+def make_output_dir(out_dir: str, error: type) -> None:
+  """Creates `out_dir` on process 0; if it cannot, every process raises `error` (none waits)."""
+  failure = None
+  if jax.process_index() == 0:
+    try:
+      fileio.makedirs(out_dir)
+    except OSError as e:
+      failure = error(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
+  if parallel.any_process(failure is not None):
+    raise failure or error("process 0 cannot write the output folder")
+
+
 def image_text(*, prompt: str, negative_prompt: str, seed: int, index: int, steps: int,
                scheduler: str, guidance_scale: float, model: str, concepts,
                checkpoint_step) -> dict[str, str]:

@@ -115,14 +115,7 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   except ValueError as e:
     raise SampleError(str(e)) from None
   out_dir = output_dir or (fileio.join(workdir, "samples") if workdir else "samples")
-  out_error = None
-  if is_main:
-    try:
-      fileio.makedirs(out_dir)
-    except OSError as e:
-      out_error = SampleError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
-  if parallel.any_process(out_error is not None):  # all processes stop, none waits forever
-    raise out_error or SampleError("process 0 cannot write the output folder")
+  generation.make_output_dir(out_dir, SampleError)
   written = []
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   bar = tqdm(total=len(prompts) * num_images, desc="sample", unit="img", file=sys.stderr,
