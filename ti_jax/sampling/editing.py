@@ -167,16 +167,10 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
     yield start, blended.blend_pixels(image, edits, region)
 
 
-def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
-        step: int | None = None, embedding_sources: Sequence[str] = (),
-        pretrained_model_name_or_path: str = "", negative_prompt: str = "",
-        num_images: int = 4, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-        scheduler: str = "ddim", seed: int = 0, output_dir: str = "",
-        mask_threshold: int = MASK_THRESHOLD, mask_shrink_stages: int = -1,
-        dtype: str = "auto", batch_size: int = 0, allow_base_model_mismatch: bool = False,
-        cache_dir: str = "", allow_pickle: bool = False,
-        devices: Sequence | None = None) -> list[str]:
-  """Edits the white region of `mask` in `image` with `prompt`; returns the written PNG paths."""
+def _check_request(*, prompt: str, num_images: int, num_inference_steps: int, batch_size: int,
+                   seed: int, guidance_scale: float, mask_threshold: int,
+                   mask_shrink_stages: int, scheduler: str) -> None:
+  """Refuses bad arguments before anything is read or loaded."""
   if not prompt:
     raise EditError("no prompt: pass --prompt")
   if num_images < 1 or num_inference_steps < 1:
@@ -195,6 +189,10 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
     schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
   except ValueError as e:
     raise EditError(str(e)) from None
+
+
+def load_image_and_mask(image: str, mask: str, mask_threshold: int) -> tuple[np.ndarray, np.ndarray]:
+  """The image (uint8 `[H, W, 3]`) and its mask (bool `[H, W]`), checked against each other."""
   pixels, note = read_image(image, "--image")
   if note:
     _log(f"warning: --image {image}: {note}")
@@ -212,6 +210,24 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
                     f"{mask_threshold} (white marks the region to edit)")
   _log(f"mask: pixels with a grey level >= {mask_threshold} of 255 are changed "
        f"({100.0 * region.mean():.1f}% of the image)")
+  return pixels, region
+
+
+def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
+        step: int | None = None, embedding_sources: Sequence[str] = (),
+        pretrained_model_name_or_path: str = "", negative_prompt: str = "",
+        num_images: int = 4, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+        scheduler: str = "ddim", seed: int = 0, output_dir: str = "",
+        mask_threshold: int = MASK_THRESHOLD, mask_shrink_stages: int = -1,
+        dtype: str = "auto", batch_size: int = 0, allow_base_model_mismatch: bool = False,
+        cache_dir: str = "", allow_pickle: bool = False,
+        devices: Sequence | None = None) -> list[str]:
+  """Edits the white region of `mask` in `image` with `prompt`; returns the written PNG paths."""
+  _check_request(prompt=prompt, num_images=num_images, num_inference_steps=num_inference_steps,
+                 batch_size=batch_size, seed=seed, guidance_scale=guidance_scale,
+                 mask_threshold=mask_threshold, mask_shrink_stages=mask_shrink_stages,
+                 scheduler=scheduler)
+  pixels, region = load_image_and_mask(image, mask, mask_threshold)  # [H, W, 3], [H, W]
   concepts, run_meta = concept_lib.gather_concepts(workdir, step, embedding_sources)
   for line in concept_lib.describe_concepts(concepts):
     _log(line)
