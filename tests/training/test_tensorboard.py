@@ -90,3 +90,15 @@ def test_run_writes_the_metrics_and_validation_grids_and_a_resume_logs_each_step
       written = np.asarray(Image.open(workdir / "validation" / f"step{step:06d}_p{k}.png"))
       assert shown.shape == (64, 128, 3) and np.array_equal(shown, written)
   assert events.texts["validation/p1_prompt"][0] == (2, "a <toy> on a table")
+
+
+def test_validation_prompt_alone_keeps_its_pngs_and_sends_its_grid(tmp_path, cache_dir):
+  workdir = tmp_path / "run"
+  c = _config(cache_dir, max_train_steps=1, validation_prompt="a photo of {}",
+              validation_steps=1, num_validation_images=2, validation_inference_steps=2)
+  trainer.run(c, str(workdir), devices=jax.local_devices()[:1], progress=False)
+  assert sorted(os.listdir(workdir / "validation")) == ["step000001_0.png", "step000001_1.png"]
+  [(step, png)] = tensorboard.read_events(str(workdir / "tensorboard")).images["validation/p0"]
+  grid = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+  images = [np.asarray(Image.open(workdir / "validation" / f"step000001_{i}.png")) for i in (0, 1)]
+  assert step == 1 and np.array_equal(grid, np.concatenate(images, axis=1))

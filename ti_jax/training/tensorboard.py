@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import struct
 
 import numpy as np
@@ -98,12 +99,19 @@ def _records(path: str):
     pos += 12 + length + 4
 
 
+def _written_order(name: str) -> tuple[int, int, str]:
+  """Sort key of an event file name: its creation second, then the step its run resumed at."""
+  created = re.search(r"\.tfevents\.(\d+)", name)
+  start = re.search(r"\.start(\d+)\.", name)
+  return (int(created.group(1)) if created else 0, int(start.group(1)) if start else 0, name)
+
+
 def read_events(logdir: str) -> Events:
-  """The scalars, images and texts in the event files of `logdir`, files read in the order
-  written; a purge marker drops earlier events at or after its step (as TensorBoard does)."""
+  """The scalars, images and texts in the event files of the local folder `logdir`, files read
+  in the order written; a purge marker drops earlier events at or after its step (as
+  TensorBoard does)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
-  names = sorted((n for n in os.listdir(logdir) if ".tfevents." in n),
-                 key=lambda n: (n.split(".tfevents.")[1].split(".")[0], n))
+  names = sorted((n for n in os.listdir(logdir) if ".tfevents." in n), key=_written_order)
   seen: list[tuple[int, str, str, object]] = []  # (step, kind, tag, value) in written order
   for name in names:
     for payload in _records(os.path.join(logdir, name)):
