@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from ti_jax import errors
+from ti_jax import cli, errors
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio
 from ti_jax.training import train_lib
@@ -54,25 +54,16 @@ def validation_prompts(config) -> list[str]:
 
 
 def _read_prompts_file(path: str) -> list[str]:
-  """The non-blank lines of the UTF-8 file `path`, stripped."""
-  hint = "(a string names a file of prompts, one per line; several prompts: ('a {}', 'b {}'))"
-  if not fileio.exists(path):
-    raise ValidationPromptError(f"config.validation_prompts: no such file {path!r} {hint}")
-  if fileio.is_dir(path):
-    raise ValidationPromptError(f"config.validation_prompts: {path} is a folder {hint}")
+  """The non-blank lines of the UTF-8 file `path`, stripped (the reader of sample's
+  --prompts_file, so both refuse the same files in the same words)."""
   try:
-    text = fileio.read_bytes(path).decode("utf-8")
-  except OSError as e:
-    raise ValidationPromptError(f"config.validation_prompts: cannot read {path}: "
-                                f"{e.strerror or e}") from None
-  except UnicodeDecodeError:
-    raise ValidationPromptError(
-        f"config.validation_prompts: {path} is not UTF-8 text") from None
-  if "\0" in text:
-    raise ValidationPromptError(f"config.validation_prompts: {path} is binary, not text")
-  prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = cli.read_text_lines(path, "config.validation_prompts")
+  except ValueError as e:
+    hint = ("" if fileio.exists(path) else
+            " (a string names a file of prompts, one per line; several prompts: ('a {}', 'b {}'))")
+    raise ValidationPromptError(f"{e}{hint}") from None
   if not prompts:
-    raise ValidationPromptError(f"config.validation_prompts: {path} holds no prompt")
+    raise ValidationPromptError(f"config.validation_prompts {path} holds no prompt")
   return prompts
 
 
