@@ -25,6 +25,7 @@ setup(
         "huggingface_hub",
         "tqdm",
         "matplotlib",  # the evaluation's scatter plot (Agg backend, no display)
+        "tensorboardX>=2.6",  # report_to="tensorboard": event files without TensorFlow
     ],
     extras_require={
         # torch and diffusers are the PyTorch reference in the parity tests.

@@ -89,7 +89,16 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.checkpointing_steps = 500  # save an Orbax checkpoint every N steps (and at the end)
   c.checkpoints_total_limit = 3  # keep the last N checkpoints
   c.log_every_steps = 10  # metrics to metrics.jsonl and the progress bar
+  # "tensorboard": also write the metrics and validation grids as TensorBoard events in
+  # WORKDIR/tensorboard (tensorboardX, no TensorFlow); "" = metrics.jsonl only.
+  c.report_to = ""
   c.validation_prompt = ""  # "{}" is replaced by the placeholder; "" = no validation
+  # More validation prompts: a tuple of strings, or a string naming a UTF-8 file with one
+  # prompt per line (blank lines skipped), read at start-up. "{}" as in validation_prompt
+  # (a prompt without it is a control without S*). With any, each validation step writes
+  # one grid of num_validation_images per prompt, validation/stepNNNNNN_p<k>.png, prompt
+  # 0 being validation_prompt if set. () = validation_prompt alone.
+  c.validation_prompts = ml_collections.FieldReference((), field_type=object)
   c.validation_steps = 500  # generate validation images every N steps
   c.num_validation_images = 4
   c.validation_scheduler = "dpm++2m"  # ddim, pndm, euler, dpm++2m

@@ -35,7 +35,7 @@ from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.models import layers
 from ti_jax.runtime import fileio, parallel
 from ti_jax.sampling import schedulers
-from ti_jax.training import checkpointing, train_lib, validation
+from ti_jax.training import checkpointing, tensorboard, train_lib, validation
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -119,7 +119,10 @@ def validate_config(c) -> None:
   need(c.lr_warmup_steps >= 0, f"config.lr_warmup_steps must be >= 0, got {c.lr_warmup_steps}")
   need(c.attention_impl in layers.ATTENTION_IMPLS,
        f"config.attention_impl must be one of {layers.ATTENTION_IMPLS}, got {c.attention_impl!r}")
-  if c.validation_prompt:
+  need(c.report_to in tensorboard.REPORT_TO,
+       f"config.report_to must be '' (off) or 'tensorboard', got {c.report_to!r}")
+  if validation.enabled(c):
+    validation.validation_prompts(c)  # a prompts file is read (and checked) at start-up
     need(c.num_validation_images >= 1,
          f"config.num_validation_images must be >= 1, got {c.num_validation_images}")
     need(c.validation_inference_steps >= 1,
@@ -544,6 +547,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
   """
   is_main = jax.process_index() == 0
   metrics_log = _open_metrics_log(workdir, start, is_main)
+  tb = tensorboard.open_writer(config.report_to, workdir, start, is_main)
   bar = _progress_bar(start, config.max_train_steps, progress and is_main)
   flag = _StopFlag()
   interval = LogInterval(time.perf_counter(), start)
@@ -572,13 +576,14 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
                 if at_log or jax.process_count() == 1 else False)
         if at_log or stop:
           log_metrics(interval, step, metrics, inputs.global_batch, metrics_log, bar, limit,
-                      ckpts)
+                      ckpts, tb)
         bar.update(1)
         if step % config.checkpointing_steps == 0:
           save_checkpoint(ckpts, state, step, metadata, config, flag, limit)
           interval.restart(step)
         if validator and not stop and validation.is_due(config, step):
-          validation.write_images(validator, step, parallel.unreplicate(state).params["embeds"])
+          validation.write_images(validator, step, parallel.unreplicate(state).params["embeds"],
+                                  tb)
           interval.restart(step)
         if stop:
           interrupted = True
@@ -596,13 +601,16 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
   finally:
     bar.close()  # ends the bar's line, so an error message starts on its own line
     metrics_log.close()
+    if tb is not None:
+      tb.close()
   return state, step, interrupted
 
 
 def log_metrics(interval: LogInterval, step: int, metrics: dict, global_batch: int,
                 metrics_log: fileio.LineLog, bar, limit: float,
-                ckpts: checkpointing.Checkpoints) -> None:
-  """Writes one metrics.jsonl record (loss averaged since the last log) and checks sanity."""
+                ckpts: checkpointing.Checkpoints, tb: tensorboard.Writer | None = None) -> None:
+  """Writes one metrics.jsonl record (loss averaged since the last log), and its numbers to
+  TensorBoard if `tb`, and checks sanity."""
   m = {k: float(parallel.unreplicate(v)) for k, v in metrics.items()}
   m["loss"] = float(parallel.unreplicate(interval.loss_sum)) / interval.loss_count
   interval.loss_sum, interval.loss_count = None, 0
@@ -617,6 +625,8 @@ def log_metrics(interval: LogInterval, step: int, metrics: dict, global_batch: i
     postfix.update(step_s=f"{step_time:.3f}", img_s=f"{global_batch / step_time:.1f}")
   interval.time, interval.step = now, step
   metrics_log.write(json.dumps(record) + "\n")
+  if tb is not None:
+    tb.scalars(step, record)
   bar.set_postfix(postfix)
 
 

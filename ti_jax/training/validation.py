@@ -1,8 +1,16 @@
-"""Validation images during training: the validation prompt rendered with the vectors so far.
+"""Validation images during training: the validation prompts rendered with the vectors so far.
 
-`trainer.run` calls `make` once and `write_images` at validation steps. The
+`trainer.run` calls `make` once and `write_images` at validation steps. A
 prompt names only the vectors active at that step (`train_lib.active_vectors`),
-as the training prompts, the checkpoints and the export do.
+as the training prompts, the checkpoints and the export do. Image i of every
+prompt starts from the noise of (config.seed, i) at every validation step, so
+the images of one prompt are comparable over training.
+
+`config.validation_prompt` alone writes `validation/step<step>_<i>.png`; with
+`config.validation_prompts` (a tuple, or a file of one prompt per line) each
+prompt k gets one grid per validation step, `validation/step<step>_p<k>.png`.
+With `config.report_to="tensorboard"` each prompt's grid also goes to
+TensorBoard as `validation/p<k>`.
 """
 
 from __future__ import annotations
@@ -13,9 +21,50 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from ti_jax import cli, errors
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio
 from ti_jax.training import train_lib
+
+
+class ValidationPromptError(errors.UserError):
+  """config.validation_prompts cannot be used (a bad entry, a missing or empty file)."""
+
+
+def enabled(config) -> bool:
+  """Whether the run renders validation images (any validation prompt is set)."""
+  return bool(config.validation_prompt or config.validation_prompts)
+
+
+def validation_prompts(config) -> list[str]:
+  """The run's validation prompts, "{}" not yet filled: validation_prompt (if set) first,
+  then config.validation_prompts (its file read now). Raises ValidationPromptError."""
+  prompts = [config.validation_prompt] if config.validation_prompt else []
+  extra = config.validation_prompts
+  if isinstance(extra, str):
+    return prompts + (_read_prompts_file(extra) if extra else [])
+  if not isinstance(extra, (tuple, list)):
+    raise ValidationPromptError(
+        f"config.validation_prompts must be a tuple of prompts or a file name, got {extra!r}")
+  for i, text in enumerate(extra):
+    if not isinstance(text, str) or not text.strip():
+      raise ValidationPromptError(
+          f"config.validation_prompts[{i}] must be a non-empty prompt, got {text!r}")
+  return prompts + list(extra)
+
+
+def _read_prompts_file(path: str) -> list[str]:
+  """The non-blank lines of the UTF-8 file `path`, stripped (the reader of sample's
+  --prompts_file, so both refuse the same files in the same words)."""
+  try:
+    prompts = cli.read_text_lines(path, "config.validation_prompts")
+  except ValueError as e:
+    hint = ("" if fileio.exists(path) else
+            " (a string names a file of prompts, one per line; several prompts: ('a {}', 'b {}'))")
+    raise ValidationPromptError(f"{e}{hint}") from None
+  if not prompts:
+    raise ValidationPromptError(f"config.validation_prompts {path} holds no prompt")
+  return prompts
 
 
 @dataclasses.dataclass
@@ -33,16 +82,19 @@ class Validation:
   # The train step's replicated UNet and text-encoder params, reused so that
   # validation adds only the VAE to device memory.
   shared: dict
+  prompts: list[str] = dataclasses.field(default_factory=list)  # "{}" not yet filled
+  grids: bool = False  # validation_prompts set: a grid per prompt, else one PNG per image
   generator: Any = None
 
 
 def make(config, sd, token_ids: list[int], devices: Sequence, workdir: str,
          shared: dict) -> Validation | None:
-  """The run's `Validation`, or None when `config.validation_prompt` is empty."""
-  if not config.validation_prompt:
+  """The run's `Validation`, or None when no validation prompt is set."""
+  if not enabled(config):
     return None
   return Validation(config=config, sd=sd, token_ids=list(token_ids), devices=devices,
-                    out_dir=fileio.join(workdir, "validation"), shared=shared)
+                    out_dir=fileio.join(workdir, "validation"), shared=shared,
+                    prompts=validation_prompts(config), grids=bool(config.validation_prompts))
 
 
 def is_due(config, step: int) -> bool:
@@ -50,17 +102,20 @@ def is_due(config, step: int) -> bool:
   return step % config.validation_steps == 0 or step == config.max_train_steps
 
 
-def prompt(config, step: int) -> str:
-  """The validation prompt at `step`: "{}" filled with the tokens of the active vectors."""
+def prompt(config, step: int, text: str | None = None) -> str:
+  """Validation prompt `text` (default: config.validation_prompt) at `step`: "{}" filled
+  with the tokens of the active vectors."""
   active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-  text = config.validation_prompt.replace("{}", config.placeholder_token)
+  text = config.validation_prompt if text is None else text
+  text = text.replace("{}", config.placeholder_token)
   return pseudo_words.expand_placeholder(text, config.placeholder_token, active)
 
 
-def write_images(validation: Validation, step: int, learned: np.ndarray) -> None:
-  """Writes `validation/step<step>_<i>.png` from the vectors `learned` `[num_vectors, D]`.
+def write_images(validation: Validation, step: int, learned: np.ndarray, tb=None) -> None:
+  """Renders every validation prompt with the vectors `learned` `[num_vectors, D]`.
 
-  Every process takes part in generating; process 0 writes each batch as it is done.
+  Every process takes part in generating; process 0 writes the PNGs and, if `tb`
+  (a `tensorboard.Writer`) is given, each prompt's grid as TensorBoard image `validation/p<k>`.
   """
   from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
   c = validation.config
@@ -70,7 +125,27 @@ def write_images(validation: Validation, step: int, learned: np.ndarray) -> None
         num_inference_steps=c.validation_inference_steps,
         guidance_scale=c.validation_guidance_scale, height=c.resolution, width=c.resolution,
         devices=validation.devices, replicated_params=validation.shared)
-  text = prompt(c, step)
+  for k, raw in enumerate(validation.prompts):
+    text = prompt(c, step, raw)
+    images = _prompt_images(validation, step, text, learned)  # [n, H, W, 3] on process 0
+    if jax.process_index() != 0:
+      continue
+    grid = generation.image_grid(images)
+    info = {"prompt": text, "step": str(step), "seed": str(c.seed)}
+    if validation.grids:
+      fileio.makedirs(validation.out_dir)
+      generation.save_png(fileio.join(validation.out_dir, f"step{step:06d}_p{k}.png"), grid, info)
+    if tb is not None:
+      tb.image(step, f"validation/p{k}", grid)
+      tb.text(step, f"validation/p{k}_prompt", text)
+
+
+def _prompt_images(validation: Validation, step: int, text: str, learned: np.ndarray):
+  """The num_validation_images of `text` (uint8 `[n, H, W, 3]` on process 0, else None);
+  without grids, process 0 also writes each as `validation/step<step>_<i>.png`."""
+  from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
+  c = validation.config
+  batches = []
   # Every vector is handed over (the prompt names only the active ones), so the
   # sampler's arrays keep one shape and it compiles once for the whole run.
   for start, images in generation.image_batches(
@@ -78,7 +153,11 @@ def write_images(validation: Validation, step: int, learned: np.ndarray) -> None
       seed=c.seed, learned=[(np.asarray(learned), validation.token_ids)]):
     if jax.process_index() != 0:
       continue
+    batches.append(images)
+    if validation.grids:
+      continue
     fileio.makedirs(validation.out_dir)
     for i, image in enumerate(images, start):
       generation.save_png(fileio.join(validation.out_dir, f"step{step:06d}_{i}.png"), image,
                           {"prompt": text, "step": str(step), "seed": str(c.seed)})
+  return np.concatenate(batches) if batches else None
