@@ -62,9 +62,15 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   # If > 0, the global batch regardless of the device count (train_batch_size is
   # then global_batch_size / devices): reproduces a run on other hardware.
   c.global_batch_size = 0
+  # Micro-batches of train_batch_size per device per optimizer step, run one after
+  # another inside the compiled step with their gradients averaged: the global batch
+  # (and scale_lr) is train_batch_size x devices x this, in a device's memory for one.
+  c.gradient_accumulation_steps = 1
   c.max_train_steps = 5000
   c.learning_rate = 5e-3  # base rate; multiplied by the global batch if scale_lr
-  c.scale_lr = True  # lr = learning_rate * train_batch_size * number of devices (paper)
+  # lr = learning_rate * global batch (train_batch_size x devices x
+  # gradient_accumulation_steps), as in the paper.
+  c.scale_lr = True
   # constant, constant_with_warmup, linear, cosine. The decays span max_train_steps, so
   # raising max_train_steps to extend a finished run restarts them from the new length.
   c.lr_scheduler = "constant"

@@ -60,6 +60,9 @@ class StepSettings:
   # Paper ablation (progressive extension): vector i trains from step i * N on
   # (N = progressive_words); 0 trains every vector from the start.
   progressive_words: int = 0
+  # Micro-batches per optimizer step: the device's batch [A * b] is cut into A
+  # micro-batches of b run one after another (lax.scan), their gradients averaged.
+  gradient_accumulation_steps: int = 1
 
 
 def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
@@ -153,11 +156,39 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   return loss
 
 
+def _add_micro_batch(params: dict, frozen: Frozen, step: jax.Array, settings: StepSettings,
+                     carry: tuple, micro: dict) -> tuple[tuple, None]:
+  """lax.scan body: adds one micro-batch's (loss, gradients) to the running sums."""
+  loss, grads = jax.value_and_grad(loss_fn)(params, frozen, micro, step, settings)
+  return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+
+def accumulated_loss_and_grads(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
+                               settings: StepSettings) -> tuple[jax.Array, dict]:
+  """(loss, gradients) of this device's batch, averaged over its micro-batches.
+
+  With gradient_accumulation_steps A, each leaf of `batch` is `[A * b, ...]`
+  and micro-batch i holds examples `[i * b, (i + 1) * b)`. The micro-batches run
+  one at a time in a `lax.scan`, so only one micro-batch's activations are live;
+  all are the same size, so the mean of their means is the mean over the batch.
+  """
+  n = settings.gradient_accumulation_steps
+  if n == 1:
+    return jax.value_and_grad(loss_fn)(params, frozen, batch, step, settings)
+  micro = jax.tree_util.tree_map(
+      lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)  # [A, b, ...]
+  zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+  body = functools.partial(_add_micro_batch, params, frozen, step, settings)
+  (loss, grads), _ = jax.lax.scan(body, zeros, micro)
+  return loss / n, jax.tree_util.tree_map(lambda g: g / n, grads)
+
+
 def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
                settings: StepSettings, optimizer: optax.GradientTransformation,
                lr: optax.Schedule) -> tuple[TrainState, dict]:
-  """One optimisation step on this device's shard; gradients are averaged over devices."""
-  loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, state.step, settings)
+  """One optimisation step on this device's shard; gradients are averaged over its
+  micro-batches (gradient accumulation), then over devices."""
+  loss, grads = accumulated_loss_and_grads(state.params, frozen, batch, state.step, settings)
   grads = parallel.pmean(grads)
   loss = parallel.pmean(loss)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
