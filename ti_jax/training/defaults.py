@@ -79,6 +79,13 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.adam_beta2 = 0.999
   c.adam_weight_decay = 1e-2
   c.adam_epsilon = 1e-8
+  # Min-SNR-gamma loss weighting (diffusers' snr_gamma; 5.0 is the paper's choice):
+  # each example's error is weighted by min(SNR(t), gamma) / SNR(t) for epsilon
+  # targets, / (SNR(t) + 1) for v-prediction. 0 = off (plain MSE).
+  c.snr_gamma = 0.0
+  # Std of a constant per example and latent channel added to the diffusion noise
+  # (diffusers'/kohya's noise_offset, e.g. 0.05-0.1: darker/brighter images). 0 = off.
+  c.noise_offset = 0.0
   c.seed = 0  # every random choice is a function of (seed, step, example index)
   # Paper ablation: add w * mean_i ||v_i - v_i(init)||^2 to the loss (0 = off).
   c.embedding_reg_weight = 0.0

@@ -63,6 +63,11 @@ class StepSettings:
   # Micro-batches per optimizer step: the device's batch [A * b] is cut into A
   # micro-batches of b run one after another (lax.scan), their gradients averaged.
   gradient_accumulation_steps: int = 1
+  # Min-SNR-gamma loss weighting (Hang et al. 2023): each example's squared error is
+  # weighted by min(SNR(t), gamma) / SNR(t) (epsilon), / (SNR(t) + 1) (v); 0 = off.
+  snr_gamma: float = 0.0
+  # Std of a per-example, per-channel constant added to the diffusion noise; 0 = off.
+  noise_offset: float = 0.0
 
 
 def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
@@ -110,18 +115,50 @@ def init_state(initial_vectors: jax.Array, optimizer: optax.GradientTransformati
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
+# Folded into an example's key for its noise-offset draw: a stream of its own, so
+# the posterior, noise and timestep draws are those of a run without the offset.
+_NOISE_OFFSET_STREAM = 1
+
+
 def _example_noise(seed: int, step: jax.Array, example_index: jax.Array, latent_shape,
-                   num_timesteps: int):
+                   num_timesteps: int, noise_offset: float = 0.0):
   """Posterior sample noise, diffusion noise and timestep for one global example.
 
   A pure function of (seed, step, global example index): the same example
   gets the same draws however the batch is split over devices and hosts.
+  With `noise_offset`, the diffusion noise gets `noise_offset * n_c` added in
+  each channel c, n_c standard normal, constant over the latent's pixels.
   """
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), example_index)
   k_post, k_noise, k_t = jax.random.split(key, 3)
-  return (jax.random.normal(k_post, latent_shape, jnp.float32),
-          jax.random.normal(k_noise, latent_shape, jnp.float32),
+  noise = jax.random.normal(k_noise, latent_shape, jnp.float32)  # [h, w, C]
+  if noise_offset:
+    k_offset = jax.random.fold_in(key, _NOISE_OFFSET_STREAM)
+    offset = jax.random.normal(k_offset, (1, 1, latent_shape[-1]), jnp.float32)  # [1, 1, C]
+    noise = noise + noise_offset * offset
+  return (jax.random.normal(k_post, latent_shape, jnp.float32), noise,
           jax.random.randint(k_t, (), 0, num_timesteps))
+
+
+def min_snr_weights(schedule: schedulers.NoiseSchedule, timesteps: jax.Array,
+                    snr_gamma: float) -> jax.Array:
+  """Per-example loss weights `[b]` of min-SNR-gamma weighting at `timesteps` `[b]`.
+
+  SNR(t) = a_t / (1 - a_t) (a: alphas_cumprod). The weight is min(SNR, gamma)
+  divided by SNR for an epsilon target and by SNR + 1 for a v target, so that
+  the weighted loss equals min(SNR, gamma) times the error in x0 (or its v
+  equivalent); a "sample" target is weighted by min(SNR, gamma) itself.
+  """
+  acp = schedule.alphas_cumprod[timesteps]  # [b]
+  snr = acp / (1.0 - acp)
+  clipped = jnp.minimum(snr, snr_gamma)
+  if schedule.prediction_type == "epsilon":
+    # A zero-terminal-SNR schedule has SNR 0 at its last step, where
+    # min(SNR, gamma) / SNR tends to 1.
+    return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
+  if schedule.prediction_type == "v_prediction":
+    return clipped / (snr + 1.0)
+  return clipped
 
 
 def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
@@ -133,7 +170,8 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   mean = frozen.latent_mean[batch["view_index"]]  # [b, h, w, C]
   std = frozen.latent_std[batch["view_index"]]
   draw = functools.partial(_example_noise, settings.seed, step, latent_shape=mean.shape[1:],
-                           num_timesteps=frozen.schedule.num_train_timesteps)
+                           num_timesteps=frozen.schedule.num_train_timesteps,
+                           noise_offset=settings.noise_offset)
   post_eps, noise, t = jax.vmap(draw)(batch["example_index"])
   # A sample of the cached posterior: the same distribution as encoding each step.
   latents = (mean + std * post_eps - settings.shift_factor) * settings.scaling_factor
@@ -149,7 +187,11 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
                                         inputs_embeds=embeds)  # [b, T, D]
   pred = settings.unet.apply({"params": frozen.unet}, noisy.astype(mean.dtype), t,
                             context)  # [b, h, w, C]
-  loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+  if settings.snr_gamma:
+    per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))  # [b]
+    loss = jnp.mean(per_example * min_snr_weights(frozen.schedule, t, settings.snr_gamma))
+  else:
+    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
   if settings.embedding_reg_weight:
     drift = params["embeds"] - frozen.init_embeds  # [n, D]
     loss = loss + settings.embedding_reg_weight * jnp.mean(jnp.sum(jnp.square(drift), axis=-1))

@@ -85,12 +85,14 @@ def validate_config(c) -> None:
        "Diffusion is trained at 512-1024 px, and encoding larger images needs tens of GB")
   # nan compares False with everything, so each range check below also refuses it.
   for name in ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay",
-               "embedding_reg_weight", "flip_p", "per_image_token_p",
+               "embedding_reg_weight", "flip_p", "per_image_token_p", "snr_gamma", "noise_offset",
                "validation_guidance_scale"):
     need(math.isfinite(float(c[name])), f"config.{name} must be a finite number, got {c[name]}")
   need(c.train_batch_size >= 1, f"config.train_batch_size must be >= 1, got {c.train_batch_size}")
   need(c.remat in (True, False, "auto"), f"config.remat must be True, False or auto, got {c.remat!r}")
   need(c.global_batch_size >= 0, f"config.global_batch_size must be >= 0, got {c.global_batch_size}")
+  for name in ("snr_gamma", "noise_offset"):
+    need(c[name] >= 0, f"config.{name} must be >= 0 (0 = off), got {c[name]}")
   need(c.gradient_accumulation_steps >= 1,
        f"config.gradient_accumulation_steps must be >= 1, got {c.gradient_accumulation_steps}")
   need(0.0 <= c.per_image_token_p <= 1.0,
@@ -486,7 +488,8 @@ def step_inputs(config, inputs: RunInputs) -> tuple[train_lib.Frozen, train_lib.
       shift_factor=float(vae_config.shift_factor), seed=int(config.seed),
       embedding_reg_weight=float(config.embedding_reg_weight),
       progressive_words=int(config.progressive_words),
-      gradient_accumulation_steps=int(config.gradient_accumulation_steps))
+      gradient_accumulation_steps=int(config.gradient_accumulation_steps),
+      snr_gamma=float(config.snr_gamma), noise_offset=float(config.noise_offset))
   return frozen, settings
 
 
