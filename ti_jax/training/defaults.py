@@ -75,6 +75,12 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   # raising max_train_steps to extend a finished run restarts them from the new length.
   c.lr_scheduler = "constant"
   c.lr_warmup_steps = 0
+  # adamw (the paper's), lion, prodigy, adafactor or sgd (optax's; only the learned
+  # vectors have optimizer state). The adam_* fields below are AdamW's; adam_weight_decay
+  # is also the (decoupled) weight decay of lion, prodigy and adafactor; sgd is plain SGD.
+  # Lion wants a 3-10x lower learning_rate; prodigy estimates its own step size, which
+  # learning_rate multiplies: use learning_rate=1.0 and scale_lr=False with it.
+  c.optimizer = "adamw"
   c.adam_beta1 = 0.9
   c.adam_beta2 = 0.999
   c.adam_weight_decay = 1e-2

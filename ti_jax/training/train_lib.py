@@ -97,11 +97,36 @@ def trainable_labels(params: dict) -> dict:
           for k, v in params.items()}
 
 
+OPTIMIZERS = ("adamw", "lion", "prodigy", "adafactor", "sgd")
+
+
+def _inner_optimizer(name: str, lr: optax.Schedule, b1: float, b2: float, eps: float,
+                     weight_decay: float) -> optax.GradientTransformation:
+  """The optax optimizer `name` for the learned vectors (see OPTIMIZERS)."""
+  if name == "adamw":
+    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if name == "lion":  # its own betas (0.9, 0.99); decoupled weight decay, scaled by lr
+    return optax.lion(lr, weight_decay=weight_decay)
+  if name == "prodigy":  # lr multiplies the step size Prodigy estimates (1.0 is its default)
+    return optax.contrib.prodigy(lr, weight_decay=weight_decay)
+  if name == "adafactor":
+    # optax's adafactor adds weight_decay_rate * params unscaled by the learning rate;
+    # scaling it by lr gives weight_decay the decoupled meaning it has for AdamW.
+    decay = (lambda count: lr(count) * weight_decay) if weight_decay else None
+    return optax.adafactor(lr, weight_decay_rate=decay)
+  if name == "sgd":  # plain SGD: no momentum, no weight decay
+    return optax.sgd(lr)
+  raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
 def make_optimizer(lr: optax.Schedule, b1: float, b2: float, eps: float,
-                   weight_decay: float) -> optax.GradientTransformation:
-  """AdamW on the learned vectors; frozen leaves get zero updates and no optimizer state."""
+                   weight_decay: float, name: str = "adamw") -> optax.GradientTransformation:
+  """Optimizer `name` (AdamW by default) on the learned vectors; frozen leaves get zero
+  updates and no optimizer state (multi_transform gives the inner optimizer only the
+  trainable leaves). b1, b2 and eps are AdamW's; weight_decay is decoupled (scaled by the
+  learning rate) for adamw, lion, prodigy and adafactor."""
   return optax.multi_transform(
-      {"train": optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+      {"train": _inner_optimizer(name, lr, b1, b2, eps, weight_decay),
        "frozen": optax.set_to_zero()},
       trainable_labels)
 

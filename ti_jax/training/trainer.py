@@ -104,6 +104,8 @@ def validate_config(c) -> None:
   need(c.adam_epsilon > 0, f"config.adam_epsilon must be > 0, got {c.adam_epsilon}")
   need(c.adam_weight_decay >= 0,
        f"config.adam_weight_decay must be >= 0, got {c.adam_weight_decay}")
+  need(c.optimizer in train_lib.OPTIMIZERS,
+       f"config.optimizer must be one of {', '.join(train_lib.OPTIMIZERS)}, got {c.optimizer!r}")
   need(c.lr_scheduler in train_lib.LR_SCHEDULES,
        f"config.lr_scheduler must be one of {', '.join(train_lib.LR_SCHEDULES)}, got {c.lr_scheduler!r}")
   need(0.0 <= c.flip_p <= 1.0, f"config.flip_p must be in [0, 1], got {c.flip_p}")
@@ -321,7 +323,8 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
   lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
                                         config.max_train_steps)
   optimizer = train_lib.make_optimizer(lr, config.adam_beta1, config.adam_beta2,
-                                       config.adam_epsilon, config.adam_weight_decay)
+                                       config.adam_epsilon, config.adam_weight_decay,
+                                       config.optimizer)
   # Per-image vectors start where S* starts (its first vector).
   image_init = (np.repeat(init.vectors[:1], len(prompts.image_tokens), axis=0)
                 if prompts.image_tokens else None)
@@ -464,7 +467,8 @@ def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
   accumulation = (f" ({inputs.per_device_batch} per device x {config.gradient_accumulation_steps}"
                   " accumulation steps)" if config.gradient_accumulation_steps > 1 else "")
   _log(f"training {p.tokens}{extra} on {num_devices} device(s) ({jax.devices()[0].platform}), "
-       f"global batch {inputs.global_batch}{accumulation}, lr {inputs.base_lr:g} ({config.lr_scheduler}), "
+       f"global batch {inputs.global_batch}{accumulation}, {config.optimizer} lr {inputs.base_lr:g} "
+       f"({config.lr_scheduler}), "
        f"{inputs.schedule.prediction_type} target, steps {start}->{config.max_train_steps}")
 
 
