@@ -45,7 +45,10 @@ _IDENTITY_DEFAULTS = {"per_image_tokens": False}
 # checkpoint only if all of them match (run.json may be missing or rewritten).
 CHECKPOINT_IDENTITY = ("placeholder_token", "initializer_token", "pretrained_model_name_or_path",
                        "num_vectors", "learnable_property", "resolution", "image_files", "seed",
-                       "per_image_tokens")
+                       "per_image_tokens", "snr_gamma", "noise_offset", "optimizer")
+# Values of checkpoint identity fields added later: a checkpoint without the field
+# was made with this value (so it resumes only with it).
+_CHECKPOINT_DEFAULTS = {"snr_gamma": 0.0, "noise_offset": 0.0, "optimizer": "adamw"}
 
 
 def run_identity(config) -> dict:
@@ -66,6 +69,8 @@ def run_metadata(config, *, tokens: list[str], token_ids: list[int], image_token
       "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
       "model_path": model_path, "learnable_property": config.learnable_property,
       "resolution": config.resolution, "seed": config.seed,
+      "snr_gamma": float(config.snr_gamma), "noise_offset": float(config.noise_offset),
+      "optimizer": config.optimizer,
       "global_batch": global_batch, "learning_rate": base_lr,
       # Where the images were, wherever the run is read from later (evaluate).
       "train_data_path": (config.train_data_dir if fileio.is_remote(config.train_data_dir)
@@ -153,10 +158,12 @@ def vectors_finite(tree: Any) -> bool:
 def identity_diffs(saved: dict, run: dict) -> list[str]:
   """`field: saved there, run now` for each CHECKPOINT_IDENTITY field that differs.
 
-  Fields an older checkpoint did not record are not compared.
+  Fields an older checkpoint did not record are not compared, unless they have
+  a default in _CHECKPOINT_DEFAULTS (the value it was made with).
   """
   def norm(v):  # JSON turns tuples into lists
     return list(v) if isinstance(v, tuple) else v
+  saved = {**{k: v for k, v in _CHECKPOINT_DEFAULTS.items() if k in run}, **saved}
   return [f"{k}: {saved[k]!r} there, {run.get(k)!r} now" for k in CHECKPOINT_IDENTITY
           if k in saved and norm(saved[k]) != norm(run.get(k))]
 

@@ -62,17 +62,36 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   # If > 0, the global batch regardless of the device count (train_batch_size is
   # then global_batch_size / devices): reproduces a run on other hardware.
   c.global_batch_size = 0
+  # Micro-batches of train_batch_size per device per optimizer step, run one after
+  # another inside the compiled step with their gradients averaged: the global batch
+  # (and scale_lr) is train_batch_size x devices x this, in a device's memory for one.
+  c.gradient_accumulation_steps = 1
   c.max_train_steps = 5000
   c.learning_rate = 5e-3  # base rate; multiplied by the global batch if scale_lr
-  c.scale_lr = True  # lr = learning_rate * train_batch_size * number of devices (paper)
+  # lr = learning_rate * global batch (train_batch_size x devices x
+  # gradient_accumulation_steps), as in the paper.
+  c.scale_lr = True
   # constant, constant_with_warmup, linear, cosine. The decays span max_train_steps, so
   # raising max_train_steps to extend a finished run restarts them from the new length.
   c.lr_scheduler = "constant"
   c.lr_warmup_steps = 0
+  # adamw (the paper's), lion, prodigy, adafactor or sgd (optax's; only the learned
+  # vectors have optimizer state). The adam_* fields below are AdamW's; adam_weight_decay
+  # is also the (decoupled) weight decay of lion, prodigy and adafactor; sgd is plain SGD.
+  # Lion wants a 3-10x lower learning_rate; prodigy estimates its own step size, which
+  # learning_rate multiplies: use learning_rate=1.0 and scale_lr=False with it.
+  c.optimizer = "adamw"
   c.adam_beta1 = 0.9
   c.adam_beta2 = 0.999
   c.adam_weight_decay = 1e-2
   c.adam_epsilon = 1e-8
+  # Min-SNR-gamma loss weighting (diffusers' snr_gamma; 5.0 is the paper's choice):
+  # each example's error is weighted by min(SNR(t), gamma) / SNR(t) for epsilon
+  # targets, / (SNR(t) + 1) for v-prediction. 0 = off (plain MSE).
+  c.snr_gamma = 0.0
+  # Std of a constant per example and latent channel added to the diffusion noise
+  # (diffusers'/kohya's noise_offset, e.g. 0.05-0.1: darker/brighter images). 0 = off.
+  c.noise_offset = 0.0
   c.seed = 0  # every random choice is a function of (seed, step, example index)
   # Paper ablation: add w * mean_i ||v_i - v_i(init)||^2 to the loss (0 = off).
   c.embedding_reg_weight = 0.0

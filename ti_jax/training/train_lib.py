@@ -60,6 +60,14 @@ class StepSettings:
   # Paper ablation (progressive extension): vector i trains from step i * N on
   # (N = progressive_words); 0 trains every vector from the start.
   progressive_words: int = 0
+  # Micro-batches per optimizer step: the device's batch [A * b] is cut into A
+  # micro-batches of b run one after another (lax.scan), their gradients averaged.
+  gradient_accumulation_steps: int = 1
+  # Min-SNR-gamma loss weighting (Hang et al. 2023): each example's squared error is
+  # weighted by min(SNR(t), gamma) / SNR(t) (epsilon), / (SNR(t) + 1) (v); 0 = off.
+  snr_gamma: float = 0.0
+  # Std of a per-example, per-channel constant added to the diffusion noise; 0 = off.
+  noise_offset: float = 0.0
 
 
 def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
@@ -89,11 +97,36 @@ def trainable_labels(params: dict) -> dict:
           for k, v in params.items()}
 
 
+OPTIMIZERS = ("adamw", "lion", "prodigy", "adafactor", "sgd")
+
+
+def _inner_optimizer(name: str, lr: optax.Schedule, b1: float, b2: float, eps: float,
+                     weight_decay: float) -> optax.GradientTransformation:
+  """The optax optimizer `name` for the learned vectors (see OPTIMIZERS)."""
+  if name == "adamw":
+    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if name == "lion":  # its own betas (0.9, 0.99); decoupled weight decay, scaled by lr
+    return optax.lion(lr, weight_decay=weight_decay)
+  if name == "prodigy":  # lr multiplies the step size Prodigy estimates (1.0 is its default)
+    return optax.contrib.prodigy(lr, weight_decay=weight_decay)
+  if name == "adafactor":
+    # optax's adafactor adds weight_decay_rate * params unscaled by the learning rate;
+    # scaling it by lr gives weight_decay the decoupled meaning it has for AdamW.
+    decay = (lambda count: lr(count) * weight_decay) if weight_decay else None
+    return optax.adafactor(lr, weight_decay_rate=decay)
+  if name == "sgd":  # plain SGD: no momentum, no weight decay
+    return optax.sgd(lr)
+  raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
 def make_optimizer(lr: optax.Schedule, b1: float, b2: float, eps: float,
-                   weight_decay: float) -> optax.GradientTransformation:
-  """AdamW on the learned vectors; frozen leaves get zero updates and no optimizer state."""
+                   weight_decay: float, name: str = "adamw") -> optax.GradientTransformation:
+  """Optimizer `name` (AdamW by default) on the learned vectors; frozen leaves get zero
+  updates and no optimizer state (multi_transform gives the inner optimizer only the
+  trainable leaves). b1, b2 and eps are AdamW's; weight_decay is decoupled (scaled by the
+  learning rate) for adamw, lion, prodigy and adafactor."""
   return optax.multi_transform(
-      {"train": optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+      {"train": _inner_optimizer(name, lr, b1, b2, eps, weight_decay),
        "frozen": optax.set_to_zero()},
       trainable_labels)
 
@@ -107,18 +140,50 @@ def init_state(initial_vectors: jax.Array, optimizer: optax.GradientTransformati
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
+# Folded into an example's key for its noise-offset draw: a stream of its own, so
+# the posterior, noise and timestep draws are those of a run without the offset.
+_NOISE_OFFSET_STREAM = 1
+
+
 def _example_noise(seed: int, step: jax.Array, example_index: jax.Array, latent_shape,
-                   num_timesteps: int):
+                   num_timesteps: int, noise_offset: float = 0.0):
   """Posterior sample noise, diffusion noise and timestep for one global example.
 
   A pure function of (seed, step, global example index): the same example
   gets the same draws however the batch is split over devices and hosts.
+  With `noise_offset`, the diffusion noise gets `noise_offset * n_c` added in
+  each channel c, n_c standard normal, constant over the latent's pixels.
   """
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), example_index)
   k_post, k_noise, k_t = jax.random.split(key, 3)
-  return (jax.random.normal(k_post, latent_shape, jnp.float32),
-          jax.random.normal(k_noise, latent_shape, jnp.float32),
+  noise = jax.random.normal(k_noise, latent_shape, jnp.float32)  # [h, w, C]
+  if noise_offset:
+    k_offset = jax.random.fold_in(key, _NOISE_OFFSET_STREAM)
+    offset = jax.random.normal(k_offset, (1, 1, latent_shape[-1]), jnp.float32)  # [1, 1, C]
+    noise = noise + noise_offset * offset
+  return (jax.random.normal(k_post, latent_shape, jnp.float32), noise,
           jax.random.randint(k_t, (), 0, num_timesteps))
+
+
+def min_snr_weights(schedule: schedulers.NoiseSchedule, timesteps: jax.Array,
+                    snr_gamma: float) -> jax.Array:
+  """Per-example loss weights `[b]` of min-SNR-gamma weighting at `timesteps` `[b]`.
+
+  SNR(t) = a_t / (1 - a_t) (a: alphas_cumprod). The weight is min(SNR, gamma)
+  divided by SNR for an epsilon target and by SNR + 1 for a v target, so that
+  the weighted loss equals min(SNR, gamma) times the error in x0 (or its v
+  equivalent); a "sample" target is weighted by min(SNR, gamma) itself.
+  """
+  acp = schedule.alphas_cumprod[timesteps]  # [b]
+  snr = acp / (1.0 - acp)
+  clipped = jnp.minimum(snr, snr_gamma)
+  if schedule.prediction_type == "epsilon":
+    # A zero-terminal-SNR schedule has SNR 0 at its last step, where
+    # min(SNR, gamma) / SNR tends to 1.
+    return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
+  if schedule.prediction_type == "v_prediction":
+    return clipped / (snr + 1.0)
+  return clipped
 
 
 def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
@@ -130,7 +195,8 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   mean = frozen.latent_mean[batch["view_index"]]  # [b, h, w, C]
   std = frozen.latent_std[batch["view_index"]]
   draw = functools.partial(_example_noise, settings.seed, step, latent_shape=mean.shape[1:],
-                           num_timesteps=frozen.schedule.num_train_timesteps)
+                           num_timesteps=frozen.schedule.num_train_timesteps,
+                           noise_offset=settings.noise_offset)
   post_eps, noise, t = jax.vmap(draw)(batch["example_index"])
   # A sample of the cached posterior: the same distribution as encoding each step.
   latents = (mean + std * post_eps - settings.shift_factor) * settings.scaling_factor
@@ -146,18 +212,50 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
                                         inputs_embeds=embeds)  # [b, T, D]
   pred = settings.unet.apply({"params": frozen.unet}, noisy.astype(mean.dtype), t,
                             context)  # [b, h, w, C]
-  loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+  if settings.snr_gamma:
+    per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))  # [b]
+    loss = jnp.mean(per_example * min_snr_weights(frozen.schedule, t, settings.snr_gamma))
+  else:
+    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
   if settings.embedding_reg_weight:
     drift = params["embeds"] - frozen.init_embeds  # [n, D]
     loss = loss + settings.embedding_reg_weight * jnp.mean(jnp.sum(jnp.square(drift), axis=-1))
   return loss
 
 
+def _add_micro_batch(params: dict, frozen: Frozen, step: jax.Array, settings: StepSettings,
+                     carry: tuple, micro: dict) -> tuple[tuple, None]:
+  """lax.scan body: adds one micro-batch's (loss, gradients) to the running sums."""
+  loss, grads = jax.value_and_grad(loss_fn)(params, frozen, micro, step, settings)
+  return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+
+def accumulated_loss_and_grads(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
+                               settings: StepSettings) -> tuple[jax.Array, dict]:
+  """(loss, gradients) of this device's batch, averaged over its micro-batches.
+
+  With gradient_accumulation_steps A, each leaf of `batch` is `[A * b, ...]`
+  and micro-batch i holds examples `[i * b, (i + 1) * b)`. The micro-batches run
+  one at a time in a `lax.scan`, so only one micro-batch's activations are live;
+  all are the same size, so the mean of their means is the mean over the batch.
+  """
+  n = settings.gradient_accumulation_steps
+  if n == 1:
+    return jax.value_and_grad(loss_fn)(params, frozen, batch, step, settings)
+  micro = jax.tree_util.tree_map(
+      lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)  # [A, b, ...]
+  zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+  body = functools.partial(_add_micro_batch, params, frozen, step, settings)
+  (loss, grads), _ = jax.lax.scan(body, zeros, micro)
+  return loss / n, jax.tree_util.tree_map(lambda g: g / n, grads)
+
+
 def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
                settings: StepSettings, optimizer: optax.GradientTransformation,
                lr: optax.Schedule) -> tuple[TrainState, dict]:
-  """One optimisation step on this device's shard; gradients are averaged over devices."""
-  loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, state.step, settings)
+  """One optimisation step on this device's shard; gradients are averaged over its
+  micro-batches (gradient accumulation), then over devices."""
+  loss, grads = accumulated_loss_and_grads(state.params, frozen, batch, state.step, settings)
   grads = parallel.pmean(grads)
   loss = parallel.pmean(loss)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -85,12 +85,16 @@ def validate_config(c) -> None:
        "Diffusion is trained at 512-1024 px, and encoding larger images needs tens of GB")
   # nan compares False with everything, so each range check below also refuses it.
   for name in ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay",
-               "embedding_reg_weight", "flip_p", "per_image_token_p",
+               "embedding_reg_weight", "flip_p", "per_image_token_p", "snr_gamma", "noise_offset",
                "validation_guidance_scale"):
     need(math.isfinite(float(c[name])), f"config.{name} must be a finite number, got {c[name]}")
   need(c.train_batch_size >= 1, f"config.train_batch_size must be >= 1, got {c.train_batch_size}")
   need(c.remat in (True, False, "auto"), f"config.remat must be True, False or auto, got {c.remat!r}")
   need(c.global_batch_size >= 0, f"config.global_batch_size must be >= 0, got {c.global_batch_size}")
+  for name in ("snr_gamma", "noise_offset"):
+    need(c[name] >= 0, f"config.{name} must be >= 0 (0 = off), got {c[name]}")
+  need(c.gradient_accumulation_steps >= 1,
+       f"config.gradient_accumulation_steps must be >= 1, got {c.gradient_accumulation_steps}")
   need(0.0 <= c.per_image_token_p <= 1.0,
        f"config.per_image_token_p must be in [0, 1], got {c.per_image_token_p}")
   need(c.max_train_steps >= 1, f"config.max_train_steps must be >= 1, got {c.max_train_steps}")
@@ -100,6 +104,8 @@ def validate_config(c) -> None:
   need(c.adam_epsilon > 0, f"config.adam_epsilon must be > 0, got {c.adam_epsilon}")
   need(c.adam_weight_decay >= 0,
        f"config.adam_weight_decay must be >= 0, got {c.adam_weight_decay}")
+  need(c.optimizer in train_lib.OPTIMIZERS,
+       f"config.optimizer must be one of {', '.join(train_lib.OPTIMIZERS)}, got {c.optimizer!r}")
   need(c.lr_scheduler in train_lib.LR_SCHEDULES,
        f"config.lr_scheduler must be one of {', '.join(train_lib.LR_SCHEDULES)}, got {c.lr_scheduler!r}")
   need(0.0 <= c.flip_p <= 1.0, f"config.flip_p must be in [0, 1], got {c.flip_p}")
@@ -177,8 +183,8 @@ class RunInputs:
   init: pseudo_words.Initializer  # init.vectors: [n, D] where the vectors start
   latent_mean: np.ndarray  # [V_views, h, w, C] cached VAE posteriors (latent_cache)
   latent_std: np.ndarray  # [V_views, h, w, C]
-  per_device_batch: int
-  global_batch: int
+  per_device_batch: int  # examples per device per micro-batch
+  global_batch: int  # examples per optimizer step: per device x devices x accumulation
   local_devices: int  # devices of this process
   base_lr: float
   lr: Any  # optax schedule
@@ -320,7 +326,8 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
   lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
                                         config.max_train_steps)
   optimizer = train_lib.make_optimizer(lr, config.adam_beta1, config.adam_beta2,
-                                       config.adam_epsilon, config.adam_weight_decay)
+                                       config.adam_epsilon, config.adam_weight_decay,
+                                       config.optimizer)
   # Per-image vectors start where S* starts (its first vector).
   image_init = (np.repeat(init.vectors[:1], len(prompts.image_tokens), axis=0)
                 if prompts.image_tokens else None)
@@ -444,22 +451,27 @@ def _cache_latents(config, sd, images) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _batch_sizes(config, num_devices: int) -> tuple[int, int]:
-  """(examples per device, examples per step over every device and process)."""
+  """(examples per device per micro-batch, examples per step over every device, process and
+  micro-batch of gradient accumulation)."""
+  accumulation = config.gradient_accumulation_steps
   if config.global_batch_size:
-    if config.global_batch_size % num_devices:
+    if config.global_batch_size % (num_devices * accumulation):
       raise ConfigError(f"config.global_batch_size {config.global_batch_size} is not divisible "
-                        f"by the {num_devices} devices")
-    per_device_batch = config.global_batch_size // num_devices
+                        f"by the {num_devices} devices x {accumulation} accumulation steps")
+    per_device_batch = config.global_batch_size // (num_devices * accumulation)
   else:
     per_device_batch = config.train_batch_size
-  return per_device_batch, per_device_batch * num_devices
+  return per_device_batch, per_device_batch * num_devices * accumulation
 
 
 def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
   p = inputs.prompts
   extra = f" and {len(p.image_tokens)} per-image tokens" if p.image_tokens else ""
+  accumulation = (f" ({inputs.per_device_batch} per device x {config.gradient_accumulation_steps}"
+                  " accumulation steps)" if config.gradient_accumulation_steps > 1 else "")
   _log(f"training {p.tokens}{extra} on {num_devices} device(s) ({jax.devices()[0].platform}), "
-       f"global batch {inputs.global_batch}, lr {inputs.base_lr:g} ({config.lr_scheduler}), "
+       f"global batch {inputs.global_batch}{accumulation}, {config.optimizer} lr {inputs.base_lr:g} "
+       f"({config.lr_scheduler}), "
        f"{inputs.schedule.prediction_type} target, steps {start}->{config.max_train_steps}")
 
 
@@ -482,7 +494,9 @@ def step_inputs(config, inputs: RunInputs) -> tuple[train_lib.Frozen, train_lib.
       scaling_factor=float(vae_config.scaling_factor),
       shift_factor=float(vae_config.shift_factor), seed=int(config.seed),
       embedding_reg_weight=float(config.embedding_reg_weight),
-      progressive_words=int(config.progressive_words))
+      progressive_words=int(config.progressive_words),
+      gradient_accumulation_steps=int(config.gradient_accumulation_steps),
+      snr_gamma=float(config.snr_gamma), noise_offset=float(config.noise_offset))
   return frozen, settings
 
 
@@ -501,8 +515,10 @@ def compile_step(config, settings: train_lib.StepSettings, inputs: RunInputs, de
 
 def batch_for(config, inputs: RunInputs, step: int) -> dict:
   """This process's share of the global batch of `step` (all of it on one host), sharded
-  over its devices: {"input_ids": [d, b, T], "view_index": [d, b], "example_index": [d, b]}."""
-  local = inputs.per_device_batch * inputs.local_devices
+  over its devices: {"input_ids": [d, A * b, T], "view_index": [d, A * b], "example_index":
+  [d, A * b]} (A: gradient_accumulation_steps; the step cuts each device's row into A
+  micro-batches of b)."""
+  local = inputs.per_device_batch * inputs.local_devices * config.gradient_accumulation_steps
   example_index = jax.process_index() * local + np.arange(local)  # [local], global positions
   view_index, template_index = choices.example_choices(
       config.seed, step, example_index, global_batch_size=inputs.global_batch,
