@@ -122,3 +122,21 @@ def test_caption_extension_without_dot_is_refused(tmp_path, cache_dir):
   with pytest.raises(trainer.ConfigError, match="start with a dot"):
     trainer.run(_config(cache_dir, TOY, caption_extension="txt"), str(tmp_path / "w"),
                 progress=False)
+
+
+def test_runs_recorded_before_captions_existed_resume_with_the_defaults(tmp_path, cache_dir):
+  import json
+  config = _config(cache_dir, TOY, caption_extension="")
+  identity = checkpointing.run_identity(config)
+  assert identity["caption_extension"] == identity["templates_file"] == ""
+  old = {k: v for k, v in identity.items() if k not in ("caption_extension", "templates_file")}
+  (tmp_path / "run.json").write_text(json.dumps(old))
+  assert checkpointing.check_identity(str(tmp_path), identity)  # resumes
+  with pytest.raises(checkpointing.WorkdirError, match="caption_extension: '' there"):
+    checkpointing.check_identity(str(tmp_path), dict(identity, caption_extension=".txt"))
+  # A checkpoint's metadata without the new fields is not compared on them.
+  now = {"caption_extension": ".txt", "templates_file": "", "prompt_texts_sha256": "ab"}
+  assert checkpointing.identity_diffs({"seed": 0}, dict(now, seed=0)) == []
+  assert checkpointing.identity_diffs(dict(now, prompt_texts_sha256="cd"), now) == [
+      "prompt_texts_sha256: 'cd' there, 'ab' now "
+      "(a caption file or the templates file changed)"]

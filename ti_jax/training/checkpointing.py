@@ -162,8 +162,9 @@ def identity_diffs(saved: dict, run: dict) -> list[str]:
   """
   def norm(v):  # JSON turns tuples into lists
     return list(v) if isinstance(v, tuple) else v
-  return [f"{k}: {saved[k]!r} there, {run.get(k)!r} now" for k in CHECKPOINT_IDENTITY
-          if k in saved and norm(saved[k]) != norm(run.get(k))]
+  hints = {"prompt_texts_sha256": " (a caption file or the templates file changed)"}
+  return [f"{k}: {saved[k]!r} there, {run.get(k)!r} now{hints.get(k, '')}"
+          for k in CHECKPOINT_IDENTITY if k in saved and norm(saved[k]) != norm(run.get(k))]
 
 
 def check_identity(workdir: str, identity: dict) -> bool:
