@@ -119,3 +119,13 @@ def test_batch_ids_take_the_caption_of_captioned_images_and_templates_otherwise(
   np.testing.assert_array_equal(
       captions.batch_input_ids(plain, None, 1, template, view, None),
       plain[0][template])
+
+
+def test_a_templates_file_is_hashed_even_without_captions(tmp_path):
+  path = tmp_path / "my object templates"  # a name like the built-in source's
+  path.write_text("a photo of {}\n")
+  texts = captions.prompt_texts("object", str(path), "<toy>", [], 1)
+  assert texts.templates == ("a photo of {}",) and texts.source == str(path)
+  assert len(texts.sha256()) == 64
+  path.write_text("a photo of the {}\n")
+  assert captions.prompt_texts("object", str(path), "<toy>", [], 1).sha256() != texts.sha256()

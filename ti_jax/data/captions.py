@@ -157,11 +157,12 @@ class PromptTexts:
   source: str  # where the templates come from: "object templates", or the templates file
   captions: list[str | None]  # per image: its caption as a template, or None (templates)
   caption_files: list[str | None]  # per image: the caption file, or None
+  from_file: bool = False  # the templates come from a templates file
 
   def sha256(self) -> str:
     """A digest of the templates and captions ("" when both are the built-in defaults'),
     kept in each checkpoint so a resume with other prompt texts is refused."""
-    if self.source.endswith(" templates") and not any(self.captions):
+    if not self.from_file and not any(self.captions):
       return ""
     text = json.dumps({"templates": list(self.templates), "captions": self.captions})
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -179,7 +180,8 @@ def prompt_texts(learnable_property: str, templates_file: str, placeholder_token
   texts = [as_template(c.text, placeholder_token, f"{c.path}:{c.line}") if c else None
            for c in found]
   return PromptTexts(templates=templates, source=source, captions=texts,
-                     caption_files=[c.path if c else None for c in found])
+                     caption_files=[c.path if c else None for c in found],
+                     from_file=bool(templates_file))
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int | None = None) -> np.ndarray:
