@@ -9,7 +9,9 @@
 
 The batch is sharded over every local device with `jax.pmap`. Re-running the
 same command resumes from the newest checkpoint in --workdir. Ctrl-C or
-SIGTERM saves a checkpoint before exiting.
+SIGTERM saves a checkpoint before exiting. --dry_run loads and checks every input,
+prints each image's size, caption or templates and example token ids, and exits
+without training or writing anything.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from typing import Sequence
 
 from ti_jax import cli, errors
 from ti_jax.runtime import distributed
-from ti_jax.training import trainer
+from ti_jax.training import dry_run, trainer
 
 
 def main(argv: Sequence[str]) -> None:
   f = cli.start(argv)
   config = cli.config_or_exit(f)
+  if f.dry_run:  # before the compilation cache and the workdir: a dry run writes nothing
+    try:
+      print("\n".join(dry_run.dry_run(config, f.workdir)), flush=True)
+    except errors.UserError as e:
+      cli.exit_now(f"error: {e}", 1)
+    return
   distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
   # Process-wide JAX settings belong to the program, not to the library's `run`.
   trainer.enable_compilation_cache(config.compilation_cache_dir)
@@ -46,6 +54,9 @@ if __name__ == "__main__":
       lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, validation images "
                       "and the final learned_embeds.safetensors. Re-use it to resume.")
+  flags.DEFINE_bool("dry_run", False, "Load and check every input, print each image's size, "
+                    "caption or templates and an example prompt's token ids (with the "
+                    "placeholder's position), and exit without training or writing anything.")
   flags.mark_flags_as_required(["config", "workdir"])
   distributed.define_flags()
   app.run(main, flags_parser=cli.flags_parser)

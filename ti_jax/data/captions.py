@@ -6,11 +6,14 @@ length); training, sampling and the evaluation all call it.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from typing import Any, Sequence
 
 import numpy as np
 
-from ti_jax.data.image_loader import DataError
+from ti_jax.data.image_loader import Caption, DataError
 
 # Prompt templates of the textual-inversion paper (Gal et al. 2022).  "{}" is
 # replaced by the placeholder token.  The paper's style list repeats two
@@ -100,9 +103,85 @@ def build_prompts(template_index: np.ndarray, templates: Sequence[str],
   for i in np.asarray(template_index).reshape(-1).tolist():
     if not 0 <= i < len(templates):
       raise DataError(f"template index {i} out of range for {len(templates)} templates")
-    # Positional format keeps any braces inside the placeholder literal.
-    out.append(templates[i].format(placeholder_text))
+    out.append(fill(templates[i], placeholder_text))
   return out
+
+
+# Where a template or caption puts the placeholder.
+SLOT = "{}"
+
+
+def fill(template: str, placeholder_text: str) -> str:
+  """`template` with every "{}" replaced by `placeholder_text` (other braces stay literal,
+  so a caption may hold "{" or "}" and a placeholder such as "{odd}" is kept as it is)."""
+  return template.replace(SLOT, placeholder_text)
+
+
+def as_template(text: str, placeholder_token: str, where: str) -> str:
+  """A caption or template line with its slot for S* written as "{}".
+
+  The placeholder itself ("a photo of <cat-toy>") marks the slot as well as "{}".
+
+  Raises:
+    DataError: the text has no slot; the message names `where` (file and line).
+  """
+  template = text.replace(placeholder_token, SLOT) if placeholder_token else text
+  if SLOT not in template:
+    raise DataError(f"{where}: {text!r} has no slot for the placeholder: write {SLOT} "
+                    f"(or {placeholder_token}) where it goes")
+  return template
+
+
+def read_templates_file(path: str, placeholder_token: str) -> tuple[str, ...]:
+  """The templates of a text file, one per non-blank line, each checked for a slot."""
+  try:
+    with open(path, "rb") as f:
+      text = f.read().decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise DataError(f"templates_file {path}: not UTF-8 text ({e.reason} at byte {e.start})") \
+        from None
+  except OSError as e:
+    raise DataError(f"cannot read templates_file {path}: {e.strerror or e}") from None
+  templates = tuple(as_template(line.strip(), placeholder_token, f"{path}:{number}")
+                    for number, line in enumerate(text.splitlines(), start=1) if line.strip())
+  if not templates:
+    raise DataError(f"templates_file {path} holds no template (one per line, with {SLOT} for "
+                    "the placeholder)")
+  return templates
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTexts:
+  """The texts a run's prompts come from (templates with "{}" slots)."""
+  templates: tuple[str, ...]  # drawn for images without a caption
+  source: str  # where the templates come from: "object templates", or the templates file
+  captions: list[str | None]  # per image: its caption as a template, or None (templates)
+  caption_files: list[str | None]  # per image: the caption file, or None
+  from_file: bool = False  # the templates come from a templates file
+
+  def sha256(self) -> str:
+    """A digest of the templates and captions ("" when both are the built-in defaults'),
+    kept in each checkpoint so a resume with other prompt texts is refused."""
+    if not self.from_file and not any(self.captions):
+      return ""
+    text = json.dumps({"templates": list(self.templates), "captions": self.captions})
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def prompt_texts(learnable_property: str, templates_file: str, placeholder_token: str,
+                 image_captions: Sequence[Caption | None], num_images: int) -> PromptTexts:
+  """The run's templates (`templates_file`, else the paper's for `learnable_property`) and
+  each image's caption (`image_loader.read_caption`), every one checked for a slot."""
+  if templates_file:
+    templates, source = read_templates_file(templates_file, placeholder_token), templates_file
+  else:
+    templates, source = templates_for(learnable_property), f"{learnable_property} templates"
+  found = list(image_captions) or [None] * num_images
+  texts = [as_template(c.text, placeholder_token, f"{c.path}:{c.line}") if c else None
+           for c in found]
+  return PromptTexts(templates=templates, source=source, captions=texts,
+                     caption_files=[c.path if c else None for c in found],
+                     from_file=bool(templates_file))
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int | None = None) -> np.ndarray:
@@ -142,29 +221,71 @@ def prompt_tables(tokenizer: Any, templates: Sequence[str], tokens: list[str],
   n = len(tokens)
   every_template = np.arange(len(templates))
 
-  def fill(text):
+  def ids(text):
     return tokenize(tokenizer, build_prompts(every_template, templates, text))  # [templates, T]
-  template_ids = np.stack([fill(" ".join(tokens[:k])) for k in range(1, n + 1)])
+  template_ids = np.stack([ids(" ".join(tokens[:k])) for k in range(1, n + 1)])
   if not image_tokens:
     return template_ids, None
   image_template_ids = np.stack([
-      np.stack([fill(with_image_token(" ".join(tokens[:k]), t)) for t in image_tokens])
+      np.stack([ids(with_image_token(" ".join(tokens[:k]), t)) for t in image_tokens])
       for k in range(1, n + 1)])
   return template_ids, image_template_ids
 
 
+def caption_tables(tokenizer: Any, image_captions: Sequence[str | None], tokens: list[str],
+                   image_tokens: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+  """Token ids of every image's caption, for each count of active vectors (as `prompt_tables`).
+
+  Args:
+    image_captions: per image, its caption with "{}" slots, or None (the image
+      uses the templates; its rows are padding that `batch_input_ids` never picks).
+
+  Returns:
+    `[n, N, T]` the captions filled with the first k vectors' tokens; with
+    per-image tokens also `[n, N, T]` with "S* with S_i" of the caption's own
+    image i (else None).
+  """
+  n = len(tokens)
+  plain = [c or "" for c in image_captions]
+
+  def ids(texts):
+    return tokenize(tokenizer, texts)  # [N, T]
+  caption_ids = np.stack([ids([fill(c, " ".join(tokens[:k])) for c in plain])
+                          for k in range(1, n + 1)])
+  if not image_tokens:
+    return caption_ids, None
+  image_caption_ids = np.stack([
+      ids([fill(c, with_image_token(" ".join(tokens[:k]), t)) for c, t in zip(plain, image_tokens)])
+      for k in range(1, n + 1)])
+  return caption_ids, image_caption_ids
+
+
 def batch_input_ids(template_ids: np.ndarray, image_template_ids: np.ndarray | None, active: int,
                     template_index: np.ndarray, view_index: np.ndarray,
-                    mixed: np.ndarray | None) -> np.ndarray:
+                    mixed: np.ndarray | None, captioned: np.ndarray | None = None,
+                    caption_ids: np.ndarray | None = None,
+                    image_caption_ids: np.ndarray | None = None) -> np.ndarray:
   """`[b, T]` prompt ids of a batch: `active` vectors; per-image prompts where `mixed`.
 
   A per-image prompt names the token of the example's own image: view v shows
   image v mod N (views N..2N-1 are the mirrors, see `image_loader.view_pixels`).
+  With captions (`captioned`: bool `[N]`, `caption_ids`/`image_caption_ids`
+  from `caption_tables`), an example whose image has a caption gets the
+  caption's row instead of its template's; the template draw is made all the
+  same, so the other examples' prompts do not change.
   """
   ids = template_ids[active - 1][template_index]  # [b, T]
-  if image_template_ids is None:
+  if image_template_ids is None and captioned is None:
     return ids
-  num_images = image_template_ids.shape[1]
-  image = np.asarray(view_index) % num_images
-  return np.where(np.asarray(mixed)[:, None],
-                  image_template_ids[active - 1][image, template_index], ids)
+  num_images = (image_template_ids.shape[1] if image_template_ids is not None
+                else len(captioned))
+  image = np.asarray(view_index) % num_images  # [b]
+  if image_template_ids is not None:
+    ids = np.where(np.asarray(mixed)[:, None],
+                   image_template_ids[active - 1][image, template_index], ids)
+  if captioned is None or not np.any(captioned):
+    return ids
+  own = caption_ids[active - 1][image]  # [b, T]
+  if image_caption_ids is not None:
+    own = np.where(np.asarray(mixed)[:, None], image_caption_ids[active - 1][image], own)
+  return np.where(np.asarray(captioned)[image][:, None], own, ids)

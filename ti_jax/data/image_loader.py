@@ -16,8 +16,8 @@ from PIL import Image, ImageOps
 from ti_jax import errors
 from ti_jax.runtime import fileio
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "TrainingImages", "load_images", "load_training_images",
-           "view_pixels"]
+__all__ = ["IMAGE_EXTENSIONS", "Caption", "DataError", "TrainingImages", "load_images",
+           "load_training_images", "read_caption", "view_pixels"]
 
 
 # File extensions (lower case, with the dot) that are read as images; the
@@ -47,6 +47,14 @@ class DataError(errors.UserError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Caption:
+  """An image's caption file: its path, the caption and the line it came from (1-based)."""
+  path: str
+  text: str
+  line: int
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingImages:
   """The concept images, ready for the VAE.
 
@@ -54,11 +62,16 @@ class TrainingImages:
     pixels: uint8 ``[N, R, R, 3]`` RGB images, in the order of `paths`.
     paths: the files the images came from, sorted by file name.
     warnings: one line per skipped or questionable file, for the caller to log.
+    sizes: (width, height) of each file as read (upright), before crop and resize.
+    captions: with a caption extension, each image's `Caption` or None (no file);
+      else empty.
   """
 
   pixels: np.ndarray  # [N, R, R, 3] uint8
   paths: list[str]
   warnings: list[str]
+  sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+  captions: list[Caption | None] = dataclasses.field(default_factory=list)
 
   @property
   def num_images(self) -> int:
@@ -163,8 +176,34 @@ def _read_rgb(path: str) -> tuple[Image.Image, str | None]:
     return _to_rgb(upright), note
 
 
+def read_caption(image_path: str, caption_extension: str) -> Caption | None:
+  """The caption file beside an image ("a.png" -> "a.txt" for ".txt"), or None if there is none.
+
+  As in kohya's scripts, the caption is the file's first line (here: its first
+  non-blank line, so a leading empty line does not blank the caption).
+
+  Raises:
+    DataError: the file is unreadable, not UTF-8 or holds only blank lines.
+  """
+  path = os.path.splitext(image_path)[0] + caption_extension
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, "rb") as f:
+      text = f.read().decode("utf-8-sig")  # a BOM from Windows editors is not caption text
+  except UnicodeDecodeError as e:
+    raise DataError(f"caption file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  except OSError as e:
+    raise DataError(f"cannot read caption file {path}: {e.strerror or e}") from None
+  for number, line in enumerate(text.splitlines(), start=1):
+    if line.strip():
+      return Caption(path=path, text=line.strip(), line=number)
+  raise DataError(f"caption file {path} is empty; write the image's prompt in it or delete it "
+                  "(images without a caption use the templates)")
+
+
 def load_training_images(folder: str, resolution: int, center_crop: bool,
-                         min_side: int = 32) -> TrainingImages:
+                         min_side: int = 32, caption_extension: str = "") -> TrainingImages:
   """Loads the concept images of `folder` as square RGB arrays.
 
   Files are taken from the folder itself (not subfolders, not hidden files) by
@@ -181,6 +220,8 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
     resolution: side R of the output images, in pixels.
     center_crop: whether to crop the central square before resizing.
     min_side: images whose shorter side is below this are skipped.
+    caption_extension: if set (e.g. ".txt"), each kept image's caption file is
+      read (`read_caption`).
 
   Returns:
     The images, their paths, and one-line warnings about skipped files and
@@ -192,7 +233,7 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
   if resolution < 1:
     raise DataError(f"resolution must be a positive number of pixels, got {resolution}")
   paths = _list_image_files(folder)
-  pixels, kept, warnings = [], [], []
+  pixels, kept, warnings, sizes = [], [], [], []
   unreadable = too_small = 0
   for path in paths:
     try:
@@ -227,6 +268,7 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
     img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
     pixels.append(np.asarray(img, dtype=np.uint8))  # [R, R, 3]
     kept.append(path)
+    sizes.append((w, h))
   if not kept:
     reasons = []
     if unreadable:
@@ -236,7 +278,9 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
     raise DataError(
         f"no readable images in {folder!r}: skipped {len(paths)} file"
         f"{'s' * (len(paths) != 1)} ({', '.join(reasons)}); first problem: {warnings[0]}")
-  return TrainingImages(pixels=np.stack(pixels), paths=kept, warnings=warnings)  # [N, R, R, 3]
+  found = [read_caption(p, caption_extension) for p in kept] if caption_extension else []
+  return TrainingImages(pixels=np.stack(pixels), paths=kept, warnings=warnings,  # [N, R, R, 3]
+                        sizes=sizes, captions=found)
 
 
 # ---------------------------------------------------------------------------
@@ -244,17 +288,20 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
 # ---------------------------------------------------------------------------
 
 
-def load_images(folder: str, resolution: int, center_crop: bool) -> TrainingImages:
-  """`load_training_images` of a local or gs:// folder (a remote one is copied locally first)."""
+def load_images(folder: str, resolution: int, center_crop: bool,
+                caption_extension: str = "") -> TrainingImages:
+  """`load_training_images` of a local or gs:// folder (a remote one is copied locally first,
+  caption files with it)."""
   if not fileio.is_remote(folder):
-    return load_training_images(folder, resolution, center_crop)
+    return load_training_images(folder, resolution, center_crop,
+                                caption_extension=caption_extension)
   import tempfile  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     try:
       fileio.copy_tree_to_local(folder, tmp)
     except OSError as e:
       raise DataError(f"cannot read training images from {folder}: {e}") from None
-    return load_training_images(tmp, resolution, center_crop)
+    return load_training_images(tmp, resolution, center_crop, caption_extension=caption_extension)
 
 
 def view_pixels(pixels: np.ndarray, flip: bool) -> np.ndarray:

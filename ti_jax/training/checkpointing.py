@@ -36,19 +36,21 @@ from ti_jax.runtime import fileio
 # changed would silently mix two concepts, so it is refused.
 IDENTITY_FIELDS = ("placeholder_token", "num_vectors", "initializer_token",
                    "pretrained_model_name_or_path", "learnable_property", "train_data_dir",
-                   "resolution", "per_image_tokens")
+                   "resolution", "per_image_tokens", "caption_extension", "templates_file")
 # Values of identity fields added after runs were first written.
-_IDENTITY_DEFAULTS = {"per_image_tokens": False}
+_IDENTITY_DEFAULTS = {"per_image_tokens": False, "caption_extension": "", "templates_file": ""}
 
 
 # Fields of a checkpoint's metadata that say what it learned. A run resumes a
 # checkpoint only if all of them match (run.json may be missing or rewritten).
 CHECKPOINT_IDENTITY = ("placeholder_token", "initializer_token", "pretrained_model_name_or_path",
                        "num_vectors", "learnable_property", "resolution", "image_files", "seed",
-                       "per_image_tokens", "snr_gamma", "noise_offset", "optimizer")
+                       "per_image_tokens", "snr_gamma", "noise_offset", "optimizer",
+                       "caption_extension", "templates_file", "prompt_texts_sha256")
 # Values of checkpoint identity fields added later: a checkpoint without the field
 # was made with this value (so it resumes only with it).
-_CHECKPOINT_DEFAULTS = {"snr_gamma": 0.0, "noise_offset": 0.0, "optimizer": "adamw"}
+_CHECKPOINT_DEFAULTS = {"snr_gamma": 0.0, "noise_offset": 0.0, "optimizer": "adamw",
+                        "caption_extension": "", "templates_file": "", "prompt_texts_sha256": ""}
 
 
 def run_identity(config) -> dict:
@@ -58,7 +60,7 @@ def run_identity(config) -> dict:
 
 def run_metadata(config, *, tokens: list[str], token_ids: list[int], image_tokens: list[str],
                  embedding_dim: int, model_path: str, global_batch: int, base_lr: float,
-                 image_paths: list[str]) -> dict:
+                 image_paths: list[str], prompt_texts_sha256: str = "") -> dict:
   """The metadata every checkpoint of the run carries: its CHECKPOINT_IDENTITY and what
   sample/export/evaluate need to use it (tokens, base model, images, the config)."""
   return {
@@ -76,6 +78,10 @@ def run_metadata(config, *, tokens: list[str], token_ids: list[int], image_token
       "train_data_path": (config.train_data_dir if fileio.is_remote(config.train_data_dir)
                           else os.path.abspath(config.train_data_dir)),
       "image_files": [os.path.basename(p) for p in image_paths],
+      # The captions' and templates file's texts ("" with neither): editing a caption
+      # between resumes changes what is learned, so it is refused like a changed seed.
+      "caption_extension": config.caption_extension, "templates_file": config.templates_file,
+      "prompt_texts_sha256": prompt_texts_sha256,
       "config": json.loads(config.to_json()),
   }
 
@@ -164,8 +170,9 @@ def identity_diffs(saved: dict, run: dict) -> list[str]:
   def norm(v):  # JSON turns tuples into lists
     return list(v) if isinstance(v, tuple) else v
   saved = {**{k: v for k, v in _CHECKPOINT_DEFAULTS.items() if k in run}, **saved}
-  return [f"{k}: {saved[k]!r} there, {run.get(k)!r} now" for k in CHECKPOINT_IDENTITY
-          if k in saved and norm(saved[k]) != norm(run.get(k))]
+  hints = {"prompt_texts_sha256": " (a caption file or the templates file changed)"}
+  return [f"{k}: {saved[k]!r} there, {run.get(k)!r} now{hints.get(k, '')}"
+          for k in CHECKPOINT_IDENTITY if k in saved and norm(saved[k]) != norm(run.get(k))]
 
 
 def check_identity(workdir: str, identity: dict) -> bool:

@@ -53,6 +53,13 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   # of initializer_token; its vector count must equal num_vectors.
   c.init_embedding = ""
   c.learnable_property = "object"  # "object" or "style": which prompt templates to use
+  # Caption files beside the images (e.g. ".txt": "a.png" -> "a.txt", first line): an
+  # image's caption is its prompt, "{}" or the placeholder marking S*; images without
+  # one use the templates ("" = no captions).
+  c.caption_extension = ""
+  # A text file of templates, one per line with "{}" (or the placeholder) for S*, used
+  # instead of the object/style lists ("" = the paper's list for learnable_property).
+  c.templates_file = ""
   c.resolution = 512  # training image size (pixels, square)
   c.center_crop = False  # crop the central square before resizing (else squash)
   c.flip_p = 0.5  # probability of a horizontal flip per example

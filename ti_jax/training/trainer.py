@@ -72,6 +72,10 @@ def validate_config(c) -> None:
   need(c.train_data_dir, "config.train_data_dir is empty: point it at a folder of 3-5 images")
   need(c.learnable_property in ("object", "style"),
        f"config.learnable_property must be 'object' or 'style', got {c.learnable_property!r}")
+  need(not c.caption_extension or (c.caption_extension.startswith(".") and
+                                   len(c.caption_extension) > 1),
+       f"config.caption_extension must be '' or start with a dot, e.g. '.txt', got "
+       f"{c.caption_extension!r}")
   need(c.initializer_token.strip(), "config.initializer_token is empty: give a coarse word, e.g. 'toy'")
   need(c.num_vectors >= 1, f"config.num_vectors must be >= 1, got {c.num_vectors}")
   # Each vector takes one of the text encoder's 77 tokens, 2 of which are start
@@ -170,6 +174,11 @@ class Prompts:
   num_templates: int
   template_ids: np.ndarray  # [n, num_templates, T], see captions.prompt_tables
   image_template_ids: np.ndarray | None  # [n, N, num_templates, T], or None
+  # Captions (config.caption_extension), see captions.caption_tables; None without any.
+  texts: captions.PromptTexts | None = None
+  captioned: np.ndarray | None = None  # [N] bool: the image has a caption
+  caption_ids: np.ndarray | None = None  # [n, N, T]
+  image_caption_ids: np.ndarray | None = None  # [n, N, T], with per-image tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +246,7 @@ def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) 
         config, tokens=inputs.prompts.tokens, token_ids=inputs.prompts.token_ids,
         image_tokens=inputs.prompts.image_tokens, embedding_dim=inputs.table.shape[1],
         model_path=inputs.sd.path, global_batch=inputs.global_batch, base_lr=inputs.base_lr,
-        image_paths=inputs.images.paths)
+        image_paths=inputs.images.paths, prompt_texts_sha256=inputs.prompts.texts.sha256())
     state = checkpointing.resume(ckpts, jax.device_get(inputs.state), metadata,
                                  checkpointing.run_identity(config), workdir, inputs.has_run_json)
     start = int(state.step)
@@ -314,9 +323,10 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
   """Loads and checks every input of the run, in the order a failure is cheapest to report."""
   has_run_json = checkpointing.check_identity(workdir, checkpointing.run_identity(config))
   images = _load_images(config)
-  templates = captions.templates_for(config.learnable_property)
+  texts = captions.prompt_texts(config.learnable_property, config.templates_file,
+                                config.placeholder_token, images.captions, images.num_images)
   sd, schedule = _load_model(config)
-  prompts = _make_prompts(config, sd, templates, images.num_images)
+  prompts = _make_prompts(config, sd, texts, images.num_images)
   table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params),
                      np.float32)  # [V, D]
   init = _initial_vectors(config, sd.tokenizer, table)
@@ -342,7 +352,8 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
 def _load_images(config) -> image_loader.TrainingImages:
   """The concept images at the training resolution; their warnings go to stderr."""
   try:
-    images = image_loader.load_images(config.train_data_dir, config.resolution, config.center_crop)
+    images = image_loader.load_images(config.train_data_dir, config.resolution, config.center_crop,
+                                      caption_extension=config.caption_extension)
   except MemoryError:
     raise ConfigError(f"config.resolution {config.resolution}: not enough host memory to "
                       "hold the training images at that size") from None
@@ -371,8 +382,9 @@ def _load_model(config):
   return sd, schedule
 
 
-def _make_prompts(config, sd, templates, num_images: int) -> Prompts:
+def _make_prompts(config, sd, texts: captions.PromptTexts, num_images: int) -> Prompts:
   """Adds the learned tokens to the tokenizer and tokenizes every training prompt once."""
+  templates = texts.templates
   token_ids = pseudo_words.add_placeholder_tokens(sd.tokenizer, config.placeholder_token,
                                                   config.num_vectors)
   tokens = pseudo_words.placeholder_tokens(config.placeholder_token, config.num_vectors)
@@ -380,29 +392,44 @@ def _make_prompts(config, sd, templates, num_images: int) -> Prompts:
   image_tokens = (pseudo_words.per_image_tokens(config.placeholder_token, num_images)
                   if config.per_image_tokens else [])
   image_token_ids = pseudo_words.add_new_tokens(sd.tokenizer, image_tokens) if image_tokens else []
-  _check_prompts_fit(sd.tokenizer, templates, tokens, image_tokens)
+  _check_prompts_fit(sd.tokenizer, templates, tokens, image_tokens, texts)
   template_ids, image_template_ids = captions.prompt_tables(sd.tokenizer, templates, tokens,
                                                             image_tokens)
+  captioned = np.array([c is not None for c in texts.captions], bool)  # [N]
+  caption_ids, image_caption_ids = (
+      captions.caption_tables(sd.tokenizer, texts.captions, tokens, image_tokens)
+      if captioned.any() else (None, None))
   return Prompts(tokens=tokens, token_ids=token_ids, image_tokens=image_tokens,
                  image_token_ids=image_token_ids, num_templates=len(templates),
-                 template_ids=template_ids, image_template_ids=image_template_ids)
+                 template_ids=template_ids, image_template_ids=image_template_ids, texts=texts,
+                 captioned=captioned if captioned.any() else None, caption_ids=caption_ids,
+                 image_caption_ids=image_caption_ids)
 
 
-def _check_prompts_fit(tokenizer, templates, tokens: list[str], image_tokens: list[str]) -> None:
+def _check_prompts_fit(tokenizer, templates, tokens: list[str], image_tokens: list[str],
+                      texts: captions.PromptTexts | None = None) -> None:
   """Refuses a vector count whose prompts would be cut off by the text encoder's token limit."""
   limit = int(tokenizer.model_max_length)
 
   def count(text):
     return len(tokenizer(text).input_ids)  # with the start/end tokens
-  # Tokens the longest template takes besides the placeholder (one token for "x").
-  overhead = max(count(t.format("x")) - 1 for t in templates)
-  if image_tokens:
-    overhead += max(count(captions.with_image_token("x", t)) - count("x") for t in image_tokens)
-  room = limit - overhead
+  # Tokens the longest template or caption takes besides the placeholder (one token for "x";
+  # a slot written more than once holds the vectors each time).
+  sources = [(t, "template") for t in templates]
+  if texts:
+    sources += [(c, f"caption {f}") for c, f in zip(texts.captions, texts.caption_files) if c]
+  extra = (max(count(captions.with_image_token("x", t)) - count("x") for t in image_tokens)
+           if image_tokens else 0)
+
+  def fit(text):  # (vectors that fit, tokens the text takes besides them)
+    slots = text.count(captions.SLOT)
+    other = count(captions.fill(text, "x")) - slots + extra
+    return (limit - other) // slots, other
+  room, overhead, where = min((*fit(t), w) for t, w in sources)  # the tightest text
   if len(tokens) > room:
     raise ConfigError(
         f"config.num_vectors {len(tokens)} does not fit the prompts: the longest training "
-        f"template takes {overhead} of the text encoder's {limit} tokens, leaving room for "
+        f"{where} takes {overhead} of the text encoder's {limit} tokens, leaving room for "
         f"at most {max(room, 0)} vectors")
 
 
@@ -529,7 +556,8 @@ def batch_for(config, inputs: RunInputs, step: int) -> dict:
   mixed = (choices.per_image_choices(config.seed, step, example_index, config.per_image_token_p)
            if p.image_tokens else None)
   input_ids = captions.batch_input_ids(p.template_ids, p.image_template_ids, active,
-                                       template_index, view_index, mixed)
+                                       template_index, view_index, mixed, p.captioned,
+                                       p.caption_ids, p.image_caption_ids)
   batch = {"input_ids": input_ids, "view_index": view_index,
            "example_index": example_index.astype(np.int32)}
   return parallel.shard(batch, inputs.local_devices)

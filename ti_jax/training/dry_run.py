@@ -1,0 +1,96 @@
+"""A dry run (`python -m ti_jax.train --dry_run`): every input of a run loaded and checked,
+then described image by image, without training and without writing to the workdir.
+
+Like kohya's `--debug_dataset`: for each image its size, the resolution it trains at,
+its caption or the templates it draws from, and one of its prompts as the exact token
+ids the text encoder gets, with the positions of the placeholder's tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ti_jax.data import captions
+from ti_jax.embeddings import pseudo_words
+from ti_jax.runtime import fileio, parallel
+from ti_jax.training import checkpointing, trainer
+
+# Token ids shown per prompt before the rest is elided (the padding is never shown).
+_MAX_SHOWN_IDS = 40
+
+
+def dry_run(config, workdir: str) -> list[str]:
+  """Loads and checks every input of a training run and returns its report, one line each.
+
+  The same checks as a run's start-up (config ranges, the workdir's run.json if
+  there is one, images, caption and templates files, the base model, the
+  placeholder, the initial vectors, the batch over the devices) with the same
+  one-line errors; the workdir is not created, locked or written, and nothing
+  is compiled or trained.
+
+  Raises:
+    errors.UserError: the input a real run would refuse, with its message.
+  """
+  trainer.validate_config(config)
+  workdir = fileio.resolve(workdir)
+  resumes = checkpointing.check_identity(workdir, checkpointing.run_identity(config))  # reads only
+  # The trainer's own start-up steps, so a dry run checks exactly what a run would.
+  images = trainer._load_images(config)  # pylint: disable=protected-access
+  texts = captions.prompt_texts(config.learnable_property, config.templates_file,
+                                config.placeholder_token, images.captions, images.num_images)
+  sd, schedule = trainer._load_model(config)  # pylint: disable=protected-access
+  prompts = trainer._make_prompts(config, sd, texts, images.num_images)  # pylint: disable=protected-access
+  table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params))  # [V, D]
+  trainer._initial_vectors(config, sd.tokenizer, table)  # pylint: disable=protected-access
+  devices = parallel.all_devices()
+  _, global_batch = trainer._batch_sizes(config, len(devices))  # pylint: disable=protected-access
+  lines = [
+      f"dry run of {workdir} ({'resumes the run there' if resumes else 'a new run'}): "
+      f"base model {sd.path}, {schedule.prediction_type} target",
+      f"placeholder {prompts.tokens} = token ids {prompts.token_ids}"
+      + (f", per-image tokens {prompts.image_tokens}" if prompts.image_tokens else ""),
+      f"templates: {len(texts.templates)} from {texts.source}; captions: "
+      + (f"{sum(c is not None for c in texts.captions)} of {images.num_images} images "
+         f"({config.caption_extension} files)" if config.caption_extension else "off"),
+      f"{images.num_images} image(s); global batch {global_batch} on {len(devices)} device(s), "
+      f"flip_p {config.flip_p}, steps {config.max_train_steps}",
+  ]
+  for i in range(images.num_images):
+    lines += describe_image(i, images, texts, prompts, sd.tokenizer)
+  lines.append("dry run: every input checked; nothing trained, nothing written")
+  return lines
+
+
+def describe_image(i: int, images, texts: captions.PromptTexts, prompts, tokenizer) -> list[str]:
+  """The report lines of image `i`: file, sizes, caption or templates, an example prompt's ids."""
+  w, h = images.sizes[i]
+  r = images.pixels.shape[1]
+  caption = texts.captions[i]
+  where = os.path.basename(texts.caption_files[i]) if caption else ""
+  source = (f"caption ({where}): {caption!r}" if caption
+            else f"templates ({len(texts.templates)} from {texts.source})")
+  n = len(prompts.tokens)
+  ids = (prompts.caption_ids[n - 1][i] if caption
+         else prompts.template_ids[n - 1][0])  # [T]; templates: the first one as the example
+  return [f"image {i + 1}/{images.num_images} {images.paths[i]}: {w}x{h} px, trains at {r}x{r} "
+          f"(bucket: the square training resolution); {source}",
+          f"  example: {captions.fill(caption or texts.templates[0], ' '.join(prompts.tokens))!r}",
+          "  " + token_line(ids, prompts.token_ids, tokenizer)]
+
+
+def token_line(ids: np.ndarray, placeholder_ids: list[int], tokenizer) -> str:
+  """`ids [...] (n of T tokens), placeholder at position(s) [...]` for one prompt's ids `[T]`."""
+  ids = np.asarray(ids)
+  pad = tokenizer.pad_token_id
+  eos = tokenizer.eos_token_id
+  # Up to the first end token (CLIP pads with it too), or to the first padding.
+  ends = np.flatnonzero(ids == eos) if eos is not None else np.flatnonzero(ids == pad)
+  used = int(ends[0]) + 1 if ends.size else len(ids)
+  shown = ids[:used].tolist()
+  text = (str(shown) if used <= _MAX_SHOWN_IDS
+          else f"{shown[:_MAX_SHOWN_IDS]} ... {shown[-1]}")
+  positions = np.flatnonzero(np.isin(ids, placeholder_ids)).tolist()
+  return (f"token ids {text} ({used} of {len(ids)} tokens, the rest padding), "
+          f"placeholder at position(s) {positions}")
