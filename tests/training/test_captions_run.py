@@ -134,9 +134,14 @@ def test_runs_recorded_before_captions_existed_resume_with_the_defaults(tmp_path
   assert checkpointing.check_identity(str(tmp_path), identity)  # resumes
   with pytest.raises(checkpointing.WorkdirError, match="caption_extension: '' there"):
     checkpointing.check_identity(str(tmp_path), dict(identity, caption_extension=".txt"))
-  # A checkpoint's metadata without the new fields is not compared on them.
+  # A checkpoint's metadata without the new fields was made without captions: it resumes
+  # without them and is refused with them.
+  off = {"caption_extension": "", "templates_file": "", "prompt_texts_sha256": ""}
   now = {"caption_extension": ".txt", "templates_file": "", "prompt_texts_sha256": "ab"}
-  assert checkpointing.identity_diffs({"seed": 0}, dict(now, seed=0)) == []
+  assert checkpointing.identity_diffs({"seed": 0}, dict(off, seed=0)) == []
+  assert checkpointing.identity_diffs({"seed": 0}, dict(now, seed=0)) == [
+      "caption_extension: '' there, '.txt' now",
+      "prompt_texts_sha256: '' there, 'ab' now (a caption file or the templates file changed)"]
   assert checkpointing.identity_diffs(dict(now, prompt_texts_sha256="cd"), now) == [
       "prompt_texts_sha256: 'cd' there, 'ab' now "
       "(a caption file or the templates file changed)"]
