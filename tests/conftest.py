@@ -49,6 +49,44 @@ def benchmark_module(name: str):
   return sys.modules[name]
 
 
+def step_pieces(model_dir: str, num_vectors: int, *, flip: bool = True, seed: int = 0) -> dict:
+  """The training step's pieces for the toy images on a tiny model, built as the trainer does.
+
+  Keys: sd, ids (placeholder ids), table (token table), init (initial vectors), images,
+  templates, template_ids (`[num_templates, T]` prompts with every placeholder vector),
+  frozen (`train_lib.Frozen`), settings (`train_lib.StepSettings` with `seed`), num_images.
+  """
+  # pylint: disable=import-outside-toplevel
+  import numpy as np
+
+  from ti_jax.data import captions, image_loader, latent_cache
+  from ti_jax.embeddings import pseudo_words
+  from ti_jax.sampling import schedulers
+  from ti_jax.training import train_lib
+  from ti_jax.weights.loading import load_stable_diffusion
+  sd = load_stable_diffusion(model_dir)
+  ids = pseudo_words.add_placeholder_tokens(sd.tokenizer, "<toy>", num_vectors)
+  table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"])
+  init = pseudo_words.initializer_vectors(sd.tokenizer, table, "toy", num_vectors)
+  images = image_loader.load_training_images(os.path.join(REPO, "examples", "toy"), 64, False)
+  mean, std = latent_cache.encode_views(sd.vae, sd.vae_params,
+                                        image_loader.view_pixels(images.pixels, flip))
+  frozen = train_lib.Frozen(unet=sd.unet_params, text_encoder=sd.text_encoder_params,
+                            latent_mean=mean, latent_std=std,
+                            placeholder_ids=np.asarray(ids, np.int32),
+                            schedule=schedulers.noise_schedule_from_config(sd.scheduler_config))
+  settings = train_lib.StepSettings(unet=sd.unet, text_encoder=sd.text_encoder,
+                                    scaling_factor=sd.vae.config.scaling_factor,
+                                    shift_factor=0.0, seed=seed)
+  templates = captions.templates_for("object")
+  words = " ".join(pseudo_words.placeholder_tokens("<toy>", num_vectors))
+  template_ids = captions.tokenize(sd.tokenizer, captions.build_prompts(
+      np.arange(len(templates)), templates, words))
+  return dict(sd=sd, ids=ids, table=table, init=init, images=images, templates=templates,
+              template_ids=template_ids, frozen=frozen, settings=settings,
+              num_images=images.num_images)
+
+
 # Parity figures (name, max relative error, tolerance) reported at the end of the run.
 PARITY_FIGURES: list[tuple[str, float, float]] = []
 

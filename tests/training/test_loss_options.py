@@ -7,13 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, config_module, offline_config
+from conftest import REPO, config_module, offline_config, step_pieces
 
-from ti_jax.data import captions, choices, image_loader, latent_cache
-from ti_jax.embeddings import pseudo_words
-from ti_jax.sampling import schedulers
+from ti_jax.data import choices
 from ti_jax.training import checkpointing, train_lib, trainer
-from ti_jax.weights.loading import load_stable_diffusion
 
 TOY = os.path.join(REPO, "examples", "toy")
 GAMMA = 5.0
@@ -21,24 +18,9 @@ GAMMA = 5.0
 
 def _pieces(path):
   """(params, frozen, settings, a batch maker, scheduler config) of a tiny model."""
-  sd = load_stable_diffusion(path)
-  ids = pseudo_words.add_placeholder_tokens(sd.tokenizer, "<toy>", 1)
-  table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"])
-  init = pseudo_words.initializer_vectors(sd.tokenizer, table, "toy", 1)
-  size = 64
-  images = image_loader.load_training_images(TOY, size, False)
-  mean, std = latent_cache.encode_views(sd.vae, sd.vae_params,
-                                        image_loader.view_pixels(images.pixels, False))
-  frozen = train_lib.Frozen(unet=sd.unet_params, text_encoder=sd.text_encoder_params,
-                            latent_mean=mean, latent_std=std,
-                            placeholder_ids=np.asarray(ids, np.int32),
-                            schedule=schedulers.noise_schedule_from_config(sd.scheduler_config))
-  settings = train_lib.StepSettings(unet=sd.unet, text_encoder=sd.text_encoder,
-                                    scaling_factor=sd.vae.config.scaling_factor,
-                                    shift_factor=0.0, seed=3)
-  templates = captions.templates_for("object")
-  template_ids = captions.tokenize(sd.tokenizer, captions.build_prompts(
-      np.arange(len(templates)), templates, "<toy>"))
+  p = step_pieces(path, 1, flip=False, seed=3)
+  sd, init, frozen, settings = p["sd"], p["init"], p["frozen"], p["settings"]
+  images, templates, template_ids = p["images"], p["templates"], p["template_ids"]
 
   def batch(index):
     index = np.asarray(index)

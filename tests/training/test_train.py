@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, config_module, offline_config
+from conftest import REPO, config_module, offline_config, step_pieces
 
 from ti_jax import errors
-from ti_jax.data import captions, choices, image_loader, latent_cache
+from ti_jax.data import choices, image_loader
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import parallel
 from ti_jax.sampling import schedulers
@@ -41,24 +41,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def setup(tiny_sd15):
   """A tiny SD, placeholder tokens, cached latents and the step pieces (1 device)."""
-  sd = load_stable_diffusion(tiny_sd15)
-  ids = pseudo_words.add_placeholder_tokens(sd.tokenizer, "<toy>", 2)
-  table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"])
-  init = pseudo_words.initializer_vectors(sd.tokenizer, table, "toy", 2)
-  images = image_loader.load_training_images(TOY, 64, False)
-  mean, std = latent_cache.encode_views(sd.vae, sd.vae_params, image_loader.view_pixels(images.pixels, True))
-  frozen = train_lib.Frozen(unet=sd.unet_params, text_encoder=sd.text_encoder_params,
-                            latent_mean=mean, latent_std=std,
-                            placeholder_ids=np.asarray(ids, np.int32),
-                            schedule=schedulers.noise_schedule_from_config(sd.scheduler_config))
-  settings = train_lib.StepSettings(unet=sd.unet, text_encoder=sd.text_encoder,
-                                    scaling_factor=sd.vae.config.scaling_factor,
-                                    shift_factor=0.0, seed=0)
-  templates = captions.templates_for("object")
-  template_ids = captions.tokenize(sd.tokenizer, captions.build_prompts(
-      np.arange(len(templates)), templates, "<toy> <toy>_1"))
-  return dict(sd=sd, ids=ids, init=init, frozen=frozen, settings=settings,
-              template_ids=template_ids, num_images=images.num_images)
+  return step_pieces(tiny_sd15, 2)
 
 
 def _batch(setup, step, size, seed=0):
