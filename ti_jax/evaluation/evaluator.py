@@ -93,24 +93,6 @@ class _Run:
   resolution: int
 
 
-def _load_training_images(folder: str, resolution: int,
-                          center_crop: bool) -> image_loader.TrainingImages:
-  """The run's training images as training read them; a gs:// folder is copied to a local one first.
-
-  The same steps as `ti_jax.training.trainer.load_images`, written on data/ and
-  runtime/ pieces so the evaluation does not import the training run.
-  """
-  if not fileio.is_remote(folder):
-    return image_loader.load_training_images(folder, resolution, center_crop)
-  import tempfile  # pylint: disable=import-outside-toplevel
-  with tempfile.TemporaryDirectory() as tmp:
-    try:
-      fileio.copy_tree_to_local(folder, tmp)
-    except OSError as e:
-      raise image_loader.DataError(f"cannot read training images from {folder}: {e}") from None
-    return image_loader.load_training_images(tmp, resolution, center_crop)
-
-
 def prepare_run(workdir: str, step: int | None, train_data_dir: str, label: str) -> _Run:
   """Reads a run's vectors, metadata and training images (one-line errors for bad input)."""
   found, meta = concepts.gather_concepts(workdir, step, [])
@@ -121,7 +103,7 @@ def prepare_run(workdir: str, step: int | None, train_data_dir: str, label: str)
     raise EvaluateError(f"{workdir}: the run does not record its training images; "
                         "pass --train_data_dir")
   try:
-    images = _load_training_images(folder, resolution, bool(config.get("center_crop", False)))
+    images = image_loader.load_images(folder, resolution, bool(config.get("center_crop", False)))
   except image_loader.DataError as e:
     raise EvaluateError(f"{workdir}: training images: {e} (pass --train_data_dir if they "
                         "moved)") from None

@@ -158,9 +158,6 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-# `ti_jax.evaluation.evaluator` reads the training images through this name.
-load_images = image_loader.load_images
-
 _log = cli.log
 
 
