@@ -72,7 +72,7 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(setup):
 
 def _fake_inputs(config, devices: int, num_images=4, num_templates=5, seq=7):
   """What `trainer.batch_for` reads of the run's inputs, for a run on `devices` devices."""
-  per_device, global_batch = trainer._batch_sizes(config, devices)
+  per_device, global_batch = trainer.batch_sizes(config, devices)
   template_ids = np.arange(num_templates * seq, dtype=np.int32).reshape(1, num_templates, seq)
   return types.SimpleNamespace(
       per_device_batch=per_device, global_batch=global_batch, local_devices=devices,
@@ -102,9 +102,9 @@ def test_per_example_draws_are_those_of_the_same_global_batch(devices, batch, ac
 
 
 def test_global_batch_size_counts_the_accumulation_steps():
-  assert trainer._batch_sizes(_config(3, 4, global_batch_size=8), 2) == (1, 8)
-  assert trainer._batch_sizes(_config(3, 4), 2) == (3, 24)
+  assert trainer.batch_sizes(_config(3, 4, global_batch_size=8), 2) == (1, 8)
+  assert trainer.batch_sizes(_config(3, 4), 2) == (3, 24)
   with pytest.raises(trainer.ConfigError, match="2 devices x 4 accumulation steps"):
-    trainer._batch_sizes(_config(3, 4, global_batch_size=4), 2)
+    trainer.batch_sizes(_config(3, 4, global_batch_size=4), 2)
   with pytest.raises(trainer.ConfigError, match="gradient_accumulation_steps must be >= 1"):
     trainer.validate_config(_config(1, 0))

@@ -37,15 +37,15 @@ def dry_run(config, workdir: str) -> list[str]:
   workdir = fileio.resolve(workdir)
   resumes = checkpointing.check_identity(workdir, checkpointing.run_identity(config))  # reads only
   # The trainer's own start-up steps, so a dry run checks exactly what a run would.
-  images = trainer._load_images(config)  # pylint: disable=protected-access
+  images = trainer.load_images(config)
   texts = captions.prompt_texts(config.learnable_property, config.templates_file,
                                 config.placeholder_token, images.captions, images.num_images)
-  sd, schedule = trainer._load_model(config)  # pylint: disable=protected-access
-  prompts = trainer._make_prompts(config, sd, texts, images.num_images)  # pylint: disable=protected-access
+  sd, schedule = trainer.load_model(config)
+  prompts = trainer.make_prompts(config, sd, texts, images.num_images)
   table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params))  # [V, D]
-  trainer._initial_vectors(config, sd.tokenizer, table)  # pylint: disable=protected-access
+  trainer.initial_vectors(config, sd.tokenizer, table)
   devices = parallel.all_devices()
-  _, global_batch = trainer._batch_sizes(config, len(devices))  # pylint: disable=protected-access
+  _, global_batch = trainer.batch_sizes(config, len(devices))
   lines = [
       f"dry run of {workdir} ({'resumes the run there' if resumes else 'a new run'}): "
       f"base model {sd.path}, {schedule.prediction_type} target",

@@ -319,16 +319,16 @@ def _check_devices(config, devices: Sequence | None) -> list:
 def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
   """Loads and checks every input of the run, in the order a failure is cheapest to report."""
   has_run_json = checkpointing.check_identity(workdir, checkpointing.run_identity(config))
-  images = _load_images(config)
+  images = load_images(config)
   texts = captions.prompt_texts(config.learnable_property, config.templates_file,
                                 config.placeholder_token, images.captions, images.num_images)
-  sd, schedule = _load_model(config)
-  prompts = _make_prompts(config, sd, texts, images.num_images)
+  sd, schedule = load_model(config)
+  prompts = make_prompts(config, sd, texts, images.num_images)
   table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params),
                      np.float32)  # [V, D]
-  init = _initial_vectors(config, sd.tokenizer, table)
+  init = initial_vectors(config, sd.tokenizer, table)
   latent_mean, latent_std = _cache_latents(config, sd, images)
-  per_device_batch, global_batch = _batch_sizes(config, len(devices))
+  per_device_batch, global_batch = batch_sizes(config, len(devices))
   base_lr = config.learning_rate * (global_batch if config.scale_lr else 1)
   lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
                                         config.max_train_steps)
@@ -346,7 +346,7 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
       state=train_lib.init_state(init.vectors, optimizer, image_init), has_run_json=has_run_json)
 
 
-def _load_images(config) -> image_loader.TrainingImages:
+def load_images(config) -> image_loader.TrainingImages:
   """The concept images at the training resolution; their warnings go to stderr."""
   try:
     images = image_loader.load_images(config.train_data_dir, config.resolution, config.center_crop,
@@ -359,7 +359,7 @@ def _load_images(config) -> image_loader.TrainingImages:
   return images
 
 
-def _load_model(config):
+def load_model(config):
   """(the frozen Stable Diffusion, its training noise schedule), checked against the config."""
   dtype = _DTYPES[config.dtype]
   sd = load_stable_diffusion(
@@ -379,7 +379,7 @@ def _load_model(config):
   return sd, schedule
 
 
-def _make_prompts(config, sd, texts: captions.PromptTexts, num_images: int) -> Prompts:
+def make_prompts(config, sd, texts: captions.PromptTexts, num_images: int) -> Prompts:
   """Adds the learned tokens to the tokenizer and tokenizes every training prompt once."""
   templates = texts.templates
   token_ids = pseudo_words.add_placeholder_tokens(sd.tokenizer, config.placeholder_token,
@@ -430,7 +430,7 @@ def _check_prompts_fit(tokenizer, templates, tokens: list[str], image_tokens: li
         f"at most {max(room, 0)} vectors")
 
 
-def _initial_vectors(config, tokenizer, table: np.ndarray) -> pseudo_words.Initializer:
+def initial_vectors(config, tokenizer, table: np.ndarray) -> pseudo_words.Initializer:
   """Where the vectors start: config.init_embedding, else the initializer token's embedding."""
   if config.init_embedding:
     init = _init_from_embedding(config.init_embedding, config.num_vectors, table.shape[1])
@@ -474,7 +474,7 @@ def _cache_latents(config, sd, images) -> tuple[np.ndarray, np.ndarray]:
                       "the training images at that size") from None
 
 
-def _batch_sizes(config, num_devices: int) -> tuple[int, int]:
+def batch_sizes(config, num_devices: int) -> tuple[int, int]:
   """(examples per device per micro-batch, examples per step over every device, process and
   micro-batch of gradient accumulation)."""
   accumulation = config.gradient_accumulation_steps
