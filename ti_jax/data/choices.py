@@ -21,14 +21,53 @@ _EPOCH_STREAM = 2
 _PER_IMAGE_STREAM = 3
 
 
-def _epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
-  """The shuffled image order of one pass over the images."""
-  return np.random.default_rng([seed, _EPOCH_STREAM, epoch]).permutation(num_images)  # [N]
+_BUCKET_STREAM = 4
+
+
+_BUCKET_EPOCH_STREAM = 5
+
+
+def _epoch_order(seed: int, epoch: int, num_images: int, bucket: int | None = None) -> np.ndarray:
+  """The shuffled image order of one pass over the images (of one bucket, if given)."""
+  entropy = ([seed, _EPOCH_STREAM, epoch] if bucket is None
+             else [seed, _BUCKET_EPOCH_STREAM, bucket, epoch])
+  return np.random.default_rng(entropy).permutation(num_images)  # [N]
+
+
+def bucket_choice(seed: int, step: int, bucket_sizes) -> tuple[int, int]:
+  """The bucket a training step's whole batch comes from, and the bucket's own step count.
+
+  Scheme: the steps are cut into rounds of ``N = sum(bucket_sizes)`` steps, in
+  which bucket ``b`` gets exactly ``bucket_sizes[b]`` steps, in an order
+  shuffled by ``(seed, round)``: buckets are drawn in proportion to their
+  images, so every image is shown equally often whatever its bucket. A pure
+  function of ``(seed, step)`` and the sizes, the same on every host and device.
+
+  Args:
+    seed: the run's seed.
+    step: the training step.
+    bucket_sizes: images per bucket, each positive.
+
+  Returns:
+    ``(bucket, bucket_step)``: the bucket of `step` and how many earlier steps
+    drew it (the step's position in that bucket's own stream of examples,
+    see `example_choices`' `stream_step`).
+  """
+  sizes = np.asarray(bucket_sizes, np.int64)
+  if sizes.ndim != 1 or not sizes.size or sizes.min() < 1:
+    raise DataError(f"bucket sizes must be positive image counts, got {list(sizes)}")
+  total = int(sizes.sum())
+  round_, position = divmod(step, total)
+  order = np.random.default_rng([seed, _BUCKET_STREAM, round_]).permutation(
+      np.repeat(np.arange(sizes.size), sizes))  # [N]: each bucket b N_b times
+  bucket = int(order[position])
+  return bucket, round_ * int(sizes[bucket]) + int(np.sum(order[:position] == bucket))
 
 
 def example_choices(seed: int, step: int, global_indices: np.ndarray, *,
                     global_batch_size: int, num_images: int, flip_p: float,
-                    num_templates: int) -> tuple[np.ndarray, np.ndarray]:
+                    num_templates: int, bucket: int | None = None,
+                    stream_step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Picks the view and prompt template of each example of a training step.
 
   Scheme: the run is a stream of examples, example ``g`` of step ``s`` being
@@ -41,6 +80,12 @@ def example_choices(seed: int, step: int, global_indices: np.ndarray, *,
   g)`` alone.  So example ``g``'s choices do not depend on which host or
   device computes it, nor on how the batch is split.
 
+  With aspect-ratio buckets, `num_images` is the bucket's image count, the
+  stream is the bucket's own (`stream_step`, from `bucket_choice`, counts the
+  steps that drew the bucket, and the epochs are shuffled by ``(seed, bucket,
+  e)``), so every image of a bucket is seen equally often; the flip and
+  template draws stay those of ``(seed, step, g)``.
+
   Args:
     seed: the run's seed (non-negative).
     step: the training step (non-negative).
@@ -50,6 +95,8 @@ def example_choices(seed: int, step: int, global_indices: np.ndarray, *,
     num_images: number of training images N.
     flip_p: probability of a horizontal flip, in ``[0, 1]``.
     num_templates: number of prompt templates to choose from.
+    bucket: with buckets, the step's bucket (from `bucket_choice`); None without.
+    stream_step: with buckets, the step's position in the bucket's stream.
 
   Returns:
     ``(view_index, template_index)``, both int32 ``[B]``.  A view index is
@@ -73,11 +120,14 @@ def example_choices(seed: int, step: int, global_indices: np.ndarray, *,
                     f"{global_indices.min()}..{global_indices.max()}")
   views = np.empty(global_indices.shape, np.int32)  # [B]
   templates = np.empty(global_indices.shape, np.int32)  # [B]
+  if (bucket is None) != (stream_step is None):
+    raise DataError("bucket and stream_step are given together (from bucket_choice) or not at all")
+  stream = step if stream_step is None else stream_step
   orders: dict[int, np.ndarray] = {}
   for i, g in enumerate(global_indices.tolist()):
-    epoch, position = divmod(step * global_batch_size + g, num_images)
+    epoch, position = divmod(stream * global_batch_size + g, num_images)
     if epoch not in orders:
-      orders[epoch] = _epoch_order(seed, epoch, num_images)
+      orders[epoch] = _epoch_order(seed, epoch, num_images, bucket)
     image = int(orders[epoch][position])
     rng = np.random.default_rng([seed, _EXAMPLE_STREAM, step, g])
     # Both draws are always made, so the template does not depend on flip_p.

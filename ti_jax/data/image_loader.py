@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ti_jax import errors
+from ti_jax.data import buckets as buckets_lib
 from ti_jax.runtime import fileio
 
 __all__ = ["IMAGE_EXTENSIONS", "Caption", "DataError", "TrainingImages", "load_images",
@@ -59,23 +60,41 @@ class TrainingImages:
   """The concept images, ready for the VAE.
 
   Attributes:
-    pixels: uint8 ``[N, R, R, 3]`` RGB images, in the order of `paths`.
+    pixels: uint8 ``[N, R, R, 3]`` RGB images, in the order of `paths`; with
+      buckets a list of N arrays ``[h_i, w_i, 3]``, each at its image's bucket.
     paths: the files the images came from, sorted by file name.
     warnings: one line per skipped or questionable file, for the caller to log.
-    sizes: (width, height) of each file as read (upright), before crop and resize.
+    sizes: (width, height) of each file as read (upright), before crop and resize
+      (SDXL's `original_size`, as (w, h)).
     captions: with a caption extension, each image's `Caption` or None (no file);
       else empty.
+    crop_top_left: (top, left) of each image's crop in its scaled image (SDXL's
+      `crop_top_left`); (0, 0) where the whole image was resized.
+    buckets: with buckets, the (width, height) of each bucket in use, in the
+      order of `bucket_shapes`; else empty.
+    bucket_index: with buckets, int ``[N]``: each image's position in `buckets`.
   """
 
-  pixels: np.ndarray  # [N, R, R, 3] uint8
+  pixels: np.ndarray | list[np.ndarray]  # [N, R, R, 3] uint8, or N x [h_i, w_i, 3]
   paths: list[str]
   warnings: list[str]
   sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
   captions: list[Caption | None] = dataclasses.field(default_factory=list)
+  crop_top_left: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+  buckets: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+  bucket_index: np.ndarray | None = None  # [N] int32
 
   @property
   def num_images(self) -> int:
-    return int(self.pixels.shape[0])
+    return len(self.paths)
+
+  def bucket_members(self, bucket: int) -> np.ndarray:
+    """int ``[N_b]``: the images of bucket `bucket`, in file order."""
+    return np.flatnonzero(self.bucket_index == bucket)
+
+  def bucket_pixels(self, bucket: int) -> np.ndarray:
+    """uint8 ``[N_b, h_b, w_b, 3]``: the images of bucket `bucket`, in file order."""
+    return np.stack([self.pixels[i] for i in self.bucket_members(bucket)])
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +222,8 @@ def read_caption(image_path: str, caption_extension: str) -> Caption | None:
 
 
 def load_training_images(folder: str, resolution: int, center_crop: bool,
-                         min_side: int = 32, caption_extension: str = "") -> TrainingImages:
+                         min_side: int = 32, caption_extension: str = "",
+                         bucket_shapes: list[tuple[int, int]] | None = None) -> TrainingImages:
   """Loads the concept images of `folder` as square RGB arrays.
 
   Files are taken from the folder itself (not subfolders, not hidden files) by
@@ -213,7 +233,10 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
   clipped, first frame of animations) and then either center-cropped to a
   square and resized (`center_crop=True`) or resized whole, squashing its
   aspect ratio (`center_crop=False`, as diffusers' textual-inversion script
-  does).  Resizing is bicubic.
+  does).  With `bucket_shapes` (aspect-ratio bucketing) each image instead
+  keeps its aspect ratio: it goes to the bucket of nearest aspect ratio, is
+  scaled to cover it and center-cropped to it (`buckets.place`).  Resizing
+  is bicubic.
 
   Args:
     folder: directory with the images.
@@ -222,6 +245,8 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
     min_side: images whose shorter side is below this are skipped.
     caption_extension: if set (e.g. ".txt"), each kept image's caption file is
       read (`read_caption`).
+    bucket_shapes: candidate buckets (width, height) (`buckets.bucket_shapes`),
+      or None for square images of side `resolution`.
 
   Returns:
     The images, their paths, and one-line warnings about skipped files and
@@ -233,7 +258,7 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
   if resolution < 1:
     raise DataError(f"resolution must be a positive number of pixels, got {resolution}")
   paths = _list_image_files(folder)
-  pixels, kept, warnings, sizes = [], [], [], []
+  pixels, kept, warnings, sizes, crops = [], [], [], [], []
   unreadable = too_small = 0
   for path in paths:
     try:
@@ -249,24 +274,36 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
       too_small += 1
       warnings.append(_one_line(f"skipped {path}: too small: {w}x{h}, need at least {min_side} px"))
       continue
-    if center_crop:
+    if bucket_shapes:
+      placement = buckets_lib.place((w, h), bucket_shapes[buckets_lib.nearest_bucket(
+          (w, h), bucket_shapes)])
+      target, (top, left) = placement.bucket, placement.crop_top_left
+      factor = placement.scaled[0] / w
+    elif center_crop:
       side = min(w, h)
       left, top = (w - side) // 2, (h - side) // 2
-      box = (left, top, left + side, top + side)
-      factor = resolution / side
+      target, factor = (resolution, resolution), resolution / side
     else:
-      box = (0, 0, w, h)
-      factor = max(resolution / w, resolution / h)
+      left = top = 0
+      target, factor = (resolution, resolution), max(resolution / w, resolution / h)
     if factor > 1.0:
       warnings.append(_one_line(
-          f"{path}: upscaled {factor:.2f}x ({w}x{h} to {resolution}x{resolution}), it may look "
+          f"{path}: upscaled {factor:.2f}x ({w}x{h} to {target[0]}x{target[1]}), it may look "
           "blurry; larger images are better"))
-    # Crop first: resize(box=...) would let the filter reach pixels outside
-    # the square and bleed the cropped-away borders into its edges.
-    if box != (0, 0, w, h):
-      img = img.crop(box)
-    img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    pixels.append(np.asarray(img, dtype=np.uint8))  # [R, R, 3]
+    if bucket_shapes:
+      # Scaled whole, then cropped: the crop's edges are real pixels of the scaled image.
+      img = img.resize(placement.scaled, Image.Resampling.BICUBIC)
+      img = img.crop((left, top, left + target[0], top + target[1]))
+    else:
+      if center_crop and (side, side) != (w, h):
+        # Crop first: resize(box=...) would let the filter reach pixels outside
+        # the square and bleed the cropped-away borders into its edges.
+        img = img.crop((left, top, left + side, top + side))
+      img = img.resize(target, Image.Resampling.BICUBIC)
+      # SDXL's crop_top_left is in the scaled image's pixels.
+      top, left = round(top * factor), round(left * factor)
+    pixels.append(np.asarray(img, dtype=np.uint8))  # [h, w, 3]
+    crops.append((top, left))
     kept.append(path)
     sizes.append((w, h))
   if not kept:
@@ -279,8 +316,15 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
         f"no readable images in {folder!r}: skipped {len(paths)} file"
         f"{'s' * (len(paths) != 1)} ({', '.join(reasons)}); first problem: {warnings[0]}")
   found = [read_caption(p, caption_extension) for p in kept] if caption_extension else []
-  return TrainingImages(pixels=np.stack(pixels), paths=kept, warnings=warnings,  # [N, R, R, 3]
-                        sizes=sizes, captions=found)
+  if not bucket_shapes:
+    return TrainingImages(pixels=np.stack(pixels), paths=kept, warnings=warnings,  # [N, R, R, 3]
+                          sizes=sizes, captions=found, crop_top_left=crops)
+  # The buckets in use, in the order of bucket_shapes; each image's index among them.
+  shapes = [(p.shape[1], p.shape[0]) for p in pixels]
+  used = [b for b in bucket_shapes if b in set(shapes)]
+  return TrainingImages(pixels=pixels, paths=kept, warnings=warnings, sizes=sizes,
+                        captions=found, crop_top_left=crops, buckets=used,
+                        bucket_index=np.array([used.index(s) for s in shapes], np.int32))
 
 
 # ---------------------------------------------------------------------------
@@ -289,19 +333,21 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
 
 
 def load_images(folder: str, resolution: int, center_crop: bool,
-                caption_extension: str = "") -> TrainingImages:
+                caption_extension: str = "",
+                bucket_shapes: list[tuple[int, int]] | None = None) -> TrainingImages:
   """`load_training_images` of a local or gs:// folder (a remote one is copied locally first,
   caption files with it)."""
   if not fileio.is_remote(folder):
     return load_training_images(folder, resolution, center_crop,
-                                caption_extension=caption_extension)
+                                caption_extension=caption_extension, bucket_shapes=bucket_shapes)
   import tempfile  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     try:
       fileio.copy_tree_to_local(folder, tmp)
     except OSError as e:
       raise DataError(f"cannot read training images from {folder}: {e}") from None
-    return load_training_images(tmp, resolution, center_crop, caption_extension=caption_extension)
+    return load_training_images(tmp, resolution, center_crop, caption_extension=caption_extension,
+                                bucket_shapes=bucket_shapes)
 
 
 def view_pixels(pixels: np.ndarray, flip: bool) -> np.ndarray:
@@ -318,6 +364,6 @@ def view_pixels(pixels: np.ndarray, flip: bool) -> np.ndarray:
   """
   pixels = np.asarray(pixels)
   if pixels.ndim != 4 or pixels.shape[-1] != 3:
-    raise DataError(f"expected images of shape [N, R, R, 3], got {list(pixels.shape)}")
+    raise DataError(f"expected images of shape [N, h, w, 3], got {list(pixels.shape)}")
   views = np.concatenate([pixels, pixels[:, :, ::-1]], axis=0) if flip else pixels  # [V, R, R, 3]
   return views.astype(np.float32) / np.float32(127.5) - np.float32(1.0)

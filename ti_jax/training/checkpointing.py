@@ -36,9 +36,11 @@ from ti_jax.runtime import fileio
 # changed would silently mix two concepts, so it is refused.
 IDENTITY_FIELDS = ("placeholder_token", "num_vectors", "initializer_token",
                    "pretrained_model_name_or_path", "learnable_property", "train_data_dir",
-                   "resolution", "per_image_tokens", "caption_extension", "templates_file")
+                   "resolution", "per_image_tokens", "caption_extension", "templates_file",
+                   "buckets")
 # Values of identity fields added after runs were first written.
-_IDENTITY_DEFAULTS = {"per_image_tokens": False, "caption_extension": "", "templates_file": ""}
+_IDENTITY_DEFAULTS = {"per_image_tokens": False, "caption_extension": "", "templates_file": "",
+                      "buckets": None}
 
 
 # Fields of a checkpoint's metadata that say what it learned. A run resumes a
@@ -46,16 +48,27 @@ _IDENTITY_DEFAULTS = {"per_image_tokens": False, "caption_extension": "", "templ
 CHECKPOINT_IDENTITY = ("placeholder_token", "initializer_token", "pretrained_model_name_or_path",
                        "num_vectors", "learnable_property", "resolution", "image_files", "seed",
                        "per_image_tokens", "snr_gamma", "noise_offset", "optimizer",
-                       "caption_extension", "templates_file", "prompt_texts_sha256")
+                       "caption_extension", "templates_file", "prompt_texts_sha256", "buckets")
 # Values of checkpoint identity fields added later: a checkpoint without the field
 # was made with this value (so it resumes only with it).
 _CHECKPOINT_DEFAULTS = {"snr_gamma": 0.0, "noise_offset": 0.0, "optimizer": "adamw",
-                        "caption_extension": "", "templates_file": "", "prompt_texts_sha256": ""}
+                        "caption_extension": "", "templates_file": "", "prompt_texts_sha256": "",
+                        "buckets": None}
+
+
+def bucket_identity(config) -> list[int] | None:
+  """What aspect-ratio bucketing changes of a run: [min_bucket_reso, max_bucket_reso,
+  bucket_reso_steps] with enable_bucket, None without (the reso fields are then unused)."""
+  if not config.enable_bucket:
+    return None
+  return [int(config.min_bucket_reso), int(config.max_bucket_reso),
+          int(config.bucket_reso_steps)]
 
 
 def run_identity(config) -> dict:
   """The run.json record of a training config: its IDENTITY_FIELDS."""
-  return {k: config[k] for k in IDENTITY_FIELDS}
+  computed = {"buckets": bucket_identity(config)}
+  return {k: computed[k] if k in computed else config[k] for k in IDENTITY_FIELDS}
 
 
 def run_metadata(config, *, tokens: list[str], token_ids: list[int], image_tokens: list[str],
@@ -82,6 +95,7 @@ def run_metadata(config, *, tokens: list[str], token_ids: list[int], image_token
       # between resumes changes what is learned, so it is refused like a changed seed.
       "caption_extension": config.caption_extension, "templates_file": config.templates_file,
       "prompt_texts_sha256": prompt_texts_sha256,
+      "buckets": bucket_identity(config),
       "config": json.loads(config.to_json()),
   }
 

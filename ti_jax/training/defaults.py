@@ -63,6 +63,17 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   c.resolution = 512  # training image size (pixels, square)
   c.center_crop = False  # crop the central square before resizing (else squash)
   c.flip_p = 0.5  # probability of a horizontal flip per example
+  # Aspect-ratio bucketing (kohya's names): each image keeps its aspect ratio, scaled
+  # to cover and center-cropped to the bucket (width x height, multiples of
+  # bucket_reso_steps in [min_bucket_reso, max_bucket_reso], at most resolution^2
+  # pixels) of nearest aspect ratio; center_crop is then unused. A step's batch comes
+  # from one bucket (drawn by (seed, step), in proportion to its images); one compiled
+  # step per bucket shape. bucket_reso_steps must be a multiple of the latent's
+  # downsampling through the VAE and UNet (64 for SD 1.x/2.x). False = square images.
+  c.enable_bucket = False
+  c.min_bucket_reso = 256  # smallest bucket side (pixels)
+  c.max_bucket_reso = 1024  # largest bucket side (pixels)
+  c.bucket_reso_steps = 64  # bucket sides are multiples of this (pixels)
 
   # --- Optimisation ---
   c.train_batch_size = 4  # per device

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ti_jax.data import captions
+from ti_jax.data import buckets, captions
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio, parallel
 from ti_jax.training import checkpointing, trainer
@@ -57,6 +57,8 @@ def dry_run(config, workdir: str) -> list[str]:
       f"{images.num_images} image(s); global batch {global_batch} on {len(devices)} device(s), "
       f"flip_p {config.flip_p}, steps {config.max_train_steps}",
   ]
+  if config.enable_bucket:
+    lines.append(buckets.describe(images.buckets, trainer.bucket_sizes(images)))
   for i in range(images.num_images):
     lines += describe_image(i, images, texts, prompts, sd.tokenizer)
   lines.append("dry run: every input checked; nothing trained, nothing written")
@@ -66,7 +68,14 @@ def dry_run(config, workdir: str) -> list[str]:
 def describe_image(i: int, images, texts: captions.PromptTexts, prompts, tokenizer) -> list[str]:
   """The report lines of image `i`: file, sizes, caption or templates, an example prompt's ids."""
   w, h = images.sizes[i]
-  r = images.pixels.shape[1]
+  if images.buckets:
+    bw, bh = images.buckets[images.bucket_index[i]]
+    top, left = images.crop_top_left[i]
+    trains = (f"trains at {bw}x{bh} (bucket {images.bucket_index[i] + 1} of "
+              f"{len(images.buckets)}, crop top-left {top},{left})")
+  else:
+    r = images.pixels.shape[1]
+    trains = f"trains at {r}x{r} (bucket: the square training resolution)"
   caption = texts.captions[i]
   where = os.path.basename(texts.caption_files[i]) if caption else ""
   source = (f"caption ({where}): {caption!r}" if caption
@@ -74,8 +83,7 @@ def describe_image(i: int, images, texts: captions.PromptTexts, prompts, tokeniz
   n = len(prompts.tokens)
   ids = (prompts.caption_ids[n - 1][i] if caption
          else prompts.template_ids[n - 1][0])  # [T]; templates: the first one as the example
-  return [f"image {i + 1}/{images.num_images} {images.paths[i]}: {w}x{h} px, trains at {r}x{r} "
-          f"(bucket: the square training resolution); {source}",
+  return [f"image {i + 1}/{images.num_images} {images.paths[i]}: {w}x{h} px, {trains}; {source}",
           f"  example: {captions.fill(caption or texts.templates[0], ' '.join(prompts.tokens))!r}",
           "  " + token_line(ids, prompts.token_ids, tokenizer)]
 

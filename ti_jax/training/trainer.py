@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ti_jax import cli, errors
-from ti_jax.data import captions, choices, image_loader, latent_cache
+from ti_jax.data import buckets, captions, choices, image_loader, latent_cache
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.models import layers
 from ti_jax.runtime import fileio, parallel
@@ -84,6 +84,18 @@ def validate_config(c) -> None:
        "encoder's 77-token prompts (each vector takes a token; at most 75 fit)")
   need(c.resolution >= 8 and c.resolution % 8 == 0,
        f"config.resolution must be a positive multiple of 8, got {c.resolution}")
+  if c.enable_bucket:
+    step = c.bucket_reso_steps
+    need(step >= 8 and step % 8 == 0,
+         f"config.bucket_reso_steps must be a positive multiple of 8, got {step}")
+    for name in ("min_bucket_reso", "max_bucket_reso"):
+      need(c[name] >= step and c[name] % step == 0,
+           f"config.{name} must be a positive multiple of bucket_reso_steps {step}, got {c[name]}")
+    need(c.min_bucket_reso <= c.resolution <= c.max_bucket_reso,
+         f"config.resolution {c.resolution} must lie in [min_bucket_reso, max_bucket_reso] = "
+         f"[{c.min_bucket_reso}, {c.max_bucket_reso}] with enable_bucket")
+    need(c.max_bucket_reso <= MAX_RESOLUTION,
+         f"config.max_bucket_reso {c.max_bucket_reso} is above the limit of {MAX_RESOLUTION} px")
   need(c.resolution <= MAX_RESOLUTION,
        f"config.resolution {c.resolution} is above the limit of {MAX_RESOLUTION} px: Stable "
        "Diffusion is trained at 512-1024 px, and encoding larger images needs tens of GB")
@@ -187,8 +199,9 @@ class RunInputs:
   prompts: Prompts
   table: np.ndarray  # [V, D] the text encoder's token table
   init: pseudo_words.Initializer  # init.vectors: [n, D] where the vectors start
-  latent_mean: np.ndarray  # [V_views, h, w, C] cached VAE posteriors (latent_cache)
-  latent_std: np.ndarray  # [V_views, h, w, C]
+  # Cached VAE posteriors of each bucket's views (latent_cache): one (mean, std) pair of
+  # [V_b, h_b, w_b, C] per bucket of images.buckets; without buckets one pair [V, h, w, C].
+  latents: list[tuple[np.ndarray, np.ndarray]]
   per_device_batch: int  # examples per device per micro-batch
   global_batch: int  # examples per optimizer step: per device x devices x accumulation
   local_devices: int  # devices of this process
@@ -251,12 +264,14 @@ def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) 
 
     # --- The step: frozen params and the state on every device, the step compiled ---------
     frozen, settings = step_inputs(config, inputs)
-    frozen = parallel.replicate(frozen, devices)
+    frozen = bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
     state = parallel.replicate(state, devices)
     step_fn = compile_step(config, settings, inputs, devices,
-                           (state, frozen, batch_for(config, inputs, start)))
+                           (state, frozen_for(config, inputs, frozen, start),
+                            batch_for(config, inputs, start)))
     validator = validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
-                                shared={"unet": frozen.unet, "text_encoder": frozen.text_encoder})
+                                shared={"unet": frozen[0].unet,
+                                        "text_encoder": frozen[0].text_encoder})
     limit = norm_limit(inputs.table, inputs.init.vectors)
 
     # --- The loop ---------------------------------------------------------------------------
@@ -327,7 +342,7 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
   table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params),
                      np.float32)  # [V, D]
   init = initial_vectors(config, sd.tokenizer, table)
-  latent_mean, latent_std = _cache_latents(config, sd, images)
+  latents = _cache_latents(config, sd, images)
   per_device_batch, global_batch = batch_sizes(config, len(devices))
   base_lr = config.learning_rate * (global_batch if config.scale_lr else 1)
   lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
@@ -340,23 +355,35 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
                 if prompts.image_tokens else None)
   return RunInputs(
       sd=sd, images=images, schedule=schedule, prompts=prompts, table=table, init=init,
-      latent_mean=latent_mean, latent_std=latent_std, per_device_batch=per_device_batch,
+      latents=latents, per_device_batch=per_device_batch,
       global_batch=global_batch, local_devices=len(parallel.addressable(devices)),
       base_lr=base_lr, lr=lr, optimizer=optimizer,
       state=train_lib.init_state(init.vectors, optimizer, image_init), has_run_json=has_run_json)
 
 
 def load_images(config) -> image_loader.TrainingImages:
-  """The concept images at the training resolution; their warnings go to stderr."""
+  """The concept images at the training resolution (with buckets, each at its bucket, the
+  buckets in use logged); their warnings go to stderr."""
+  shapes = (buckets.bucket_shapes(config.resolution, config.min_bucket_reso,
+                                  config.max_bucket_reso, config.bucket_reso_steps)
+            if config.enable_bucket else None)
   try:
     images = image_loader.load_images(config.train_data_dir, config.resolution, config.center_crop,
-                                      caption_extension=config.caption_extension)
+                                      caption_extension=config.caption_extension,
+                                      bucket_shapes=shapes)
   except MemoryError:
     raise ConfigError(f"config.resolution {config.resolution}: not enough host memory to "
                       "hold the training images at that size") from None
   for warning in images.warnings:
     _log(f"warning: {warning}")
+  if config.enable_bucket:
+    _log(buckets.describe(images.buckets, bucket_sizes(images)))
   return images
+
+
+def bucket_sizes(images: image_loader.TrainingImages) -> list[int]:
+  """Images per bucket in use (images.buckets' order)."""
+  return np.bincount(images.bucket_index, minlength=len(images.buckets)).tolist()
 
 
 def load_model(config):
@@ -372,10 +399,17 @@ def load_model(config):
     schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
   except ValueError as e:
     raise ModelLoadError(f"{sd.path}: scheduler config: {e}") from None
-  latent_size = config.resolution // 2 ** (len(sd.vae.config.block_out_channels) - 1)
-  if latent_size % 2 ** (len(sd.unet.config.block_out_channels) - 1):
+  vae_factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+  unet_factor = 2 ** (len(sd.unet.config.block_out_channels) - 1)
+  latent_size = config.resolution // vae_factor
+  if latent_size % unet_factor:
     raise ConfigError(f"config.resolution {config.resolution} gives {latent_size}px latents, "
                       "which the UNet cannot downsample evenly")
+  if config.enable_bucket and config.bucket_reso_steps % (vae_factor * unet_factor):
+    raise ConfigError(
+        f"config.bucket_reso_steps {config.bucket_reso_steps} must be a multiple of "
+        f"{vae_factor * unet_factor} for this model (the VAE downsamples {vae_factor}x and the "
+        f"UNet {unet_factor}x more), or bucket latents would not pass through the UNet")
   return sd, schedule
 
 
@@ -462,13 +496,21 @@ def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> pseudo_words.
   return pseudo_words.Initializer(vectors, f"initialised {num_vectors} vector(s) from {spec}")
 
 
-def _cache_latents(config, sd, images) -> tuple[np.ndarray, np.ndarray]:
-  """The VAE posteriors of every distinct training view, encoded once (`latent_cache`)."""
+def _cache_latents(config, sd, images) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The VAE posteriors of every distinct training view, encoded once (`latent_cache`): one
+  (mean, std) pair, or with buckets one per bucket (its images' views, in file order)."""
+  flip = config.flip_p > 0
   try:
-    views = image_loader.view_pixels(images.pixels, config.flip_p > 0)  # [V, R, R, 3]
-    _log(f"encoding {len(views)} training view(s) of {images.num_images} image(s) with the "
-         "VAE once")
-    return latent_cache.encode_views(sd.vae, sd.vae_params, views)
+    if not config.enable_bucket:
+      views = image_loader.view_pixels(images.pixels, flip)  # [V, R, R, 3]
+      _log(f"encoding {len(views)} training view(s) of {images.num_images} image(s) with the "
+           "VAE once")
+      return [latent_cache.encode_views(sd.vae, sd.vae_params, views)]
+    _log(f"encoding the training views of {images.num_images} image(s) in "
+         f"{len(images.buckets)} bucket(s) with the VAE once")
+    return [latent_cache.encode_views(sd.vae, sd.vae_params,
+                                      image_loader.view_pixels(images.bucket_pixels(b), flip))
+            for b in range(len(images.buckets))]  # each [V_b, h_b, w_b, C]
   except MemoryError:
     raise ConfigError(f"config.resolution {config.resolution}: not enough memory to encode "
                       "the training images at that size") from None
@@ -505,11 +547,15 @@ def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
 
 
 def step_inputs(config, inputs: RunInputs) -> tuple[train_lib.Frozen, train_lib.StepSettings]:
-  """The step's frozen arrays (host; replicated by the caller) and its static settings."""
+  """The step's frozen arrays (host; replicated by the caller) and its static settings.
+
+  With buckets the latents are the first bucket's; `bucket_frozen` adds the others.
+  """
   p = inputs.prompts
+  latent_mean, latent_std = inputs.latents[0]
   frozen = train_lib.Frozen(
       unet=inputs.sd.unet_params, text_encoder=inputs.sd.text_encoder_params,
-      latent_mean=inputs.latent_mean, latent_std=inputs.latent_std,
+      latent_mean=latent_mean, latent_std=latent_std,
       placeholder_ids=np.asarray(p.token_ids + p.image_token_ids, np.int32),
       schedule=inputs.schedule, init_embeds=np.asarray(inputs.init.vectors, np.float32))
   vae_config = inputs.sd.vae.config
@@ -522,6 +568,33 @@ def step_inputs(config, inputs: RunInputs) -> tuple[train_lib.Frozen, train_lib.
       gradient_accumulation_steps=int(config.gradient_accumulation_steps),
       snr_gamma=float(config.snr_gamma), noise_offset=float(config.noise_offset))
   return frozen, settings
+
+
+def bucket_frozen(inputs: RunInputs, frozen: train_lib.Frozen,
+                  devices: Sequence) -> list[train_lib.Frozen]:
+  """One replicated `Frozen` per bucket (`frozen`, from `step_inputs`, is the first): the
+  same device copies of the weights, each bucket's latents replicated once here, never
+  per step. The step compiles one program per bucket shape on first use."""
+  out = [frozen]
+  for mean, std in inputs.latents[1:]:
+    mean, std = parallel.replicate((mean, std), devices)
+    out.append(frozen.replace(latent_mean=mean, latent_std=std))
+  return out
+
+
+def step_bucket(config, inputs: RunInputs, step: int) -> tuple[int, int] | None:
+  """With buckets, (bucket of `step`, its position in that bucket's stream)
+  (`choices.bucket_choice`); None without."""
+  if not config.enable_bucket:
+    return None
+  return choices.bucket_choice(config.seed, step, bucket_sizes(inputs.images))
+
+
+def frozen_for(config, inputs: RunInputs, frozen: list[train_lib.Frozen],
+               step: int) -> train_lib.Frozen:
+  """The replicated frozen arrays of `step`'s bucket (`bucket_frozen`'s list)."""
+  drawn = step_bucket(config, inputs, step)
+  return frozen[0 if drawn is None else drawn[0]]
 
 
 def compile_step(config, settings: train_lib.StepSettings, inputs: RunInputs, devices: Sequence,
@@ -544,16 +617,29 @@ def batch_for(config, inputs: RunInputs, step: int) -> dict:
   micro-batches of b)."""
   local = inputs.per_device_batch * inputs.local_devices * config.gradient_accumulation_steps
   example_index = jax.process_index() * local + np.arange(local)  # [local], global positions
-  view_index, template_index = choices.example_choices(
-      config.seed, step, example_index, global_batch_size=inputs.global_batch,
-      num_images=inputs.images.num_images, flip_p=config.flip_p,
-      num_templates=inputs.prompts.num_templates)
+  drawn = step_bucket(config, inputs, step)
+  if drawn is None:
+    view_index, template_index = choices.example_choices(
+        config.seed, step, example_index, global_batch_size=inputs.global_batch,
+        num_images=inputs.images.num_images, flip_p=config.flip_p,
+        num_templates=inputs.prompts.num_templates)
+    prompt_view = view_index  # [local]
+  else:
+    # The whole step (every micro-batch) from one bucket; view_index indexes its latents.
+    members = inputs.images.bucket_members(drawn[0])  # [N_b] image of each bucket position
+    view_index, template_index = choices.example_choices(
+        config.seed, step, example_index, global_batch_size=inputs.global_batch,
+        num_images=len(members), flip_p=config.flip_p,
+        num_templates=inputs.prompts.num_templates, bucket=drawn[0], stream_step=drawn[1])
+    # The same view in the images' numbering (image i, or i + N mirrored), for the prompts.
+    prompt_view = (members[view_index % len(members)]
+                   + inputs.images.num_images * (view_index >= len(members)))
   active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
   p = inputs.prompts
   mixed = (choices.per_image_choices(config.seed, step, example_index, config.per_image_token_p)
            if p.image_tokens else None)
   input_ids = captions.batch_input_ids(p.template_ids, p.image_template_ids, active,
-                                       template_index, view_index, mixed, p.captioned,
+                                       template_index, prompt_view, mixed, p.captioned,
                                        p.caption_ids, p.image_caption_ids)
   batch = {"input_ids": input_ids, "view_index": view_index,
            "example_index": example_index.astype(np.int32)}
@@ -585,6 +671,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
 
   Logs every log_every_steps, checkpoints every checkpointing_steps and at the
   end, and stops (with a checkpoint) at the first step boundary after a signal.
+  `frozen` is `bucket_frozen`'s list: each step gets its bucket's.
   """
   is_main = jax.process_index() == 0
   metrics_log = _open_metrics_log(workdir, start, is_main)
@@ -599,7 +686,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
       if step < config.max_train_steps:
         _log("compiling the training step (the first step takes a while)")
       while step < config.max_train_steps:
-        state, metrics = step_fn(state, frozen, next_batch)
+        state, metrics = step_fn(state, frozen_for(config, inputs, frozen, step), next_batch)
         step += 1
         interval.loss_sum = (metrics["loss"] if interval.loss_sum is None
                              else interval.loss_sum + metrics["loss"])
