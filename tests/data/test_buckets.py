@@ -90,8 +90,8 @@ def test_each_image_of_a_bucket_is_seen_equally_often_under_any_split():
   seen = collections.Counter()
   for step in range(30):  # 6 rounds: bucket 0 has 18 steps, bucket 1 12
     bucket, k = choices.bucket_choice(0, step, sizes)
-    kw = dict(global_batch_size=batch, num_images=sizes[bucket], flip_p=0.5, num_templates=3,
-              bucket=bucket, stream_step=k)
+    kw = {"global_batch_size": batch, "num_images": sizes[bucket], "flip_p": 0.5,
+          "num_templates": 3, "bucket": bucket, "stream_step": k}
     whole = choices.example_choices(0, step, np.arange(batch), **kw)
     # Two hosts/devices each computing half of the global batch get the same draws.
     halves = [choices.example_choices(0, step, np.arange(batch)[i::2], **kw) for i in (0, 1)]
