@@ -362,8 +362,8 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
 
 
 def load_images(config) -> image_loader.TrainingImages:
-  """The concept images at the training resolution (with buckets, each at its bucket, the
-  buckets in use logged); their warnings go to stderr."""
+  """The concept images at the training resolution (with buckets, each at its bucket); their
+  warnings go to stderr."""
   shapes = (buckets.bucket_shapes(config.resolution, config.min_bucket_reso,
                                   config.max_bucket_reso, config.bucket_reso_steps)
             if config.enable_bucket else None)
@@ -376,8 +376,6 @@ def load_images(config) -> image_loader.TrainingImages:
                       "hold the training images at that size") from None
   for warning in images.warnings:
     _log(f"warning: {warning}")
-  if config.enable_bucket:
-    _log(buckets.describe(images.buckets, bucket_sizes(images)))
   return images
 
 
@@ -539,6 +537,8 @@ def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
        f"global batch {inputs.global_batch}{accumulation}, {config.optimizer} lr {inputs.base_lr:g} "
        f"({config.lr_scheduler}), "
        f"{inputs.schedule.prediction_type} target, steps {start}->{config.max_train_steps}")
+  if config.enable_bucket:
+    _log(buckets.describe(inputs.images.buckets, bucket_sizes(inputs.images)))
 
 
 # ---------------------------------------------------------------------------
@@ -680,12 +680,17 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
   flag = _StopFlag()
   interval = LogInterval(time.perf_counter(), start)
   step, interrupted = start, False
+  compiled_buckets: set[int] = set()  # with buckets: those whose program has compiled
   try:
     with _stop_on_signals(flag):
       next_batch = batch_for(config, inputs, step) if step < config.max_train_steps else None
       if step < config.max_train_steps:
         _log("compiling the training step (the first step takes a while)")
       while step < config.max_train_steps:
+        drawn = step_bucket(config, inputs, step)
+        new_bucket = drawn is not None and drawn[0] not in compiled_buckets
+        if new_bucket:
+          compiled_buckets.add(drawn[0])
         state, metrics = step_fn(state, frozen_for(config, inputs, frozen, step), next_batch)
         step += 1
         interval.loss_sum = (metrics["loss"] if interval.loss_sum is None
@@ -694,6 +699,11 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
         if step == start + 1:  # the first call compiles; keep that out of the step times
           jax.block_until_ready(metrics)
           _log(f"compiled and ran the first step in {time.perf_counter() - interval.time:.1f}s")
+          interval.restart(step)
+        elif new_bucket:  # a bucket's first step compiles its shape's program: not a step time
+          jax.block_until_ready(metrics)
+          w, h = inputs.images.buckets[drawn[0]]
+          _log(f"compiled the step for bucket {w}x{h} at step {step}")
           interval.restart(step)
         # Build the next batch while the device computes this one.
         next_batch = batch_for(config, inputs, step) if step < config.max_train_steps else None
