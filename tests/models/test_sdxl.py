@@ -20,7 +20,7 @@ from ti_jax.models import sdxl
 from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
 from ti_jax.weights import convert, presets
-from ti_jax.weights.loading import load_stable_diffusion
+from ti_jax.weights.loading import load_stable_diffusion, model_family, resolve_model_dir
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 PROMPTS = ["a painting in the style of a cat", "a photo of a red toy"]
@@ -222,3 +222,38 @@ def test_sdxl_unet_refuses_a_call_without_added_conditioning(loaded):
   with pytest.raises(ValueError, match="added_cond"):
     sd.unet.apply({"params": sd.unet_params}, jnp.zeros((1, 8, 8, 4)), jnp.ones((1,)),
                   jnp.zeros((1, 77, 64)))
+
+
+def test_sdxl_hub_id_fetches_both_encoders_and_tokenizers_and_no_flax_duplicates(tiny_sdxl,
+                                                                                 monkeypatch):
+  import huggingface_hub
+  calls = []
+
+  def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+    calls.append(list(allow_patterns))
+    return tiny_sdxl
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  folder = resolve_model_dir("stabilityai/stable-diffusion-xl-base-1.0")
+  assert folder == tiny_sdxl
+  assert len(calls) == 1  # every component had safetensors: no second fetch
+  patterns = calls[0]
+  for needed in ("text_encoder_2/model.safetensors", "text_encoder_2/config.json",
+                 "tokenizer_2/*", "unet/diffusion_pytorch_model.safetensors"):
+    assert needed in patterns
+  assert not any(p.endswith((".msgpack", ".bin")) for p in patterns)
+  # Without safetensors for a variant, the Flax weights are asked for, component by component.
+  resolve_model_dir("stabilityai/stable-diffusion-xl-base-1.0", variant="fp16", allow_pickle=True)
+  assert "text_encoder_2/flax_model.msgpack" in calls[-1]
+  assert "unet/diffusion_pytorch_model.fp16.bin" in calls[-1]
+
+
+@pytest.mark.parametrize("preset, pipeline, family", [
+    ("sd15", "StableDiffusionPipeline", "sd1"), ("tiny-sd15", "StableDiffusionPipeline", "sd1"),
+    ("sd21", "StableDiffusionPipeline", "sd2"), ("tiny-sd21", "StableDiffusionPipeline", "sd2"),
+    ("sdxl", "StableDiffusionXLPipeline", "sdxl"), ("ldm", "LDMTextToImagePipeline", "ldm")])
+def test_model_family_comes_from_the_pipeline_class_and_text_encoder(preset, pipeline, family):
+  from ti_jax.models.ldm_bert import LDMBertConfig
+  text = presets.preset(preset)["text_encoder"]
+  cfg = (LDMBertConfig if family == "ldm" else CLIPTextConfig).from_transformers(text)
+  assert model_family({"_class_name": pipeline}, cfg) == family

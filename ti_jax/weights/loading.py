@@ -129,20 +129,55 @@ def one_line(e: BaseException) -> str:
 
 
 def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
+  """The first fetch: model_index, configs, tokenizers and safetensors weights.
+
+  model_index.json is not known before the download: ask for the folders of
+  every supported pipeline (patterns that match nothing cost nothing). The
+  Flax/pickle fallbacks are fetched only for components without safetensors
+  (`_fallback_patterns`): hub repos such as SDXL's hold both, and the Flax
+  UNet alone is 10 GB.
+  """
   var = f".{variant}" if variant else ""
   patterns = ["model_index.json", "scheduler/*.json"]
   patterns += [f"{sub}/*" for sub in TOKENIZER_FOLDERS.values()]
-  # model_index.json is not known before the download: ask for the folders of
-  # every supported pipeline (patterns that match nothing cost nothing).
   pairs = {(role, sub) for folders in PIPELINE_FOLDERS.values() for role, sub in folders.items()}
   for comp, sub in sorted(pairs):
     stem = _WEIGHT_STEMS[comp]
     patterns += [f"{sub}/config.json", f"{sub}/{stem}{var}.safetensors",
                  f"{sub}/{stem}{var}.safetensors.index.json",
-                 f"{sub}/{stem}{var}-*.safetensors", f"{sub}/{_FLAX_FILES[comp]}"]
+                 f"{sub}/{stem}{var}-*.safetensors"]
+  return patterns
+
+
+def _fallback_patterns(folder: str, variant: str | None, allow_pickle: bool) -> list[str]:
+  """The second fetch: Flax (and with `allow_pickle`, `.bin`) weights of components without safetensors."""
+  index_path = os.path.join(folder, "model_index.json")
+  if not os.path.isfile(index_path):
+    return []  # read_configs reports the missing file
+  try:
+    folders = component_folders(read_json(index_path, "model_index.json"))
+  except ModelLoadError:
+    return []  # reported, with the folder, by read_configs
+  var = f".{variant}" if variant else ""
+  patterns = []
+  for comp, sub in folders.items():
+    if safetensors_files(os.path.join(folder, sub), _WEIGHT_STEMS[comp], variant):
+      continue
+    patterns.append(f"{sub}/{_FLAX_FILES[comp]}")
     if allow_pickle:
       patterns.append(f"{sub}/{_BIN_FILES[comp]}{var}.bin")
   return patterns
+
+
+def fetch_model_from_hub(name: str, *, variant: str | None, revision: str | None,
+                         allow_pickle: bool) -> str:
+  """Fetches the files a hub model needs (safetensors first, fallbacks only where missing)."""
+  folder = download_from_hub(name, revision=revision,
+                             allow_patterns=_hub_patterns(variant, allow_pickle), what="model")
+  fallbacks = _fallback_patterns(folder, variant, allow_pickle)
+  if fallbacks:
+    folder = download_from_hub(name, revision=revision, allow_patterns=fallbacks, what="model")
+  return folder
 
 
 TINY_MODELS = presets.TINY_MODELS  # kept importable here: the names this module resolves
@@ -164,8 +199,8 @@ def resolve_model_dir(name_or_path: str, *, variant: str | None = None,
     from ti_jax.testing.tiny_models import ensure_tiny_model  # pylint: disable=import-outside-toplevel
     return ensure_tiny_model(os.path.join(os.path.expanduser(cache_dir), name_or_path),
                              preset=name_or_path)
-  return download_from_hub(name_or_path, revision=revision,
-                           allow_patterns=_hub_patterns(variant, allow_pickle), what="model")
+  return fetch_model_from_hub(name_or_path, variant=variant, revision=revision,
+                              allow_pickle=allow_pickle)
 
 
 def download_from_hub(name_or_path: str, *, revision: str | None, allow_patterns: list[str],
