@@ -44,21 +44,12 @@ def _random(build, seed: int):
 @pytest.fixture(scope="module")
 def saved_pipeline(tmp_path_factory):
   """(torch StableDiffusionXLPipeline with random weights, the folder it was saved to)."""
+  import transformers
   from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
-  )
-  from transformers import (
-    CLIPTextConfig as TorchTextConfig,
-  )
-  from transformers import (
-    CLIPTextModel as TorchTextModel,
-  )
-  from transformers import (
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
   )
   tmp = tmp_path_factory.mktemp("sdxl")
   vocab = write_tiny_clip_tokenizer(str(tmp / "tok"))
@@ -67,12 +58,13 @@ def saved_pipeline(tmp_path_factory):
   for role in ("text_encoder", "text_encoder_2"):
     configs[role].update(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
                          pad_token_id=vocab - 1)
-  tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tok"))
-  text_cfg = lambda role: TorchTextConfig(**_text_kwargs(configs[role]))
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp / "tok"))
+  text_cfg = lambda role: transformers.CLIPTextConfig(**_text_kwargs(configs[role]))
   pipe = StableDiffusionXLPipeline(
       vae=_random(lambda: AutoencoderKL(**configs["vae"]), 2),
-      text_encoder=_random(lambda: TorchTextModel(text_cfg("text_encoder")), 3),
-      text_encoder_2=_random(lambda: CLIPTextModelWithProjection(text_cfg("text_encoder_2")), 4),
+      text_encoder=_random(lambda: transformers.CLIPTextModel(text_cfg("text_encoder")), 3),
+      text_encoder_2=_random(
+          lambda: transformers.CLIPTextModelWithProjection(text_cfg("text_encoder_2")), 4),
       tokenizer=tokenizer, tokenizer_2=copy.deepcopy(tokenizer),
       unet=_random(lambda: UNet2DConditionModel(**configs["unet"]), 1),
       scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]),
