@@ -253,3 +253,20 @@ def test_model_family_comes_from_the_pipeline_class_and_text_encoder(preset, pip
   text = presets.preset(preset)["text_encoder"]
   cfg = (LDMBertConfig if family == "ldm" else CLIPTextConfig).from_transformers(text)
   assert model_family({"_class_name": pipeline}, cfg) == family
+
+
+def test_legacy_pooling_picks_an_added_token_unless_the_eos_id_is_given():
+  """SDXL's configs say eos_token_id 2: like transformers, the largest id is pooled; an added
+  pseudo-word (id past the vocabulary) is then pooled, unless the real eos id is passed."""
+  cfg = CLIPTextConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=6, projection_dim=4,
+                       eos_token_id=2)
+  module = CLIPTextModel(cfg)
+  ids = jnp.array([[18, 5, 25, 19, 19, 19]])  # 25: an added token; 19: the tokenizer's eos
+  params = module.init(jax.random.key(0), ids)["params"]
+  embeds = params["embeddings"]["token_embedding"]["embedding"][jnp.clip(ids, 0, 19)]
+  run = lambda **kw: module.apply({"params": params}, ids, inputs_embeds=embeds,
+                                  all_outputs=True, **kw)
+  legacy, by_eos = run(), run(eos_token_id=19)
+  np.testing.assert_array_equal(legacy["pooler_output"], legacy["last_hidden_state"][:, 2])
+  np.testing.assert_array_equal(by_eos["pooler_output"], by_eos["last_hidden_state"][:, 3])

@@ -157,8 +157,8 @@ class CLIPTextModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, inputs_embeds: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, all_outputs: bool = False
-               ) -> jax.Array | dict[str, jax.Array]:
+               attention_mask: jax.Array | None = None, all_outputs: bool = False,
+               eos_token_id: int | None = None) -> jax.Array | dict[str, jax.Array]:
     """The last hidden state, or with `all_outputs` a dict of:
 
       last_hidden_state [B, T, D]: after the final layer norm;
@@ -166,6 +166,12 @@ class CLIPTextModel(nn.Module):
         before the final layer norm (transformers' `hidden_states[-2]`);
       pooler_output [B, D]: `last_hidden_state` at the eos position;
       text_embeds [B, P]: `pooler_output @ text_projection` (with projection only).
+
+    The pooled position follows transformers (`eos_positions` with the
+    config's `eos_token_id`). Under the legacy rule (eos_token_id 2, as in
+    SD/SDXL checkpoints) that is the largest id, so an added pseudo-word
+    (ids past the vocabulary) is pooled instead of the eos, as in diffusers'
+    pipelines; pass the tokenizer's `eos_token_id` to pool its first eos instead.
     """
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -180,7 +186,8 @@ class CLIPTextModel(nn.Module):
     last = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
     if not all_outputs and cfg.projection_dim is None:
       return last
-    pos = eos_positions(input_ids, cfg.eos_token_id)  # [B]
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    pos = eos_positions(input_ids, eos)  # [B]
     pooled = jnp.take_along_axis(last, pos[:, None, None], axis=1)[:, 0]  # [B, D]
     out = {"last_hidden_state": last, "penultimate_hidden_state": penultimate,
            "pooler_output": pooled}

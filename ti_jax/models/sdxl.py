@@ -28,7 +28,8 @@ MAX_LENGTH = 77
 
 def text_conditioning(encoder_1: Any, params_1: Any, encoder_2: Any, params_2: Any,
                       ids_1: jax.Array, ids_2: jax.Array, embeds_1: jax.Array | None = None,
-                      embeds_2: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                      embeds_2: jax.Array | None = None, eos_token_id_2: int | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
   """The UNet's context and pooled text embedding from both encoders.
 
   Args:
@@ -38,12 +39,17 @@ def text_conditioning(encoder_1: Any, params_1: Any, encoder_2: Any, params_2: A
     ids_1, ids_2: int [B, T] token ids from `tokenizer` and `tokenizer_2`.
     embeds_1, embeds_2: optional [B, T, D1] / [B, T, D2] token embeddings that
       replace each encoder's lookup (how learned vectors enter).
+    eos_token_id_2: None pools where transformers does (SDXL's config says eos 2,
+      the legacy rule: the largest id, which is an added pseudo-word's when the
+      prompt has one, as in diffusers' pipeline); `tokenizer_2.eos_token_id`
+      pools the real eos whatever the prompt holds.
 
   Returns:
     `(context [B, T, D1 + D2], pooled [B, P])`, in the encoders' compute dtype.
   """
   out_1 = encoder_1.apply({"params": params_1}, ids_1, inputs_embeds=embeds_1, all_outputs=True)
-  out_2 = encoder_2.apply({"params": params_2}, ids_2, inputs_embeds=embeds_2, all_outputs=True)
+  out_2 = encoder_2.apply({"params": params_2}, ids_2, inputs_embeds=embeds_2, all_outputs=True,
+                         eos_token_id=eos_token_id_2)
   if "text_embeds" not in out_2:
     raise ValueError("SDXL's second text encoder must have a text_projection (projection_dim)")
   context = jnp.concatenate([out_1["penultimate_hidden_state"],
