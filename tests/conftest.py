@@ -157,6 +157,12 @@ def tiny_sd21(tmp_path_factory) -> str:
   return tiny_models.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sd21"), "tiny-sd21")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+  """A tiny random SDXL-shaped diffusers folder written by ti_jax."""
+  return tiny_models.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sdxl"), "tiny-sdxl")
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_XLA_CACHE:
