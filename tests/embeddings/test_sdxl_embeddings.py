@@ -186,15 +186,14 @@ def test_sd_embedding_for_sdxl_model_and_the_reverse_are_refused_naming_both_fam
 def sdxl_parts(tmp_path_factory):
   """The pieces of a tiny diffusers SDXL pipeline (random weights), built once."""
   torch = pytest.importorskip("torch")
+  import transformers
   from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-  from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                            CLIPTokenizer)
   folder = str(tmp_path_factory.mktemp("sdxl_tok"))
   vocab = tiny_tokenizer.write_tiny_clip_tokenizer(folder)
   torch.manual_seed(0)
 
   def encoder_config(width, projection):
-    return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+    return transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
                           num_hidden_layers=2, num_attention_heads=2, projection_dim=projection,
                           max_position_embeddings=77, bos_token_id=vocab - 2,
                           eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_act="gelu")
@@ -208,12 +207,13 @@ def sdxl_parts(tmp_path_factory):
       cross_attention_dim=WIDTH_1 + WIDTH_2)
   vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
                       up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4)
-  return dict(
-      unet=unet, vae=vae, scheduler=EulerDiscreteScheduler(),
-      text_encoder=CLIPTextModel(encoder_config(WIDTH_1, WIDTH_1)).eval(),
-      text_encoder_2=CLIPTextModelWithProjection(encoder_config(WIDTH_2, projection)).eval(),
-      tokenizer=CLIPTokenizer.from_pretrained(folder),
-      tokenizer_2=CLIPTokenizer.from_pretrained(folder))
+  return {
+      "unet": unet, "vae": vae, "scheduler": EulerDiscreteScheduler(),
+      "text_encoder": transformers.CLIPTextModel(encoder_config(WIDTH_1, WIDTH_1)).eval(),
+      "text_encoder_2": transformers.CLIPTextModelWithProjection(
+          encoder_config(WIDTH_2, projection)).eval(),
+      "tokenizer": transformers.CLIPTokenizer.from_pretrained(folder),
+      "tokenizer_2": transformers.CLIPTokenizer.from_pretrained(folder)}
 
 
 def _pipeline(parts):
@@ -241,10 +241,10 @@ def test_diffusers_sdxl_pipeline_loads_the_export_into_both_encoders(sdxl_parts,
   pipe = _pipeline(sdxl_parts)
   prompt = "a photo of <toy>"
   base, base_pooled = _encode(pipe, prompt)
-  first = (pipe.text_encoder, pipe.tokenizer)
-  second = dict(text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+  first = {"text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+  second = {"text_encoder": pipe.text_encoder_2, "tokenizer": pipe.tokenizer_2}
   if fmt == "diffusers":
-    pipe.load_textual_inversion(path, text_encoder=first[0], tokenizer=first[1])
+    pipe.load_textual_inversion(path, **first)
     pipe.load_textual_inversion(embedding_io.second_file(path), **second)
     token = "<toy>"  # the files' key
   else:
@@ -252,13 +252,12 @@ def test_diffusers_sdxl_pipeline_loads_the_export_into_both_encoders(sdxl_parts,
               else {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()})
     token = os.path.splitext(os.path.basename(path))[0]  # as A1111 and ComfyUI name it
     pipe.load_textual_inversion(torch.from_numpy(np.array(tables["clip_l"])), token=token,
-                                text_encoder=first[0], tokenizer=first[1])
+                                **first)
     pipe.load_textual_inversion(torch.from_numpy(np.array(tables["clip_g"])), token=token,
                                 **second)
-  for (encoder, tokenizer), expected in (
-      (first, concept.vectors), ((pipe.text_encoder_2, pipe.tokenizer_2), concept.vectors_2)):
-    ids = tokenizer.convert_tokens_to_ids([token, f"{token}_1"])
-    rows = encoder.get_input_embeddings().weight.detach().numpy()[ids]
+  for encoder, expected in ((first, concept.vectors), (second, concept.vectors_2)):
+    ids = encoder["tokenizer"].convert_tokens_to_ids([token, f"{token}_1"])
+    rows = encoder["text_encoder"].get_input_embeddings().weight.detach().numpy()[ids]
     np.testing.assert_array_equal(rows, expected)
   embeds, pooled = _encode(pipe, prompt)
   # Both encoders' halves of the prompt embedding change, and the pooled one (encoder 2).
