@@ -107,8 +107,8 @@ def test_corrupt_safetensors_is_a_one_line_error(tiny_sd15, tmp_path):
 
 def test_wrong_pipeline_class_is_refused(tiny_sd15, tmp_path):
   err = _error_after_json_edit(tiny_sd15, tmp_path, "model_index.json",
-                               lambda c: c.update(_class_name="StableDiffusionXLPipeline"))
-  _assert_one_line(err, "StableDiffusionXLPipeline", "not supported")
+                               lambda c: c.update(_class_name="StableDiffusion3Pipeline"))
+  _assert_one_line(err, "StableDiffusion3Pipeline", "not supported")
 
 
 def test_sharded_bf16_fp16_variant_safetensors_load(tiny_sd15, tmp_path):

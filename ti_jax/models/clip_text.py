@@ -1,7 +1,8 @@
-"""Flax CLIP text transformer (the text encoder of Stable Diffusion 1.x/2.x).
+"""Flax CLIP text transformer (the text encoders of Stable Diffusion 1.x/2.x/XL).
 
-Parameter names mirror transformers' `CLIPTextModel` without the leading
-`text_model.`. Learned pseudo-word vectors enter through `inputs_embeds`
+Parameter names mirror transformers' `CLIPTextModel` (and, with
+`text_projection`, `CLIPTextModelWithProjection`: SDXL's second encoder)
+without the leading `text_model.`. Learned pseudo-word vectors enter through `inputs_embeds`
 (token embeddings before positions), so textual inversion needs no copy of
 the module or of its token table. The encoder blocks are `ti_jax.models.transformer.EncoderBlock`;
 `CLIPEncoder` and `clip_block` also serve the CLIP vision tower (clip.py).
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from ti_jax.models.config_utils import UnsupportedConfigError
 from ti_jax.models.layers import ACTIVATIONS
-from ti_jax.models.transformer import EncoderBlockConfig, encoder_layers
+from ti_jax.models.transformer import EncoderBlock, EncoderBlockConfig, encoder_layers
 
 Dtype = Any
 
@@ -37,6 +38,11 @@ class CLIPTextConfig:
   max_position_embeddings: int = 77
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
+  # Set for `CLIPTextModelWithProjection`: the width of its bias-free
+  # `text_projection` of the pooled (eos) state; None for `CLIPTextModel`.
+  projection_dim: int | None = None
+  # Which position is pooled (see `eos_positions`); 2 is the legacy rule.
+  eos_token_id: int = 2
 
   @classmethod
   def from_transformers(cls, cfg: Mapping[str, Any]) -> "CLIPTextConfig":
@@ -44,7 +50,8 @@ class CLIPTextConfig:
     arch = cfg.get("architectures") or ["CLIPTextModel"]
     if arch[0] not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
       raise UnsupportedConfigError(
-          f"text_encoder config: architecture {arch[0]!r} is not supported (CLIPTextModel only)")
+          f"text_encoder config: architecture {arch[0]!r} is not supported "
+          "(CLIPTextModel and CLIPTextModelWithProjection only)")
     act = cfg.get("hidden_act", "quick_gelu")
     if act not in CLIP_ACTIVATIONS:
       raise UnsupportedConfigError(
@@ -62,6 +69,9 @@ class CLIPTextConfig:
         max_position_embeddings=cfg.get("max_position_embeddings", 77),
         hidden_act=act,
         layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
+        projection_dim=(cfg.get("projection_dim", 512)
+                        if arch[0] == "CLIPTextModelWithProjection" else None),
+        eos_token_id=cfg.get("eos_token_id", 2),
     )
 
   def block(self) -> EncoderBlockConfig:
@@ -96,24 +106,46 @@ class _Embeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-  """The stack of encoder blocks (transformers' `encoder.layers.{i}`)."""
+  """The stack of encoder blocks (transformers' `encoder.layers.{i}`).
+
+  With `with_penultimate`, returns `(last, penultimate)`: the outputs of the
+  last and of the second-to-last block (transformers' `hidden_states[-1]` and
+  `hidden_states[-2]`, the latter being the embeddings for a one-layer stack).
+  """
   config: EncoderBlockConfig
   num_layers: int
   attention_impl: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  with_penultimate: bool = False
 
   @nn.compact
   def __call__(self, x, mask):
-    return encoder_layers(x, mask, self.config, self.num_layers, self.attention_impl,
-                          self.dtype, self.param_dtype)
+    if not self.with_penultimate:
+      return encoder_layers(x, mask, self.config, self.num_layers, self.attention_impl,
+                            self.dtype, self.param_dtype)
+    penultimate = x
+    for i in range(self.num_layers):
+      penultimate = x
+      x = EncoderBlock(self.config, self.attention_impl, name=f"layers_{i}", dtype=self.dtype,
+                       param_dtype=self.param_dtype)(x, mask)
+    return x, penultimate
+
+
+def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+  """The position CLIP's text tower pools, per sequence: int [B] (see `ti_jax.models.clip`)."""
+  from ti_jax.models.clip import eos_positions as positions  # pylint: disable=import-outside-toplevel
+  return positions(input_ids, eos_token_id)
 
 
 class CLIPTextModel(nn.Module):
   """`input_ids [B, T] -> last_hidden_state [B, T, D]` (after the final layer norm).
 
   Pass `inputs_embeds` ([B, T, D], token embeddings before positions) to
-  replace the token lookup, which is how learned pseudo-word vectors enter.
+  replace the token lookup, which is how learned pseudo-word vectors enter;
+  `input_ids` still decide which position is pooled. With `all_outputs=True`
+  it returns a dict (see `__call__`), as SDXL's conditioning needs. A config
+  with `projection_dim` is transformers' `CLIPTextModelWithProjection`.
   """
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
@@ -125,7 +157,16 @@ class CLIPTextModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, inputs_embeds: jax.Array | None = None,
-               attention_mask: jax.Array | None = None) -> jax.Array:
+               attention_mask: jax.Array | None = None, all_outputs: bool = False
+               ) -> jax.Array | dict[str, jax.Array]:
+    """The last hidden state, or with `all_outputs` a dict of:
+
+      last_hidden_state [B, T, D]: after the final layer norm;
+      penultimate_hidden_state [B, T, D]: the second-to-last block's output,
+        before the final layer norm (transformers' `hidden_states[-2]`);
+      pooler_output [B, D]: `last_hidden_state` at the eos position;
+      text_embeds [B, P]: `pooler_output @ text_projection` (with projection only).
+    """
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = _Embeddings(cfg, self.param_dtype, name="embeddings")(input_ids, inputs_embeds)
@@ -134,6 +175,17 @@ class CLIPTextModel(nn.Module):
     mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # [1, 1, T, T] causal
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    x = CLIPEncoder(cfg.block(), cfg.num_hidden_layers, self.attention_impl, name="encoder",
-                    **kw)(x, mask)
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
+    x, penultimate = CLIPEncoder(cfg.block(), cfg.num_hidden_layers, self.attention_impl,
+                                 name="encoder", with_penultimate=True, **kw)(x, mask)
+    last = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
+    if not all_outputs and cfg.projection_dim is None:
+      return last
+    pos = eos_positions(input_ids, cfg.eos_token_id)  # [B]
+    pooled = jnp.take_along_axis(last, pos[:, None, None], axis=1)[:, 0]  # [B, D]
+    out = {"last_hidden_state": last, "penultimate_hidden_state": penultimate,
+           "pooler_output": pooled}
+    if cfg.projection_dim is not None:
+      # Always built (so `init` makes it); XLA drops it when only the hidden state is used.
+      out["text_embeds"] = nn.Dense(cfg.projection_dim, use_bias=False, name="text_projection",
+                                    **kw)(pooled)
+    return out if all_outputs else last

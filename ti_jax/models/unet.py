@@ -1,8 +1,9 @@
-"""Flax UNet2DConditionModel for Stable Diffusion 1.x and 2.x.
+"""Flax UNet2DConditionModel for Stable Diffusion 1.x, 2.x and XL.
 
 Parameter names mirror diffusers' PyTorch `UNet2DConditionModel`, so a
 diffusers checkpoint converts by renaming (`ti_jax.weights.convert`). Tensors are
-NHWC. Parity with diffusers is asserted in `tests/models/test_parity.py`.
+NHWC. Parity with diffusers is asserted in `tests/models/test_parity.py` and
+(SDXL's added "text_time" conditioning) `tests/models/test_sdxl.py`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn",)
 
 # Fields of diffusers' UNet config that change the architecture, with the only
-# values ti_jax implements (those of every SD 1.x/2.x checkpoint). Anything
+# values ti_jax implements (those of every SD 1.x/2.x/XL checkpoint). Anything
 # else is refused at load time rather than silently mis-computed.
 _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "act_fn": ("silu",),
-    "addition_embed_type": (None,),
+    # "text_time": SDXL's pooled text embedding plus size/crop ids added to the time embedding.
+    "addition_embed_type": (None, "text_time"),
     "attention_type": ("default",),
     "class_embed_type": (None,),
     "class_embeddings_concat": (False,),
@@ -51,8 +53,6 @@ _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "time_embedding_dim": (None,),
     "time_embedding_type": ("positional",),
     "timestep_post_act": (None,),
-    "addition_time_embed_dim": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "reverse_transformer_layers_per_block": (None,),
 }
 
@@ -90,6 +90,11 @@ class UNetConfig:
   num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
   use_linear_projection: bool = False
   upcast_attention: bool = False
+  # SDXL ("text_time"): the width of each time id's sinusoidal features and the
+  # input width of `add_embedding` (pooled text width + 6 * addition_time_embed_dim).
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
 
   @classmethod
   def from_diffusers(cls, cfg: Mapping[str, Any]) -> "UNetConfig":
@@ -113,6 +118,13 @@ class UNetConfig:
           f"unet config: {len(down)} down blocks but {len(up)} up blocks")
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     upcast = cfg.get("upcast_attention", False)
+    added = cfg.get("addition_embed_type")
+    time_dim = cfg.get("addition_time_embed_dim")
+    added_in = cfg.get("projection_class_embeddings_input_dim")
+    if added == "text_time" and not (isinstance(time_dim, int) and isinstance(added_in, int)):
+      raise UnsupportedConfigError(
+          "unet config: addition_embed_type='text_time' needs integer addition_time_embed_dim "
+          f"and projection_class_embeddings_input_dim (got {time_dim!r}, {added_in!r})")
     return cls(
         in_channels=cfg.get("in_channels", 4),
         out_channels=cfg.get("out_channels", 4),
@@ -133,7 +145,15 @@ class UNetConfig:
         num_attention_heads=_per_block(heads, n, "attention_head_dim"),
         use_linear_projection=bool(cfg.get("use_linear_projection", False)),
         upcast_attention=bool(upcast),
+        addition_embed_type=added,
+        addition_time_embed_dim=time_dim if added else None,
+        projection_class_embeddings_input_dim=added_in if added else None,
     )
+
+  @property
+  def time_embed_dim(self) -> int:
+    """Width of the time embedding every resnet receives (4x the first block's channels)."""
+    return self.block_out_channels[0] * 4
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
@@ -310,7 +330,13 @@ class UpBlock(_BlockSettings):
 
 
 class UNet2DConditionModel(nn.Module):
-  """Stable Diffusion's conditional UNet: `(latents [B,h,w,4], t [B], context [B,77,D]) -> [B,h,w,4]`."""
+  """Stable Diffusion's conditional UNet: `(latents [B,h,w,4], t [B], context [B,77,D]) -> [B,h,w,4]`.
+
+  SDXL (`addition_embed_type="text_time"`) also takes `added_cond =
+  {"text_embeds": [B, P], "time_ids": [B, 6]}` (diffusers' `added_cond_kwargs`
+  names): the pooled text embedding and (original h, w, crop top, left,
+  target h, w), embedded and added to the time embedding.
+  """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -321,7 +347,8 @@ class UNet2DConditionModel(nn.Module):
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array,
-               encoder_hidden_states: jax.Array) -> jax.Array:
+               encoder_hidden_states: jax.Array,
+               added_cond: Mapping[str, jax.Array] | None = None) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     block_kw = dict(config=cfg, attention_impl=self.attention_impl, remat=self.remat, **kw)
@@ -333,7 +360,11 @@ class UNet2DConditionModel(nn.Module):
       sample = 2 * sample - 1.0
 
     t = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-    temb = _TimestepMLP(channels[0] * 4, name="time_embedding", **kw)(t.astype(self.dtype))
+    temb = _TimestepMLP(cfg.time_embed_dim, name="time_embedding", **kw)(t.astype(self.dtype))
+    if cfg.addition_embed_type == "text_time":
+      temb = temb + _text_time_embedding(cfg, added_cond, sample.shape[0], kw)
+    elif added_cond is not None:
+      raise ValueError("added_cond was given but the UNet config has no addition_embed_type")
 
     x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", **kw)(sample)
     skips = [x]
@@ -349,6 +380,20 @@ class UNet2DConditionModel(nn.Module):
     x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out", **kw)(x)
     return nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out", **kw)(
         nn.silu(x))
+
+
+def _text_time_embedding(cfg: UNetConfig, added_cond: Mapping[str, jax.Array] | None,
+                         batch: int, kw: dict) -> jax.Array:
+  """SDXL's added embedding `[B, time_embed_dim]`, built in the calling UNet's scope."""
+  if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+    raise ValueError('this UNet (addition_embed_type="text_time") needs '
+                     'added_cond={"text_embeds": [B, P], "time_ids": [B, 6]}')
+  text = jnp.broadcast_to(added_cond["text_embeds"], (batch,) + added_cond["text_embeds"].shape[1:])
+  ids = jnp.broadcast_to(added_cond["time_ids"], (batch,) + added_cond["time_ids"].shape[1:])
+  ids_emb = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                               cfg.freq_shift).reshape(batch, -1)  # [B, 6 * addition_time_embed_dim]
+  added = jnp.concatenate([text.astype(jnp.float32), ids_emb], axis=-1).astype(kw["dtype"])
+  return _TimestepMLP(cfg.time_embed_dim, name="add_embedding", **kw)(added)
 
 
 class _TimestepMLP(nn.Module):

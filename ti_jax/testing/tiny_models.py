@@ -4,7 +4,9 @@ The folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
 scheduler/) loads in ti_jax and in diffusers' PyTorch
 `StableDiffusionPipeline.from_pretrained`; the "tiny-ldm" preset writes the
 paper's LDM layout instead (vqvae/, bert/ with an LDMBert, a BERT
-tokenizer) for `LDMTextToImagePipeline.from_pretrained`. Tests, CI and the offline demo
+tokenizer) for `LDMTextToImagePipeline.from_pretrained`, and "tiny-sdxl"
+SDXL's (also text_encoder_2/ with projection, tokenizer_2/, Euler) for
+`StableDiffusionXLPipeline.from_pretrained`. Tests, CI and the offline demo
 run the real loading code without the network. The weights are random: images
 made with it are noise-like by design.
 
@@ -56,16 +58,19 @@ def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writ
 
   Args:
     out_dir: destination folder (created).
-    configs: {"unet", "vae", "text_encoder", "scheduler"} config dicts.
-    params: {"unet", "vae", "text_encoder"} Flax param trees.
+    configs: {"unet", "vae", "text_encoder", "scheduler"} config dicts (SDXL: also
+      "text_encoder_2").
+    params: {"unet", "vae", "text_encoder"[, "text_encoder_2"]} Flax param trees.
     tokenizer_writer: `fn(tokenizer_dir)` that writes the tokenizer files.
   """
   os.makedirs(out_dir, exist_ok=True)
   ldm = configs["text_encoder"].get("model_type") == "ldmbert"
-  pipeline = "LDMTextToImagePipeline" if ldm else "StableDiffusionPipeline"
+  sdxl = "text_encoder_2" in configs
+  pipeline = ("LDMTextToImagePipeline" if ldm else
+              "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline")
   folders = PIPELINE_FOLDERS[pipeline]
   classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
-  for comp in ("unet", "vae", "text_encoder"):
+  for comp in folders:
     sub = os.path.join(out_dir, folders[comp])
     os.makedirs(sub, exist_ok=True)
     spec = component_spec(comp, configs[comp])
@@ -79,8 +84,9 @@ def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writ
       state["to_logits.bias"] = np.zeros(table.shape[0], np.float32)
       cfg = dict(configs[comp], transformers_version=_TRANSFORMERS_VERSION, dtype="float32")
       safetensors_io.save(os.path.join(sub, "model.safetensors"), state, {"format": "pt"})
-    elif comp == "text_encoder":
-      cfg = dict(configs[comp], architectures=["CLIPTextModel"], model_type="clip_text_model",
+    elif comp in ("text_encoder", "text_encoder_2"):
+      arch = "CLIPTextModelWithProjection" if comp == "text_encoder_2" else "CLIPTextModel"
+      cfg = dict(configs[comp], architectures=[arch], model_type="clip_text_model",
                  transformers_version=_TRANSFORMERS_VERSION, dtype="float32")
       safetensors_io.save(os.path.join(sub, "model.safetensors"), state, {"format": "pt"})
     else:
@@ -92,6 +98,23 @@ def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writ
   write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"),
               dict(configs["scheduler"], _diffusers_version=_DIFFUSERS_VERSION))
   tokenizer_writer(os.path.join(out_dir, "tokenizer"))
+  if sdxl:
+    tokenizer_writer(os.path.join(out_dir, "tokenizer_2"))
+    write_json(os.path.join(out_dir, "model_index.json"), {
+        "_class_name": pipeline,
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+    return
   if ldm:
     write_json(os.path.join(out_dir, "model_index.json"), {
         "_class_name": pipeline,
@@ -143,11 +166,14 @@ def write_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> 
   tokenizer_writer = write_tiny_bert_tokenizer if ldm else write_tiny_clip_tokenizer
   with tempfile.TemporaryDirectory() as tmp:
     vocab_size = tokenizer_writer(tmp)
-  configs["text_encoder"]["vocab_size"] = vocab_size
-  if not ldm:
-    # The tiny tokenizer's specials are its last two ids; pad is eos, as in SD 1.x.
-    configs["text_encoder"].update(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                                   pad_token_id=vocab_size - 1)
+  # SDXL's two encoders share the tiny tokenizer (written twice, as tokenizer and tokenizer_2).
+  text_roles = [r for r in ("text_encoder", "text_encoder_2") if r in configs]
+  for role in text_roles:
+    configs[role]["vocab_size"] = vocab_size
+    if not ldm:
+      # The tiny tokenizer's specials are its last two ids; pad is eos, as in SD 1.x.
+      configs[role].update(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                           pad_token_id=vocab_size - 1)
   shapes = param_shapes(build_modules(configs))
   rng = np.random.default_rng(seed)
   params = {name: random_params(tree, rng) for name, tree in shapes.items()}

@@ -46,12 +46,19 @@ class ComponentSpec:
   name: str  # "unet", "vae", "text_encoder": used in error messages
   strip_prefix: str = ""  # e.g. "text_model." for transformers' CLIPTextModel
   ignore: tuple[str, ...] = ()  # regexes of checkpoint keys that hold no parameter
+  # Top-level modules whose keys sit outside `strip_prefix` (CLIPTextModelWithProjection's
+  # `text_projection` beside `text_model.*`).
+  unprefixed: tuple[str, ...] = ()
 
 
 UNET = ComponentSpec("unet")
 VAE = ComponentSpec("vae")
 TEXT_ENCODER = ComponentSpec("text_encoder", strip_prefix="text_model.",
                              ignore=(r"(^|\.)position_ids$",))
+# SDXL's second text encoder, transformers' CLIPTextModelWithProjection:
+# `text_projection.weight` sits beside `text_model.*`.
+TEXT_ENCODER_2 = dataclasses.replace(TEXT_ENCODER, name="text_encoder_2",
+                                     unprefixed=("text_projection",))
 # diffusers' LDMBertModel: the encoder sits under `model.`; the unused
 # `to_logits` language-model head is dropped.
 LDM_BERT = ComponentSpec("text_encoder", strip_prefix="model.",
@@ -191,7 +198,8 @@ def flax_params_to_torch_state_dict(spec: ComponentSpec, params: Any) -> dict[st
       leaf = "weight"
     elif leaf in ("scale", "embedding"):
       leaf = "weight"
-    key = spec.strip_prefix + path_to_torch_key(module) + "." + leaf
+    prefix = "" if module and module[0] in spec.unprefixed else spec.strip_prefix
+    key = prefix + path_to_torch_key(module) + "." + leaf
     out[key] = np.ascontiguousarray(array)
   return out
 

@@ -1,9 +1,10 @@
 """Loading diffusers-format latent diffusion folders (local or from the hub) into ti_jax models.
 
-`load_stable_diffusion(name_or_path)` returns the three Flax modules with
-their params, the tokenizer and the scheduler config. It reads Stable
+`load_stable_diffusion(name_or_path)` returns the Flax modules with
+their params, the tokenizer(s) and the scheduler config. It reads Stable
 Diffusion 1.x/2.x folders (`StableDiffusionPipeline`: unet, vae,
-text_encoder = CLIP) and the paper's LDM-1.4B (`LDMTextToImagePipeline`:
+text_encoder = CLIP), Stable Diffusion XL folders (`StableDiffusionXLPipeline`:
+also text_encoder_2 = OpenCLIP bigG with projection, tokenizer_2) and the paper's LDM-1.4B (`LDMTextToImagePipeline`:
 unet, vqvae = a KL autoencoder, bert = LDMBert with a BERT tokenizer); the
 components are addressed by role (unet, vae, text_encoder) whatever their
 folder is called. Weights come from
@@ -39,19 +40,26 @@ class ModelLoadError(errors.UserError):
 
 # Weight file stems per component: diffusers models vs transformers models.
 _WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                 "text_encoder": "model"}
+                 "text_encoder": "model", "text_encoder_2": "model"}
 _FLAX_FILES = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
-               "text_encoder": "flax_model.msgpack"}
+               "text_encoder": "flax_model.msgpack", "text_encoder_2": "flax_model.msgpack"}
 _BIN_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-              "text_encoder": "pytorch_model"}
+              "text_encoder": "pytorch_model", "text_encoder_2": "pytorch_model"}
+# The roles every supported pipeline has; SDXL adds text_encoder_2.
 COMPONENTS = ("unet", "vae", "text_encoder")
+# The tokenizer folder of each text encoder role.
+TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 # Per pipeline class: the folder of each component role, and the tokenizer
 # classes its folder may name.
 PIPELINE_FOLDERS = {
     "StableDiffusionPipeline": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"},
     "LDMTextToImagePipeline": {"unet": "unet", "vae": "vqvae", "text_encoder": "bert"},
+    "StableDiffusionXLPipeline": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder",
+                                  "text_encoder_2": "text_encoder_2"},
 }
+# Model families (`StableDiffusion.family`).
+FAMILIES = ("sd1", "sd2", "sdxl", "ldm")
 _TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "BertTokenizer", "BertTokenizerFast")
 
 
@@ -59,6 +67,8 @@ def component_spec(component: str, config: dict) -> convert.ComponentSpec:
   """How a component's checkpoint keys map onto its Flax tree (the text encoder's depends on its type)."""
   if component == "text_encoder":
     return convert.LDM_BERT if is_ldm_bert_config(config) else convert.TEXT_ENCODER
+  if component == "text_encoder_2":
+    return convert.TEXT_ENCODER_2
   return {"unet": convert.UNET, "vae": convert.VAE}[component]
 
 
@@ -67,7 +77,10 @@ class StableDiffusion:
   """A loaded model: frozen Flax modules, their params, tokenizer and scheduler config.
 
   Also the paper's LDM-1.4B: its vqvae is a KL autoencoder (`vae`), its bert
-  an `LDMBertModel` (`text_encoder`) with a BERT `tokenizer`.
+  an `LDMBertModel` (`text_encoder`) with a BERT `tokenizer`. SDXL also has
+  `text_encoder_2` (a `CLIPTextModel` with `projection_dim`: transformers'
+  `CLIPTextModelWithProjection`), its params and `tokenizer_2`; they are
+  None for the other families. SDXL's conditioning: `ti_jax.models.sdxl`.
   """
   source: str  # what the user passed: a folder or a hub id
   path: str  # the local diffusers folder
@@ -80,6 +93,33 @@ class StableDiffusion:
   tokenizer: Any  # a transformers CLIP or BERT tokenizer
   scheduler_config: dict
   model_index: dict
+  text_encoder_2: CLIPTextModel | None = None
+  text_encoder_2_params: Any = None
+  tokenizer_2: Any = None
+
+  @property
+  def family(self) -> str:
+    """"sd1", "sd2", "sdxl" or "ldm" (see `model_family`)."""
+    return model_family(self.model_index, self.text_encoder.config)
+
+  @property
+  def is_sdxl(self) -> bool:
+    """Whether this is Stable Diffusion XL (two text encoders, added UNet conditioning)."""
+    return self.family == "sdxl"
+
+
+def model_family(model_index: dict, text_encoder_config: Any) -> str:
+  """The family of a model: its pipeline class, and for SD 1/2 the text encoder.
+
+  SD 2.x's OpenCLIP text encoder uses "gelu" where SD 1.x's OpenAI CLIP uses
+  "quick_gelu" (the tiny presets keep that difference).
+  """
+  cls = model_index.get("_class_name") or "StableDiffusionPipeline"
+  if cls == "StableDiffusionXLPipeline":
+    return "sdxl"
+  if cls == "LDMTextToImagePipeline":
+    return "ldm"
+  return "sd2" if getattr(text_encoder_config, "hidden_act", None) == "gelu" else "sd1"
 
 
 def one_line(e: BaseException) -> str:
@@ -90,7 +130,8 @@ def one_line(e: BaseException) -> str:
 
 def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
   var = f".{variant}" if variant else ""
-  patterns = ["model_index.json", "scheduler/*.json", "tokenizer/*"]
+  patterns = ["model_index.json", "scheduler/*.json"]
+  patterns += [f"{sub}/*" for sub in TOKENIZER_FOLDERS.values()]
   # model_index.json is not known before the download: ask for the folders of
   # every supported pipeline (patterns that match nothing cost nothing).
   pairs = {(role, sub) for folders in PIPELINE_FOLDERS.values() for role, sub in folders.items()}
@@ -242,9 +283,11 @@ def load_component_weights(folder: str, component: str, *, variant: str | None =
 def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
                   param_dtype: Any = jnp.float32, attention_impl: str | None = None,
                   vae_dtype: Any = None, remat: bool = False) -> dict[str, Any]:
-  """Builds the three Flax modules from diffusers/transformers config dicts.
+  """Builds the Flax modules from diffusers/transformers config dicts (keyed by role).
 
-  The text encoder is an LDMBert when its config says so, else CLIP.
+  The text encoder is an LDMBert when its config says so, else CLIP; with a
+  "text_encoder_2" config (SDXL) the UNet's context is both encoders' widths
+  and its added embedding takes the second's projection.
   `vae_dtype` (default: `dtype`) sets the VAE's compute and param dtype apart
   from the UNet and text encoder. `remat` rematerialises the UNet's blocks in
   the backward pass (less activation memory, more compute).
@@ -257,32 +300,76 @@ def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
         configs["text_encoder"])
   except UnsupportedConfigError as e:
     raise ModelLoadError(str(e)) from None
-  if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
-    raise ModelLoadError(
-        f"text encoder width {text_cfg.hidden_size} does not match the UNet's "
-        f"cross_attention_dim {unet_cfg.cross_attention_dim}")
+  text_2_cfg = None
+  if "text_encoder_2" in configs:
+    try:
+      text_2_cfg = CLIPTextConfig.from_transformers(configs["text_encoder_2"])
+    except UnsupportedConfigError as e:
+      raise ModelLoadError(str(e).replace("text_encoder config", "text_encoder_2 config")) from None
+  _check_widths(unet_cfg, text_cfg, text_2_cfg)
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   attention_impl = resolve_attention_impl(attention_impl)  # "" on a TPU host: the Pallas kernel
   text_cls = LDMBertModel if ldm_bert else CLIPTextModel
-  return {
+  modules = {
       "unet": UNet2DConditionModel(unet_cfg, attention_impl=attention_impl, remat=remat, **kw),
       "vae": AutoencoderKL(vae_cfg, dtype=vae_dtype or dtype, param_dtype=vae_dtype or param_dtype),
       "text_encoder": text_cls(text_cfg, attention_impl=attention_impl, **kw),
   }
+  if text_2_cfg is not None:
+    modules["text_encoder_2"] = CLIPTextModel(text_2_cfg, attention_impl=attention_impl, **kw)
+  return modules
+
+
+def _check_widths(unet_cfg: UNetConfig, text_cfg: Any, text_2_cfg: CLIPTextConfig | None) -> None:
+  """The text encoders' widths must be what the UNet reads (one-line `ModelLoadError`)."""
+  if text_2_cfg is None:
+    if unet_cfg.addition_embed_type == "text_time":
+      raise ModelLoadError("the UNet takes SDXL's added conditioning (addition_embed_type="
+                           "'text_time') but the model has no text_encoder_2")
+    if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
+      raise ModelLoadError(
+          f"text encoder width {text_cfg.hidden_size} does not match the UNet's "
+          f"cross_attention_dim {unet_cfg.cross_attention_dim}")
+    return
+  width = text_cfg.hidden_size + text_2_cfg.hidden_size
+  if width != unet_cfg.cross_attention_dim:
+    raise ModelLoadError(
+        f"text encoder widths {text_cfg.hidden_size} + {text_2_cfg.hidden_size} do not match "
+        f"the UNet's cross_attention_dim {unet_cfg.cross_attention_dim}")
+  if unet_cfg.addition_embed_type != "text_time" or text_2_cfg.projection_dim is None:
+    raise ModelLoadError("SDXL needs a UNet with addition_embed_type='text_time' and a "
+                         "text_encoder_2 with projection (CLIPTextModelWithProjection)")
+  added = text_2_cfg.projection_dim + 6 * unet_cfg.addition_time_embed_dim
+  if added != unet_cfg.projection_class_embeddings_input_dim:
+    raise ModelLoadError(
+        f"text_encoder_2 projection_dim {text_2_cfg.projection_dim} + 6 time ids x "
+        f"{unet_cfg.addition_time_embed_dim} = {added} does not match the UNet's "
+        f"projection_class_embeddings_input_dim {unet_cfg.projection_class_embeddings_input_dim}")
+
+
+def unet_dummy_inputs(config: UNetConfig, batch: int = 1, size: int | None = None) -> tuple:
+  """Zero inputs `(sample, timesteps, context[, added_cond])` of the UNet's shapes (for init, tracing)."""
+  size = size or 2 ** (len(config.block_out_channels) - 1)
+  inputs = (jnp.zeros((batch, size, size, config.in_channels)), jnp.zeros((batch,)),
+            jnp.zeros((batch, 1, config.cross_attention_dim)))
+  if config.addition_embed_type == "text_time":
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    inputs += ({"text_embeds": jnp.zeros((batch, pooled)), "time_ids": jnp.zeros((batch, 6))},)
+  return inputs
 
 
 def init_fns(modules: dict[str, Any]) -> dict[str, Callable[[jax.Array], Any]]:
   """Per component, `rng -> {"params": ...}` on minimal dummy inputs (shapes only matter)."""
-  unet, vae, text = modules["unet"], modules["vae"], modules["text_encoder"]
-  down = 2 ** (len(unet.config.block_out_channels) - 1)
+  unet, vae = modules["unet"], modules["vae"]
   vdown = 2 ** (len(vae.config.block_out_channels) - 1)
-  return {
-      "unet": lambda rng: unet.init(
-          rng, jnp.zeros((1, down, down, unet.config.in_channels)), jnp.zeros((1,)),
-          jnp.zeros((1, 1, unet.config.cross_attention_dim))),
+  fns = {
+      "unet": lambda rng: unet.init(rng, *unet_dummy_inputs(unet.config)),
       "vae": lambda rng: vae.init(rng, jnp.zeros((1, vdown, vdown, vae.config.in_channels))),
-      "text_encoder": lambda rng: text.init(rng, jnp.zeros((1, 1), jnp.int32)),
   }
+  for role in TOKENIZER_FOLDERS:
+    if role in modules:
+      fns[role] = lambda rng, text=modules[role]: text.init(rng, jnp.zeros((1, 1), jnp.int32))
+  return fns
 
 
 def param_shapes(modules: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +402,7 @@ def read_configs(folder: str) -> dict[str, dict]:
   except ModelLoadError as e:
     raise ModelLoadError(f"{folder}: {e}") from None
   configs = {"model_index": index}
-  for comp in COMPONENTS:
+  for comp in folders:
     configs[comp] = read_json(os.path.join(folder, folders[comp], "config.json"),
                                f"{folders[comp]} config")
   configs["scheduler"] = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
@@ -323,17 +410,18 @@ def read_configs(folder: str) -> dict[str, dict]:
   return configs
 
 
-def load_tokenizer(folder: str, model_index: dict | None = None, max_length: int | None = None):
+def load_tokenizer(folder: str, model_index: dict | None = None, max_length: int | None = None,
+                   subfolder: str = "tokenizer"):
   """The tokenizer of a diffusers folder: the class model_index.json names (CLIP or BERT).
 
   `max_length` (the text encoder's positions) caps `model_max_length`: BERT
   tokenizers declare 512, but LDMBert reads 77 tokens, and every prompt is
-  padded or cut to `model_max_length`.
+  padded or cut to `model_max_length`. `subfolder` "tokenizer_2" is SDXL's second.
   """
-  path = os.path.join(folder, "tokenizer")
+  path = os.path.join(folder, subfolder)
   if not os.path.isdir(path):
     raise ModelLoadError(f"missing tokenizer folder: {path}")
-  entry = (model_index or {}).get("tokenizer") or [None, "CLIPTokenizer"]
+  entry = (model_index or {}).get(subfolder) or [None, "CLIPTokenizer"]
   name = entry[1] or "CLIPTokenizer"
   if name not in _TOKENIZERS:
     raise ModelLoadError(f"{path}: tokenizer class {name!r} is not supported "
@@ -354,11 +442,12 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
                           attention_impl: str | None = None,
                           cache_dir: str = DEFAULT_CACHE_DIR,
                           vae_dtype: Any = None, remat: bool = False) -> StableDiffusion:
-  """Loads a diffusers-format Stable Diffusion 1.x/2.x or LDM-1.4B text-to-image model.
+  """Loads a diffusers-format Stable Diffusion 1.x/2.x/XL or LDM-1.4B text-to-image model.
 
   Args:
     name_or_path: a local diffusers folder or a hub id such as
-      "stable-diffusion-v1-5/stable-diffusion-v1-5" or
+      "stable-diffusion-v1-5/stable-diffusion-v1-5",
+      "stabilityai/stable-diffusion-xl-base-1.0" or
       "CompVis/ldm-text2im-large-256" (only the needed files are fetched).
     dtype: compute dtype of the Flax modules (float32 or bfloat16).
     param_dtype: dtype the weights are stored in on the host/device.
@@ -369,7 +458,8 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
     attention_impl: `jax.nn.dot_product_attention` implementation, or "pallas_tpu"; None or ""
       chooses (the Pallas kernel on a TPU host, JAX's choice elsewhere).
     cache_dir: where the tiny random-weight models are written.
-    vae_dtype: compute and param dtype of the VAE (default: `dtype`/`param_dtype`).
+    vae_dtype: compute and param dtype of the VAE (default: `dtype`/`param_dtype`; float32
+      for SDXL, whose VAE overflows in half precision).
     remat: rematerialise the UNet's resnets and transformers when differentiated.
 
   Raises:
@@ -379,11 +469,13 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
                              allow_pickle=allow_pickle, cache_dir=cache_dir)
   configs = read_configs(folder)
   folders = component_folders(configs["model_index"])
+  if vae_dtype is None and "text_encoder_2" in folders:
+    vae_dtype = jnp.float32  # SDXL's VAE overflows in fp16 (diffusers' force_upcast)
   modules = build_modules(configs, dtype=dtype, param_dtype=param_dtype,
                           attention_impl=attention_impl, vae_dtype=vae_dtype, remat=remat)
   shapes = param_shapes(modules)
   params = {}
-  for comp in COMPONENTS:
+  for comp in folders:
     store_dtype = (vae_dtype or param_dtype) if comp == "vae" else param_dtype
     kind, weights = load_component_weights(folder, comp, variant=variant,
                                            allow_pickle=allow_pickle, subfolder=folders[comp])
@@ -399,12 +491,17 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
     except convert.ConversionError as e:
       raise ModelLoadError(f"{folder}: {e}") from None
     params[comp] = tree
+  tokenizers = {role: load_tokenizer(folder, configs["model_index"],
+                                     modules[role].config.max_position_embeddings, sub)
+                for role, sub in TOKENIZER_FOLDERS.items() if role in modules}
   return StableDiffusion(
       source=name_or_path, path=folder,
       unet=modules["unet"], unet_params=params["unet"],
       vae=modules["vae"], vae_params=params["vae"],
       text_encoder=modules["text_encoder"], text_encoder_params=params["text_encoder"],
-      tokenizer=load_tokenizer(folder, configs["model_index"],
-                               modules["text_encoder"].config.max_position_embeddings),
+      tokenizer=tokenizers["text_encoder"],
       scheduler_config=configs["scheduler"],
-      model_index=configs["model_index"])
+      model_index=configs["model_index"],
+      text_encoder_2=modules.get("text_encoder_2"),
+      text_encoder_2_params=params.get("text_encoder_2"),
+      tokenizer_2=tokenizers.get("text_encoder_2"))

@@ -1,10 +1,10 @@
 """Architecture configs of the real and tiny latent diffusion models, as diffusers writes them.
 
-The SD 1.5, SD 2.1 and LDM-1.4B entries are the `config.json` contents of the public
+The SD 1.5, SD 2.1, SDXL base 1.0 and LDM-1.4B entries are the `config.json` contents of the public
 checkpoints (architecture fields only); tests use them to prove that real
 checkpoints convert key for key, and benchmarks build random-weight models of
 those shapes. The tiny entries keep their model's topology (SD 1.5, SD 2.1,
-LDM) at toy widths for offline tests and the demo; `TINY_MODELS` lists their
+SDXL, LDM) at toy widths for offline tests and the demo; `TINY_MODELS` lists their
 names, the one list every other module imports.
 """
 
@@ -103,6 +103,63 @@ def _tiny(base: dict, **unet_overrides) -> dict:
   return cfg
 
 
+# Stable Diffusion XL base 1.0 ("stabilityai/stable-diffusion-xl-base-1.0"): a
+# 3-level UNet with 1/2/10 transformer layers per level and 2048-wide context
+# (CLIP ViT-L's 768 + OpenCLIP bigG's 1280, both penultimate layers), the added
+# "text_time" embedding (bigG's projected pooled state + 6 size/crop ids of 256
+# features each = 2816), a VAE with scaling 0.13025 that overflows in fp16
+# (force_upcast), and Euler sampling.
+_SDXL = {
+    "unet": {
+        "sample_size": 128, "in_channels": 4, "out_channels": 4,
+        "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+        "transformer_layers_per_block": [1, 2, 10],
+        "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
+        "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 2048,
+        "attention_head_dim": [5, 10, 20], "num_attention_heads": None,
+        "use_linear_projection": True, "upcast_attention": None,
+        "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+    },
+    "vae": dict(_SD15["vae"], sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    "text_encoder": copy.deepcopy(_SD15["text_encoder"]),
+    "text_encoder_2": {
+        "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
+        "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120,
+        "num_hidden_layers": 32, "num_attention_heads": 20, "max_position_embeddings": 77,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": 1280,
+        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    },
+    "scheduler": dict(_SCHEDULER_BASE, _class_name="EulerDiscreteScheduler",
+                      prediction_type="epsilon", skip_prk_steps=True,
+                      interpolation_type="linear", sample_max_value=1.0,
+                      timestep_spacing="leading", use_karras_sigmas=False),
+}
+
+
+def _tiny_sdxl() -> dict:
+  """SDXL's topology at toy widths: two 32-wide encoders (context 64), 8 features per time id."""
+  cfg = copy.deepcopy(_SDXL)
+  cfg["unet"].update(
+      sample_size=8, block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8,
+      transformer_layers_per_block=[1, 1, 2], attention_head_dim=[2, 4, 4],
+      cross_attention_dim=64, addition_time_embed_dim=8,
+      # bigG's projection width (24, apart from its hidden 32 to catch a mix-up) + 6 * 8
+      projection_class_embeddings_input_dim=24 + 6 * 8)
+  cfg["vae"].update(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8,
+                    sample_size=64)
+  # vocab_size is set by the writer from the tiny tokenizer it writes.
+  cfg["text_encoder"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, projection_dim=32)
+  cfg["text_encoder_2"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, projection_dim=24)
+  return cfg
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "sd15": _SD15,
     "sd21": _SD21,
@@ -110,6 +167,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-sd21": _tiny(_SD21, attention_head_dim=[2, 4, 4]),
     "ldm": _LDM,
     "tiny-ldm": _tiny(_LDM, attention_head_dim=2),
+    "sdxl": _SDXL,
+    "tiny-sdxl": _tiny_sdxl(),
 }
 # The tiny random-weight models ti_jax writes itself (`ti_jax.testing.tiny_models`):
 # the names `pretrained_model_name_or_path` and `python -m ti_jax.tiny_model --preset` take.
@@ -117,7 +176,10 @@ TINY_MODELS = tuple(name for name in PRESETS if name.startswith("tiny-"))
 
 
 def preset(name: str) -> dict[str, Any]:
-  """A deep copy of the named preset's component configs (unet, vae, text_encoder, scheduler)."""
+  """A deep copy of the named preset's component configs (unet, vae, text_encoder, scheduler).
+
+  SDXL presets also have text_encoder_2.
+  """
   if name not in PRESETS:
     raise KeyError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
   return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,224 @@
+"""Stable Diffusion XL: ti_jax's UNet, text encoders and conditioning equal diffusers/transformers.
+
+A random-weight PyTorch `StableDiffusionXLPipeline` of the tiny-sdxl shapes is
+saved with `save_pretrained` and loaded by `load_stable_diffusion`, so these
+tests also prove the SDXL loader. fp32 must match to 1e-4 relative
+(max |a-b| / max |ref|); bf16 to 2e-2.
+"""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import PARITY_FIGURES, record_parity
+from torch_reference import perturb_, rel_err
+
+from ti_jax.models import sdxl
+from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
+from ti_jax.weights import convert, presets
+from ti_jax.weights.loading import load_stable_diffusion
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+PROMPTS = ["a painting in the style of a cat", "a photo of a red toy"]
+PROMPTS_2 = ["a watercolor painting of a fox", "a sculpture of a dog"]
+
+
+def _text_kwargs(cfg: dict) -> dict:
+  return {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+
+
+def _random(build, seed: int):
+  """A torch module with random weights that depend on `seed` alone (not on build order)."""
+  torch.manual_seed(seed)
+  return perturb_(build(), seed)
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+  """(torch StableDiffusionXLPipeline with random weights, the folder it was saved to)."""
+  from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+  )
+  from transformers import (
+    CLIPTextConfig as TorchTextConfig,
+  )
+  from transformers import (
+    CLIPTextModel as TorchTextModel,
+  )
+  from transformers import (
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+  )
+  tmp = tmp_path_factory.mktemp("sdxl")
+  vocab = write_tiny_clip_tokenizer(str(tmp / "tok"))
+  configs = presets.preset("tiny-sdxl")
+  configs["unet"]["layers_per_block"] = 2  # exercise multi-layer blocks and skip bookkeeping
+  for role in ("text_encoder", "text_encoder_2"):
+    configs[role].update(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                         pad_token_id=vocab - 1)
+  tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tok"))
+  text_cfg = lambda role: TorchTextConfig(**_text_kwargs(configs[role]))
+  pipe = StableDiffusionXLPipeline(
+      vae=_random(lambda: AutoencoderKL(**configs["vae"]), 2),
+      text_encoder=_random(lambda: TorchTextModel(text_cfg("text_encoder")), 3),
+      text_encoder_2=_random(lambda: CLIPTextModelWithProjection(text_cfg("text_encoder_2")), 4),
+      tokenizer=tokenizer, tokenizer_2=copy.deepcopy(tokenizer),
+      unet=_random(lambda: UNet2DConditionModel(**configs["unet"]), 1),
+      scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]),
+      force_zeros_for_empty_prompt=True, add_watermarker=False)
+  pipe.save_pretrained(str(tmp / "model"), safe_serialization=True)
+  return pipe, str(tmp / "model")
+
+
+@pytest.fixture(scope="module")
+def loaded(saved_pipeline):
+  """ti_jax SDXL loaded from the saved folder, in fp32 and in bf16."""
+  _, folder = saved_pipeline
+  return {name: load_stable_diffusion(folder, dtype=dt, param_dtype=dt)
+          for name, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}
+
+
+def _unet_inputs(pipe):
+  rng = np.random.default_rng(0)
+  latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)  # NCHW for torch
+  timesteps = np.array([17, 801])
+  context = rng.standard_normal((2, 77, pipe.unet.config.cross_attention_dim)).astype(np.float32)
+  pooled = rng.standard_normal((2, pipe.text_encoder_2.config.projection_dim)).astype(np.float32)
+  ids = np.array([[64, 64, 0, 0, 64, 64], [128, 96, 8, 4, 64, 64]], np.float32)
+  return latents, timesteps, context, pooled, ids
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sdxl_unet_with_added_conditioning_matches_diffusers(saved_pipeline, loaded, dtype):
+  pipe, _ = saved_pipeline
+  sd = loaded[dtype]
+  latents, timesteps, context, pooled, ids = _unet_inputs(pipe)
+  torch_in = [torch.from_numpy(a) for a in (latents, timesteps, context, pooled, ids)]
+  with torch.no_grad():
+    ref = pipe.unet(*torch_in[:3], added_cond_kwargs={"text_embeds": torch_in[3],
+                                                      "time_ids": torch_in[4]}).sample.numpy()
+  out = sd.unet.apply({"params": sd.unet_params}, latents.transpose(0, 2, 3, 1), timesteps,
+                      context, added_cond={"text_embeds": pooled, "time_ids": ids})
+  out = np.asarray(out.astype(jnp.float32)).transpose(0, 3, 1, 2)
+  if dtype == "bfloat16":
+    # Context for the bf16 figure: diffusers' own UNet in bf16 against its fp32 self.
+    with torch.no_grad():
+      unet_bf16 = copy.deepcopy(pipe.unet).to(torch.bfloat16)
+      own = unet_bf16(*[t.bfloat16() if t.is_floating_point() else t for t in torch_in[:3]],
+                      added_cond_kwargs={"text_embeds": torch_in[3].bfloat16(),
+                                         "time_ids": torch_in[4]}).sample.float().numpy()
+    PARITY_FIGURES.append(("tiny-sdxl unet bfloat16: diffusers' own bf16 (context)",
+                           rel_err(own, ref), TOLERANCE[dtype]))
+  record_parity(f"tiny-sdxl unet (text_time) {dtype}", rel_err(out, ref), TOLERANCE[dtype])
+  if dtype == "float32":
+    # The added conditioning matters: other time ids give another output.
+    other = sd.unet.apply({"params": sd.unet_params}, latents.transpose(0, 2, 3, 1), timesteps,
+                          context, added_cond={"text_embeds": pooled, "time_ids": ids[::-1]})
+    assert rel_err(np.asarray(other).transpose(0, 3, 1, 2), ref) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_text_encoders_penultimate_states_and_text_embeds_match_transformers(
+    saved_pipeline, loaded, dtype):
+  pipe, _ = saved_pipeline
+  sd = loaded[dtype]
+  for role, tokenizer, torch_model, module, params in (
+      ("text_encoder", sd.tokenizer, pipe.text_encoder, sd.text_encoder, sd.text_encoder_params),
+      ("text_encoder_2", sd.tokenizer_2, pipe.text_encoder_2, sd.text_encoder_2,
+       sd.text_encoder_2_params)):
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                    return_tensors="np").input_ids
+    with torch.no_grad():
+      ref = torch_model(torch.from_numpy(ids), output_hidden_states=True)
+    out = module.apply({"params": params}, ids, all_outputs=True)
+    f32 = lambda a: np.asarray(a.astype(jnp.float32))
+    record_parity(f"tiny-sdxl {role} penultimate hidden state {dtype}",
+                  rel_err(f32(out["penultimate_hidden_state"]), ref.hidden_states[-2]),
+                  TOLERANCE[dtype])
+    if role == "text_encoder_2":
+      record_parity(f"tiny-sdxl text_encoder_2 text_embeds (projected pooled) {dtype}",
+                    rel_err(f32(out["text_embeds"]), ref.text_embeds), TOLERANCE[dtype])
+    else:
+      record_parity(f"tiny-sdxl text_encoder pooler output {dtype}",
+                    rel_err(f32(out["pooler_output"]), ref.pooler_output), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("eos_token_id", [2, 7])
+def test_projected_pooling_follows_transformers_eos_rule(eos_token_id):
+  """eos_token_id 2 (legacy configs such as SDXL's) pools the largest id; others the first eos."""
+  from transformers import CLIPTextConfig as TorchTextConfig
+  from transformers import CLIPTextModelWithProjection
+  cfg = dict(presets.preset("tiny-sdxl")["text_encoder_2"], vocab_size=50,
+             eos_token_id=eos_token_id, bos_token_id=0, pad_token_id=1)
+  torch_model = perturb_(CLIPTextModelWithProjection(TorchTextConfig(**_text_kwargs(cfg))), 5)
+  # The largest id (49) and the eos (7) sit at different positions, eos twice.
+  ids = np.array([[0, 5, 49, 7, 9, 7, 3, 3], [0, 7, 12, 49, 3, 7, 3, 3]])
+  with torch.no_grad():
+    ref = torch_model(torch.from_numpy(ids)).text_embeds.numpy()
+  module = CLIPTextModel(CLIPTextConfig.from_transformers(cfg))
+  state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  params = convert.convert_torch_state_dict(convert.TEXT_ENCODER_2, state, shapes)
+  out = module.apply({"params": params}, ids, all_outputs=True)["text_embeds"]
+  assert rel_err(out, ref) < 1e-5
+
+
+def test_text_conditioning_equals_the_pipelines_encode_prompt(saved_pipeline, loaded):
+  pipe, _ = saved_pipeline
+  sd = loaded["float32"]
+  with torch.no_grad():
+    ref_context, _, ref_pooled, _ = pipe.encode_prompt(
+        PROMPTS, prompt_2=PROMPTS_2, device="cpu", do_classifier_free_guidance=False)
+  tok = lambda t, p: t(p, padding="max_length", max_length=77, truncation=True,
+                       return_tensors="np").input_ids
+  ids_1, ids_2 = tok(sd.tokenizer, PROMPTS), tok(sd.tokenizer_2, PROMPTS_2)
+  context, pooled = sdxl.text_conditioning(sd.text_encoder, sd.text_encoder_params,
+                                           sd.text_encoder_2, sd.text_encoder_2_params,
+                                           ids_1, ids_2)
+  assert context.shape == (2, 77, sd.unet.config.cross_attention_dim)
+  record_parity("tiny-sdxl conditioning: context vs encode_prompt", rel_err(context, ref_context),
+                1e-4)
+  record_parity("tiny-sdxl conditioning: pooled vs encode_prompt", rel_err(pooled, ref_pooled),
+                1e-4)
+  # Pseudo-word vectors enter as token embeddings: the looked-up rows give the same result.
+  table_1 = sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"]
+  table_2 = sd.text_encoder_2_params["embeddings"]["token_embedding"]["embedding"]
+  via_embeds = sdxl.text_conditioning(sd.text_encoder, sd.text_encoder_params, sd.text_encoder_2,
+                                      sd.text_encoder_2_params, ids_1, ids_2,
+                                      embeds_1=table_1[ids_1], embeds_2=table_2[ids_2])
+  np.testing.assert_allclose(via_embeds[0], context, atol=1e-6)
+  np.testing.assert_allclose(via_embeds[1], pooled, atol=1e-6)
+
+
+def test_time_ids_follow_the_pipelines_order(saved_pipeline):
+  pipe, _ = saved_pipeline
+  ref = pipe._get_add_time_ids((1024, 768), (16, 8), (512, 384), dtype=torch.float32,  # pylint: disable=protected-access
+                               text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+  np.testing.assert_array_equal(sdxl.time_ids((1024, 768), (16, 8), (512, 384)), ref.numpy()[0])
+  np.testing.assert_array_equal(sdxl.time_ids((64, 32)), [64, 32, 0, 0, 64, 32])
+  cond = sdxl.added_cond(jnp.ones((3, 24)), sdxl.time_ids((64, 32)))
+  assert cond["time_ids"].shape == (3, 6) and cond["text_embeds"].shape == (3, 24)
+
+
+def test_sdxl_loads_with_its_family_second_tokenizer_and_a_float32_vae(loaded):
+  sd = loaded["bfloat16"]
+  assert sd.family == "sdxl" and sd.is_sdxl
+  assert sd.tokenizer_2 is not None and sd.text_encoder_2.config.projection_dim == 24
+  # SDXL's VAE overflows in half precision: float32 unless asked otherwise.
+  assert {str(a.dtype) for a in jax.tree_util.tree_leaves(sd.vae_params)} == {"float32"}
+  assert sd.vae.config.scaling_factor == pytest.approx(0.13025)
+  assert {str(a.dtype) for a in jax.tree_util.tree_leaves(sd.text_encoder_2_params)} == {"bfloat16"}
+
+
+def test_sdxl_unet_refuses_a_call_without_added_conditioning(loaded):
+  sd = loaded["float32"]
+  with pytest.raises(ValueError, match="added_cond"):
+    sd.unet.apply({"params": sd.unet_params}, jnp.zeros((1, 8, 8, 4)), jnp.ones((1,)),
+                  jnp.zeros((1, 77, 64)))
