@@ -264,3 +264,59 @@ def test_diffusers_sdxl_pipeline_loads_the_export_into_both_encoders(sdxl_parts,
   assert not np.allclose(embeds[..., :WIDTH_1], base[..., :WIDTH_1])
   assert not np.allclose(embeds[..., WIDTH_1:], base[..., WIDTH_1:])
   assert not np.allclose(pooled, base_pooled)
+
+
+# --- diffusers' encode_prompt equals ti_jax's SDXL conditioning with the exported pair -------
+
+def test_diffusers_encode_prompt_with_the_export_equals_ti_jax_conditioning(tmp_path_factory,
+                                                                            tmp_path):
+  """The tiny-sdxl preset in both libraries, the same exported pair: the same UNet inputs."""
+  torch = pytest.importorskip("torch")
+  from conftest import record_parity
+  from diffusers import StableDiffusionXLPipeline
+  from torch_reference import rel_err
+
+  from ti_jax.embeddings import pseudo_words
+  from ti_jax.models import sdxl
+  from ti_jax.testing import tiny_models
+  from ti_jax.weights.loading import load_stable_diffusion
+  folder = tiny_models.ensure_tiny_model(str(tmp_path_factory.mktemp("tiny_sdxl")), "tiny-sdxl")
+  sd = load_stable_diffusion(folder)
+  widths = sampling_concepts.text_encoder_widths(sd)
+  assert len(widths) == 2
+  path = exporter.write_export(str(tmp_path / "learned_embeds.safetensors"),
+                               _sdxl(n=2, seed=3, widths=widths), "diffusers", False)
+  pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+  pipe.load_textual_inversion(path, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+  pipe.load_textual_inversion(embedding_io.second_file(path), text_encoder=pipe.text_encoder_2,
+                              tokenizer=pipe.tokenizer_2)
+  prompt = "a photo of <toy> on a table"
+  with torch.no_grad():
+    ref_context, _, ref_pooled, _ = pipe.encode_prompt(prompt, device="cpu",
+                                                       do_classifier_free_guidance=False)
+
+  concepts = embedding_io.load_concepts(path)
+  sampling_concepts.check_concepts_fit(concepts, folder, widths, False)
+  sd_file = embedding_io.Concept("<sd>", np.ones((1, widths[0]), np.float32), "sd.safetensors")
+  with pytest.raises(sampling_concepts.SampleError, match="an SD .* embedding; the model is SDXL"):
+    sampling_concepts.check_concepts_fit([sd_file], folder, widths, False)
+  embeds, ids = [], []
+  for tokenizer, params, vectors_of in (
+      (sd.tokenizer, sd.text_encoder_params, lambda c: c.vectors),
+      (sd.tokenizer_2, sd.text_encoder_2_params, lambda c: c.vectors_2)):
+    per_encoder = [embedding_io.Concept(c.token, vectors_of(c), c.source) for c in concepts]
+    tok, ((vectors, token_ids),) = sampling_concepts.tokenizer_with_concepts(tokenizer,
+                                                                             per_encoder)
+    text, _ = sampling_concepts.prepare_prompt(prompt, per_encoder, tok)
+    prompt_ids = np.asarray(tok(text, padding="max_length", max_length=77, truncation=True,
+                                return_tensors="np").input_ids)  # [1, 77]
+    table = params["embeddings"]["token_embedding"]["embedding"]
+    embeds.append(pseudo_words.embed_tokens(table, vectors, np.asarray(token_ids), prompt_ids))
+    ids.append(prompt_ids)
+  context, pooled = sdxl.text_conditioning(sd.text_encoder, sd.text_encoder_params,
+                                           sd.text_encoder_2, sd.text_encoder_2_params,
+                                           ids[0], ids[1], embeds_1=embeds[0], embeds_2=embeds[1])
+  record_parity("SDXL pair export: encode_prompt context vs ti_jax", rel_err(context, ref_context),
+                1e-4)
+  record_parity("SDXL pair export: encode_prompt pooled vs ti_jax", rel_err(pooled, ref_pooled),
+                1e-4)

@@ -121,7 +121,7 @@ def check_concepts_fit(concepts, model_id: str, widths: int | Sequence[int],
 
 def text_encoder_widths(sd) -> tuple[int, ...]:
   """The widths of a loaded model's text encoders: one, or two for SDXL (`text_encoder_2`)."""
-  encoders = (sd.text_encoder, getattr(sd, "text_encoder_2", None))
+  encoders = (sd.text_encoder, sd.text_encoder_2)
   return tuple(int(e.config.hidden_size) for e in encoders if e is not None)
 
 
