@@ -19,7 +19,9 @@ SDXL embeddings hold vectors for both of SDXL's text encoders (CLIP ViT-L,
              the second, beside it (`second_file`). Reading `X.safetensors`
              picks up `X_2.safetensors` beside it, so the pair is named by its
              first file or by the folder holding it; the second file alone is
-             refused with that advice. Both files must hold the same tokens.
+             refused with that advice. Only two diffusers files holding the
+             same tokens are a pair: any other `X_2` beside `X` (A1111's
+             `style_2.pt` beside `style.pt`) is an embedding of its own.
 
 Which token a file registers follows the tool that owns its format:
   * A1111 and kohya files (string_to_param / emb_params) register their FILE
