@@ -5,7 +5,10 @@
 
 Formats: diffusers (`{token: [n, dim]}` safetensors, for `load_textual_inversion`),
 a1111 (safetensors) and a1111-pt (`.pt` with string_to_param/string_to_token/
-name/step; needs torch), kohya (`{"emb_params": [n, dim]}` safetensors).
+name/step; needs torch), kohya (`{"emb_params": [n, dim]}` safetensors). An SDXL
+run's vectors go to `{"clip_l": ..., "clip_g": ...}` (a1111, kohya; a1111-pt as
+.pt) or, for diffusers, to the pair learned_embeds.safetensors +
+learned_embeds_2.safetensors (embedding_io's module docstring has the formats).
 Each format has its own default file, so exporting several never replaces one:
   WORKDIR/export/diffusers/learned_embeds.safetensors
   WORKDIR/export/a1111/<token>.safetensors     WORKDIR/export/a1111-pt/<token>.pt
@@ -29,13 +32,16 @@ from ti_jax.embeddings import embedding_io, exporter
 def main(argv: Sequence[str]) -> None:
   f = cli.start(argv)
   try:
-    path, token = exporter.export_with_token(f.workdir, f.format, f.output, f.step, overwrite=f.overwrite)
+    path, concept = exporter.export_with_token(f.workdir, f.format, f.output, f.step,
+                                               overwrite=f.overwrite)
   except errors.UserError as e:
     raise SystemExit(f"error: {e}") from None
   except OSError as e:  # e.g. a read-only folder, or a file stands where a folder should
     raise SystemExit(f"error: cannot write {f.output or 'the export'}: {e.strerror or e}") from None
-  print(f"wrote {path}", file=sys.stderr)
-  print(embedding_io.prompt_usage(path, token, f.format), file=sys.stderr)
+  print(f"wrote {' and '.join(embedding_io.output_files(path, concept, f.format))}",
+        file=sys.stderr)
+  print(embedding_io.prompt_usage(path, concept.token, f.format,
+                                  sdxl=concept.vectors_2 is not None), file=sys.stderr)
 
 
 if __name__ == "__main__":

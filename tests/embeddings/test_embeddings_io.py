@@ -97,18 +97,6 @@ def _refusal(path):
   return message
 
 
-@pytest.mark.parametrize("ext", [".safetensors", ".pt"])
-def test_sdxl_embedding_is_named_as_such(tmp_path, ext):
-  path = tmp_path / f"xl{ext}"
-  tensors = {"clip_l": _vectors(2), "clip_g": np.ones((2, 1280), np.float32)}
-  if ext == ".pt":
-    torch = pytest.importorskip("torch")
-    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, str(path))
-  else:
-    safetensors_io.save(str(path), tensors)
-  assert "is an SDXL embedding" in _refusal(path)
-
-
 def test_pickle_with_code_is_refused_in_one_clean_line(tmp_path):
   torch = pytest.importorskip("torch")
   path = tmp_path / "evil.pt"

@@ -23,8 +23,8 @@ def export(workdir: str, fmt: str, output: str = "", step: int | None = None,
 
 
 def export_with_token(workdir: str, fmt: str, output: str = "", step: int | None = None,
-                      overwrite: bool = False) -> tuple[str, str]:
-  """`export`, also returning the run's placeholder token (for the usage line)."""
+                      overwrite: bool = False) -> tuple[str, embedding_io.Concept]:
+  """`export`, also returning the exported concept (its token for the usage line)."""
   if fmt not in embedding_io.FORMATS:
     raise embedding_io.EmbeddingFileError(
         f"unknown format {fmt!r} (known: {', '.join(embedding_io.FORMATS)})")
@@ -42,13 +42,27 @@ def export_with_token(workdir: str, fmt: str, output: str = "", step: int | None
   concept = embedding_io.Concept(meta["placeholder_token"], vectors, ckpt)
   path = output or fileio.join(workdir, "export",
                                *embedding_io.default_filename(concept.token, fmt).split("/"))
+  return write_export(path, concept, fmt, overwrite, step=int(meta.get("step", 0))), concept
+
+
+def write_export(path: str, concept: embedding_io.Concept, fmt: str, overwrite: bool,
+                 step: int = 0) -> str:
+  """Writes `concept` in `fmt` to `path` (its folder made); returns `path`.
+
+  Refuses a folder at `path`, and, unless `overwrite`, any of the files the
+  format makes (`embedding_io.output_files`: two for a diffusers SDXL pair)
+  that already exists; the files appear whole or not at all.
+  """
   if fileio.is_dir(path):
     raise embedding_io.EmbeddingFileError(f"--output {path} is a folder; give a file name")
-  if fileio.exists(path) and not overwrite:
-    raise embedding_io.EmbeddingFileError(f"{path} already exists; pass --overwrite to "
-                                          "replace it (or --output another file)")
+  for file in embedding_io.output_files(path, concept, fmt):
+    if fileio.is_dir(file):
+      raise embedding_io.EmbeddingFileError(f"{file} (the pair's second file) is a folder")
+    if fileio.exists(file) and not overwrite:
+      raise embedding_io.EmbeddingFileError(f"{file} already exists; pass --overwrite to "
+                                            "replace it (or --output another file)")
   parent = os.path.dirname(path) if not fileio.is_remote(path) else path.rsplit("/", 1)[0]
   if parent:
     fileio.makedirs(parent)
-  embedding_io.save_embedding(path, concept, fmt, step=int(meta.get("step", 0)))
-  return path, concept.token
+  embedding_io.save_embedding(path, concept, fmt, step=step)
+  return path

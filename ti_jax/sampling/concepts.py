@@ -97,15 +97,32 @@ def resolve_base_model(override: str, concepts: Sequence[embedding_io.Concept]) 
                     "--pretrained_model_name_or_path")
 
 
-def check_concepts_fit(concepts, model_id: str, hidden_size: int, allow_mismatch: bool) -> None:
-  """Refuses embeddings of another width or, unless allowed, trained on another base model."""
+def check_concepts_fit(concepts, model_id: str, widths: int | Sequence[int],
+                       allow_mismatch: bool) -> None:
+  """Refuses embeddings of another width or family or, unless allowed, trained on another base model.
+
+  `widths` are the model's text-encoder widths: one for SD/LDM (an int will
+  do), two for SDXL. An embedding of the other kind (SD 1.x/2.x or LDM vs
+  SDXL) is refused naming both families (`embedding_io.check_fits`).
+  """
+  widths = (widths,) if isinstance(widths, int) else tuple(widths)
   for c in concepts:
-    if c.vectors.shape[1] != hidden_size:
+    if len(c.widths) == len(widths) == 1 and c.widths != widths:
       raise SampleError(f"embedding {c.token!r} from {c.source} has width {c.vectors.shape[1]} "
-                        f"but the model's text encoder has width {hidden_size} (another base model?)")
+                        f"but the model's text encoder has width {widths[0]} (another base model?)")
+    try:
+      embedding_io.check_fits(c, widths)
+    except embedding_io.ModelFamilyError as e:
+      raise SampleError(str(e)) from None
     if c.base_model and not allow_mismatch and not _same_model(c.base_model, model_id):
       raise SampleError(f"{c.source} was trained on {c.base_model!r} but sampling uses "
                         f"{model_id!r}; pass --allow_base_model_mismatch to use it anyway")
+
+
+def text_encoder_widths(sd) -> tuple[int, ...]:
+  """The widths of a loaded model's text encoders: one, or two for SDXL (`text_encoder_2`)."""
+  encoders = (sd.text_encoder, sd.text_encoder_2)
+  return tuple(int(e.config.hidden_size) for e in encoders if e is not None)
 
 
 def tokenizer_with_concepts(tokenizer, concepts) -> tuple[Any, list[tuple[np.ndarray, list[int]]]]:
@@ -177,6 +194,5 @@ def load_base_model(concepts, run_config: dict, *, override: str = "", dtype: st
       allow_pickle=allow_pickle or bool(run_config.get("allow_pickle")),
       attention_impl=attention_impl,
       cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR))
-  check_concepts_fit(concepts, model_id, sd.text_encoder.config.hidden_size,
-                     allow_base_model_mismatch)
+  check_concepts_fit(concepts, model_id, text_encoder_widths(sd), allow_base_model_mismatch)
   return sd, model_id
