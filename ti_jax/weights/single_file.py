@@ -176,7 +176,7 @@ def _vae_source(key: str, cfg: dict) -> Source:
   else:
     stage = f"{side}.up.{len(cfg['up_block_types']) - 1 - block}"
   if kind in ("downsamplers", "upsamplers"):  # ...samplers.0.conv.weight
-    return Source(f"{stage}.{kind[:-5]}.{'.'.join(parts[5:])}")
+    return Source(f"{stage}.{kind[:-2]}.{'.'.join(parts[5:])}")
   return Source(f"{stage}.block.{rest.replace('conv_shortcut', 'nin_shortcut')}")
 
 
