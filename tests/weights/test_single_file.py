@@ -228,3 +228,84 @@ def test_training_config_loads_a_single_file(files):
   config.dtype = "float32"
   sd, _ = trainer.load_model(config)
   assert sd.path == path and sd.model_index["preset"] == "tiny-sd21"
+
+
+# --- SDXL base: the key mapping at the state-dict level, on tiny SDXL-shaped torch models ---
+
+_SDXL_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64, 64), "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 1, 2), "attention_head_dim": (2, 4, 4),
+    "cross_attention_dim": 64, "norm_num_groups": 8, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 16,  # 6 size/crop numbers + pooled width
+}
+
+
+@pytest.fixture(scope="module")
+def sdxl_states():
+  """(configs, state dicts) of tiny SDXL-shaped diffusers/transformers torch models."""
+  import torch
+  import transformers
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  torch.manual_seed(0)
+  vae_config = {"block_out_channels": (16, 32), "down_block_types": ("DownEncoderBlock2D",) * 2,
+                "up_block_types": ("UpDecoderBlock2D",) * 2, "layers_per_block": 1,
+                "norm_num_groups": 8, "latent_channels": 4}
+  text = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 16}
+  models = {
+      "unet": (_SDXL_UNET, UNet2DConditionModel(**_SDXL_UNET)),
+      "vae": (vae_config, AutoencoderKL(**vae_config)),
+      "text_encoder": (text, transformers.CLIPTextModel(
+          transformers.CLIPTextConfig(**text, hidden_act="quick_gelu"))),
+      "text_encoder_2": (text, transformers.CLIPTextModelWithProjection(
+          transformers.CLIPTextConfig(**text, hidden_act="gelu"))),
+  }
+  configs = {comp: dict(cfg) for comp, (cfg, _) in models.items()}
+  states = {comp: {k: v.detach().numpy().copy() for k, v in m.state_dict().items()
+                   if not k.endswith("position_ids")}
+            for comp, (_, m) in models.items()}
+  return configs, states
+
+
+def test_sdxl_original_layout_agrees_with_diffusers_converters(sdxl_states):
+  """Written with ti_jax's mapping, read back by diffusers' converters: the same state dicts."""
+  import torch
+  from diffusers.loaders import single_file_utils as sfu
+  configs, states = sdxl_states
+  original = single_file_models.original_state_dict("sdxl", configs, states)
+  assert "model.diffusion_model.label_emb.0.0.weight" in original
+  assert "conditioner.embedders.1.model.text_projection" in original
+  checkpoint = {k: torch.from_numpy(v) for k, v in original.items()}
+  text_model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=32))
+  got = {"unet": sfu.convert_ldm_unet_checkpoint(checkpoint, configs["unet"]),
+         "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, configs["vae"]),
+         "text_encoder": sfu.convert_ldm_clip_checkpoint(checkpoint),
+         "text_encoder_2": sfu.convert_open_clip_checkpoint(
+             text_model, checkpoint, prefix=single_file.SDXL_OPENCLIP_PREFIX)}
+  for comp, want in states.items():
+    actual = {k: v for k, v in got[comp].items() if not k.endswith("position_ids")}
+    assert sorted(actual) == sorted(want), comp
+    for key, value in want.items():
+      np.testing.assert_array_equal(actual[key].numpy(), value, err_msg=f"{comp} {key}")
+
+
+def test_sdxl_file_is_recognised_and_renamed_back(sdxl_states):
+  """The loader's side: family, shape signature, and the renamed state dicts equal the originals."""
+  configs, states = sdxl_states
+  original = single_file_models.original_state_dict("sdxl", configs, states)
+  shapes = {k: v.shape for k, v in original.items()}
+  assert single_file.detect_family(shapes, "x.safetensors") == "sdxl"
+  sig = single_file._file_signature("sdxl", shapes)  # pylint: disable=protected-access
+  assert sig["unet.transformer_layers_per_block"] == [1, 1, 2]
+  assert sig["unet.down_block_types"] == list(_SDXL_UNET["down_block_types"])
+  assert sig["unet.cross_attention_dim"] == 64 and sig["text_encoder_2.num_hidden_layers"] == 2
+  expected = {comp: {k: v.shape for k, v in state.items()} for comp, state in states.items()}
+  renamed = single_file.component_state_dicts("sdxl", original, configs, expected, "x")
+  for comp, want in states.items():
+    assert sorted(renamed[comp]) == sorted(want), comp
+    for key, value in want.items():
+      np.testing.assert_array_equal(renamed[comp][key], value, err_msg=f"{comp} {key}")

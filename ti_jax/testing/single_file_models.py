@@ -34,7 +34,10 @@ def diffusers_state_dicts(model_dir: str) -> dict[str, dict[str, np.ndarray]]:
 def original_state_dict(family: str, configs: dict[str, dict],
                         states: dict[str, dict[str, np.ndarray]], seed: int = 0
                         ) -> dict[str, np.ndarray]:
-  """The original-layout state dict of diffusers component state dicts (`configs`: theirs)."""
+  """The original-layout state dict of diffusers component state dicts (`configs`: theirs).
+
+  `states` holds unet, vae and the family's text encoders (`single_file.TEXT_ENCODERS`).
+  """
   rng = np.random.default_rng(seed)
   parts: dict[str, dict[str, np.ndarray]] = {}  # original key -> op -> tensor
   for comp, state in states.items():
@@ -51,12 +54,16 @@ def original_state_dict(family: str, configs: dict[str, dict],
     out[key] = np.ascontiguousarray(
         single_file.invert_op(ops[0], [by_op[op] for op in ops])).astype(np.float32)
   out["alphas_cumprod"] = np.linspace(1.0, 0.0, 1000, dtype=np.float32)  # a buffer real files hold
-  text = configs["text_encoder"]
-  if family == "sd1":
-    out[single_file.CLIP_PREFIX + "text_model.embeddings.position_ids"] = (
-        np.arange(text["max_position_embeddings"], dtype=np.int64)[None])
-  else:
-    prefix = single_file.OPENCLIP_PREFIX
+  for comp, (kind, prefix) in single_file.TEXT_ENCODERS[family].items():
+    text = configs[comp]
+    if kind == "clip":
+      out[prefix + "text_model.embeddings.position_ids"] = (
+          np.arange(text["max_position_embeddings"], dtype=np.int64)[None])
+      continue
+    out[prefix + "logit_scale"] = np.array(np.log(100.0), np.float32)
+    if family != "sd2":
+      continue
+    # SD 2.x files hold OpenCLIP's last resblock and projection, which diffusers' model drops.
     n = text["num_hidden_layers"]
     block = f"{prefix}transformer.resblocks."
     for key in [k for k in out if k.startswith(f"{block}{n - 1}.")]:
@@ -65,7 +72,6 @@ def original_state_dict(family: str, configs: dict[str, dict],
     width = text["hidden_size"]
     out[prefix + "text_projection"] = (
         rng.standard_normal((width, text["projection_dim"])).astype(np.float32) / np.sqrt(width))
-    out[prefix + "logit_scale"] = np.array(np.log(100.0), np.float32)
   return out
 
 

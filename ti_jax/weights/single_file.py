@@ -56,17 +56,31 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x; then transformers' `text_model.*`
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG
+
+# Per family, per text-encoder component: (kind, prefix). "clip" files hold
+# transformers' CLIPTextModel keys under the prefix; "openclip" files OpenCLIP's
+# (resblocks, fused in_proj).
+TEXT_ENCODERS = {
+    "sd1": {"text_encoder": ("clip", CLIP_PREFIX)},
+    "sd2": {"text_encoder": ("openclip", OPENCLIP_PREFIX)},
+    "sdxl": {"text_encoder": ("clip", SDXL_CLIP_PREFIX),
+             "text_encoder_2": ("openclip", SDXL_OPENCLIP_PREFIX)},
+}
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # Per family: the presets a file may match (full size first) and the default tokenizer
 # (hub id, subfolder or "" for the repo's top level).
-FAMILY_PRESETS = {"sd1": ("sd15", "tiny-sd15"), "sd2": ("sd21", "tiny-sd21")}
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+FAMILY_PRESETS = {"sd1": ("sd15", "tiny-sd15"), "sd2": ("sd21", "tiny-sd21"),
+                  "sdxl": ("sdxl", "tiny-sdxl")}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 DEFAULT_TOKENIZERS = {
     "sd1": ("openai/clip-vit-large-patch14", ""),
     "sd2": ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
 }
 _PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction",
                      "v_prediction": "v_prediction"}
@@ -78,7 +92,7 @@ _TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json",
 # resblock (the text encoder is read at its penultimate layer).
 _IGNORED = (
     re.compile(r"\.position_ids$"),
-    re.compile(r"^cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)$"),
+    re.compile(r"\.model\.(text_projection|logit_scale|attn_mask)$"),
     re.compile(r"^first_stage_model\.loss\."),
 )
 
@@ -214,9 +228,10 @@ def diffusers_to_original(family: str, component: str, key: str, config: dict) -
   if component == "vae":
     source = _vae_source(key, config)
     return Source(VAE_PREFIX + source.key, source.op)
-  if family == "sd1":
-    return Source(CLIP_PREFIX + key)
-  return _openclip_source(key, OPENCLIP_PREFIX)
+  kind, prefix = TEXT_ENCODERS[family][component]
+  if kind == "clip":
+    return Source(prefix + key)
+  return _openclip_source(key, prefix)
 
 
 def apply_op(op: str, array: np.ndarray) -> np.ndarray:
@@ -267,7 +282,7 @@ def _has(keys, prefix: str) -> bool:
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str) -> str:
-  """"sd1" or "sd2" from the keys and shapes; `ModelLoadError` naming what else was found."""
+  """"sd1", "sd2" or "sdxl" from the keys and shapes; `ModelLoadError` naming what else was found."""
   keys = list(shapes)
   transformer_blocks = ("joint_blocks.", "double_blocks.", UNET_PREFIX + "joint_blocks.",
                         UNET_PREFIX + "double_blocks.")
@@ -288,9 +303,14 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str) -> str:
         f"{path}: the UNet takes {conv_in[1]} input channels (an inpainting, depth or "
         "upscaling model); ti_jax loads text-to-image UNets with 4 latent channels")
   if _has(keys, "conditioner.embedders."):
-    if not _has(keys, "conditioner.embedders.1."):
-      raise ModelLoadError(f"{path}: an SDXL refiner (one OpenCLIP text encoder) is not supported")
-    raise ModelLoadError(f"{path}: SDXL single files are not supported yet")
+    if not (_has(keys, SDXL_CLIP_PREFIX + "text_model.")
+            and _has(keys, SDXL_OPENCLIP_PREFIX + "transformer.resblocks.")):
+      raise ModelLoadError(f"{path}: an SDXL refiner or other conditioner layout (not CLIP "
+                           "ViT-L + OpenCLIP bigG) is not supported")
+    if not _has(keys, VAE_PREFIX):
+      raise ModelLoadError(f"{path}: no first_stage_model.* (VAE) keys; ti_jax needs a full "
+                           "checkpoint with UNet, VAE and text encoders")
+    return "sdxl"
   if _has(keys, UNET_PREFIX + "label_emb."):
     raise ModelLoadError(f"{path}: a class-conditioned UNet (label_emb) is not supported")
   if not _has(keys, VAE_PREFIX):
@@ -306,12 +326,35 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str) -> str:
   return family
 
 
+def _text_signature(family: str, component: str, shapes: Mapping[str, tuple[int, ...]]) -> dict:
+  """Width, MLP width, depth, vocabulary and positions of one text encoder in the file."""
+  kind, prefix = TEXT_ENCODERS[family][component]
+  if kind == "clip":
+    t = prefix + "text_model."
+    keys = {"hidden": t + "final_layer_norm.weight", "mlp": t + "encoder.layers.0.mlp.fc1.weight",
+            "layers": t + "encoder.layers.", "vocab": t + "embeddings.token_embedding.weight",
+            "positions": t + "embeddings.position_embedding.weight"}
+  else:
+    keys = {"hidden": prefix + "ln_final.weight",
+            "mlp": prefix + "transformer.resblocks.0.mlp.c_fc.weight",
+            "layers": prefix + "transformer.resblocks.",
+            "vocab": prefix + "token_embedding.weight", "positions": prefix + "positional_embedding"}
+  depth = len({k[len(keys["layers"]):].split(".")[0] for k in shapes
+               if k.startswith(keys["layers"])})
+  if family == "sd2":
+    depth -= 1  # the diffusers SD 2.x text encoder stops before OpenCLIP's last resblock
+  get = lambda name: shapes.get(keys[name], (None,))[0]
+  return {"hidden_size": get("hidden"), "intermediate_size": get("mlp"),
+          "num_hidden_layers": depth, "vocab_size": get("vocab"),
+          "max_position_embeddings": get("positions")}
+
+
 def _file_signature(family: str, shapes: Mapping[str, tuple[int, ...]]) -> dict:
   """The architecture fields the weights show, read from an original-layout file."""
   u = {k[len(UNET_PREFIX):]: v for k, v in shapes.items() if k.startswith(UNET_PREFIX)}
-  blocks, layers, kinds, width = [], [], [], None
+  blocks, layers, kinds, depths, width = [], [], [], [], None
   n = 1
-  while f"input_blocks.{n}.0.op.weight" in u or any(k.startswith(f"input_blocks.{n}.") for k in u):
+  while any(k.startswith(f"input_blocks.{n}.") for k in u):
     if f"input_blocks.{n}.0.op.weight" in u:  # a downsampler ends the block
       blocks.append(width)
     else:
@@ -319,9 +362,12 @@ def _file_signature(family: str, shapes: Mapping[str, tuple[int, ...]]) -> dict:
       if len(layers) == len(blocks):  # the first resnet of a block
         layers.append(0)
         kinds.append("DownBlock2D")
+        depths.append(1)
       layers[-1] += 1
-      if any(k.startswith(f"input_blocks.{n}.1.") for k in u):
+      attention = f"input_blocks.{n}.1.transformer_blocks."
+      if any(k.startswith(attention) for k in u):
         kinds[-1] = "CrossAttnDownBlock2D"
+        depths[-1] = len({k[len(attention):].split(".")[0] for k in u if k.startswith(attention)})
     n += 1
   blocks.append(width)
   context = next((v[1] for k, v in sorted(u.items()) if k.endswith("attn2.to_k.weight")), None)
@@ -331,37 +377,37 @@ def _file_signature(family: str, shapes: Mapping[str, tuple[int, ...]]) -> dict:
   while f"encoder.down.{i}.block.0.conv1.weight" in v:
     vae_blocks.append(v[f"encoder.down.{i}.block.0.conv1.weight"][0])
     i += 1
-  if family == "sd1":
-    t = CLIP_PREFIX + "text_model."
-    hidden = shapes.get(t + "final_layer_norm.weight", (None,))[0]
-    mlp = shapes.get(t + "encoder.layers.0.mlp.fc1.weight", (None,))[0]
-    depth = len({k.split(".")[5] for k in shapes if k.startswith(t + "encoder.layers.")})
-  else:
-    t = OPENCLIP_PREFIX
-    hidden = shapes.get(t + "ln_final.weight", (None,))[0]
-    mlp = shapes.get(t + "transformer.resblocks.0.mlp.c_fc.weight", (None,))[0]
-    # The diffusers SD 2.x text encoder stops before OpenCLIP's last resblock.
-    depth = len({k.split(".")[4] for k in shapes if k.startswith(t + "transformer.resblocks.")}) - 1
-  return {
+  out = {
       "unet.block_out_channels": blocks, "unet.layers_per_block": layers[0] if layers else None,
       "unet.down_block_types": kinds, "unet.cross_attention_dim": context,
       "unet.use_linear_projection": len(proj_in) == 2,
+      "unet.transformer_layers_per_block": depths,
       "vae.block_out_channels": vae_blocks,
       # quant_conv maps to the latent mean and log-variance: twice the latent channels.
       "vae.latent_channels": v.get("quant_conv.weight", (0,))[0] // 2,
-      "text_encoder.hidden_size": hidden, "text_encoder.intermediate_size": mlp,
-      "text_encoder.num_hidden_layers": depth,
   }
+  for comp in TEXT_ENCODERS[family]:
+    for name, value in _text_signature(family, comp, shapes).items():
+      if name not in _READ_FROM_FILE:
+        out[f"{comp}.{name}"] = value
+  return out
 
 
-def _preset_signature(configs: dict) -> dict:
+# Text-encoder fields the preset does not fix (tiny models size their vocabulary
+# to their tokenizer): always taken from the file.
+_READ_FROM_FILE = ("vocab_size", "max_position_embeddings")
+
+
+def _preset_signature(configs: dict, fields) -> dict:
+  """The preset's values of the signature `fields` ("component.name")."""
   out = {}
-  for field in ("unet.block_out_channels", "unet.layers_per_block", "unet.down_block_types",
-                "unet.cross_attention_dim", "unet.use_linear_projection",
-                "vae.block_out_channels", "vae.latent_channels", "text_encoder.hidden_size",
-                "text_encoder.intermediate_size", "text_encoder.num_hidden_layers"):
+  for field in fields:
     comp, name = field.split(".")
-    value = configs[comp][name]
+    value = configs[comp].get(name)
+    if name == "transformer_layers_per_block":  # an int means the same for every block
+      value = value or 1
+      if isinstance(value, int):
+        value = [value] * len(configs["unet"]["block_out_channels"])
     out[field] = list(value) if isinstance(value, (list, tuple)) else value
   return out
 
@@ -371,19 +417,18 @@ def configs_for(family: str, shapes: Mapping[str, tuple[int, ...]], path: str
   """(preset name, diffusers component configs) for the file's shapes; one-line refusal if none fits."""
   found = _file_signature(family, shapes)
   for name in FAMILY_PRESETS[family]:
+    if name not in presets.PRESETS:
+      continue
     configs = presets.preset(name)
-    if _preset_signature(configs) == found:
+    if _preset_signature(configs, found) == found:
       break
   else:
     shown = ", ".join(f"{k}={v}" for k, v in found.items())
     raise ModelLoadError(f"{path}: a {FAMILY_NAMES[family]} layout whose shapes match no known "
                          f"architecture ({', '.join(FAMILY_PRESETS[family])}): {shown}")
-  text_prefix = CLIP_PREFIX + "text_model.embeddings." if family == "sd1" else OPENCLIP_PREFIX
-  token_key = text_prefix + "token_embedding.weight"
-  position_key = text_prefix + ("position_embedding.weight" if family == "sd1"
-                                else "positional_embedding")
-  configs["text_encoder"].update(vocab_size=int(shapes[token_key][0]),
-                                 max_position_embeddings=int(shapes[position_key][0]))
+  for comp in TEXT_ENCODERS[family]:
+    sig = _text_signature(family, comp, shapes)
+    configs[comp].update({k: int(sig[k]) for k in _READ_FROM_FILE})
   return name, configs
 
 
@@ -447,7 +492,7 @@ def component_state_dicts(family: str, state: Mapping[str, np.ndarray], configs:
         raise ModelLoadError(f"{path}: {comp} weight {key} is missing (looked for {source.key})")
       out[comp][key] = apply_op(source.op, state[source.key])
       used.add(source.key)
-  prefixes = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX if family == "sd1" else OPENCLIP_PREFIX)
+  prefixes = (UNET_PREFIX, VAE_PREFIX) + tuple(p for _, p in TEXT_ENCODERS[family].values())
   last_block = (f"{OPENCLIP_PREFIX}transformer.resblocks."
                 f"{configs['text_encoder']['num_hidden_layers']}.")
   for key in state:
@@ -510,6 +555,9 @@ def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jn
   state, metadata = read_checkpoint(path, allow_pickle)
   shapes = {k: tuple(v.shape) for k, v in state.items()}
   family = detect_family(shapes, path)
+  if not any(name in presets.PRESETS for name in FAMILY_PRESETS[family]):
+    raise ModelLoadError(f"{path}: an {FAMILY_NAMES[family]} checkpoint; this version of ti_jax "
+                         f"has no {FAMILY_NAMES[family]} models")
   preset_name, configs = configs_for(family, shapes, path)
   configs["scheduler"]["prediction_type"] = prediction_type(family, metadata, configs)
   modules = loading.build_modules(configs, dtype=dtype, param_dtype=param_dtype,
