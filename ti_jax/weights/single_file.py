@@ -7,6 +7,9 @@ state dict under the original module names:
   first_stage_model.*                  the KL autoencoder (encoder.down.{i}.block.{j}, mid.attn_1)
   cond_stage_model.transformer.*       SD 1.x: transformers' CLIP text model
   cond_stage_model.model.*             SD 2.x: OpenCLIP ViT-H text tower (fused in_proj)
+  conditioner.embedders.0.transformer.*  SDXL base: CLIP ViT-L (text_encoder)
+  conditioner.embedders.1.model.*      SDXL base: OpenCLIP bigG with projection (text_encoder_2);
+                                       the UNet's added text_time embedding is label_emb.0.*
 
 `load_single_file(path)` recognises the family from the keys and shapes,
 chooses the matching architecture preset (`presets.py`), renames each key to
@@ -28,8 +31,10 @@ and, as diffusers does for files without a training step, v-prediction for
 SD 2.x (the 768 px 2.0/2.1 models; the 512 px "base" models are epsilon:
 load those from their diffusers folder). Single files hold no tokenizer:
 `tokenizer` names a local folder (the tokenizer files, or a diffusers folder
-with a tokenizer/ subfolder) or a hub id, by default the family's own
-(`DEFAULT_TOKENIZERS`), of which only tokenizer files are fetched.
+with tokenizer/ and, for SDXL, tokenizer_2/ subfolders) or a hub id, by
+default the family's own (`DEFAULT_TOKENIZERS`), of which only tokenizer
+files are fetched. SDXL's loading needs the SDXL models and presets ("sdxl",
+"tiny-sdxl"); without them an SDXL file is refused in one line.
 
 Anything else (inpainting or depth UNets, the SDXL refiner, upscalers,
 diffusion transformers such as SD3/Flux, a diffusers component file) is
@@ -72,16 +77,18 @@ TEXT_ENCODERS = {
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-# Per family: the presets a file may match (full size first) and the default tokenizer
-# (hub id, subfolder or "" for the repo's top level).
+# Per family: the presets a file may match (full size first) and the default tokenizers'
+# hub repo (a tokenizer repo, or a diffusers repo with tokenizer/ and tokenizer_2/).
 FAMILY_PRESETS = {"sd1": ("sd15", "tiny-sd15"), "sd2": ("sd21", "tiny-sd21"),
                   "sdxl": ("sdxl", "tiny-sdxl")}
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 DEFAULT_TOKENIZERS = {
-    "sd1": ("openai/clip-vit-large-patch14", ""),
-    "sd2": ("stabilityai/stable-diffusion-2-1", "tokenizer"),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+    "sd1": "openai/clip-vit-large-patch14",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
+# The diffusers tokenizer folder of each text encoder.
+TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 _PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction",
                      "v_prediction": "v_prediction"}
 _TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json",
@@ -269,7 +276,10 @@ def torch_shapes(spec: convert.ComponentSpec, flax_shapes: Any) -> dict[str, tup
       leaf = "weight"
     elif leaf in ("scale", "embedding"):
       leaf = "weight"
-    out[spec.strip_prefix + convert.path_to_torch_key(module) + "." + leaf] = shape
+    # CLIPTextModelWithProjection's text_projection sits beside `text_model.*`.
+    unprefixed = module and module[0] in getattr(spec, "unprefixed", ())
+    prefix = "" if unprefixed else spec.strip_prefix
+    out[prefix + convert.path_to_torch_key(module) + "." + leaf] = shape
   return out
 
 
@@ -509,19 +519,25 @@ def component_state_dicts(family: str, state: Mapping[str, np.ndarray], configs:
 # Tokenizer and the whole model.
 
 
-def load_tokenizer(family: str, tokenizer: str | None, max_length: int):
-  """The CLIP tokenizer for a single file: a local folder, a hub id, or the family's default."""
-  import transformers  # pylint: disable=import-outside-toplevel
-  name, subfolder = (tokenizer, None) if tokenizer else DEFAULT_TOKENIZERS[family]
+def tokenizer_folder(family: str, tokenizer: str | None) -> str:
+  """A local folder holding the family's tokenizer(s); hub ids are fetched (tokenizer files only)."""
+  name = tokenizer or DEFAULT_TOKENIZERS[family]
   if os.path.isdir(os.path.expanduser(name)):
-    folder = os.path.expanduser(name)
-  else:
-    patterns = [f"{subfolder}/*"] if subfolder else []
-    patterns += _TOKENIZER_FILES + ["tokenizer/*"]
-    folder = loading.download_from_hub(name, revision=None, allow_patterns=patterns,
-                                       what="tokenizer")
-  if os.path.isdir(os.path.join(folder, "tokenizer")):
-    folder = os.path.join(folder, "tokenizer")
+    return os.path.expanduser(name)
+  patterns = [f"{TOKENIZER_FOLDERS[comp]}/*" for comp in TEXT_ENCODERS[family]]
+  return loading.download_from_hub(name, revision=None, allow_patterns=patterns + _TOKENIZER_FILES,
+                                   what="tokenizer")
+
+
+def load_tokenizer(folder: str, component: str, max_length: int):
+  """The CLIP tokenizer of `component` from `folder`: its diffusers subfolder, else (for the
+  first text encoder) the folder itself."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  sub = os.path.join(folder, TOKENIZER_FOLDERS[component])
+  if os.path.isdir(sub):
+    folder = sub
+  elif component != "text_encoder":
+    raise ModelLoadError(f"missing tokenizer folder for {component}: {sub}")
   try:
     tok = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
   except Exception as e:  # noqa: BLE001  transformers raises OSError/ValueError/TypeError for bad folders
@@ -539,7 +555,7 @@ def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jn
                      param_dtype: Any = jnp.float32, allow_pickle: bool = False,
                      attention_impl: str | None = None, vae_dtype: Any = None,
                      remat: bool = False) -> loading.StableDiffusion:
-  """Loads an original-layout SD 1.x/2.x single-file checkpoint as `loading.StableDiffusion`.
+  """Loads an original-layout SD 1.x/2.x/XL single-file checkpoint as `loading.StableDiffusion`.
 
   Args:
     path: a `.safetensors` file (or, with `allow_pickle`, a `.ckpt` pickle).
@@ -560,14 +576,17 @@ def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jn
                          f"has no {FAMILY_NAMES[family]} models")
   preset_name, configs = configs_for(family, shapes, path)
   configs["scheduler"]["prediction_type"] = prediction_type(family, metadata, configs)
+  components = ("unet", "vae", *TEXT_ENCODERS[family])
+  if family == "sdxl" and vae_dtype is None:
+    vae_dtype = jnp.float32  # SDXL's VAE overflows in half precision, as for its folders
   modules = loading.build_modules(configs, dtype=dtype, param_dtype=param_dtype,
                                   attention_impl=attention_impl, vae_dtype=vae_dtype, remat=remat)
   flax_shapes = loading.param_shapes(modules)
-  specs = {comp: loading.component_spec(comp, configs[comp]) for comp in loading.COMPONENTS}
-  expected = {comp: torch_shapes(specs[comp], flax_shapes[comp]) for comp in loading.COMPONENTS}
+  specs = {comp: loading.component_spec(comp, configs[comp]) for comp in components}
+  expected = {comp: torch_shapes(specs[comp], flax_shapes[comp]) for comp in components}
   weights = component_state_dicts(family, state, configs, expected, path)
   params = {}
-  for comp in loading.COMPONENTS:
+  for comp in components:
     store_dtype = (vae_dtype or param_dtype) if comp == "vae" else param_dtype
     try:
       params[comp] = convert.convert_torch_state_dict(specs[comp], weights[comp],
@@ -575,13 +594,21 @@ def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jn
                                                       dtype=np.dtype(store_dtype))
     except convert.ConversionError as e:
       raise ModelLoadError(f"{path}: {e}") from None
-  tok = load_tokenizer(family, tokenizer, modules["text_encoder"].config.max_position_embeddings)
-  model_index = {"_class_name": "StableDiffusionPipeline", "single_file": os.path.basename(path),
+  folder = tokenizer_folder(family, tokenizer)
+  tokenizers = {comp: load_tokenizer(folder, comp, modules[comp].config.max_position_embeddings)
+                for comp in TEXT_ENCODERS[family]}
+  pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+  model_index = {"_class_name": pipeline, "single_file": os.path.basename(path),
                  "preset": preset_name}
+  extra = {}
+  if "text_encoder_2" in modules:
+    extra = {"text_encoder_2": modules["text_encoder_2"],
+             "text_encoder_2_params": params["text_encoder_2"],
+             "tokenizer_2": tokenizers["text_encoder_2"]}
   return loading.StableDiffusion(
       source=path, path=path,
       unet=modules["unet"], unet_params=params["unet"],
       vae=modules["vae"], vae_params=params["vae"],
       text_encoder=modules["text_encoder"], text_encoder_params=params["text_encoder"],
-      tokenizer=tok, scheduler_config=configs["scheduler"], model_index=model_index)
-
+      tokenizer=tokenizers["text_encoder"], scheduler_config=configs["scheduler"],
+      model_index=model_index, **extra)
