@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_jax.testing import single_file_models
-from ti_jax.weights import safetensors_io, single_file
+from ti_jax.testing import single_file_models, tiny_models
+from ti_jax.weights import presets, safetensors_io, single_file
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
 
 FAMILIES = {"sd1": "tiny_sd15", "sd2": "tiny_sd21"}
@@ -309,3 +309,20 @@ def test_sdxl_file_is_recognised_and_renamed_back(sdxl_states):
     assert sorted(renamed[comp]) == sorted(want), comp
     for key, value in want.items():
       np.testing.assert_array_equal(renamed[comp][key], value, err_msg=f"{comp} {key}")
+
+
+@pytest.mark.skipif("tiny-sdxl" not in presets.TINY_MODELS,
+                    reason="needs ti_jax's SDXL models and the tiny-sdxl preset")
+def test_sdxl_single_file_loads_the_same_model_as_its_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sdxl")
+  folder = tiny_models.write_tiny_model(str(root / "tiny-sdxl"), "tiny-sdxl")
+  path = single_file_models.write_single_file(folder, str(root / "sdxl.safetensors"), "sdxl")
+  ref, sd = load_stable_diffusion(folder), load_stable_diffusion(path, tokenizer=folder)
+  assert sd.family == "sdxl" and sd.model_index["preset"] == "tiny-sdxl"
+  for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    assert getattr(sd, name).config == getattr(ref, name).config, name
+    np.testing.assert_equal(jax.tree_util.tree_map(np.asarray, getattr(sd, f"{name}_params")),
+                            jax.tree_util.tree_map(np.asarray, getattr(ref, f"{name}_params")))
+  assert sd.tokenizer_2("a photo").input_ids == ref.tokenizer_2("a photo").input_ids
+  public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}
+  assert public(sd.scheduler_config) == public(ref.scheduler_config)

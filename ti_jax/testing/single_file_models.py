@@ -21,10 +21,11 @@ from ti_jax.weights import loading, safetensors_io, single_file
 
 
 def diffusers_state_dicts(model_dir: str) -> dict[str, dict[str, np.ndarray]]:
-  """Per component (unet, vae, text_encoder), the PyTorch-layout state dict of a diffusers folder."""
+  """Per component (unet, vae, text_encoder[, text_encoder_2]), the PyTorch-layout state dict
+  of a diffusers folder."""
   folders = loading.component_folders(loading.read_configs(model_dir)["model_index"])
   out = {}
-  for comp in loading.COMPONENTS:
+  for comp in folders:
     kind, state = loading.load_component_weights(model_dir, comp, subfolder=folders[comp])
     assert kind == "torch", f"{model_dir}: {comp} weights are not PyTorch-layout safetensors"
     out[comp] = {k: np.asarray(v) for k, v in state.items()}

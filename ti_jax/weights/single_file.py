@@ -594,9 +594,19 @@ def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jn
                                                       dtype=np.dtype(store_dtype))
     except convert.ConversionError as e:
       raise ModelLoadError(f"{path}: {e}") from None
+  # The tokenizers last: a bad file is reported before anything is fetched.
   folder = tokenizer_folder(family, tokenizer)
-  tokenizers = {comp: load_tokenizer(folder, comp, modules[comp].config.max_position_embeddings)
+  tokenizers = {comp: load_tokenizer(folder, comp, configs[comp]["max_position_embeddings"])
                 for comp in TEXT_ENCODERS[family]}
+  if preset_name in presets.TINY_MODELS:
+    # ti_jax's tiny models take their special tokens from their tokenizer (the full-size
+    # presets keep the public configs' legacy ids, which decide CLIP's pooled position);
+    # the shapes do not change, so the params stay.
+    for comp, tok in tokenizers.items():
+      configs[comp].update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    modules = loading.build_modules(configs, dtype=dtype, param_dtype=param_dtype,
+                                    attention_impl=attention_impl, vae_dtype=vae_dtype,
+                                    remat=remat)
   pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
   model_index = {"_class_name": pipeline, "single_file": os.path.basename(path),
                  "preset": preset_name}
