@@ -326,3 +326,51 @@ def test_sdxl_single_file_loads_the_same_model_as_its_folder(tmp_path_factory):
   assert sd.tokenizer_2("a photo").input_ids == ref.tokenizer_2("a photo").input_ids
   public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}
   assert public(sd.scheduler_config) == public(ref.scheduler_config)
+
+
+def _original_shapes(family, configs, expected):
+  """Original-layout key -> shape for the diffusers shapes `expected` (no arrays)."""
+  out = {}
+  for comp, shapes in expected.items():
+    for key, shape in shapes.items():
+      source = single_file.diffusers_to_original(family, comp, key, configs[comp])
+      if source.op.startswith("qkv"):
+        shape = (3 * shape[0], *shape[1:])
+      elif source.op == "conv1x1":
+        shape = (*shape, 1, 1)
+      elif source.op == "T":
+        shape = shape[::-1]
+      out[source.key] = tuple(shape)
+  return out
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21"] + (["sdxl"] if "sdxl" in presets.PRESETS else []))
+def test_full_size_files_are_recognised_and_fit_their_models(name):
+  """A real-size file (shapes only, zero-stride arrays) is recognised as its preset and renames
+  onto every parameter of the model built from it (SD 2.x: with OpenCLIP's 24th resblock)."""
+  from ti_jax.weights.loading import build_modules, component_spec, param_shapes
+  family = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}[name]
+  configs = presets.preset(name)
+  components = ("unet", "vae", *single_file.TEXT_ENCODERS[family])
+  flax_shapes = param_shapes(build_modules(configs))
+  expected = {comp: single_file.torch_shapes(component_spec(comp, configs[comp]),
+                                             flax_shapes[comp]) for comp in components}
+  shapes = _original_shapes(family, configs, expected)
+  if family == "sd2":
+    block = single_file.OPENCLIP_PREFIX + "transformer.resblocks."
+    shapes.update({k.replace(f"{block}22.", f"{block}23."): v for k, v in shapes.items()
+                   if k.startswith(f"{block}22.")})
+    shapes[single_file.OPENCLIP_PREFIX + "text_projection"] = (1024, 1024)
+  assert single_file.detect_family(shapes, "x") == family
+  found, got = single_file.configs_for(family, shapes, "x")
+  assert found == name
+  assert all(got[comp] == configs[comp] for comp in components)
+  state = {k: np.broadcast_to(np.zeros((), np.float16), s) for k, s in shapes.items()}
+  renamed = single_file.component_state_dicts(family, state, got, expected, "x")
+  for comp in components:
+    assert {k: v.shape for k, v in renamed[comp].items()} == expected[comp], comp
+
+
+def test_missing_checkpoint_file_is_named_not_sent_to_the_hub(tmp_path):
+  _assert_one_line(_load_error("models/missing.safetensors"),
+                   "checkpoint file not found: models/missing.safetensors")

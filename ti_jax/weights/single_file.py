@@ -457,6 +457,8 @@ def prediction_type(family: str, metadata: Mapping[str, str], configs: dict) -> 
 def read_checkpoint(path: str, allow_pickle: bool) -> tuple[dict[str, np.ndarray], dict]:
   """(state dict, safetensors metadata) of a single file; pickles only with `allow_pickle`."""
   lower = path.lower()
+  if not os.path.isfile(path):
+    raise ModelLoadError(f"checkpoint file not found: {path}")
   if lower.endswith(SAFETENSORS_SUFFIXES):
     try:
       metadata = safetensors_io.read_header(path).get("__metadata__") or {}
@@ -547,8 +549,14 @@ def load_tokenizer(folder: str, component: str, max_length: int):
 
 
 def is_single_file(name_or_path: str) -> bool:
-  """Whether `pretrained_model_name_or_path` names a file (a single-file checkpoint) not a folder."""
-  return os.path.isfile(os.path.expanduser(name_or_path))
+  """Whether `pretrained_model_name_or_path` names a file (a single-file checkpoint) not a folder.
+
+  A missing `*.safetensors`/`*.ckpt` path counts, so that it is reported as a missing file
+  rather than looked up as a hub id.
+  """
+  path = os.path.expanduser(name_or_path)
+  return os.path.isfile(path) or (
+      not os.path.isdir(path) and path.lower().endswith((*SAFETENSORS_SUFFIXES, ".ckpt")))
 
 
 def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jnp.float32,
