@@ -152,7 +152,7 @@ def test_non_safetensors_file_is_refused(tmp_path):
   _assert_one_line(_load_error(path), "not a model folder nor a .safetensors/.ckpt")
 
 
-def test_diffusers_component_file_is_refused(files, tmp_path):
+def test_diffusers_component_file_is_refused(files):
   folder, _ = files["sd1"]
   err = _load_error(f"{folder}/unet/diffusion_pytorch_model.safetensors")
   _assert_one_line(err, "a diffusers/transformers component file", "diffusers folder")
@@ -371,6 +371,6 @@ def test_full_size_files_are_recognised_and_fit_their_models(name):
     assert {k: v.shape for k, v in renamed[comp].items()} == expected[comp], comp
 
 
-def test_missing_checkpoint_file_is_named_not_sent_to_the_hub(tmp_path):
+def test_missing_checkpoint_file_is_named_not_sent_to_the_hub():
   _assert_one_line(_load_error("models/missing.safetensors"),
                    "checkpoint file not found: models/missing.safetensors")
