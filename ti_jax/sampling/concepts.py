@@ -193,6 +193,7 @@ def load_base_model(concepts, run_config: dict, *, override: str = "", dtype: st
       revision=(run_config.get("revision") or None) if same_files else None,
       allow_pickle=allow_pickle or bool(run_config.get("allow_pickle")),
       attention_impl=attention_impl,
-      cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR))
+      cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR),
+      tokenizer=(run_config.get("tokenizer_name_or_path") or None) if same_files else None)
   check_concepts_fit(concepts, model_id, text_encoder_widths(sd), allow_base_model_mismatch)
   return sd, model_id

@@ -24,8 +24,12 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
 
   # --- Model ---
   # Hub id or local diffusers folder. "tiny-sd15"/"tiny-sd21" name ti_jax's
-  # offline random-weight models, written to `cache_dir` on first use.
+  # offline random-weight models, written to `cache_dir` on first use. A .safetensors
+  # file is a single-file checkpoint in the original (A1111/ComfyUI) layout.
   c.pretrained_model_name_or_path = SD15
+  # Single-file checkpoints hold no tokenizer: a tokenizer folder or hub id
+  # ("" = the model family's, e.g. openai/clip-vit-large-patch14 for SD 1.x).
+  c.tokenizer_name_or_path = ""
   c.revision = ""  # hub revision ("" = default branch)
   c.variant = ""  # weight file variant, e.g. "fp16" ("" = full precision files)
   c.allow_pickle = False  # permit .bin pickles (they can run code) if no safetensors exist

@@ -392,7 +392,7 @@ def load_model(config):
       vae_dtype=_DTYPES[config.vae_dtype], variant=config.variant or None,
       revision=config.revision or None, allow_pickle=config.allow_pickle,
       attention_impl=config.attention_impl or None, cache_dir=config.cache_dir,
-      remat=config.remat is True)
+      remat=config.remat is True, tokenizer=config.tokenizer_name_or_path or None)
   try:
     schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
   except ValueError as e:

@@ -476,8 +476,12 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
                           revision: str | None = None, allow_pickle: bool = False,
                           attention_impl: str | None = None,
                           cache_dir: str = DEFAULT_CACHE_DIR,
-                          vae_dtype: Any = None, remat: bool = False) -> StableDiffusion:
+                          vae_dtype: Any = None, remat: bool = False,
+                          tokenizer: str | None = None) -> StableDiffusion:
   """Loads a diffusers-format Stable Diffusion 1.x/2.x/XL or LDM-1.4B text-to-image model.
+
+  A file instead of a folder is an original-layout single-file checkpoint
+  (`ti_jax/weights/single_file.py`).
 
   Args:
     name_or_path: a local diffusers folder or a hub id such as
@@ -496,10 +500,20 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
     vae_dtype: compute and param dtype of the VAE (default: `dtype`/`param_dtype`; float32
       for SDXL, whose VAE overflows in half precision).
     remat: rematerialise the UNet's resnets and transformers when differentiated.
+    tokenizer: single files only (a folder has its own): a tokenizer folder or hub id;
+      None: the model family's.
 
   Raises:
     ModelLoadError: with a one-line message for any unusable input.
   """
+  # --- single-file checkpoints (A1111/ComfyUI layout): owned by single_file.py ---
+  from ti_jax.weights import single_file  # pylint: disable=import-outside-toplevel
+  if single_file.is_single_file(name_or_path):
+    return single_file.load_single_file(
+        name_or_path, tokenizer=tokenizer, dtype=dtype, param_dtype=param_dtype,
+        allow_pickle=allow_pickle, attention_impl=attention_impl, vae_dtype=vae_dtype,
+        remat=remat)
+  # --- end single-file ---
   folder = resolve_model_dir(name_or_path, variant=variant, revision=revision,
                              allow_pickle=allow_pickle, cache_dir=cache_dir)
   configs = read_configs(folder)
