@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -732,13 +733,26 @@ def bucket_frozen(inputs: RunInputs, frozen: train_lib.Frozen,
 
 def make_validator(config, inputs: RunInputs, frozen: train_lib.Frozen, devices: Sequence,
                    workdir: str) -> validation.Validation | None:
-  """The run's validation images (`validation.make`), sharing the step's device weights."""
-  if inputs.sd.is_sdxl and validation.enabled(config):
-    _log("validation images are not rendered for SDXL runs yet (the sampler is SDXL-unaware); "
-         "training goes on without them: sample from the run with ti_jax.sample")
+  """The run's validation images (`validation.make`), sharing the step's device weights.
+
+  SDXL: validation also gets the vectors' ids in tokenizer_2 (and, per validation
+  step, the second encoder's vectors; see `train_loop`).
+  """
+  shared = {"unet": frozen.unet, "text_encoder": frozen.text_encoder}
+  if not inputs.sd.is_sdxl:
+    return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
+                           shared=shared)
+  if not validation.enabled(config):
+    return None
+  # Until the SDXL-aware validation (branch sdxl-sample) is merged, validation.make has
+  # no token_ids_2: such a run trains without validation images instead of failing.
+  if "token_ids_2" not in inspect.signature(validation.make).parameters:
+    _log("validation images are not rendered for SDXL runs by this version; training goes "
+         "on without them (sample the run with ti_jax.sample)")
     return None
   return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
-                         shared={"unet": frozen.unet, "text_encoder": frozen.text_encoder})
+                         shared=dict(shared, text_encoder_2=frozen.text_encoder_2),
+                         token_ids_2=inputs.prompts.token_ids_2)
 
 
 def step_bucket(config, inputs: RunInputs, step: int) -> tuple[int, int] | None:
@@ -883,8 +897,12 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
           save_checkpoint(ckpts, state, step, metadata, config, flag, limit)
           interval.restart(step)
         if validator and not stop and validation.is_due(config, step):
-          validation.write_images(validator, step, parallel.unreplicate(state).params["embeds"],
-                                  tb)
+          host = parallel.unreplicate(state).params
+          if "embeds_2" in host:  # SDXL: both encoders' vectors
+            validation.write_images(validator, step, host["embeds"], tb,
+                                    learned_2=host["embeds_2"])
+          else:
+            validation.write_images(validator, step, host["embeds"], tb)
           interval.restart(step)
         if stop:
           interrupted = True
