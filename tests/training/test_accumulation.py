@@ -79,7 +79,8 @@ def _fake_inputs(config, devices: int, num_images=4, num_templates=5, seq=7):
       images=types.SimpleNamespace(num_images=num_images),
       prompts=types.SimpleNamespace(num_templates=num_templates, template_ids=template_ids,
                                     image_template_ids=None, image_tokens=[], captioned=None,
-                                    caption_ids=None, image_caption_ids=None))
+                                    caption_ids=None, image_caption_ids=None,
+                                    template_ids_2=None))
 
 
 def _config(batch, accumulation, **overrides):
