@@ -360,12 +360,12 @@ def test_interrupted_export_leaves_no_file(runs, tmp_path, monkeypatch):
 
 
 def test_non_finite_vectors_are_never_exported_or_sampled(runs, tmp_path, monkeypatch):
-  real = trainer.checkpointing.learned_from_workdir
+  real = trainer.checkpointing.learned_pair_from_workdir
 
   def diverged(workdir, step=None):
-    vectors, meta = real(workdir, step)
-    return np.full_like(vectors, np.nan), meta
-  monkeypatch.setattr(trainer.checkpointing, "learned_from_workdir", diverged)
+    vectors, vectors_2, meta = real(workdir, step)
+    return np.full_like(vectors, np.nan), vectors_2, meta
+  monkeypatch.setattr(trainer.checkpointing, "learned_pair_from_workdir", diverged)
   out = tmp_path / "nan.safetensors"
   with pytest.raises(embedding_io.EmbeddingFileError) as err:
     exporter.export(runs["toy"], "diffusers", str(out))
