@@ -49,6 +49,8 @@ def test_steps_train_both_vector_sets_and_nothing_else(built):
   config, inputs, frozen, settings = built
   devices = jax.local_devices()[:1]
   assert set(inputs.state.params) == {"embeds", "embeds_2"}
+  # Pooled at tokenizer_2's real end token, not transformers' legacy largest-id rule.
+  assert settings.eos_token_id_2 == inputs.sd.tokenizer_2.eos_token_id
   # No optimizer state beyond Adam's moments of the two small vector sets (+ counts).
   sizes = [x.size for x in jax.tree_util.tree_leaves(inputs.state.opt_state)]
   assert max(sizes) == inputs.init.vectors.size
@@ -196,6 +198,15 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
   init, init_2 = trainer.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
   np.testing.assert_array_equal(init.vectors, pair.vectors)
   np.testing.assert_array_equal(init_2.vectors, pair.vectors_2)
+
+
+def test_per_image_tokens_are_refused_for_sdxl_in_one_line(built):
+  config, inputs, _, _ = built
+  c = config.copy_and_resolve_references()
+  c.per_image_tokens = True
+  with pytest.raises(trainer.ConfigError, match="per_image_tokens") as err:
+    trainer.make_prompts(c, inputs.sd, inputs.prompts.texts, inputs.images.num_images)
+  assert "\n" not in str(err.value)
 
 
 def test_time_ids_are_each_views_original_size_crop_and_bucket(tmp_path):

@@ -10,7 +10,9 @@ A run directory (`--workdir`) holds:
   unreadable_checkpoints/  checkpoints a resumed run could not read, set aside
   metrics.jsonl            one JSON line per logged step
   validation/              validation PNGs
-  learned_embeds.safetensors  the final vectors in diffusers' format (embedding_io)
+  learned_embeds.safetensors  the final vectors in diffusers' format (embedding_io); an
+                           SDXL run also writes learned_embeds_2.safetensors (the
+                           second text encoder's) and its state holds "embeds_2"
 
 This module owns the run's identity and every check made before a run resumes:
 `check_identity` (run.json), `resume` (the checkpoints' own metadata, the
