@@ -108,7 +108,7 @@ def _torch_loss(model_dir, batch, step, frozen, settings, params, prompts, view_
   nchw = lambda x: torch.from_numpy(np.array(x, np.float32).transpose(0, 3, 1, 2).copy())
   latents = nchw((mean + std * np.asarray(post)) * settings.scaling_factor)
   noise = nchw(noise)
-  t = torch.from_numpy(np.asarray(t)).long()
+  t = torch.from_numpy(np.array(t)).long()
   # diffusers' add_time_ids: (original h, w, crop top, left, target h, w); the toy images
   # are squashed whole to 64 px (center_crop False): crop (0, 0).
   time_ids = torch.tensor([[h, w, 0, 0, 64, 64] for h, w in view_sizes], dtype=torch.float32)
