@@ -4,14 +4,15 @@
       --config.train_data_dir=path/to/images --config.placeholder_token='<my-toy>' \
       --config.initializer_token=toy
 
-Variants: `:sd15` (default), `:sd21`, `:tiny` (offline demo on examples/toy).
+Variants: `:sd15` (default), `:sd21`, `:sdxl` (SDXL base, 1024 px), `:tiny` (offline
+demo on examples/toy), `:tiny_sdxl` (the same on a tiny SDXL).
 """
 
 from ti_jax.training import defaults
 
 
 def get_config(variant: str = "sd15"):
-  """Object config for `variant` (sd15, sd21 or tiny)."""
+  """Object config for `variant` (sd15, sd21, sdxl, tiny or tiny_sdxl)."""
   # Object templates ("a photo of a {}", ...); "sculpture" is a coarse word for
   # the object: prefer your own ("toy", "cat").
   return defaults.concept_config(

@@ -580,11 +580,13 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
                                "no learned_embeds.safetensors or .bin; pass an embedding "
                                "file or a run directory")
     if has_run:
-      vectors, meta = checkpointing.learned_from_workdir(path, step)
+      # An SDXL run's checkpoint holds both encoders' vectors: the concept gets both.
+      vectors, vectors_2, meta = checkpointing.learned_pair_from_workdir(path, step)
       what = f"{path} (checkpoint {meta.get('step', '?')})"
       concepts = [Concept(meta["placeholder_token"], check_vectors(vectors, what), path,
                           base_model=meta.get("pretrained_model_name_or_path"),
-                          token_from="its run's placeholder_token")]
+                          token_from="its run's placeholder_token",
+                          vectors_2=None if vectors_2 is None else check_vectors(vectors_2, what))]
     else:
       concepts = read_embedding_file(next(f for f in diffusers_files if fileio.exists(f)))
   else:

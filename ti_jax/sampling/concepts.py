@@ -46,15 +46,18 @@ def gather_concepts(workdir: str | None, step: int | None,
     if not fileio.is_dir(workdir):
       raise SampleError(f"run directory {workdir} is a file, not a folder"
                         if fileio.exists(workdir) else f"run directory {workdir} does not exist")
-    vectors, run_meta = checkpointing.learned_from_workdir(workdir, step)
+    # An SDXL run's checkpoint also holds the second encoder's vectors.
+    vectors, vectors_2, run_meta = checkpointing.learned_pair_from_workdir(workdir, step)
     what = f"{workdir} checkpoint {run_meta.get('step', '?')}"
     try:
       vectors = embedding_io.check_vectors(vectors, what)
+      if vectors_2 is not None:
+        vectors_2 = embedding_io.check_vectors(vectors_2, what)
     except embedding_io.EmbeddingFileError as e:
       raise SampleError(f"{e}; pass --step of an earlier checkpoint") from None
     concepts.append(embedding_io.Concept(
         run_meta["placeholder_token"], vectors, workdir,
-        base_model=run_meta.get("pretrained_model_name_or_path")))
+        base_model=run_meta.get("pretrained_model_name_or_path"), vectors_2=vectors_2))
   for spec in sources:
     concepts += embedding_io.load_concepts(spec)
   seen = {}

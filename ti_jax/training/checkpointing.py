@@ -73,10 +73,19 @@ def run_identity(config) -> dict:
 
 def run_metadata(config, *, tokens: list[str], token_ids: list[int], image_tokens: list[str],
                  embedding_dim: int, model_path: str, global_batch: int, base_lr: float,
-                 image_paths: list[str], prompt_texts_sha256: str = "") -> dict:
+                 image_paths: list[str], prompt_texts_sha256: str = "",
+                 token_ids_2: list[int] | None = None,
+                 embedding_dim_2: int | None = None) -> dict:
   """The metadata every checkpoint of the run carries: its CHECKPOINT_IDENTITY and what
-  sample/export/evaluate need to use it (tokens, base model, images, the config)."""
-  return {
+  sample/export/evaluate need to use it (tokens, base model, images, the config).
+
+  An SDXL run also records its tokens' ids in tokenizer_2 and the second encoder's
+  width (its state holds "embeds_2"); the base model, part of the identity, already
+  tells an SDXL run from another.
+  """
+  second = ({} if token_ids_2 is None else
+            {"token_ids_2": list(token_ids_2), "embedding_dim_2": int(embedding_dim_2)})
+  return {**second,
       "placeholder_token": config.placeholder_token, "placeholder_tokens": tokens,
       "token_ids": token_ids, "initializer_token": config.initializer_token,
       "per_image_tokens": image_tokens,
@@ -343,6 +352,17 @@ class Checkpoints:
 def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndarray, dict]:
   """The learned vectors `[n, dim]` and metadata of a run's checkpoint (latest if `step` is None).
 
+  For an SDXL run these are the first encoder's; `learned_pair_from_workdir` gives both.
+  """
+  vectors, _, metadata = learned_pair_from_workdir(workdir, step)
+  return vectors, metadata
+
+
+def learned_pair_from_workdir(workdir: str, step: int | None = None
+                              ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+  """(vectors `[n, dim]`, SDXL's second encoder's `[n, dim_2]` or None, metadata) of a run's
+  checkpoint (latest if `step` is None).
+
   With progressive_words, only the vectors that had entered training by that
   step are returned (the others still hold their initial values). A checkpoint
   that cannot be read (or holds non-finite vectors) raises WorkdirError naming
@@ -376,8 +396,12 @@ def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndar
                          f"{advice}") from None
   finally:
     ckpts.close()
-  vectors = np.asarray(state["state"]["params"]["embeds"], np.float32)
-  return vectors[:int(metadata.get("active_vectors") or len(vectors))], metadata
+  params = state["state"]["params"]
+  vectors = np.asarray(params["embeds"], np.float32)
+  active = int(metadata.get("active_vectors") or len(vectors))
+  vectors_2 = (np.asarray(params["embeds_2"], np.float32)[:active] if "embeds_2" in params
+               else None)
+  return vectors[:active], vectors_2, metadata
 
 
 # ---------------------------------------------------------------------------

@@ -43,13 +43,14 @@ def dry_run(config, workdir: str) -> list[str]:
   sd, schedule = trainer.load_model(config)
   prompts = trainer.make_prompts(config, sd, texts, images.num_images)
   table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params))  # [V, D]
-  trainer.initial_vectors(config, sd.tokenizer, table)
+  trainer.initial_vector_pair(config, sd, table, trainer.second_table(sd))
   devices = parallel.all_devices()
   _, global_batch = trainer.batch_sizes(config, len(devices))
   lines = [
       f"dry run of {workdir} ({'resumes the run there' if resumes else 'a new run'}): "
       f"base model {sd.path}, {schedule.prediction_type} target",
       f"placeholder {prompts.tokens} = token ids {prompts.token_ids}"
+      + (f" (tokenizer_2: {prompts.token_ids_2})" if prompts.token_ids_2 else "")
       + (f", per-image tokens {prompts.image_tokens}" if prompts.image_tokens else ""),
       f"templates: {len(texts.templates)} from {texts.source}; captions: "
       + (f"{sum(c is not None for c in texts.captions)} of {images.num_images} images "
@@ -60,13 +61,15 @@ def dry_run(config, workdir: str) -> list[str]:
   if config.enable_bucket:
     lines.append(buckets.describe(images.buckets, trainer.bucket_sizes(images)))
   for i in range(images.num_images):
-    lines += describe_image(i, images, texts, prompts, sd.tokenizer)
+    lines += describe_image(i, images, texts, prompts, sd.tokenizer, sd.tokenizer_2)
   lines.append("dry run: every input checked; nothing trained, nothing written")
   return lines
 
 
-def describe_image(i: int, images, texts: captions.PromptTexts, prompts, tokenizer) -> list[str]:
-  """The report lines of image `i`: file, sizes, caption or templates, an example prompt's ids."""
+def describe_image(i: int, images, texts: captions.PromptTexts, prompts, tokenizer,
+                   tokenizer_2=None) -> list[str]:
+  """The report lines of image `i`: file, sizes, caption or templates, an example prompt's ids
+  (SDXL: from both tokenizers, `tokenizer_2` the second's)."""
   w, h = images.sizes[i]
   if images.buckets:
     bw, bh = images.buckets[images.bucket_index[i]]
@@ -83,9 +86,14 @@ def describe_image(i: int, images, texts: captions.PromptTexts, prompts, tokeniz
   n = len(prompts.tokens)
   ids = (prompts.caption_ids[n - 1][i] if caption
          else prompts.template_ids[n - 1][0])  # [T]; templates: the first one as the example
-  return [f"image {i + 1}/{images.num_images} {images.paths[i]}: {w}x{h} px, {trains}; {source}",
-          f"  example: {captions.fill(caption or texts.templates[0], ' '.join(prompts.tokens))!r}",
-          "  " + token_line(ids, prompts.token_ids, tokenizer)]
+  lines = [f"image {i + 1}/{images.num_images} {images.paths[i]}: {w}x{h} px, {trains}; {source}",
+           f"  example: {captions.fill(caption or texts.templates[0], ' '.join(prompts.tokens))!r}",
+           "  " + token_line(ids, prompts.token_ids, tokenizer)]
+  if prompts.template_ids_2 is not None:  # SDXL: the same prompt through tokenizer_2
+    ids_2 = (prompts.caption_ids_2[n - 1][i] if caption else prompts.template_ids_2[n - 1][0])
+    lines[-1] = "  tokenizer:   " + lines[-1].strip()
+    lines.append("  tokenizer_2: " + token_line(ids_2, prompts.token_ids_2, tokenizer_2))
+  return lines
 
 
 def token_line(ids: np.ndarray, placeholder_ids: list[int], tokenizer) -> str:

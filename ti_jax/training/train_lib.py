@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from ti_jax.embeddings.pseudo_words import embed_tokens, token_table
+from ti_jax.models import sdxl
 from ti_jax.runtime import parallel
 from ti_jax.sampling import schedulers
 
@@ -30,6 +31,8 @@ class TrainState:
   step: jax.Array  # int32 scalar: number of completed steps
   # {"embeds": [n, D] float32}, the learned pseudo-word vectors, and with the
   # per-image-token ablation "image_embeds": [N, D], one per training image.
+  # SDXL also learns "embeds_2": [n, D2], the same pseudo-word in its second
+  # text encoder (1280 wide for OpenCLIP bigG), under the same optimizer.
   params: dict
   opt_state: optax.OptState
 
@@ -44,6 +47,14 @@ class Frozen:
   placeholder_ids: jax.Array  # [n (+ N)] int32, token id of each learned vector (then image tokens)
   schedule: schedulers.NoiseSchedule  # alphas_cumprod [T] and the prediction type
   init_embeds: jax.Array | None = None  # [n, D] initial vectors, for embedding_reg_weight
+  # SDXL only (None for SD 1.x/2.x and LDM): the second text encoder (with its own
+  # token table), the placeholders' ids in tokenizer_2 (they may differ from
+  # tokenizer 1's), each view's micro-conditioning (sdxl.time_ids) and the
+  # initial second vectors.
+  text_encoder_2: Any = None
+  placeholder_ids_2: jax.Array | None = None  # [n] int32
+  time_ids: jax.Array | None = None  # [V, 6] float32, one row per view of latent_mean
+  init_embeds_2: jax.Array | None = None  # [n, D2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +79,11 @@ class StepSettings:
   snr_gamma: float = 0.0
   # Std of a per-example, per-channel constant added to the diffusion noise; 0 = off.
   noise_offset: float = 0.0
+  # SDXL's second text encoder (a CLIPTextModel with projection_dim); None for SD 1.x/2.x.
+  text_encoder_2: Any = None
+  # Where the second encoder pools its projected text embedding: tokenizer_2's real
+  # eos id (see `trainer.step_inputs` for why not transformers' legacy rule).
+  eos_token_id_2: int | None = None
 
 
 def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
@@ -88,7 +104,7 @@ def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
   return optax.join_schedules([ramp, after], [warmup])
 
 
-TRAINABLE = ("embeds", "image_embeds")
+TRAINABLE = ("embeds", "image_embeds", "embeds_2")
 
 
 def trainable_labels(params: dict) -> dict:
@@ -132,11 +148,15 @@ def make_optimizer(lr: optax.Schedule, b1: float, b2: float, eps: float,
 
 
 def init_state(initial_vectors: jax.Array, optimizer: optax.GradientTransformation,
-               image_vectors: jax.Array | None = None) -> TrainState:
-  """Step 0: the initial vectors `[n, D]` (and per-image vectors `[N, D]` for that ablation)."""
+               image_vectors: jax.Array | None = None,
+               initial_vectors_2: jax.Array | None = None) -> TrainState:
+  """Step 0: the initial vectors `[n, D]` (and per-image vectors `[N, D]` for that ablation;
+  for SDXL the second encoder's `[n, D2]`)."""
   params = {"embeds": jnp.asarray(initial_vectors, jnp.float32)}
   if image_vectors is not None:
     params["image_embeds"] = jnp.asarray(image_vectors, jnp.float32)
+  if initial_vectors_2 is not None:
+    params["embeds_2"] = jnp.asarray(initial_vectors_2, jnp.float32)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
@@ -203,15 +223,19 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   noisy = schedulers.add_noise(frozen.schedule, latents, noise, t)
   target = schedulers.training_target(frozen.schedule, latents, noise, t)
 
-  table = token_table(settings.text_encoder, frozen.text_encoder)  # [V, D]
-  learned = params["embeds"]  # [n, D]
-  if "image_embeds" in params:
-    learned = jnp.concatenate([learned, params["image_embeds"]])  # [n + N, D]
-  embeds = embed_tokens(table, learned, frozen.placeholder_ids, batch["input_ids"])
-  context = settings.text_encoder.apply({"params": frozen.text_encoder}, batch["input_ids"],
-                                        inputs_embeds=embeds)  # [b, T, D]
+  if settings.text_encoder_2 is None:
+    table = token_table(settings.text_encoder, frozen.text_encoder)  # [V, D]
+    learned = params["embeds"]  # [n, D]
+    if "image_embeds" in params:
+      learned = jnp.concatenate([learned, params["image_embeds"]])  # [n + N, D]
+    embeds = embed_tokens(table, learned, frozen.placeholder_ids, batch["input_ids"])
+    context = settings.text_encoder.apply({"params": frozen.text_encoder}, batch["input_ids"],
+                                          inputs_embeds=embeds)  # [b, T, D]
+    added = None
+  else:
+    context, added = sdxl_conditioning(params, frozen, batch, settings)
   pred = settings.unet.apply({"params": frozen.unet}, noisy.astype(mean.dtype), t,
-                            context)  # [b, h, w, C]
+                            context, added)  # [b, h, w, C]
   if settings.snr_gamma:
     per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))  # [b]
     loss = jnp.mean(per_example * min_snr_weights(frozen.schedule, t, settings.snr_gamma))
@@ -220,7 +244,32 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   if settings.embedding_reg_weight:
     drift = params["embeds"] - frozen.init_embeds  # [n, D]
     loss = loss + settings.embedding_reg_weight * jnp.mean(jnp.sum(jnp.square(drift), axis=-1))
+    if "embeds_2" in params:  # SDXL: the same pull on the second encoder's vectors
+      drift_2 = params["embeds_2"] - frozen.init_embeds_2  # [n, D2]
+      loss = loss + settings.embedding_reg_weight * jnp.mean(
+          jnp.sum(jnp.square(drift_2), axis=-1))
   return loss
+
+
+def sdxl_conditioning(params: dict, frozen: Frozen, batch: dict,
+                      settings: StepSettings) -> tuple[jax.Array, dict]:
+  """SDXL's UNet conditioning of a batch with the learned vectors spliced into both encoders.
+
+  batch["input_ids"] / batch["input_ids_2"]: [b, T] ids of the same prompts from
+  tokenizer and tokenizer_2. Returns (context [b, T, D1 + D2], added_cond with
+  text_embeds [b, P] and each example's view's time_ids [b, 6]).
+  """
+  table_1 = token_table(settings.text_encoder, frozen.text_encoder)  # [V, D1]
+  table_2 = token_table(settings.text_encoder_2, frozen.text_encoder_2)  # [V2, D2]
+  embeds_1 = embed_tokens(table_1, params["embeds"], frozen.placeholder_ids,
+                          batch["input_ids"])  # [b, T, D1]
+  embeds_2 = embed_tokens(table_2, params["embeds_2"], frozen.placeholder_ids_2,
+                          batch["input_ids_2"])  # [b, T, D2]
+  context, pooled = sdxl.text_conditioning(
+      settings.text_encoder, frozen.text_encoder, settings.text_encoder_2, frozen.text_encoder_2,
+      batch["input_ids"], batch["input_ids_2"], embeds_1, embeds_2,
+      eos_token_id_2=settings.eos_token_id_2)
+  return context, sdxl.added_cond(pooled, frozen.time_ids[batch["view_index"]])
 
 
 def _add_micro_batch(params: dict, frozen: Frozen, step: jax.Array, settings: StepSettings,
@@ -265,6 +314,8 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
     n = state.params["embeds"].shape[0]
     active = jnp.arange(n) < active_vectors(state.step, n, settings.progressive_words)
     updates = dict(updates, embeds=updates["embeds"] * active[:, None])
+    if "embeds_2" in updates:
+      updates["embeds_2"] = updates["embeds_2"] * active[:, None]
   params = optax.apply_updates(state.params, updates)
   # Largest L2 norm of a learned vector: the host stops a run whose vectors
   # diverge (nan propagates through the max).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -188,6 +189,11 @@ class Prompts:
   captioned: np.ndarray | None = None  # [N] bool: the image has a caption
   caption_ids: np.ndarray | None = None  # [n, N, T]
   image_caption_ids: np.ndarray | None = None  # [n, N, T], with per-image tokens
+  # SDXL: the tokens' ids in tokenizer_2 and the same prompts' ids from it, row for row
+  # (captions.second_encoder_tables); empty/None for the other families.
+  token_ids_2: list[int] = dataclasses.field(default_factory=list)
+  template_ids_2: np.ndarray | None = None  # [n, num_templates, T]
+  caption_ids_2: np.ndarray | None = None  # [n, N, T]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +216,12 @@ class RunInputs:
   optimizer: Any  # optax.GradientTransformation
   state: train_lib.TrainState  # step 0, on the host
   has_run_json: bool  # the workdir already holds this run
+  # SDXL only (None otherwise): the second text encoder's token table [V2, D2], where its
+  # vectors start (init_2.vectors [n, D2]), and each bucket's per-view time ids [V_b, 6]
+  # (one array per entry of `latents`).
+  table_2: np.ndarray | None = None
+  init_2: pseudo_words.Initializer | None = None
+  time_ids: list[np.ndarray] | None = None
 
 
 def run(config, workdir: str, devices: Sequence | None = None, progress: bool = True) -> dict:
@@ -256,7 +268,10 @@ def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) 
         config, tokens=inputs.prompts.tokens, token_ids=inputs.prompts.token_ids,
         image_tokens=inputs.prompts.image_tokens, embedding_dim=inputs.table.shape[1],
         model_path=inputs.sd.path, global_batch=inputs.global_batch, base_lr=inputs.base_lr,
-        image_paths=inputs.images.paths, prompt_texts_sha256=inputs.prompts.texts.sha256())
+        image_paths=inputs.images.paths, prompt_texts_sha256=inputs.prompts.texts.sha256(),
+        **({} if inputs.table_2 is None else
+           {"token_ids_2": inputs.prompts.token_ids_2,
+            "embedding_dim_2": inputs.table_2.shape[1]}))
     state = checkpointing.resume(ckpts, jax.device_get(inputs.state), metadata,
                                  checkpointing.run_identity(config), workdir, inputs.has_run_json)
     start = int(state.step)
@@ -269,10 +284,10 @@ def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) 
     step_fn = compile_step(config, settings, inputs, devices,
                            (state, frozen_for(config, inputs, frozen, start),
                             batch_for(config, inputs, start)))
-    validator = validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
-                                shared={"unet": frozen[0].unet,
-                                        "text_encoder": frozen[0].text_encoder})
+    validator = make_validator(config, inputs, frozen[0], devices, workdir)
     limit = norm_limit(inputs.table, inputs.init.vectors)
+    if inputs.table_2 is not None:
+      limit = max(limit, norm_limit(inputs.table_2, inputs.init_2.vectors))
 
     # --- The loop ---------------------------------------------------------------------------
     state, step, interrupted = train_loop(config, inputs, step_fn, state, frozen, start, ckpts,
@@ -282,15 +297,24 @@ def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) 
     ckpts.close()
 
   # --- Export: the final vectors as diffusers' learned_embeds.safetensors --------------------
-  final = np.asarray(parallel.unreplicate(state).params["embeds"])  # [num_vectors, D]
+  final_params = parallel.unreplicate(state).params
+  final = np.asarray(final_params["embeds"])  # [num_vectors, D]
+  final_2 = (np.asarray(final_params["embeds_2"]) if "embeds_2" in final_params
+             else None)  # SDXL: [num_vectors, D2]
   if interrupted:
     _log(f"stopped at step {step}; checkpoint saved in {ckpts.directory}. "
          "Re-run the same command to resume.")
   elif jax.process_index() == 0:
     active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-    out = write_final_embedding(config, workdir, final[:active], step, rewrite=step > start)
-    _log(f"done: step {step}; learned embedding in {out}")
-  return {"step": step, "embeds": final, "interrupted": interrupted}
+    out = write_final_embedding(config, workdir, final[:active], step, rewrite=step > start,
+                                vectors_2=None if final_2 is None else final_2[:active])
+    pair = (f" and {embedding_io.second_file(out)} (the second text encoder's)"
+            if final_2 is not None else "")
+    _log(f"done: step {step}; learned embedding in {out}{pair}")
+  result = {"step": step, "embeds": final, "interrupted": interrupted}
+  if final_2 is not None:
+    result["embeds_2"] = final_2
+  return result
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +365,8 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
   prompts = make_prompts(config, sd, texts, images.num_images)
   table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params),
                      np.float32)  # [V, D]
-  init = initial_vectors(config, sd.tokenizer, table)
+  table_2 = second_table(sd)
+  init, init_2 = initial_vector_pair(config, sd, table, table_2)
   latents = _cache_latents(config, sd, images)
   per_device_batch, global_batch = batch_sizes(config, len(devices))
   base_lr = config.learning_rate * (global_batch if config.scale_lr else 1)
@@ -358,7 +383,42 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
       latents=latents, per_device_batch=per_device_batch,
       global_batch=global_batch, local_devices=len(parallel.addressable(devices)),
       base_lr=base_lr, lr=lr, optimizer=optimizer,
-      state=train_lib.init_state(init.vectors, optimizer, image_init), has_run_json=has_run_json)
+      state=train_lib.init_state(init.vectors, optimizer, image_init,
+                                 None if init_2 is None else init_2.vectors),
+      has_run_json=has_run_json, table_2=table_2, init_2=init_2,
+      time_ids=view_time_ids(images, config.flip_p > 0) if sd.is_sdxl else None)
+
+
+def second_table(sd) -> np.ndarray | None:
+  """SDXL's second text encoder's token table `[V2, D2]` (float32), None for other models."""
+  if not sd.is_sdxl:
+    return None
+  return np.asarray(pseudo_words.token_table(sd.text_encoder_2, sd.text_encoder_2_params),
+                    np.float32)
+
+
+def view_time_ids(images: image_loader.TrainingImages, flip: bool) -> list[np.ndarray]:
+  """SDXL's micro-conditioning of every training view, in the latent cache's order.
+
+  One float32 `[V_b, 6]` array per entry of `_cache_latents` (per bucket, or one):
+  (original h, w, crop top, left, target h, w), as diffusers' SDXL scripts build
+  `add_time_ids`: the file's size before resizing, the crop's top-left in the
+  scaled image (`image_loader`), the size trained at. A mirrored view keeps its
+  image's values, as diffusers' textual_inversion_sdxl.py does (it flips after
+  cropping): our crops are centred, so the mirror's crop offset is the same (up
+  to a pixel of rounding).
+  """
+  def rows(members):
+    out = []
+    for i in members:
+      w, h = images.sizes[i]
+      pixels = images.pixels[i]  # [h_t, w_t, 3]
+      out.append((h, w, *images.crop_top_left[i], pixels.shape[0], pixels.shape[1]))
+    ids = np.asarray(out, np.float32)  # [N_b, 6]
+    return np.concatenate([ids, ids]) if flip else ids  # views i + N_b mirror images i
+  if not images.buckets:
+    return [rows(range(images.num_images))]
+  return [rows(images.bucket_members(b)) for b in range(len(images.buckets))]
 
 
 def load_images(config) -> image_loader.TrainingImages:
@@ -412,8 +472,12 @@ def load_model(config):
 
 
 def make_prompts(config, sd, texts: captions.PromptTexts, num_images: int) -> Prompts:
-  """Adds the learned tokens to the tokenizer and tokenizes every training prompt once."""
+  """Adds the learned tokens to the tokenizer (SDXL: to both) and tokenizes every training
+  prompt once."""
   templates = texts.templates
+  if sd.is_sdxl and config.per_image_tokens:
+    raise ConfigError("config.per_image_tokens is not supported for SDXL models (the paper's "
+                      "ablation is for one text encoder); set it to False")
   token_ids = pseudo_words.add_placeholder_tokens(sd.tokenizer, config.placeholder_token,
                                                   config.num_vectors)
   tokens = pseudo_words.placeholder_tokens(config.placeholder_token, config.num_vectors)
@@ -428,11 +492,23 @@ def make_prompts(config, sd, texts: captions.PromptTexts, num_images: int) -> Pr
   caption_ids, image_caption_ids = (
       captions.caption_tables(sd.tokenizer, texts.captions, tokens, image_tokens)
       if captioned.any() else (None, None))
+  second = {}
+  if sd.is_sdxl:
+    # The same pseudo-word in tokenizer_2 (SDXL's two tokenizers may number it differently).
+    token_ids_2 = pseudo_words.add_placeholder_tokens(sd.tokenizer_2, config.placeholder_token,
+                                                      config.num_vectors)
+    for tokenizer, ids in ((sd.tokenizer, token_ids), (sd.tokenizer_2, token_ids_2)):
+      pseudo_words.check_separable(tokenizer, {config.placeholder_token: ids})
+    _check_prompts_fit(sd.tokenizer_2, templates, tokens, [], texts)
+    template_ids_2, caption_ids_2 = captions.second_encoder_tables(
+        sd.tokenizer_2, templates, tokens, texts.captions)
+    second = {"token_ids_2": token_ids_2, "template_ids_2": template_ids_2,
+              "caption_ids_2": caption_ids_2}
   return Prompts(tokens=tokens, token_ids=token_ids, image_tokens=image_tokens,
                  image_token_ids=image_token_ids, num_templates=len(templates),
                  template_ids=template_ids, image_template_ids=image_template_ids, texts=texts,
                  captioned=captioned if captioned.any() else None, caption_ids=caption_ids,
-                 image_caption_ids=image_caption_ids)
+                 image_caption_ids=image_caption_ids, **second)
 
 
 def _check_prompts_fit(tokenizer, templates, tokens: list[str], image_tokens: list[str],
@@ -469,12 +545,65 @@ def initial_vectors(config, tokenizer, table: np.ndarray) -> pseudo_words.Initia
   else:
     init = pseudo_words.initializer_vectors(tokenizer, table, config.initializer_token,
                                             config.num_vectors)
+  _check_finite(config, init)
+  _log(init.note)
+  return init
+
+
+def _check_finite(config, init: pseudo_words.Initializer) -> None:
   if not np.all(np.isfinite(init.vectors)):
     raise ConfigError("the initial vectors are not finite (NaN or inf): "
                       + (f"config.init_embedding {config.init_embedding} holds such values"
                          if config.init_embedding else "the model's token table holds them"))
-  _log(init.note)
-  return init
+
+
+def initial_vector_pair(config, sd, table: np.ndarray, table_2: np.ndarray | None
+                        ) -> tuple[pseudo_words.Initializer, pseudo_words.Initializer | None]:
+  """Where the vectors start, for each text encoder: (first, second or None without SDXL).
+
+  SDXL: config.init_embedding must be an SDXL embedding (both encoders' vectors; another
+  family's is refused in one line), else each encoder starts from the initializer word
+  in its own tokenizer and token table.
+  """
+  if table_2 is None:
+    return initial_vectors(config, sd.tokenizer, table), None
+  if config.init_embedding:
+    concept = _init_concept(config.init_embedding, (table.shape[1], table_2.shape[1]))
+    n = config.num_vectors
+    if concept.vectors.shape[0] != n:
+      raise ConfigError(f"config.init_embedding: {config.init_embedding} has "
+                        f"{concept.vectors.shape[0]} vector(s), this run needs {n} (num_vectors)")
+    note = f"initialised {n} vector(s) per text encoder from {config.init_embedding}"
+    pair = (pseudo_words.Initializer(np.asarray(concept.vectors, np.float32), note),
+            pseudo_words.Initializer(np.asarray(concept.vectors_2, np.float32), note))
+  else:
+    pair = tuple(pseudo_words.initializer_vectors(tok, t, config.initializer_token,
+                                                  config.num_vectors)
+                 for tok, t in ((sd.tokenizer, table), (sd.tokenizer_2, table_2)))
+  for init in pair:
+    _check_finite(config, init)
+  _log(pair[0].note + (" (first text encoder)" if not config.init_embedding else ""))
+  if not config.init_embedding:
+    _log(pair[1].note + " (second text encoder)")
+  return pair
+
+
+def _init_concept(spec: str, widths: tuple[int, ...]) -> embedding_io.Concept:
+  """The one concept of an existing embedding (run dir or file, `PATH[:TOKEN]`) that fits a
+  model whose text encoders have `widths` (one-line errors)."""
+  try:
+    concepts = embedding_io.load_concepts(spec)
+  except (embedding_io.EmbeddingFileError, checkpointing.WorkdirError) as e:
+    raise ConfigError(f"config.init_embedding: {e}") from None
+  if len(concepts) != 1:  # PATH:TOKEN picks one of them (embedding_io.load_concepts)
+    raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens "
+                      f"({', '.join(c.token for c in concepts)}); pick one as "
+                      f"{spec}:{concepts[0].token}")
+  try:
+    embedding_io.check_fits(concepts[0], widths)
+  except errors.UserError as e:
+    raise ConfigError(f"config.init_embedding: {e}") from None
+  return concepts[0]
 
 
 def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> pseudo_words.Initializer:
@@ -487,6 +616,11 @@ def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> pseudo_words.
     raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens "
                       f"({', '.join(c.token for c in concepts)}); pick one as "
                       f"{spec}:{concepts[0].token}")
+  if concepts[0].vectors_2 is not None:  # an SDXL pair for a one-encoder model
+    try:
+      embedding_io.check_fits(concepts[0], (dim,))
+    except errors.UserError as e:
+      raise ConfigError(f"config.init_embedding: {e}") from None
   vectors = concepts[0].vectors
   if vectors.shape != (num_vectors, dim):
     raise ConfigError(f"config.init_embedding: {spec} has shape {tuple(vectors.shape)}, "
@@ -567,6 +701,18 @@ def step_inputs(config, inputs: RunInputs) -> tuple[train_lib.Frozen, train_lib.
       progressive_words=int(config.progressive_words),
       gradient_accumulation_steps=int(config.gradient_accumulation_steps),
       snr_gamma=float(config.snr_gamma), noise_offset=float(config.noise_offset))
+  if inputs.sd.is_sdxl:
+    frozen = frozen.replace(
+        text_encoder_2=inputs.sd.text_encoder_2_params,
+        placeholder_ids_2=np.asarray(p.token_ids_2, np.int32),
+        time_ids=inputs.time_ids[0], init_embeds_2=np.asarray(inputs.init_2.vectors, np.float32))
+    # Pool the second encoder at the real end token. SDXL's config says eos id 2, and
+    # transformers' legacy rule for it pools at the largest id, which is the added
+    # pseudo-word's in every training prompt (diffusers' SDXL script trains so). A1111
+    # and ComfyUI, where users load the embedding, pool at the real end token: training
+    # the way they sample keeps the pooled text embedding the one those tools compute.
+    settings = dataclasses.replace(settings, text_encoder_2=inputs.sd.text_encoder_2,
+                                   eos_token_id_2=int(inputs.sd.tokenizer_2.eos_token_id))
   return frozen, settings
 
 
@@ -576,10 +722,37 @@ def bucket_frozen(inputs: RunInputs, frozen: train_lib.Frozen,
   same device copies of the weights, each bucket's latents replicated once here, never
   per step. The step compiles one program per bucket shape on first use."""
   out = [frozen]
-  for mean, std in inputs.latents[1:]:
+  for b, (mean, std) in enumerate(inputs.latents[1:], start=1):
     mean, std = parallel.replicate((mean, std), devices)
-    out.append(frozen.replace(latent_mean=mean, latent_std=std))
+    bucket = frozen.replace(latent_mean=mean, latent_std=std)
+    if inputs.time_ids is not None:  # SDXL: the bucket's views' micro-conditioning
+      bucket = bucket.replace(time_ids=parallel.replicate(inputs.time_ids[b], devices))
+    out.append(bucket)
   return out
+
+
+def make_validator(config, inputs: RunInputs, frozen: train_lib.Frozen, devices: Sequence,
+                   workdir: str) -> validation.Validation | None:
+  """The run's validation images (`validation.make`), sharing the step's device weights.
+
+  SDXL: validation also gets the vectors' ids in tokenizer_2 (and, per validation
+  step, the second encoder's vectors; see `train_loop`).
+  """
+  shared = {"unet": frozen.unet, "text_encoder": frozen.text_encoder}
+  if not inputs.sd.is_sdxl:
+    return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
+                           shared=shared)
+  if not validation.enabled(config):
+    return None
+  # Until the SDXL-aware validation (branch sdxl-sample) is merged, validation.make has
+  # no token_ids_2: such a run trains without validation images instead of failing.
+  if "token_ids_2" not in inspect.signature(validation.make).parameters:
+    _log("validation images are not rendered for SDXL runs by this version; training goes "
+         "on without them (sample the run with ti_jax.sample)")
+    return None
+  return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
+                         shared=dict(shared, text_encoder_2=frozen.text_encoder_2),
+                         token_ids_2=inputs.prompts.token_ids_2)
 
 
 def step_bucket(config, inputs: RunInputs, step: int) -> tuple[int, int] | None:
@@ -643,6 +816,10 @@ def batch_for(config, inputs: RunInputs, step: int) -> dict:
                                        p.caption_ids, p.image_caption_ids)
   batch = {"input_ids": input_ids, "view_index": view_index,
            "example_index": example_index.astype(np.int32)}
+  if p.template_ids_2 is not None:  # SDXL: the same prompts in tokenizer_2's ids
+    batch["input_ids_2"] = captions.batch_input_ids(
+        p.template_ids_2, None, active, template_index, prompt_view, None, p.captioned,
+        p.caption_ids_2)
   return parallel.shard(batch, inputs.local_devices)
 
 
@@ -720,8 +897,12 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
           save_checkpoint(ckpts, state, step, metadata, config, flag, limit)
           interval.restart(step)
         if validator and not stop and validation.is_due(config, step):
-          validation.write_images(validator, step, parallel.unreplicate(state).params["embeds"],
-                                  tb)
+          host = parallel.unreplicate(state).params
+          if "embeds_2" in host:  # SDXL: both encoders' vectors
+            validation.write_images(validator, step, host["embeds"], tb,
+                                    learned_2=host["embeds_2"])
+          else:
+            validation.write_images(validator, step, host["embeds"], tb)
           interval.restart(step)
         if stop:
           interrupted = True
@@ -867,18 +1048,22 @@ def _progress_bar(start: int, total: int, enabled: bool):
 
 
 def write_final_embedding(config, workdir: str, vectors: np.ndarray, step: int,
-                          rewrite: bool) -> str:
+                          rewrite: bool, vectors_2: np.ndarray | None = None) -> str:
   """Writes the active vectors `[k, D]` as WORKDIR/learned_embeds.safetensors; returns its path.
 
+  An SDXL run (`vectors_2` `[k, D2]`, the second encoder's) writes diffusers' pair:
+  learned_embeds.safetensors and learned_embeds_2.safetensors beside it.
   Unless `rewrite` (the run trained), a file that already holds exactly these
   vectors is left alone: a re-run of a finished run in a workdir that has since
   become read-only still reports its result.
   """
   out = fileio.join(workdir, "learned_embeds.safetensors")
   try:
-    if rewrite or not embedding_io.holds_embedding(out, config.placeholder_token, vectors):
+    if rewrite or not embedding_io.holds_embedding(out, config.placeholder_token, vectors,
+                                                   vectors_2):
       embedding_io.save_embedding(out, embedding_io.Concept(
-          config.placeholder_token, vectors, f"{workdir} step {step}"), "diffusers")
+          config.placeholder_token, vectors, f"{workdir} step {step}", vectors_2=vectors_2),
+          "diffusers")
   except OSError as e:
     raise checkpointing.WorkdirError(
         f"cannot write {out}: {checkpointing.one_line(e)}; the final checkpoint, step "
