@@ -277,3 +277,29 @@ def test_sample_cli_writes_sdxl_pngs_from_an_embedding_file(concept, tmp_path):
   first = Image.open(out / pngs[0])
   assert first.size == (SIZE, SIZE)  # the model's native size when --height/--width are not given
   assert first.text["guidance_rescale"] == "0.7" and first.text["learned_tokens"] == "<toy>"
+
+
+def test_sampling_an_sdxl_run_uses_both_encoders_vectors_of_its_checkpoint(tmp_path):
+  from ti_jax.sampling import runner
+  from ti_jax.training import checkpointing, trainer
+  c = config_module("object").get_config("tiny_sdxl")
+  c.train_data_dir = os.path.join(REPO, "examples", "toy")
+  c.cache_dir = str(tmp_path / "cache")
+  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  c.validation_prompt, c.max_train_steps, c.checkpointing_steps = "", 1, 1
+  devices = jax.local_devices()[:1]
+  workdir = str(tmp_path / "run")
+  trainer.run(c, workdir, devices=devices, progress=False)
+  paths = runner.run(prompts=["a photo of a <toy>"], workdir=workdir, num_images=1,
+                     output_dir=str(tmp_path / "out"), devices=devices, scheduler="euler",
+                     num_inference_steps=2, guidance_scale=5.0)
+  assert [os.path.basename(p) for p in paths] == ["000_a_photo_of_a_toy_step1_seed0_000.png"]
+  vectors, vectors_2, _ = checkpointing.learned_pair_from_workdir(workdir)
+  assert vectors_2 is not None and vectors_2.shape[0] == vectors.shape[0]
+  sd = load_stable_diffusion("tiny-sdxl", cache_dir=c.cache_dir)
+  run_concept = embedding_io.Concept("<toy>", vectors, workdir, vectors_2=vectors_2)
+  vocab = sampling_concepts.tokenizers_with_concepts(sd, [run_concept])
+  g = generation.ImageGenerator(sd, scheduler="euler", num_inference_steps=2, guidance_scale=5.0,
+                                height=SIZE, width=SIZE, devices=devices)
+  np.testing.assert_array_equal(np.asarray(Image.open(paths[0])),
+                                g.generate(["a photo of a <toy>"], **vocab)[0])
