@@ -273,6 +273,9 @@ def define_generation_flags(flag_values=None) -> None:
                       "unconditional half (what to steer away from).")
   shared.DEFINE_integer("num_inference_steps", 50, "Denoising steps.")
   shared.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale (1 = off).",)
+  shared.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale (Lin et al. 2023, "
+                     "diffusers' name): 0 = off; 0.7 counters over-exposed guided images. "
+                     "Every model family.")
   shared.DEFINE_string("scheduler", "ddim", "Sampler: ddim, pndm, euler or dpm++2m.",)
   shared.DEFINE_string("pretrained_model_name_or_path", "", "Base model to use instead of the "
                       "one recorded in the checkpoint.")

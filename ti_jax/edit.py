@@ -30,6 +30,7 @@ def main(argv: Sequence[str]) -> None:
                 pretrained_model_name_or_path=f.pretrained_model_name_or_path,
                 negative_prompt=f.negative_prompt, num_images=f.num_images,
                 num_inference_steps=f.num_inference_steps, guidance_scale=f.guidance_scale,
+                guidance_rescale=f.guidance_rescale,
                 scheduler=f.scheduler, seed=f.seed, output_dir=f.output_dir,
                 mask_threshold=f.mask_threshold, mask_shrink_stages=f.mask_shrink_stages,
                 dtype=f.dtype, batch_size=f.batch_size,

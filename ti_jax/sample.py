@@ -42,6 +42,7 @@ def main(argv: Sequence[str]) -> None:
         pretrained_model_name_or_path=f.pretrained_model_name_or_path,
         negative_prompt=f.negative_prompt, num_images=f.num_images,
         num_inference_steps=f.num_inference_steps, guidance_scale=f.guidance_scale,
+        guidance_rescale=f.guidance_rescale,
         scheduler=f.scheduler, seed=f.seed, height=f.height, width=f.width,
         output_dir=f.output_dir, dtype=f.dtype, batch_size=f.batch_size,
         allow_base_model_mismatch=f.allow_base_model_mismatch, cache_dir=f.cache_dir,

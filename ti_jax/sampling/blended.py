@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax.data import captions
 from ti_jax.runtime import parallel
 from ti_jax.sampling import generation, schedulers
 
@@ -131,6 +130,11 @@ class _EditArrays:
   latents: jax.Array  # [h, w, C] the input image's scaled latents
   masks: jax.Array  # [S, h, w, 1] latent masks, largest first
   mask_stage: jax.Array  # [num_steps] int32 mask index of the blend after each step
+  # SDXL only (None otherwise), as generation's `_GenArrays`.
+  text_encoder_2: Any = None
+  learned_2: jax.Array | None = None  # [m, D2]
+  placeholder_ids_2: jax.Array | None = None  # [m] ids in tokenizer_2
+  zero_uncond: jax.Array | None = None  # bool []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,16 +145,18 @@ class _EditSettings:
   guidance_scale: float
   scaling_factor: float
   shift_factor: float
+  guidance_rescale: float = 0.0
+  text_encoder_2: Any = None  # SDXL only, as generation's `_GenSettings`
+  eos_token_id_2: int | None = None
+  time_ids: tuple[float, ...] | None = None
 
 
 def _edit_shard(arrays: _EditArrays, cond_ids: jax.Array, uncond_ids: jax.Array,
                 image_index: jax.Array, seed: jax.Array, *, settings: _EditSettings) -> jax.Array:
-  """Decoded edits `[b, H, W, 3]` in [0, 1] for this device's prompts (`[b, T]` token ids)."""
+  """Decoded edits `[b, H, W, 3]` in [0, 1] for this device's prompts (token ids `[b, T]`,
+  SDXL `[b, 2, T]`)."""
   sampler, n = arrays.sampler, arrays.sampler.num_steps
-  guided = settings.guidance_scale != 1.0
-  context = generation.encode_prompts(settings, arrays, cond_ids)  # [b, T, D]
-  if guided:
-    context = jnp.concatenate([generation.encode_prompts(settings, arrays, uncond_ids), context])  # [2b, T, D]
+  cond = generation.guidance_conditioning(settings, arrays, cond_ids, uncond_ids)
   b = cond_ids.shape[0]
   source = jnp.broadcast_to(arrays.latents, (b,) + arrays.latents.shape)  # [b, h, w, C]
   key = jax.random.key(seed)
@@ -163,7 +169,7 @@ def _edit_shard(arrays: _EditArrays, cond_ids: jax.Array, uncond_ids: jax.Array,
 
   def body(i, carry):
     x, state = carry
-    out = generation.guided_output(settings, arrays, sampler, x, i, context)
+    out = generation.guided_output(settings, arrays, sampler, x, i, cond)
     x, state = sampler.step(state, out, i, x)
     # The blend: the denoised sample inside the mask, the input noised to the same level outside.
     background = noised_latents(sampler, arrays.schedule, source, noise(i + 1), i + 1)
@@ -179,8 +185,11 @@ class BlendedEditor:
 
   def __init__(self, sd, *, scheduler: str = "ddim", num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: int = 512, width: int = 512,
-               devices: Sequence | None = None):
-    """`height` and `width` (the working size) must be multiples of `size_multiple(sd)`."""
+               devices: Sequence | None = None, guidance_rescale: float = 0.0):
+    """`height` and `width` (the working size) must be multiples of `size_multiple(sd)`.
+
+    SDXL edits as it samples (`generation.prompt_arrays`, `guidance_conditioning`);
+    `guidance_rescale` as `generation.ImageGenerator`'s."""
     multiple = size_multiple(sd)
     if height % multiple or width % multiple:
       raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
@@ -194,9 +203,13 @@ class BlendedEditor:
         unet=sd.unet, text_encoder=sd.text_encoder, vae=sd.vae,
         guidance_scale=float(guidance_scale),
         scaling_factor=float(sd.vae.config.scaling_factor),
-        shift_factor=float(sd.vae.config.shift_factor))
-    self._params = parallel.replicate({"unet": sd.unet_params, "text_encoder": sd.text_encoder_params,
-                                       "vae": sd.vae_params}, self.devices)
+        shift_factor=float(sd.vae.config.shift_factor), guidance_rescale=float(guidance_rescale),
+        **generation.sdxl_settings(sd, height, width))
+    weights = {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params,
+               "vae": sd.vae_params}
+    if sd.text_encoder_2 is not None:
+      weights["text_encoder_2"] = sd.text_encoder_2_params
+    self._params = parallel.replicate(weights, self.devices)
     self._fn = parallel.pmapped(functools.partial(_edit_shard, settings=self.settings),
                                 self.devices)
     vae = sd.vae
@@ -215,7 +228,7 @@ class BlendedEditor:
   def edit(self, prompts: Sequence[str], latents: np.ndarray, masks: np.ndarray, *,
            seed: int = 0, negative_prompt: str = "",
            learned: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
-           first_index: int = 0, tokenizer=None) -> np.ndarray:
+           first_index: int = 0, tokenizer=None, learned_2=(), tokenizer_2=None) -> np.ndarray:
     """Decoded edits, uint8 `[N, H, W, 3]`, one per prompt (no pixel blend yet).
 
     Args:
@@ -227,26 +240,21 @@ class BlendedEditor:
       learned: (vectors `[n, D]`, token ids `[n]`) of each learned concept.
       first_index: global index of the first image (for batches of a longer run).
       tokenizer: a tokenizer holding the learned tokens (default: the model's).
+      learned_2, tokenizer_2: SDXL's second-encoder vectors and tokenizer
+        (`generation.ImageGenerator.generate`'s).
     """
     n, d = len(prompts), len(self.devices)
     padded = -(-n // d) * d
-    tokenizer = tokenizer or self.sd.tokenizer
-    cond = captions.tokenize(tokenizer, list(prompts) + [prompts[-1]] * (padded - n))
-    uncond = captions.tokenize(tokenizer, [negative_prompt] * padded)
+    cond, uncond, text = generation.prompt_arrays(
+        self.sd, list(prompts) + [prompts[-1]] * (padded - n), negative_prompt, learned=learned,
+        tokenizer=tokenizer, learned_2=learned_2, tokenizer_2=tokenizer_2)
     index = np.arange(first_index, first_index + padded, dtype=np.int32)
-    dim = self.sd.text_encoder.config.hidden_size
-    if learned:
-      vectors = np.concatenate([np.asarray(v, np.float32).reshape(-1, dim) for v, _ in learned])
-      ids = np.concatenate([np.asarray(i, np.int32).reshape(-1) for _, i in learned])
-    else:  # an id that never occurs, so nothing is spliced
-      vectors, ids = np.zeros((1, dim), np.float32), np.full((1,), -1, np.int32)
     extra = parallel.replicate({
-        "learned": vectors, "placeholder_ids": ids, "sampler": self.sampler,
+        **text, "sampler": self.sampler,
         "schedule": self.schedule, "latents": np.asarray(latents, np.float32),
         "masks": np.asarray(masks, np.float32),
         "mask_stage": stage_of_step(self.sampler.num_steps, len(masks))}, self.devices)
-    arrays = _EditArrays(unet=self._params["unet"], text_encoder=self._params["text_encoder"],
-                         vae=self._params["vae"], **extra)
+    arrays = _EditArrays(**self._params, **extra)
     local = len(parallel.addressable(self.devices))
     rows = slice(jax.process_index() * local * (padded // d),
                  (jax.process_index() + 1) * local * (padded // d))

@@ -128,27 +128,47 @@ def text_encoder_widths(sd) -> tuple[int, ...]:
   return tuple(int(e.config.hidden_size) for e in encoders if e is not None)
 
 
-def tokenizer_with_concepts(tokenizer, concepts) -> tuple[Any, list[tuple[np.ndarray, list[int]]]]:
+def tokenizer_with_concepts(tokenizer, concepts, *, second: bool = False
+                            ) -> tuple[Any, list[tuple[np.ndarray, list[int]]]]:
   """A copy of `tokenizer` holding every concept's tokens, and (vectors, token ids) per concept.
 
   The caller's tokenizer is left as it was, so one loaded model can serve
   runs whose tokens share names (the evaluation of several runs of one
   concept). Refuses tokens the tokenizer cannot split apart
-  (`pseudo_words.check_separable`).
+  (`pseudo_words.check_separable`). `second`: the vectors are the concepts'
+  `vectors_2` (SDXL's second text encoder; `tokenizer` is then `tokenizer_2`).
   """
   tokenizer = copy.deepcopy(tokenizer)
   learned = []
   for c in concepts:
+    vectors = c.vectors_2 if second else c.vectors
+    if vectors is None:
+      raise SampleError(f"{c.source}: {c.token!r} has no vectors for SDXL's second text encoder")
     try:
-      ids = pseudo_words.add_placeholder_tokens(tokenizer, c.token, c.vectors.shape[0])
+      ids = pseudo_words.add_placeholder_tokens(tokenizer, c.token, vectors.shape[0])
     except pseudo_words.EmbeddingError as e:
       raise SampleError(f"{c.source}: {e}") from None
-    learned.append((c.vectors, ids))
+    learned.append((vectors, ids))
   try:
     pseudo_words.check_separable(tokenizer, {c.token: ids for c, (_, ids) in zip(concepts, learned)})
   except pseudo_words.EmbeddingError as e:
     raise SampleError(str(e)) from None
   return tokenizer, learned
+
+
+def tokenizers_with_concepts(sd, concepts) -> dict[str, Any]:
+  """The concepts in copies of the model's tokenizer(s): `ImageGenerator.generate`'s keywords.
+
+  {"tokenizer", "learned"} (`tokenizer_with_concepts`) and, for SDXL, also
+  {"tokenizer_2", "learned_2"}: each concept added to a copy of `tokenizer_2`
+  with its `vectors_2`. The model's own tokenizers are left as they were.
+  """
+  tokenizer, learned = tokenizer_with_concepts(sd.tokenizer, concepts)
+  out = {"tokenizer": tokenizer, "learned": learned}
+  if sd.tokenizer_2 is not None:
+    out["tokenizer_2"], out["learned_2"] = tokenizer_with_concepts(sd.tokenizer_2, concepts,
+                                                                   second=True)
+  return out
 
 
 def prepare_prompt(prompt: str, concepts, tokenizer) -> tuple[str, list[str]]:

@@ -102,7 +102,8 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
                  guidance_scale: float = 7.5, seed: int = 0, negative_prompt: str = "",
                  learned=(), resolution: int = 0, mask_shrink_stages: int = -1,
                  batch_size: int = 0, devices: Sequence | None = None, tokenizer=None,
-                 log=None) -> Iterator[tuple[int, np.ndarray]]:
+                 log=None, learned_2=(), tokenizer_2=None,
+                 guidance_rescale: float = 0.0) -> Iterator[tuple[int, np.ndarray]]:
   """Yields (index of the first edit, uint8 `[n, H, W, 3]`) per compiled call.
 
   Args:
@@ -116,6 +117,9 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
       for a thin mask, else 0).
     batch_size: edits per device per call (0: as `generation.auto_batch_size`).
     log: called with one line per decision (working size, thin mask).
+    learned, tokenizer, learned_2, tokenizer_2: the concepts' vectors and tokenizers
+      (`concepts.tokenizers_with_concepts`; the last two SDXL's second encoder's).
+    guidance_rescale: 0 (off) or as `generation.ImageGenerator`'s.
 
   Every edit equals `image` outside `mask` dilated by half a latent cell.
 
@@ -148,7 +152,7 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
   try:
     editor = blended.BlendedEditor(sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
                                    guidance_scale=guidance_scale, height=size[0], width=size[1],
-                                   devices=devices)
+                                   devices=devices, guidance_rescale=guidance_rescale)
   except ValueError as e:  # a step count or scheduler setting the model's config cannot take
     raise EditError(str(e)) from None
   latents = editor.encode(work_image)  # [h, w, C], the image encoded once
@@ -162,14 +166,16 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
     # Always `chunk` prompts: one compiled program for every call, the last one included.
     edits = editor.edit([prompt] * chunk, latents, masks, seed=seed,
                         negative_prompt=negative_prompt, learned=learned, first_index=start,
-                        tokenizer=tokenizer or sd.tokenizer)[:count]
+                        tokenizer=tokenizer or sd.tokenizer, learned_2=learned_2,
+                        tokenizer_2=tokenizer_2)[:count]
     edits = np.stack([_resize(e, (h, w), Image.LANCZOS) for e in edits])  # [n, H, W, 3]
     yield start, blended.blend_pixels(image, edits, region)
 
 
 def _check_request(*, prompt: str, num_images: int, num_inference_steps: int, batch_size: int,
                    seed: int, guidance_scale: float, mask_threshold: int,
-                   mask_shrink_stages: int, scheduler: str) -> None:
+                   mask_shrink_stages: int, scheduler: str,
+                   guidance_rescale: float = 0.0) -> None:
   """Refuses bad arguments before anything is read or loaded."""
   if not prompt:
     raise EditError("no prompt: pass --prompt")
@@ -181,6 +187,8 @@ def _check_request(*, prompt: str, num_images: int, num_inference_steps: int, ba
     raise EditError(f"seed must be in [0, 2**32), got {seed}")
   if not math.isfinite(guidance_scale):
     raise EditError(f"guidance_scale must be a finite number, got {guidance_scale}")
+  if not 0.0 <= guidance_rescale <= 1.0:  # also refuses NaN
+    raise EditError(f"guidance_rescale must be in [0, 1] (0: off), got {guidance_rescale}")
   if not 1 <= mask_threshold <= 255:
     raise EditError(f"mask_threshold must be a grey level in [1, 255], got {mask_threshold}")
   if mask_shrink_stages < -1:
@@ -221,12 +229,15 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
         mask_threshold: int = MASK_THRESHOLD, mask_shrink_stages: int = -1,
         dtype: str = "auto", batch_size: int = 0, allow_base_model_mismatch: bool = False,
         cache_dir: str = "", allow_pickle: bool = False,
-        devices: Sequence | None = None) -> list[str]:
-  """Edits the white region of `mask` in `image` with `prompt`; returns the written PNG paths."""
+        devices: Sequence | None = None, guidance_rescale: float = 0.0) -> list[str]:
+  """Edits the white region of `mask` in `image` with `prompt`; returns the written PNG paths.
+
+  Every model family, SDXL included (its concepts go into copies of both tokenizers).
+  """
   _check_request(prompt=prompt, num_images=num_images, num_inference_steps=num_inference_steps,
                  batch_size=batch_size, seed=seed, guidance_scale=guidance_scale,
                  mask_threshold=mask_threshold, mask_shrink_stages=mask_shrink_stages,
-                 scheduler=scheduler)
+                 scheduler=scheduler, guidance_rescale=guidance_rescale)
   pixels, region = load_image_and_mask(image, mask, mask_threshold)  # [H, W, 3], [H, W]
   concepts, run_meta = concept_lib.gather_concepts(workdir, step, embedding_sources)
   for line in concept_lib.describe_concepts(concepts):
@@ -242,8 +253,8 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
     schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
   except ValueError as e:
     raise EditError(str(e)) from None
-  tokenizer, learned = concept_lib.tokenizer_with_concepts(sd.tokenizer, concepts)
-  expanded, warnings = concept_lib.prepare_prompt(prompt, concepts, tokenizer)
+  vocab = concept_lib.tokenizers_with_concepts(sd, concepts)  # tokenizer(s), learned vectors
+  expanded, warnings = concept_lib.prepare_prompt(prompt, concepts, vocab["tokenizer"])
   for line in warnings:
     _log(f"warning: {line}")
   out_dir = output_dir or (fileio.join(workdir, "edits") if workdir else "edits")
@@ -256,9 +267,9 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
   batches = edit_batches(
       sd, pixels, region, expanded, num_images, scheduler=scheduler,
       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-      negative_prompt=negative_prompt, learned=learned,
-      resolution=run_config.get("resolution") or 0, mask_shrink_stages=mask_shrink_stages,
-      batch_size=batch_size, devices=devices, tokenizer=tokenizer, log=_log)
+      negative_prompt=negative_prompt, resolution=run_config.get("resolution") or 0,
+      mask_shrink_stages=mask_shrink_stages, batch_size=batch_size, devices=devices, log=_log,
+      guidance_rescale=guidance_rescale, **vocab)
   for start, edits in batches:
     bar.update(len(edits))
     if not is_main:  # every process edits; process 0 writes
@@ -268,7 +279,8 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
       text = generation.image_text(
           prompt=prompt, negative_prompt=negative_prompt, seed=seed, index=i,
           steps=num_inference_steps, scheduler=scheduler, guidance_scale=guidance_scale,
-          model=model_id, concepts=concepts, checkpoint_step=ckpt_step)
+          model=model_id, concepts=concepts, checkpoint_step=ckpt_step,
+          guidance_rescale=guidance_rescale)
       generation.save_png(path, edit, dict(text, image=image, mask=mask,
                                            mask_threshold=str(mask_threshold),
                                            method="blended latent diffusion"))

@@ -1,9 +1,16 @@
 """Text-to-image generation with learned pseudo-words: a jit-compiled, pmapped denoising loop.
 
 Classifier-free guidance runs the conditional and unconditional halves in one
-batched UNet call; the loop is a `lax.fori_loop`, so a whole image is one
-compiled program. Each image's starting noise is a function of (seed, image
-index) alone, so the images do not depend on how many devices share the work.
+batched UNet call (optionally rescaled, `guidance_rescale`); the loop is a
+`lax.fori_loop`, so a whole image is one compiled program. Each image's
+starting noise is a function of (seed, image index) alone, so the images do
+not depend on how many devices share the work.
+
+Stable Diffusion XL goes through the same program: its prompts are token ids
+of both tokenizers (`[b, 2, T]`), each encoder gets its own learned vectors
+(`learned_2` / `placeholder_ids_2` are the second encoder's, ids in
+`tokenizer_2`), and the UNet also reads the pooled text embedding and the
+size conditioning (`ti_jax.models.sdxl`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from PIL import Image, PngImagePlugin
 
 from ti_jax.data import captions
 from ti_jax.embeddings.pseudo_words import embed_tokens, token_table
+from ti_jax.models import sdxl
 from ti_jax.runtime import fileio, parallel
 from ti_jax.sampling import schedulers
 
@@ -35,6 +43,13 @@ class _GenArrays:
   learned: jax.Array  # [m, D] vectors of all learned tokens
   placeholder_ids: jax.Array  # [m] their token ids
   sampler: schedulers.Sampler
+  # SDXL only (None otherwise): the second encoder's params and learned vectors, and
+  # whether the unconditional half is zeros (an empty negative prompt with the
+  # model's force_zeros_for_empty_prompt).
+  text_encoder_2: Any = None
+  learned_2: jax.Array | None = None  # [m, D2]
+  placeholder_ids_2: jax.Array | None = None  # [m] ids in tokenizer_2
+  zero_uncond: jax.Array | None = None  # bool []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +61,10 @@ class _GenSettings:
   latent_shape: tuple[int, int, int]  # (h, w, C)
   scaling_factor: float
   shift_factor: float
+  guidance_rescale: float = 0.0
+  text_encoder_2: Any = None  # SDXL's second encoder (module), else None
+  eos_token_id_2: int | None = None  # SDXL: where the pooled embedding is read
+  time_ids: tuple[float, ...] | None = None  # SDXL: the 6 size-conditioning values
 
 
 # The three pieces of every guided denoising program (this sampler's and ti_jax.edit's).
@@ -53,29 +72,87 @@ class _GenSettings:
 # with those fields works (`_GenSettings`/`_GenArrays` here, their editing counterparts).
 
 
-def encode_prompts(settings, arrays, ids: jax.Array) -> jax.Array:
-  """Text-encoder states `[b, T, D]` of token ids `[b, T]`, the learned vectors spliced in."""
+def encode_prompts(settings, arrays, ids: jax.Array) -> tuple[jax.Array, Any]:
+  """What the UNet reads for token ids, the learned vectors spliced in: (context, added_cond).
+
+  SD/LDM: `ids` `[b, T]`; returns (text-encoder states `[b, T, D]`, None).
+  SDXL (`settings.text_encoder_2` set): `ids` `[b, 2, T]`, the prompts in `tokenizer`
+  and in `tokenizer_2`; returns (context `[b, T, D1 + D2]`, {"text_embeds" `[b, P]`,
+  "time_ids" `[b, 6]`}). The pooled embedding is read at the real end token
+  (`settings.eos_token_id_2`), where A1111 and ComfyUI read it, not at the largest id
+  (transformers' legacy rule for SDXL's eos id 2, which picks an added pseudo-word).
+  """
   table = token_table(settings.text_encoder, arrays.text_encoder)  # [V, D]
-  embeds = embed_tokens(table, arrays.learned, arrays.placeholder_ids, ids)
-  return settings.text_encoder.apply({"params": arrays.text_encoder}, ids, inputs_embeds=embeds)
+  if settings.text_encoder_2 is None:
+    embeds = embed_tokens(table, arrays.learned, arrays.placeholder_ids, ids)
+    return settings.text_encoder.apply({"params": arrays.text_encoder}, ids,
+                                       inputs_embeds=embeds), None
+  ids_1, ids_2 = ids[:, 0], ids[:, 1]  # [b, T] each
+  embeds_1 = embed_tokens(table, arrays.learned, arrays.placeholder_ids, ids_1)
+  table_2 = token_table(settings.text_encoder_2, arrays.text_encoder_2)  # [V, D2]
+  embeds_2 = embed_tokens(table_2, arrays.learned_2, arrays.placeholder_ids_2, ids_2)
+  context, pooled = sdxl.text_conditioning(
+      settings.text_encoder, arrays.text_encoder, settings.text_encoder_2, arrays.text_encoder_2,
+      ids_1, ids_2, embeds_1, embeds_2, eos_token_id_2=settings.eos_token_id_2)
+  return context, sdxl.added_cond(pooled, settings.time_ids)
+
+
+def guidance_conditioning(settings, arrays, cond_ids: jax.Array, uncond_ids: jax.Array):
+  """The (context, added_cond) of one guided UNet call: the unconditional half first.
+
+  Without guidance (`guidance_scale == 1`) only the prompts' own. SDXL's
+  unconditional half is zeros where `arrays.zero_uncond` (diffusers'
+  `force_zeros_for_empty_prompt` with no negative prompt).
+  """
+  cond = encode_prompts(settings, arrays, cond_ids)
+  if settings.guidance_scale == 1.0:
+    return cond
+  uncond = encode_prompts(settings, arrays, uncond_ids)
+  if settings.text_encoder_2 is not None:
+    context, added = uncond
+    zeros = sdxl.unconditional(context, added["text_embeds"])
+    keep = jnp.logical_not(arrays.zero_uncond)
+    uncond = (jnp.where(keep, context, zeros[0]),
+              dict(added, text_embeds=jnp.where(keep, added["text_embeds"], zeros[1])))
+  # [2b, T, D] context (and [2b, ...] added conditioning)
+  return jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+
+
+def rescale_guidance(guided: jax.Array, cond: jax.Array, rescale: float) -> jax.Array:
+  """Guidance rescale (Lin et al. 2023, sec. 3.4; diffusers' `rescale_noise_cfg`).
+
+  Scales the guided output `[b, h, w, C]` to the per-image standard deviation of the
+  conditional output, then mixes: `rescale * scaled + (1 - rescale) * guided`.
+  """
+  axes = tuple(range(1, guided.ndim))
+  # ddof=1 as torch's std; the ratio does not depend on it, its rounding does.
+  ratio = jnp.std(cond, axis=axes, keepdims=True, ddof=1) / jnp.std(
+      guided, axis=axes, keepdims=True, ddof=1)
+  return rescale * (guided * ratio) + (1.0 - rescale) * guided
 
 
 def guided_output(settings, arrays, sampler: schedulers.Sampler, x: jax.Array, i: jax.Array,
-                  context: jax.Array) -> jax.Array:
+                  cond) -> jax.Array:
   """The UNet's float32 output for latents `x` `[b, h, w, C]` at sampler step `i`.
 
-  With classifier-free guidance (`settings.guidance_scale != 1`) `context` is `[2b, T, D]`,
-  the unconditional half first; otherwise `[b, T, D]`.
+  `cond` is `guidance_conditioning`'s (context, added_cond): with classifier-free
+  guidance (`settings.guidance_scale != 1`) a context `[2b, T, D]`, the unconditional
+  half first; otherwise `[b, T, D]`. `settings.guidance_rescale` 0 leaves the guided
+  output as it is (the same program as without the option).
   """
   guided = settings.guidance_scale != 1.0
+  context, added = cond
   x_in = sampler.scale_model_input(x, i)
   if guided:
     x_in = jnp.concatenate([x_in, x_in])
   t = jnp.broadcast_to(sampler.timesteps[i], (x_in.shape[0],))
-  out = settings.unet.apply({"params": arrays.unet}, x_in, t, context).astype(jnp.float32)
+  out = settings.unet.apply({"params": arrays.unet}, x_in, t, context,
+                            added_cond=added).astype(jnp.float32)
   if guided:
-    uncond, cond = jnp.split(out, 2)
-    out = uncond + settings.guidance_scale * (cond - uncond)
+    uncond, cond_out = jnp.split(out, 2)
+    out = uncond + settings.guidance_scale * (cond_out - uncond)
+    if settings.guidance_rescale > 0.0:
+      out = rescale_guidance(out, cond_out, settings.guidance_rescale)
   return out
 
 
@@ -89,12 +166,10 @@ def decode_latents(settings, arrays, latents: jax.Array) -> jax.Array:
 def _generate_shard(arrays: _GenArrays, cond_ids: jax.Array, uncond_ids: jax.Array,
                     image_index: jax.Array, seed: jax.Array, *,
                     settings: _GenSettings) -> jax.Array:
-  """Images `[b, H, W, 3]` in [0, 1] for this device's prompts (`[b, T]` token ids)."""
+  """Images `[b, H, W, 3]` in [0, 1] for this device's prompts (token ids `[b, T]`,
+  SDXL `[b, 2, T]`)."""
   sampler = arrays.sampler
-  guided = settings.guidance_scale != 1.0
-  context = encode_prompts(settings, arrays, cond_ids)  # [b, T, D]
-  if guided:
-    context = jnp.concatenate([encode_prompts(settings, arrays, uncond_ids), context])  # [2b, T, D]
+  cond = guidance_conditioning(settings, arrays, cond_ids, uncond_ids)
   key = jax.random.key(seed)
   latents = jax.vmap(lambda g: jax.random.normal(jax.random.fold_in(key, g),
                                                  settings.latent_shape))(image_index)
@@ -102,26 +177,96 @@ def _generate_shard(arrays: _GenArrays, cond_ids: jax.Array, uncond_ids: jax.Arr
 
   def body(i, carry):
     x, state = carry
-    return sampler.step(state, guided_output(settings, arrays, sampler, x, i, context), i, x)
+    return sampler.step(state, guided_output(settings, arrays, sampler, x, i, cond), i, x)
 
   latents, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (latents, sampler.init_state(latents)))
   return decode_latents(settings, arrays, latents)
 
 
+def sdxl_settings(sd, height: int, width: int) -> dict[str, Any]:
+  """The SDXL fields of a program's settings (none for SD/LDM): the second encoder,
+  its end token (the pooling position) and the size conditioning of `height` x `width`."""
+  if sd.text_encoder_2 is None:
+    return {}
+  return {"text_encoder_2": sd.text_encoder_2,
+          "eos_token_id_2": int(sd.tokenizer_2.eos_token_id),
+          # The pipeline's default: original = target = the generated size, no crop.
+          "time_ids": tuple(float(v) for v in sdxl.time_ids((height, width), (0, 0)))}
+
+
+def _learned_arrays(learned, text_encoder, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """All concepts' vectors `[m, D]` and their token ids `[m]`, as the program reads them."""
+  dim = text_encoder.config.hidden_size
+  if not learned:  # an id that never occurs, so nothing is spliced
+    return np.zeros((1, dim), np.float32), np.full((1,), -1, np.int32)
+  vectors = np.concatenate([np.asarray(v, np.float32).reshape(-1, dim) for v, _ in learned])
+  ids = np.concatenate([np.asarray(i, np.int32).reshape(-1) for _, i in learned])
+  if ids.max() >= len(tokenizer):  # the ids were added to another tokenizer
+    raise ValueError(f"learned token id {int(ids.max())} is not in the tokenizer "
+                     f"({len(tokenizer)} tokens): pass the tokenizer that "
+                     "concepts.tokenizer_with_concepts returned with these ids")
+  return vectors, ids
+
+
+def prompt_arrays(sd, prompts: Sequence[str], negative_prompt: str, *, learned=(),
+                  tokenizer=None, learned_2=(), tokenizer_2=None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+  """Host arrays of a guided program's text side: (cond ids, uncond ids, learned arrays).
+
+  Ids are `[B, T]` (SD/LDM) or `[B, 2, 77]` (SDXL: `tokenizer`'s and `tokenizer_2`'s);
+  the dict holds `learned`/`placeholder_ids` and for SDXL `learned_2`/`placeholder_ids_2`
+  and `zero_uncond` (an empty negative prompt with the model's
+  `force_zeros_for_empty_prompt`, which diffusers' SDXL pipeline defaults to True).
+  Arguments as `ImageGenerator.generate`'s.
+  """
+  tokenizer = tokenizer or sd.tokenizer
+  vectors, ids = _learned_arrays(learned, sd.text_encoder, tokenizer)
+  negatives = [negative_prompt] * len(prompts)
+  extra = {"learned": vectors, "placeholder_ids": ids}
+  if sd.text_encoder_2 is None:
+    return captions.tokenize(tokenizer, prompts), captions.tokenize(tokenizer, negatives), extra
+  if len(learned_2) != len(learned):
+    raise ValueError(f"SDXL needs each concept's vectors for both text encoders: "
+                     f"{len(learned)} in learned, {len(learned_2)} in learned_2")
+  tokenizer_2 = tokenizer_2 or sd.tokenizer_2
+  vectors_2, ids_2 = _learned_arrays(learned_2, sd.text_encoder_2, tokenizer_2)
+  both = lambda texts: np.stack([captions.tokenize(tokenizer, texts, sdxl.MAX_LENGTH),
+                                 captions.tokenize(tokenizer_2, texts, sdxl.MAX_LENGTH)],
+                                axis=1)  # [B, 2, 77]
+  zeros = not negative_prompt and bool(sd.model_index.get("force_zeros_for_empty_prompt", True))
+  extra.update(learned_2=vectors_2, placeholder_ids_2=ids_2, zero_uncond=np.asarray(zeros))
+  return both(prompts), both(negatives), extra
+
+
 class ImageGenerator:
-  """Generates images for prompts that may use learned pseudo-words, over several devices."""
+  """Generates images for prompts that may use learned pseudo-words, over several devices.
+
+  Learned vectors come per text encoder: `learned` (and `tokenizer`) for the first,
+  and for SDXL also `learned_2` (and `tokenizer_2`), the same concepts in the same
+  order with their second-encoder vectors and their ids in `tokenizer_2`
+  (`concepts.tokenizers_with_concepts` returns all four).
+  """
 
   def __init__(self, sd, *, scheduler: str = "ddim", num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: int = 512, width: int = 512,
-               devices: Sequence | None = None, replicated_params: dict | None = None):
+               devices: Sequence | None = None, replicated_params: dict | None = None,
+               guidance_rescale: float = 0.0):
     """`replicated_params`: already replicated {"unet", "text_encoder"} params to share
-    (e.g. the training step's), instead of placing another copy on every device."""
+    (e.g. the training step's), instead of placing another copy on every device; a
+    piece it lacks ("text_encoder_2" of SDXL) is replicated here.
+
+    `guidance_rescale` (Lin et al. 2023; diffusers' name): 0 is off, the images of
+    plain classifier-free guidance.
+    """
     factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
     unet_factor = 2 ** (len(sd.unet.config.block_out_channels) - 1)
     if height % (factor * unet_factor) or width % (factor * unet_factor):
       raise ValueError(f"height and width must be multiples of {factor * unet_factor}, "
                        f"got {height}x{width}")
+    if not 0.0 <= guidance_rescale <= 1.0:
+      raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     self.sd = sd
+    self.is_sdxl = sd.text_encoder_2 is not None
     self.image_size = (height, width)
     self.devices = list(devices) if devices is not None else parallel.all_devices()
     self.sampler = schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
@@ -130,47 +275,52 @@ class ImageGenerator:
         guidance_scale=float(guidance_scale),
         latent_shape=(height // factor, width // factor, sd.unet.config.in_channels),
         scaling_factor=float(sd.vae.config.scaling_factor),
-        shift_factor=float(sd.vae.config.shift_factor))
-    if replicated_params is None:
-      replicated_params = parallel.replicate(
-          {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params}, self.devices)
-    self._params = dict(replicated_params,
-                        vae=parallel.replicate(sd.vae_params, self.devices))
+        shift_factor=float(sd.vae.config.shift_factor),
+        guidance_rescale=float(guidance_rescale), **sdxl_settings(sd, height, width))
+    own = {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params, "vae": sd.vae_params}
+    if self.is_sdxl:
+      own["text_encoder_2"] = sd.text_encoder_2_params
+    shared = dict(replicated_params or {})
+    self._params = dict(shared, **parallel.replicate(
+        {k: v for k, v in own.items() if k not in shared}, self.devices))
     self._fn = parallel.pmapped(functools.partial(_generate_shard, settings=self.settings),
                                 self.devices)
 
   def generate(self, prompts: Sequence[str], *, seed: int = 0, negative_prompt: str = "",
                learned: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
-               first_index: int = 0, tokenizer=None) -> np.ndarray:
+               first_index: int = 0, tokenizer=None,
+               learned_2: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
+               tokenizer_2=None) -> np.ndarray:
     """Images for `prompts`, uint8 `[N, H, W, 3]`.
 
     Args:
       prompts: one prompt per image.
       seed: image i starts from noise drawn with (seed, first_index + i).
-      negative_prompt: the unconditional prompt of classifier-free guidance.
+      negative_prompt: the unconditional prompt of classifier-free guidance. SDXL
+        with an empty one and the model's `force_zeros_for_empty_prompt` (SDXL
+        base sets it) guides from zeros instead, as diffusers' pipeline does.
       learned: (vectors `[n, D]`, token ids `[n]`) of each learned concept.
       first_index: global index of the first image (for batches of a longer run).
       tokenizer: the tokenizer that holds the learned tokens
         (`concepts.tokenizer_with_concepts`), so one generator can serve several
         runs on the same base model; default: the model's own.
+      learned_2: SDXL: (vectors `[n, D2]`, ids in `tokenizer_2`) of the same concepts.
+      tokenizer_2: SDXL: the second tokenizer holding them; default: the model's.
 
     Raises:
-      ValueError: a learned token id the tokenizer does not have.
+      ValueError: a learned token id the tokenizer does not have, or SDXL concepts
+        without their second-encoder vectors.
     """
     n = len(prompts)
     d = len(self.devices)
     padded = -(-n // d) * d
-    tokenizer = tokenizer or self.sd.tokenizer
-    vectors, ids = self._learned_arrays(learned)
-    if ids.max() >= len(tokenizer):  # the ids were added to another tokenizer
-      raise ValueError(f"learned token id {int(ids.max())} is not in the tokenizer "
-                       f"({len(tokenizer)} tokens): pass the tokenizer that "
-                       "concepts.tokenizer_with_concepts returned with these ids")
-    cond = captions.tokenize(tokenizer, list(prompts) + [prompts[-1]] * (padded - n))
-    uncond = captions.tokenize(tokenizer, [negative_prompt] * padded)
+    texts = list(prompts) + [prompts[-1]] * (padded - n)
+    cond, uncond, extra = prompt_arrays(self.sd, texts, negative_prompt, learned=learned,
+                                        tokenizer=tokenizer, learned_2=learned_2,
+                                        tokenizer_2=tokenizer_2)
+    extra["sampler"] = self.sampler
     index = np.arange(first_index, first_index + padded, dtype=np.int32)
-    arrays = self._arrays(parallel.replicate(
-        {"learned": vectors, "placeholder_ids": ids, "sampler": self.sampler}, self.devices))
+    arrays = self._arrays(parallel.replicate(extra, self.devices))
     # Each process feeds its own devices' rows (all rows with one process).
     local = len(parallel.addressable(self.devices))
     rows = slice(jax.process_index() * local * (padded // d),
@@ -187,34 +337,34 @@ class ImageGenerator:
     For ahead-of-time compilation and memory analysis (benchmarks/tpu_compile.py
     lowers it for TPU topologies it does not have). The program's arguments are
     those `generate` passes, as shapes: `per_device_batch` prompts of the text
-    encoder's context length per device and `num_learned` learned vectors.
-    The generator's weights may be `jax.ShapeDtypeStruct`s.
+    encoder's context length per device (both tokenizers' for SDXL) and
+    `num_learned` learned vectors (per encoder). The generator's weights may be
+    `jax.ShapeDtypeStruct`s.
     """
     sds = jax.ShapeDtypeStruct
     abstract = lambda tree: jax.tree_util.tree_map(lambda x: sds(np.shape(x), x.dtype), tree)
     n = len(self.devices)
     config = self.sd.text_encoder.config
-    extra = parallel.replicate({"learned": sds((num_learned, config.hidden_size), jnp.float32),
-                                "placeholder_ids": sds((num_learned,), jnp.int32),
-                                "sampler": abstract(self.sampler)}, self.devices)
-    arrays = abstract(self._arrays(extra))
+    extra = {"learned": sds((num_learned, config.hidden_size), jnp.float32),
+             "placeholder_ids": sds((num_learned,), jnp.int32),
+             "sampler": abstract(self.sampler)}
     ids = sds((n * per_device_batch, config.max_position_embeddings), jnp.int32)
+    if self.is_sdxl:
+      extra.update(learned_2=sds((num_learned, self.sd.text_encoder_2.config.hidden_size),
+                                 jnp.float32),
+                   placeholder_ids_2=sds((num_learned,), jnp.int32),
+                   zero_uncond=sds((), jnp.bool_))
+      ids = sds((n * per_device_batch, 2, sdxl.MAX_LENGTH), jnp.int32)
+    arrays = abstract(self._arrays(parallel.replicate(extra, self.devices)))
     cond, uncond, index = parallel.shard((ids, ids, sds((n * per_device_batch,), jnp.int32)), n)
     return self._fn.lower(arrays, cond, uncond, index, sds((n,), np.uint32))
 
-  def _learned_arrays(self, learned) -> tuple[np.ndarray, np.ndarray]:
-    """All concepts' vectors `[m, D]` and their token ids `[m]`, as the program reads them."""
-    dim = self.sd.text_encoder.config.hidden_size
-    if not learned:  # an id that never occurs, so nothing is spliced
-      return np.zeros((1, dim), np.float32), np.full((1,), -1, np.int32)
-    vectors = np.concatenate([np.asarray(v, np.float32).reshape(-1, dim) for v, _ in learned])
-    ids = np.concatenate([np.asarray(i, np.int32).reshape(-1) for _, i in learned])
-    return vectors, ids
-
   def _arrays(self, extra: dict) -> _GenArrays:
     """The program's arrays: the replicated weights and `extra` (replicated learned, ids, sampler)."""
-    return _GenArrays(unet=self._params["unet"], text_encoder=self._params["text_encoder"],
-                      vae=self._params["vae"], **extra)
+    weights = {k: self._params[k] for k in ("unet", "text_encoder", "vae")}
+    if self.is_sdxl:
+      weights["text_encoder_2"] = self._params["text_encoder_2"]
+    return _GenArrays(**weights, **extra)
 
 
 # Per-device batch when sampling without a requested one. On CPU there is no device
@@ -261,7 +411,8 @@ def auto_batch_size(generator: "ImageGenerator", num_images: int) -> int:
   if not limit:
     return max(1, min(needed, CPU_AUTO_BATCH))
   weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(
-      (generator.sd.unet_params, generator.sd.text_encoder_params, generator.sd.vae_params)))
+      (generator.sd.unet_params, generator.sd.text_encoder_params, generator.sd.vae_params,
+       generator.sd.text_encoder_2_params)))
   h, w = generator.image_size
   fit = int(_MEMORY_SHARE * max(limit - weights, 0) // image_bytes(generator.sd, h, w))
   return max(1, min(needed, fit, _MAX_AUTO_BATCH))
@@ -269,9 +420,11 @@ def auto_batch_size(generator: "ImageGenerator", num_images: int) -> int:
 
 def image_batches(generator: ImageGenerator, prompt: str, num_images: int, *,
                   batch_size: int = 0, seed: int = 0, negative_prompt: str = "",
-                  learned=(), tokenizer=None) -> Iterator[tuple[int, np.ndarray]]:
+                  learned=(), tokenizer=None, learned_2=(),
+                  tokenizer_2=None) -> Iterator[tuple[int, np.ndarray]]:
   """Yields (index of the first image, uint8 `[n, H, W, 3]`) per call, `batch_size` images
-  per device per call (0: `auto_batch_size`).
+  per device per call (0: `auto_batch_size`). `learned`, `tokenizer`, `learned_2` and
+  `tokenizer_2` are `ImageGenerator.generate`'s.
 
   Image i starts from noise (seed, i), so the images do not depend on the
   batch size or device count; a caller can write each batch before the next
@@ -284,12 +437,14 @@ def image_batches(generator: ImageGenerator, prompt: str, num_images: int, *,
     # Always `chunk` prompts: one compiled program for every call, the last one included.
     yield start, generator.generate([prompt] * chunk, seed=seed, negative_prompt=negative_prompt,
                                     learned=learned, first_index=start,
-                                    tokenizer=tokenizer)[:count]
+                                    tokenizer=tokenizer, learned_2=learned_2,
+                                    tokenizer_2=tokenizer_2)[:count]
 
 
 def generate_images(generator: ImageGenerator, prompt: str, num_images: int, *,
                     batch_size: int = 0, seed: int = 0, negative_prompt: str = "",
-                    learned=(), tokenizer=None, progress=None) -> np.ndarray:
+                    learned=(), tokenizer=None, learned_2=(), tokenizer_2=None,
+                    progress=None) -> np.ndarray:
   """`num_images` images `[N, H, W, 3]` uint8 of one prompt, `batch_size` per device per call
   (0: `auto_batch_size`).
 
@@ -299,7 +454,8 @@ def generate_images(generator: ImageGenerator, prompt: str, num_images: int, *,
   images = []
   for _, batch in image_batches(generator, prompt, num_images, batch_size=batch_size, seed=seed,
                                 negative_prompt=negative_prompt, learned=learned,
-                                tokenizer=tokenizer):
+                                tokenizer=tokenizer, learned_2=learned_2,
+                                tokenizer_2=tokenizer_2):
     images.append(batch)
     if progress:
       progress(len(batch))
@@ -320,11 +476,12 @@ def make_output_dir(out_dir: str, error: type) -> None:
 
 def image_text(*, prompt: str, negative_prompt: str, seed: int, index: int, steps: int,
                scheduler: str, guidance_scale: float, model: str, concepts,
-               checkpoint_step) -> dict[str, str]:
+               checkpoint_step, guidance_rescale: float = 0.0) -> dict[str, str]:
   """The PNG text chunk of a generated image: everything needed to make it again."""
   return {"prompt": prompt, "negative_prompt": negative_prompt, "seed": str(seed),
           "image_index": str(index), "steps": str(steps), "scheduler": scheduler,
-          "guidance_scale": str(guidance_scale), "model": model,
+          "guidance_scale": str(guidance_scale), "guidance_rescale": str(guidance_rescale),
+          "model": model,
           "learned_tokens": ",".join(c.token for c in concepts),
           "checkpoint_step": str(checkpoint_step)}
 

@@ -30,6 +30,7 @@ from ti_jax.sampling.concepts import (  # noqa: F401
   prepare_prompt,
   resolve_base_model,
   tokenizer_with_concepts,
+  tokenizers_with_concepts,
 )
 from ti_jax.sampling.generation import slug  # noqa: F401
 
@@ -49,7 +50,7 @@ MAX_IMAGE_SIZE = 2048
 
 def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_size: int,
                    seed: int, height: int, width: int, guidance_scale: float, scheduler: str,
-                   cache_dir: str) -> None:
+                   cache_dir: str, guidance_rescale: float = 0.0) -> None:
   """Refuses bad sampling arguments with a one-line `SampleError`, before anything loads."""
   if not prompts:
     raise SampleError("no prompt: pass --prompt (repeatable) or --prompts_file")
@@ -68,6 +69,8 @@ def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_
                         "Stable Diffusion models are trained at 512-1024 px")
   if not math.isfinite(guidance_scale):
     raise SampleError(f"guidance_scale must be a finite number, got {guidance_scale}")
+  if not 0.0 <= guidance_rescale <= 1.0:  # also refuses NaN
+    raise SampleError(f"guidance_rescale must be in [0, 1] (0: off), got {guidance_rescale}")
   try:
     schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
   except ValueError as e:
@@ -84,16 +87,19 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         height: int = 0, width: int = 0, output_dir: str = "", dtype: str = "auto",
         batch_size: int = 0, allow_base_model_mismatch: bool = False,
         cache_dir: str = "", allow_pickle: bool = False,
-        devices: Sequence | None = None) -> list[str]:
+        devices: Sequence | None = None, guidance_rescale: float = 0.0) -> list[str]:
   """Generates `num_images` per prompt; returns the written PNG paths.
 
   `batch_size` images per device per compiled call (0: `generation.auto_batch_size`);
-  PNGs are written as each call finishes.
+  PNGs are written as each call finishes. `height`/`width` 0: the run's resolution,
+  else the model's native size (the UNet's sample_size times the VAE's factor:
+  512 for SD 1.x, 1024 for SDXL base). SDXL concepts go into copies of both
+  tokenizers; `guidance_rescale` (0: off) applies to every model family.
   """
   _check_request(prompts=prompts, num_images=num_images,
                  num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed,
                  height=height, width=width, guidance_scale=guidance_scale, scheduler=scheduler,
-                 cache_dir=cache_dir)
+                 cache_dir=cache_dir, guidance_rescale=guidance_rescale)
   concepts, run_meta = gather_concepts(workdir, step, embedding_sources)
   for line in describe_concepts(concepts):  # which token each --embeddings source registered
     _log(line)
@@ -104,14 +110,16 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
       concepts, run_config, override=pretrained_model_name_or_path, dtype=dtype,
       platform=devices[0].platform, allow_pickle=allow_pickle, cache_dir=cache_dir,
       allow_base_model_mismatch=allow_base_model_mismatch)
-  tokenizer, learned = tokenizer_with_concepts(sd.tokenizer, concepts)
+  vocab = tokenizers_with_concepts(sd, concepts)  # tokenizer(s) and learned vectors
+  tokenizer = vocab["tokenizer"]
   factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
   native = run_config.get("resolution") or sd.unet.config.sample_size * factor
   height, width = height or native, width or native
   try:
     generator = generation.ImageGenerator(
         sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, height=height, width=width, devices=devices)
+        guidance_scale=guidance_scale, height=height, width=width, devices=devices,
+        guidance_rescale=guidance_rescale)
   except ValueError as e:
     raise SampleError(str(e)) from None
   out_dir = output_dir or (fileio.join(workdir, "samples") if workdir else "samples")
@@ -133,7 +141,7 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
     grid = []
     for start, images in generation.image_batches(
         generator, prompt, num_images, batch_size=batch_size, seed=seed,
-        negative_prompt=negative_prompt, learned=learned, tokenizer=tokenizer):
+        negative_prompt=negative_prompt, **vocab):
       bar.update(len(images))
       if not is_main:  # every process generates; process 0 writes
         continue
@@ -142,7 +150,8 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         generation.save_png(path, image, generation.image_text(
             prompt=raw_prompt, negative_prompt=negative_prompt, seed=seed, index=i,
             steps=num_inference_steps, scheduler=scheduler, guidance_scale=guidance_scale,
-            model=model_id, concepts=concepts, checkpoint_step=ckpt_step))
+            model=model_id, concepts=concepts, checkpoint_step=ckpt_step,
+            guidance_rescale=guidance_rescale))
         written.append(path)
       grid.extend(images[:max(GRID_MAX - len(grid), 0)])
     if is_main:

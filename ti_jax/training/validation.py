@@ -11,6 +11,11 @@ the images of one prompt are comparable over training.
 prompt k gets one grid per validation step, `validation/step<step>_p<k>.png`.
 With `config.report_to="tensorboard"` each prompt's grid also goes to
 TensorBoard as `validation/p<k>`.
+
+SDXL: `make` also takes `token_ids_2` (the vectors' ids in `sd.tokenizer_2`) and
+`write_images` `learned_2` `[num_vectors, D2]` (the run's "embeds_2"); the
+images are sampled as `ti_jax.sample` samples SDXL (pooled at the real end
+token, zeros for the empty negative prompt of force_zeros_for_empty_prompt).
 """
 
 from __future__ import annotations
@@ -85,16 +90,26 @@ class Validation:
   prompts: list[str] = dataclasses.field(default_factory=list)  # "{}" not yet filled
   grids: bool = False  # validation_prompts set: a grid per prompt, else one PNG per image
   generator: Any = None
+  token_ids_2: list[int] | None = None  # SDXL: the same vectors' ids in sd.tokenizer_2
 
 
 def make(config, sd, token_ids: list[int], devices: Sequence, workdir: str,
-         shared: dict) -> Validation | None:
-  """The run's `Validation`, or None when no validation prompt is set."""
+         shared: dict, token_ids_2: Sequence[int] | None = None) -> Validation | None:
+  """The run's `Validation`, or None when no validation prompt is set.
+
+  `sd.tokenizer` (and SDXL's `sd.tokenizer_2`) must hold the placeholder tokens;
+  `token_ids_2` (SDXL only, required there) are their ids in `sd.tokenizer_2`.
+  `shared` may lack the second text encoder's params; the generator replicates it.
+  """
   if not enabled(config):
     return None
+  if (sd.text_encoder_2 is not None) != (token_ids_2 is not None):
+    raise ValueError("validation takes token_ids_2 for SDXL (its second tokenizer's ids) "
+                     "and only for SDXL")
   return Validation(config=config, sd=sd, token_ids=list(token_ids), devices=devices,
                     out_dir=fileio.join(workdir, "validation"), shared=shared,
-                    prompts=validation_prompts(config), grids=bool(config.validation_prompts))
+                    prompts=validation_prompts(config), grids=bool(config.validation_prompts),
+                    token_ids_2=None if token_ids_2 is None else list(token_ids_2))
 
 
 def is_due(config, step: int) -> bool:
@@ -111,8 +126,10 @@ def prompt(config, step: int, text: str | None = None) -> str:
   return pseudo_words.expand_placeholder(text, config.placeholder_token, active)
 
 
-def write_images(validation: Validation, step: int, learned: np.ndarray, tb=None) -> None:
-  """Renders every validation prompt with the vectors `learned` `[num_vectors, D]`.
+def write_images(validation: Validation, step: int, learned: np.ndarray, tb=None,
+                 learned_2: np.ndarray | None = None) -> None:
+  """Renders every validation prompt with the vectors `learned` `[num_vectors, D]`
+  (SDXL: and `learned_2` `[num_vectors, D2]`, the second encoder's).
 
   Every process takes part in generating; process 0 writes the PNGs and, if `tb`
   (a `tensorboard.Writer`) is given, each prompt's grid as TensorBoard image `validation/p<k>`.
@@ -127,7 +144,7 @@ def write_images(validation: Validation, step: int, learned: np.ndarray, tb=None
         devices=validation.devices, replicated_params=validation.shared)
   for k, raw in enumerate(validation.prompts):
     text = prompt(c, step, raw)
-    images = _prompt_images(validation, step, text, learned)  # [n, H, W, 3] on process 0
+    images = _prompt_images(validation, step, text, learned, learned_2)  # [n, H, W, 3] on proc 0
     if jax.process_index() != 0:
       continue
     grid = generation.image_grid(images)
@@ -140,17 +157,23 @@ def write_images(validation: Validation, step: int, learned: np.ndarray, tb=None
       tb.text(step, f"validation/p{k}_prompt", text)
 
 
-def _prompt_images(validation: Validation, step: int, text: str, learned: np.ndarray):
+def _prompt_images(validation: Validation, step: int, text: str, learned: np.ndarray,
+                   learned_2: np.ndarray | None = None):
   """The num_validation_images of `text` (uint8 `[n, H, W, 3]` on process 0, else None);
   without grids, process 0 also writes each as `validation/step<step>_<i>.png`."""
   from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
   c = validation.config
   batches = []
+  sets = {"learned": [(np.asarray(learned), validation.token_ids)]}
+  if validation.token_ids_2 is not None:
+    if learned_2 is None:
+      raise ValueError("SDXL validation needs learned_2, the second text encoder's vectors")
+    sets["learned_2"] = [(np.asarray(learned_2), validation.token_ids_2)]
   # Every vector is handed over (the prompt names only the active ones), so the
   # sampler's arrays keep one shape and it compiles once for the whole run.
   for start, images in generation.image_batches(
       validation.generator, text, c.num_validation_images, batch_size=c.validation_batch_size,
-      seed=c.seed, learned=[(np.asarray(learned), validation.token_ids)]):
+      seed=c.seed, **sets):
     if jax.process_index() != 0:
       continue
     batches.append(images)
