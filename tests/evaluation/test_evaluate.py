@@ -158,3 +158,29 @@ def test_every_run_is_checked_before_any_model_loads(runs, tmp_path):
     evaluator.run(workdirs=[workdirs["short"]], step=7, protocol=PROTOCOL,
                  output_dir=str(tmp_path / "out"), cache_dir=cache,
                  devices=jax.local_devices()[:1])
+
+
+def test_an_sdxl_run_is_evaluated_with_both_encoders_vectors(tmp_path, prompts_file, runs,
+                                                             monkeypatch):
+  """An SDXL run's report; its images use the second encoder's vectors too (replacing them
+  changes the image similarity)."""
+  import dataclasses
+  _, cache, _ = runs
+  c = config_module("object").get_config("tiny_sdxl")
+  offline_config(c, cache, train_data_dir=os.path.join(REPO, c.train_data_dir),
+                 max_train_steps=1, resolution=64)
+  workdir = str(tmp_path / "sdxl")
+  trainer.run(c, workdir, devices=jax.local_devices()[:1], progress=False)
+  protocol = evaluator.Protocol(num_samples=2, num_inference_steps=2, clip_model="tiny-clip")
+  args = dict(workdirs=[workdir], protocol=protocol, prompts_file=prompts_file, cache_dir=cache,
+              devices=jax.local_devices()[:1])
+  report = evaluator.run(output_dir=str(tmp_path / "out"), **args)["runs"][0]
+  assert 0 < report["image_similarity"] <= 1 and len(report["prompts"]) == 2
+
+  real = evaluator.concepts.gather_concepts
+  def other_second_vectors(*a):
+    found, meta = real(*a)
+    return [dataclasses.replace(f, vectors_2=-f.vectors_2) for f in found], meta
+  monkeypatch.setattr(evaluator.concepts, "gather_concepts", other_second_vectors)
+  other = evaluator.run(output_dir=str(tmp_path / "out2"), **args)["runs"][0]
+  assert other["image_similarity"] != report["image_similarity"]

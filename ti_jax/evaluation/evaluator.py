@@ -118,8 +118,10 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
   config = meta.get("config", {})
   prop = meta.get("learnable_property", "object")
   sd, model_id, generator = generators.get(concept, config, run_.resolution)
-  # A tokenizer of the run's own: other runs on this model may use the same token names.
-  tokenizer, learned = concepts.tokenizer_with_concepts(sd.tokenizer, [concept])
+  # Tokenizers of the run's own (both of SDXL's): other runs on this model may use the same
+  # token names.
+  learned = concepts.tokenizers_with_concepts(sd, [concept])
+  tokenizer = learned["tokenizer"]
   token = concept.token
 
   def images_for(template: str) -> np.ndarray:
@@ -127,7 +129,7 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
                                         tokenizer)
     images = generation.generate_images(
         generator, prompt, protocol.num_samples, batch_size=protocol.batch_size,
-        seed=protocol.seed, learned=learned, tokenizer=tokenizer, progress=bar.update)
+        seed=protocol.seed, progress=bar.update, **learned)
     if images_dir and jax.process_index() == 0:
       path = fileio.join(images_dir, f"{generation.slug(label)}_{generation.slug(template)}.png")
       generation.save_png(path, generation.image_grid(images), {"prompt": prompt})

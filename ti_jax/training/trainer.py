@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -742,14 +741,6 @@ def make_validator(config, inputs: RunInputs, frozen: train_lib.Frozen, devices:
   if not inputs.sd.is_sdxl:
     return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
                            shared=shared)
-  if not validation.enabled(config):
-    return None
-  # Until the SDXL-aware validation (branch sdxl-sample) is merged, validation.make has
-  # no token_ids_2: such a run trains without validation images instead of failing.
-  if "token_ids_2" not in inspect.signature(validation.make).parameters:
-    _log("validation images are not rendered for SDXL runs by this version; training goes "
-         "on without them (sample the run with ti_jax.sample)")
-    return None
   return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
                          shared=dict(shared, text_encoder_2=frozen.text_encoder_2),
                          token_ids_2=inputs.prompts.token_ids_2)
