@@ -10,7 +10,8 @@ import time
 
 from ti_jax.weights import presets
 
-RESOLUTION = {"tiny": 64, "narrow": 256, "small": 256, "sd15": 512, "sd21": 768, "ldm": 256}
+RESOLUTION = {"tiny": 64, "narrow": 256, "small": 256, "sd15": 512, "sd21": 768, "ldm": 256,
+              "tiny-sdxl": 64, "sdxl": 1024}
 # The Stable Diffusion-topology shapes (every benchmark takes these; tpu_compile also `ldm`).
 MODELS = ("tiny", "narrow", "small", "sd15", "sd21")
 

@@ -31,11 +31,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+import types
 
 import common  # benchmarks/common.py: a script's own folder is on sys.path
 from absl import app, flags
 
-common.define_model_flags(["tiny", "narrow", "small", "sd15", "sd21", "ldm"], model="sd15",
+common.define_model_flags(["tiny", "narrow", "small", "sd15", "sd21", "ldm", "tiny-sdxl", "sdxl"], model="sd15",
                           dtype="bfloat16", batch=8)
 flags.DEFINE_string("topology", "v5e:1x1",
                     "TPU topology, as jax.experimental.topologies names it: v4:2x2x1, v5e:1x1, "
@@ -226,6 +227,9 @@ def analytic_step_flops(modules: dict, resolution: int, tokens: int = 77) -> dic
   latent = resolution // 2 ** (len(modules["vae"].config.block_out_channels) - 1)
   unet = _unet_flops(modules["unet"].config, latent, tokens)
   text = _text_flops(modules["text_encoder"].config, tokens)
+  if "text_encoder_2" in modules:  # SDXL: both encoders are differentiated to their inputs
+    text_2 = _text_flops(modules["text_encoder_2"].config, tokens)
+    text.forward, text.backward = text.forward + text_2.forward, text.backward + text_2.backward
   return {"unet_forward": unet.forward, "unet_backward": unet.backward,
           "text_encoder": text.forward + text.backward,
           "total": unet.forward + unet.backward + text.forward + text.backward}
@@ -238,7 +242,8 @@ def analytic_sample_flops(modules: dict, resolution: int, steps: int, guided: bo
   latent = resolution // 2 ** (len(modules["vae"].config.block_out_channels) - 1)
   halves = 2 if guided else 1
   unet = _unet_flops(modules["unet"].config, latent, tokens).forward * halves
-  text = _text_flops(modules["text_encoder"].config, tokens).forward * halves
+  text = sum(_text_flops(modules[k].config, tokens).forward * halves
+             for k in ("text_encoder", "text_encoder_2") if k in modules)
   vae = _vae_decoder_flops(modules["vae"].config, latent)
   return {"unet_per_step": unet, "text_encoder": text, "vae_decode": vae,
           "total": steps * unet + text + vae}
@@ -336,23 +341,34 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
   sds = jax.ShapeDtypeStruct
   # The frozen arrays exactly as train.run builds them: UNet and text encoder in
   # `dtype`, float32 posterior moments of each cached view, the noise schedule.
+  channels = modules["unet"].config.in_channels
+  # SDXL: the second text encoder, its placeholder ids and each view's time ids [V, 6].
+  sdxl = "text_encoder_2" in modules
+  dim_2 = modules["text_encoder_2"].config.hidden_size if sdxl else None
   frozen = train_lib.Frozen(
       unet=shapes["unet"], text_encoder=shapes["text_encoder"],
-      latent_mean=sds((num_views, latent, latent, 4), jnp.float32),  # [V, h, w, C]
-      latent_std=sds((num_views, latent, latent, 4), jnp.float32),
+      latent_mean=sds((num_views, latent, latent, channels), jnp.float32),  # [V, h, w, C]
+      latent_std=sds((num_views, latent, latent, channels), jnp.float32),
       placeholder_ids=sds((1,), jnp.int32),
-      schedule=_abstract(schedulers.noise_schedule_from_config(cfg["scheduler"])))
+      schedule=_abstract(schedulers.noise_schedule_from_config(cfg["scheduler"])),
+      **(dict(text_encoder_2=shapes["text_encoder_2"], placeholder_ids_2=sds((1,), jnp.int32),
+              time_ids=sds((num_views, 6), jnp.float32)) if sdxl else {}))
   settings = train_lib.StepSettings(
       unet=modules["unet"], text_encoder=modules["text_encoder"],
       scaling_factor=float(modules["vae"].config.scaling_factor),
-      shift_factor=float(modules["vae"].config.shift_factor), seed=0)
+      shift_factor=float(modules["vae"].config.shift_factor), seed=0,
+      text_encoder_2=modules.get("text_encoder_2"),
+      eos_token_id_2=modules["text_encoder_2"].config.eos_token_id if sdxl else None)
   lr = train_lib.learning_rate_schedule(5e-3, "constant", 0, 5000)
   optimizer = train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2)
-  state = jax.eval_shape(lambda v: train_lib.init_state(v, optimizer),
-                         sds((1, dim), jnp.float32))
+  state = jax.eval_shape(
+      lambda v, v2: train_lib.init_state(v, optimizer, initial_vectors_2=v2),
+      sds((1, dim), jnp.float32), sds((1, dim_2), jnp.float32) if sdxl else None)
   n = len(devices)
   chip_batch = {"input_ids": sds((batch, tokens), jnp.int32),  # [b, T]
                 "view_index": sds((batch,), jnp.int32), "example_index": sds((batch,), jnp.int32)}
+  if sdxl:
+    chip_batch["input_ids_2"] = sds((batch, tokens), jnp.int32)  # [b, T] in tokenizer_2
   global_batch = jax.tree_util.tree_map(lambda x: sds((n * x.shape[0],) + x.shape[1:], x.dtype),
                                         chip_batch)
   args = (parallel.replicate(state, devices), parallel.replicate(frozen, devices),
@@ -363,7 +379,7 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
           # What one chip's arguments should be: one copy of the frozen weights, the
           # state and this chip's batch. More would mean the program duplicates them.
           "expected_argument_bytes": _nbytes(frozen) + _nbytes(state) + _nbytes(chip_batch),
-          "weight_bytes": _nbytes(shapes["unet"]) + _nbytes(shapes["text_encoder"])}
+          "weight_bytes": sum(_nbytes(shapes[k]) for k in shapes if k != "vae")}
 
 
 def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat: bool,
@@ -413,7 +429,14 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
       source=model, path="", unet=modules["unet"], unet_params=shapes["unet"],
       vae=modules["vae"], vae_params=shapes["vae"], text_encoder=modules["text_encoder"],
       text_encoder_params=shapes["text_encoder"], tokenizer=None,
-      scheduler_config=cfg["scheduler"], model_index={})
+      scheduler_config=cfg["scheduler"],
+      model_index=({"_class_name": "StableDiffusionXLPipeline",
+                    "force_zeros_for_empty_prompt": True} if "text_encoder_2" in modules else {}),
+      text_encoder_2=modules.get("text_encoder_2"),
+      text_encoder_2_params=shapes.get("text_encoder_2"),
+      # The program reads only tokenizer_2's eos id (where the pooled embedding is taken).
+      tokenizer_2=(types.SimpleNamespace(eos_token_id=modules["text_encoder_2"].config.eos_token_id)
+                   if "text_encoder_2" in modules else None))
   generator = generation.ImageGenerator(sd, scheduler="ddim", num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, height=res, width=res,
                                       devices=devices)
@@ -429,7 +452,7 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
   record.update(_memory_record(compiled, hbm))
   # The loop only decodes: XLA drops the VAE encoder's params from the program's arguments.
   decoder = {k: v for k, v in shapes["vae"].items() if k in ("decoder", "post_quant_conv")}
-  record["weight_bytes"] = _nbytes(shapes["unet"]) + _nbytes(shapes["text_encoder"]) + _nbytes(
+  record["weight_bytes"] = sum(_nbytes(shapes[k]) for k in shapes if k != "vae") + _nbytes(
       decoder)
   record["argument_over_weights"] = record["argument_bytes"] / record["weight_bytes"]
   record.update(_program_record(compiled))
