@@ -103,7 +103,7 @@ def make(config, sd, token_ids: list[int], devices: Sequence, workdir: str,
   """
   if not enabled(config):
     return None
-  if (sd.text_encoder_2 is not None) != (token_ids_2 is not None):
+  if (getattr(sd, "text_encoder_2", None) is not None) != (token_ids_2 is not None):
     raise ValueError("validation takes token_ids_2 for SDXL (its second tokenizer's ids) "
                      "and only for SDXL")
   return Validation(config=config, sd=sd, token_ids=list(token_ids), devices=devices,
