@@ -35,6 +35,9 @@ from ti_jax.world import scenes
 
 WEIGHTS_FILE = "checker.safetensors"
 CONFIG_FILE = "checker.json"
+# The shipped checker: `train_checker()` with its defaults (2500 steps; accuracy 1.0 on every
+# attribute of 2000 fresh renders). Packaged with the library; a model folder carries a copy.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 _NOISE_STD = 0.06  # training augmentation, in [-1, 1] pixel units
 
 
@@ -181,6 +184,11 @@ def load(folder: str) -> Checker:
       node = node.setdefault(p, {})
     node[leaf] = jnp.asarray(value)
   return Checker(AttributeNet(_attributes(), info["width"]), {"params": tree}, info)
+
+
+def load_shipped() -> Checker:
+  """The checker shipped with ti_jax (`SHIPPED_DIR`)."""
+  return load(SHIPPED_DIR)
 
 
 def parse_attributes(spec: Mapping[str, str] | str) -> dict[str, str]:
