@@ -94,3 +94,12 @@ def test_concept_scenes_pin_the_asked_attributes():
   assert {s.shape for s in shots} == {scenes.HELD_OUT_SHAPE}
   assert {s.background for s in shots} == {"green"} and all(s.colour != "green" for s in shots)
   assert scenes.concept_scenes(3, 6, background="green") == shots
+
+
+def test_named_attributes_reads_back_what_a_caption_names(world):
+  _, captions, labels = world
+  for i, text in enumerate(captions[:100]):
+    named = scenes.named_attributes(text)
+    for name, value in named.items():
+      assert scenes.ATTRIBUTES[name][labels[name][i]] == value, (text, name)
+  assert scenes.named_attributes("a photo of S* on a green background") == {"background": "green"}

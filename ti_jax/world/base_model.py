@@ -195,7 +195,7 @@ def train_vae(workdir: str, modules: dict, params: Any, settings: Settings, iden
   """Trains (or resumes) the VAE; returns its params and the last metrics."""
   vae = modules["vae"]
   tx = optax.adam(optax.warmup_cosine_decay_schedule(
-      0.0, settings.vae_learning_rate, min(settings.warmup_steps, settings.vae_steps // 2 + 1),
+      0.0, settings.vae_learning_rate, min(settings.warmup_steps, settings.vae_steps // 2),
       settings.vae_steps, settings.vae_learning_rate * 0.1))
   host = {"params": params, "opt": tx.init(params)}
   ckpt = os.path.join(workdir, "vae.ckpt")
@@ -276,7 +276,7 @@ def train_diffusion(workdir: str, modules: dict, params: Any, latents: np.ndarra
   schedule = schedulers.noise_schedule_from_config(scheduler_config)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
       optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate,
-                                         min(settings.warmup_steps, settings.steps // 2 + 1),
+                                         min(settings.warmup_steps, settings.steps // 2),
                                          settings.steps, settings.learning_rate * 0.1),
       weight_decay=1e-4))
   host = {"params": params, "opt": tx.init(params), "ema": params}
@@ -422,3 +422,28 @@ def training_md(settings: Settings, command: str, final: dict, accuracy: dict, s
       "attribute classifier, the stand-in for CLIP in this world."), "",
   ]
   return "\n".join(lines)
+
+
+def sample_check(model_dir: str, prompts: list[str], num_images: int = 32, *,
+                 guidance_scale: float = 4.0, num_inference_steps: int = 25, seed: int = 0,
+                 devices: list | None = None) -> dict[str, dict[str, float]]:
+  """Does the model draw what its captions name? Samples each prompt, asks the folder's checker.
+
+  Returns, per prompt, the share of its `num_images` samples showing each
+  attribute the prompt names (`scenes.named_attributes`) and "all" of them.
+  """
+  from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
+  model = loading.load_stable_diffusion(model_dir)
+  checker = checker_lib.load(model_dir)
+  gen = generation.ImageGenerator(model, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, height=scenes.IMAGE_SIZE,
+                                  width=scenes.IMAGE_SIZE, devices=devices)
+  report = {}
+  for prompt in prompts:
+    images = generation.generate_images(gen, prompt, num_images, seed=seed)  # [N, 32, 32, 3]
+    named = scenes.named_attributes(prompt)
+    shares = {name: float(checker_lib.shows(checker, images, {name: value}).mean())
+              for name, value in named.items()}
+    shares["all"] = float(checker_lib.shows(checker, images, named).mean()) if named else 1.0
+    report[prompt] = shares
+  return report

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -73,6 +74,7 @@ _CENTRE_X = {"left": 11.0, "middle": 16.0, "right": 21.0}
 _JITTER = 1.5  # +- pixels of the centre, uniform
 _PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
 # Caption openings; the textual-inversion templates begin the same way.
+_BACKGROUND = re.compile(r"\bon an? (" + "|".join(COLOUR_NAMES) + r") background\b")
 PREFIXES = ("", "a photo of ", "a rendering of ", "a picture of ", "a drawing of ")
 
 
@@ -252,3 +254,30 @@ def vocabulary() -> tuple[str, ...]:
   for p in PREFIXES:
     words.update(p.split())
   return tuple(sorted(words))
+
+
+def named_attributes(text: str) -> dict[str, str]:
+  """The attributes a caption names, by `ATTRIBUTES` name (the inverse of `describe`).
+
+  "a photo of a small red star on the left on a blue background" ->
+  {"size": "small", "colour": "red", "shape": "star", "position": "left",
+  "background": "blue"}. "object" names no shape; words outside the world's
+  vocabulary (a pseudo-word such as "S*") are ignored.
+  """
+  text = " ".join(text.lower().split())
+  out: dict[str, str] = {}
+  background = _BACKGROUND.search(text)
+  if background:
+    out["background"] = background.group(1)
+    text = text[:background.start()] + text[background.end():]
+  for position, phrase in _PHRASES.items():
+    if phrase in text:
+      out["position"] = position
+  for word in text.replace(",", " ").split():
+    if word in COLOURS:
+      out["colour"] = word
+    elif word in SIZES:
+      out["size"] = word
+    elif word in NAMED_SHAPES:
+      out["shape"] = word
+  return out
