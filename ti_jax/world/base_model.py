@@ -105,6 +105,10 @@ class Settings:
   log_every: int = 50
 
 
+# The settings the VAE phase depends on (its checkpoint's identity).
+_VAE_FIELDS = ("seed", "vae_steps", "vae_batch_size", "vae_learning_rate", "warmup_steps")
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints: one msgpack file per phase, written atomically.
 # ---------------------------------------------------------------------------
@@ -338,6 +342,9 @@ def train_world(workdir: str, out_dir: str | None = None, settings: Settings = S
   identity = dataclasses.asdict(settings)
   identity.pop("checkpoint_every")
   identity.pop("log_every")
+  # The VAE's checkpoint depends on its own fields only: a run with more or fewer
+  # diffusion steps (or images) resumes with the trained VAE.
+  vae_identity = {k: identity[k] for k in _VAE_FIELDS}
   devices = parallel.local_devices(num_devices)
   for b in (settings.batch_size, settings.vae_batch_size):
     if b % len(devices):
@@ -362,7 +369,7 @@ def train_world(workdir: str, out_dir: str | None = None, settings: Settings = S
   params = _init_params(modules, settings.seed)
 
   # 2. The VAE, then its latent scale.
-  vae_params, vae_metrics = train_vae(workdir, modules, params["vae"], settings, identity,
+  vae_params, vae_metrics = train_vae(workdir, modules, params["vae"], settings, vae_identity,
                                       devices, progress)
   means, captions = encode_dataset(modules["vae"], vae_params, settings)
   scaling = float(1.0 / means.std())
