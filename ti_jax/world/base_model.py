@@ -433,15 +433,17 @@ def training_md(settings: Settings, command: str, final: dict, accuracy: dict, s
 
 def sample_check(model_dir: str, prompts: list[str], num_images: int = 32, *,
                  guidance_scale: float = 4.0, num_inference_steps: int = 25, seed: int = 0,
-                 devices: list | None = None) -> dict[str, dict[str, float]]:
-  """Does the model draw what its captions name? Samples each prompt, asks the folder's checker.
+                 devices: list | None = None,
+                 checker_dir: str | None = None) -> dict[str, dict[str, float]]:
+  """Does the model draw what its captions name? Samples each prompt, asks the folder's checker
+  (or the one in `checker_dir`).
 
   Returns, per prompt, the share of its `num_images` samples showing each
   attribute the prompt names (`scenes.named_attributes`) and "all" of them.
   """
   from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
   model = loading.load_stable_diffusion(model_dir)
-  checker = checker_lib.load(model_dir)
+  checker = checker_lib.load(checker_dir or model_dir)
   gen = generation.ImageGenerator(model, num_inference_steps=num_inference_steps,
                                   guidance_scale=guidance_scale, height=scenes.IMAGE_SIZE,
                                   width=scenes.IMAGE_SIZE, devices=devices)
