@@ -55,6 +55,8 @@ def test_a_killed_run_resumes_to_the_same_weights(runs):
   with open(os.path.join(resumed, "metrics.jsonl")) as f:
     steps = [line for line in f if '"diffusion"' in line]
   assert len(steps) == 2  # steps 2 and 4: the resumed run did not redo steps 1-2
+  with open(os.path.join(resumed, "tiny-world", "TRAINING.md")) as f:
+    assert '"mse"' in f.read()  # the VAE's final loss, though the resumed run ran no VAE step
 
 
 def test_the_folder_carries_the_checker_and_training_notes(runs):

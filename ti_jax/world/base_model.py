@@ -169,7 +169,20 @@ def _loop(workdir: str, phase: str, state: Any, start: int, total: int, settings
   finally:
     bar.close()
   metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
-  return state, metrics
+  return state, metrics or _last_logged(workdir, phase)
+
+
+def _last_logged(workdir: str, phase: str) -> dict:
+  """The metrics of `phase`'s last metrics.jsonl line (a resumed phase with no step left to run)."""
+  last: dict = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        record = json.loads(line)
+        if record.get("phase") == phase:
+          last = {k: v for k, v in record.items() if k not in ("phase", "step", "seconds")}
+  return last
 
 
 # ---------------------------------------------------------------------------
@@ -420,7 +433,9 @@ def training_md(settings: Settings, command: str, final: dict, accuracy: dict, s
       f"- seed: {settings.seed}",
       f"- settings: `{json.dumps(dataclasses.asdict(settings), sort_keys=True)}`",
       (f"- jax {jax.__version__}, {len(jax.local_devices())} local "
-      f"{jax.local_devices()[0].platform} device(s), wall clock {seconds / 60:.1f} min"),
+      f"{jax.local_devices()[0].platform} device(s), wall clock of this invocation "
+      f"{seconds / 60:.1f} min (a resumed run counts only what it ran; metrics.jsonl has each "
+      "phase's seconds)"),
       f"- VAE final: {json.dumps(final['vae'], sort_keys=True)}; latent scaling_factor {scaling:.5f}",
       f"- diffusion final (epsilon MSE): {json.dumps(final['diffusion'], sort_keys=True)}",
       f"- checker accuracy on fresh renders: {json.dumps(accuracy, sort_keys=True)}",
