@@ -5,7 +5,7 @@ import os
 
 from conftest import REPO
 
-ENTRY_POINTS = ("train", "sample", "export", "evaluate", "tiny_model", "edit")
+ENTRY_POINTS = ("train", "sample", "export", "evaluate", "tiny_model", "edit", "train_world")
 PACKAGE = os.path.join(REPO, "ti_jax")
 
 

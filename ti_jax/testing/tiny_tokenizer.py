@@ -143,7 +143,7 @@ def _word_counts(corpus: str) -> dict[tuple[str, ...], int]:
   which is how CLIP's ``bpe()`` starts every word.
   """
   if not corpus.isascii():
-    raise ValueError("the built-in corpus must be ASCII (see _PRETOKENIZE)")
+    raise ValueError("the tokenizer corpus must be ASCII (see _PRETOKENIZE)")
   byte_encoder = bytes_to_unicode()
   counts: collections.Counter[tuple[str, ...]] = collections.Counter()
   text = " ".join(corpus.split()).lower()  # CLIP: whitespace_clean + lower
@@ -198,7 +198,7 @@ def _learn_merges(corpus: str, num_merges: int, taken: set[str]) -> list[tuple[s
   return merges
 
 
-def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 400) -> int:
+def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 400, corpus: str = CORPUS) -> int:
   """Write a small CLIP-format BPE tokenizer folder and return its vocab size.
 
   Args:
@@ -209,20 +209,23 @@ def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 400) -> int:
       corpus.  Fewer are learned if the corpus runs out of pairs.  The
       default gives a ~900-entry vocab in which the textual-inversion
       template words and common initializer words are single tokens.
+    corpus: ASCII text to learn the merges from (default: the built-in
+      ``CORPUS``); a caller with its own vocabulary (``ti_jax.world``) passes
+      ``CORPUS`` plus its own sentences.
 
   Returns:
     The vocabulary size: ``512 + number_of_merges + 2``.
 
   Writes ``vocab.json``, ``merges.txt`` (first line ``#version: 0.2``),
   ``special_tokens_map.json`` and ``tokenizer_config.json``.  The output is
-  byte-for-byte deterministic for a given ``num_merges``.
+  byte-for-byte deterministic for a given ``num_merges`` and ``corpus``.
   """
   if num_merges < 0:
     raise ValueError(f"num_merges must be >= 0, got {num_merges}")
 
   byte_symbols = list(bytes_to_unicode().values())
   base = byte_symbols + [s + END_OF_WORD for s in byte_symbols]
-  merges = _learn_merges(CORPUS, num_merges, taken=set(base))
+  merges = _learn_merges(corpus, num_merges, taken=set(base))
   tokens = base + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
   vocab = {tok: i for i, tok in enumerate(tokens)}
   assert len(vocab) == len(tokens), "duplicate vocab entry"
