@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ti_jax", "ti_jax.*"]),
+    # The procedural world's trained attribute checker (ti_jax/world/checker.py loads it).
+    package_data={"ti_jax.world": ["assets/*.json", "assets/*.safetensors"]},
     install_requires=[
         "jax",
         "flax",
