@@ -587,9 +587,9 @@ def initial_vector_pair(config, sd, table: np.ndarray, table_2: np.ndarray | Non
   return pair
 
 
-def _init_concept(spec: str, widths: tuple[int, ...]) -> embedding_io.Concept:
-  """The one concept of an existing embedding (run dir or file, `PATH[:TOKEN]`) that fits a
-  model whose text encoders have `widths` (one-line errors)."""
+def _load_init_concept(spec: str) -> embedding_io.Concept:
+  """The one concept of an existing embedding (run dir or file, `PATH[:TOKEN]`); one-line
+  errors for an unreadable source or one holding several tokens."""
   try:
     concepts = embedding_io.load_concepts(spec)
   except (embedding_io.EmbeddingFileError, checkpointing.WorkdirError) as e:
@@ -598,29 +598,31 @@ def _init_concept(spec: str, widths: tuple[int, ...]) -> embedding_io.Concept:
     raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens "
                       f"({', '.join(c.token for c in concepts)}); pick one as "
                       f"{spec}:{concepts[0].token}")
+  return concepts[0]
+
+
+def _check_init_fits(concept: embedding_io.Concept, widths: tuple[int, ...]) -> None:
+  """Refuses, in one line, an init_embedding of another model family (`embedding_io.check_fits`)."""
   try:
-    embedding_io.check_fits(concepts[0], widths)
+    embedding_io.check_fits(concept, widths)
   except errors.UserError as e:
     raise ConfigError(f"config.init_embedding: {e}") from None
-  return concepts[0]
+
+
+def _init_concept(spec: str, widths: tuple[int, ...]) -> embedding_io.Concept:
+  """The one concept of an existing embedding that fits a model whose text encoders have
+  `widths` (one-line errors)."""
+  concept = _load_init_concept(spec)
+  _check_init_fits(concept, widths)
+  return concept
 
 
 def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> pseudo_words.Initializer:
   """The vectors of an existing embedding (run dir or file, `PATH[:TOKEN]`), checked."""
-  try:
-    concepts = embedding_io.load_concepts(spec)
-  except (embedding_io.EmbeddingFileError, checkpointing.WorkdirError) as e:
-    raise ConfigError(f"config.init_embedding: {e}") from None
-  if len(concepts) != 1:  # PATH:TOKEN picks one of them (embedding_io.load_concepts)
-    raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens "
-                      f"({', '.join(c.token for c in concepts)}); pick one as "
-                      f"{spec}:{concepts[0].token}")
-  if concepts[0].vectors_2 is not None:  # an SDXL pair for a one-encoder model
-    try:
-      embedding_io.check_fits(concepts[0], (dim,))
-    except errors.UserError as e:
-      raise ConfigError(f"config.init_embedding: {e}") from None
-  vectors = concepts[0].vectors
+  concept = _load_init_concept(spec)
+  if concept.vectors_2 is not None:  # an SDXL pair for a one-encoder model
+    _check_init_fits(concept, (dim,))
+  vectors = concept.vectors
   if vectors.shape != (num_vectors, dim):
     raise ConfigError(f"config.init_embedding: {spec} has shape {tuple(vectors.shape)}, "
                       f"but this run needs ({num_vectors}, {dim}) (num_vectors, model width)")
