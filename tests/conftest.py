@@ -91,6 +91,15 @@ def step_pieces(model_dir: str, num_vectors: int, *, flip: bool = True, seed: in
 PARITY_FIGURES: list[tuple[str, float, float]] = []
 
 
+def tiny_clip_tokenizer(folder):
+  """A fresh CLIPTokenizer of ti_jax's tiny CLIP-format vocabulary, written to `folder`
+  (each caller gets its own copy to add tokens to)."""
+  transformers = pytest.importorskip("transformers")
+  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
+  write_tiny_clip_tokenizer(str(folder))
+  return transformers.CLIPTokenizer.from_pretrained(str(folder))
+
+
 def record_parity(name: str, rel_err: float, tol: float) -> None:
   """Records a parity figure for the summary and asserts it is within `tol`."""
   PARITY_FIGURES.append((name, rel_err, tol))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tiny_clip_tokenizer
 from PIL import Image
 
 from ti_jax.data import captions, image_loader
@@ -11,11 +12,7 @@ from ti_jax.data import captions, image_loader
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  transformers = pytest.importorskip("transformers")
-  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
-  path = str(tmp_path_factory.mktemp("tok") / "tok")
-  write_tiny_clip_tokenizer(path)
-  tok = transformers.CLIPTokenizer.from_pretrained(path)
+  tok = tiny_clip_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
   tok.add_tokens(["<toy>", "<toy>_1", "<toy>_image0", "<toy>_image1", "<toy>_image2"])
   return tok
 

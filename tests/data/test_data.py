@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_clip_tokenizer
 from PIL import Image
 
 from ti_jax.data import captions, choices, image_loader
@@ -452,11 +452,7 @@ def test_build_prompts_fill_placeholder():
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory):
-  transformers = pytest.importorskip("transformers")
-  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
-  path = str(tmp_path_factory.mktemp("tok") / "tok")
-  write_tiny_clip_tokenizer(path)
-  return transformers.CLIPTokenizer.from_pretrained(path)
+  return tiny_clip_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
 
 
 def test_tokenize_returns_int32_padded_to_model_max_length(tiny_tokenizer):

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import config_module
+from conftest import config_module, tiny_clip_tokenizer
 
 from ti_jax.data import captions
 from ti_jax.embeddings import pseudo_words
@@ -12,11 +12,7 @@ from ti_jax.training import train_lib, validation
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   """A tiny CLIP tokenizer holding the 3 tokens of <toy>, and their ids."""
-  transformers = pytest.importorskip("transformers")
-  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
-  path = str(tmp_path_factory.mktemp("tok") / "tok")
-  write_tiny_clip_tokenizer(path)
-  tok = transformers.CLIPTokenizer.from_pretrained(path)
+  tok = tiny_clip_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
   return tok, pseudo_words.add_placeholder_tokens(tok, "<toy>", 3)
 
 
