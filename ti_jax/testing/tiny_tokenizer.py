@@ -198,7 +198,8 @@ def _learn_merges(corpus: str, num_merges: int, taken: set[str]) -> list[tuple[s
   return merges
 
 
-def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 400, corpus: str = CORPUS) -> int:
+def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 400, corpus: str = CORPUS,
+                              model_max_length: int = MODEL_MAX_LENGTH) -> int:
   """Write a small CLIP-format BPE tokenizer folder and return its vocab size.
 
   Args:
@@ -212,6 +213,8 @@ def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 400, corpus: str =
     corpus: ASCII text to learn the merges from (default: the built-in
       ``CORPUS``); a caller with its own vocabulary (``ti_jax.world``) passes
       ``CORPUS`` plus its own sentences.
+    model_max_length: the prompt length every prompt is padded to (the text
+      encoder's ``max_position_embeddings``).
 
   Returns:
     The vocabulary size: ``512 + number_of_merges + 2``.
@@ -256,7 +259,7 @@ def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 400, corpus: str =
       "tokenizer_class": "CLIPTokenizer",
       # Without model_max_length the tokenizer reports a huge sentinel and
       # padding="max_length" with max_length=model_max_length breaks.
-      "model_max_length": MODEL_MAX_LENGTH,
+      "model_max_length": model_max_length,
       "do_lower_case": True,
       "add_prefix_space": False,
       "errors": "replace",

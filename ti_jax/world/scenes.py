@@ -29,7 +29,9 @@ experiments need:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
 
 import numpy as np
@@ -281,3 +283,30 @@ def named_attributes(text: str) -> dict[str, str]:
     elif word in NAMED_SHAPES:
       out["shape"] = word
   return out
+
+
+CONCEPT_FILE = "concept.json"  # beside a concept folder's images: what they show
+
+
+def write_concept_folder(folder: str, seed: int, count: int, shape: str = HELD_OUT_SHAPE,
+                         style: str = "filled", image_size: int = IMAGE_SIZE) -> list[str]:
+  """Writes `count` renders of one concept as `00.png ..` and `concept.json`; returns the paths.
+
+  The images are `concept_scenes(seed, count, shape, style)` (a textual-inversion
+  run's training images). `concept.json` holds the attributes that make the
+  concept ({"shape": "cross"}, or {"style": "outlined"} for a style) under
+  "concept", and the seed and count that reproduce the folder; the world's
+  evaluation reads it as the ground truth of reconstruction.
+  """
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for i, scene in enumerate(concept_scenes(seed, count, shape, style)):
+    path = os.path.join(folder, f"{i:02d}.png")
+    Image.fromarray(render(scene, image_size)).save(path)
+    paths.append(path)
+  concept = {"style": style} if style != "filled" else {"shape": shape}
+  with open(os.path.join(folder, CONCEPT_FILE), "w", encoding="utf-8") as f:
+    json.dump({"concept": concept, "seed": seed, "count": count, "shape": shape, "style": style,
+               "image_size": image_size}, f, indent=2, sort_keys=True)
+    f.write("\n")
+  return paths

@@ -14,6 +14,10 @@ from ti_jax.world import scenes
 NUM_MERGES = 700  # enough for every world and template word to be merged whole
 _CORPUS_SEED = 12345  # the captions the merges are learned from (not the training world's)
 _CORPUS_CAPTIONS = 400
+# Prompt length (tokens, with start and end): the longest caption is 16 tokens and the
+# textual-inversion templates fewer; Stable Diffusion's 77 would triple the text
+# encoder's and the cross-attention's work for padding.
+MAX_LENGTH = 24
 
 
 def corpus() -> str:
@@ -26,4 +30,5 @@ def corpus() -> str:
 
 def write_world_tokenizer(out_dir: str) -> int:
   """Writes the world's tokenizer folder (vocab.json, merges.txt, configs); returns its vocab size."""
-  return tiny_tokenizer.write_tiny_clip_tokenizer(out_dir, NUM_MERGES, corpus=corpus())
+  return tiny_tokenizer.write_tiny_clip_tokenizer(out_dir, NUM_MERGES, corpus=corpus(),
+                                                  model_max_length=MAX_LENGTH)
