@@ -1,10 +1,13 @@
 """The procedural world: deterministic renders, truthful captions, held-out names, single tokens."""
 
+import json
+import os
 import re
 
 import numpy as np
 import pytest
 import transformers
+from PIL import Image
 
 from ti_jax.world import scenes, tokenizer
 
@@ -86,7 +89,7 @@ def test_every_caption_word_is_one_token(world, world_tokenizer):
   words |= {"photo", "rendering", "cropped", "painting", "style", "of", "object"}  # templates, initializer
   multi = [w for w in words if len(world_tokenizer(w, add_special_tokens=False).input_ids) != 1]
   assert not multi, multi
-  assert world_tokenizer.model_max_length == 77
+  assert world_tokenizer.model_max_length == 24  # world_tokenizer.MAX_LENGTH
 
 
 def test_concept_scenes_pin_the_asked_attributes():
@@ -103,3 +106,17 @@ def test_named_attributes_reads_back_what_a_caption_names(world):
     for name, value in named.items():
       assert scenes.ATTRIBUTES[name][labels[name][i]] == value, (text, name)
   assert scenes.named_attributes("a photo of S* on a green background") == {"background": "green"}
+
+
+def test_a_concept_folder_holds_its_renders_and_names_the_concept(tmp_path):
+  paths = scenes.write_concept_folder(str(tmp_path / "cross"), seed=3, count=4)
+  assert [os.path.basename(p) for p in paths] == ["00.png", "01.png", "02.png", "03.png"]
+  truth = scenes.concept_scenes(3, 4)
+  for path, scene in zip(paths, truth):
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), scenes.render(scene))
+  with open(tmp_path / "cross" / scenes.CONCEPT_FILE) as f:
+    assert json.load(f)["concept"] == {"shape": "cross"}
+  scenes.write_concept_folder(str(tmp_path / "outlined"), seed=3, count=2, shape="star",
+                              style="outlined")
+  with open(tmp_path / "outlined" / scenes.CONCEPT_FILE) as f:
+    assert json.load(f)["concept"] == {"style": "outlined"}

@@ -190,19 +190,11 @@ def resolve_model_dir(name_or_path: str, *, variant: str | None = None,
   """Returns a local diffusers folder for `name_or_path`.
 
   A folder is used as is; "tiny-sd15"/"tiny-sd21"/"tiny-ldm" name ti_jax's
-  random-weight test models, written under `cache_dir` on first use; "tiny-world" is
-  the trained world model shipped with the package (`presets.SHIPPED_MODELS`); anything
-  else is a hub id, of which only the needed files are fetched.
+  random-weight test models, written under `cache_dir` on first use; anything else is a hub
+  id, of which only the needed files are fetched.
   """
   if os.path.isdir(name_or_path):
     return name_or_path
-  if name_or_path in presets.SHIPPED_MODELS:
-    folder = presets.SHIPPED_MODELS[name_or_path]
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-      raise ModelLoadError(f"{name_or_path}: the shipped model folder {folder} is missing or "
-                           "incomplete (reinstall ti_jax, or retrain it with "
-                           "python -m ti_jax.train_world)")
-    return folder
   if name_or_path in TINY_MODELS:
     from ti_jax.testing.tiny_models import ensure_tiny_model  # pylint: disable=import-outside-toplevel
     return ensure_tiny_model(os.path.join(os.path.expanduser(cache_dir), name_or_path),

@@ -11,7 +11,6 @@ names, the one list every other module imports.
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 _SCHEDULER_BASE = {
@@ -174,13 +173,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The tiny random-weight models ti_jax writes itself (`ti_jax.testing.tiny_models`):
 # the names `pretrained_model_name_or_path` and `python -m ti_jax.tiny_model --preset` take.
 TINY_MODELS = tuple(name for name in PRESETS if name.startswith("tiny-"))
-# Trained models shipped inside the package (not written on first use): name -> folder.
-# `tiny-world` is the small Stable Diffusion of `ti_jax.world`, trained by
-# `python -m ti_jax.train_world` on the procedural world (see its TRAINING.md).
-SHIPPED_MODELS = {
-    "tiny-world": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "world", "assets", "tiny-world"),
-}
 
 
 def preset(name: str) -> dict[str, Any]:
