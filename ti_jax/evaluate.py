@@ -1,6 +1,7 @@
-"""The paper's CLIP evaluation of learned pseudo-words (Gal et al. 2022, section 5).
+"""The paper's evaluation of learned pseudo-words (Gal et al. 2022, section 5).
 
   python -m ti_jax.evaluate --workdir runs/paper/cat --workdir runs/paper/cat-two-words
+  python -m ti_jax.evaluate --workdir runs/world/cross --word object   # tiny-world: checker
 
 For each run (its newest checkpoint, or --step):
   * image similarity (reconstruction): images generated from "a photo of S*"
@@ -14,9 +15,21 @@ The paper's protocol is the default: CLIP ViT-B/32, 64 samples per prompt,
 50 DDIM steps, guidance scale 5. Generation runs over all devices (pmap);
 the same seeds are used for every run, so runs differ only by their vectors.
 
+World mode (--scorer checker; --scorer auto picks it when the runs' base
+model folder, e.g. tiny-world, carries the world's checker.json and
+checker.safetensors): no CLIP model is loaded; the attribute classifier of the
+procedural world scores the samples as shares. Reconstruction: the share of
+"a photo of S*" samples showing the concept (--concept, e.g. "cross", or the
+"concept" entry of concept.json in the training-image folder). Editability:
+per world edit prompt ("a photo of S* on a green background"), the share of
+samples showing the concept and every attribute the prompt names, averaged.
+--word object adds a baseline point: the plain word in place of S* on the
+first run's base model, same seeds and prompts (works with CLIP too).
+
 Writes to --output_dir (default WORKDIR/eval for one run, ./eval for several):
   report.json   settings and, per run, both scores, per-category and
-                per-prompt text similarity;
+                per-prompt text similarity (with the checker: reconstruction,
+                editability and per-category and per-prompt shares);
   scatter.png   text vs image similarity, one point per run, like the
                 paper's quantitative figure.
 """
@@ -36,12 +49,13 @@ def main(argv: Sequence[str]) -> None:
   protocol = evaluator.Protocol(
       num_samples=f.num_samples, num_inference_steps=f.num_inference_steps,
       guidance_scale=f.guidance_scale, scheduler=f.scheduler, seed=f.seed,
-      batch_size=f.batch_size, clip_model=f.clip_model)
+      batch_size=f.batch_size, clip_model=f.clip_model, scorer=f.scorer)
   with cli.one_line_errors():
     evaluator.run(
         workdirs=f.workdir or [], step=f.step, protocol=protocol, prompts_file=f.prompts_file,
         train_data_dir=f.train_data_dir, output_dir=f.output_dir, dtype=f.dtype,
-        cache_dir=f.cache_dir, allow_pickle=f.allow_pickle, save_images=f.save_images)
+        cache_dir=f.cache_dir, allow_pickle=f.allow_pickle, save_images=f.save_images,
+        concept=f.concept, words=f.word or [])
 
 
 if __name__ == "__main__":
@@ -53,6 +67,16 @@ if __name__ == "__main__":
   flags.DEFINE_string("clip_model", defaults.clip_model, "CLIP model (hub id or local "
                       "transformers folder) that scores the images; the paper's is ViT-B/32. "
                       "'tiny-clip' is a random offline model for tests.")
+  flags.DEFINE_enum("scorer", defaults.scorer, list(evaluator.SCORERS), "What scores the "
+                    "samples: clip, checker (the procedural world's attribute classifier in "
+                    "the base model folder; shares of samples, no CLIP loaded), or auto: the "
+                    "checker when the base model folder carries one (tiny-world), else CLIP.")
+  flags.DEFINE_string("concept", "", "Checker scorer: the attributes reconstruction checks "
+                      "for, e.g. 'cross' or 'shape=cross' or 'style=outlined' (default: the "
+                      "'concept' entry of concept.json in the run's training-image folder).")
+  flags.DEFINE_multi_string("word", [], "A baseline point: this plain word (e.g. the "
+                            "initializer 'object') in place of S*, on the first run's base "
+                            "model with the same seeds and prompts. Repeatable.")
   flags.DEFINE_integer("num_samples", defaults.num_samples, "Images per prompt (paper: 64).")
   flags.DEFINE_integer("num_inference_steps", defaults.num_inference_steps,
                        "Denoising steps (paper: 50).")
@@ -64,7 +88,8 @@ if __name__ == "__main__":
                        "(seed, i), the same for every run.")
   flags.DEFINE_integer("batch_size", defaults.batch_size, "Images per device per compiled "
                        "call (0: as many as the samples need, capped by device memory; 4 on CPU).")
-  flags.DEFINE_string("prompts_file", "", "Editability prompts instead of the shipped list: "
+  flags.DEFINE_string("prompts_file", "", "Editability prompts instead of the shipped list "
+                      "(the world's list with the checker): "
                       "one per line with {} for the pseudo-word, optionally CATEGORY<TAB>PROMPT; "
                       "# starts a comment.")
   flags.DEFINE_string("train_data_dir", "", "The concept images, if not where the run "

@@ -1,7 +1,9 @@
-"""The paper's CLIP evaluation (Gal et al. 2022, section 5): `run(workdirs=...)`.
+"""The paper's evaluation (Gal et al. 2022, section 5): `run(workdirs=...)`.
 
-`python -m ti_jax.evaluate` is its command line; its docstring says what is
-measured and written.
+Scored with CLIP, or, for a base model of the procedural world whose folder
+carries a trained attribute classifier, with that checker
+(`ti_jax.evaluation.world_scores`). `python -m ti_jax.evaluate` is its command
+line; its docstring says what is measured and written.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -20,10 +22,13 @@ import numpy as np
 from ti_jax import cli, errors
 from ti_jax.data import image_loader
 from ti_jax.embeddings import embedding_io
-from ti_jax.evaluation import clip_io, clip_scores, plot, prompt_lists
+from ti_jax.evaluation import clip_io, clip_scores, plot, prompt_lists, world_scores
 from ti_jax.runtime import fileio, parallel
 from ti_jax.sampling import concepts, generation, schedulers
+from ti_jax.weights import loading
 from ti_jax.weights.loading import ModelLoadError
+from ti_jax.world import checker as checker_lib
+from ti_jax.world import scenes
 
 
 class EvaluateError(errors.UserError):
@@ -44,6 +49,12 @@ class Protocol:
   seed: int = 0
   batch_size: int = 0  # images per device per compiled call (0: generation.auto_batch_size)
   clip_model: str = "openai/clip-vit-base-patch32"
+  # "clip", "checker" (the world's attribute classifier in the base model's folder), or
+  # "auto": the checker when every run's base model folder carries one, else CLIP.
+  scorer: str = "auto"
+
+
+SCORERS = ("auto", "clip", "checker")
 
 
 def _run_label(workdir: str, step: int | None, labels: dict[str, int]) -> str:
@@ -110,22 +121,51 @@ def prepare_run(workdir: str, step: int | None, train_data_dir: str, label: str)
   return _Run(workdir, label, found[0], meta, images, folder, resolution)
 
 
-def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
+@dataclasses.dataclass(frozen=True)
+class _Scorer:
+  """What scores the samples: CLIP (`clip`) or a world checker (`checker`, `concept`)."""
+  kind: str  # "clip" or "checker"
+  clip: Any = None
+  checker: Any = None
+  concept: dict | None = None  # the ground truth of reconstruction, e.g. {"shape": "cross"}
+
+
+def _templates(prop: str, scorer: _Scorer, prompts: Sequence[prompt_lists.EvalPrompt] | None
+               ) -> tuple[str, list[prompt_lists.EvalPrompt]]:
+  """The reconstruction template and the edit prompts for a run of `prop` under `scorer`."""
+  if scorer.kind == "checker":
+    recon = world_scores.reconstruction_prompt(scorer.concept)
+    default = world_scores.prompts_for(scorer.concept)
+  else:
+    recon, default = prompt_lists.reconstruction_prompt(prop), prompt_lists.prompts_for(prop)
+  return recon, list(prompts) if prompts is not None else default
+
+
+def evaluate_run(run_: _Run, *, protocol: Protocol, clip=None, generators,
                  prompts: Sequence[prompt_lists.EvalPrompt] | None, bar,
-                 images_dir: str = "") -> dict:
-  """Scores one run's checkpoint; returns its report dict (see `clip_scores.report`)."""
-  concept, meta, label, training = run_.concept, run_.meta, run_.label, run_.images
+                 images_dir: str = "", scorer: _Scorer | None = None,
+                 word: str | None = None) -> dict:
+  """Scores one run's checkpoint, or with `word` the plain word in place of its pseudo-word.
+
+  Returns its report dict (`clip_scores.report` or `world_scores.report`); {}
+  on processes other than 0, which only generate.
+  """
+  scorer = scorer or _Scorer("clip", clip=clip)
+  concept, meta, training = run_.concept, run_.meta, run_.images
+  label = f"word: {word}" if word is not None else run_.label
   config = meta.get("config", {})
   prop = meta.get("learnable_property", "object")
   sd, model_id, generator = generators.get(concept, config, run_.resolution)
+  # A baseline word needs no vectors: the model's own tokenizer(s), copied.
+  used = [] if word is not None else [concept]
   # Tokenizers of the run's own (both of SDXL's): other runs on this model may use the same
   # token names.
-  learned = concepts.tokenizers_with_concepts(sd, [concept])
+  learned = concepts.tokenizers_with_concepts(sd, used)
   tokenizer = learned["tokenizer"]
-  token = concept.token
+  token = word if word is not None else concept.token
 
   def images_for(template: str) -> np.ndarray:
-    prompt, _ = concepts.prepare_prompt(prompt_lists.with_token(template, token), [concept],
+    prompt, _ = concepts.prepare_prompt(prompt_lists.with_token(template, token), used,
                                         tokenizer)
     images = generation.generate_images(
         generator, prompt, protocol.num_samples, batch_size=protocol.batch_size,
@@ -136,27 +176,85 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip, generators,
     return images
 
   is_main = jax.process_index() == 0
-  recon_template = prompt_lists.reconstruction_prompt(prop)
+  recon_template, prompt_list = _templates(prop, scorer, prompts)
   recon = images_for(recon_template)
-  prompt_list = list(prompts) if prompts is not None else prompt_lists.prompts_for(prop)
   generated = [(p, images_for(p.text)) for p in prompt_list]
   if not is_main:  # every process generates; process 0 scores and writes
     return {}
+  extra = {
+      "label": label, "workdir": run_.workdir, "step": None if word is not None else meta.get("step"),
+      "token": token, "num_vectors": 0 if word is not None else int(concept.vectors.shape[0]),
+      "learnable_property": prop, "base_model": model_id, "resolution": run_.resolution,
+      "train_data_dir": run_.folder, "num_training_images": training.num_images,
+      "reconstruction_prompt": recon_template,
+      "config": {} if word is not None else {k: config.get(k) for k in (
+          "learning_rate", "max_train_steps", "num_vectors", "progressive_words",
+          "per_image_tokens", "embedding_reg_weight", "initializer_token")},
+  }
+  if word is not None:
+    extra["word"] = word
+  if scorer.kind == "checker":
+    return world_scores.report(scorer.checker, scorer.concept, recon, generated, extra=extra)
+  clip = scorer.clip
   image_sim = clip_scores.image_similarity(clip_io.image_features(clip, recon),
                                             clip_io.image_features(clip, training.pixels))
   texts = clip_io.text_features(clip, [prompt_lists.without_token(p.text) for p, _ in generated])
   scores = [clip_scores.prompt_score(p.text, p.category, clip_io.image_features(clip, images),
                                       texts[i])
             for i, (p, images) in enumerate(generated)]
-  return clip_scores.report(image_sim, scores, extra={
-      "label": label, "workdir": run_.workdir, "step": meta.get("step"), "token": token,
-      "num_vectors": int(concept.vectors.shape[0]), "learnable_property": prop,
-      "base_model": model_id, "resolution": run_.resolution, "train_data_dir": run_.folder,
-      "num_training_images": training.num_images, "reconstruction_prompt": recon_template,
-      "config": {k: config.get(k) for k in (
-          "learning_rate", "max_train_steps", "num_vectors", "progressive_words",
-          "per_image_tokens", "embedding_reg_weight", "initializer_token")},
-  })
+  return clip_scores.report(image_sim, scores, extra={**extra, "scorer": "clip"})
+
+
+def model_folder(run_: _Run, cache_dir: str = "", allow_pickle: bool = False) -> str:
+  """The local folder of the base model `run_` was trained on (fetched or written if need be)."""
+  config = run_.meta.get("config", {})
+  model_id = concepts.resolve_base_model("", [run_.concept])
+  return loading.resolve_model_dir(
+      model_id, variant=config.get("variant") or None, revision=config.get("revision") or None,
+      allow_pickle=allow_pickle or bool(config.get("allow_pickle")),
+      cache_dir=cache_dir or config.get("cache_dir") or loading.DEFAULT_CACHE_DIR)
+
+
+def choose_scorer(requested: str, model_dirs: Sequence[str]) -> str:
+  """"clip" or "checker" for runs on the base models in `model_dirs` (see `Protocol.scorer`)."""
+  if requested not in SCORERS:
+    raise EvaluateError(f"--scorer must be one of {', '.join(SCORERS)}, got {requested!r}")
+  if requested == "clip":
+    return "clip"
+  with_checker = [world_scores.has_checker(d) for d in model_dirs]
+  if requested == "checker" and not all(with_checker):
+    missing = model_dirs[with_checker.index(False)]
+    raise EvaluateError(f"--scorer checker: base model folder {missing} carries no world "
+                        f"checker ({checker_lib.CONFIG_FILE}, {checker_lib.WEIGHTS_FILE})")
+  if all(with_checker):
+    return "checker"
+  if any(with_checker):
+    raise EvaluateError("some runs' base models carry a world checker and some do not: one "
+                        "plot cannot mix the two scores; pass --scorer clip or evaluate them "
+                        "apart")
+  return "clip"
+
+
+def concept_of(run_: _Run, concept: str = "") -> dict[str, str]:
+  """The ground truth of a run's reconstruction: `concept` if given, else its concept.json."""
+  try:
+    if concept:
+      return checker_lib.parse_attributes(concept)
+    found = world_scores.read_concept_file(run_.folder)
+  except checker_lib.CheckerError as e:
+    raise EvaluateError(f"--concept: {e}" if concept else f"{run_.workdir}: {e}") from None
+  if found is None:
+    raise EvaluateError(f"{run_.workdir}: no concept to check the samples against: pass "
+                        f"--concept (e.g. --concept cross) or put {scenes.CONCEPT_FILE} "
+                        f"in the training images' folder {run_.folder}")
+  return found
+
+
+def _check_word(word: str) -> str:
+  word = " ".join(str(word).split())
+  if not word or "{" in word or "}" in word:
+    raise EvaluateError(f"--word must be a plain word (no braces), got {word!r}")
+  return word
 
 
 def check_protocol(protocol: Protocol) -> None:
@@ -179,11 +277,20 @@ def check_protocol(protocol: Protocol) -> None:
 def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol = Protocol(),
         prompts_file: str = "", train_data_dir: str = "", output_dir: str = "",
         dtype: str = "auto", cache_dir: str = "", allow_pickle: bool = False,
-        save_images: bool = False, devices: Sequence | None = None) -> dict:
-  """Evaluates each run; writes report.json and scatter.png; returns the report."""
+        save_images: bool = False, devices: Sequence | None = None, concept: str = "",
+        words: Sequence[str] = ()) -> dict:
+  """Evaluates each run (and each baseline word); writes report.json and scatter.png.
+
+  `concept` (checker scorer only): the ground truth of reconstruction in
+  `checker.parse_attributes` syntax ("cross", "shape=cross"); default: each
+  run's concept.json. `words`: baseline points scoring a plain word in place
+  of the pseudo-word, on the first run's base model with the same seeds and
+  prompts. Returns the report.
+  """
   if not workdirs:
     raise EvaluateError("no run to evaluate: pass --workdir (repeatable)")
   check_protocol(protocol)
+  words = [_check_word(w) for w in words]
   prompts = None
   if prompts_file:
     try:
@@ -194,18 +301,27 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
   # --workdir does not cost the evaluation of the others.
   labels: dict[str, int] = {}
   runs = [prepare_run(w, step, train_data_dir, _run_label(w, step, labels)) for w in workdirs]
+  model_dirs = ([] if protocol.scorer == "clip" else
+                [model_folder(r, cache_dir, allow_pickle) for r in runs])
+  kind = choose_scorer(protocol.scorer, model_dirs)
+  run_concepts = [concept_of(r, concept) for r in runs] if kind == "checker" else [None] * len(runs)
   out_dir = output_dir or (fileio.join(workdirs[0], "eval") if len(workdirs) == 1 else "eval")
   is_main = jax.process_index() == 0
   devices = list(devices) if devices is not None else parallel.all_devices()
   # Process 0 alone writes and scores; the others must hear when it cannot,
   # instead of waiting for it in the first collective of generation.
-  clip, failure = None, None
+  clip, checkers, failure = None, {}, None
   if is_main:
     try:
       fileio.makedirs(out_dir)
     except OSError as e:
       failure = EvaluateError(f"cannot write to --output_dir {out_dir}: {e.strerror or e}")
-  if is_main and failure is None:
+  if is_main and failure is None and kind == "checker":
+    try:  # no CLIP model at all: the checker of each base model folder scores its runs
+      checkers = {d: checker_lib.load(d) for d in dict.fromkeys(model_dirs)}
+    except checker_lib.CheckerError as e:
+      failure = e
+  elif is_main and failure is None:
     cache = cache_dir or os.path.expanduser("~/.cache/ti_jax")
     try:
       clip = clip_io.load_clip(protocol.clip_model, cache_dir=cache, allow_pickle=allow_pickle)
@@ -222,30 +338,51 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
     raise failure or EvaluateError("process 0 could not start the evaluation; see its log")
   generators = _Generators(protocol, devices, dtype, cache_dir, allow_pickle)
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  report = {"protocol": dataclasses.asdict(protocol), "dtype": dtype, "devices": len(devices),
-            "seconds": 0.0, "runs": []}
+  report = {"protocol": dataclasses.asdict(protocol), "scorer": kind, "dtype": dtype,
+            "devices": len(devices), "seconds": 0.0, "runs": []}
+  # x, y of the plot and their axis titles.
+  if kind == "checker":
+    keys, axes = ("editability", "reconstruction"), dict(
+        title=plot.CHECKER_TITLE, x_title=plot.CHECKER_X_TITLE, y_title=plot.CHECKER_Y_TITLE)
+  else:
+    keys, axes = ("text_similarity", "image_similarity"), {}
   started = time.perf_counter()
-  for r in runs:
-    _log(f"evaluating {r.label} ({r.workdir})")
-    prop = r.meta.get("learnable_property", "object")
-    count = len(prompts if prompts is not None else prompt_lists.prompts_for(prop)) + 1
-    bar = tqdm(total=count * protocol.num_samples, desc=f"eval {r.label}", unit="img",
-               file=sys.stderr, disable=not is_main, dynamic_ncols=True)
+
+  def scorer_for(i: int) -> _Scorer:
+    if kind == "checker":
+      return _Scorer("checker", checker=checkers.get(model_dirs[i]), concept=run_concepts[i])
+    return _Scorer("clip", clip=clip)
+
+  # Each run, then each baseline word on the first run's base model (its scorer and concept).
+  jobs = [(i, r, None) for i, r in enumerate(runs)] + [(0, runs[0], w) for w in words]
+  for i, r, word in jobs:
+    label = f"word: {word}" if word is not None else r.label
+    _log(f"evaluating {label} ({r.workdir})")
+    scorer = scorer_for(i)
+    _, prompt_list = _templates(r.meta.get("learnable_property", "object"), scorer, prompts)
+    bar = tqdm(total=(len(prompt_list) + 1) * protocol.num_samples, desc=f"eval {label}",
+               unit="img", file=sys.stderr, disable=not is_main, dynamic_ncols=True)
     try:
-      result = evaluate_run(r, protocol=protocol, clip=clip, generators=generators,
-                            prompts=prompts, bar=bar, images_dir=out_dir if save_images else "")
+      result = evaluate_run(r, protocol=protocol, generators=generators, prompts=prompts,
+                            bar=bar, images_dir=out_dir if save_images else "", scorer=scorer,
+                            word=word)
     finally:
       bar.close()
     if not is_main:
       continue
     report["runs"].append(result)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    _log(f"{r.label}: image similarity {result['image_similarity']:.4f}, "
-         f"text similarity {result['text_similarity']:.4f}")
+    if kind == "checker":
+      _log(f"{label}: reconstruction {result['reconstruction']:.3f} (share showing "
+           f"{result['concept']}), editability {result['editability']:.3f} (share showing it "
+           "and the edit)")
+    else:
+      _log(f"{label}: image similarity {result['image_similarity']:.4f}, "
+           f"text similarity {result['text_similarity']:.4f}")
     # Written after every run: a long evaluation keeps what it has finished.
     fileio.write_text(fileio.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-    plot.scatter_png([(x["label"], x["text_similarity"], x["image_similarity"])
-                           for x in report["runs"]], fileio.join(out_dir, "scatter.png"))
+    plot.scatter_png([(x["label"], x[keys[0]], x[keys[1]]) for x in report["runs"]],
+                     fileio.join(out_dir, "scatter.png"), **axes)
   if is_main:
     _log(f"wrote report.json and scatter.png to {out_dir}")
   return report

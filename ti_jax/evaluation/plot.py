@@ -5,6 +5,10 @@ run, with its text similarity (editability) on the x axis and its image
 similarity (reconstruction) on the y axis, labelled with its name. Up and to
 the right is better.
 
+With the world's checker as the scorer the axes are shares of samples
+instead: editability (concept and edit shown) and reconstruction (concept
+shown); callers pass those axis titles (`CHECKER_X_TITLE`, `CHECKER_Y_TITLE`).
+
 `figure` builds the plot as a matplotlib `Figure` (its own Agg canvas: no
 pyplot, no display, no global figure state); `scatter_png` writes it.
 """
@@ -19,14 +23,18 @@ from matplotlib.figure import Figure
 
 from ti_jax.runtime import fileio
 
-__all__ = ["DEFAULT_TITLE", "X_TITLE", "Y_TITLE", "figure", "scatter_png"]
+__all__ = ["CHECKER_TITLE", "CHECKER_X_TITLE", "CHECKER_Y_TITLE", "DEFAULT_TITLE", "X_TITLE",
+           "Y_TITLE", "figure", "scatter_png"]
 
-# (label, text similarity, image similarity)
+# (label, editability score (x), reconstruction score (y)): CLIP's text and image similarity
 Point = tuple[str, float, float]
 
 DEFAULT_TITLE = "Reconstruction vs. editability (CLIP)"
 X_TITLE = "text similarity (editability)"
 Y_TITLE = "image similarity (reconstruction)"
+CHECKER_TITLE = "Reconstruction vs. editability (world checker)"
+CHECKER_X_TITLE = "editability (checker: concept and edit shown)"
+CHECKER_Y_TITLE = "reconstruction (checker: concept shown)"
 
 # Pixels per inch of the figure: `size` in pixels is figsize * DPI, exactly.
 DPI = 100
@@ -58,8 +66,11 @@ def _short(label: str) -> str:
 
 
 def figure(points: Sequence[Point], title: str = DEFAULT_TITLE,
-           size: tuple[int, int] = (960, 600)) -> Figure:
+           size: tuple[int, int] = (960, 600), x_title: str = X_TITLE,
+           y_title: str = Y_TITLE) -> Figure:
   """The scatter plot of `points` as a matplotlib Figure of `size` (width, height) pixels.
+
+  `x_title` and `y_title` name the axes (default: CLIP's text and image similarity).
 
   One marker per point in matplotlib's colour cycle (tab10: colours repeat
   after ten points), labelled with its (shortened) label beside it.
@@ -79,15 +90,16 @@ def figure(points: Sequence[Point], title: str = DEFAULT_TITLE,
                zorder=3, label=label)
     ax.annotate(_short(label), (x, y), xytext=(6, 5), textcoords="offset points", fontsize=9)
   ax.set_title(title)
-  ax.set_xlabel(X_TITLE)
-  ax.set_ylabel(Y_TITLE)
+  ax.set_xlabel(x_title)
+  ax.set_ylabel(y_title)
   ax.grid(True, color="0.9", zorder=0)
   ax.margins(0.15)  # room for the labels beside the outermost points
   return fig
 
 
 def scatter_png(points: Sequence[Point], path: str, title: str = DEFAULT_TITLE,
-                size: tuple[int, int] = (960, 600)) -> None:
+                size: tuple[int, int] = (960, 600), x_title: str = X_TITLE,
+                y_title: str = Y_TITLE) -> None:
   """Writes the scatter plot of `points` (see `figure`) as a PNG of `size` pixels.
 
   Args:
@@ -98,9 +110,10 @@ def scatter_png(points: Sequence[Point], path: str, title: str = DEFAULT_TITLE,
       is written in one object upload.
     title: the headline above the plot.
     size: (width, height) in pixels.
+    x_title, y_title: the axis titles (default: CLIP's).
 
   Raises:
     ValueError: for bad points or size, before anything is written.
   """
-  fig = figure(points, title=title, size=size)
+  fig = figure(points, title=title, size=size, x_title=x_title, y_title=y_title)
   fileio.write_via_local_file(path, lambda local: fig.savefig(local, format="png", dpi=DPI))
