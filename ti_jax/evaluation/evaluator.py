@@ -141,6 +141,11 @@ def _templates(prop: str, scorer: _Scorer, prompts: Sequence[prompt_lists.EvalPr
   return recon, list(prompts) if prompts is not None else default
 
 
+def job_label(run_: _Run, word: str | None) -> str:
+  """The report's and the plot's name for a run, or for a baseline word on its base model."""
+  return f"word: {word}" if word is not None else run_.label
+
+
 def evaluate_run(run_: _Run, *, protocol: Protocol, clip=None, generators,
                  prompts: Sequence[prompt_lists.EvalPrompt] | None, bar,
                  images_dir: str = "", scorer: _Scorer | None = None,
@@ -152,7 +157,7 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip=None, generators,
   """
   scorer = scorer or _Scorer("clip", clip=clip)
   concept, meta, training = run_.concept, run_.meta, run_.images
-  label = f"word: {word}" if word is not None else run_.label
+  label = job_label(run_, word)
   config = meta.get("config", {})
   prop = meta.get("learnable_property", "object")
   sd, model_id, generator = generators.get(concept, config, run_.resolution)
@@ -356,7 +361,7 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
   # Each run, then each baseline word on the first run's base model (its scorer and concept).
   jobs = [(i, r, None) for i, r in enumerate(runs)] + [(0, runs[0], w) for w in words]
   for i, r, word in jobs:
-    label = f"word: {word}" if word is not None else r.label
+    label = job_label(r, word)
     _log(f"evaluating {label} ({r.workdir})")
     scorer = scorer_for(i)
     _, prompt_list = _templates(r.meta.get("learnable_property", "object"), scorer, prompts)

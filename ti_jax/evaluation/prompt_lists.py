@@ -74,13 +74,14 @@ RECONSTRUCTION_PROMPTS: dict[str, str] = {
 }
 
 
-def _prompts(*pairs: tuple[str, str]) -> tuple[EvalPrompt, ...]:
+def prompts_from_pairs(*pairs: tuple[str, str]) -> tuple[EvalPrompt, ...]:
+  """`EvalPrompt`s from (category, text) pairs."""
   return tuple(EvalPrompt(text=t, category=c) for c, t in pairs)
 
 
 # Ordered roughly from easy (a plain change of scene) to hard (the concept has
 # to keep its identity while its material, medium or company changes).
-OBJECT_PROMPTS: tuple[EvalPrompt, ...] = _prompts(
+OBJECT_PROMPTS: tuple[EvalPrompt, ...] = prompts_from_pairs(
     ("background", "a photo of {} on the moon"),
     ("background", "a photo of {} on a wooden kitchen table"),
     ("background", "a photo of {} on a sandy beach at sunset"),
@@ -103,7 +104,7 @@ OBJECT_PROMPTS: tuple[EvalPrompt, ...] = _prompts(
 
 # For a style concept the pseudo-word names the style, so the prompts change
 # the *content* and keep "in the style of {}".
-STYLE_PROMPTS: tuple[EvalPrompt, ...] = _prompts(
+STYLE_PROMPTS: tuple[EvalPrompt, ...] = prompts_from_pairs(
     ("background", "a lighthouse on a rocky coast in the style of {}"),
     ("background", "a quiet village street in winter in the style of {}"),
     ("background", "a busy train station at rush hour in the style of {}"),

@@ -39,12 +39,8 @@ __all__ = [
 CATEGORIES: tuple[str, ...] = ("background", "colour", "size", "position", "combination")
 
 
-def _prompts(*pairs: tuple[str, str]) -> tuple[EvalPrompt, ...]:
-  return tuple(EvalPrompt(text=t, category=c) for c, t in pairs)
-
-
 # "{}" is the object (the pseudo-word, or the initializer word for a baseline).
-OBJECT_PROMPTS: tuple[EvalPrompt, ...] = _prompts(
+OBJECT_PROMPTS: tuple[EvalPrompt, ...] = prompt_lists.prompts_from_pairs(
     ("background", "a photo of {} on a green background"),
     ("background", "a photo of {} on a white background"),
     ("colour", "a photo of a red {}"),
@@ -58,7 +54,7 @@ OBJECT_PROMPTS: tuple[EvalPrompt, ...] = _prompts(
 )
 
 # "{}" is a drawing style: the prompts pick the content and keep the style.
-STYLE_PROMPTS: tuple[EvalPrompt, ...] = _prompts(
+STYLE_PROMPTS: tuple[EvalPrompt, ...] = prompt_lists.prompts_from_pairs(
     ("colour", "a red star in the style of {}"),
     ("colour", "a blue circle in the style of {}"),
     ("background", "a square on a green background in the style of {}"),
@@ -132,8 +128,9 @@ def prompt_share(checker, images: np.ndarray, concept: Mapping[str, str],
     "edit_share", "num_images"}.
   """
   edit = edit_attributes(template)
-  concept_ok = checker_lib.shows(checker, images, concept)  # [N] bool
-  edit_ok = checker_lib.shows(checker, images, edit) if edit else np.ones(len(images), bool)
+  predicted = checker.predict(images)  # one pass of the checker for both questions
+  concept_ok = checker_lib.matches(predicted, concept)  # [N] bool
+  edit_ok = checker_lib.matches(predicted, edit)
   return {"template": template, "edit": edit, "share": float((concept_ok & edit_ok).mean()),
           "concept_share": float(concept_ok.mean()), "edit_share": float(edit_ok.mean()),
           "num_images": int(len(images))}

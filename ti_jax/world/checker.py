@@ -245,11 +245,18 @@ def parse_attributes(spec: Mapping[str, str] | str) -> dict[str, str]:
 
 def shows(checker: Checker, images: np.ndarray, attributes: Mapping[str, str] | str) -> np.ndarray:
   """bool [N]: whether each image shows every one of `attributes` (per the checker)."""
+  return matches(checker.predict(images), attributes)
+
+
+def matches(predicted: Mapping[str, np.ndarray], attributes: Mapping[str, str] | str) -> np.ndarray:
+  """bool [N]: whether each image's predicted classes (`Checker.predict`) are all of `attributes`.
+
+  No attribute at all holds for every image.
+  """
   want = parse_attributes(attributes)
-  pred = checker.predict(images)
-  ok = np.ones(len(images), bool)
+  ok = np.ones(len(next(iter(predicted.values()))), bool)
   for name, value in want.items():
-    ok &= pred[name] == scenes.ATTRIBUTES[name].index(value)
+    ok &= predicted[name] == scenes.ATTRIBUTES[name].index(value)
   return ok
 
 
