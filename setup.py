@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ti_jax", "ti_jax.*"]),
     # The procedural world's trained attribute checker (ti_jax/world/checker.py loads it).
-    package_data={"ti_jax.world": ["assets/*.json", "assets/*.safetensors"]},
+    package_data={"ti_jax.world": ["assets/tiny-world/*", "assets/tiny-world/*/*"]},
     install_requires=[
         "jax",
         "flax",

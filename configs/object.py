@@ -5,17 +5,22 @@
       --config.initializer_token=toy
 
 Variants: `:sd15` (default), `:sd21`, `:sdxl` (SDXL base, 1024 px), `:tiny` (offline
-demo on examples/toy), `:tiny_sdxl` (the same on a tiny SDXL).
+demo on examples/toy), `:tiny_sdxl` (the same on a tiny SDXL), `:world` (the trained
+offline model tiny-world learns its held-out shape from examples/world-cross).
 """
 
 from ti_jax.training import defaults
 
 
 def get_config(variant: str = "sd15"):
-  """Object config for `variant` (sd15, sd21, sdxl, tiny or tiny_sdxl)."""
+  """Object config for `variant` (sd15, sd21, sdxl, tiny, tiny_sdxl or world)."""
   # Object templates ("a photo of a {}", ...); "sculpture" is a coarse word for
   # the object: prefer your own ("toy", "cat").
   return defaults.concept_config(
       variant, "object", "<concept>", "sculpture", "a photo of a {} on the beach",
       tiny={"train_data_dir": "examples/toy", "placeholder_token": "<toy>",
-            "initializer_token": "toy"})
+            "initializer_token": "toy"},
+      # The world's held-out shape, which its captions only ever call "object".
+      world={"train_data_dir": "examples/world-cross", "placeholder_token": "<S*>",
+             "initializer_token": "object", "validation_prompt": "a photo of {}",
+             "validation_prompts": ("a photo of {} on a green background",)})

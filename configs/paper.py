@@ -7,6 +7,9 @@ The argument after ":" is a comma-separated list of up to three words:
   model     ldm (default): the paper's LDM-1.4B, "CompVis/ldm-text2im-large-256", 256 px.
             sd15: Stable Diffusion 1.5 at 512 px with the same hyper-parameters.
             tiny: ti_jax's offline random-weight LDM ("tiny-ldm") on examples/, 64 px.
+            world: the trained offline tiny-world on its held-out shape (examples/world-cross),
+                   32 px, 400 steps; score it with `ti_jax.evaluate` (the world's checker).
+                   Object only: the world's captions never name a style.
   property  object (default) or style: the training prompt templates.
   ablation  one of the paper's variants (default: none, the paper's main setup):
             two_words, three_words  S* is 2 or 3 vectors (the "extended latent space").
@@ -25,7 +28,7 @@ divides 8 (1, 2, 4 or 8 devices); on others set `--config.global_batch_size`.
 from ti_jax.training import defaults
 
 LDM = "CompVis/ldm-text2im-large-256"
-MODELS = ("ldm", "sd15", "tiny")
+MODELS = ("ldm", "sd15", "tiny", "world")
 PROPERTIES = ("object", "style")
 ABLATIONS = ("none", "two_words", "three_words", "progressive", "per_image", "regularized",
              "lr_high", "lr_low")
@@ -50,9 +53,12 @@ def _parse(arg: str) -> tuple[str, str, str]:
 def get_config(arg: str = "ldm,object"):
   """The paper's setup for `arg` = "model,property,ablation" (each optional, any order)."""
   model, prop, ablation = _parse(arg)
+  if model == "world" and prop == "style":
+    raise ValueError(f"configs/paper.py:{arg}: the world model learns objects only (its "
+                     "captions never name a style)")
   # The paper's initializers: a coarse descriptor of the object, "painting" for styles.
   c = defaults.concept_config(
-      "tiny" if model == "tiny" else "sd15", prop, "<S*>",
+      model if model in ("tiny", "world") else "sd15", prop, "<S*>",
       "painting" if prop == "style" else "sculpture",
       "a painting of a fox in the style of {}" if prop == "style" else "a photo of {} on the beach")
 
@@ -76,6 +82,19 @@ def get_config(arg: str = "ldm,object"):
     c.resolution = 256
   elif model == "sd15":
     c.resolution = 512
+  elif model == "world":  # the paper's batch and rate; fewer steps for a tiny model
+    c.pretrained_model_name_or_path = "tiny-world"
+    c.train_data_dir = "examples/world-cross"
+    c.initializer_token = "object"
+    c.validation_prompt = "a photo of {}"
+    c.resolution = 32
+    c.flip_p = 0.0
+    c.templates_file = "examples/world_templates.txt"
+    c.max_train_steps = 400
+    c.checkpointing_steps = 200
+    c.validation_steps = 400
+    c.validation_inference_steps = 25
+    c.validation_guidance_scale = 4.0
   else:  # tiny: the offline exercise of the same code path
     c.pretrained_model_name_or_path = "tiny-ldm"
     c.train_data_dir = "examples/style" if prop == "style" else "examples/toy"
@@ -92,7 +111,7 @@ def get_config(arg: str = "ldm,object"):
     c.num_vectors = 3
   elif ablation == "progressive":
     c.num_vectors = 3
-    c.progressive_words = 2000 if model != "tiny" else 100
+    c.progressive_words = 2000 if model not in ("tiny", "world") else 100
   elif ablation == "per_image":
     c.per_image_tokens = True
     c.per_image_token_p = 0.25

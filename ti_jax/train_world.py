@@ -1,10 +1,12 @@
 """Trains `tiny-world`: a small Stable Diffusion learned from scratch on ti_jax's procedural world.
 
-  python -m ti_jax.train_world --workdir runs/world --steps 20000 --seed 0
+  python -m ti_jax.train_world --workdir runs/world --steps 11500 --seed 0
 
 Three resumable phases (the attribute checker, the KL autoencoder, then the
 UNet with the text encoder), each checkpointed in --workdir: re-running the
-same command continues where it stopped. At the end it writes a diffusers
+same command continues where it stopped, and a larger --steps extends a finished
+run (the diffusion rate is constant after warmup, so the extension equals a
+longer run). The shipped `tiny-world` is 11,500 steps. At the end it writes a diffusers
 folder (loadable by `StableDiffusionPipeline.from_pretrained` too) with the
 checker files and a TRAINING.md to --out_dir (default: --workdir/tiny-world).
 """
@@ -41,7 +43,8 @@ if __name__ == "__main__":
                       "Re-use it to resume.", required=True)
   flags.DEFINE_string("out_dir", "", "Model folder to write (default: WORKDIR/tiny-world).")
   flags.DEFINE_integer("seed", defaults.seed, "Seed of the world, the weights and every step.")
-  flags.DEFINE_integer("steps", defaults.steps, "Diffusion (UNet + text encoder) steps.")
+  flags.DEFINE_integer("steps", defaults.steps, "Diffusion (UNet + text encoder) steps; raise it to "
+                       "extend a finished run.")
   flags.DEFINE_integer("vae_steps", defaults.vae_steps, "Autoencoder steps.")
   flags.DEFINE_integer("checker_steps", defaults.checker_steps, "Attribute checker steps.")
   flags.DEFINE_integer("batch_size", defaults.batch_size, "Global diffusion batch.")

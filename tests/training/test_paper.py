@@ -50,6 +50,8 @@ def test_paper_config_has_the_papers_hyperparameters_and_ablations():
   for model in paper.MODELS:
     for prop in paper.PROPERTIES:
       for ablation in paper.ABLATIONS:
+        if (model, prop) == ("world", "style"):  # refused: tests/world/test_world_variant.py
+          continue
         c = paper.get_config(f"{model},{prop},{ablation}")
         c.train_data_dir = c.train_data_dir or "somewhere"
         trainer.validate_config(c)

@@ -1,5 +1,6 @@
 """tiny-world training: a few-step run resumes to the same weights and writes a loadable folder."""
 
+import dataclasses
 import os
 import shutil
 
@@ -22,10 +23,12 @@ class _Killed(Exception):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """One uninterrupted run, and one killed after its step-2 diffusion checkpoint then re-run."""
+  """One uninterrupted run, one killed after its step-2 diffusion checkpoint then re-run, and one
+  that finished at 2 steps and was extended to 4."""
   whole = str(tmp_path_factory.mktemp("whole"))
   resumed = str(tmp_path_factory.mktemp("resumed"))
-  for workdir in (whole, resumed):
+  extended = str(tmp_path_factory.mktemp("extended"))
+  for workdir in (whole, resumed, extended):
     shutil.copytree(checker_lib.SHIPPED_DIR, os.path.join(workdir, "checker"))
   base_model.train_world(whole, settings=SETTINGS, num_devices=2, progress=False)
   save = base_model._save_state
@@ -42,11 +45,14 @@ def runs(tmp_path_factory):
     base_model._save_state = save
   assert not os.path.exists(os.path.join(resumed, "tiny-world"))
   base_model.train_world(resumed, settings=SETTINGS, num_devices=2, progress=False)
-  return whole, resumed
+  base_model.train_world(extended, settings=dataclasses.replace(SETTINGS, steps=2),
+                         num_devices=2, progress=False)
+  base_model.train_world(extended, settings=SETTINGS, num_devices=2, progress=False)
+  return whole, resumed, extended
 
 
 def test_a_killed_run_resumes_to_the_same_weights(runs):
-  whole, resumed = runs
+  whole, resumed, _ = runs
   a = safetensors_io.load(os.path.join(whole, "tiny-world", UNET_FILE))
   b = safetensors_io.load(os.path.join(resumed, "tiny-world", UNET_FILE))
   assert a.keys() == b.keys()
@@ -57,6 +63,20 @@ def test_a_killed_run_resumes_to_the_same_weights(runs):
   assert len(steps) == 2  # steps 2 and 4: the resumed run did not redo steps 1-2
   with open(os.path.join(resumed, "tiny-world", "TRAINING.md")) as f:
     assert '"mse"' in f.read()  # the VAE's final loss, though the resumed run ran no VAE step
+
+
+def test_a_finished_run_extended_with_more_steps_equals_a_longer_run(runs):
+  whole, _, extended = runs
+  a = safetensors_io.load(os.path.join(whole, "tiny-world", UNET_FILE))
+  b = safetensors_io.load(os.path.join(extended, "tiny-world", UNET_FILE))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_a_one_line_error(runs):
+  with pytest.raises(base_model.WorldTrainingError, match="at step 4, past --steps 3"):
+    base_model.train_world(runs[0], settings=dataclasses.replace(SETTINGS, steps=3),
+                           num_devices=2, progress=False)
 
 
 def test_the_folder_carries_the_checker_and_training_notes(runs):

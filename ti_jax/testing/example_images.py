@@ -393,10 +393,28 @@ def draw_example_style(out_dir: str, size: int = 128) -> list[str]:
   return _save(images, [f"pastel_{name}.png" for name, _ in subjects], out_dir)
 
 
+# The tiny-world example: renders of the world's held-out shape on random colours,
+# sizes and positions (`ti_jax.world.scenes.write_concept_folder`, world seed 0), 32x32.
+WORLD_EXAMPLES = {"world-cross": {"shape": "cross"}}
+WORLD_EXAMPLE_COUNT = 5
+
+
+def draw_world_examples(out_dir: str = "examples") -> list[str]:
+  """Writes ``<out_dir>/world-cross`` (5 renders and concept.json); returns the image paths."""
+  from ti_jax.world import scenes  # pylint: disable=import-outside-toplevel
+  paths = []
+  for name, concept in WORLD_EXAMPLES.items():
+    paths += scenes.write_concept_folder(os.path.join(out_dir, name), 0, WORLD_EXAMPLE_COUNT,
+                                         **concept)
+  return paths
+
+
 def draw_examples(out_dir: str = "examples", size: int = 128) -> list[str]:
-  """Draws both example concepts into ``<out_dir>/toy`` and ``<out_dir>/style``; returns the paths."""
+  """Draws the example concepts into ``<out_dir>/toy``, ``style`` (`size` px) and the 32 px
+  ``world-cross``; returns the image paths."""
   return (draw_example_concept(os.path.join(out_dir, "toy"), size)
-          + draw_example_style(os.path.join(out_dir, "style"), size))
+          + draw_example_style(os.path.join(out_dir, "style"), size)
+          + draw_world_examples(out_dir))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -414,6 +432,7 @@ if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=import-outside-toplevel
 
   from ti_jax import cli  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("out_dir", "examples", "Folder receiving toy/ and style/.")
+  flags.DEFINE_string("out_dir", "examples",
+                      "Folder receiving toy/, style/ and world-cross/.")
   flags.DEFINE_integer("size", 128, "Image side in pixels.", lower_bound=1)
   app.run(main, flags_parser=cli.flags_parser)

@@ -13,6 +13,9 @@ Variants (`--config configs/style.py:VARIANT`):
         the example images in examples/: runs offline in about two minutes on
         a 2-core CPU. Its outputs are noise by design; it exercises the tool.
   tiny_sdxl  the same for SDXL's code path (tiny-sdxl: both encoders, time ids).
+  world  tiny-world, the small Stable Diffusion trained on ti_jax's procedural
+        world and shipped in the package: learns the world's held-out concept
+        from examples/world-* offline, and its images show it.
 """
 
 import ml_collections
@@ -180,19 +183,39 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
     c.validation_steps = 500
     c.num_validation_images = 2
     c.validation_inference_steps = 10
+  elif variant == "world":
+    c.pretrained_model_name_or_path = "tiny-world"
+    c.dtype = "float32"
+    c.resolution = 32  # the world's image size
+    c.flip_p = 0.0  # the world has left and right: a flip would change the position
+    # The world's caption openings ("a photo of a ..."): the paper's templates use
+    # words its tokenizer has never seen.
+    c.templates_file = "examples/world_templates.txt"
+    c.train_batch_size = 8
+    c.global_batch_size = 8  # any device count gives the same run
+    c.max_train_steps = 400
+    c.learning_rate = 5e-3
+    c.checkpointing_steps = 200
+    c.log_every_steps = 25
+    c.validation_steps = 400
+    c.num_validation_images = 8
+    c.validation_scheduler = "ddim"
+    c.validation_inference_steps = 25
+    c.validation_guidance_scale = 4.0
   else:
     raise ValueError(f"unknown config variant {variant!r} (known: sd15, sd21, sdxl, tiny, "
-                     "tiny_sdxl)")
+                     "tiny_sdxl, world)")
   return c
 
 
 def concept_config(variant: str, learnable_property: str, placeholder_token: str,
                    initializer_token: str, validation_prompt: str,
-                   tiny: dict | None = None) -> ml_collections.ConfigDict:
+                   tiny: dict | None = None,
+                   world: dict | None = None) -> ml_collections.ConfigDict:
   """`get_config(variant)` ("" = sd15) with the concept fields a configs/*.py file sets.
 
   `tiny` holds the fields that differ under the `tiny` and `tiny_sdxl` variants
-  (their example images, a token that suits them).
+  (their example images, a token that suits them); `world` those of the `world` variant.
   """
   c = get_config(variant or "sd15")
   c.learnable_property = learnable_property  # picks the templates: "object" or "style"
@@ -201,4 +224,6 @@ def concept_config(variant: str, learnable_property: str, placeholder_token: str
   c.validation_prompt = validation_prompt
   if variant in ("tiny", "tiny_sdxl"):
     c.update(tiny or {})
+  if variant == "world":
+    c.update(world or {})
   return c

@@ -189,12 +189,19 @@ def resolve_model_dir(name_or_path: str, *, variant: str | None = None,
                       cache_dir: str = DEFAULT_CACHE_DIR) -> str:
   """Returns a local diffusers folder for `name_or_path`.
 
-  A folder is used as is; "tiny-sd15"/"tiny-sd21"/"tiny-ldm" name ti_jax's
+  A folder is used as is; "tiny-world" is the trained model shipped in the package
+  (`presets.SHIPPED_MODELS`); "tiny-sd15"/"tiny-sd21"/"tiny-ldm" name ti_jax's
   random-weight test models, written under `cache_dir` on first use; anything else is a hub
   id, of which only the needed files are fetched.
   """
   if os.path.isdir(name_or_path):
     return name_or_path
+  if name_or_path in presets.SHIPPED_MODELS:
+    folder = presets.SHIPPED_MODELS[name_or_path]
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+      raise ModelLoadError(f"the shipped model {name_or_path} is missing from {folder}; "
+                           "reinstall ti_jax")
+    return folder
   if name_or_path in TINY_MODELS:
     from ti_jax.testing.tiny_models import ensure_tiny_model  # pylint: disable=import-outside-toplevel
     return ensure_tiny_model(os.path.join(os.path.expanduser(cache_dir), name_or_path),

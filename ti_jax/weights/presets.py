@@ -11,6 +11,7 @@ names, the one list every other module imports.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 _SCHEDULER_BASE = {
@@ -173,6 +174,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The tiny random-weight models ti_jax writes itself (`ti_jax.testing.tiny_models`):
 # the names `pretrained_model_name_or_path` and `python -m ti_jax.tiny_model --preset` take.
 TINY_MODELS = tuple(name for name in PRESETS if name.startswith("tiny-"))
+
+# Trained models that ship inside the package (diffusers folders): name -> folder.
+# "tiny-world" is the base model of ti_jax's procedural world (`ti_jax.world`).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_MODELS = {"tiny-world": os.path.join(_PACKAGE_DIR, "world", "assets", "tiny-world")}
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -103,13 +103,13 @@ def model_configs(vocab_size: int) -> dict[str, dict]:
 class Settings:
   """What a `tiny-world` training run does (every field is part of its identity)."""
   seed: int = 0
-  steps: int = 4500  # diffusion steps
+  steps: int = 11500  # diffusion steps (may grow when resuming: the rate is constant)
   vae_steps: int = 800
   checker_steps: int = 2500
   batch_size: int = 64  # global, diffusion
   vae_batch_size: int = 32
   num_images: int = 20000  # captioned renders the diffusion phase trains on
-  learning_rate: float = 1e-3
+  learning_rate: float = 3e-4
   vae_learning_rate: float = 1e-3
   warmup_steps: int = 200
   ema_decay: float = 0.999
@@ -305,10 +305,11 @@ def train_diffusion(workdir: str, modules: dict, params: Any, latents: np.ndarra
                     progress: bool) -> tuple[Any, dict]:
   """Trains (or resumes) the UNet and text encoder; returns the EMA params and last metrics."""
   schedule = schedulers.noise_schedule_from_config(scheduler_config)
+  # Warmup, then a constant rate (the EMA does the averaging, as in DDPM): no step
+  # depends on the total, so a run resumed with a larger --steps continues exactly
+  # as a run started with it would have.
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-      optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate,
-                                         min(settings.warmup_steps, settings.steps // 2),
-                                         settings.steps, settings.learning_rate * 0.1),
+      optax.linear_schedule(0.0, settings.learning_rate, settings.warmup_steps),
       weight_decay=1e-4))
   host = {"params": params, "opt": tx.init(params), "ema": params}
   ckpt = os.path.join(workdir, "diffusion.ckpt")
@@ -316,6 +317,9 @@ def train_diffusion(workdir: str, modules: dict, params: Any, latents: np.ndarra
   start = 0
   if saved is not None:
     start, host = int(saved["step"]), saved["state"]
+  if start > settings.steps:
+    raise WorldTrainingError(f"{ckpt} is at step {start}, past --steps {settings.steps}; "
+                             f"pass --steps {start} or more")
   n, b = len(devices), settings.batch_size
   step = parallel.pmapped(_diffusion_step(modules["unet"], modules["text_encoder"], tx, schedule,
                                           settings.ema_decay), devices, donate_argnums=(0,))
@@ -367,8 +371,9 @@ def train_world(workdir: str, out_dir: str | None = None, settings: Settings = S
   os.makedirs(workdir, exist_ok=True)
   out_dir = out_dir or os.path.join(workdir, PRESET)
   identity = dataclasses.asdict(settings)
-  identity.pop("checkpoint_every")
-  identity.pop("log_every")
+  # Not part of what a step computes: a run can be resumed with more steps.
+  for key in ("checkpoint_every", "log_every", "steps"):
+    identity.pop(key)
   # The VAE's checkpoint depends on its own fields only: a run with more or fewer
   # diffusion steps (or images) resumes with the trained VAE.
   vae_identity = {k: identity[k] for k in _VAE_FIELDS}

@@ -38,8 +38,9 @@ CONFIG_FILE = "checker.json"
 # The shipped checker: `train_checker()` with its defaults (2500 steps, 522 s on a loaded 2-core
 # CPU). Accuracy 1.0 on every attribute of 2000 fresh renders; on tiny-world VAE reconstructions
 # of 300 renders: shape 0.96 (star 0.85, cross 0.94), the others >= 0.99.
-# Packaged with the library; a model folder carries a copy.
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+# It ships inside the tiny-world model folder it scores (ti_jax/world/assets/tiny-world),
+# and every model folder `ti_jax.train_world` writes carries a copy.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-world")
 _NOISE_STD = 0.06  # training augmentation, in [-1, 1] pixel units
 # Training blurs two thirds of the renders (Gaussian, one of these sigmas in pixels): decoded
 # samples of a small latent space are soft-edged, and a checker that only saw sharp renders

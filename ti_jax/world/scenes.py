@@ -8,8 +8,8 @@ anti-aliased edges, as a photo would have). No file is read or downloaded.
 
 Images are 32x32 RGB: the smallest size at which a 5-pointed star, a triangle
 and a cross are still told apart by eye and by a small CNN, and small enough
-that the base model (a KL autoencoder to 8x8x4 latents, a UNet on those) trains
-in well under an hour on 2 CPU cores; 64x64 costs 4x as much per step.
+that the base model (a KL autoencoder to 16x16x4 latents, a UNet on those) trains
+on 2 CPU cores in about two hours; 64x64 costs 4x as much per step.
 
 Two things are held out of the captions, as the textual-inversion
 experiments need:
