@@ -5,8 +5,8 @@
       --config.initializer_token=toy
 
 Variants: `:sd15` (default), `:sd21`, `:sdxl` (SDXL base, 1024 px), `:tiny` (offline
-demo on examples/toy), `:tiny_sdxl` (the same on a tiny SDXL), `:world` (the trained
-offline model tiny-world learns its held-out shape from examples/world-cross).
+demo on examples/toy), `:tiny_sdxl` (the same on a tiny SDXL), `:world` (textual inversion
+of the world's held-out shape, examples/world-cross, on the shipped trained tiny-world).
 """
 
 from ti_jax.training import defaults

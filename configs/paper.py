@@ -60,7 +60,8 @@ def get_config(arg: str = "ldm,object"):
   c = defaults.concept_config(
       model if model in ("tiny", "world") else "sd15", prop, "<S*>",
       "painting" if prop == "style" else "sculpture",
-      "a painting of a fox in the style of {}" if prop == "style" else "a photo of {} on the beach")
+      "a painting of a fox in the style of {}" if prop == "style" else "a photo of {} on the beach",
+      world={})  # the world branch below sets its fields
 
   # --- The paper's hyper-parameters ---
   c.global_batch_size = 8  # 4 per GPU on 2 GPUs

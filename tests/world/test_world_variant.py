@@ -65,6 +65,8 @@ def test_world_variants_train_on_the_shipped_model(tmp_path, name, variant):
     assert json.load(f)["num_vectors"] == (2 if "two_words" in variant else 1)
 
 
-def test_the_paper_world_model_has_no_style_variant():
+def test_the_world_has_no_style_variant():
   with pytest.raises(ValueError, match="learns objects only"):
     config_module("paper").get_config("world,style")
+  with pytest.raises(ValueError, match="no world variant for style concepts"):
+    config_module("style").get_config("world")

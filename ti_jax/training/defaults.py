@@ -14,8 +14,9 @@ Variants (`--config configs/style.py:VARIANT`):
         a 2-core CPU. Its outputs are noise by design; it exercises the tool.
   tiny_sdxl  the same for SDXL's code path (tiny-sdxl: both encoders, time ids).
   world  tiny-world, the small Stable Diffusion trained on ti_jax's procedural
-        world and shipped in the package: learns the world's held-out concept
-        from examples/world-* offline, and its images show it.
+        world and shipped in the package, offline (configs/object.py and
+        paper.py only: the world's concept is a shape). What it reaches: the
+        README's "The tiny world".
 """
 
 import ml_collections
@@ -225,5 +226,8 @@ def concept_config(variant: str, learnable_property: str, placeholder_token: str
   if variant in ("tiny", "tiny_sdxl"):
     c.update(tiny or {})
   if variant == "world":
-    c.update(world or {})
+    if world is None:  # a concept file that has no world concept (styles: no caption names one)
+      raise ValueError(f"no world variant for {learnable_property} concepts (the world's "
+                       "example is an object: configs/object.py:world)")
+    c.update(world)
   return c
