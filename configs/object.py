@@ -20,7 +20,5 @@ def get_config(variant: str = "sd15"):
       variant, "object", "<concept>", "sculpture", "a photo of a {} on the beach",
       tiny={"train_data_dir": "examples/toy", "placeholder_token": "<toy>",
             "initializer_token": "toy"},
-      # The world's held-out shape, which its captions only ever call "object".
-      world={"train_data_dir": "examples/world-cross", "placeholder_token": "<S*>",
-             "initializer_token": "object", "validation_prompt": "a photo of {}",
-             "validation_prompts": ("a photo of {} on a green background",)})
+      world=dict(defaults.WORLD_OBJECT, placeholder_token="<S*>",
+                 validation_prompts=("a photo of {} on a green background",)))

@@ -61,7 +61,7 @@ def get_config(arg: str = "ldm,object"):
       model if model in ("tiny", "world") else "sd15", prop, "<S*>",
       "painting" if prop == "style" else "sculpture",
       "a painting of a fox in the style of {}" if prop == "style" else "a photo of {} on the beach",
-      world={})  # the world branch below sets its fields
+      world=defaults.WORLD_OBJECT)
 
   # --- The paper's hyper-parameters ---
   c.global_batch_size = 8  # 4 per GPU on 2 GPUs
@@ -83,19 +83,11 @@ def get_config(arg: str = "ldm,object"):
     c.resolution = 256
   elif model == "sd15":
     c.resolution = 512
-  elif model == "world":  # the paper's batch and rate; fewer steps for a tiny model
-    c.pretrained_model_name_or_path = "tiny-world"
-    c.train_data_dir = "examples/world-cross"
-    c.initializer_token = "object"
-    c.validation_prompt = "a photo of {}"
-    c.resolution = 32
-    c.flip_p = 0.0
-    c.templates_file = "examples/world_templates.txt"
-    c.max_train_steps = 400
-    c.checkpointing_steps = 200
-    c.validation_steps = 400
-    c.validation_inference_steps = 25
-    c.validation_guidance_scale = 4.0
+  elif model == "world":  # the paper's batch and rate; the world variant's length, flips, sampler
+    world = defaults.get_config("world")
+    for key in ("flip_p", "max_train_steps", "checkpointing_steps", "validation_steps",
+                "validation_inference_steps", "validation_guidance_scale"):
+      c[key] = world[key]
   else:  # tiny: the offline exercise of the same code path
     c.pretrained_model_name_or_path = "tiny-ldm"
     c.train_data_dir = "examples/style" if prop == "style" else "examples/toy"

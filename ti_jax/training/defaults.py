@@ -192,7 +192,6 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
     # The world's caption openings ("a photo of a ..."): the paper's templates use
     # words its tokenizer has never seen.
     c.templates_file = "examples/world_templates.txt"
-    c.train_batch_size = 8
     c.global_batch_size = 8  # any device count gives the same run
     c.max_train_steps = 400
     c.learning_rate = 5e-3
@@ -207,6 +206,12 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown config variant {variant!r} (known: sd15, sd21, sdxl, tiny, "
                      "tiny_sdxl, world)")
   return c
+
+
+# The concept of the `world` variant (configs/object.py and paper.py): the world's
+# held-out shape, which its captions only ever call "object".
+WORLD_OBJECT = {"train_data_dir": "examples/world-cross", "initializer_token": "object",
+                "validation_prompt": "a photo of {}"}
 
 
 def concept_config(variant: str, learnable_property: str, placeholder_token: str,
