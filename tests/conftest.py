@@ -172,6 +172,24 @@ def tiny_sdxl(tmp_path_factory) -> str:
   return tiny_models.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "sdxl"), "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_run(tmp_path_factory) -> str:
+  """The run directory of a 1-step run on tiny-sdxl (configs/object.py:tiny_sdxl on
+  examples/toy, one device, checkpointed at step 1), its model in its own cache folder.
+
+  Shared by the tests that sample or evaluate an SDXL run: read it, write nothing into it."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from ti_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  tmp = tmp_path_factory.mktemp("sdxl_run")
+  c = offline_config(config_module("object").get_config("tiny_sdxl"), tmp / "cache",
+                     train_data_dir=os.path.join(REPO, "examples", "toy"), resolution=64,
+                     max_train_steps=1, checkpointing_steps=1)
+  workdir = str(tmp / "run")
+  trainer.run(c, workdir, devices=jax.local_devices()[:1], progress=False)
+  return workdir
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_XLA_CACHE:

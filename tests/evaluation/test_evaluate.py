@@ -162,22 +162,21 @@ def test_every_run_is_checked_before_any_model_loads(runs, tmp_path):
 
 
 def test_an_sdxl_run_is_evaluated_with_both_encoders_vectors(tmp_path, prompts_file, runs,
-                                                             monkeypatch):
+                                                             tiny_sdxl_run, monkeypatch):
   """An SDXL run's report, its images generated with the checkpoint's vectors for both
   text encoders."""
   _, cache, _ = runs
-  c = config_module("object").get_config("tiny_sdxl")
-  offline_config(c, cache, train_data_dir=os.path.join(REPO, c.train_data_dir),
-                 max_train_steps=1, resolution=64)
-  workdir = str(tmp_path / "sdxl")
-  trainer.run(c, workdir, devices=jax.local_devices()[:1], progress=False)
+  workdir = tiny_sdxl_run  # 1 training step on tiny-sdxl (conftest.py)
   seen = []
   real = evaluator.generation.generate_images
   def spy(*args, **kwargs):
     seen.append(kwargs)
     return real(*args, **kwargs)
   monkeypatch.setattr(evaluator.generation, "generate_images", spy)
-  protocol = evaluator.Protocol(num_samples=2, num_inference_steps=2, clip_model="tiny-clip")
+  # Euler, 3 steps, guidance 5 on one device, 2 images a call: the program
+  # tests/sampling/test_sdxl_sample.py's `gen` samples with, compiled once for both files.
+  protocol = evaluator.Protocol(num_samples=2, num_inference_steps=3, scheduler="euler",
+                                guidance_scale=5.0, clip_model="tiny-clip")
   report = evaluator.run(workdirs=[workdir], protocol=protocol, prompts_file=prompts_file,
                         output_dir=str(tmp_path / "out"), cache_dir=cache,
                         devices=jax.local_devices()[:1])["runs"][0]

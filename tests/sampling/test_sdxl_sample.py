@@ -201,7 +201,11 @@ def test_two_devices_give_the_images_of_one(sd, gen, concept):
   vocab = sampling_concepts.tokenizers_with_concepts(sd, [concept])
   prompts = ["a photo of <toy>", "a cat", "a red toy"]  # 3: one padded row on 2 devices
   two = generation.ImageGenerator(sd, scheduler="euler", devices=jax.local_devices()[:2], **FAST)
-  one = gen.generate(prompts, seed=2, **vocab).astype(int)
+  # One device, in calls of 2 images (the program `gen` has compiled for this module's other
+  # tests): image i starts from the noise of (seed, first_index + i) whatever the call.
+  one = np.concatenate([gen.generate(prompts[:2], seed=2, **vocab),
+                        gen.generate(prompts[2:] * 2, seed=2, first_index=2, **vocab)[:1]])
+  assert one.shape == (3, SIZE, SIZE, 3)
   # Same noise per image; only the batch layout differs, so at most rounding of one level.
   assert np.abs(two.generate(prompts, seed=2, **vocab).astype(int) - one).max() <= 1
 
@@ -278,26 +282,23 @@ def test_sample_cli_writes_sdxl_pngs_from_an_embedding_file(concept, tmp_path):
   assert first.text["guidance_rescale"] == "0.7" and first.text["learned_tokens"] == "<toy>"
 
 
-def test_sampling_an_sdxl_run_uses_both_encoders_vectors_of_its_checkpoint(gen, tmp_path):
+def test_sampling_an_sdxl_run_uses_both_encoders_vectors_of_its_checkpoint(gen, tiny_sdxl_run,
+                                                                           tmp_path):
   from ti_jax.sampling import runner
-  from ti_jax.training import checkpointing, trainer
-  c = config_module("object").get_config("tiny_sdxl")
-  c.train_data_dir = os.path.join(REPO, "examples", "toy")
-  c.cache_dir = str(tmp_path / "cache")
-  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  c.validation_prompt, c.max_train_steps, c.checkpointing_steps = "", 1, 1
-  devices = jax.local_devices()[:1]
-  workdir = str(tmp_path / "run")
-  trainer.run(c, workdir, devices=devices, progress=False)
-  paths = runner.run(prompts=["a photo of a <toy>"], workdir=workdir, num_images=1,
-                     output_dir=str(tmp_path / "out"), devices=devices, scheduler="euler",
-                     num_inference_steps=FAST["num_inference_steps"],
+  from ti_jax.training import checkpointing
+  workdir = tiny_sdxl_run  # 1 training step on tiny-sdxl, checkpointed at step 1
+  # 2 images: one call of the batch `gen` has compiled (image i's noise is (seed, i) either way).
+  paths = runner.run(prompts=["a photo of a <toy>"], workdir=workdir, num_images=2,
+                     output_dir=str(tmp_path / "out"), devices=jax.local_devices()[:1],
+                     scheduler="euler", num_inference_steps=FAST["num_inference_steps"],
                      guidance_scale=FAST["guidance_scale"])
-  assert [os.path.basename(p) for p in paths] == ["000_a_photo_of_a_toy_step1_seed0_000.png"]
+  assert [os.path.basename(p) for p in paths] == ["000_a_photo_of_a_toy_step1_seed0_000.png",
+                                                  "000_a_photo_of_a_toy_step1_seed0_001.png"]
   vectors, vectors_2, _ = checkpointing.learned_pair_from_workdir(workdir)
   assert vectors_2 is not None and vectors_2.shape[0] == vectors.shape[0]
   # `gen` samples the same tiny-sdxl weights (written by ti_jax from the preset and seed 0).
   run_concept = embedding_io.Concept("<toy>", vectors, workdir, vectors_2=vectors_2)
   vocab = sampling_concepts.tokenizers_with_concepts(gen.sd, [run_concept])
-  np.testing.assert_array_equal(np.asarray(Image.open(paths[0])),
-                                gen.generate(["a photo of a <toy>"], **vocab)[0])
+  want = gen.generate(["a photo of a <toy>"] * 2, **vocab)
+  for path, image in zip(paths, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
