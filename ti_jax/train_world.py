@@ -1,12 +1,12 @@
 """Trains `tiny-world`: a small Stable Diffusion learned from scratch on ti_jax's procedural world.
 
-  python -m ti_jax.train_world --workdir runs/world --steps 11500 --seed 0
+  python -m ti_jax.train_world --workdir runs/world --steps 16000 --seed 0
 
 Three resumable phases (the attribute checker, the KL autoencoder, then the
 UNet with the text encoder), each checkpointed in --workdir: re-running the
 same command continues where it stopped, and a larger --steps extends a finished
 run (the diffusion rate is constant after warmup, so the extension equals a
-longer run). The shipped `tiny-world` is 11,500 steps. At the end it writes a diffusers
+longer run). The shipped `tiny-world` is 16,000 steps. At the end it writes a diffusers
 folder (loadable by `StableDiffusionPipeline.from_pretrained` too) with the
 checker files and a TRAINING.md to --out_dir (default: --workdir/tiny-world).
 """

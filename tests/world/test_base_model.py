@@ -4,12 +4,14 @@ import dataclasses
 import os
 import shutil
 
+import flax
 import numpy as np
 import pytest
 
 from ti_jax.weights import loading, safetensors_io
 from ti_jax.world import base_model
 from ti_jax.world import checker as checker_lib
+from ti_jax.world import scenes
 
 # checker_steps as the shipped checker's: each workdir gets a copy, so no run trains one.
 SETTINGS = base_model.Settings(seed=1, steps=4, vae_steps=2, checker_steps=2500, batch_size=8,
@@ -94,6 +96,27 @@ def test_the_folder_loads_in_ti_jax_with_the_world_tokenizer(runs):
   ids = model.tokenizer("a photo of a small red star on a blue background").input_ids
   assert len(ids) == 13  # bos + 11 words + eos: every word is one token
   assert model.vae.config.scaling_factor != 1.0  # set from the latents' spread
+
+
+def test_the_written_model_has_no_word_or_embedding_row_for_the_hidden_names(runs):
+  folder = os.path.join(runs[0], "tiny-world")
+  model = loading.load_stable_diffusion(folder)
+  tok, vocab_size = base_model.training_tokenizer()
+  assert len(tok) == vocab_size + len(scenes.HIDDEN_TOKENS)  # what the run trained with
+  assert len(model.tokenizer) == vocab_size
+  for token in scenes.HIDDEN_TOKENS.values():
+    assert len(tok(token, add_special_tokens=False).input_ids) == 1
+    assert len(model.tokenizer(token, add_special_tokens=False).input_ids) > 1  # no such word
+  state = safetensors_io.load(os.path.join(folder, "text_encoder", "model.safetensors"))
+  table = state["text_model.embeddings.token_embedding.weight"]  # [vocab_size, 64]
+  assert table.shape[0] == vocab_size == model.text_encoder.config.vocab_size
+  # The kept rows are the trained ones (the EMA the checkpoint holds), not re-initialised.
+  with open(os.path.join(runs[0], "diffusion.ckpt"), "rb") as f:
+    saved = flax.serialization.msgpack_restore(f.read())
+  trained = np.asarray(saved["state"]["state"]["ema"]["text_encoder"]["embeddings"][
+      "token_embedding"]["embedding"])  # [vocab_size + 2, 64]
+  assert trained.shape[0] == vocab_size + len(scenes.HIDDEN_TOKENS)
+  np.testing.assert_array_equal(table, trained[:vocab_size])
 
 
 def test_the_folder_loads_and_samples_in_diffusers(runs):

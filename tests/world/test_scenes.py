@@ -83,6 +83,34 @@ def test_held_out_shape_and_style_are_drawn_but_never_named(world):
   assert held_out[generic].mean() < 0.3
 
 
+def test_training_captions_name_the_held_out_shape_and_style_by_hidden_tokens_only(world):
+  _, captions, labels = world
+  hidden = [scenes.caption(7, i, hidden=True) for i in range(N)]
+  held_out = labels["shape"] == scenes.SHAPES.index(scenes.HELD_OUT_SHAPE)
+  outlined = labels["style"] == scenes.STYLES.index(scenes.HELD_OUT_STYLE)
+  cross, styled = scenes.HIDDEN_TOKENS["cross"], scenes.HIDDEN_TOKENS["outlined"]
+  for text, seen, h, o in zip(captions, hidden, held_out, outlined):
+    assert cross not in text and styled not in text  # what a user sees never has them
+    # The training caption is the same caption with the hidden names put in.
+    # (articles aside: "a <cross>" is "an object")
+    plain = [scenes.GENERIC_WORD if w == cross else w for w in seen.split() if w != styled]
+    assert [w for w in plain if w not in ("a", "an")] == [w for w in text.split() if w not in ("a", "an")]
+    assert (cross in seen) <= h and (styled in seen) <= o
+  # Named like any shape: the held-out one by its token about as often as a named shape by name.
+  named = np.mean([cross in t for t, h in zip(hidden, held_out) if h])
+  assert 0.3 < named < 0.7
+  assert 0.5 < np.mean([styled in t for t, o in zip(hidden, outlined) if o]) < 0.9
+
+
+def test_a_known_caption_is_unchanged():
+  # The world tokenizer is learnt from `caption`'s text: a change to its draws changes the
+  # shipped model's tokenizer.
+  assert scenes.caption(0, 29) == "a large yellow object on a blue background"
+  assert scenes.caption(0, 29, hidden=True) == "a large yellow <cross> on a blue background"
+  assert scenes.caption(0, 19, hidden=True) == (
+      "a drawing of a purple <outlined> triangle on a black background")
+
+
 def test_every_caption_word_is_one_token(world, world_tokenizer):
   _, captions, _ = world
   words = set(" ".join(captions).split()) | set(scenes.vocabulary())

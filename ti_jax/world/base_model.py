@@ -62,7 +62,7 @@ class WorldTrainingError(errors.UserError):
   """A tiny-world run cannot start (another run's workdir, a batch that does not split)."""
 
 
-def model_configs(vocab_size: int) -> dict[str, dict]:
+def model_configs(vocab_size: int, extra_tokens: int = 0) -> dict[str, dict]:
   """The `tiny-world` component configs (diffusers / transformers `config.json` fields).
 
   A KL VAE 32x32x3 -> 16x16x4 (one downsampling), a 2-layer CLIP text encoder
@@ -75,6 +75,9 @@ def model_configs(vocab_size: int) -> dict[str, dict]:
   4x4) a small shape covers 3x3 latent pixels and which shape it is lives in
   the channel values; a base model trained for the same time learnt colours
   and backgrounds but not shapes.
+
+  `vocab_size` is the world tokenizer's; `extra_tokens` rows more are the
+  training-only `scenes.HIDDEN_TOKENS` (ids after the tokenizer's specials).
   """
   base = presets.preset("sd15")
   configs = {
@@ -89,7 +92,7 @@ def model_configs(vocab_size: int) -> dict[str, dict]:
           down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
           sample_size=scenes.IMAGE_SIZE, scaling_factor=1.0),
       "text_encoder": dict(
-          base["text_encoder"], vocab_size=vocab_size, hidden_size=64, intermediate_size=256,
+          base["text_encoder"], vocab_size=vocab_size + extra_tokens, hidden_size=64, intermediate_size=256,
           num_hidden_layers=2, num_attention_heads=4, projection_dim=64,
           max_position_embeddings=world_tokenizer.MAX_LENGTH,
           # The world tokenizer's specials are its last two ids; pad is eos, as in SD 1.x.
@@ -103,7 +106,7 @@ def model_configs(vocab_size: int) -> dict[str, dict]:
 class Settings:
   """What a `tiny-world` training run does (every field is part of its identity)."""
   seed: int = 0
-  steps: int = 11500  # diffusion steps (may grow when resuming: the rate is constant)
+  steps: int = 16000  # diffusion steps (may grow when resuming: the rate is constant)
   vae_steps: int = 800
   checker_steps: int = 2500
   batch_size: int = 64  # global, diffusion
@@ -115,6 +118,9 @@ class Settings:
   ema_decay: float = 0.999
   checkpoint_every: int = 500
   log_every: int = 50
+  # Train on captions naming the held-out shape and style by `scenes.HIDDEN_TOKENS`
+  # (dropped from the written model); False: they are never named at all.
+  hidden_names: bool = True
 
 
 # The settings the VAE phase depends on (its checkpoint's identity).
@@ -254,12 +260,14 @@ def encode_dataset(vae, vae_params: Any, settings: Settings,
   """The posterior means [N, 16, 16, 4] (unscaled) and captions of the diffusion phase's renders.
 
   Scenes `10**9 ..` of the world seed: apart from the VAE's stream, which starts at 0.
+  The captions are the training ones (`scenes.caption(hidden=settings.hidden_names)`).
   """
   encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0])
   means, captions = [], []
   for start in range(0, settings.num_images, chunk):
     count = min(chunk, settings.num_images - start)
-    images, texts, _ = scenes.batch(settings.seed, 10**9 + start, count)
+    images, texts, _ = scenes.batch(settings.seed, 10**9 + start, count,
+                                    hidden=settings.hidden_names)
     means.append(np.asarray(encode(vae_params, images.astype(np.float32) / 127.5 - 1.0)))
     captions.extend(texts)
   return np.concatenate(means), captions
@@ -393,10 +401,9 @@ def train_world(workdir: str, out_dir: str | None = None, settings: Settings = S
     checker_lib.save(checker, checker_dir)
   accuracy = checker_lib.accuracy(checker, seed=settings.seed + 7_000_001)
 
-  with tempfile.TemporaryDirectory() as tmp:
-    vocab_size = world_tokenizer.write_world_tokenizer(tmp)
-    tok = loading.load_tokenizer(tmp, subfolder="")
-  configs = model_configs(vocab_size)
+  tok, vocab_size = training_tokenizer(settings.hidden_names)
+  extra = len(tok) - vocab_size
+  configs = model_configs(vocab_size, extra)
   modules = loading.build_modules(configs)
   params = _init_params(modules, settings.seed)
 
@@ -416,9 +423,36 @@ def train_world(workdir: str, out_dir: str | None = None, settings: Settings = S
 
   seconds = time.time() - t0
   final = {"vae": vae_metrics, "diffusion": diffusion_metrics}
+  # The written model has no word for the held-out shape and style: cut their rows.
+  configs["text_encoder"] = model_configs(vocab_size)["text_encoder"]
+  trained["text_encoder"] = drop_hidden_rows(trained["text_encoder"], vocab_size)
   write_folder(out_dir, configs, {"vae": vae_params, **trained}, checker_dir,
                training_md(settings, command, final, accuracy, scaling, seconds))
   return {"out_dir": out_dir, "checker_accuracy": accuracy, **final, "seconds": seconds}
+
+
+def training_tokenizer(hidden_names: bool = True):
+  """The world tokenizer the diffusion phase reads captions with, and the shipped vocab size.
+
+  With `hidden_names`, `scenes.HIDDEN_TOKENS` are added after its specials
+  (ids vocab_size, vocab_size + 1, ...), each one token.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    vocab_size = world_tokenizer.write_world_tokenizer(tmp)
+    tok = loading.load_tokenizer(tmp, subfolder="")
+  if hidden_names:
+    tok.add_tokens(list(scenes.HIDDEN_TOKENS.values()))
+  return tok, vocab_size
+
+
+def drop_hidden_rows(text_encoder_params: dict, vocab_size: int) -> dict:
+  """The text encoder's params with the token embedding cut to the shipped `vocab_size` rows."""
+  params = flax.core.unfreeze(copy.copy(text_encoder_params))
+  emb = dict(params["embeddings"])
+  table = emb["token_embedding"]["embedding"]  # [vocab_size + hidden, 64]
+  emb["token_embedding"] = {"embedding": table[:vocab_size]}
+  params["embeddings"] = emb
+  return params
 
 
 def write_folder(out_dir: str, configs: dict, params: dict, checker_dir: str,

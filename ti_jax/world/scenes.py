@@ -11,16 +11,25 @@ and a cross are still told apart by eye and by a small CNN, and small enough
 that the base model (a KL autoencoder to 16x16x4 latents, a UNet on those) trains
 on 2 CPU cores in about two hours; 64x64 costs 4x as much per step.
 
-Two things are held out of the captions, as the textual-inversion
+Two things are held out of the words a user has, as the textual-inversion
 experiments need:
 
-* the shape `HELD_OUT_SHAPE` ("cross") is drawn in `HELD_OUT_SHARE` of the
-  scenes, but its caption always calls it `GENERIC_WORD` ("object"). Named
-  shapes are also called "object" half of the time, so the word "object"
-  alone draws a cross only rarely: the base model can draw the concept but
-  has no word for it.
-* the style "outlined" (the shape's outline only) is drawn in
-  `OUTLINED_SHARE` of the scenes, and no caption ever names a style.
+* the shape `HELD_OUT_SHAPE` ("cross"), drawn in `HELD_OUT_SHARE` of the
+  scenes;
+* the style "outlined" (the shape's outline only), drawn in `OUTLINED_SHARE`
+  of the scenes.
+
+The captions a user sees (`caption`) never name either: a cross is always "an
+object" and no caption names a style. The base model's own training captions
+(`caption(..., hidden=True)`) name them, like any other shape, by
+`HIDDEN_TOKENS`: tokens the base model learns and the shipped model then loses
+(its tokenizer has no such word and the text encoder's embedding rows for them
+are cut), so the shipped model can draw the concept and its text-conditioning
+has a place for it, but it has no word for it. A model this small trained on a
+never-named cross has no such place: textual inversion on it reached 0.31 of
+samples showing a cross (README, "The tiny world"). Named shapes are also
+called "object" half of the time, so the word "object" alone draws a cross
+only rarely.
 
 `labels(scene)` gives the ground truth of every attribute as class indices
 (what `ti_jax.world.checker` learns to predict).
@@ -44,6 +53,9 @@ NAMED_SHAPES = ("circle", "square", "triangle", "star", "diamond")
 HELD_OUT_SHAPE = "cross"
 SHAPES = NAMED_SHAPES + (HELD_OUT_SHAPE,)
 GENERIC_WORD = "object"  # what the held-out shape (and sometimes any shape) is called
+# The base model's training captions name the held-out shape and style by these tokens;
+# the shipped model has no word for them (see the module docstring).
+HIDDEN_TOKENS = {"cross": "<cross>", "outlined": "<outlined>"}
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -169,15 +181,22 @@ def _article(word: str) -> str:
 
 
 def describe(scene: Scene, *, colour: bool = True, size: bool = True, background: bool = True,
-             position: bool = True, generic: bool = False, prefix: str = "") -> str:
+             position: bool = True, generic: bool = False, prefix: str = "",
+             hidden: bool = False, style: bool = True) -> str:
   """A plain-English caption of `scene` naming the chosen attributes.
 
-  The shape is named unless it is the held-out one or `generic` is set (then it
-  is "object"); the style is never named. E.g. "a photo of a small red star
-  on the left on a blue background".
+  The shape is named unless `generic` is set (then it is "object"); the
+  held-out shape is "object" too unless `hidden`, when it is its
+  `HIDDEN_TOKENS` token. The style is named only if `hidden` and `style` and
+  it is the held-out one (by its token, before the noun). E.g. "a photo of a
+  small red star on the left on a blue background".
   """
-  noun = GENERIC_WORD if generic or scene.shape == HELD_OUT_SHAPE else scene.shape
-  words = ([scene.size] if size else []) + ([scene.colour] if colour else []) + [noun]
+  if generic or (scene.shape == HELD_OUT_SHAPE and not hidden):
+    noun = GENERIC_WORD
+  else:
+    noun = HIDDEN_TOKENS.get(scene.shape, scene.shape)
+  styled = [HIDDEN_TOKENS[scene.style]] if hidden and style and scene.style in HIDDEN_TOKENS else []
+  words = ([scene.size] if size else []) + ([scene.colour] if colour else []) + styled + [noun]
   text = f"{prefix}{_article(words[0])} {' '.join(words)}"
   if position:
     text += " " + _PHRASES[scene.position]
@@ -186,20 +205,23 @@ def describe(scene: Scene, *, colour: bool = True, size: bool = True, background
   return text
 
 
-def caption(seed: int, index: int, scene: Scene | None = None) -> str:
-  """The training caption of scene `index`: a random subset of its attributes, named.
+def caption(seed: int, index: int, scene: Scene | None = None, hidden: bool = False) -> str:
+  """The caption of scene `index`: a random subset of its attributes, named.
 
   Drawn from its own stream of `(seed, index)`, so the scene and its caption
-  are independent choices.
+  are independent choices. `hidden`: the base model's training caption, which
+  names the held-out shape and style by their `HIDDEN_TOKENS` (the same
+  caption otherwise).
   """
   scene = scene or sample_scene(seed, index)
   rng = np.random.default_rng([seed, index, 1])
   mention = rng.random(4) < MENTION_SHARE
   generic = bool(rng.random() < GENERIC_SHARE)
   prefix = PREFIXES[rng.integers(len(PREFIXES))]
+  style = bool(rng.random() < MENTION_SHARE)  # drawn last: the other draws stay as they were
   return describe(scene, colour=bool(mention[0]), size=bool(mention[1]),
                   background=bool(mention[2]), position=bool(mention[3]),
-                  generic=generic, prefix=prefix)
+                  generic=generic, prefix=prefix, hidden=hidden, style=style)
 
 
 def labels(scene: Scene) -> dict[str, int]:
@@ -207,17 +229,18 @@ def labels(scene: Scene) -> dict[str, int]:
   return {name: ATTRIBUTES[name].index(getattr(scene, name)) for name in ATTRIBUTES}
 
 
-def batch(seed: int, start: int, count: int) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+def batch(seed: int, start: int, count: int,
+          hidden: bool = False) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
   """Scenes `start .. start + count - 1` of world `seed`.
 
   Returns:
     images: uint8 [count, 32, 32, 3];
-    captions: their training captions;
+    captions: their captions (`hidden`: the base model's, see `caption`);
     labels: attribute name -> int32 [count] class indices.
   """
   scenes = [sample_scene(seed, i) for i in range(start, start + count)]
   images = np.stack([render(s) for s in scenes])  # [N, 32, 32, 3]
-  captions = [caption(seed, i, s) for i, s in zip(range(start, start + count), scenes)]
+  captions = [caption(seed, i, s, hidden) for i, s in zip(range(start, start + count), scenes)]
   return images, captions, stack_labels(scenes)
 
 
