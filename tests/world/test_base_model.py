@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from ti_jax.weights import loading, safetensors_io
-from ti_jax.world import base_model
+from ti_jax.world import base_model, scenes
 from ti_jax.world import checker as checker_lib
-from ti_jax.world import scenes
 
 # checker_steps as the shipped checker's: each workdir gets a copy, so no run trains one.
 SETTINGS = base_model.Settings(seed=1, steps=4, vae_steps=2, checker_steps=2500, batch_size=8,
