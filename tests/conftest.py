@@ -106,6 +106,17 @@ def record_parity(name: str, rel_err: float, tol: float) -> None:
   assert rel_err <= tol, f"{name}: max relative error {rel_err:.3g} > {tol:g}"
 
 
+def world_config(name: str, variant: str):
+  """`configs/NAME.py:VARIANT` of the tiny world for tests: its repository paths made absolute,
+  the session's XLA cache, no validation images."""
+  c = config_module(name).get_config(variant)
+  c.train_data_dir = os.path.join(REPO, c.train_data_dir)
+  c.templates_file = os.path.join(REPO, c.templates_file)
+  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  c.validation_prompt, c.validation_prompts = "", ()
+  return c
+
+
 def offline_config(c, cache_dir, **overrides):
   """A training config for tests: tiny models under `cache_dir`, the session's XLA cache, no
   validation images; then `overrides` (field=value)."""

@@ -8,11 +8,10 @@ concept more often too. The same run the README's quick start makes
 """
 
 import json
-import os
 
 import jax
 import pytest
-from conftest import REPO, config_module
+from conftest import world_config
 
 from ti_jax.evaluation import evaluator
 from ti_jax.training import trainer
@@ -32,11 +31,7 @@ PROTOCOL = evaluator.Protocol(num_samples=16, num_inference_steps=25, guidance_s
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("world_ti")
-  c = config_module("object").get_config("world")
-  c.train_data_dir = os.path.join(REPO, c.train_data_dir)
-  c.templates_file = os.path.join(REPO, c.templates_file)
-  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  c.validation_prompt, c.validation_prompts = "", ()
+  c = world_config("object", "world")
   workdir = str(tmp / "run")
   trainer.run(c, workdir, devices=jax.local_devices()[:1], progress=False)
   prompts = tmp / "edits.txt"

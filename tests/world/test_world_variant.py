@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, config_module
+from conftest import REPO, config_module, world_config
 from PIL import Image
 
 from ti_jax.testing import example_images
@@ -51,13 +51,9 @@ def test_the_world_example_is_the_held_out_shape_and_its_templates_are_world_wor
 
 @pytest.mark.parametrize("name,variant", [("object", "world"), ("paper", "world,two_words")])
 def test_world_variants_train_on_the_shipped_model(tmp_path, name, variant):
-  c = config_module(name).get_config(variant)
+  c = world_config(name, variant)
   assert c.pretrained_model_name_or_path == "tiny-world" and c.resolution == scenes.IMAGE_SIZE
   assert c.initializer_token == scenes.GENERIC_WORD and c.flip_p == 0.0
-  c.train_data_dir = os.path.join(REPO, c.train_data_dir)
-  c.templates_file = os.path.join(REPO, c.templates_file)
-  c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  c.validation_prompt, c.validation_prompts = "", ()
   c.max_train_steps = 2
   workdir = str(tmp_path / "run")
   trainer.run(c, workdir, devices=jax.local_devices()[:1], progress=False)

@@ -424,7 +424,7 @@ def train_world(workdir: str, out_dir: str | None = None, settings: Settings = S
   seconds = time.time() - t0
   final = {"vae": vae_metrics, "diffusion": diffusion_metrics}
   # The written model has no word for the held-out shape and style: cut their rows.
-  configs["text_encoder"] = model_configs(vocab_size)["text_encoder"]
+  configs["text_encoder"]["vocab_size"] = vocab_size
   trained["text_encoder"] = drop_hidden_rows(trained["text_encoder"], vocab_size)
   write_folder(out_dir, configs, {"vae": vae_params, **trained}, checker_dir,
                training_md(settings, command, final, accuracy, scaling, seconds))
@@ -447,12 +447,10 @@ def training_tokenizer(hidden_names: bool = True):
 
 def drop_hidden_rows(text_encoder_params: dict, vocab_size: int) -> dict:
   """The text encoder's params with the token embedding cut to the shipped `vocab_size` rows."""
-  params = flax.core.unfreeze(copy.copy(text_encoder_params))
-  emb = dict(params["embeddings"])
+  emb = text_encoder_params["embeddings"]
   table = emb["token_embedding"]["embedding"]  # [vocab_size + hidden, 64]
-  emb["token_embedding"] = {"embedding": table[:vocab_size]}
-  params["embeddings"] = emb
-  return params
+  return {**text_encoder_params,
+          "embeddings": {**emb, "token_embedding": {"embedding": table[:vocab_size]}}}
 
 
 def write_folder(out_dir: str, configs: dict, params: dict, checker_dir: str,

@@ -53,9 +53,6 @@ NAMED_SHAPES = ("circle", "square", "triangle", "star", "diamond")
 HELD_OUT_SHAPE = "cross"
 SHAPES = NAMED_SHAPES + (HELD_OUT_SHAPE,)
 GENERIC_WORD = "object"  # what the held-out shape (and sometimes any shape) is called
-# The base model's training captions name the held-out shape and style by these tokens;
-# the shipped model has no word for them (see the module docstring).
-HIDDEN_TOKENS = {"cross": "<cross>", "outlined": "<outlined>"}
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -71,6 +68,9 @@ SIZES = ("small", "large")
 POSITIONS = ("left", "middle", "right")
 STYLES = ("filled", "outlined")
 HELD_OUT_STYLE = "outlined"
+# The base model's training captions name the held-out shape and style by these tokens;
+# the shipped model has no word for them (see the module docstring).
+HIDDEN_TOKENS = {HELD_OUT_SHAPE: "<cross>", HELD_OUT_STYLE: "<outlined>"}
 
 # Every attribute a scene has, in the order `labels` and the checker use.
 ATTRIBUTES = {
