@@ -144,7 +144,18 @@ def test_a_concept_folder_holds_its_renders_and_names_the_concept(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), scenes.render(scene))
   with open(tmp_path / "cross" / scenes.CONCEPT_FILE) as f:
     assert json.load(f)["concept"] == {"shape": "cross"}
+  # Each image's caption names all of its attributes but the concept, whose place is "{}".
+  for path, scene in zip(paths, truth):
+    with open(path[:-len(".png")] + scenes.CAPTION_EXTENSION, encoding="utf-8") as f:
+      text = f.read().strip()
+    assert text.count("{}") == 1 and "object" not in text, text
+    assert scenes.named_attributes(text) == {
+        "colour": scene.colour, "size": scene.size, "position": scene.position,
+        "background": scene.background}, text
   scenes.write_concept_folder(str(tmp_path / "outlined"), seed=3, count=2, shape="star",
                               style="outlined")
   with open(tmp_path / "outlined" / scenes.CONCEPT_FILE) as f:
     assert json.load(f)["concept"] == {"style": "outlined"}
+  with open(tmp_path / "outlined" / "00.txt", encoding="utf-8") as f:
+    text = f.read().strip()
+  assert "{} star" in text and scenes.named_attributes(text)["shape"] == "star", text

@@ -1,9 +1,9 @@
 """The paper's result in miniature, on the shipped tiny-world model.
 
-Textual inversion on five renders of the world's held-out shape (examples/world-cross, a
-cross the shipped model can draw but has no word for) learns a word that draws it
-far more often than the initializer word does, and prompts that add an attribute keep the
-concept more often too. The same run the README's quick start makes
+Textual inversion on five captioned renders of the world's held-out shape
+(examples/world-cross, a cross the shipped model can draw but has no word for) learns a
+word that draws it far more often than the initializer word does, and prompts that add an
+attribute keep the concept and show the attribute. The same run the README's quick start makes
 (`configs/object.py:world`), scored by the world's checker as `ti_jax.evaluate` scores it.
 """
 
@@ -17,14 +17,15 @@ from ti_jax.evaluation import evaluator
 from ti_jax.training import trainer
 
 # One edit prompt per kind of attribute (`world_scores.OBJECT_PROMPTS` has ten): the
-# editability target is the paper's claim for each kind, at a quarter of the images.
+# editability target is the paper's claim for each kind. 32 samples a prompt: at 16 the
+# same run measured editability 0.703, a single image above the target.
 EDIT_PROMPTS = """\
 background\ta photo of {} on a green background
 colour\ta photo of a red {}
 size\ta photo of a large {}
 position\ta photo of {} on the left
 """
-PROTOCOL = evaluator.Protocol(num_samples=16, num_inference_steps=25, guidance_scale=4.0,
+PROTOCOL = evaluator.Protocol(num_samples=32, num_inference_steps=25, guidance_scale=7.0,
                               scorer="checker")
 
 
@@ -42,18 +43,16 @@ def report(tmp_path_factory):
 
 
 def test_the_learned_word_draws_the_held_out_shape_far_more_often_than_the_initializer(report):
-  # Measured (16 samples): 0.56 against 0.19. The paper-sized gap the issue asks for
-  # (>= 0.8 against <= 0.3) is not reached yet; these bounds hold what is.
+  # The paper's result at issue 17's targets (>= 0.8 against <= 0.3). Measured (32 samples,
+  # guidance 7): 0.91 against 0.16.
   by_label = {r["label"]: r for r in report["runs"]}
   learned, word = by_label["run"], by_label["word: object"]
   assert word["reconstruction"] <= 0.3, word
-  assert learned["reconstruction"] >= 0.45, learned
-  assert learned["reconstruction"] >= word["reconstruction"] + 0.25, (learned, word)
+  assert learned["reconstruction"] >= 0.8, learned
 
 
-def test_prompts_that_add_an_attribute_keep_the_concept_more_often_than_the_initializer(report):
-  # Measured: 0.44 against 0.11 (target of the issue: >= 0.7).
+def test_prompts_that_add_an_attribute_show_the_concept_and_the_attribute_in_most_samples(report):
+  # Target of issue 17: >= 0.7. Measured: 0.73 against 0.09 for "object".
   by_label = {r["label"]: r for r in report["runs"]}
   learned, word = by_label["run"], by_label["word: object"]
-  assert learned["editability"] >= 0.3, json.dumps(learned, indent=1)
-  assert learned["editability"] >= 2 * word["editability"], (learned, word)
+  assert learned["editability"] >= 0.7, json.dumps(learned, indent=1)

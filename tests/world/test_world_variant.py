@@ -29,7 +29,7 @@ def test_tiny_world_is_a_shipped_model_name():
         "block_out_channels"]
 
 
-def test_the_world_example_is_the_held_out_shape_and_its_templates_are_world_words(tmp_path):
+def test_the_world_example_is_the_held_out_shape_and_its_templates_and_captions_are_world_words(tmp_path):
   folder = os.path.join(REPO, "examples", "world-cross")
   with open(os.path.join(folder, scenes.CONCEPT_FILE)) as f:
     assert json.load(f)["concept"] == {"shape": scenes.HELD_OUT_SHAPE}
@@ -39,11 +39,21 @@ def test_the_world_example_is_the_held_out_shape_and_its_templates_are_world_wor
   for path in written:
     with Image.open(path) as fresh, Image.open(os.path.join(folder, os.path.basename(path))) as old:
       np.testing.assert_array_equal(np.asarray(fresh), np.asarray(old))
+    caption = os.path.basename(path)[:-len(".png")] + scenes.CAPTION_EXTENSION
+    with open(path[:-len(".png")] + scenes.CAPTION_EXTENSION, encoding="utf-8") as fresh, \
+        open(os.path.join(folder, caption), encoding="utf-8") as old:
+      assert fresh.read() == old.read(), caption
   tok = loading.load_tokenizer(loading.resolve_model_dir("tiny-world"))
   with open(os.path.join(REPO, "examples", "world_templates.txt")) as f:
     templates = [line.strip() for line in f if line.strip()]
   assert "a photo of {}" in templates
-  for template in templates:
+  captions = []
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(scenes.CAPTION_EXTENSION):
+      with open(os.path.join(folder, name), encoding="utf-8") as f:
+        captions.append(f.read().strip())
+  assert len(captions) == example_images.WORLD_EXAMPLE_COUNT
+  for template in templates + captions:
     for word in template.replace("{}", "").split():
       assert word in scenes.vocabulary(), template
       assert len(tok(word).input_ids) == 3, word  # bos, one token, eos
@@ -54,6 +64,7 @@ def test_world_variants_train_on_the_shipped_model(tmp_path, name, variant):
   c = world_config(name, variant)
   assert c.pretrained_model_name_or_path == "tiny-world" and c.resolution == scenes.IMAGE_SIZE
   assert c.initializer_token == scenes.GENERIC_WORD and c.flip_p == 0.0
+  assert c.caption_extension == scenes.CAPTION_EXTENSION  # examples/world-cross's captions
   c.max_train_steps = 2
   workdir = str(tmp_path / "run")
   trainer.run(c, workdir, devices=jax.local_devices()[:1], progress=False)

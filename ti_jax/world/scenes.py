@@ -182,20 +182,29 @@ def _article(word: str) -> str:
 
 def describe(scene: Scene, *, colour: bool = True, size: bool = True, background: bool = True,
              position: bool = True, generic: bool = False, prefix: str = "",
-             hidden: bool = False, style: bool = True) -> str:
+             hidden: bool = False, style: bool = True, slot: str = "") -> str:
   """A plain-English caption of `scene` naming the chosen attributes.
 
   The shape is named unless `generic` is set (then it is "object"); the
   held-out shape is "object" too unless `hidden`, when it is its
   `HIDDEN_TOKENS` token. The style is named only if `hidden` and `style` and
   it is the held-out one (by its token, before the noun). E.g. "a photo of a
-  small red star on the left on a blue background".
+  small red star on the left on a blue background". `slot` ("shape" or
+  "style") writes "{}" where that attribute's word goes instead: the caption
+  of a textual-inversion image, whose pseudo-word stands for it.
   """
-  if generic or (scene.shape == HELD_OUT_SHAPE and not hidden):
+  if slot == "shape":
+    noun = "{}"
+  elif generic or (scene.shape == HELD_OUT_SHAPE and not hidden):
     noun = GENERIC_WORD
   else:
     noun = HIDDEN_TOKENS.get(scene.shape, scene.shape)
-  styled = [HIDDEN_TOKENS[scene.style]] if hidden and style and scene.style in HIDDEN_TOKENS else []
+  if slot == "style":
+    styled = ["{}"]
+  elif hidden and style and scene.style in HIDDEN_TOKENS:
+    styled = [HIDDEN_TOKENS[scene.style]]
+  else:
+    styled = []
   words = ([scene.size] if size else []) + ([scene.colour] if colour else []) + styled + [noun]
   text = f"{prefix}{_article(words[0])} {' '.join(words)}"
   if position:
@@ -311,23 +320,38 @@ def named_attributes(text: str) -> dict[str, str]:
 CONCEPT_FILE = "concept.json"  # beside a concept folder's images: what they show
 
 
+def concept_caption(scene: Scene, concept: dict[str, str]) -> str:
+  """The caption a user writes for a training image of `concept` ({"shape": ..} or
+  {"style": ..}): every other attribute the world has words for named, "{}" for the
+  pseudo-word (e.g. "a photo of a small green {} on the left on a purple background")."""
+  return describe(scene, prefix="a photo of ", slot="style" if "style" in concept else "shape")
+
+
+CAPTION_EXTENSION = ".txt"  # kohya's and diffusers' caption files: NN.png's is NN.txt
+
+
 def write_concept_folder(folder: str, seed: int, count: int, shape: str = HELD_OUT_SHAPE,
                          style: str = "filled", image_size: int = IMAGE_SIZE) -> list[str]:
-  """Writes `count` renders of one concept as `00.png ..` and `concept.json`; returns the paths.
+  """Writes `count` renders of one concept as `00.png ..`, their captions and `concept.json`;
+  returns the image paths.
 
   The images are `concept_scenes(seed, count, shape, style)` (a textual-inversion
-  run's training images). `concept.json` holds the attributes that make the
-  concept ({"shape": "cross"}, or {"style": "outlined"} for a style) under
-  "concept", and the seed and count that reproduce the folder; the world's
-  evaluation reads it as the ground truth of reconstruction.
+  run's training images); beside each, `NN.txt` holds its `concept_caption`, so a
+  run with `caption_extension=".txt"` learns only what the captions leave unnamed.
+  `concept.json` holds the attributes that make the concept ({"shape": "cross"},
+  or {"style": "outlined"} for a style) under "concept", and the seed and count
+  that reproduce the folder; the world's evaluation reads it as the ground truth of
+  reconstruction.
   """
   os.makedirs(folder, exist_ok=True)
+  concept = {"style": style} if style != "filled" else {"shape": shape}
   paths = []
   for i, scene in enumerate(concept_scenes(seed, count, shape, style)):
     path = os.path.join(folder, f"{i:02d}.png")
     Image.fromarray(render(scene, image_size)).save(path)
+    with open(os.path.join(folder, f"{i:02d}{CAPTION_EXTENSION}"), "w", encoding="utf-8") as f:
+      f.write(concept_caption(scene, concept) + "\n")
     paths.append(path)
-  concept = {"style": style} if style != "filled" else {"shape": shape}
   with open(os.path.join(folder, CONCEPT_FILE), "w", encoding="utf-8") as f:
     json.dump({"concept": concept, "seed": seed, "count": count, "shape": shape, "style": style,
                "image_size": image_size}, f, indent=2, sort_keys=True)
