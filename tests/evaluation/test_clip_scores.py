@@ -302,6 +302,22 @@ def test_figure_has_one_labelled_point_per_run_on_the_papers_axes():
   assert all(x0 < x < x1 and y0 < y < y1 for _, x, y in points)
 
 
+def test_labels_of_points_that_score_alike_do_not_overlap():
+  # Two ablations of the world's README table: a hair apart on x, equal on y.
+  points = [("abl_none", 0.722, 0.906), ("abl_two_words", 0.684, 0.781),
+            ("abl_progressive", 0.713, 0.781), ("word: object", 0.075, 0.156)]
+  fig = plot.figure(points, title="close runs", x_title=plot.CHECKER_X_TITLE,
+                    y_title=plot.CHECKER_Y_TITLE)
+  renderer = fig.canvas.get_renderer()
+  (ax,) = fig.axes
+  boxes = [t.get_window_extent(renderer) for t in ax.texts]
+  assert [t.get_text() for t in ax.texts] == [p[0] for p in points]
+  for i, a in enumerate(boxes):
+    for b in boxes[i + 1:]:
+      assert not a.overlaps(b), (a, b)
+  assert ax.texts[0].xyann == (6, 5) and ax.texts[3].xyann == (6, 5)  # alone: the usual place
+
+
 def test_figure_of_one_point_and_of_identical_points_keeps_every_point():
   fig = plot.figure([("only", 0.25, 0.75)])
   (ax,) = fig.axes

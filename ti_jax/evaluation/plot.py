@@ -40,6 +40,9 @@ CHECKER_Y_TITLE = "reconstruction (checker: concept shown)"
 DPI = 100
 # Labels longer than this are cut (with an ellipsis) so they stay near their point.
 MAX_LABEL_CHARS = 40
+# Vertical offsets (points) tried in turn for a label, right of its marker: the first
+# whose text overlaps no label placed before it wins (runs often score alike).
+_LABEL_DY = (5, -14, 17, -26, 29, -38, 41)
 
 
 def _check_points(points: Sequence[Point]) -> list[Point]:
@@ -85,16 +88,37 @@ def figure(points: Sequence[Point], title: str = DEFAULT_TITLE,
   fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
   FigureCanvasAgg(fig)  # attaches the Agg canvas that renders it
   ax = fig.add_subplot()
+  texts = []
   for i, (label, x, y) in enumerate(points):
     ax.scatter([x], [y], s=60, color=f"C{i % 10}", edgecolors="white", linewidths=0.8,
                zorder=3, label=label)
-    ax.annotate(_short(label), (x, y), xytext=(6, 5), textcoords="offset points", fontsize=9)
+    texts.append(ax.annotate(_short(label), (x, y), xytext=(6, _LABEL_DY[0]),
+                             textcoords="offset points", fontsize=9))
   ax.set_title(title)
   ax.set_xlabel(x_title)
   ax.set_ylabel(y_title)
   ax.grid(True, color="0.9", zorder=0)
   ax.margins(0.15)  # room for the labels beside the outermost points
+  _separate_labels(fig, texts, [y for _, _, y in points])
   return fig
+
+
+def _separate_labels(fig: Figure, texts: list, ys: list[float]) -> None:
+  """Moves labels up or down (`_LABEL_DY`) so that no two overlap, highest point first."""
+  fig.canvas.draw()  # the constrained layout fixes the axes; text extents are then final
+  renderer = fig.canvas.get_renderer()
+  placed = []
+  for i in sorted(range(len(texts)), key=lambda i: -ys[i]):
+    text = texts[i]
+    for dy in _LABEL_DY:
+      text.xyann = (6, dy)
+      box = text.get_window_extent(renderer)
+      if not any(box.overlaps(other) for other in placed):
+        break
+    else:  # crowded everywhere: keep the first place
+      text.xyann = (6, _LABEL_DY[0])
+      box = text.get_window_extent(renderer)
+    placed.append(box)
 
 
 def scatter_png(points: Sequence[Point], path: str, title: str = DEFAULT_TITLE,
