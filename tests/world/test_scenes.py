@@ -159,3 +159,5 @@ def test_a_concept_folder_holds_its_renders_and_names_the_concept(tmp_path):
   with open(tmp_path / "outlined" / "00.txt", encoding="utf-8") as f:
     text = f.read().strip()
   assert "{} star" in text and scenes.named_attributes(text)["shape"] == "star", text
+  with pytest.raises(ValueError, match="slot"):
+    scenes.describe(truth[0], slot="colour")

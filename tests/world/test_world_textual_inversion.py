@@ -49,6 +49,7 @@ def test_the_learned_word_draws_the_held_out_shape_far_more_often_than_the_initi
   learned, word = by_label["run"], by_label["word: object"]
   assert word["reconstruction"] <= 0.3, word
   assert learned["reconstruction"] >= 0.8, learned
+  assert learned["reconstruction"] >= word["reconstruction"] + 0.25, (learned, word)
 
 
 def test_prompts_that_add_an_attribute_show_the_concept_and_the_attribute_in_most_samples(report):
@@ -56,3 +57,4 @@ def test_prompts_that_add_an_attribute_show_the_concept_and_the_attribute_in_mos
   by_label = {r["label"]: r for r in report["runs"]}
   learned, word = by_label["run"], by_label["word: object"]
   assert learned["editability"] >= 0.7, json.dumps(learned, indent=1)
+  assert learned["editability"] >= 2 * word["editability"], (learned, word)

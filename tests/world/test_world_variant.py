@@ -36,23 +36,19 @@ def test_the_world_example_is_the_held_out_shape_and_its_templates_and_captions_
   # The generator reproduces the shipped folder.
   written = example_images.draw_world_examples(str(tmp_path))
   assert len(written) == example_images.WORLD_EXAMPLE_COUNT
+  captions = []
   for path in written:
     with Image.open(path) as fresh, Image.open(os.path.join(folder, os.path.basename(path))) as old:
       np.testing.assert_array_equal(np.asarray(fresh), np.asarray(old))
-    caption = os.path.basename(path)[:-len(".png")] + scenes.CAPTION_EXTENSION
-    with open(path[:-len(".png")] + scenes.CAPTION_EXTENSION, encoding="utf-8") as fresh, \
-        open(os.path.join(folder, caption), encoding="utf-8") as old:
-      assert fresh.read() == old.read(), caption
+    caption = path[:-len(".png")] + scenes.CAPTION_EXTENSION
+    with open(caption, encoding="utf-8") as fresh, \
+        open(os.path.join(folder, os.path.basename(caption)), encoding="utf-8") as old:
+      captions.append(old.read())
+      assert fresh.read() == captions[-1], caption
   tok = loading.load_tokenizer(loading.resolve_model_dir("tiny-world"))
   with open(os.path.join(REPO, "examples", "world_templates.txt")) as f:
     templates = [line.strip() for line in f if line.strip()]
   assert "a photo of {}" in templates
-  captions = []
-  for name in sorted(os.listdir(folder)):
-    if name.endswith(scenes.CAPTION_EXTENSION):
-      with open(os.path.join(folder, name), encoding="utf-8") as f:
-        captions.append(f.read().strip())
-  assert len(captions) == example_images.WORLD_EXAMPLE_COUNT
   for template in templates + captions:
     for word in template.replace("{}", "").split():
       assert word in scenes.vocabulary(), template

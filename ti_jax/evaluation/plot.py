@@ -105,7 +105,7 @@ def figure(points: Sequence[Point], title: str = DEFAULT_TITLE,
 
 def _separate_labels(fig: Figure, texts: list, ys: list[float]) -> None:
   """Moves labels up or down (`_LABEL_DY`) so that no two overlap, highest point first."""
-  fig.canvas.draw()  # the constrained layout fixes the axes; text extents are then final
+  fig.draw_without_rendering()  # runs the constrained layout (axes fixed) without rasterising
   renderer = fig.canvas.get_renderer()
   placed = []
   for i in sorted(range(len(texts)), key=lambda i: -ys[i]):

@@ -193,6 +193,8 @@ def describe(scene: Scene, *, colour: bool = True, size: bool = True, background
   "style") writes "{}" where that attribute's word goes instead: the caption
   of a textual-inversion image, whose pseudo-word stands for it.
   """
+  if slot not in ("", "shape", "style"):
+    raise ValueError(f"slot must be '', 'shape' or 'style', got {slot!r}")
   if slot == "shape":
     noun = "{}"
   elif generic or (scene.shape == HELD_OUT_SHAPE and not hidden):
