@@ -23,15 +23,19 @@ procedural world scores the samples as shares. Reconstruction: the share of
 "concept" entry of concept.json in the training-image folder). Editability:
 per world edit prompt ("a photo of S* on a green background"), the share of
 samples showing the concept and every attribute the prompt names, averaged.
+Edit fidelity: the same without the concept (the share showing what the
+prompt names), the counterpart of the paper's text similarity.
 --word object adds a baseline point: the plain word in place of S* on the
 first run's base model, same seeds and prompts (works with CLIP too).
 
 Writes to --output_dir (default WORKDIR/eval for one run, ./eval for several):
   report.json   settings and, per run, both scores, per-category and
                 per-prompt text similarity (with the checker: reconstruction,
-                editability and per-category and per-prompt shares);
+                editability, edit fidelity and per-category and per-prompt
+                shares);
   scatter.png   text vs image similarity, one point per run, like the
-                paper's quantitative figure.
+                paper's quantitative figure (with the checker: two panels,
+                editability and edit fidelity against reconstruction).
 """
 
 from __future__ import annotations

@@ -318,6 +318,61 @@ def test_labels_of_points_that_score_alike_do_not_overlap():
   assert ax.texts[0].xyann == (6, 5) and ax.texts[3].xyann == (6, 5)  # alone: the usual place
 
 
+def test_more_panels_share_the_y_axis_and_give_each_run_one_colour():
+  points = [("one", 0.72, 0.47), ("three", 0.70, 0.75)]
+  fidelity = [("one", 0.91, 0.47), ("three", 0.84, 0.75)]
+  fig = plot.figure(points, title="two measures", x_title=plot.CHECKER_X_TITLE,
+                    y_title=plot.CHECKER_Y_TITLE,
+                    more=[(plot.CHECKER_FIDELITY_X_TITLE, fidelity)])
+  left, right = fig.axes
+  assert left.get_xlabel() == plot.CHECKER_X_TITLE
+  assert right.get_xlabel() == plot.CHECKER_FIDELITY_X_TITLE
+  assert left.get_ylabel() == plot.CHECKER_Y_TITLE and fig.get_suptitle() == "two measures"
+  assert right.get_shared_y_axes().joined(left, right)
+  for ax, expected in ((left, points), (right, fidelity)):
+    plotted = [(c.get_label(), *map(float, c.get_offsets()[0])) for c in ax.collections]
+    assert [p[0] for p in plotted] == ["one", "three"]
+    np.testing.assert_allclose([p[1:] for p in plotted], [p[1:] for p in expected])
+    assert [t.get_text() for t in ax.texts] == ["one", "three"]
+  colours = [[tuple(c.get_facecolor()[0]) for c in ax.collections] for ax in fig.axes]
+  assert colours[0] == colours[1] and len(set(colours[0])) == 2
+  with pytest.raises(ValueError, match="non-finite"):  # every panel is checked
+    plot.figure(points, more=[("x", [("one", float("nan"), 0.47)])])
+
+
+def test_min_span_keeps_runs_a_sample_apart_from_filling_the_panel_and_bounds_hold_it():
+  points = [("a", 0.997, 0.53), ("b", 1.0, 0.91)]
+  (ax,) = plot.figure(points).axes
+  assert ax.get_xlim()[1] - ax.get_xlim()[0] < 0.01  # autoscaled: 1/320 fills the panel
+  (ax,) = plot.figure(points, min_span=0.25, bounds=(0.0, 1.0)).axes
+  x0, x1 = ax.get_xlim()
+  assert x1 - x0 == pytest.approx(0.25)
+  assert x1 <= 1.0 + 0.025 + 1e-9 and x0 < 0.997  # moved down to the shares' range, points in
+  assert ax.get_ylim()[1] - ax.get_ylim()[0] > 0.38  # wide already: left as autoscaled
+  (ax,) = plot.figure([("low", 0.0, 0.5), ("lower", 0.01, 0.6)], min_span=0.25,
+                      bounds=(0.0, 1.0)).axes
+  assert ax.get_xlim()[0] == pytest.approx(-0.025)  # moved up, at most a tenth below 0
+  (ax,) = plot.figure(points, min_span=0.25).axes  # no bounds: centred on the points
+  assert sum(ax.get_xlim()) / 2 == pytest.approx(0.9985, abs=1e-3)
+
+
+def test_labels_move_off_the_markers_of_other_points():
+  # abl_per_image's usual place (right of its marker, 5 pt up) covers abl_none's marker.
+  points = [("abl_none", 0.722, 0.906), ("abl_per_image", 0.706, 0.875),
+            ("word: object", 0.075, 0.156)]
+  fig = plot.figure(points, size=(1500, 600), x_title=plot.CHECKER_X_TITLE,
+                    y_title=plot.CHECKER_Y_TITLE)
+  renderer = fig.canvas.get_renderer()
+  (ax,) = fig.axes
+  for i, text in enumerate(ax.texts):
+    box = text.get_window_extent(renderer)
+    for j, (_, x, y) in enumerate(points):
+      if j != i:
+        px, py = ax.transData.transform((x, y))
+        assert not box.contains(px, py), (text.get_text(), points[j][0])
+  assert ax.texts[2].xyann == (6, 5)  # alone: the usual place
+
+
 def test_figure_of_one_point_and_of_identical_points_keeps_every_point():
   fig = plot.figure([("only", 0.25, 0.75)])
   (ax,) = fig.axes

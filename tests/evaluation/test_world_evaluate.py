@@ -114,6 +114,23 @@ def test_report_means_the_prompt_shares_overall_and_per_category(shipped):
   assert [p["share"] for p in r["prompts"]] == [1.0, 0.0, 1.0]
   assert r["editability"] == pytest.approx(2 / 3)
   assert r["editability_by_category"] == {"background": 0.5, "colour": 1.0}
+  assert r["edit_fidelity"] == pytest.approx(2 / 3)  # the white background is never drawn
+
+
+def test_edit_fidelity_counts_the_edit_whatever_is_drawn_for_the_concept(shipped):
+  """The paper's text similarity: a word that drops the concept but keeps the prompt scores 1."""
+  green_stars = np.stack([scenes.render(scenes.Scene("star", "red", "green", "large", "middle"))
+                          ] * 4)
+  green_crosses = _renders(4, background="green")
+  prompt = prompt_lists.EvalPrompt("a photo of {} on a green background", "background")
+  ignores = world_scores.report(shipped, {"shape": "cross"}, green_stars, [(prompt, green_stars)])
+  assert ignores["edit_fidelity"] == 1.0 and ignores["editability"] == 0.0
+  # A word that overrides the prompt: crosses, but on the training images' purple.
+  purple = _renders(4, background="purple")
+  overrides = world_scores.report(shipped, {"shape": "cross"}, purple, [(prompt, purple)])
+  assert overrides["edit_fidelity"] == 0.0 and overrides["reconstruction"] == 1.0
+  both = world_scores.report(shipped, {"shape": "cross"}, green_crosses, [(prompt, green_crosses)])
+  assert both["edit_fidelity"] == 1.0 and both["editability"] == 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -191,11 +208,17 @@ def test_checker_evaluation_reports_the_run_and_a_word_baseline_and_plots_them(
     assert all(p["num_images"] == 2 for p in r["prompts"])
     assert 0.0 <= r["reconstruction"] <= 1.0
     assert r["editability"] == pytest.approx(np.mean([p["share"] for p in r["prompts"]]))
+    assert r["edit_fidelity"] == pytest.approx(
+        np.mean([p["edit_share"] for p in r["prompts"]]))
     assert set(r["editability_by_category"]) == set(world_scores.CATEGORIES)
   assert axes[-1]["x_title"] == plot.CHECKER_X_TITLE
   assert axes[-1]["y_title"] == plot.CHECKER_Y_TITLE
+  # The second panel: the same runs with edit fidelity (the paper's text similarity) on x.
+  ((fidelity_title, fidelity),) = axes[-1]["more"]
+  assert fidelity_title == plot.CHECKER_FIDELITY_X_TITLE
+  assert fidelity == [(r["label"], r["edit_fidelity"], r["reconstruction"]) for r in (run, word)]
   with Image.open(out / "scatter.png") as img:
-    assert img.size == (960, 600)
+    assert img.size == (1500, 600)
 
 
 def test_cli_help_explains_the_checker_flags():

@@ -55,6 +55,9 @@ class Protocol:
 
 
 SCORERS = ("auto", "clip", "checker")
+# The least extent of a checker plot's axes (shares): two runs a sample or two apart
+# should look alike, not span the panel.
+CHECKER_MIN_SPAN = 0.25
 
 
 def _run_label(workdir: str, step: int | None, labels: dict[str, int]) -> str:
@@ -351,6 +354,14 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
         title=plot.CHECKER_TITLE, x_title=plot.CHECKER_X_TITLE, y_title=plot.CHECKER_Y_TITLE)
   else:
     keys, axes = ("text_similarity", "image_similarity"), {}
+
+  def panels(results: list[dict]) -> dict:
+    """The checker's second panel: edit fidelity (the paper's text similarity) on x."""
+    if kind != "checker":
+      return {}
+    fidelity = [(x["label"], x["edit_fidelity"], x["reconstruction"]) for x in results]
+    return {"more": [(plot.CHECKER_FIDELITY_X_TITLE, fidelity)], "size": (1500, 600),
+            "min_span": CHECKER_MIN_SPAN, "bounds": (0.0, 1.0)}
   started = time.perf_counter()
 
   def scorer_for(i: int) -> _Scorer:
@@ -380,14 +391,15 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
     if kind == "checker":
       _log(f"{label}: reconstruction {result['reconstruction']:.3f} (share showing "
            f"{result['concept']}), editability {result['editability']:.3f} (share showing it "
-           "and the edit)")
+           f"and the edit), edit fidelity {result['edit_fidelity']:.3f} (share showing the "
+           "edit)")
     else:
       _log(f"{label}: image similarity {result['image_similarity']:.4f}, "
            f"text similarity {result['text_similarity']:.4f}")
     # Written after every run: a long evaluation keeps what it has finished.
     fileio.write_text(fileio.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
     plot.scatter_png([(x["label"], x[keys[0]], x[keys[1]]) for x in report["runs"]],
-                     fileio.join(out_dir, "scatter.png"), **axes)
+                     fileio.join(out_dir, "scatter.png"), **axes, **panels(report["runs"]))
   if is_main:
     _log(f"wrote report.json and scatter.png to {out_dir}")
   return report

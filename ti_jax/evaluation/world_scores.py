@@ -9,7 +9,12 @@ measurements become exact shares instead of CLIP cosines:
 * editability: per edit prompt ("a photo of S* on a green background"), the
   share of its samples that show the concept *and* every attribute the prompt
   names (`scenes.named_attributes` of the prompt without S*); the overall
-  score is the mean over the prompts.
+  score is the mean over the prompts;
+* edit fidelity: the same shares without the concept (the share of samples
+  that show what the prompt names, whatever they draw for S*), the mean over
+  the prompts. This is the paper's own text similarity, which scores each
+  image against its prompt with S* left out: a word that ignores the concept
+  scores high on it, a word that overrides the prompt scores low.
 
 The prompts here use only words the world's tokenizer has as one token: the
 caption vocabulary (`scenes.vocabulary()`) and the textual-inversion template
@@ -138,7 +143,7 @@ def prompt_share(checker, images: np.ndarray, concept: Mapping[str, str],
 
 def report(checker, concept: Mapping[str, str], recon_images: np.ndarray,
            generated: Sequence[tuple[EvalPrompt, np.ndarray]], extra: dict | None = None) -> dict:
-  """A run's checker scores: reconstruction, editability (mean over prompts), per category.
+  """A run's checker scores: reconstruction, editability and edit fidelity (means over prompts).
 
   Args:
     checker: the model folder's `checker.Checker`.
@@ -160,6 +165,8 @@ def report(checker, concept: Mapping[str, str], recon_images: np.ndarray,
       "reconstruction": checker_lib.reconstruction(checker, recon_images, concept),
       "editability": float(np.mean([p["share"] for p in prompts])) if prompts else float("nan"),
       "editability_by_category": {k: float(np.mean(v)) for k, v in by_category.items()},
+      "edit_fidelity": (float(np.mean([p["edit_share"] for p in prompts])) if prompts
+                        else float("nan")),
       "num_prompts": len(prompts),
       "prompts": prompts,
   }
