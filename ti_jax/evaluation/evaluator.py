@@ -348,20 +348,18 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   report = {"protocol": dataclasses.asdict(protocol), "scorer": kind, "dtype": dtype,
             "devices": len(devices), "seconds": 0.0, "runs": []}
-  # x, y of the plot and their axis titles.
-  if kind == "checker":
-    keys, axes = ("editability", "reconstruction"), dict(
-        title=plot.CHECKER_TITLE, x_title=plot.CHECKER_X_TITLE, y_title=plot.CHECKER_Y_TITLE)
-  else:
-    keys, axes = ("text_similarity", "image_similarity"), {}
 
-  def panels(results: list[dict]) -> dict:
-    """The checker's second panel: edit fidelity (the paper's text similarity) on x."""
+  def scatter(results: list[dict]) -> tuple[list, dict]:
+    """The plot's points (label, x, y) and its titles; the checker's has a second panel."""
     if kind != "checker":
-      return {}
+      return [(x["label"], x["text_similarity"], x["image_similarity"]) for x in results], {}
+    editability = [(x["label"], x["editability"], x["reconstruction"]) for x in results]
     fidelity = [(x["label"], x["edit_fidelity"], x["reconstruction"]) for x in results]
-    return {"more": [(plot.CHECKER_FIDELITY_X_TITLE, fidelity)], "size": (1500, 600),
-            "min_span": CHECKER_MIN_SPAN, "bounds": (0.0, 1.0)}
+    return editability, dict(
+        title=plot.CHECKER_TITLE, x_title=plot.CHECKER_X_TITLE, y_title=plot.CHECKER_Y_TITLE,
+        more=[(plot.CHECKER_FIDELITY_X_TITLE, fidelity)], size=(1500, 600),
+        min_span=CHECKER_MIN_SPAN, bounds=(0.0, 1.0))
+
   started = time.perf_counter()
 
   def scorer_for(i: int) -> _Scorer:
@@ -398,8 +396,8 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
            f"text similarity {result['text_similarity']:.4f}")
     # Written after every run: a long evaluation keeps what it has finished.
     fileio.write_text(fileio.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-    plot.scatter_png([(x["label"], x[keys[0]], x[keys[1]]) for x in report["runs"]],
-                     fileio.join(out_dir, "scatter.png"), **axes, **panels(report["runs"]))
+    points, titles = scatter(report["runs"])
+    plot.scatter_png(points, fileio.join(out_dir, "scatter.png"), **titles)
   if is_main:
     _log(f"wrote report.json and scatter.png to {out_dir}")
   return report

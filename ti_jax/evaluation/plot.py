@@ -26,8 +26,8 @@ from matplotlib.transforms import Bbox
 
 from ti_jax.runtime import fileio
 
-__all__ = ["CHECKER_FIDELITY_X_TITLE", "CHECKER_TITLE", "CHECKER_X_TITLE", "CHECKER_Y_TITLE", "DEFAULT_TITLE", "X_TITLE",
-           "Y_TITLE", "figure", "scatter_png"]
+__all__ = ["CHECKER_FIDELITY_X_TITLE", "CHECKER_TITLE", "CHECKER_X_TITLE", "CHECKER_Y_TITLE",
+           "DEFAULT_TITLE", "X_TITLE", "Y_TITLE", "figure", "scatter_png"]
 
 # (label, editability score (x), reconstruction score (y)): CLIP's text and image similarity
 Point = tuple[str, float, float]
@@ -108,8 +108,8 @@ def figure(points: Sequence[Point], title: str = DEFAULT_TITLE,
   for ax, (panel_x_title, panel_points) in zip(axes, panels):
     texts = []
     for i, (label, x, y) in enumerate(panel_points):
-      ax.scatter([x], [y], s=_MARKER_SIZE, color=f"C{i % 10}", edgecolors="white", linewidths=0.8,
-                 zorder=3, label=label)
+      ax.scatter([x], [y], s=_MARKER_SIZE, color=f"C{i % 10}", edgecolors="white",
+                 linewidths=0.8, zorder=3, label=label)
       texts.append(ax.annotate(_short(label), (x, y), xytext=(6, _LABEL_DY[0]),
                                textcoords="offset points", fontsize=9))
     ax.set_xlabel(panel_x_title)

@@ -12,8 +12,8 @@ measurements become exact shares instead of CLIP cosines:
   score is the mean over the prompts;
 * edit fidelity: the same shares without the concept (the share of samples
   that show what the prompt names, whatever they draw for S*), the mean over
-  the prompts. This is the paper's own text similarity, which scores each
-  image against its prompt with S* left out: a word that ignores the concept
+  the prompts. It is the counterpart of the paper's text similarity, which
+  scores each image against its prompt with S* left out: a word that ignores the concept
   scores high on it, a word that overrides the prompt scores low.
 
 The prompts here use only words the world's tokenizer has as one token: the
