@@ -135,6 +135,17 @@ def test_sharded_bf16_fp16_variant_safetensors_load(tiny_sd15, tmp_path):
   np.testing.assert_allclose(_unet_out(sd), ref, atol=0.05 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("weight_map", [["a", "b"], {"a": 3}, {"a": ""}, "shard.safetensors"])
+def test_malformed_safetensors_index_is_a_one_line_error(tiny_sd15, tmp_path, weight_map):
+  model = _copy(tiny_sd15, tmp_path)
+  os.remove(model / "unet" / "diffusion_pytorch_model.safetensors")
+  (model / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+      json.dumps({"weight_map": weight_map}))
+  with pytest.raises(ModelLoadError) as err:
+    load_stable_diffusion(str(model))
+  _assert_one_line(err, "safetensors index", "weight_map")
+
+
 def test_legacy_flax_msgpack_loads(tiny_sd15, tmp_path):
   """diffusers' old Flax UNet files (query/key/value/proj_attn names) load to the same model."""
   model = _copy(tiny_sd15, tmp_path)

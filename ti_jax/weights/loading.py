@@ -254,6 +254,12 @@ def safetensors_files(folder: str, stem: str, variant: str | None = None) -> lis
   index = single + ".index.json"
   if os.path.isfile(index):
     weight_map = read_json(index, "safetensors index").get("weight_map", {})
+    # A hand-edited or truncated index must fail here in one line, not as a TypeError
+    # from os.path.join below.
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) and f for f in weight_map.values()):
+      raise ModelLoadError(f"cannot read safetensors index {index}: weight_map must map "
+                           "tensor names to shard file names")
     return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
   return []
 
