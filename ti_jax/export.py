@@ -4,18 +4,22 @@
   python -m ti_jax.export --workdir runs/my-style --format diffusers --output style.safetensors
 
 Formats: diffusers (`{token: [n, dim]}` safetensors, for `load_textual_inversion`),
-a1111 (safetensors) and a1111-pt (`.pt` with string_to_param/string_to_token/
-name/step; needs torch), kohya (`{"emb_params": [n, dim]}` safetensors). An SDXL
-run's vectors go to `{"clip_l": ..., "clip_g": ...}` (a1111, kohya; a1111-pt as
-.pt) or, for diffusers, to the pair learned_embeds.safetensors +
-learned_embeds_2.safetensors (embedding_io's module docstring has the formats).
-Each format has its own default file, so exporting several never replaces one:
+a1111 (`{"emb_params": [n, dim]}` safetensors with name/step metadata) and
+a1111-pt (`.pt` with string_to_param/string_to_token/name/step; needs torch),
+kohya (`{"emb_params": [n, dim]}` safetensors). An SDXL run's vectors go to
+`{"clip_l": ..., "clip_g": ...}` (a1111, kohya; a1111-pt as .pt) or, for
+diffusers, to the pair learned_embeds.safetensors + learned_embeds_2.safetensors
+(embedding_io's module docstring has the formats). Each format has its own
+default file, so exporting several never replaces one:
   WORKDIR/export/diffusers/learned_embeds.safetensors
   WORKDIR/export/a1111/<token>.safetensors     WORKDIR/export/a1111-pt/<token>.pt
   WORKDIR/export/kohya/<token>.safetensors
 A1111, kohya and ComfyUI name an embedding after its file, so those files
 keep the token's own characters (`<toy>.safetensors`; `_toy_` on Windows,
-which forbids `<>` in file names). An existing file is replaced only with
+which forbids `<>` in file names). InvokeAI also names it after its file but
+reads `<NAME>` triggers of letters, digits and `._-` only: the usage line
+printed after an export names the `--output` file to write for it
+(`toy.safetensors`, typed `<toy>`). An existing file is replaced only with
 --overwrite. The files also load back into `ti_jax.sample --embeddings` and as
 `--config.init_embedding` for further training.
 """

@@ -1,11 +1,19 @@
-"""Learned-embedding files: diffusers, AUTOMATIC1111 and kohya formats, read and written.
+"""Learned-embedding files: diffusers, AUTOMATIC1111, kohya and OneTrainer formats, and the
+paper's own `.pt`, read; the first three written.
 
 Formats (all vectors are `[num_vectors, dim]` float32):
   diffusers  `learned_embeds.safetensors` (or legacy `.bin`): `{token: [n, dim]}`.
   a1111      `.pt`: {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, dim]},
-             "name": str, "step": int}; `.safetensors`: the tensor under
-             "string_to_param.*" with name/step in the metadata.
+             "name": str, "step": int}; `.safetensors`: {"emb_params": [n, dim]} with
+             name/step in the metadata, the one key A1111 (a file of one tensor),
+             ComfyUI, kohya and InvokeAI all read (files of ti_jax before it, with
+             the tensor under "string_to_param.*", still read).
   kohya      `.safetensors`: {"emb_params": [n, dim]}.
+  OneTrainer `.safetensors`: {"emp_params": [n, dim]}, with "emp_params_out" beside it
+             for an output embedding (see below); read only.
+  paper      the original textual_inversion code's `.pt` (rinongal/textual_inversion):
+             {"string_to_token": {"*": tensor}, "string_to_param": nn.ParameterDict};
+             read only, through `_torch_load`'s one allow-listed stand-in class.
 
 SDXL embeddings hold vectors for both of SDXL's text encoders (CLIP ViT-L,
 768 wide, and OpenCLIP bigG, 1280 wide), the same count in each:
@@ -21,16 +29,32 @@ SDXL embeddings hold vectors for both of SDXL's text encoders (CLIP ViT-L,
              first file or by the folder holding it; the second file alone is
              refused with that advice. Only two diffusers files holding the
              same tokens are a pair: any other `X_2` beside `X` (A1111's
-             `style_2.pt` beside `style.pt`) is an embedding of its own.
+             `style_2.pt` beside `style.pt`) is an embedding of its own. The
+             intermediate saves of that script are paired the same way:
+             `learned_embeds-steps-N.safetensors` with
+             `learned_embeds_2-steps-N.safetensors` ("_2" goes before the step
+             suffix), and a folder holding only those reads its newest pair. A
+             diffusers file named `learned_embeds_2...` is never read alone.
+  OneTrainer {"clip_l", "clip_g"} as above, with "clip_l_out"/"clip_g_out" for an
+             output embedding.
+
+OneTrainer's output embeddings (`*_out` keys) hold vectors that replace the text
+encoder's OUTPUT at the token's positions; ti_jax, like A1111 and ComfyUI, applies
+input vectors only. A file with input vectors beside them is read for its input
+vectors and its concept carries a note saying the `*_out` vectors were ignored
+(`load_concepts` logs it); a file whose input vectors are zeros (what OneTrainer
+writes for an output embedding) or absent is refused.
 
 Which token a file registers follows the tool that owns its format:
-  * A1111 and kohya files (string_to_param / emb_params) register their FILE
-    NAME without the extension, whatever `name` they hold inside: A1111's
-    embedding database names each embedding after its file (the internal name
-    is only read from embeddings stored in PNG images), kohya's sd-scripts
-    take the token string from the file name, and ComfyUI finds an embedding
-    by its file name (`embedding:NAME` in a prompt). A renamed file therefore
-    registers its new name, as in those tools.
+  * A1111, kohya and OneTrainer files (string_to_param / emb_params /
+    emp_params) register their FILE NAME without the extension, whatever
+    `name` they hold inside: A1111's embedding database names each embedding
+    after its file (the internal name is only read from embeddings stored in
+    PNG images; a file of one tensor is named so whatever its key), kohya's
+    sd-scripts take the token string from the file name, and ComfyUI finds an
+    embedding by its file name (`embedding:NAME` in a prompt). A renamed file
+    therefore registers its new name, as in those tools. The paper's `.pt`
+    files (`embeddings_gs-N.pt`) register their file name too, as in A1111.
   * diffusers files register their key, as diffusers' `load_textual_inversion`
     does, unless a token is given (`PATH:TOKEN`).
   The SDXL files follow the same rules: a clip_l/clip_g file registers its file
@@ -39,13 +63,21 @@ Which token a file registers follows the tool that owns its format:
 A concept names its model family from its widths (`Concept.family`, `family`);
 `check_fits` refuses one for a model of another family in one line that names both.
 
-`.pt`/`.bin` files need torch and are loaded with `weights_only=True`.
+`.pt`/`.bin` files need torch and are loaded with `weights_only=True`; the one class
+added to what that loader builds is a stand-in for the paper's nn.ParameterDict that keeps
+its pickled state and runs nothing (`_torch_load`).
+
+InvokeAI installs an embedding under its file name and finds it in a prompt as
+`<NAME>`, where NAME may hold only letters, digits and `. , _ -` and spaces: a file
+`<toy>.safetensors` cannot be typed there, so `prompt_usage` names the file to export
+for it (`invokeai_name`). InvokeAI's probe reads the width of a diffusers file from
+its first dimension (`[n, dim]` is "n wide"), so diffusers files are not for InvokeAI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -53,7 +85,7 @@ from typing import Any
 
 import numpy as np
 
-from ti_jax import errors
+from ti_jax import cli, errors
 from ti_jax.runtime import fileio
 from ti_jax.weights import safetensors_io
 
@@ -67,6 +99,24 @@ MAX_VECTORS = 75
 MAX_FILE_BYTES = 64 * 2**20
 # Keys of SDXL embeddings (one table per text encoder), as kohya and A1111 write them.
 _SDXL_KEYS = ("clip_l", "clip_g")
+# Keys under which a one-encoder embedding's vectors are stored without naming a token
+# (the file name does), and the tools that name such a file after itself.
+_UNNAMED_KEYS = {
+    "string_to_param.*": "A1111 and ComfyUI",  # ti_jax's earlier a1111 .safetensors
+    "emb_params": "kohya, A1111 and ComfyUI",
+    "emp_params": "A1111 and ComfyUI",  # OneTrainer's SD 1.x/2.x key (spelled so)
+}
+# OneTrainer saves an output embedding's vectors under its input key plus this suffix.
+_OUTPUT_SUFFIX = "_out"
+# The intermediate saves of diffusers' textual_inversion(_sdxl).py: learned_embeds-steps-N.
+_STEPS_SUFFIX = re.compile(r"-steps-\d+$")
+_DIFFUSERS_STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.(safetensors|bin)")
+_DIFFUSERS_SECOND = re.compile(r"learned_embeds_2(-steps-\d+)?")
+# How the original textual_inversion code's string_to_param class is named in its pickles.
+_PARAMETER_DICT = "torch.nn.modules.container.ParameterDict"
+# InvokeAI's <NAME> triggers: the characters NAME may hold (its ti_utils' pattern
+# allows also "," and " ", left out here as no file name should need them).
+_INVOKEAI_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -101,7 +151,9 @@ class Concept:
   `token_from` says how the token was chosen (the file name, the file's key,
   the run, or `PATH:TOKEN`), for the line that reports what a file registered.
   An SDXL concept also holds `vectors_2`, its vectors for SDXL's second text
-  encoder (OpenCLIP bigG); `vectors` are always the first encoder's.
+  encoder (OpenCLIP bigG); `vectors` are always the first encoder's. `notes`
+  are lines about how the file was read (vectors it held that were ignored, the
+  file picked in a folder), which `load_concepts` logs.
   """
   token: str
   vectors: np.ndarray  # [n, 768] (SD 1.x, SDXL's first encoder), [n, 1024] (SD 2.x), ...
@@ -109,6 +161,7 @@ class Concept:
   base_model: str | None = None  # the model it was trained on, when known
   token_from: str = ""
   vectors_2: np.ndarray | None = None  # SDXL only: [n, 1280]
+  notes: tuple[str, ...] = ()
 
   @property
   def widths(self) -> tuple[int, ...]:
@@ -186,64 +239,137 @@ def _checked(concept: Concept) -> Concept:
   return dataclasses.replace(concept, vectors=a, vectors_2=b)
 
 
-def _torch_load(path: str) -> Any:
+class _PickledModuleState:
+  """Stands in for torch.nn.ParameterDict while a `.pt` file is unpickled.
+
+  The original textual_inversion code saves string_to_param as an
+  nn.ParameterDict, which torch's weights_only loader refuses. Mapped to this
+  class (`_torch_load`), the pickled module becomes an object that only keeps
+  the state it was given: no torch module is built and nothing from the file
+  runs. Its tensors are still rebuilt by the weights_only loader itself.
+  """
+
+  def __setstate__(self, state: Any) -> None:
+    self.state = state
+
+  def parameters(self, path: str) -> dict:
+    """The module's `_parameters` table (name -> tensor), as every torch version pickles it."""
+    state = getattr(self, "state", None)
+    params = state.get("_parameters") if isinstance(state, dict) else None
+    if not isinstance(params, dict):
+      raise EmbeddingFileError(f"{path}: string_to_param is a ParameterDict without parameters")
+    return params
+
+
+def _torch(missing: str):
+  """torch (optional: only .pt/.bin files need it), or EmbeddingFileError(`missing`)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise EmbeddingFileError(f"{path}: reading .pt/.bin files needs torch installed "
-                             "(or convert the file to .safetensors)") from None
+    raise EmbeddingFileError(missing) from None
+  return torch
+
+
+def _paper_classes(torch) -> contextlib.AbstractContextManager:
+  """Lets torch's weights_only loader read the paper's ParameterDict as `_PickledModuleState`.
+
+  torch 2.6 and newer take a (class, pickled name) pair; older versions read
+  no ParameterDict (the refusal then names the torch version to install).
+  """
+  if torch.__version__ < "2.6" or not hasattr(torch.serialization, "safe_globals"):
+    return contextlib.nullcontext()
+  return torch.serialization.safe_globals([(_PickledModuleState, _PARAMETER_DICT)])
+
+
+def _unpickling_refusal(path: str, text: str, torch) -> EmbeddingFileError | None:
+  """The one-line error for torch's weights_only refusal in `text`, or None if it is none."""
+  named = re.search(r"GLOBAL (\S+)", text)
+  if named and named.group(1) == _PARAMETER_DICT:
+    return EmbeddingFileError(
+        f"{path}: the original textual_inversion code's string_to_param (an nn.ParameterDict) "
+        f"is read without running code from the file by torch 2.6 or newer; this is torch "
+        f"{torch.__version__}")
+  if named:
+    return EmbeddingFileError(
+        f"{path}: refused: the file holds Python objects besides tensors (it references "
+        f"{named.group(1)}); .pt/.bin files are read only with torch's weights_only "
+        "loader, which runs no code from the file")
+  if "WeightsUnpickler error" not in text and "Weights only load failed" not in text:
+    return None
+  # torch's message spans paragraphs around the cause, and suggests weights_only=False,
+  # which would run code from the file: give the cause alone.
+  paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+  causes = [p for p in paragraphs if not p.startswith(("Weights only load failed",
+                                                        "Check the documentation"))]
+  cause = " ".join(causes).replace("WeightsUnpickler error:", "").strip()
+  cause = cause.split(". Please")[0].rstrip(".")
+  return EmbeddingFileError(f"{path}: cannot read embedding file (not a torch file, or "
+                            f"corrupt: {cause or 'unreadable pickle'})")
+
+
+def _torch_load(path: str) -> Any:
+  torch = _torch(f"{path}: reading .pt/.bin files needs torch installed (or convert the file "
+                 "to .safetensors)")
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with _paper_classes(torch):
+      return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many unrelated types for bad pickles
     text = _ANSI.sub("", str(e))
-    refused = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, re.S)
-    if refused:
-      # torch's advice spans several coloured lines and suggests weights_only=False,
-      # which would run code from the file: give the cause alone.
-      cause = " ".join(refused.group(1).split()).split(". Please")[0].rstrip(".")
-      named = re.search(r"GLOBAL (\S+)", cause)
-      if named:
-        raise EmbeddingFileError(
-            f"{path}: refused: the file holds Python objects besides tensors (it references "
-            f"{named.group(1)}); .pt/.bin files are read only with torch's weights_only "
-            "loader, which runs no code from the file") from None
-      raise EmbeddingFileError(f"{path}: cannot read embedding file (not a torch file, or "
-                               f"corrupt: {cause or 'unreadable pickle'})") from None
+    refusal = _unpickling_refusal(path, text, torch)
+    if refusal is not None:
+      raise refusal from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0] if lines else type(e).__name__
     raise EmbeddingFileError(f"{path}: cannot read embedding file ({first})") from None
 
 
-def second_file(path: str) -> str:
-  """The second file of a diffusers SDXL pair: `X_2.safetensors` beside `X.safetensors`."""
+def _steps_split(path: str) -> tuple[str, str, str]:
+  """`path` as (root, step suffix, extension): ("a/learned_embeds", "-steps-500", ".bin")."""
   root, ext = os.path.splitext(path)
-  return f"{root}_2{ext}"
+  steps = _STEPS_SUFFIX.search(root)
+  cut = steps.start() if steps else len(root)
+  return root[:cut], root[cut:], ext
+
+
+def second_file(path: str) -> str:
+  """The second file of a diffusers SDXL pair beside its first, `path`.
+
+  `X_2.safetensors` for `X.safetensors`; for the intermediate saves of
+  diffusers' textual_inversion_sdxl.py the "_2" goes before the step suffix,
+  as that script names them: `learned_embeds_2-steps-500.safetensors` for
+  `learned_embeds-steps-500.safetensors`.
+  """
+  root, steps, ext = _steps_split(path)
+  return f"{root}_2{steps}{ext}"
 
 
 def _first_file(path: str) -> str | None:
-  """`X.ext` for a path `X_2.ext` (the second file of a pair), else None."""
-  root, ext = os.path.splitext(path)
-  return f"{root[:-2]}{ext}" if root.endswith("_2") and len(os.path.basename(root)) > 2 else None
+  """The path whose `second_file` is `path` (the first file of its pair), else None."""
+  root, steps, ext = _steps_split(path)
+  if not root.endswith("_2") or len(os.path.basename(root)) <= 2:
+    return None
+  first = f"{root[:-2]}{steps}{ext}"
+  return first if second_file(first) == path else None
 
 
 def _stem(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def _by_file_name(path: str, vectors: Any, tool: str) -> Concept:
+def _by_file_name(path: str, vectors: Any, tool: str, notes: tuple[str, ...] = ()) -> Concept:
   return Concept(_stem(path), check_vectors(vectors, path), path,
-                 token_from=f"its file name, as {tool} do")
+                 token_from=f"its file name, as {tool} do", notes=notes)
 
 
-def _sdxl_by_file_name(path: str, tables: dict) -> Concept:
-  """The concept of a kohya/A1111/ComfyUI SDXL file {"clip_l": ..., "clip_g": ...}."""
+def _sdxl_by_file_name(path: str, tables: dict, notes: tuple[str, ...] = ()) -> Concept:
+  """The concept of a kohya/A1111/ComfyUI/OneTrainer SDXL file {"clip_l": ..., "clip_g": ...}."""
   missing = [k for k in _SDXL_KEYS if k not in tables]
   if missing:
     held = next(k for k in _SDXL_KEYS if k in tables)
     raise EmbeddingFileError(f"{path}: holds {held} but not {missing[0]}; an SDXL embedding "
                              "holds both (clip_l and clip_g, one per text encoder)")
   a, b = check_sdxl_vectors(_to_numpy(tables["clip_l"]), _to_numpy(tables["clip_g"]), path)
-  return Concept(_stem(path), a, path, vectors_2=b,
+  return Concept(_stem(path), a, path, vectors_2=b, notes=notes,
                  token_from="its file name, as kohya, A1111 and ComfyUI do")
 
 
@@ -258,6 +384,59 @@ def _to_numpy(x: Any) -> Any:
     x = x.detach().cpu()
     return x.float().numpy() if x.is_floating_point() else x.numpy()
   return x
+
+
+def _all_zeros(x: Any) -> bool:
+  try:
+    return not np.asarray(x, dtype=np.float32).any()
+  except (TypeError, ValueError):  # not numeric: check_vectors says so
+    return False
+
+
+def _output_vectors_note(path: str, tables: dict, inputs: Sequence[str]) -> tuple[str, ...]:
+  """The note for OneTrainer output-embedding vectors (`*_out`) beside the input vectors
+  `inputs`, which are read alone; refuses an output embedding (input vectors zeros or absent)."""
+  outputs = [f"{k}{_OUTPUT_SUFFIX}" for k in inputs if f"{k}{_OUTPUT_SUFFIX}" in tables]
+  if not outputs:
+    return ()
+  unusable = [k for k in inputs if k not in tables or _all_zeros(tables[k])]
+  if unusable:
+    state = "all zeros" if all(k in tables for k in unusable) else "absent"
+    raise EmbeddingFileError(
+        f"{path}: a OneTrainer output embedding: its learned vectors ({', '.join(outputs)}) "
+        "replace the text encoder's output, which ti_jax (like A1111 and ComfyUI) cannot "
+        f"apply, and its input vectors ({', '.join(unusable)}) are {state}")
+  return (f"{path}: ignored {' and '.join(outputs)} (OneTrainer's output-embedding vectors, "
+          f"which act on the text encoder's output); read its input vectors "
+          f"{' and '.join(inputs)}",)
+
+
+def _concepts_of(path: str, tables: dict) -> tuple[list[Concept], bool]:
+  """The concepts of a file's top-level tensors (name -> array), and whether it is a
+  diffusers (keyed) file: the keys of the other tools' layouts first, then one concept per key."""
+  names = {str(k) for k in tables}
+  if any(k in names or f"{k}{_OUTPUT_SUFFIX}" in names for k in _SDXL_KEYS):
+    notes = _output_vectors_note(path, tables, _SDXL_KEYS)
+    return [_sdxl_by_file_name(path, tables, notes)], False
+  for key, tools in _UNNAMED_KEYS.items():
+    if key in names or f"{key}{_OUTPUT_SUFFIX}" in names:
+      notes = _output_vectors_note(path, tables, (key,))
+      return [_by_file_name(path, _to_numpy(tables[key]), tools, notes)], False
+  return _by_keys(path, tables), True
+
+
+def _string_to_param(path: str, params: Any) -> tuple[list[Concept], bool]:
+  """The concept of an A1111 or paper `.pt` file from its string_to_param table."""
+  if isinstance(params, _PickledModuleState):  # the paper's nn.ParameterDict
+    params = params.parameters(path)
+  if not isinstance(params, dict) or not params:
+    raise EmbeddingFileError(f"{path}: string_to_param is empty")
+  if any(k in params for k in _SDXL_KEYS):
+    return [_sdxl_by_file_name(path, params)], False
+  if len(params) != 1:  # A1111 refuses these too ("multiple terms"); the paper's per-image tokens
+    raise EmbeddingFileError(f"{path}: string_to_param holds {len(params)} terms; an "
+                             "A1111 embedding holds one")
+  return [_by_file_name(path, _to_numpy(next(iter(params.values()))), "A1111 and ComfyUI")], False
 
 
 def _check_size(path: str) -> None:
@@ -281,38 +460,19 @@ def _read_one(path: str) -> tuple[list[Concept], bool]:
       raise EmbeddingFileError(f"{path}: cannot read embedding file ({e})") from None
     if not isinstance(header, dict):
       raise EmbeddingFileError(f"{path}: cannot read embedding file (corrupt header)")
-    if "string_to_param.*" in tensors:
-      return [_by_file_name(path, tensors["string_to_param.*"], "A1111 and ComfyUI")], False
-    if "emb_params" in tensors:
-      return [_by_file_name(path, tensors["emb_params"], "kohya, A1111 and ComfyUI")], False
-    if any(k in tensors for k in _SDXL_KEYS):
-      return [_sdxl_by_file_name(path, tensors)], False
     if not tensors:
       raise EmbeddingFileError(f"{path}: holds no tensors")
-    return _by_keys(path, tensors), True
+    return _concepts_of(path, tensors)
   if ext in (".pt", ".bin", ".pth"):
     obj = _torch_load(path)
     if not isinstance(obj, dict):
       raise EmbeddingFileError(f"{path}: not an embedding file (top level is {type(obj).__name__})")
     if "string_to_param" in obj:
-      params = obj["string_to_param"]
-      if not isinstance(params, dict) or not params:
-        raise EmbeddingFileError(f"{path}: string_to_param is empty")
-      if any(k in params for k in _SDXL_KEYS):
-        return [_sdxl_by_file_name(path, params)], False
-      if len(params) != 1:  # A1111 refuses these too ("multiple terms")
-        raise EmbeddingFileError(f"{path}: string_to_param holds {len(params)} terms; an "
-                                 "A1111 embedding holds one")
-      return [_by_file_name(path, _to_numpy(next(iter(params.values()))),
-                            "A1111 and ComfyUI")], False
-    if "emb_params" in obj:
-      return [_by_file_name(path, _to_numpy(obj["emb_params"]), "kohya, A1111 and ComfyUI")], False
-    if any(k in obj for k in _SDXL_KEYS):
-      return [_sdxl_by_file_name(path, obj)], False
+      return _string_to_param(path, obj["string_to_param"])
     tensors = {k: _to_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}
     if not tensors:
       raise EmbeddingFileError(f"{path}: no embedding tensors found")
-    return _by_keys(path, tensors), True
+    return _concepts_of(path, tensors)
   raise EmbeddingFileError(f"{path}: unknown embedding file type {ext!r} (.safetensors, .pt, .bin)")
 
 
@@ -329,13 +489,35 @@ def _is_pair(first: list[Concept], first_keyed: bool, second_path: str) -> list[
   return second if same else None
 
 
+def _check_not_second_file(path: str) -> None:
+  """Refuses the diffusers file `path` if it is the second file of an SDXL pair: the first
+  is beside it, or it is named as diffusers' SDXL script names second files."""
+  first_path = _first_file(path)
+  if not first_path:
+    return
+  if os.path.isfile(first_path):
+    first, first_keyed = _read_one(first_path)
+    if _is_pair(first, first_keyed, path) is not None:
+      raise EmbeddingFileError(
+          f"{path} is the second file of the diffusers SDXL pair {os.path.basename(first_path)}"
+          f" + {os.path.basename(path)}; pass {first_path} (it reads both) or their folder")
+  elif _DIFFUSERS_SECOND.fullmatch(_stem(path)):
+    # Its vectors are the second text encoder's alone: 1280 wide, they would pass for an
+    # LDM embedding.
+    raise EmbeddingFileError(
+        f"{path} is the second file of a diffusers SDXL pair (the second text encoder's "
+        f"vectors) but {os.path.basename(first_path)} is not beside it; pass that first file "
+        "with this one beside it (or rename this file if it is an embedding of its own)")
+
+
 def read_embedding_file(path: str) -> list[Concept]:
   """Reads any supported embedding file (local or gs://); returns its concepts.
 
   The token of each concept follows the format's own tool (see the module
   docstring); every vector is checked (`check_vectors`). A diffusers file
-  `X.safetensors` with a diffusers `X_2.safetensors` of the same tokens beside
-  it is read as an SDXL pair; that second file alone is refused.
+  `X.safetensors` with a diffusers `second_file` of the same tokens beside it
+  is read as an SDXL pair; that second file alone is refused, and so is a
+  diffusers file named `learned_embeds_2...` without its first file.
   """
   if fileio.is_remote(path):
     if not fileio.exists(path):
@@ -351,19 +533,15 @@ def read_embedding_file(path: str) -> list[Concept]:
             f.write(fileio.read_bytes(remote))
       concepts = read_embedding_file(local)
       return [dataclasses.replace(c, source=path, vectors=np.array(c.vectors),
-                                  vectors_2=None if c.vectors_2 is None else np.array(c.vectors_2))
+                                  vectors_2=None if c.vectors_2 is None else np.array(c.vectors_2),
+                                  notes=tuple(n.replace(local, path) for n in c.notes))
               for c in concepts]
   if os.path.isdir(path):
     raise EmbeddingFileError(f"{path} is a folder without learned_embeds.safetensors or "
                              "learned_embeds.bin; pass the embedding file itself")
   concepts, keyed = _read_one(path)
-  first_path = _first_file(path)
-  if keyed and first_path and os.path.isfile(first_path):
-    first, first_keyed = _read_one(first_path)
-    if _is_pair(first, first_keyed, path) is not None:
-      raise EmbeddingFileError(
-          f"{path} is the second file of the diffusers SDXL pair {os.path.basename(first_path)}"
-          f" + {os.path.basename(path)}; pass {first_path} (it reads both) or their folder")
+  if keyed:
+    _check_not_second_file(path)
   second = _is_pair(concepts, keyed, second_file(path))
   if second is None:
     return concepts
@@ -385,13 +563,8 @@ def output_files(path: str, concept: Concept, fmt: str) -> list[str]:
   return [path]
 
 
-def _torch():
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise EmbeddingFileError("writing A1111 .pt files needs torch; use --format=a1111 "
-                             "(.safetensors) instead") from None
-  return torch
+_NO_TORCH_FOR_WRITING = ("writing A1111 .pt files needs torch; use --format=a1111 "
+                         "(.safetensors) instead")
 
 
 def _write_part(path: str, concept: Concept, fmt: str, part: int, step: int) -> None:
@@ -405,7 +578,7 @@ def _write_part(path: str, concept: Concept, fmt: str, part: int, step: int) -> 
       return
     tables = {"clip_l": vectors, "clip_g": vectors_2}
     if fmt == "a1111-pt":  # the dict kohya writes for a .pt name; A1111 and ComfyUI read it
-      torch = _torch()
+      torch = _torch(_NO_TORCH_FOR_WRITING)
       torch.save({k: torch.from_numpy(v.copy()) for k, v in tables.items()}, path)
     else:  # a1111 and kohya: the file A1111, ComfyUI and kohya all load for SDXL
       safetensors_io.save(path, tables, {"format": "pt"})
@@ -415,11 +588,13 @@ def _write_part(path: str, concept: Concept, fmt: str, part: int, step: int) -> 
   elif fmt == "kohya":
     safetensors_io.save(path, {"emb_params": vectors}, {"format": "pt"})
   elif fmt == "a1111":
-    safetensors_io.save(path, {"string_to_param.*": vectors}, {
-        "format": "pt", "name": concept.token, "step": str(step),
-        "string_to_token": json.dumps({"*": _A1111_STAR_TOKEN})})
+    # emb_params, not "string_to_param.*": InvokeAI's probe reads the width of any other
+    # single key from its first dimension, and A1111 takes a file of one tensor whatever
+    # its key. The name and step go in the metadata, which no tool needs.
+    safetensors_io.save(path, {"emb_params": vectors},
+                        {"format": "pt", "name": concept.token, "step": str(step)})
   else:  # a1111-pt
-    torch = _torch()
+    torch = _torch(_NO_TORCH_FOR_WRITING)
     torch.save({"string_to_token": {"*": _A1111_STAR_TOKEN},
                 "string_to_param": {"*": torch.from_numpy(vectors.copy())},
                 "name": concept.token, "step": int(step)}, path)
@@ -528,6 +703,36 @@ def default_filename(token: str, fmt: str) -> str:
   return f"{folder}/{name or file_stem(token)}{ext}"
 
 
+def invokeai_name(token: str) -> str:
+  """The file name (without extension) that InvokeAI's trigger for `token` reads well with.
+
+  InvokeAI installs an embedding under its file name and finds it in a prompt
+  as `<NAME>`, where NAME may hold only letters, digits, `. , _ -` and spaces:
+  `<toy>.safetensors` would need the trigger `<<toy>>`, which it never
+  matches. So the token loses one pair of surrounding `<>` and any other
+  character becomes `_`: `<toy>` is `toy`, typed `<toy>` in InvokeAI as in
+  ti_jax and A1111.
+  """
+  bracketed = len(token) >= 2 and token.startswith("<") and token.endswith(">")
+  name = _INVOKEAI_UNSAFE.sub("_", token[1:-1] if bracketed else token).strip(".")
+  return name or "embedding"
+
+
+def _invokeai_usage(path: str, token: str, fmt: str) -> str:
+  """What to do with the file at `path` in InvokeAI (see `invokeai_name`)."""
+  if fmt == "diffusers":
+    return ("InvokeAI: not this format (its probe takes the first dimension of a diffusers "
+            "file's [n, dim] tensor for the width); export --format kohya for it")
+  stem, ext = os.path.splitext(os.path.basename(path))
+  if not _INVOKEAI_UNSAFE.search(stem):
+    return f"InvokeAI: install it and type <{stem}>"
+  name = invokeai_name(token)
+  folder = os.path.dirname(path)
+  better = fileio.join(folder, f"{name}{ext}") if folder else f"{name}{ext}"
+  return (f"InvokeAI: export again with --output {better}, install that and type <{name}> "
+          f"(InvokeAI names a model after its file, and <{stem}> is no trigger it reads)")
+
+
 def prompt_usage(path: str, token: str, fmt: str, *, sdxl: bool = False) -> str:
   """What a user types for the file at `path` in each tool that reads format `fmt`.
 
@@ -535,22 +740,44 @@ def prompt_usage(path: str, token: str, fmt: str, *, sdxl: bool = False) -> str:
   """
   stem = _stem(path)
   ours = f"ti_jax.sample --embeddings {path}: type {token if fmt == 'diffusers' else stem}"
+  invokeai = _invokeai_usage(path, token, fmt)
   if fmt == "diffusers" and sdxl:
     second = second_file(path)
     return (f"diffusers: pipe.load_textual_inversion({path!r}, text_encoder=pipe.text_encoder, "
             f"tokenizer=pipe.tokenizer) and pipe.load_textual_inversion({second!r}, "
             "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2), then type "
-            f"{token} in prompts; {ours}")
+            f"{token} in prompts; {ours}; {invokeai}")
   if fmt == "diffusers":
     return (f"diffusers: pipe.load_textual_inversion({path!r}), then type {token} in "
-            f"prompts; {ours}")
+            f"prompts; {ours}; {invokeai}")
   tools = "A1111 (put it in embeddings/)" if fmt.startswith("a1111") else "kohya sd-scripts"
-  usage = f"{tools}: type {stem} in prompts; ComfyUI: type embedding:{stem}; {ours}"
+  usage = f"{tools}: type {stem} in prompts; ComfyUI: type embedding:{stem}; {invokeai}; {ours}"
   if sdxl:
     usage += ("; diffusers: load the file's 'clip_l' and 'clip_g' tensors and pass each to "
               f"pipe.load_textual_inversion(..., token={stem!r}) with text_encoder/tokenizer "
               "and text_encoder_2/tokenizer_2")
   return usage
+
+
+def _diffusers_file_in(folder: str) -> tuple[str | None, tuple[str, ...]]:
+  """The embedding file diffusers' scripts leave in `folder` (None if none), and a note.
+
+  The final `learned_embeds.safetensors` (or `.bin`), as diffusers' own
+  loader takes; else, for a run that stopped before its end, the newest of
+  its intermediate saves `learned_embeds-steps-N` (the note names it).
+  """
+  for ext in (".safetensors", ".bin"):
+    final = fileio.join(folder, f"learned_embeds{ext}")
+    if fileio.exists(final):
+      return final, ()
+  saves = [(int(m.group(1)), m.group(2) == "safetensors", name)
+           for name in fileio.list_names(folder) if (m := _DIFFUSERS_STEP_FILE.fullmatch(name))]
+  if not saves:
+    return None, ()
+  newest = max(saves)[2]
+  return fileio.join(folder, newest), (
+      f"{folder} holds no learned_embeds.safetensors; read its newest intermediate save, "
+      f"{newest} (pass another file to choose it)",)
 
 
 def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
@@ -559,12 +786,15 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
   A run directory gives its checkpoint's vectors (latest, or `step`) under
   its placeholder token and records the base model it was trained on; a
   folder that is not a run but holds `learned_embeds.safetensors` (or `.bin`,
-  as diffusers' loader accepts) gives that file's concepts (with
-  `learned_embeds_2` beside it, a diffusers SDXL pair's). An embedding file
-  registers the token its format's tool would (the file name for A1111 and
-  kohya files, SDXL clip_l/clip_g files included, the key for diffusers files
-  and pairs; see the module docstring). `:TOKEN` renames a single-concept
-  source, or picks one concept of a file that holds several.
+  as diffusers' loader accepts; else the newest `learned_embeds-steps-N` a
+  diffusers script saved) gives that file's concepts (with `learned_embeds_2`
+  beside it, a diffusers SDXL pair's). An embedding file registers the token
+  its format's tool would (the file name for A1111, kohya and OneTrainer
+  files, SDXL clip_l/clip_g files included, the key for diffusers files and
+  pairs; see the module docstring). `:TOKEN` renames a single-concept source,
+  or picks one concept of a file that holds several. The concepts' `notes`
+  (vectors a file held that were ignored, the file read from a folder) are
+  logged here, so every command that loads embeddings shows them.
   """
   from ti_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   path, token = spec, None
@@ -573,11 +803,12 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
     if not token.strip() or any(c.isspace() for c in token):
       raise EmbeddingFileError(f"{spec!r}: the token after ':' must be one word without spaces")
   if fileio.is_dir(path):
-    diffusers_files = [fileio.join(path, f"learned_embeds{e}") for e in (".safetensors", ".bin")]
     has_run = fileio.exists(fileio.join(path, "run.json"))
-    if not has_run and not any(map(fileio.exists, diffusers_files)):
+    diffusers_file, folder_notes = (None, ()) if has_run else _diffusers_file_in(path)
+    if not has_run and not diffusers_file:
       raise EmbeddingFileError(f"{path} is not a ti_jax run directory (no run.json) and holds "
-                               "no learned_embeds.safetensors or .bin; pass an embedding "
+                               "no learned_embeds.safetensors or .bin (nor a diffusers "
+                               "script's learned_embeds-steps-N save); pass an embedding "
                                "file or a run directory")
     if has_run:
       # An SDXL run's checkpoint holds both encoders' vectors: the concept gets both.
@@ -588,7 +819,8 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
                           token_from="its run's placeholder_token",
                           vectors_2=None if vectors_2 is None else check_vectors(vectors_2, what))]
     else:
-      concepts = read_embedding_file(next(f for f in diffusers_files if fileio.exists(f)))
+      concepts = [dataclasses.replace(c, notes=folder_notes + c.notes)
+                  for c in read_embedding_file(diffusers_file)]
   else:
     concepts = read_embedding_file(path)
   if token:
@@ -602,4 +834,6 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
             f"{token!r} is none of them: pick one as {path}:TOKEN")
       concepts = [dataclasses.replace(chosen[0], token_from=f"{spec} (one of the file's "
                                       f"{len(concepts)} keys)")]
+  for note in dict.fromkeys(n for c in concepts for n in c.notes):  # each once
+    cli.log(f"note: {note}")
   return concepts

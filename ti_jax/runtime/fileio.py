@@ -35,6 +35,11 @@ def is_dir(path: str) -> bool:
   return epath.Path(path).is_dir()
 
 
+def list_names(path: str) -> list[str]:
+  """The names of the entries of folder `path` (local or remote), sorted."""
+  return sorted(p.name for p in epath.Path(path).iterdir())
+
+
 def makedirs(path: str) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
