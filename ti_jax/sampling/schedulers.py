@@ -30,7 +30,13 @@ and diffusers' "trailing" spacing yields one extra step for some counts
 (e.g. 61). Config keys follow diffusers' `from_config` rules: a key the
 scheduler class does not take is ignored, a missing key takes that class's
 default (so Euler and DPM-Solver++ default to "linspace" spacing even when
-the config, written for PNDM/DDIM, omits `timestep_spacing`).
+the config, written for PNDM/DDIM, omits `timestep_spacing`), and a value the
+class takes but does not use is ignored as there (DPM-Solver++ uses
+`variance_type` only for a learned variance, so DDPMScheduler's "fixed_small"
+passes). A config written by any diffusers scheduler class builds
+every sampler that the diffusers class of its kind builds from it
+(tests/sampling/test_scheduler_configs.py); a value a sampler cannot honour
+raises a one-line `SchedulerConfigError`.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# The variance_type values of a UNet that also predicts its variance (extra output channels).
+_LEARNED_VARIANCES = ("learned", "learned_range")
 _SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -604,7 +612,11 @@ def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
     raise _fail("solver_type", rc["solver_type"], "the dpm++2m sampler needs 'midpoint'")
   _require(rc, "solver_order", 2, "the dpm++2m sampler is second order")
   _require(rc, "thresholding", False, "dynamic thresholding is not implemented")
-  _require(rc, "variance_type", None, "learned variance outputs are not supported")
+  # diffusers reads variance_type only to drop a learned variance's extra output channels,
+  # and only for epsilon prediction; any other value (DDPMScheduler writes "fixed_small",
+  # UnCLIPScheduler "fixed_small_log") it ignores, and so does this sampler.
+  if pred == "epsilon" and rc["variance_type"] in _LEARNED_VARIANCES:
+    raise _fail("variance_type", rc["variance_type"], "learned variance outputs are not supported")
   for field in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
     _require(rc, field, False, "only the default sigma spacing is implemented")
