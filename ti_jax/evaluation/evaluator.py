@@ -345,6 +345,11 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
   if parallel.any_process(failure is not None):
     raise failure or EvaluateError("process 0 could not start the evaluation; see its log")
   generators = _Generators(protocol, devices, dtype, cache_dir, allow_pickle)
+  # Every base model is loaded and its sampler built before the first image (the
+  # generators keep them all anyway), so a scheduler config the sampler cannot use
+  # is refused now, not after the runs on other base models have been evaluated.
+  for r in runs:
+    generators.get(r.concept, r.meta.get("config", {}), r.resolution)
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   report = {"protocol": dataclasses.asdict(protocol), "scorer": kind, "dtype": dtype,
             "devices": len(devices), "seconds": 0.0, "runs": []}
