@@ -38,7 +38,11 @@ from test_schedulers import (  # noqa: E402
   _torch_trajectory,
 )
 
-from ti_jax.sampling.schedulers import SchedulerConfigError, make_sampler  # noqa: E402
+from ti_jax.sampling.schedulers import (  # noqa: E402
+  SchedulerConfigError,
+  make_sampler,
+  usable_samplers_hint,
+)
 
 # The five classes Stable Diffusion folders are saved with, then others whose configs
 # pipelines also carry (ti_jax samples each with its own four kinds).
@@ -130,3 +134,14 @@ def test_dpm_refuses_a_learned_variance_only_where_diffusers_uses_it(variance):
   assert _loop_error("dpm++2m", v_cfg) <= LOOP_TOL
   for kind in ("ddim", "pndm", "euler"):  # those classes take no variance_type at all
     assert make_sampler(kind, cfg, STEPS).num_steps >= STEPS
+
+
+def test_a_refusal_names_the_samplers_that_can_sample_the_config():
+  karras = dict(_written("DPMSolverMultistepScheduler", "sd15"), use_karras_sigmas=True)
+  assert usable_samplers_hint(karras, STEPS, "--scheduler") == (
+      "; --scheduler ddim or pndm can sample this model")
+  # PNDMScheduler's own default runs the PRK warm-up, which needs 4 steps.
+  assert usable_samplers_hint(_written("PNDMScheduler", "defaults"), 3, "--scheduler") == (
+      "; --scheduler ddim, euler or dpm++2m can sample this model")
+  flow = dict(karras, prediction_type="flow_prediction")
+  assert usable_samplers_hint(flow, STEPS, "--scheduler").startswith("; no ti_jax sampler")

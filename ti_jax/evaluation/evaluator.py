@@ -89,6 +89,10 @@ class _Generators:
             sd, scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,
             guidance_scale=p.guidance_scale, height=resolution, width=resolution,
             devices=self.devices)
+      except schedulers.SchedulerConfigError as e:
+        hint = schedulers.usable_samplers_hint(sd.scheduler_config, p.num_inference_steps,
+                                               "--scheduler")
+        raise EvaluateError(f"{model_id}: {e}{hint}") from None
       except ValueError as e:
         raise EvaluateError(str(e)) from None
       self._by_model[key] = (sd, model_id, generator)

@@ -120,6 +120,9 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, height=height, width=width, devices=devices,
         guidance_rescale=guidance_rescale)
+  except schedulers.SchedulerConfigError as e:
+    hint = schedulers.usable_samplers_hint(sd.scheduler_config, num_inference_steps, "--scheduler")
+    raise SampleError(f"{e}{hint}") from None
   except ValueError as e:
     raise SampleError(str(e)) from None
   out_dir = output_dir or (fileio.join(workdir, "samples") if workdir else "samples")

@@ -705,3 +705,28 @@ def make_sampler(name: str, config: Mapping[str, Any], num_inference_steps: int)
     raise ValueError(f"num_inference_steps={s!r} must be an integer in "
                      f"[1, num_train_timesteps={rc['num_train_timesteps']}]")
   return build(rc, int(s))
+
+
+def usable_samplers_hint(config: Mapping[str, Any], num_inference_steps: int, flag: str) -> str:
+  """The end of a refusal: which samplers can sample `config` at that step count instead.
+
+  Args:
+    config: The model's scheduler config dict.
+    num_inference_steps: The requested number of steps.
+    flag: How the user picks a sampler, e.g. "--scheduler" or "config.validation_scheduler".
+
+  Returns:
+    "; FLAG NAME, NAME or NAME can sample this model", or, when none can, a clause
+    saying so.
+  """
+  usable = []
+  for name in SAMPLER_NAMES:
+    try:
+      make_sampler(name, config, num_inference_steps)
+    except ValueError:
+      continue
+    usable.append(name)
+  if not usable:
+    return f"; no ti_jax sampler ({', '.join(SAMPLER_NAMES)}) can sample this model's config"
+  names = usable[0] if len(usable) == 1 else f"{', '.join(usable[:-1])} or {usable[-1]}"
+  return f"; {flag} {names} can sample this model"
