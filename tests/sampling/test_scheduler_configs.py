@@ -38,7 +38,10 @@ from test_schedulers import (  # noqa: E402
   _torch_trajectory,
 )
 
+from ti_jax.evaluation import evaluator  # noqa: E402
+from ti_jax.sampling import editing, runner  # noqa: E402
 from ti_jax.sampling.schedulers import (  # noqa: E402
+  SAMPLER_NAMES,
   SchedulerConfigError,
   make_sampler,
   usable_samplers_hint,
@@ -145,3 +148,16 @@ def test_a_refusal_names_the_samplers_that_can_sample_the_config():
       "; --scheduler ddim, euler or dpm++2m can sample this model")
   flow = dict(karras, prediction_type="flow_prediction")
   assert usable_samplers_hint(flow, STEPS, "--scheduler").startswith("; no ti_jax sampler")
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES + ("PLMS", "DPM++ 2M"))
+def test_sample_edit_and_evaluate_check_only_the_sampler_name_before_loading(name, tmp_path):
+  # An empty config is no stand-in for the model's: its PNDM defaults (the PRK warm-up)
+  # refused --scheduler pndm for every model, SD 1.x's included. Each call below gets past
+  # the name and stops at the next check, which needs no model.
+  with pytest.raises(runner.SampleError, match="does not exist"):
+    runner.run(prompts=["a photo"], workdir=str(tmp_path / "no-run"), scheduler=name)
+  with pytest.raises(editing.EditError, match="does not exist"):
+    editing.run(image=str(tmp_path / "no.png"), mask=str(tmp_path / "no.png"), prompt="a",
+                scheduler=name)
+  evaluator.check_protocol(evaluator.Protocol(scheduler=name))

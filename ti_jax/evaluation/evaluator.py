@@ -281,7 +281,7 @@ def check_protocol(protocol: Protocol) -> None:
   if protocol.num_samples < 2:
     _log("warning: one sample per prompt gives very noisy scores (the paper uses 64)")
   try:
-    schedulers.make_sampler(protocol.scheduler, {}, 2)  # checks the name before loading
+    schedulers.check_sampler_name(protocol.scheduler)  # the name, before loading anything
   except ValueError as e:
     raise EvaluateError(str(e)) from None
 

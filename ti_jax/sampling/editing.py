@@ -194,7 +194,7 @@ def _check_request(*, prompt: str, num_images: int, num_inference_steps: int, ba
   if mask_shrink_stages < -1:
     raise EditError("mask_shrink_stages must be >= 0 (or -1: automatic)")
   try:
-    schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
+    schedulers.check_sampler_name(scheduler)  # the name, before loading anything
   except ValueError as e:
     raise EditError(str(e)) from None
 

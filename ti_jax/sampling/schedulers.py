@@ -458,6 +458,18 @@ def _normalise_name(name: str) -> str:
   return _SAMPLER_ALIASES[key]
 
 
+def check_sampler_name(name: str) -> str:
+  """The kind of sampler `name` names (one of SAMPLER_NAMES, spellings as `make_sampler`
+  takes them); a ValueError listing the known names for any other.
+
+  The name alone: whether that sampler can use a model's scheduler config is known
+  only with the config (`make_sampler`). An empty config is no stand-in for it, since
+  the class defaults it takes differ from every Stable Diffusion config (PNDMScheduler's
+  default PRK warm-up refuses fewer than 4 steps, which SD 1.x's config skips).
+  """
+  return _normalise_name(name)
+
+
 def _check_spacing(rc: Mapping[str, Any]) -> str:
   """The config's timestep_spacing, validated."""
   spacing = rc["timestep_spacing"]
