@@ -58,6 +58,7 @@ def _config(cache_dir, model, **overrides):
 
 
 def _train(config, workdir) -> dict:
+  """`trainer.run` on one device, without a progress bar."""
   return trainer.run(config, str(workdir), devices=jax.local_devices()[:1], progress=False)
 
 
