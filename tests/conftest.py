@@ -2,10 +2,12 @@
 
 import gc
 import importlib.util
+import json
 import os
 import shutil
 import sys
 import tempfile
+import types
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # One persistent XLA cache per test session, shared with the subprocesses the
@@ -85,6 +87,38 @@ def step_pieces(model_dir: str, num_vectors: int, *, flip: bool = True, seed: in
   return dict(sd=sd, ids=ids, table=table, init=init, images=images, templates=templates,
               template_ids=template_ids, frozen=frozen, settings=settings,
               num_images=images.num_images)
+
+
+def model_stub(scheduler_config: dict | None = None, path: str = "stub-model"):
+  """A stand-in for a loaded SD 1.x model (`weights.loading.StableDiffusion`) where a test
+  needs only its path and scheduler config ({}: every class default)."""
+  return types.SimpleNamespace(path=path, scheduler_config=dict(scheduler_config or {}),
+                               text_encoder_2=None)
+
+
+def with_diffusers_scheduler(model_dir: str, out_dir, class_name: str, **overrides) -> str:
+  """A copy of the model folder `model_dir` at `out_dir` whose scheduler diffusers' own
+  `class_name` wrote (`from_config` of the folder's config, then `overrides`, then
+  `save_pretrained`), named in model_index.json as a saved pipeline names it; returns it.
+
+  Folders written by ti_jax all hold one scheduler class; real ones hold whichever class
+  the pipeline had when it was saved (diffusers' textual-inversion scripts: DDPMScheduler).
+  """
+  diffusers = pytest.importorskip("diffusers")
+  out_dir = str(out_dir)
+  shutil.copytree(model_dir, out_dir)
+  sched_dir = os.path.join(out_dir, "scheduler")
+  with open(os.path.join(sched_dir, "scheduler_config.json"), encoding="utf-8") as f:
+    config = json.load(f)
+  shutil.rmtree(sched_dir)
+  getattr(diffusers, class_name).from_config(config, **overrides).save_pretrained(sched_dir)
+  index_path = os.path.join(out_dir, "model_index.json")
+  with open(index_path, encoding="utf-8") as f:
+    index = json.load(f)
+  index["scheduler"] = ["diffusers", class_name]
+  with open(index_path, "w", encoding="utf-8") as f:
+    json.dump(index, f, indent=2)
+  return out_dir
 
 
 # Parity figures (name, max relative error, tolerance) reported at the end of the run.

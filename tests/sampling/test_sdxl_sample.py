@@ -244,7 +244,7 @@ def test_validation_renders_sdxl_grids(sd, gen, concept, tmp_path):
   with pytest.raises(ValueError, match="token_ids_2"):
     validation.make(c, trained, ids, devices, str(tmp_path), shared)
   v = validation.make(c, trained, ids, devices, str(tmp_path), shared, token_ids_2=ids_2)
-  validation.write_images(v, 1, concept.vectors, learned_2=concept.vectors_2)
+  assert validation.write_images(v, 1, concept.vectors, learned_2=concept.vectors_2)
   grid = np.asarray(Image.open(tmp_path / "validation" / "step000001_p0.png"))
   want = gen.generate(["a photo of <toy>"] * 2, seed=0, **vocab)
   np.testing.assert_array_equal(grid, generation.image_grid(want))  # [64, 128, 3]

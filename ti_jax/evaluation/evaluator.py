@@ -89,6 +89,10 @@ class _Generators:
             sd, scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,
             guidance_scale=p.guidance_scale, height=resolution, width=resolution,
             devices=self.devices)
+      except schedulers.SchedulerConfigError as e:
+        hint = schedulers.usable_samplers_hint(sd.scheduler_config, p.num_inference_steps,
+                                               "--scheduler")
+        raise EvaluateError(f"{model_id}: {e}{hint}") from None
       except ValueError as e:
         raise EvaluateError(str(e)) from None
       self._by_model[key] = (sd, model_id, generator)
@@ -277,7 +281,7 @@ def check_protocol(protocol: Protocol) -> None:
   if protocol.num_samples < 2:
     _log("warning: one sample per prompt gives very noisy scores (the paper uses 64)")
   try:
-    schedulers.make_sampler(protocol.scheduler, {}, 2)  # checks the name before loading
+    schedulers.check_sampler_name(protocol.scheduler)  # the name, before loading anything
   except ValueError as e:
     raise EvaluateError(str(e)) from None
 
@@ -345,6 +349,11 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
   if parallel.any_process(failure is not None):
     raise failure or EvaluateError("process 0 could not start the evaluation; see its log")
   generators = _Generators(protocol, devices, dtype, cache_dir, allow_pickle)
+  # Every base model is loaded and its sampler built before the first image (the
+  # generators keep them all anyway), so a scheduler config the sampler cannot use
+  # is refused now, not after the runs on other base models have been evaluated.
+  for r in runs:
+    generators.get(r.concept, r.meta.get("config", {}), r.resolution)
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   report = {"protocol": dataclasses.asdict(protocol), "scorer": kind, "dtype": dtype,
             "devices": len(devices), "seconds": 0.0, "runs": []}

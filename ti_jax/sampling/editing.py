@@ -194,7 +194,7 @@ def _check_request(*, prompt: str, num_images: int, num_inference_steps: int, ba
   if mask_shrink_stages < -1:
     raise EditError("mask_shrink_stages must be >= 0 (or -1: automatic)")
   try:
-    schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
+    schedulers.check_sampler_name(scheduler)  # the name, before loading anything
   except ValueError as e:
     raise EditError(str(e)) from None
 
@@ -251,6 +251,9 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
       allow_base_model_mismatch=allow_base_model_mismatch)
   try:  # the model's scheduler config fixes which step counts work: checked before any output
     schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
+  except schedulers.SchedulerConfigError as e:
+    hint = schedulers.usable_samplers_hint(sd.scheduler_config, num_inference_steps, "--scheduler")
+    raise EditError(f"{e}{hint}") from None
   except ValueError as e:
     raise EditError(str(e)) from None
   vocab = concept_lib.tokenizers_with_concepts(sd, concepts)  # tokenizer(s), learned vectors

@@ -72,7 +72,7 @@ def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_
   if not 0.0 <= guidance_rescale <= 1.0:  # also refuses NaN
     raise SampleError(f"guidance_rescale must be in [0, 1] (0: off), got {guidance_rescale}")
   try:
-    schedulers.make_sampler(scheduler, {}, 2)  # checks the name before loading anything
+    schedulers.check_sampler_name(scheduler)  # the name, before loading anything
   except ValueError as e:
     raise SampleError(str(e)) from None
   if cache_dir and os.path.exists(os.path.expanduser(cache_dir)) and not os.path.isdir(
@@ -120,6 +120,9 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, height=height, width=width, devices=devices,
         guidance_rescale=guidance_rescale)
+  except schedulers.SchedulerConfigError as e:
+    hint = schedulers.usable_samplers_hint(sd.scheduler_config, num_inference_steps, "--scheduler")
+    raise SampleError(f"{e}{hint}") from None
   except ValueError as e:
     raise SampleError(str(e)) from None
   out_dir = output_dir or (fileio.join(workdir, "samples") if workdir else "samples")

@@ -30,7 +30,13 @@ and diffusers' "trailing" spacing yields one extra step for some counts
 (e.g. 61). Config keys follow diffusers' `from_config` rules: a key the
 scheduler class does not take is ignored, a missing key takes that class's
 default (so Euler and DPM-Solver++ default to "linspace" spacing even when
-the config, written for PNDM/DDIM, omits `timestep_spacing`).
+the config, written for PNDM/DDIM, omits `timestep_spacing`), and a value the
+class takes but does not use is ignored as there (DPM-Solver++ uses
+`variance_type` only for a learned variance, so DDPMScheduler's "fixed_small"
+passes). A config written by any diffusers scheduler class builds
+every sampler that the diffusers class of its kind builds from it
+(tests/sampling/test_scheduler_configs.py); a value a sampler cannot honour
+raises a one-line `SchedulerConfigError`.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# The variance_type values of a UNet that also predicts its variance (extra output channels).
+_LEARNED_VARIANCES = ("learned", "learned_range")
 _SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -450,6 +458,18 @@ def _normalise_name(name: str) -> str:
   return _SAMPLER_ALIASES[key]
 
 
+def check_sampler_name(name: str) -> str:
+  """The kind of sampler `name` names (one of SAMPLER_NAMES, spellings as `make_sampler`
+  takes them); a ValueError listing the known names for any other.
+
+  The name alone: whether that sampler can use a model's scheduler config is known
+  only with the config (`make_sampler`). An empty config is no stand-in for it, since
+  the class defaults it takes differ from every Stable Diffusion config (PNDMScheduler's
+  default PRK warm-up refuses fewer than 4 steps, which SD 1.x's config skips).
+  """
+  return _normalise_name(name)
+
+
 def _check_spacing(rc: Mapping[str, Any]) -> str:
   """The config's timestep_spacing, validated."""
   spacing = rc["timestep_spacing"]
@@ -604,7 +624,11 @@ def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
     raise _fail("solver_type", rc["solver_type"], "the dpm++2m sampler needs 'midpoint'")
   _require(rc, "solver_order", 2, "the dpm++2m sampler is second order")
   _require(rc, "thresholding", False, "dynamic thresholding is not implemented")
-  _require(rc, "variance_type", None, "learned variance outputs are not supported")
+  # diffusers reads variance_type only to drop a learned variance's extra output channels,
+  # and only for epsilon prediction; any other value (DDPMScheduler writes "fixed_small",
+  # UnCLIPScheduler "fixed_small_log") it ignores, and so does this sampler.
+  if pred == "epsilon" and rc["variance_type"] in _LEARNED_VARIANCES:
+    raise _fail("variance_type", rc["variance_type"], "learned variance outputs are not supported")
   for field in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
     _require(rc, field, False, "only the default sigma spacing is implemented")
@@ -693,3 +717,28 @@ def make_sampler(name: str, config: Mapping[str, Any], num_inference_steps: int)
     raise ValueError(f"num_inference_steps={s!r} must be an integer in "
                      f"[1, num_train_timesteps={rc['num_train_timesteps']}]")
   return build(rc, int(s))
+
+
+def usable_samplers_hint(config: Mapping[str, Any], num_inference_steps: int, flag: str) -> str:
+  """The end of a refusal: which samplers can sample `config` at that step count instead.
+
+  Args:
+    config: The model's scheduler config dict.
+    num_inference_steps: The requested number of steps.
+    flag: How the user picks a sampler, e.g. "--scheduler" or "config.validation_scheduler".
+
+  Returns:
+    "; FLAG NAME, NAME or NAME can sample this model", or, when none can, a clause
+    saying so.
+  """
+  usable = []
+  for name in SAMPLER_NAMES:
+    try:
+      make_sampler(name, config, num_inference_steps)
+    except ValueError:
+      continue
+    usable.append(name)
+  if not usable:
+    return f"; no ti_jax sampler ({', '.join(SAMPLER_NAMES)}) can sample this model's config"
+  names = usable[0] if len(usable) == 1 else f"{', '.join(usable[:-1])} or {usable[-1]}"
+  return f"; {flag} {names} can sample this model"

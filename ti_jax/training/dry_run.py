@@ -15,7 +15,7 @@ import numpy as np
 from ti_jax.data import buckets, captions
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio, parallel
-from ti_jax.training import checkpointing, trainer
+from ti_jax.training import checkpointing, trainer, validation
 
 # Token ids shown per prompt before the rest is elided (the padding is never shown).
 _MAX_SHOWN_IDS = 40
@@ -25,10 +25,10 @@ def dry_run(config, workdir: str) -> list[str]:
   """Loads and checks every input of a training run and returns its report, one line each.
 
   The same checks as a run's start-up (config ranges, the workdir's run.json if
-  there is one, images, caption and templates files, the base model, the
-  placeholder, the initial vectors, the batch over the devices) with the same
-  one-line errors; the workdir is not created, locked or written, and nothing
-  is compiled or trained.
+  there is one, images, caption and templates files, the base model and its
+  scheduler config for the validation sampler, the placeholder, the initial
+  vectors, the batch over the devices) with the same one-line errors; the
+  workdir is not created, locked or written, and nothing is compiled or trained.
 
   Raises:
     errors.UserError: the input a real run would refuse, with its message.
@@ -41,6 +41,8 @@ def dry_run(config, workdir: str) -> list[str]:
   texts = captions.prompt_texts(config.learnable_property, config.templates_file,
                                 config.placeholder_token, images.captions, images.num_images)
   sd, schedule = trainer.load_model(config)
+  if validation.enabled(config):  # the sampler a run builds at start-up (validation.make)
+    validation.check_scheduler(config, sd)
   prompts = trainer.make_prompts(config, sd, texts, images.num_images)
   table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params))  # [V, D]
   trainer.initial_vector_pair(config, sd, table, trainer.second_table(sd))

@@ -6,6 +6,12 @@ as the training prompts, the checkpoints and the export do. Image i of every
 prompt starts from the noise of (config.seed, i) at every validation step, so
 the images of one prompt are comparable over training.
 
+`make` builds the validation sampler from the base model's scheduler config, so
+a config that `config.validation_scheduler` cannot sample from is refused at
+start-up in one line (`ValidationSchedulerError`), not at the first validation
+step. The images only show progress: any exception inside `write_images` is
+logged as one warning line and training goes on.
+
 `config.validation_prompt` alone writes `validation/step<step>_<i>.png`; with
 `config.validation_prompts` (a tuple, or a file of one prompt per line) each
 prompt k gets one grid per validation step, `validation/step<step>_p<k>.png`.
@@ -21,6 +27,7 @@ token, zeros for the empty negative prompt of force_zeros_for_empty_prompt).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -29,11 +36,16 @@ import numpy as np
 from ti_jax import cli, errors
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio
-from ti_jax.training import train_lib
+from ti_jax.sampling import schedulers
+from ti_jax.training import checkpointing, train_lib
 
 
 class ValidationPromptError(errors.UserError):
   """config.validation_prompts cannot be used (a bad entry, a missing or empty file)."""
+
+
+class ValidationSchedulerError(errors.UserError):
+  """config.validation_scheduler cannot sample from the base model's scheduler config."""
 
 
 def enabled(config) -> bool:
@@ -56,6 +68,21 @@ def validation_prompts(config) -> list[str]:
       raise ValidationPromptError(
           f"config.validation_prompts[{i}] must be a non-empty prompt, got {text!r}")
   return prompts + list(extra)
+
+
+def check_scheduler(config, sd) -> None:
+  """Builds the validation sampler from `sd.scheduler_config` (host-side tables only, nothing
+  compiles) and raises `ValidationSchedulerError`, one line, if it cannot be built."""
+  try:
+    schedulers.make_sampler(config.validation_scheduler, sd.scheduler_config,
+                            config.validation_inference_steps)
+  except ValueError as e:
+    hint = schedulers.usable_samplers_hint(sd.scheduler_config, config.validation_inference_steps,
+                                           "config.validation_scheduler")
+    raise ValidationSchedulerError(
+        f"config.validation_scheduler={config.validation_scheduler!r} with "
+        f"validation_inference_steps={config.validation_inference_steps} cannot sample "
+        f"{sd.path}: {e}{hint}") from None
 
 
 def _read_prompts_file(path: str) -> list[str]:
@@ -100,12 +127,15 @@ def make(config, sd, token_ids: list[int], devices: Sequence, workdir: str,
   `sd.tokenizer` (and SDXL's `sd.tokenizer_2`) must hold the placeholder tokens;
   `token_ids_2` (SDXL only, required there) are their ids in `sd.tokenizer_2`.
   `shared` may lack the second text encoder's params; the generator replicates it.
+  Raises `ValidationSchedulerError` when the validation sampler cannot use the
+  model's scheduler config (`check_scheduler`).
   """
   if not enabled(config):
     return None
   if (getattr(sd, "text_encoder_2", None) is not None) != (token_ids_2 is not None):
     raise ValueError("validation takes token_ids_2 for SDXL (its second tokenizer's ids) "
                      "and only for SDXL")
+  check_scheduler(config, sd)  # now, not at the first validation step, many steps in
   return Validation(config=config, sd=sd, token_ids=list(token_ids), devices=devices,
                     out_dir=fileio.join(workdir, "validation"), shared=shared,
                     prompts=validation_prompts(config), grids=bool(config.validation_prompts),
@@ -127,13 +157,37 @@ def prompt(config, step: int, text: str | None = None) -> str:
 
 
 def write_images(validation: Validation, step: int, learned: np.ndarray, tb=None,
-                 learned_2: np.ndarray | None = None) -> None:
+                 learned_2: np.ndarray | None = None) -> bool:
   """Renders every validation prompt with the vectors `learned` `[num_vectors, D]`
-  (SDXL: and `learned_2` `[num_vectors, D2]`, the second encoder's).
+  (SDXL: and `learned_2` `[num_vectors, D2]`, the second encoder's); True when done.
 
   Every process takes part in generating; process 0 writes the PNGs and, if `tb`
   (a `tensorboard.Writer`) is given, each prompt's grid as TensorBoard image `validation/p<k>`.
+  Any exception (device out of memory, an unwritable PNG, ...) is logged as one warning
+  line and False is returned: the images only show progress, so a failure must not
+  end the run and lose the steps since the last checkpoint.
   """
+  try:
+    _write_all(validation, step, learned, tb, learned_2)
+  except Exception as e:  # pylint: disable=broad-except
+    _warn(f"warning: no validation images at step {step}, training goes on: "
+          f"{checkpointing.one_line(e)}")
+    return False
+  return True
+
+
+def _warn(message: str) -> None:
+  """One line on stderr: process 0's through `cli.log`; another process's prefixed with its
+  index (`cli.log` keeps only process 0's, and a failure may be another process's alone)."""
+  if jax.process_index() == 0:
+    cli.log(message)
+  else:
+    print(f"process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
+
+
+def _write_all(validation: Validation, step: int, learned: np.ndarray, tb,
+               learned_2: np.ndarray | None) -> None:
+  """`write_images` without its guard: every prompt's images, PNGs and TensorBoard grids."""
   from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
   c = validation.config
   if validation.generator is None:
