@@ -4,6 +4,7 @@ checkpoints, non-finite training, limits and signals. Each test reproduces one f
 import errno
 import glob
 import json
+import logging
 import os
 import signal
 import socket
@@ -15,6 +16,8 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboardX import record_writer
+from test_tensorboard import _FailingFile, _finishes
 from test_train import _cli, _config
 
 from ti_jax import errors
@@ -400,3 +403,109 @@ def test_interrupted_file_write_keeps_the_previous_file(tmp_path):
   with pytest.raises(OSError):
     fileio.write_via_local_file(str(path), dies_half_way)
   assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == [path.name]
+
+
+# --- issue 28: side channels on a full disk -------------------------------------------------
+
+
+class _StepHook:
+  """A progress bar that calls `hook(step)` after each step (stands in for tqdm)."""
+
+  def __init__(self, hook):
+    self.n, self.hook = 0, hook
+
+  def update(self, k):
+    self.n += k
+    self.hook(self.n)
+
+  def set_postfix(self, _):
+    pass
+
+  def close(self):
+    pass
+
+
+def test_full_disk_with_tensorboard_is_one_error_line_without_thread_tracebacks_and_resumes(
+    tmp_path, cache_dir, monkeypatch, capfd, reference):
+  """The disk fills after step 3: the event file and checkpoint 4 fail. tensorboardX's
+  thread printed tracebacks (and hung the run once its queue was full)."""
+  workdir = tmp_path / "w"
+  full = OSError(errno.ENOSPC, "No space left on device")
+  files = []
+  open_file = record_writer.open_file
+  monkeypatch.setattr(record_writer, "open_file",
+                      lambda path: files.append(_FailingFile(open_file(path), full)) or files[-1])
+
+  def fill_the_disk(step):
+    if step == 3:
+      for f in files:
+        f.armed = True
+  monkeypatch.setattr(trainer, "_progress_bar", lambda *a: _StepHook(fill_the_disk))
+  save = ocp.CheckpointManager.save
+
+  def save_on_a_full_disk(self, step, *args, **kwargs):
+    if step > 3:
+      raise full
+    return save(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save_on_a_full_disk)
+  before = set(_non_daemon_threads())
+  c = _config(cache_dir, max_train_steps=4, report_to="tensorboard")
+  with pytest.raises(checkpointing.CheckpointWriteError) as err:
+    _finishes(lambda: trainer.run(c, str(workdir), progress=False), 300)
+  message = str(err.value)
+  assert "cannot write checkpoint 4" in message and "last good checkpoint is step 2" in message
+  assert "\n" not in message
+  log = capfd.readouterr().err
+  assert "Traceback" not in log and "Exception" not in log, log[-3000:]
+  assert len([l for l in log.splitlines() if l.startswith("warning: TensorBoard is off")]) == 1
+  assert set(_non_daemon_threads()) <= before  # nothing left waiting
+  # Space again: the re-run resumes from step 2 and ends where an uninterrupted run does.
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  monkeypatch.setattr(record_writer, "open_file", open_file)
+  monkeypatch.setattr(trainer, "_progress_bar", lambda *a: _StepHook(lambda step: None))
+  resumed = _finishes(lambda: trainer.run(c, str(workdir), progress=False), 300)
+  np.testing.assert_array_equal(resumed["embeds"], reference)
+
+
+def test_checkpoint_failing_in_orbax_threads_is_one_line_without_their_tracebacks(
+    tmp_path, cache_dir, monkeypatch, capfd, caplog):
+  """A disk that fills during a checkpoint fails the writes in Orbax's worker threads,
+  which logged each failure with its traceback before the save raised it."""
+  async def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  save = ocp.CheckpointManager.save
+
+  def save_on_a_full_disk(self, step, *args, **kwargs):
+    if step == 4:  # the array writes of this save fail in Orbax's threads
+      monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "_open_and_write", no_space)
+    return save(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save_on_a_full_disk)
+  with pytest.raises(checkpointing.CheckpointWriteError) as err:
+    trainer.run(_config(cache_dir, max_train_steps=4), str(tmp_path / "w"), progress=False)
+  message = str(err.value)
+  assert "cannot write checkpoint 4" in message and "No space left on device" in message
+  assert "last good checkpoint is step 2" in message and "\n" not in message
+  logged = [r for r in caplog.records if r.levelname == "ERROR"]
+  assert not logged, [r.getMessage()[:200] for r in logged]
+  log = capfd.readouterr().err
+  assert "Traceback" not in log and "Exception" not in log, log[-3000:]
+  # Orbax's error logs are shown again once the failed run's checkpoints are closed.
+  assert not [f for f in logging.getLogger("absl").filters
+              if type(f).__name__ == "_QuietOrbaxErrors"]
+
+
+def test_metrics_log_on_a_full_disk_is_one_error_line(tmp_path, cache_dir, monkeypatch):
+  """metrics.jsonl's failed write was reported, then its close wrote the same buffer again
+  and that second OSError replaced the one-line error with a traceback."""
+  real_open = open
+
+  def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+    if str(path).endswith("metrics.jsonl") and "a" in mode:
+      return real_open("/dev/full", mode, *args, **kwargs)  # every flush: ENOSPC
+    return real_open(path, mode, *args, **kwargs)
+  monkeypatch.setattr(fileio, "open", open_on_a_full_disk, raising=False)
+  with pytest.raises(checkpointing.WorkdirError) as err:
+    trainer.run(_config(cache_dir, max_train_steps=2), str(tmp_path / "w"), progress=False)
+  message = str(err.value)
+  assert "at step 1: OSError: [Errno 28] No space left on device" in message
+  assert "\n" not in message

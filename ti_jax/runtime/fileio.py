@@ -94,6 +94,7 @@ class LineLog:
     self.path, self.enabled = path, enabled
     self._lines: list[str] = []
     self._file = None
+    self._failed: OSError | None = None  # the error of a failed write: the log is closed
     if not enabled:
       return
     if exists(path):
@@ -115,18 +116,41 @@ class LineLog:
       self._file = open(path, "a")  # pylint: disable=consider-using-with
 
   def write(self, line: str) -> None:
+    """Appends `line` (ending in a newline) and flushes it; raises OSError if it cannot.
+
+    After a failed write the log is closed: the caller reports that error, and a
+    later `close` does not try (and fail) to write the same buffered text again.
+    """
     if not self.enabled:
       return
+    if self._failed is not None:
+      raise self._failed
     if self._file is not None:
-      self._file.write(line)
-      self._file.flush()
+      try:
+        self._file.write(line)
+        self._file.flush()
+      except OSError as e:
+        self._failed = e
+        self._discard()
+        raise
     else:
       self._lines.append(line)
       write_text(self.path, "".join(self._lines))
 
   def close(self) -> None:
+    """Closes the file (a no-op after a failed write)."""
     if self._file is not None:
-      self._file.close()
+      file, self._file = self._file, None
+      file.close()
+
+  def _discard(self) -> None:
+    """Closes the file, dropping text it could not write (the close's own error ignored:
+    the buffer it would retry is what just failed)."""
+    file, self._file = self._file, None
+    try:
+      file.close()
+    except OSError:
+      pass
 
 
 def copy_tree_to_local(src: str, dst: str) -> None:

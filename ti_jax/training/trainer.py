@@ -275,22 +275,27 @@ def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) 
                                  checkpointing.run_identity(config), workdir, inputs.has_run_json)
     start = int(state.step)
     _log_run(config, inputs, len(devices), start)
+    tb = open_tensorboard(config, workdir, start)  # a folder it cannot write: refused here
+    try:
+      # --- The step: frozen params and the state on every device, the step compiled -------
+      frozen, settings = step_inputs(config, inputs)
+      frozen = bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
+      state = parallel.replicate(state, devices)
+      step_fn = compile_step(config, settings, inputs, devices,
+                             (state, frozen_for(config, inputs, frozen, start),
+                              batch_for(config, inputs, start)))
+      validator = make_validator(config, inputs, frozen[0], devices, workdir)
+      limit = norm_limit(inputs.table, inputs.init.vectors)
+      if inputs.table_2 is not None:
+        limit = max(limit, norm_limit(inputs.table_2, inputs.init_2.vectors))
 
-    # --- The step: frozen params and the state on every device, the step compiled ---------
-    frozen, settings = step_inputs(config, inputs)
-    frozen = bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
-    state = parallel.replicate(state, devices)
-    step_fn = compile_step(config, settings, inputs, devices,
-                           (state, frozen_for(config, inputs, frozen, start),
-                            batch_for(config, inputs, start)))
-    validator = make_validator(config, inputs, frozen[0], devices, workdir)
-    limit = norm_limit(inputs.table, inputs.init.vectors)
-    if inputs.table_2 is not None:
-      limit = max(limit, norm_limit(inputs.table_2, inputs.init_2.vectors))
-
-    # --- The loop ---------------------------------------------------------------------------
-    state, step, interrupted = train_loop(config, inputs, step_fn, state, frozen, start, ckpts,
-                                          metadata, validator, limit, workdir, progress)
+      # --- The loop -------------------------------------------------------------------------
+      state, step, interrupted = train_loop(config, inputs, step_fn, state, frozen, start,
+                                            ckpts, metadata, validator, limit, workdir,
+                                            progress, tb)
+    finally:
+      if tb is not None:
+        tb.close()  # never raises: a failure is one warning line
     ckpts.wait()
   finally:
     ckpts.close()
@@ -352,6 +357,23 @@ def _check_devices(config, devices: Sequence | None) -> list:
     raise ConfigError(f"config.attention_impl='{layers.PALLAS_TPU}' needs TPU devices; these "
                       f"are {devices[0].platform} (use '' or 'cudnn' on GPU)")
   return devices
+
+
+def open_tensorboard(config, workdir: str, start: int) -> tensorboard.Writer | None:
+  """Process 0's TensorBoard writer with config.report_to="tensorboard" (else None); a
+  WORKDIR/tensorboard it cannot write stops every process with one line."""
+  if config.report_to != "tensorboard":
+    return None
+  writer, error = None, None
+  try:
+    writer = tensorboard.open_writer(config.report_to, workdir, start,
+                                     jax.process_index() == 0)
+  except tensorboard.TensorBoardError as e:
+    error = e
+  if parallel.any_process(error is not None):
+    raise error or tensorboard.TensorBoardError(
+        "process 0 of this run could not open its TensorBoard events; see its log")
+  return writer
 
 
 def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
@@ -836,16 +858,16 @@ class LogInterval:
 def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
                ckpts: checkpointing.Checkpoints, metadata: dict,
                validator: validation.Validation | None, limit: float, workdir: str,
-               progress: bool) -> tuple[Any, int, bool]:
+               progress: bool, tb: tensorboard.Writer | None = None) -> tuple[Any, int, bool]:
   """Steps from `start` to config.max_train_steps; returns (replicated state, step, interrupted).
 
-  Logs every log_every_steps, checkpoints every checkpointing_steps and at the
-  end, and stops (with a checkpoint) at the first step boundary after a signal.
-  `frozen` is `bucket_frozen`'s list: each step gets its bucket's.
+  Logs every log_every_steps (to metrics.jsonl, and to `tb` if given; the caller
+  closes it), checkpoints every checkpointing_steps and at the end, and stops
+  (with a checkpoint) at the first step boundary after a signal. `frozen` is
+  `bucket_frozen`'s list: each step gets its bucket's.
   """
   is_main = jax.process_index() == 0
   metrics_log = _open_metrics_log(workdir, start, is_main)
-  tb = tensorboard.open_writer(config.report_to, workdir, start, is_main)
   bar = _progress_bar(start, config.max_train_steps, progress and is_main)
   flag = _StopFlag()
   interval = LogInterval(time.perf_counter(), start)
@@ -912,9 +934,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
                   f"checkpoint is step {last if last is not None else 'none'}") from None
   finally:
     bar.close()  # ends the bar's line, so an error message starts on its own line
-    metrics_log.close()
-    if tb is not None:
-      tb.close()
+    metrics_log.close()  # never raises after a failed write (that error is the one reported)
   return state, step, interrupted
 
 
