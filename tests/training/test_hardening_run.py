@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -405,7 +406,7 @@ def test_interrupted_file_write_keeps_the_previous_file(tmp_path):
   assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == [path.name]
 
 
-# --- issue 28: side channels on a full disk -------------------------------------------------
+# --- issue 28: side channels on a full disk; sizes that cannot fit -------------------------
 
 
 class _StepHook:
@@ -509,3 +510,87 @@ def test_metrics_log_on_a_full_disk_is_one_error_line(tmp_path, cache_dir, monke
   message = str(err.value)
   assert "at step 1: OSError: [Errno 28] No space left on device" in message
   assert "\n" not in message
+
+
+def test_metrics_log_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path, cache_dir):
+  """metrics.jsonl is read whole when a run starts: a named pipe there blocked it forever."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  os.mkfifo(workdir / "metrics.jsonl")
+  with pytest.raises(checkpointing.WorkdirError) as err:
+    _finishes(lambda: trainer.run(_config(cache_dir, max_train_steps=2), str(workdir),
+                                  progress=False), 120)
+  message = str(err.value)
+  assert f"cannot open {workdir / 'metrics.jsonl'}" in message and "\n" not in message
+  assert "a named pipe, not a regular file" in message
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"train_batch_size": 10**8}, "config.train_batch_size 100000000 is above the limit of "
+     "65536 examples per step"),
+    ({"gradient_accumulation_steps": 10**8}, "gradient_accumulation_steps 100000000 is above"),
+    ({"gradient_accumulation_steps": 3 * 10**9}, "gradient_accumulation_steps 3000000000 is"),
+    ({"global_batch_size": 2**17}, "config.global_batch_size 131072 is above the limit"),
+    ({"lr_warmup_steps": 10**12, "lr_scheduler": "cosine"},
+     "config.lr_warmup_steps 1000000000000 is above 2147483647: the training step counts"),
+    ({"max_train_steps": 2**31}, "config.max_train_steps 2147483648 is above 2147483647"),
+    ({"progressive_words": 2**31}, "config.progressive_words 2147483648 is above"),
+    ({"seed": 2**32}, "config.seed must be >= 0 and < 2**32"),
+    ({"validation_prompt": "a {}", "num_validation_images": 10**8},
+     "config.num_validation_images 100000000 is above the limit of 64 validation images"),
+    ({"validation_prompt": "a {}", "validation_batch_size": 10**6},
+     "config.validation_batch_size 1000000 is above the limit of 64"),
+])
+def test_sizes_that_cannot_fit_are_refused_in_one_line_before_anything_is_written(
+    tmp_path, cache_dir, override, needle):
+  """They ran out of host memory (MemoryError, numpy's 22.4 GiB array), overflowed int32
+  inside the jitted step (OverflowError), or made JAX's keys repeat another seed's."""
+  c = _config(cache_dir, **override)
+  # validate_config first: before the fix `run` would try to allocate (safe to fail here).
+  with pytest.raises(trainer.ConfigError) as err:
+    trainer.validate_config(c)
+  assert needle in str(err.value) and "\n" not in str(err.value)
+  with pytest.raises(trainer.ConfigError):
+    trainer.run(c, str(tmp_path / "w"), progress=False)
+  assert not (tmp_path / "w").exists()
+
+
+def test_batch_over_the_devices_that_cannot_fit_is_refused_before_the_workdir(tmp_path,
+                                                                            cache_dir):
+  c = _config(cache_dir, train_batch_size=40000, gradient_accumulation_steps=1)
+  with pytest.raises(trainer.ConfigError) as err:
+    trainer.batch_sizes(c, 2)  # each field is under the limit, their product is not
+  assert ("config.train_batch_size 40000 x 2 devices x 1 accumulation steps = 80000 examples "
+          "per step, above the limit of 65536") in str(err.value)
+  with pytest.raises(trainer.ConfigError, match="80000 examples per step"):
+    trainer.run(c, str(tmp_path / "w"), devices=jax.local_devices()[:2], progress=False)
+  assert not (tmp_path / "w").exists()
+
+
+def test_largest_accepted_sizes_still_train(tmp_path, cache_dir):
+  """The limits refuse only what cannot work: the largest seed and warmup are taken, and
+  step counts used only on the host (checkpoints, logs, validation) may be any size."""
+  c = _config(cache_dir, max_train_steps=2, seed=2**32 - 1, lr_scheduler="cosine",
+              lr_warmup_steps=2**31 - 1, checkpoints_total_limit=10**12,
+              checkpointing_steps=10**12, log_every_steps=10**12, validation_steps=10**12)
+  result = trainer.run(c, str(tmp_path / "w"), progress=False)
+  assert result["step"] == 2 and np.all(np.isfinite(result["embeds"]))
+  assert checkpointing.Checkpoints(str(tmp_path / "w")).all_steps() == [2]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--config.gradient_accumulation_steps=3000000000",),
+     "config.gradient_accumulation_steps 3000000000 is above the limit"),
+    (("--config.lr_warmup_steps=1000000000000", "--config.lr_scheduler=cosine"),
+     "config.lr_warmup_steps 1000000000000 is above 2147483647"),
+    (("--config.validation_prompts=/dev/zero", "--dry_run"),
+     "cannot read config.validation_prompts /dev/zero: a character device, not a regular file"),
+])
+def test_cli_refuses_sizes_and_special_files_in_one_line(tmp_path, cache_dir, extra, needle):
+  workdir = tmp_path / "w"
+  out = subprocess.run(_cli(workdir, cache_dir, *extra), capture_output=True, text=True,
+                       timeout=300)
+  lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
+  assert needle in lines[0] and "Traceback" not in out.stderr
+  assert not workdir.exists()

@@ -7,8 +7,10 @@ local temporary file.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tempfile
 
 from etils import epath
@@ -45,6 +47,53 @@ def read_text(path: str) -> str:
 
 def read_bytes(path: str) -> bytes:
   return epath.Path(path).read_bytes()
+
+
+# The most bytes `read_small_file` reads: far above any real prompt list, caption or run
+# record, so that /dev/zero or a mistaken multi-GB file is refused in one line instead of
+# exhausting memory.
+MAX_TEXT_BYTES = 16 * 2**20
+
+# What a path that is not a regular file is, for the refusal.
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _mib(size: int) -> str:
+  return f"{size / 2**20:.3g} MiB"
+
+
+def _regular_file_stat(path: str) -> os.stat_result:
+  """os.stat of the local `path`; OSError if it is not a regular file (a folder, a device,
+  a named pipe or a socket), saying which in `strerror`."""
+  info = os.stat(path)  # follows links: /dev/stdin is a link to a device or pipe
+  if not stat.S_ISREG(info.st_mode):
+    kind = next((k for test, k in _KINDS if test(info.st_mode)), "a special file")
+    raise OSError(errno.EINVAL, f"{kind}, not a regular file", path)
+  return info
+
+
+def read_small_file(path: str, limit: int = MAX_TEXT_BYTES) -> bytes:
+  """The bytes of the regular file `path` (local or remote), refused above `limit` bytes.
+
+  For text inputs read whole (prompt lists, templates, captions, JSON records).
+
+  Raises:
+    OSError: the file cannot be read, is not a regular file (a device such as
+      /dev/zero never ends, a named pipe can block forever), or holds more than
+      `limit` bytes; `strerror` says which, in words.
+  """
+  if not is_remote(path):
+    info = _regular_file_stat(path)
+    if info.st_size > limit:
+      raise OSError(errno.EFBIG, f"{_mib(info.st_size)}, more than the {_mib(limit)} a text "
+                    "input may hold", path)
+  with epath.Path(path).open("rb") as f:
+    data = f.read(limit + 1)  # a file that grew (or a remote one) is cut off here
+  if len(data) > limit:
+    raise OSError(errno.EFBIG, f"more than the {_mib(limit)} a text input may hold", path)
+  return data
 
 
 def write_text(path: str, text: str) -> None:
@@ -98,6 +147,8 @@ class LineLog:
     if not enabled:
       return
     if exists(path):
+      if not is_remote(path):
+        _regular_file_stat(path)  # read whole below: a pipe would block, /dev/zero never end
       lines = [line if line.endswith("\n") else line + "\n"
                for line in read_text(path).splitlines(keepends=True) if line.strip()]
 

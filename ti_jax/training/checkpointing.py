@@ -138,7 +138,7 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 def _read_json_object(path: str) -> dict:
   """A JSON object file; WorkdirError with one line if unreadable, not UTF-8 or not an object."""
   try:
-    value = json.loads(fileio.read_bytes(path).decode("utf-8"))
+    value = json.loads(fileio.read_small_file(path).decode("utf-8"))
   except UnicodeDecodeError as e:
     raise WorkdirError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") \
         from None
