@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -185,6 +186,32 @@ def test_prompts_file_problems_are_one_line(tmp_path, name, content, needle):
     cli.read_text_lines(str(path), "--prompts_file")
   assert needle in str(err.value) and "--prompts_file" in str(err.value)
   assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("too_large", "17 MiB, more than the 16 MiB a text input may hold"),
+    ("pipe", "a named pipe, not a regular file"),
+    ("device", "a character device, not a regular file"),
+])
+def test_prompts_file_too_large_or_special_is_refused_without_reading_it(tmp_path, kind,
+                                                                         needle):
+  """Prompt files were read whole: /dev/zero ran out of memory, a named pipe blocked."""
+  path = tmp_path / "p.txt"
+  if kind == "too_large":
+    with open(path, "wb") as f:  # text, so only the size refuses it
+      f.write(b"a photo of {}\n" * (17 * 2**20 // 14 + 1))
+  elif kind == "pipe":
+    os.mkfifo(path)
+  else:  # /dev/zero in the issue; /dev/null reads empty, so the reader alone refuses it
+    os.symlink("/dev/null", path)
+  out = []
+  reader = threading.Thread(target=lambda: out.append(pytest.raises(
+      ValueError, cli.read_text_lines, str(path), "--prompts_file")), daemon=True)
+  reader.start()
+  reader.join(30)
+  assert not reader.is_alive(), "still reading after 30 s"
+  message = str(out[0].value)
+  assert f"cannot read --prompts_file {path}: {needle}" == message
 
 
 def test_text_lines_reader_keeps_utf8_prompts(tmp_path):

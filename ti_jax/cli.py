@@ -206,7 +206,8 @@ def read_text_lines(path: str, flag: str) -> list[str]:
 
   Raises:
     ValueError: one line naming the flag for a missing file, a folder, a
-      binary or non-UTF-8 file, or a read error.
+      device or pipe, a file over `fileio.MAX_TEXT_BYTES`, a binary or
+      non-UTF-8 file, or a read error.
   """
   from ti_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
   if not path:
@@ -216,7 +217,7 @@ def read_text_lines(path: str, flag: str) -> list[str]:
       raise ValueError(f"{flag} {path} does not exist")
     if fileio.is_dir(path):
       raise ValueError(f"{flag} {path} is a folder, not a text file")
-    data = fileio.read_bytes(path)
+    data = fileio.read_small_file(path)
   except OSError as e:
     raise ValueError(f"cannot read {flag} {path}: {e.strerror or e}") from None
   if b"\0" in data:  # text never holds NUL bytes; images, archives and weights do

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pytest
 from conftest import tiny_clip_tokenizer
@@ -73,6 +76,52 @@ def test_templates_file_one_per_line_and_bad_line_named(tmp_path):
     captions.read_templates_file(str(path), "<toy>")
   with pytest.raises(image_loader.DataError, match="cannot read templates_file"):
     captions.read_templates_file(str(tmp_path / "missing.txt"), "<toy>")
+
+
+def _within(fn, timeout=30):
+  """`fn()` in a thread; its exception (or None). Fails if it has not returned in time."""
+  out = []
+
+  def target():
+    try:
+      fn()
+      out.append(None)
+    except Exception as e:  # pylint: disable=broad-except  # returned to the test
+      out.append(e)
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  assert not thread.is_alive(), "still reading after 30 s"
+  return out[0]
+
+
+@pytest.mark.parametrize("kind", ["too_large", "pipe"])
+def test_templates_file_too_large_or_special_is_refused_in_one_line(tmp_path, kind):
+  """A templates file was read whole (/dev/zero ran out of memory, a named pipe waited
+  forever for a writer)."""
+  path = tmp_path / "t.txt"
+  if kind == "too_large":
+    line = b"a photo of {}\n"
+    path.write_bytes(line * (captions.MAX_TEMPLATES_BYTES // len(line) + 1))
+    needle = "more than the 1 MiB a text input may hold"
+  else:
+    os.mkfifo(path)
+    needle = "a named pipe, not a regular file"
+  err = _within(lambda: captions.read_templates_file(str(path), "<toy>"))
+  assert isinstance(err, image_loader.DataError), err
+  assert f"cannot read templates_file {path}: " in str(err) and needle in str(err)
+  assert "\n" not in str(err)
+
+
+def test_caption_file_too_large_is_refused_naming_it(tmp_path):
+  folder = _folder(tmp_path, ["a.png"])
+  with open(folder / "a.txt", "wb") as f:
+    f.write(b"a photo of {}\n")
+    f.truncate(17 * 2**20)  # sparse: 17 MiB, above fileio.MAX_TEXT_BYTES
+  with pytest.raises(image_loader.DataError) as err:
+    image_loader.load_training_images(str(folder), 32, True, caption_extension=".txt")
+  assert f"cannot read caption file {folder / 'a.txt'}: 17 MiB, more than the 16 MiB" in str(
+      err.value)
 
 
 def test_prompt_texts_sha256_follows_the_texts():

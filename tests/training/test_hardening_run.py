@@ -4,6 +4,7 @@ checkpoints, non-finite training, limits and signals. Each test reproduces one f
 import errno
 import glob
 import json
+import logging
 import os
 import signal
 import socket
@@ -12,9 +13,12 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboardX import record_writer
+from test_tensorboard import _FailingFile, _finishes
 from test_train import _cli, _config
 
 from ti_jax import errors
@@ -400,3 +404,193 @@ def test_interrupted_file_write_keeps_the_previous_file(tmp_path):
   with pytest.raises(OSError):
     fileio.write_via_local_file(str(path), dies_half_way)
   assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == [path.name]
+
+
+# --- issue 28: side channels on a full disk; sizes that cannot fit -------------------------
+
+
+class _StepHook:
+  """A progress bar that calls `hook(step)` after each step (stands in for tqdm)."""
+
+  def __init__(self, hook):
+    self.n, self.hook = 0, hook
+
+  def update(self, k):
+    self.n += k
+    self.hook(self.n)
+
+  def set_postfix(self, _):
+    pass
+
+  def close(self):
+    pass
+
+
+def test_full_disk_with_tensorboard_is_one_error_line_without_thread_tracebacks_and_resumes(
+    tmp_path, cache_dir, monkeypatch, capfd, reference):
+  """The disk fills after step 3: the event file and checkpoint 4 fail. tensorboardX's
+  thread printed tracebacks (and hung the run once its queue was full)."""
+  workdir = tmp_path / "w"
+  full = OSError(errno.ENOSPC, "No space left on device")
+  files = []
+  open_file = record_writer.open_file
+  monkeypatch.setattr(record_writer, "open_file",
+                      lambda path: files.append(_FailingFile(open_file(path), full)) or files[-1])
+
+  def fill_the_disk(step):
+    if step == 3:
+      for f in files:
+        f.armed = True
+  monkeypatch.setattr(trainer, "_progress_bar", lambda *a: _StepHook(fill_the_disk))
+  save = ocp.CheckpointManager.save
+
+  def save_on_a_full_disk(self, step, *args, **kwargs):
+    if step > 3:
+      raise full
+    return save(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save_on_a_full_disk)
+  before = set(_non_daemon_threads())
+  c = _config(cache_dir, max_train_steps=4, report_to="tensorboard")
+  with pytest.raises(checkpointing.CheckpointWriteError) as err:
+    _finishes(lambda: trainer.run(c, str(workdir), progress=False), 300)
+  message = str(err.value)
+  assert "cannot write checkpoint 4" in message and "last good checkpoint is step 2" in message
+  assert "\n" not in message
+  log = capfd.readouterr().err
+  assert "Traceback" not in log and "Exception" not in log, log[-3000:]
+  assert len([l for l in log.splitlines() if l.startswith("warning: TensorBoard is off")]) == 1
+  assert set(_non_daemon_threads()) <= before  # nothing left waiting
+  # Space again: the re-run resumes from step 2 and ends where an uninterrupted run does.
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  monkeypatch.setattr(record_writer, "open_file", open_file)
+  monkeypatch.setattr(trainer, "_progress_bar", lambda *a: _StepHook(lambda step: None))
+  resumed = _finishes(lambda: trainer.run(c, str(workdir), progress=False), 300)
+  np.testing.assert_array_equal(resumed["embeds"], reference)
+
+
+def test_checkpoint_failing_in_orbax_threads_is_one_line_without_their_tracebacks(
+    tmp_path, cache_dir, monkeypatch, capfd, caplog):
+  """A disk that fills during a checkpoint fails the writes in Orbax's worker threads,
+  which logged each failure with its traceback before the save raised it."""
+  async def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  save = ocp.CheckpointManager.save
+
+  def save_on_a_full_disk(self, step, *args, **kwargs):
+    if step == 4:  # the array writes of this save fail in Orbax's threads
+      monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "_open_and_write", no_space)
+    return save(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save_on_a_full_disk)
+  with pytest.raises(checkpointing.CheckpointWriteError) as err:
+    trainer.run(_config(cache_dir, max_train_steps=4), str(tmp_path / "w"), progress=False)
+  message = str(err.value)
+  assert "cannot write checkpoint 4" in message and "No space left on device" in message
+  assert "last good checkpoint is step 2" in message and "\n" not in message
+  logged = [r for r in caplog.records if r.levelname == "ERROR"]
+  assert not logged, [r.getMessage()[:200] for r in logged]
+  log = capfd.readouterr().err
+  assert "Traceback" not in log and "Exception" not in log, log[-3000:]
+  # Orbax's error logs are shown again once the failed run's checkpoints are closed.
+  assert not [f for f in logging.getLogger("absl").filters
+              if type(f).__name__ == "_QuietOrbaxErrors"]
+
+
+def test_metrics_log_on_a_full_disk_is_one_error_line(tmp_path, cache_dir, monkeypatch):
+  """metrics.jsonl's failed write was reported, then its close wrote the same buffer again
+  and that second OSError replaced the one-line error with a traceback."""
+  real_open = open
+
+  def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+    if str(path).endswith("metrics.jsonl") and "a" in mode:
+      return real_open("/dev/full", mode, *args, **kwargs)  # every flush: ENOSPC
+    return real_open(path, mode, *args, **kwargs)
+  monkeypatch.setattr(fileio, "open", open_on_a_full_disk, raising=False)
+  with pytest.raises(checkpointing.WorkdirError) as err:
+    trainer.run(_config(cache_dir, max_train_steps=2), str(tmp_path / "w"), progress=False)
+  message = str(err.value)
+  assert "at step 1: OSError: [Errno 28] No space left on device" in message
+  assert "\n" not in message
+
+
+def test_metrics_log_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path, cache_dir):
+  """metrics.jsonl is read whole when a run starts: a named pipe there blocked it forever."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  os.mkfifo(workdir / "metrics.jsonl")
+  with pytest.raises(checkpointing.WorkdirError) as err:
+    _finishes(lambda: trainer.run(_config(cache_dir, max_train_steps=2), str(workdir),
+                                  progress=False), 120)
+  message = str(err.value)
+  assert f"cannot open {workdir / 'metrics.jsonl'}" in message and "\n" not in message
+  assert "a named pipe, not a regular file" in message
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"train_batch_size": 10**8}, "config.train_batch_size 100000000 is above the limit of "
+     "65536 examples per step"),
+    ({"gradient_accumulation_steps": 10**8}, "gradient_accumulation_steps 100000000 is above"),
+    ({"gradient_accumulation_steps": 3 * 10**9}, "gradient_accumulation_steps 3000000000 is"),
+    ({"global_batch_size": 2**17}, "config.global_batch_size 131072 is above the limit"),
+    ({"lr_warmup_steps": 10**12, "lr_scheduler": "cosine"},
+     "config.lr_warmup_steps 1000000000000 is above 2147483647: the training step counts"),
+    ({"max_train_steps": 2**31}, "config.max_train_steps 2147483648 is above 2147483647"),
+    ({"progressive_words": 2**31}, "config.progressive_words 2147483648 is above"),
+    ({"seed": 2**32}, "config.seed must be >= 0 and < 2**32"),
+    ({"validation_prompt": "a {}", "num_validation_images": 10**8},
+     "config.num_validation_images 100000000 is above the limit of 64 validation images"),
+    ({"validation_prompt": "a {}", "validation_batch_size": 10**6},
+     "config.validation_batch_size 1000000 is above the limit of 64"),
+])
+def test_sizes_that_cannot_fit_are_refused_in_one_line_before_anything_is_written(
+    tmp_path, cache_dir, override, needle):
+  """They ran out of host memory (MemoryError, numpy's 22.4 GiB array), overflowed int32
+  inside the jitted step (OverflowError), or made JAX's keys repeat another seed's."""
+  c = _config(cache_dir, **override)
+  # validate_config first: before the fix `run` would try to allocate (safe to fail here).
+  with pytest.raises(trainer.ConfigError) as err:
+    trainer.validate_config(c)
+  assert needle in str(err.value) and "\n" not in str(err.value)
+  with pytest.raises(trainer.ConfigError):
+    trainer.run(c, str(tmp_path / "w"), progress=False)
+  assert not (tmp_path / "w").exists()
+
+
+def test_batch_over_the_devices_that_cannot_fit_is_refused_before_the_workdir(tmp_path,
+                                                                            cache_dir):
+  c = _config(cache_dir, train_batch_size=40000, gradient_accumulation_steps=1)
+  with pytest.raises(trainer.ConfigError) as err:
+    trainer.batch_sizes(c, 2)  # each field is under the limit, their product is not
+  assert ("config.train_batch_size 40000 x 2 devices x 1 accumulation steps = 80000 examples "
+          "per step, above the limit of 65536") in str(err.value)
+  with pytest.raises(trainer.ConfigError, match="80000 examples per step"):
+    trainer.run(c, str(tmp_path / "w"), devices=jax.local_devices()[:2], progress=False)
+  assert not (tmp_path / "w").exists()
+
+
+def test_largest_accepted_sizes_still_train(tmp_path, cache_dir):
+  """The limits refuse only what cannot work: the largest seed and warmup are taken, and
+  step counts used only on the host (checkpoints, logs, validation) may be any size."""
+  c = _config(cache_dir, max_train_steps=2, seed=2**32 - 1, lr_scheduler="cosine",
+              lr_warmup_steps=2**31 - 1, checkpoints_total_limit=10**12,
+              checkpointing_steps=10**12, log_every_steps=10**12, validation_steps=10**12)
+  result = trainer.run(c, str(tmp_path / "w"), progress=False)
+  assert result["step"] == 2 and np.all(np.isfinite(result["embeds"]))
+  assert checkpointing.Checkpoints(str(tmp_path / "w")).all_steps() == [2]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--config.gradient_accumulation_steps=3000000000",),
+     "config.gradient_accumulation_steps 3000000000 is above the limit"),
+    (("--config.lr_warmup_steps=1000000000000", "--config.lr_scheduler=cosine"),
+     "config.lr_warmup_steps 1000000000000 is above 2147483647"),
+    (("--config.validation_prompts=/dev/zero", "--dry_run"),
+     "cannot read config.validation_prompts /dev/zero: a character device, not a regular file"),
+])
+def test_cli_refuses_sizes_and_special_files_in_one_line(tmp_path, cache_dir, extra, needle):
+  workdir = tmp_path / "w"
+  out = subprocess.run(_cli(workdir, cache_dir, *extra), capture_output=True, text=True,
+                       timeout=300)
+  lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
+  assert needle in lines[0] and "Traceback" not in out.stderr
+  assert not workdir.exists()

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ti_jax.data.image_loader import Caption, DataError
+from ti_jax.runtime import fileio
 
 # Prompt templates of the textual-inversion paper (Gal et al. 2022).  "{}" is
 # replaced by the placeholder token.  The paper's style list repeats two
@@ -132,11 +133,19 @@ def as_template(text: str, placeholder_token: str, where: str) -> str:
   return template
 
 
+# The largest templates file: about 30,000 templates (the paper uses 27). Each is
+# tokenized once per vector count at start-up and held as [num_vectors, templates, 77]
+# token ids, so a mistaken huge file would take minutes and gigabytes.
+MAX_TEMPLATES_BYTES = 2**20
+
+
 def read_templates_file(path: str, placeholder_token: str) -> tuple[str, ...]:
-  """The templates of a text file, one per non-blank line, each checked for a slot."""
+  """The templates of a text file, one per non-blank line, each checked for a slot.
+
+  A file over MAX_TEMPLATES_BYTES, a folder, a device or a pipe is refused (DataError).
+  """
   try:
-    with open(path, "rb") as f:
-      text = f.read().decode("utf-8-sig")
+    text = fileio.read_small_file(path, MAX_TEMPLATES_BYTES).decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise DataError(f"templates_file {path}: not UTF-8 text ({e.reason} at byte {e.start})") \
         from None

@@ -202,14 +202,16 @@ def read_caption(image_path: str, caption_extension: str) -> Caption | None:
   non-blank line, so a leading empty line does not blank the caption).
 
   Raises:
-    DataError: the file is unreadable, not UTF-8 or holds only blank lines.
+    DataError: the file is unreadable, larger than `fileio.MAX_TEXT_BYTES`, not UTF-8 or
+      holds only blank lines.
   """
   path = os.path.splitext(image_path)[0] + caption_extension
   if not os.path.isfile(path):
     return None
   try:
-    with open(path, "rb") as f:
-      text = f.read().decode("utf-8-sig")  # a BOM from Windows editors is not caption text
+    # A BOM from Windows editors is not caption text. Read with a size limit: only the
+    # first line is used, and a huge file would be read whole.
+    text = fileio.read_small_file(path).decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise DataError(f"caption file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
   except OSError as e:

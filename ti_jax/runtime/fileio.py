@@ -7,8 +7,10 @@ local temporary file.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tempfile
 
 from etils import epath
@@ -50,6 +52,53 @@ def read_text(path: str) -> str:
 
 def read_bytes(path: str) -> bytes:
   return epath.Path(path).read_bytes()
+
+
+# The most bytes `read_small_file` reads: far above any real prompt list, caption or run
+# record, so that /dev/zero or a mistaken multi-GB file is refused in one line instead of
+# exhausting memory.
+MAX_TEXT_BYTES = 16 * 2**20
+
+# What a path that is not a regular file is, for the refusal.
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _mib(size: int) -> str:
+  return f"{size / 2**20:.3g} MiB"
+
+
+def _regular_file_stat(path: str) -> os.stat_result:
+  """os.stat of the local `path`; OSError if it is not a regular file (a folder, a device,
+  a named pipe or a socket), saying which in `strerror`."""
+  info = os.stat(path)  # follows links: /dev/stdin is a link to a device or pipe
+  if not stat.S_ISREG(info.st_mode):
+    kind = next((k for test, k in _KINDS if test(info.st_mode)), "a special file")
+    raise OSError(errno.EINVAL, f"{kind}, not a regular file", path)
+  return info
+
+
+def read_small_file(path: str, limit: int = MAX_TEXT_BYTES) -> bytes:
+  """The bytes of the regular file `path` (local or remote), refused above `limit` bytes.
+
+  For text inputs read whole (prompt lists, templates, captions, JSON records).
+
+  Raises:
+    OSError: the file cannot be read, is not a regular file (a device such as
+      /dev/zero never ends, a named pipe can block forever), or holds more than
+      `limit` bytes; `strerror` says which, in words.
+  """
+  if not is_remote(path):
+    info = _regular_file_stat(path)
+    if info.st_size > limit:
+      raise OSError(errno.EFBIG, f"{_mib(info.st_size)}, more than the {_mib(limit)} a text "
+                    "input may hold", path)
+  with epath.Path(path).open("rb") as f:
+    data = f.read(limit + 1)  # a file that grew (or a remote one) is cut off here
+  if len(data) > limit:
+    raise OSError(errno.EFBIG, f"more than the {_mib(limit)} a text input may hold", path)
+  return data
 
 
 def write_text(path: str, text: str) -> None:
@@ -99,9 +148,12 @@ class LineLog:
     self.path, self.enabled = path, enabled
     self._lines: list[str] = []
     self._file = None
+    self._failed: OSError | None = None  # the error of a failed write: the log is closed
     if not enabled:
       return
     if exists(path):
+      if not is_remote(path):
+        _regular_file_stat(path)  # read whole below: a pipe would block, /dev/zero never end
       lines = [line if line.endswith("\n") else line + "\n"
                for line in read_text(path).splitlines(keepends=True) if line.strip()]
 
@@ -120,18 +172,41 @@ class LineLog:
       self._file = open(path, "a")  # pylint: disable=consider-using-with
 
   def write(self, line: str) -> None:
+    """Appends `line` (ending in a newline) and flushes it; raises OSError if it cannot.
+
+    After a failed write the log is closed: the caller reports that error, and a
+    later `close` does not try (and fail) to write the same buffered text again.
+    """
     if not self.enabled:
       return
+    if self._failed is not None:
+      raise self._failed
     if self._file is not None:
-      self._file.write(line)
-      self._file.flush()
+      try:
+        self._file.write(line)
+        self._file.flush()
+      except OSError as e:
+        self._failed = e
+        self._discard()
+        raise
     else:
       self._lines.append(line)
       write_text(self.path, "".join(self._lines))
 
   def close(self) -> None:
+    """Closes the file (a no-op after a failed write)."""
     if self._file is not None:
-      self._file.close()
+      file, self._file = self._file, None
+      file.close()
+
+  def _discard(self) -> None:
+    """Closes the file, dropping text it could not write (the close's own error ignored:
+    the buffer it would retry is what just failed)."""
+    file, self._file = self._file, None
+    try:
+      file.close()
+    except OSError:
+      pass
 
 
 def copy_tree_to_local(src: str, dst: str) -> None:

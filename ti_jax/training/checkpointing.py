@@ -22,6 +22,7 @@ shapes of their vectors, a changed global batch) and `claim_workdir`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -137,7 +138,7 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 def _read_json_object(path: str) -> dict:
   """A JSON object file; WorkdirError with one line if unreadable, not UTF-8 or not an object."""
   try:
-    value = json.loads(fileio.read_bytes(path).decode("utf-8"))
+    value = json.loads(fileio.read_small_file(path).decode("utf-8"))
   except UnicodeDecodeError as e:
     raise WorkdirError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") \
         from None
@@ -241,15 +242,38 @@ def read_identity(workdir: str) -> dict:
   return _read_json_object(path)
 
 
+class _QuietOrbaxErrors(logging.Filter):
+  """Drops Orbax's error logs. A write that fails in Orbax's worker threads (a disk that
+  fills up mid-checkpoint) is logged there with its traceback, once per thread, and then
+  raised again by the save, which reports it in one line (CheckpointWriteError)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR
+                and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+
+
+def _event_loop_closed(unraisable) -> bool:
+  """Whether an unraisable exception is tensorstore calling back into Orbax's closed event
+  loop: when a read or write fails, its pending callbacks land there and Python prints each
+  as a traceback; the failure itself is reported once, in one line."""
+  return (isinstance(unraisable.exc_value, RuntimeError)
+          and "Event loop is closed" in str(unraisable.exc_value))
+
+
 class Checkpoints:
   """Saves and restores {state pytree, JSON metadata} with an Orbax CheckpointManager.
 
   Saves are synchronous: the state is a few KB of vectors, and an asynchronous
   save that fails leaves Orbax threads waiting for signals that never come
-  (the process then cannot exit). A failed save raises CheckpointWriteError.
+  (the process then cannot exit). A failed save raises CheckpointWriteError;
+  Orbax's own tracebacks of it (its threads' logs, tensorstore's late callbacks)
+  are dropped from then until `close`, as they may still come after the save
+  returned.
   """
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3):
+    # (log filter, the unraisable hook it replaced) while a failed save may still print
+    self._quiet: tuple[_QuietOrbaxErrors, Any] | None = None
     self.workdir = fileio.resolve(workdir)
     self.directory = fileio.join(self.workdir, "checkpoints")
     self._manager = ocp.CheckpointManager(
@@ -279,23 +303,39 @@ class Checkpoints:
     if not vectors_finite(state):
       raise CheckpointWriteError(f"refusing to write checkpoint {step}: it holds non-finite "
                                  f"values; {last} in {self.directory}")
+    self._quiet_orbax_errors(True)
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)))
     except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
       raise CheckpointWriteError(f"cannot write checkpoint {step} in {self.directory}: "
                                  f"{one_line(e)}; {last}") from None
+    self._quiet_orbax_errors(False)  # saved: nothing of it is left to fail
+
+  def _quiet_orbax_errors(self, on: bool) -> None:
+    """Drops (on) or again shows (off) Orbax's error logs (`_QuietOrbaxErrors`) and the
+    tracebacks of tensorstore's late callbacks (`_event_loop_closed`)."""
+    absl_logger = logging.getLogger("absl")  # where Orbax logs (absl.logging)
+    if on and self._quiet is None:
+      previous = sys.unraisablehook
+
+      def hook(unraisable):
+        if not _event_loop_closed(unraisable):
+          previous(unraisable)
+      self._quiet = (_QuietOrbaxErrors(), previous)
+      absl_logger.addFilter(self._quiet[0])
+      sys.unraisablehook = hook
+    elif not on and self._quiet is not None:
+      errors_filter, sys.unraisablehook = self._quiet
+      absl_logger.removeFilter(errors_filter)
+      self._quiet = None
 
   def _restore(self, step: int, args: ocp.args.Composite):
-    # When a read fails, tensorstore's pending callbacks reach Orbax's already
-    # closed event loop and Python prints each "Event loop is closed" as an
-    # unraisable exception (a traceback on stderr); the failure itself is
-    # reported once, below.
+    # A failed read is reported once, below: not again by tensorstore's late callbacks.
     previous = sys.unraisablehook
 
     def quiet(unraisable):
-      if not (isinstance(unraisable.exc_value, RuntimeError)
-              and "Event loop is closed" in str(unraisable.exc_value)):
+      if not _event_loop_closed(unraisable):
         previous(unraisable)
     sys.unraisablehook = quiet
     try:
@@ -348,7 +388,11 @@ class Checkpoints:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    """Closes the manager (waiting for its threads), then shows Orbax's error logs again."""
+    try:
+      self._manager.close()
+    finally:
+      self._quiet_orbax_errors(False)
 
 
 def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndarray, dict]:

@@ -58,6 +58,24 @@ class Aborted(Exception):
 MAX_RESOLUTION = 2048
 
 
+# The step counter, and every step count the compiled step computes with (the learning-rate
+# schedule's warmup and decay, progressive_words), are 32-bit integers on the device.
+MAX_STEPS = 2**31 - 1
+
+# JAX's random keys take 32-bit seeds: a larger seed would repeat a smaller one's draws.
+MAX_SEED = 2**32 - 1
+
+# Examples per optimizer step (per-device batch x devices x accumulation steps). The host
+# draws every example's view and template each step (about a second for this many) and
+# builds its token ids; nothing trains usefully at more.
+MAX_EXAMPLES_PER_STEP = 2**16
+
+# Validation images per prompt, and per device per sampling call. Each prompt's images and
+# their grid are held on the host (64 images at 2048 px take 1.5 GB); for more images,
+# sample the checkpoint with ti_jax.sample.
+MAX_VALIDATION_IMAGES = 64
+
+
 # A learned vector whose L2 norm exceeds this many times the largest norm of the
 # model's token table (or of the initial vectors) has diverged: the text encoder
 # has never seen inputs of that size. Normal runs stay within about 10x.
@@ -105,6 +123,10 @@ def validate_config(c) -> None:
                "validation_guidance_scale"):
     need(math.isfinite(float(c[name])), f"config.{name} must be a finite number, got {c[name]}")
   need(c.train_batch_size >= 1, f"config.train_batch_size must be >= 1, got {c.train_batch_size}")
+  for name in ("train_batch_size", "global_batch_size", "gradient_accumulation_steps"):
+    need(c[name] <= MAX_EXAMPLES_PER_STEP,
+         f"config.{name} {c[name]} is above the limit of {MAX_EXAMPLES_PER_STEP} examples per "
+         "step (the host draws and tokenizes every example of every step)")
   need(c.remat in (True, False, "auto"), f"config.remat must be True, False or auto, got {c.remat!r}")
   need(c.global_batch_size >= 0, f"config.global_batch_size must be >= 0, got {c.global_batch_size}")
   for name in ("snr_gamma", "noise_offset"):
@@ -114,6 +136,9 @@ def validate_config(c) -> None:
   need(0.0 <= c.per_image_token_p <= 1.0,
        f"config.per_image_token_p must be in [0, 1], got {c.per_image_token_p}")
   need(c.max_train_steps >= 1, f"config.max_train_steps must be >= 1, got {c.max_train_steps}")
+  for name in ("max_train_steps", "lr_warmup_steps", "progressive_words"):
+    need(c[name] <= MAX_STEPS, f"config.{name} {c[name]} is above {MAX_STEPS}: the training "
+         "step counts steps in 32-bit integers")
   need(c.learning_rate > 0, f"config.learning_rate must be > 0, got {c.learning_rate}")
   for name in ("adam_beta1", "adam_beta2"):
     need(0.0 <= c[name] < 1.0, f"config.{name} must be in [0, 1), got {c[name]}")
@@ -133,7 +158,8 @@ def validate_config(c) -> None:
   need(c.checkpoints_total_limit >= 1,
        f"config.checkpoints_total_limit must be >= 1 (the newest is always kept), "
        f"got {c.checkpoints_total_limit}")
-  need(c.seed >= 0, f"config.seed must be >= 0, got {c.seed}")
+  need(0 <= c.seed <= MAX_SEED, f"config.seed must be >= 0 and < 2**32 (JAX's random keys take "
+       f"32-bit seeds), got {c.seed}")
   need(c.progressive_words >= 0,
        f"config.progressive_words must be >= 0, got {c.progressive_words}")
   need(c.embedding_reg_weight >= 0,
@@ -147,6 +173,10 @@ def validate_config(c) -> None:
     validation.validation_prompts(c)  # a prompts file is read (and checked) at start-up
     need(c.num_validation_images >= 1,
          f"config.num_validation_images must be >= 1, got {c.num_validation_images}")
+    for name in ("num_validation_images", "validation_batch_size"):
+      need(c[name] <= MAX_VALIDATION_IMAGES,
+           f"config.{name} {c[name]} is above the limit of {MAX_VALIDATION_IMAGES} validation "
+           "images (for more, sample a checkpoint with python -m ti_jax.sample)")
     need(c.validation_inference_steps >= 1,
          f"config.validation_inference_steps must be >= 1, got {c.validation_inference_steps}")
     need(c.validation_batch_size >= 0,
@@ -232,6 +262,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   cut the run short.
   """
   validate_config(config)
+  devices = _check_devices(config, devices)  # before the lock: a refusal writes nothing
   workdir = fileio.resolve(workdir)  # a local folder or gs://...
   lock, created = _lock_workdir(workdir)
   try:
@@ -245,10 +276,10 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
       lock.release()
 
 
-def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) -> dict:
-  """`run` once the workdir is locked: the whole run, in the order it happens."""
+def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
+  """`run` once the workdir is locked (`devices` checked): the whole run, in the order it
+  happens."""
   # --- Set up: every input, loaded and checked on every process ---------------------------
-  devices = _check_devices(config, devices)
   # A process that fails tells the others, so a multi-host run stops everywhere
   # instead of hanging in the first collective.
   startup_error, inputs = None, None
@@ -275,22 +306,27 @@ def _run_locked(config, workdir: str, devices: Sequence | None, progress: bool) 
                                  checkpointing.run_identity(config), workdir, inputs.has_run_json)
     start = int(state.step)
     _log_run(config, inputs, len(devices), start)
+    tb = open_tensorboard(config, workdir, start)  # a folder it cannot write: refused here
+    try:
+      # --- The step: frozen params and the state on every device, the step compiled -------
+      frozen, settings = step_inputs(config, inputs)
+      frozen = bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
+      state = parallel.replicate(state, devices)
+      step_fn = compile_step(config, settings, inputs, devices,
+                             (state, frozen_for(config, inputs, frozen, start),
+                              batch_for(config, inputs, start)))
+      validator = make_validator(config, inputs, frozen[0], devices, workdir)
+      limit = norm_limit(inputs.table, inputs.init.vectors)
+      if inputs.table_2 is not None:
+        limit = max(limit, norm_limit(inputs.table_2, inputs.init_2.vectors))
 
-    # --- The step: frozen params and the state on every device, the step compiled ---------
-    frozen, settings = step_inputs(config, inputs)
-    frozen = bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
-    state = parallel.replicate(state, devices)
-    step_fn = compile_step(config, settings, inputs, devices,
-                           (state, frozen_for(config, inputs, frozen, start),
-                            batch_for(config, inputs, start)))
-    validator = make_validator(config, inputs, frozen[0], devices, workdir)
-    limit = norm_limit(inputs.table, inputs.init.vectors)
-    if inputs.table_2 is not None:
-      limit = max(limit, norm_limit(inputs.table_2, inputs.init_2.vectors))
-
-    # --- The loop ---------------------------------------------------------------------------
-    state, step, interrupted = train_loop(config, inputs, step_fn, state, frozen, start, ckpts,
-                                          metadata, validator, limit, workdir, progress)
+      # --- The loop -------------------------------------------------------------------------
+      state, step, interrupted = train_loop(config, inputs, step_fn, state, frozen, start,
+                                            ckpts, metadata, validator, limit, workdir,
+                                            progress, tb)
+    finally:
+      if tb is not None:
+        tb.close()  # never raises: a failure is one warning line
     ckpts.wait()
   finally:
     ckpts.close()
@@ -346,12 +382,31 @@ def _remove_unclaimed_workdir(workdir: str) -> None:
 
 
 def _check_devices(config, devices: Sequence | None) -> list:
-  """The run's devices over all processes (default: every device), checked against the config."""
+  """The run's devices over all processes (default: every device), checked against the config
+  (the attention kernel, the batch over them: `batch_sizes`)."""
   devices = list(devices) if devices is not None else parallel.all_devices()
   if config.attention_impl == layers.PALLAS_TPU and devices[0].platform != "tpu":
     raise ConfigError(f"config.attention_impl='{layers.PALLAS_TPU}' needs TPU devices; these "
                       f"are {devices[0].platform} (use '' or 'cudnn' on GPU)")
+  batch_sizes(config, len(devices))
   return devices
+
+
+def open_tensorboard(config, workdir: str, start: int) -> tensorboard.Writer | None:
+  """Process 0's TensorBoard writer with config.report_to="tensorboard" (else None); a
+  WORKDIR/tensorboard it cannot write stops every process with one line."""
+  if config.report_to != "tensorboard":
+    return None
+  writer, error = None, None
+  try:
+    writer = tensorboard.open_writer(config.report_to, workdir, start,
+                                     jax.process_index() == 0)
+  except tensorboard.TensorBoardError as e:
+    error = e
+  if parallel.any_process(error is not None):
+    raise error or tensorboard.TensorBoardError(
+        "process 0 of this run could not open its TensorBoard events; see its log")
+  return writer
 
 
 def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
@@ -660,7 +715,13 @@ def batch_sizes(config, num_devices: int) -> tuple[int, int]:
     per_device_batch = config.global_batch_size // (num_devices * accumulation)
   else:
     per_device_batch = config.train_batch_size
-  return per_device_batch, per_device_batch * num_devices * accumulation
+  global_batch = per_device_batch * num_devices * accumulation
+  if global_batch > MAX_EXAMPLES_PER_STEP:
+    raise ConfigError(
+        f"config.train_batch_size {per_device_batch} x {num_devices} devices x "
+        f"{accumulation} accumulation steps = {global_batch} examples per step, above the "
+        f"limit of {MAX_EXAMPLES_PER_STEP} (set config.global_batch_size to fix the total)")
+  return per_device_batch, global_batch
 
 
 def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
@@ -836,16 +897,16 @@ class LogInterval:
 def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
                ckpts: checkpointing.Checkpoints, metadata: dict,
                validator: validation.Validation | None, limit: float, workdir: str,
-               progress: bool) -> tuple[Any, int, bool]:
+               progress: bool, tb: tensorboard.Writer | None = None) -> tuple[Any, int, bool]:
   """Steps from `start` to config.max_train_steps; returns (replicated state, step, interrupted).
 
-  Logs every log_every_steps, checkpoints every checkpointing_steps and at the
-  end, and stops (with a checkpoint) at the first step boundary after a signal.
-  `frozen` is `bucket_frozen`'s list: each step gets its bucket's.
+  Logs every log_every_steps (to metrics.jsonl, and to `tb` if given; the caller
+  closes it), checkpoints every checkpointing_steps and at the end, and stops
+  (with a checkpoint) at the first step boundary after a signal. `frozen` is
+  `bucket_frozen`'s list: each step gets its bucket's.
   """
   is_main = jax.process_index() == 0
   metrics_log = _open_metrics_log(workdir, start, is_main)
-  tb = tensorboard.open_writer(config.report_to, workdir, start, is_main)
   bar = _progress_bar(start, config.max_train_steps, progress and is_main)
   flag = _StopFlag()
   interval = LogInterval(time.perf_counter(), start)
@@ -912,9 +973,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
                   f"checkpoint is step {last if last is not None else 'none'}") from None
   finally:
     bar.close()  # ends the bar's line, so an error message starts on its own line
-    metrics_log.close()
-    if tb is not None:
-      tb.close()
+    metrics_log.close()  # never raises after a failed write (that error is the one reported)
   return state, step, interrupted
 
 
