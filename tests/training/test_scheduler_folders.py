@@ -166,10 +166,11 @@ def test_a_run_is_refused_before_its_first_step(folders, tmp_path):
     _train(c, tmp_path / "run")
   assert isinstance(err.value, validation.ValidationSchedulerError)
   _one_line(err.value)
-  # Refused before the first step: no checkpoint, no metrics, no images.
+  # Refused right after the model loads (before caching, resume and compiling): no
+  # checkpoint folder, no metrics, no images.
   run_dir = tmp_path / "run"
-  assert not run_dir.exists() or not set(os.listdir(run_dir)) & {"metrics.jsonl", "validation"}
-  assert not run_dir.exists() or not os.listdir(run_dir / "checkpoints")
+  assert not run_dir.exists() or not set(os.listdir(run_dir)) & {
+      "metrics.jsonl", "validation", "checkpoints"}, os.listdir(run_dir)
   # The euler sampler takes no thresholding: the same folder validates with it.
   c.validation_scheduler = "euler"
   validation.check_scheduler(c, load_stable_diffusion(folders["thresholding"]))
@@ -200,3 +201,14 @@ def test_evaluate_is_refused_before_any_run_is_evaluated(run, bad_run, tmp_path)
                   devices=jax.local_devices()[:1])
   _one_line(err.value)
   assert not os.path.exists(tmp_path / "eval" / "report.json")
+
+
+def test_the_config_check_takes_any_step_count_for_pndm(tmp_path):
+  """validate_config checks the sampler's name only: built from an empty config, pndm took
+  the PRK warm-up of PNDMScheduler's defaults and refused fewer than 4 steps for any model."""
+  c = _config(tmp_path / "cache", "tiny-sd15", validation_scheduler="pndm")
+  c.validation_scheduler = "pndm"
+  trainer.validate_config(c)
+  c.validation_scheduler = "heun"
+  with pytest.raises(trainer.ConfigError):
+    trainer.validate_config(c)

@@ -181,8 +181,11 @@ def validate_config(c) -> None:
          f"config.validation_inference_steps must be >= 1, got {c.validation_inference_steps}")
     need(c.validation_batch_size >= 0,
          f"config.validation_batch_size must be >= 0, got {c.validation_batch_size}")
+    # The name only: the sampler itself is built from the model's scheduler config once it
+    # is loaded (validation.check_scheduler); an empty config here would take PNDM's PRK
+    # defaults and refuse pndm below 4 steps for every model.
     try:
-      schedulers.make_sampler(c.validation_scheduler, {}, max(c.validation_inference_steps, 2))
+      schedulers.check_sampler_name(c.validation_scheduler)
     except ValueError as e:
       raise ConfigError(f"config.validation_scheduler: {e}") from None
 
@@ -416,6 +419,8 @@ def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
   texts = captions.prompt_texts(config.learnable_property, config.templates_file,
                                 config.placeholder_token, images.captions, images.num_images)
   sd, schedule = load_model(config)
+  if validation.enabled(config):  # before caching, resume and compiling, not many steps in
+    validation.check_scheduler(config, sd)
   prompts = make_prompts(config, sd, texts, images.num_images)
   table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params),
                      np.float32)  # [V, D]
@@ -962,7 +967,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
           interrupted = True
           break
       save_checkpoint(ckpts, state, step, metadata, config, flag, limit)
-  except OSError as e:  # metrics.jsonl or a validation image (checkpoints raise their own)
+  except OSError as e:  # metrics.jsonl (validation warns instead; checkpoints raise their own)
     last = ckpts.latest_step()
     raise checkpointing.WorkdirError(
         f"cannot write to {workdir} at step {step}: {checkpointing.one_line(e)}; the last good "
