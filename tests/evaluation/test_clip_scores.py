@@ -414,3 +414,20 @@ def test_text_similarity_of_mean_is_the_papers_cosine_of_the_mean_embedding():
   assert score.text_similarity_of_mean == pytest.approx(2 ** -0.5)
   report = clip_scores.report(0.5, [score])
   assert report["text_similarity_of_mean"] == pytest.approx(2 ** -0.5)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "huge"])
+def test_load_prompt_file_refuses_special_and_huge_files(tmp_path, kind):
+  """A device or a pipe would be read forever, a huge file whole: one line instead."""
+  if kind == "device":
+    path = "/dev/zero"
+  elif kind == "fifo":
+    path = str(tmp_path / "prompts.fifo")
+    os.mkfifo(path)
+  else:
+    path = str(tmp_path / "huge.txt")
+    with open(path, "wb") as f:
+      f.truncate(17 * 2**20)  # sparse: 17 MiB of NULs, more than a text input may hold
+  with pytest.raises(ValueError) as excinfo:
+    prompt_lists.load_prompt_file(path)
+  _assert_one_line_error(excinfo, os.path.basename(path), "cannot be read")

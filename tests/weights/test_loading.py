@@ -238,3 +238,13 @@ def test_flax_tree_check_reports_shape_mismatch():
   target = {"a": {"kernel": jax.ShapeDtypeStruct((3, 4), jnp.float32)}}
   with pytest.raises(convert.ConversionError, match=r"a/kernel: checkpoint \(4, 3\) vs model \(3, 4\)"):
     convert.check_flax_tree("unet", {"a": {"kernel": np.zeros((4, 3))}}, target)
+
+
+def test_huge_config_file_is_a_one_line_error(tiny_sd15, tmp_path):
+  """JSON configs are read with the text-input size limit, never whole whatever their size."""
+  model = _copy(tiny_sd15, tmp_path)
+  with open(model / "unet" / "config.json", "ab") as f:
+    f.truncate(17 * 2**20)
+  with pytest.raises(ModelLoadError) as err:
+    load_stable_diffusion(str(model))
+  _assert_one_line(err, "config.json", "MiB")

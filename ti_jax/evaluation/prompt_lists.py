@@ -213,11 +213,12 @@ def load_prompt_file(path: str) -> list[EvalPrompt]:
       punctuation, a duplicate prompt.
   """
   try:
-    raw = fileio.read_bytes(path)
+    raw = fileio.read_small_file(path)  # a device or pipe would be read forever
   except FileNotFoundError:
     raise ValueError(f"prompt file {path!r} does not exist") from None
   except OSError as e:
-    raise ValueError(f"prompt file {path!r} cannot be read: {type(e).__name__}") from None
+    raise ValueError(f"prompt file {path!r} cannot be read: "
+                     f"{e.strerror or type(e).__name__}") from None
   try:
     text = raw.decode("utf-8-sig")  # Tolerates the BOM some editors write.
   except UnicodeDecodeError:

@@ -31,6 +31,7 @@ import numpy as np
 
 from ti_jax.evaluation import prompt_lists
 from ti_jax.evaluation.prompt_lists import EvalPrompt
+from ti_jax.runtime import fileio
 from ti_jax.world import checker as checker_lib
 from ti_jax.world import scenes
 
@@ -104,8 +105,7 @@ def read_concept_file(folder: str) -> dict[str, str] | None:
   if not os.path.isfile(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      concept = json.load(f)["concept"]
+    concept = json.loads(fileio.read_small_file(path).decode("utf-8"))["concept"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise checker_lib.CheckerError(f"{path}: no readable \"concept\" entry "
                                    f"({type(e).__name__})") from None

@@ -31,6 +31,7 @@ from ti_jax.models.layers import resolve_attention_impl
 from ti_jax.models.ldm_bert import LDMBertConfig, LDMBertModel, is_ldm_bert_config
 from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ti_jax.models.vae import AutoencoderKL, VAEConfig
+from ti_jax.runtime import fileio
 from ti_jax.weights import convert, presets, safetensors_io
 
 
@@ -236,9 +237,8 @@ def read_json(path: str, what: str) -> dict:
   if not os.path.isfile(path):
     raise ModelLoadError(f"missing {what}: {path}")
   try:
-    with open(path) as f:
-      obj = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    obj = json.loads(fileio.read_small_file(path).decode("utf-8"))  # never a pipe or device
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise ModelLoadError(f"cannot read {what} {path}: {one_line(e)}") from None
   if not isinstance(obj, dict):
     raise ModelLoadError(f"cannot read {what} {path}: not a JSON object")
