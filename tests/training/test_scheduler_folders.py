@@ -22,7 +22,7 @@ from PIL import Image
 
 from ti_jax import errors
 from ti_jax.evaluation import clip_io, evaluator
-from ti_jax.sampling import editing, generation, runner
+from ti_jax.sampling import editing, generation, runner, schedulers
 from ti_jax.training import dry_run, trainer, validation
 from ti_jax.weights.loading import load_stable_diffusion
 
@@ -212,3 +212,22 @@ def test_the_config_check_takes_any_step_count_for_pndm(tmp_path):
   c.validation_scheduler = "heun"
   with pytest.raises(trainer.ConfigError):
     trainer.validate_config(c)
+
+
+def _schedule(folder):
+  """The training noise schedule a run on `folder` uses (what `trainer.load_model` builds
+  from the model's scheduler config)."""
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+    return schedulers.noise_schedule_from_config(json.load(f))
+
+
+@pytest.mark.parametrize("class_name", CLASSES)
+def test_each_scheduler_class_folder_trains_as_the_shared_run(folders, class_name):
+  """Training reads the scheduler config only for its noise schedule (the DDPM table of
+  alphas_cumprod), and every class's folder gives the shared DDPM run's schedule bit for
+  bit, so it trains the same steps (its validation sampler is checked above)."""
+  schedule, reference = _schedule(folders[class_name]), _schedule(folders["DDPMScheduler"])
+  np.testing.assert_array_equal(np.asarray(schedule.alphas_cumprod),
+                                np.asarray(reference.alphas_cumprod))
+  assert (schedule.num_train_timesteps, schedule.prediction_type) == (
+      reference.num_train_timesteps, reference.prediction_type)
