@@ -22,7 +22,7 @@ from transformers import CLIPModel as HFCLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ti_jax.evaluation import clip_io
-from ti_jax.models.clip import LEGACY_EOS_TOKEN_ID, eos_positions
+from ti_jax.models.clip_text import LEGACY_EOS_TOKEN_ID, eos_positions
 from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
 from ti_jax.weights import convert
 from ti_jax.weights.loading import ModelLoadError
