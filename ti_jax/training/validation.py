@@ -107,7 +107,7 @@ class Validation:
   a run that never reaches a validation step compiles no sampler).
   """
   config: Any
-  sd: Any  # the loaded Stable Diffusion (weights.loading.StableDiffusion)
+  sd: Any  # the loaded Stable Diffusion (weights.pipeline.StableDiffusion)
   token_ids: list[int]  # token id of each of the num_vectors learned vectors
   devices: Sequence
   out_dir: str
