@@ -41,7 +41,7 @@ import optax
 
 from ti_jax import errors
 from ti_jax.runtime import parallel
-from ti_jax.sampling import schedulers
+from ti_jax.sampling import generation, schedulers
 from ti_jax.training import train_lib
 from ti_jax.weights import loading, pipeline, presets, tiny_models
 from ti_jax.world import checker as checker_lib
@@ -506,7 +506,6 @@ def sample_check(model_dir: str, prompts: list[str], num_images: int = 32, *,
   Returns, per prompt, the share of its `num_images` samples showing each
   attribute the prompt names (`scenes.named_attributes`) and "all" of them.
   """
-  from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
   model = loading.load_stable_diffusion(model_dir)
   checker = checker_lib.load(checker_dir or model_dir)
   gen = generation.ImageGenerator(model, num_inference_steps=num_inference_steps,
