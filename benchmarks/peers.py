@@ -106,9 +106,9 @@ def write_model(folder: str, model: str) -> None:
   """A random-weight diffusers folder whose text encoder's vocabulary is the tokenizer's."""
   import numpy as np
 
-  from ti_jax.testing.tiny_models import random_params, write_model_folder
-  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
-  from ti_jax.weights.loading import build_modules, param_shapes
+  from ti_jax.weights.pipeline import build_modules, param_shapes
+  from ti_jax.weights.tiny_models import random_params, write_model_folder
+  from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
   configs = common.model_configs(model)
   with tempfile.TemporaryDirectory() as tmp:
     configs["text_encoder"]["vocab_size"] = write_tiny_clip_tokenizer(tmp)

@@ -38,9 +38,9 @@ def _write_model(folder: str) -> None:
   """A random-weight diffusers folder of the benchmark shape (numpy init, no torch)."""
   import numpy as np
 
-  from ti_jax.testing.tiny_models import random_params, write_model_folder
-  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
-  from ti_jax.weights.loading import build_modules, param_shapes
+  from ti_jax.weights.pipeline import build_modules, param_shapes
+  from ti_jax.weights.tiny_models import random_params, write_model_folder
+  from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
   configs = common.model_configs(FLAGS.model)
   configs["scheduler"] = dict(configs["scheduler"], _class_name="DDIMScheduler")
   rng = np.random.default_rng(0)

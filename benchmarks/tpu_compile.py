@@ -313,10 +313,10 @@ def build_modules(model: str, dtype, attention_impl: str, remat: bool, devices,
                   vae_dtype=None):
   """The model's Flax modules, with `attention_impl` resolved for `devices` as ti_jax does."""
   from ti_jax.models import layers  # pylint: disable=import-outside-toplevel
-  from ti_jax.weights import loading  # pylint: disable=import-outside-toplevel
+  from ti_jax.weights import pipeline  # pylint: disable=import-outside-toplevel
   impl = layers.resolve_attention_impl(attention_impl, devices)
-  return loading.build_modules(common.model_configs(model), dtype=dtype, param_dtype=dtype,
-                               attention_impl=impl, remat=remat, vae_dtype=vae_dtype), impl
+  return pipeline.build_modules(common.model_configs(model), dtype=dtype, param_dtype=dtype,
+                                attention_impl=impl, remat=remat, vae_dtype=vae_dtype), impl
 
 
 def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: bool, devices,
@@ -330,10 +330,10 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
   from ti_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
   from ti_jax.sampling import schedulers  # pylint: disable=import-outside-toplevel
   from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
-  from ti_jax.weights import loading  # pylint: disable=import-outside-toplevel
+  from ti_jax.weights import pipeline  # pylint: disable=import-outside-toplevel
   cfg = common.model_configs(model)
   modules, impl = build_modules(model, dtype, attention_impl, remat, devices)
-  shapes = loading.param_shapes(modules)
+  shapes = pipeline.param_shapes(modules)
   res = common.RESOLUTION[model]
   latent = res // 2 ** (len(modules["vae"].config.block_out_channels) - 1)
   tokens = modules["text_encoder"].config.max_position_embeddings
@@ -418,14 +418,14 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
-  from ti_jax.weights import loading  # pylint: disable=import-outside-toplevel
+  from ti_jax.weights import pipeline  # pylint: disable=import-outside-toplevel
   cfg = common.model_configs(model)
   # As ti_jax.sample on an accelerator: UNet and text encoder in `dtype`, VAE in float32.
   modules, impl = build_modules(model, dtype, attention_impl, False, devices,
                                 vae_dtype=jnp.float32)
-  shapes = loading.param_shapes(modules)
+  shapes = pipeline.param_shapes(modules)
   res = common.RESOLUTION[model]
-  sd = loading.StableDiffusion(
+  sd = pipeline.StableDiffusion(
       source=model, path="", unet=modules["unet"], unet_params=shapes["unet"],
       vae=modules["vae"], vae_params=shapes["vae"], text_encoder=modules["text_encoder"],
       text_encoder_params=shapes["text_encoder"], tokenizer=None,

@@ -46,9 +46,9 @@ def main(argv):
 
   from ti_jax.runtime import parallel
   from ti_jax.sampling import schedulers
-  from ti_jax.testing.tiny_models import random_params
   from ti_jax.training import train_lib
-  from ti_jax.weights.loading import build_modules, param_shapes
+  from ti_jax.weights.pipeline import build_modules, param_shapes
+  from ti_jax.weights.tiny_models import random_params
 
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
   cfg = common.model_configs(FLAGS.model)

@@ -25,8 +25,8 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from ti_jax.testing.tiny_models import random_params
-  from ti_jax.weights.loading import build_modules
+  from ti_jax.weights.pipeline import build_modules
+  from ti_jax.weights.tiny_models import random_params
 
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
   cfg = common.model_configs(FLAGS.model)

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from ti_jax.testing import tiny_models  # noqa: E402
+from ti_jax.weights import tiny_models  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +90,7 @@ def step_pieces(model_dir: str, num_vectors: int, *, flip: bool = True, seed: in
 
 
 def model_stub(scheduler_config: dict | None = None, path: str = "stub-model"):
-  """A stand-in for a loaded SD 1.x model (`weights.loading.StableDiffusion`) where a test
+  """A stand-in for a loaded SD 1.x model (`weights.pipeline.StableDiffusion`) where a test
   needs only its path and scheduler config ({}: every class default)."""
   return types.SimpleNamespace(path=path, scheduler_config=dict(scheduler_config or {}),
                                text_encoder_2=None)
@@ -129,7 +129,7 @@ def tiny_clip_tokenizer(folder):
   """A fresh CLIPTokenizer of ti_jax's tiny CLIP-format vocabulary, written to `folder`
   (each caller gets its own copy to add tokens to)."""
   transformers = pytest.importorskip("transformers")
-  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
+  from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
   write_tiny_clip_tokenizer(str(folder))
   return transformers.CLIPTokenizer.from_pretrained(str(folder))
 

@@ -1,4 +1,4 @@
-"""Writes a tiny random-weight diffusers model folder (see `ti_jax.testing.tiny_models`).
+"""Writes a tiny random-weight diffusers model folder (see `ti_jax.weights.tiny_models`).
 
   python -m ti_jax.tiny_model --out_dir /tmp/tiny-sd --preset tiny-sd15
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from ti_jax import cli
-from ti_jax.testing import tiny_models
+from ti_jax.weights import tiny_models
 
 
 def main(argv):

@@ -20,7 +20,7 @@ from conftest import REPO, benchmark_module, config_module
 
 from ti_jax.models import layers
 from ti_jax.runtime import parallel
-from ti_jax.weights import loading
+from ti_jax.weights import pipeline
 
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -134,7 +134,7 @@ def test_replicate_and_shard_of_shapes_give_the_pmap_layout_without_arrays():
 def test_analytic_flops_of_the_sd15_step_are_1_70_tflop_per_image():
   """UNet forward + backward to the context + text encoder at 512 px, from the config alone."""
   tpu_compile = _tpu_compile()
-  modules = loading.build_modules(tpu_compile.common.model_configs("sd15"))
+  modules = pipeline.build_modules(tpu_compile.common.model_configs("sd15"))
   flops = tpu_compile.analytic_step_flops(modules, 512)
   assert flops["total"] == pytest.approx(1.70e12, rel=0.01), flops
   # The backward pass is activation gradients only (no weight gradients): at most the
@@ -142,7 +142,7 @@ def test_analytic_flops_of_the_sd15_step_are_1_70_tflop_per_image():
   assert 0.8 * flops["unet_forward"] < flops["unet_backward"] < 1.3 * flops["unet_forward"]
   # The count scales with the latent area: 768 px has 2.25x the pixels (attention grows faster).
   sd21 = tpu_compile.analytic_step_flops(
-      loading.build_modules(tpu_compile.common.model_configs("sd21")), 768)
+      pipeline.build_modules(tpu_compile.common.model_configs("sd21")), 768)
   assert sd21["unet_forward"] > 2.25 * flops["unet_forward"]
 
 

@@ -7,8 +7,7 @@ import pytest
 
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.sampling import runner
-from ti_jax.testing import tiny_tokenizer
-from ti_jax.weights import safetensors_io
+from ti_jax.weights import safetensors_io, tiny_tokenizer
 
 DIM = 32
 

@@ -10,8 +10,7 @@ import pytest
 
 from ti_jax.embeddings import embedding_io
 from ti_jax.sampling import concepts as sampling_concepts
-from ti_jax.testing import tiny_tokenizer
-from ti_jax.weights import safetensors_io
+from ti_jax.weights import safetensors_io, tiny_tokenizer
 
 DIM = 32
 WIDTH_1, WIDTH_2 = 32, 48  # the tiny SDXL encoders' widths

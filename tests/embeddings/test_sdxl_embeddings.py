@@ -9,8 +9,7 @@ import pytest
 
 from ti_jax.embeddings import embedding_io, exporter
 from ti_jax.sampling import concepts as sampling_concepts
-from ti_jax.testing import tiny_tokenizer
-from ti_jax.weights import safetensors_io
+from ti_jax.weights import safetensors_io, tiny_tokenizer
 
 # The tiny encoders' widths: different, so a swapped pair cannot pass.
 WIDTH_1, WIDTH_2 = 32, 48
@@ -278,7 +277,7 @@ def test_diffusers_encode_prompt_with_the_export_equals_ti_jax_conditioning(tmp_
 
   from ti_jax.embeddings import pseudo_words
   from ti_jax.models import sdxl
-  from ti_jax.testing import tiny_models
+  from ti_jax.weights import tiny_models
   from ti_jax.weights.loading import load_stable_diffusion
   folder = tiny_models.ensure_tiny_model(str(tmp_path_factory.mktemp("tiny_sdxl")), "tiny-sdxl")
   sd = load_stable_diffusion(folder)

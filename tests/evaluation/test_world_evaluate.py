@@ -15,7 +15,7 @@ from PIL import Image
 from ti_jax import errors
 from ti_jax.evaluation import clip_io, evaluator, plot, prompt_lists, world_scores
 from ti_jax.training import trainer
-from ti_jax.weights import loading
+from ti_jax.weights import loading, pipeline
 from ti_jax.world import base_model
 from ti_jax.world import checker as checker_lib
 from ti_jax.world import scenes
@@ -31,7 +31,7 @@ def world(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("world_eval")
   vocab = world_tokenizer.write_world_tokenizer(str(tmp / "tokenizer"))
   configs = base_model.model_configs(vocab)
-  params = base_model._init_params(loading.build_modules(configs), 0)
+  params = base_model._init_params(pipeline.build_modules(configs), 0)
   model = str(tmp / "tiny-world")
   base_model.write_folder(model, configs, {k: params[k] for k in ("vae", "unet", "text_encoder")},
                           checker_lib.SHIPPED_DIR, "random weights for tests")

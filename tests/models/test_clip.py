@@ -22,10 +22,10 @@ from transformers import CLIPModel as HFCLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ti_jax.evaluation import clip_io
-from ti_jax.models.clip import LEGACY_EOS_TOKEN_ID, eos_positions
-from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
+from ti_jax.models.clip_text import LEGACY_EOS_TOKEN_ID, eos_positions
 from ti_jax.weights import convert
 from ti_jax.weights.loading import ModelLoadError
+from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
 
 TOLERANCE = 1e-4
 PROMPTS = ["a painting in the style of a cat", "a photo of a red toy",

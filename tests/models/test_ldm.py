@@ -18,10 +18,9 @@ from conftest import record_parity
 from torch_reference import perturb_, rel_err
 
 from ti_jax.models.ldm_bert import LDMBertModel
-from ti_jax.testing import tiny_models
-from ti_jax.testing.tiny_tokenizer import write_tiny_bert_tokenizer
-from ti_jax.weights import presets
+from ti_jax.weights import presets, tiny_models
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
+from ti_jax.weights.tiny_tokenizer import write_tiny_bert_tokenizer
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 PROMPTS = ["a painting in the style of a cat", "a photo of a red toy", ""]

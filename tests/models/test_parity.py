@@ -16,9 +16,9 @@ import torch
 from conftest import PARITY_FIGURES, record_parity
 from torch_reference import build_torch_pipeline, rel_err
 
-from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
 from ti_jax.weights import presets
 from ti_jax.weights.loading import load_stable_diffusion
+from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 PROMPTS = ["a painting in the style of a cat", "a photo of a red toy"]

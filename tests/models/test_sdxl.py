@@ -18,13 +18,10 @@ from torch_reference import perturb_, rel_err
 
 from ti_jax.models import sdxl
 from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer
 from ti_jax.weights import convert, presets
-from ti_jax.weights.loading import (
-  load_stable_diffusion,
-  model_family,
-  resolve_model_dir,
-)
+from ti_jax.weights.loading import load_stable_diffusion, resolve_model_dir
+from ti_jax.weights.pipeline import model_family
+from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 PROMPTS = ["a painting in the style of a cat", "a photo of a red toy"]

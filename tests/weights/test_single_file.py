@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_jax.testing import single_file_models, tiny_models
-from ti_jax.weights import presets, safetensors_io, single_file
+from ti_jax.testing import single_file_models
+from ti_jax.weights import presets, safetensors_io, single_file, tiny_models
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
 
 FAMILIES = {"sd1": "tiny_sd15", "sd2": "tiny_sd21"}
@@ -348,7 +348,7 @@ def _original_shapes(family, configs, expected):
 def test_full_size_files_are_recognised_and_fit_their_models(name):
   """A real-size file (shapes only, zero-stride arrays) is recognised as its preset and renames
   onto every parameter of the model built from it (SD 2.x: with OpenCLIP's 24th resblock)."""
-  from ti_jax.weights.loading import build_modules, component_spec, param_shapes
+  from ti_jax.weights.pipeline import build_modules, component_spec, param_shapes
   family = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}[name]
   configs = presets.preset(name)
   components = ("unet", "vae", *single_file.TEXT_ENCODERS[family])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ti_jax.weights import convert, presets
-from ti_jax.weights.loading import build_modules, component_spec, param_shapes
+from ti_jax.weights.pipeline import build_modules, component_spec, param_shapes
 
 # Parameter counts of the public checkpoints (UNet, VAE, text encoder).
 EXPECTED_PARAMS = {

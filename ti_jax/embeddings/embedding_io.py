@@ -87,6 +87,7 @@ import numpy as np
 
 from ti_jax import cli, errors
 from ti_jax.runtime import fileio
+from ti_jax.training import checkpointing
 from ti_jax.weights import safetensors_io
 
 FORMATS = ("diffusers", "a1111", "a1111-pt", "kohya")
@@ -796,7 +797,6 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
   (vectors a file held that were ignored, the file read from a folder) are
   logged here, so every command that loads embeddings shows them.
   """
-  from ti_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   path, token = spec, None
   if ":" in spec and not fileio.exists(spec) and not spec.rsplit(":", 1)[1].startswith("//"):
     path, token = spec.rsplit(":", 1)

@@ -26,18 +26,17 @@ import numpy as np
 from ti_jax.data import captions
 from ti_jax.models.clip import CLIPConfig, CLIPModel
 from ti_jax.models.config_utils import UnsupportedConfigError
-from ti_jax.testing.tiny_models import ensure_written, write_json
 from ti_jax.weights import convert
 from ti_jax.weights.loading import (
   DEFAULT_CACHE_DIR,
-  ModelLoadError,
-  download_from_hub,
-  one_line,
   read_json,
   read_safetensors,
   read_torch_pickle,
   safetensors_files,
 )
+from ti_jax.weights.pipeline import ModelLoadError, download_from_hub, one_line
+from ti_jax.weights.tiny_models import ensure_written, random_params, write_json
+from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
 
 TINY_CLIP = "tiny-clip"
 
@@ -414,9 +413,6 @@ def write_tiny_clip(out_dir: str, seed: int = 0) -> str:
   Weights are drawn with numpy (no torch); the folder loads in transformers'
   `CLIPModel.from_pretrained`, `CLIPTokenizer` and `CLIPImageProcessor`.
   """
-  # Imported here: tiny_model pulls in the SD presets, which loading CLIP never needs.
-  from ti_jax.testing.tiny_models import random_params  # pylint: disable=import-outside-toplevel
-  from ti_jax.testing.tiny_tokenizer import write_tiny_clip_tokenizer  # pylint: disable=import-outside-toplevel
   os.makedirs(out_dir, exist_ok=True)
   vocab_size = write_tiny_clip_tokenizer(out_dir)
   cfg = tiny_clip_config(vocab_size)

@@ -24,15 +24,12 @@ from ti_jax.models.clip_text import (
   CLIPTextConfig,
   CLIPTextModel,
   clip_block,
+  eos_positions,
 )
 from ti_jax.models.config_utils import UnsupportedConfigError
 from ti_jax.models.transformer import EncoderBlockConfig
 
 Dtype = Any
-
-# transformers' `eos_token_id` of CLIP configs written before its PR #24773;
-# such configs pool at the largest token id instead of the first eos.
-LEGACY_EOS_TOKEN_ID = 2
 
 # transformers' CLIPTextConfig/CLIPConfig defaults, which apply to fields a
 # CLIP `config.json` leaves out (they differ from Stable Diffusion's encoder).
@@ -151,20 +148,6 @@ class CLIPConfig:
         eos_token_id=eos,
         logit_scale_init_value=float(cfg.get("logit_scale_init_value", _DEFAULT_LOGIT_SCALE)),
     )
-
-
-def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
-  """Per sequence, the token position whose state CLIP's text tower pools: int [B].
-
-  transformers 5.x: a config with `eos_token_id == 2` (written before the id
-  was fixed) takes the largest token id, which is the eos in OpenAI's
-  vocabulary; any other config takes the first occurrence of `eos_token_id`
-  (pad may equal eos, so the first one is the real end). A sequence without
-  the eos gives position 0 under the second rule, as in transformers.
-  """
-  if eos_token_id == LEGACY_EOS_TOKEN_ID:
-    return jnp.argmax(input_ids, axis=-1)
-  return jnp.argmax(input_ids == eos_token_id, axis=-1)
 
 
 class _VisionEmbeddings(nn.Module):

@@ -23,6 +23,10 @@ from ti_jax.models.transformer import EncoderBlock, EncoderBlockConfig, encoder_
 
 Dtype = Any
 
+# transformers' `eos_token_id` of CLIP configs written before its PR #24773;
+# such configs pool at the largest token id instead of the first eos.
+LEGACY_EOS_TOKEN_ID = 2
+
 # The activations CLIP checkpoints use.
 CLIP_ACTIVATIONS = {k: ACTIVATIONS[k] for k in ("quick_gelu", "gelu", "gelu_new")}
 
@@ -42,7 +46,7 @@ class CLIPTextConfig:
   # `text_projection` of the pooled (eos) state; None for `CLIPTextModel`.
   projection_dim: int | None = None
   # Which position is pooled (see `eos_positions`); 2 is the legacy rule.
-  eos_token_id: int = 2
+  eos_token_id: int = LEGACY_EOS_TOKEN_ID
 
   @classmethod
   def from_transformers(cls, cfg: Mapping[str, Any]) -> "CLIPTextConfig":
@@ -133,9 +137,17 @@ class CLIPEncoder(nn.Module):
 
 
 def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
-  """The position CLIP's text tower pools, per sequence: int [B] (see `ti_jax.models.clip`)."""
-  from ti_jax.models.clip import eos_positions as positions  # pylint: disable=import-outside-toplevel
-  return positions(input_ids, eos_token_id)
+  """Per sequence, the token position whose state CLIP's text tower pools: int [B].
+
+  transformers 5.x: a config with `eos_token_id == 2` (written before the id
+  was fixed) takes the largest token id, which is the eos in OpenAI's
+  vocabulary; any other config takes the first occurrence of `eos_token_id`
+  (pad may equal eos, so the first one is the real end). A sequence without
+  the eos gives position 0 under the second rule, as in transformers.
+  """
+  if eos_token_id == LEGACY_EOS_TOKEN_ID:
+    return jnp.argmax(input_ids, axis=-1)
+  return jnp.argmax(input_ids == eos_token_id, axis=-1)
 
 
 class CLIPTextModel(nn.Module):

@@ -1,3 +1,3 @@
-"""Offline stand-ins for tests and demos: `tiny_models` (random-weight diffusers folders),
-`tiny_tokenizer` (CLIP/BERT vocabularies) and `example_images` (the shipped examples).
+"""Test support, imported by no library module: `single_file_models` (diffusers folders
+written as original-layout single files) and `example_images` (draws the shipped examples).
 """

@@ -26,6 +26,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ti_jax import cli
+from ti_jax.world import scenes
+
 __all__ = ["draw_example_concept", "draw_example_style", "draw_examples", "main"]
 
 # Supersampling factor: shapes are drawn this many times larger than the output.
@@ -401,7 +404,6 @@ WORLD_EXAMPLE_COUNT = 5
 
 def draw_world_examples(out_dir: str = "examples") -> list[str]:
   """Writes ``<out_dir>/world-cross`` (5 renders and concept.json); returns the image paths."""
-  from ti_jax.world import scenes  # pylint: disable=import-outside-toplevel
   paths = []
   for name, concept in WORLD_EXAMPLES.items():
     paths += scenes.write_concept_folder(os.path.join(out_dir, name), 0, WORLD_EXAMPLE_COUNT,
@@ -419,7 +421,6 @@ def draw_examples(out_dir: str = "examples", size: int = 128) -> list[str]:
 
 def main(argv: Sequence[str]) -> None:
   """`python -m ti_jax.testing.example_images`: regenerates the examples into --out_dir."""
-  from ti_jax import cli  # pylint: disable=import-outside-toplevel
   f = cli.start(argv)
   try:
     draw_examples(f.out_dir, f.size)
@@ -430,8 +431,6 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=import-outside-toplevel
-
-  from ti_jax import cli  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("out_dir", "examples",
                       "Folder receiving toy/, style/ and world-cross/.")
   flags.DEFINE_integer("size", 128, "Image side in pixels.", lower_bound=1)

@@ -36,7 +36,7 @@ import numpy as np
 from ti_jax import cli, errors
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio
-from ti_jax.sampling import schedulers
+from ti_jax.sampling import generation, schedulers
 from ti_jax.training import checkpointing, train_lib
 
 
@@ -107,7 +107,7 @@ class Validation:
   a run that never reaches a validation step compiles no sampler).
   """
   config: Any
-  sd: Any  # the loaded Stable Diffusion (weights.loading.StableDiffusion)
+  sd: Any  # the loaded Stable Diffusion (weights.pipeline.StableDiffusion)
   token_ids: list[int]  # token id of each of the num_vectors learned vectors
   devices: Sequence
   out_dir: str
@@ -188,7 +188,6 @@ def _warn(message: str) -> None:
 def _write_all(validation: Validation, step: int, learned: np.ndarray, tb,
                learned_2: np.ndarray | None) -> None:
   """`write_images` without its guard: every prompt's images, PNGs and TensorBoard grids."""
-  from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
   c = validation.config
   if validation.generator is None:
     validation.generator = generation.ImageGenerator(
@@ -215,7 +214,6 @@ def _prompt_images(validation: Validation, step: int, text: str, learned: np.nda
                    learned_2: np.ndarray | None = None):
   """The num_validation_images of `text` (uint8 `[n, H, W, 3]` on process 0, else None);
   without grids, process 0 also writes each as `validation/step<step>_<i>.png`."""
-  from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
   c = validation.config
   batches = []
   sets = {"learned": [(np.asarray(learned), validation.token_ids)]}

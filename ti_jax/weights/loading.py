@@ -11,32 +11,37 @@ folder is called. Weights come from
 PyTorch-layout `.safetensors` (preferred), diffusers/transformers Flax
 `.msgpack`, or, only with `allow_pickle=True` and torch installed, `.bin`
 pickles. Every failure is a `ModelLoadError` whose message is one line.
+
+The loaded model (`StableDiffusion`), `ModelLoadError` and the Flax module
+builders are `ti_jax.weights.pipeline`'s, shared with the single-file loader
+(`single_file`) and the tiny models' writer (`tiny_models`), both of which this
+module dispatches to.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax import errors
-from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from ti_jax.models.config_utils import UnsupportedConfigError
-from ti_jax.models.layers import resolve_attention_impl
-from ti_jax.models.ldm_bert import LDMBertConfig, LDMBertModel, is_ldm_bert_config
-from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
-from ti_jax.models.vae import AutoencoderKL, VAEConfig
 from ti_jax.runtime import fileio
-from ti_jax.weights import convert, presets, safetensors_io
-
-
-class ModelLoadError(errors.UserError):
-  """A model folder, file or config cannot be used; the message is one line for the user."""
+from ti_jax.weights import convert, presets, safetensors_io, single_file
+from ti_jax.weights.pipeline import (
+  PIPELINE_FOLDERS,
+  TOKENIZER_FOLDERS,
+  ModelLoadError,
+  StableDiffusion,
+  build_modules,
+  component_spec,
+  download_from_hub,
+  one_line,
+  param_shapes,
+)
+from ti_jax.weights.tiny_models import ensure_tiny_model
 
 
 # Weight file stems per component: diffusers models vs transformers models.
@@ -46,87 +51,8 @@ _FLAX_FILES = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_mo
                "text_encoder": "flax_model.msgpack", "text_encoder_2": "flax_model.msgpack"}
 _BIN_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
               "text_encoder": "pytorch_model", "text_encoder_2": "pytorch_model"}
-# The roles every supported pipeline has; SDXL adds text_encoder_2.
-COMPONENTS = ("unet", "vae", "text_encoder")
-# The tokenizer folder of each text encoder role.
-TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
-
-# Per pipeline class: the folder of each component role, and the tokenizer
-# classes its folder may name.
-PIPELINE_FOLDERS = {
-    "StableDiffusionPipeline": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"},
-    "LDMTextToImagePipeline": {"unet": "unet", "vae": "vqvae", "text_encoder": "bert"},
-    "StableDiffusionXLPipeline": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder",
-                                  "text_encoder_2": "text_encoder_2"},
-}
-# Model families (`StableDiffusion.family`).
-FAMILIES = ("sd1", "sd2", "sdxl", "ldm")
+# The tokenizer classes a model_index.json may name.
 _TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "BertTokenizer", "BertTokenizerFast")
-
-
-def component_spec(component: str, config: dict) -> convert.ComponentSpec:
-  """How a component's checkpoint keys map onto its Flax tree (the text encoder's depends on its type)."""
-  if component == "text_encoder":
-    return convert.LDM_BERT if is_ldm_bert_config(config) else convert.TEXT_ENCODER
-  if component == "text_encoder_2":
-    return convert.TEXT_ENCODER_2
-  return {"unet": convert.UNET, "vae": convert.VAE}[component]
-
-
-@dataclasses.dataclass
-class StableDiffusion:
-  """A loaded model: frozen Flax modules, their params, tokenizer and scheduler config.
-
-  Also the paper's LDM-1.4B: its vqvae is a KL autoencoder (`vae`), its bert
-  an `LDMBertModel` (`text_encoder`) with a BERT `tokenizer`. SDXL also has
-  `text_encoder_2` (a `CLIPTextModel` with `projection_dim`: transformers'
-  `CLIPTextModelWithProjection`), its params and `tokenizer_2`; they are
-  None for the other families. SDXL's conditioning: `ti_jax.models.sdxl`.
-  """
-  source: str  # what the user passed: a folder or a hub id
-  path: str  # the local diffusers folder
-  unet: UNet2DConditionModel
-  unet_params: Any
-  vae: AutoencoderKL
-  vae_params: Any
-  text_encoder: CLIPTextModel | LDMBertModel  # same calling convention (inputs_embeds, mask)
-  text_encoder_params: Any
-  tokenizer: Any  # a transformers CLIP or BERT tokenizer
-  scheduler_config: dict
-  model_index: dict
-  text_encoder_2: CLIPTextModel | None = None
-  text_encoder_2_params: Any = None
-  tokenizer_2: Any = None
-
-  @property
-  def family(self) -> str:
-    """"sd1", "sd2", "sdxl" or "ldm" (see `model_family`)."""
-    return model_family(self.model_index, self.text_encoder.config)
-
-  @property
-  def is_sdxl(self) -> bool:
-    """Whether this is Stable Diffusion XL (two text encoders, added UNet conditioning)."""
-    return self.family == "sdxl"
-
-
-def model_family(model_index: dict, text_encoder_config: Any) -> str:
-  """The family of a model: its pipeline class, and for SD 1/2 the text encoder.
-
-  SD 2.x's OpenCLIP text encoder uses "gelu" where SD 1.x's OpenAI CLIP uses
-  "quick_gelu" (the tiny presets keep that difference).
-  """
-  cls = model_index.get("_class_name") or "StableDiffusionPipeline"
-  if cls == "StableDiffusionXLPipeline":
-    return "sdxl"
-  if cls == "LDMTextToImagePipeline":
-    return "ldm"
-  return "sd2" if getattr(text_encoder_config, "hidden_act", None) == "gelu" else "sd1"
-
-
-def one_line(e: BaseException) -> str:
-  """`Type: first line of the message`, for one-line errors that wrap another library's."""
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
@@ -204,32 +130,10 @@ def resolve_model_dir(name_or_path: str, *, variant: str | None = None,
                            "reinstall ti_jax")
     return folder
   if name_or_path in TINY_MODELS:
-    from ti_jax.testing.tiny_models import ensure_tiny_model  # pylint: disable=import-outside-toplevel
     return ensure_tiny_model(os.path.join(os.path.expanduser(cache_dir), name_or_path),
                              preset=name_or_path)
   return fetch_model_from_hub(name_or_path, variant=variant, revision=revision,
                               allow_pickle=allow_pickle)
-
-
-def download_from_hub(name_or_path: str, *, revision: str | None, allow_patterns: list[str],
-                      what: str) -> str:
-  """Fetches `allow_patterns` of hub repo `name_or_path`; returns the local snapshot folder.
-
-  A name that looks like a path (or is no "owner/name" id) is reported as a
-  missing `what` folder instead of being sent to the hub.
-  """
-  looks_local = (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
-                 or name_or_path.count("/") != 1)
-  if looks_local:
-    raise ModelLoadError(f"{what} folder not found: {name_or_path}")
-  try:
-    import huggingface_hub  # pylint: disable=import-outside-toplevel
-    return huggingface_hub.snapshot_download(name_or_path, revision=revision,
-                                             allow_patterns=list(allow_patterns))
-  except Exception as e:  # the hub client raises many types; all mean "not available"
-    raise ModelLoadError(
-        f"cannot fetch {what} {name_or_path!r} from the Hugging Face hub "
-        f"(offline, unknown id or no access?): {one_line(e)}") from None
 
 
 def read_json(path: str, what: str) -> dict:
@@ -328,104 +232,6 @@ def load_component_weights(folder: str, component: str, *, variant: str | None =
       f"its sharded index, {_FLAX_FILES[component]} and {_BIN_FILES[component]}{var}.bin)")
 
 
-def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
-                  param_dtype: Any = jnp.float32, attention_impl: str | None = None,
-                  vae_dtype: Any = None, remat: bool = False) -> dict[str, Any]:
-  """Builds the Flax modules from diffusers/transformers config dicts (keyed by role).
-
-  The text encoder is an LDMBert when its config says so, else CLIP; with a
-  "text_encoder_2" config (SDXL) the UNet's context is both encoders' widths
-  and its added embedding takes the second's projection.
-  `vae_dtype` (default: `dtype`) sets the VAE's compute and param dtype apart
-  from the UNet and text encoder. `remat` rematerialises the UNet's blocks in
-  the backward pass (less activation memory, more compute).
-  """
-  ldm_bert = is_ldm_bert_config(configs["text_encoder"])
-  try:
-    unet_cfg = UNetConfig.from_diffusers(configs["unet"])
-    vae_cfg = VAEConfig.from_diffusers(configs["vae"])
-    text_cfg = (LDMBertConfig if ldm_bert else CLIPTextConfig).from_transformers(
-        configs["text_encoder"])
-  except UnsupportedConfigError as e:
-    raise ModelLoadError(str(e)) from None
-  text_2_cfg = None
-  if "text_encoder_2" in configs:
-    try:
-      text_2_cfg = CLIPTextConfig.from_transformers(configs["text_encoder_2"])
-    except UnsupportedConfigError as e:
-      raise ModelLoadError(str(e).replace("text_encoder config", "text_encoder_2 config")) from None
-  _check_widths(unet_cfg, text_cfg, text_2_cfg)
-  kw = dict(dtype=dtype, param_dtype=param_dtype)
-  attention_impl = resolve_attention_impl(attention_impl)  # "" on a TPU host: the Pallas kernel
-  text_cls = LDMBertModel if ldm_bert else CLIPTextModel
-  modules = {
-      "unet": UNet2DConditionModel(unet_cfg, attention_impl=attention_impl, remat=remat, **kw),
-      "vae": AutoencoderKL(vae_cfg, dtype=vae_dtype or dtype, param_dtype=vae_dtype or param_dtype),
-      "text_encoder": text_cls(text_cfg, attention_impl=attention_impl, **kw),
-  }
-  if text_2_cfg is not None:
-    modules["text_encoder_2"] = CLIPTextModel(text_2_cfg, attention_impl=attention_impl, **kw)
-  return modules
-
-
-def _check_widths(unet_cfg: UNetConfig, text_cfg: Any, text_2_cfg: CLIPTextConfig | None) -> None:
-  """The text encoders' widths must be what the UNet reads (one-line `ModelLoadError`)."""
-  if text_2_cfg is None:
-    if unet_cfg.addition_embed_type == "text_time":
-      raise ModelLoadError("the UNet takes SDXL's added conditioning (addition_embed_type="
-                           "'text_time') but the model has no text_encoder_2")
-    if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
-      raise ModelLoadError(
-          f"text encoder width {text_cfg.hidden_size} does not match the UNet's "
-          f"cross_attention_dim {unet_cfg.cross_attention_dim}")
-    return
-  width = text_cfg.hidden_size + text_2_cfg.hidden_size
-  if width != unet_cfg.cross_attention_dim:
-    raise ModelLoadError(
-        f"text encoder widths {text_cfg.hidden_size} + {text_2_cfg.hidden_size} do not match "
-        f"the UNet's cross_attention_dim {unet_cfg.cross_attention_dim}")
-  if unet_cfg.addition_embed_type != "text_time" or text_2_cfg.projection_dim is None:
-    raise ModelLoadError("SDXL needs a UNet with addition_embed_type='text_time' and a "
-                         "text_encoder_2 with projection (CLIPTextModelWithProjection)")
-  added = text_2_cfg.projection_dim + 6 * unet_cfg.addition_time_embed_dim
-  if added != unet_cfg.projection_class_embeddings_input_dim:
-    raise ModelLoadError(
-        f"text_encoder_2 projection_dim {text_2_cfg.projection_dim} + 6 time ids x "
-        f"{unet_cfg.addition_time_embed_dim} = {added} does not match the UNet's "
-        f"projection_class_embeddings_input_dim {unet_cfg.projection_class_embeddings_input_dim}")
-
-
-def unet_dummy_inputs(config: UNetConfig, batch: int = 1, size: int | None = None) -> tuple:
-  """Zero inputs `(sample, timesteps, context[, added_cond])` of the UNet's shapes (for init, tracing)."""
-  size = size or 2 ** (len(config.block_out_channels) - 1)
-  inputs = (jnp.zeros((batch, size, size, config.in_channels)), jnp.zeros((batch,)),
-            jnp.zeros((batch, 1, config.cross_attention_dim)))
-  if config.addition_embed_type == "text_time":
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    inputs += ({"text_embeds": jnp.zeros((batch, pooled)), "time_ids": jnp.zeros((batch, 6))},)
-  return inputs
-
-
-def init_fns(modules: dict[str, Any]) -> dict[str, Callable[[jax.Array], Any]]:
-  """Per component, `rng -> {"params": ...}` on minimal dummy inputs (shapes only matter)."""
-  unet, vae = modules["unet"], modules["vae"]
-  vdown = 2 ** (len(vae.config.block_out_channels) - 1)
-  fns = {
-      "unet": lambda rng: unet.init(rng, *unet_dummy_inputs(unet.config)),
-      "vae": lambda rng: vae.init(rng, jnp.zeros((1, vdown, vdown, vae.config.in_channels))),
-  }
-  for role in TOKENIZER_FOLDERS:
-    if role in modules:
-      fns[role] = lambda rng, text=modules[role]: text.init(rng, jnp.zeros((1, 1), jnp.int32))
-  return fns
-
-
-def param_shapes(modules: dict[str, Any]) -> dict[str, Any]:
-  """Per component, the param tree of `jax.ShapeDtypeStruct`s (no memory is allocated)."""
-  return {name: jax.eval_shape(fn, jax.random.key(0))["params"]
-          for name, fn in init_fns(modules).items()}
-
-
 def component_folders(model_index: dict) -> dict[str, str]:
   """Role -> subfolder for a model_index.json (one-line error for unsupported pipelines)."""
   cls = model_index.get("_class_name") or "StableDiffusionPipeline"
@@ -520,7 +326,6 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
     ModelLoadError: with a one-line message for any unusable input.
   """
   # --- single-file checkpoints (A1111/ComfyUI layout): owned by single_file.py ---
-  from ti_jax.weights import single_file  # pylint: disable=import-outside-toplevel
   if single_file.is_single_file(name_or_path):
     return single_file.load_single_file(
         name_or_path, tokenizer=tokenizer, dtype=dtype, param_dtype=param_dtype,

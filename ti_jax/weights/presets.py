@@ -171,7 +171,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sdxl": _SDXL,
     "tiny-sdxl": _tiny_sdxl(),
 }
-# The tiny random-weight models ti_jax writes itself (`ti_jax.testing.tiny_models`):
+# The tiny random-weight models ti_jax writes itself (`ti_jax.weights.tiny_models`):
 # the names `pretrained_model_name_or_path` and `python -m ti_jax.tiny_model --preset` take.
 TINY_MODELS = tuple(name for name in PRESETS if name.startswith("tiny-"))
 

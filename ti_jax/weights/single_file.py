@@ -16,7 +16,7 @@ chooses the matching architecture preset (`presets.py`), renames each key to
 the diffusers/transformers name (`diffusers_to_original`, the one owner of
 that mapping, read in the other direction by the writer in
 `ti_jax.testing.single_file_models`) and then converts and builds exactly as
-a diffusers folder is (`loading.build_modules`, `convert.convert_torch_state_dict`).
+a diffusers folder is (`pipeline.build_modules`, `convert.convert_torch_state_dict`).
 
 The conversion happens in memory, on the memory-mapped file: the renamed
 arrays are views (a slice of OpenCLIP's fused q/k/v, a squeezed 1x1 conv, a
@@ -53,9 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ti_jax.weights import convert, loading, presets, safetensors_io
+from ti_jax.weights import convert, pipeline, presets, safetensors_io
 
-ModelLoadError = loading.ModelLoadError
+ModelLoadError = pipeline.ModelLoadError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -87,7 +87,7 @@ DEFAULT_TOKENIZERS = {
     "sd2": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
-TOKENIZER_FOLDERS = loading.TOKENIZER_FOLDERS  # the diffusers tokenizer folder of each text encoder
+TOKENIZER_FOLDERS = pipeline.TOKENIZER_FOLDERS  # the diffusers tokenizer folder of each text encoder
 _PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction",
                      "v_prediction": "v_prediction"}
 _TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json",
@@ -463,7 +463,7 @@ def read_checkpoint(path: str, allow_pickle: bool) -> tuple[dict[str, np.ndarray
       metadata = safetensors_io.read_header(path).get("__metadata__") or {}
       return safetensors_io.load(path), metadata
     except (OSError, ValueError) as e:
-      raise ModelLoadError(f"cannot read {path}: {loading.one_line(e)}") from None
+      raise ModelLoadError(f"cannot read {path}: {pipeline.one_line(e)}") from None
   if not lower.endswith(PICKLE_SUFFIXES):
     raise ModelLoadError(f"{path}: not a model folder nor a .safetensors/.ckpt checkpoint file")
   if not allow_pickle:
@@ -477,7 +477,7 @@ def read_checkpoint(path: str, allow_pickle: bool) -> tuple[dict[str, np.ndarray
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001  torch raises many types for bad pickles
-    raise ModelLoadError(f"cannot read {path}: {loading.one_line(e)}") from None
+    raise ModelLoadError(f"cannot read {path}: {pipeline.one_line(e)}") from None
   state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
   if not isinstance(state, dict):
     raise ModelLoadError(f"{path}: the pickle holds no state dict")
@@ -526,8 +526,8 @@ def tokenizer_folder(family: str, tokenizer: str | None) -> str:
   if os.path.isdir(os.path.expanduser(name)):
     return os.path.expanduser(name)
   patterns = [f"{TOKENIZER_FOLDERS[comp]}/*" for comp in TEXT_ENCODERS[family]]
-  return loading.download_from_hub(name, revision=None, allow_patterns=patterns + _TOKENIZER_FILES,
-                                   what="tokenizer")
+  return pipeline.download_from_hub(name, revision=None, allow_patterns=patterns + _TOKENIZER_FILES,
+                                    what="tokenizer")
 
 
 def load_tokenizer(folder: str, component: str, max_length: int):
@@ -542,7 +542,7 @@ def load_tokenizer(folder: str, component: str, max_length: int):
   try:
     tok = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
   except Exception as e:  # noqa: BLE001  transformers raises OSError/ValueError/TypeError for bad folders
-    raise ModelLoadError(f"cannot load tokenizer from {folder}: {loading.one_line(e)}") from None
+    raise ModelLoadError(f"cannot load tokenizer from {folder}: {pipeline.one_line(e)}") from None
   tok.model_max_length = min(tok.model_max_length, max_length)
   return tok
 
@@ -561,8 +561,8 @@ def is_single_file(name_or_path: str) -> bool:
 def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jnp.float32,
                      param_dtype: Any = jnp.float32, allow_pickle: bool = False,
                      attention_impl: str | None = None, vae_dtype: Any = None,
-                     remat: bool = False) -> loading.StableDiffusion:
-  """Loads an original-layout SD 1.x/2.x/XL single-file checkpoint as `loading.StableDiffusion`.
+                     remat: bool = False) -> pipeline.StableDiffusion:
+  """Loads an original-layout SD 1.x/2.x/XL single-file checkpoint as `pipeline.StableDiffusion`.
 
   Args:
     path: a `.safetensors` file (or, with `allow_pickle`, a `.ckpt` pickle).
@@ -586,10 +586,10 @@ def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jn
   components = ("unet", "vae", *TEXT_ENCODERS[family])
   if family == "sdxl" and vae_dtype is None:
     vae_dtype = jnp.float32  # SDXL's VAE overflows in half precision, as for its folders
-  modules = loading.build_modules(configs, dtype=dtype, param_dtype=param_dtype,
-                                  attention_impl=attention_impl, vae_dtype=vae_dtype, remat=remat)
-  flax_shapes = loading.param_shapes(modules)
-  specs = {comp: loading.component_spec(comp, configs[comp]) for comp in components}
+  modules = pipeline.build_modules(configs, dtype=dtype, param_dtype=param_dtype,
+                                   attention_impl=attention_impl, vae_dtype=vae_dtype, remat=remat)
+  flax_shapes = pipeline.param_shapes(modules)
+  specs = {comp: pipeline.component_spec(comp, configs[comp]) for comp in components}
   expected = {comp: torch_shapes(specs[comp], flax_shapes[comp]) for comp in components}
   weights = component_state_dicts(family, state, configs, expected, path)
   params = {}
@@ -611,18 +611,18 @@ def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jn
     # the shapes do not change, so the params stay.
     for comp, tok in tokenizers.items():
       configs[comp].update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    modules = loading.build_modules(configs, dtype=dtype, param_dtype=param_dtype,
-                                    attention_impl=attention_impl, vae_dtype=vae_dtype,
-                                    remat=remat)
-  pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
-  model_index = {"_class_name": pipeline, "single_file": os.path.basename(path),
+    modules = pipeline.build_modules(configs, dtype=dtype, param_dtype=param_dtype,
+                                     attention_impl=attention_impl, vae_dtype=vae_dtype,
+                                     remat=remat)
+  pipeline_class = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+  model_index = {"_class_name": pipeline_class, "single_file": os.path.basename(path),
                  "preset": preset_name}
   extra = {}
   if "text_encoder_2" in modules:
     extra = {"text_encoder_2": modules["text_encoder_2"],
              "text_encoder_2_params": params["text_encoder_2"],
              "tokenizer_2": tokenizers["text_encoder_2"]}
-  return loading.StableDiffusion(
+  return pipeline.StableDiffusion(
       source=path, path=path,
       unet=modules["unet"], unet_params=params["unet"],
       vae=modules["vae"], vae_params=params["vae"],

@@ -1,6 +1,6 @@
 """Trains `tiny-world`: a small Stable Diffusion (KL VAE, CLIP text encoder, UNet) on the world.
 
-Everything is ti_jax's own modules (`ti_jax.weights.loading.build_modules`
+Everything is ti_jax's own modules (`ti_jax.weights.pipeline.build_modules`
 from diffusers-format configs), trained from scratch in three phases, each
 resumable from its own checkpoint in the workdir:
 
@@ -41,10 +41,9 @@ import optax
 
 from ti_jax import errors
 from ti_jax.runtime import parallel
-from ti_jax.sampling import schedulers
-from ti_jax.testing import tiny_models
+from ti_jax.sampling import generation, schedulers
 from ti_jax.training import train_lib
-from ti_jax.weights import loading, presets
+from ti_jax.weights import loading, pipeline, presets, tiny_models
 from ti_jax.world import checker as checker_lib
 from ti_jax.world import scenes
 from ti_jax.world import tokenizer as world_tokenizer
@@ -354,7 +353,7 @@ def train_diffusion(workdir: str, modules: dict, params: Any, latents: np.ndarra
 
 def _init_params(modules: dict, seed: int) -> dict:
   """LeCun-normal kernels (flax's default), drawn with numpy: no XLA compile of `init`."""
-  shapes = loading.param_shapes(modules)
+  shapes = pipeline.param_shapes(modules)
   rng = np.random.default_rng([seed, 1])
   return {name: tiny_models.random_params(shapes[name], rng) for name in sorted(shapes)}
 
@@ -404,7 +403,7 @@ def train_world(workdir: str, out_dir: str | None = None, settings: Settings = S
   tok, vocab_size = training_tokenizer(settings.hidden_names)
   extra = len(tok) - vocab_size
   configs = model_configs(vocab_size, extra)
-  modules = loading.build_modules(configs)
+  modules = pipeline.build_modules(configs)
   params = _init_params(modules, settings.seed)
 
   # 2. The VAE, then its latent scale.
@@ -507,7 +506,6 @@ def sample_check(model_dir: str, prompts: list[str], num_images: int = 32, *,
   Returns, per prompt, the share of its `num_images` samples showing each
   attribute the prompt names (`scenes.named_attributes`) and "all" of them.
   """
-  from ti_jax.sampling import generation  # pylint: disable=import-outside-toplevel
   model = loading.load_stable_diffusion(model_dir)
   checker = checker_lib.load(checker_dir or model_dir)
   gen = generation.ImageGenerator(model, num_inference_steps=num_inference_steps,

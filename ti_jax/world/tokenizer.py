@@ -1,6 +1,6 @@
 """The world's CLIP-format BPE tokenizer: every caption word is one token.
 
-Written with `ti_jax.testing.tiny_tokenizer`'s writer (the same files and
+Written with `ti_jax.weights.tiny_tokenizer`'s writer (the same files and
 vocabulary layout as OpenAI CLIP's tokenizer), learned from that module's
 corpus (the textual-inversion templates and common initializer words) plus
 captions of the world, so the template words stay single tokens too.
@@ -8,7 +8,7 @@ captions of the world, so the template words stay single tokens too.
 
 from __future__ import annotations
 
-from ti_jax.testing import tiny_tokenizer
+from ti_jax.weights import tiny_tokenizer
 from ti_jax.world import scenes
 
 NUM_MERGES = 700  # enough for every world and template word to be merged whole

@@ -1,4 +1,4 @@
-"""A tiny, deterministic, CLIP-format BPE tokenizer for offline tests.
+"""A tiny, deterministic, CLIP-format BPE tokenizer for the tiny models and offline tests.
 
 Stable Diffusion model folders keep their text tokenizer in a ``tokenizer/``
 subfolder holding OpenAI CLIP's byte-level BPE files (``vocab.json`` and

@@ -10,7 +10,7 @@ import torch
 from conftest import record_parity
 from torch_reference import rel_err
 
-from ti_jax.testing import tiny_models
+from ti_jax.weights import tiny_models
 from ti_jax.weights.loading import load_stable_diffusion
 
 

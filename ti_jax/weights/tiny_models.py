@@ -6,7 +6,8 @@ scheduler/) loads in ti_jax and in diffusers' PyTorch
 paper's LDM layout instead (vqvae/, bert/ with an LDMBert, a BERT
 tokenizer) for `LDMTextToImagePipeline.from_pretrained`, and "tiny-sdxl"
 SDXL's (also text_encoder_2/ with projection, tokenizer_2/, Euler) for
-`StableDiffusionXLPipeline.from_pretrained`. Tests, CI and the offline demo
+`StableDiffusionXLPipeline.from_pretrained`. The offline quick start (the
+configs' `:tiny` variants, `load_stable_diffusion("tiny-sd15")`), tests and CI
 run the real loading code without the network. The weights are random: images
 made with it are noise-like by design.
 
@@ -23,16 +24,16 @@ import tempfile
 import jax
 import numpy as np
 
-from ti_jax.testing.tiny_tokenizer import (
-  write_tiny_bert_tokenizer,
-  write_tiny_clip_tokenizer,
-)
 from ti_jax.weights import convert, presets, safetensors_io
-from ti_jax.weights.loading import (
+from ti_jax.weights.pipeline import (
   PIPELINE_FOLDERS,
   build_modules,
   component_spec,
   param_shapes,
+)
+from ti_jax.weights.tiny_tokenizer import (
+  write_tiny_bert_tokenizer,
+  write_tiny_clip_tokenizer,
 )
 
 TINY_PRESETS = presets.TINY_MODELS  # the presets this module writes (owned by presets.py)

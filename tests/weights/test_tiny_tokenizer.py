@@ -1,4 +1,4 @@
-"""Tests for ti_jax.testing.tiny_tokenizer: a small CLIP-format BPE tokenizer folder."""
+"""Tests for ti_jax.weights.tiny_tokenizer: a small CLIP-format BPE tokenizer folder."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from ti_jax.testing.tiny_tokenizer import bytes_to_unicode, write_tiny_clip_tokenizer
+from ti_jax.weights.tiny_tokenizer import bytes_to_unicode, write_tiny_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -223,7 +223,7 @@ def test_diffusers_style_call_returns_numpy_batch(tokenizer):
 def test_writer_does_not_import_torch_or_transformers(tmp_path):
     # Load the module file directly so the check covers this module's own
     # imports, not whatever the ti_jax package __init__ may pull in.
-  module_path = Path(REPO) / "ti_jax" / "testing" / "tiny_tokenizer.py"
+  module_path = Path(REPO) / "ti_jax" / "weights" / "tiny_tokenizer.py"
   code = (
       "import importlib.util, sys\n"
       f"spec = importlib.util.spec_from_file_location('tiny_tokenizer', {str(module_path)!r})\n"
