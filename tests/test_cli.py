@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from ti_jax import cli
 from ti_jax.embeddings import embedding_io
+from ti_jax.runtime import fileio
 
 ENTRY_POINTS = ("train", "sample", "export", "evaluate", "tiny_model")
 
@@ -183,7 +184,7 @@ def test_prompts_file_problems_are_one_line(tmp_path, name, content, needle):
   if content is not None:
     path.write_bytes(content)
   with pytest.raises(ValueError) as err:
-    cli.read_text_lines(str(path), "--prompts_file")
+    fileio.read_text_lines(str(path), "--prompts_file")
   assert needle in str(err.value) and "--prompts_file" in str(err.value)
   assert "\n" not in str(err.value)
 
@@ -206,7 +207,7 @@ def test_prompts_file_too_large_or_special_is_refused_without_reading_it(tmp_pat
     os.symlink("/dev/null", path)
   out = []
   reader = threading.Thread(target=lambda: out.append(pytest.raises(
-      ValueError, cli.read_text_lines, str(path), "--prompts_file")), daemon=True)
+      ValueError, fileio.read_text_lines, str(path), "--prompts_file")), daemon=True)
   reader.start()
   reader.join(30)
   assert not reader.is_alive(), "still reading after 30 s"
@@ -217,7 +218,7 @@ def test_prompts_file_too_large_or_special_is_refused_without_reading_it(tmp_pat
 def test_text_lines_reader_keeps_utf8_prompts(tmp_path):
   path = tmp_path / "p.txt"
   path.write_bytes("\ufeffa café <toy>\n\n  second  \n".encode("utf-8"))
-  assert cli.read_text_lines(str(path), "--prompts_file") == ["a café <toy>", "second"]
+  assert fileio.read_text_lines(str(path), "--prompts_file") == ["a café <toy>", "second"]
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -11,6 +11,11 @@ import sys
 import types
 from typing import Sequence
 
+from absl import flags, logging
+
+from ti_jax import errors
+from ti_jax.runtime import console
+
 # absl's help flags exit with status 1; asking for help is not an error.
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
 
@@ -41,14 +46,6 @@ class _ConfigFileError(Exception):
   """A `DEFINE_config_file` file that cannot be loaded (not a flag-value error)."""
 
 
-def _one_line(e: BaseException) -> str:
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  if not lines:
-    return type(e).__name__
-  last = lines[-1]  # an embedded traceback's last line already names the type
-  return last if last.startswith(f"{type(e).__name__}:") else f"{type(e).__name__}: {last}"
-
-
 def _describe_config_failure(path: str, e: BaseException) -> str:
   """What went wrong loading config file `path` (`FILE[:ARG]`), in one line."""
   file = path.split(":", 1)[0]
@@ -70,8 +67,8 @@ def _describe_config_failure(path: str, e: BaseException) -> str:
   # ml_collections re-raises TypeError/ValueError with the traceback as the message.
   in_get_config |= "in get_config" in str(e)
   if in_get_config:
-    return f"get_config() of config file {file} raised {_one_line(e)}"
-  return f"cannot load config file {file}: {_one_line(e)}"
+    return f"get_config() of config file {file} raised {console.one_line(e, last=True)}"
+  return f"cannot load config file {file}: {console.one_line(e, last=True)}"
 
 
 def _guard_config_file_flags(flag_values) -> None:
@@ -91,7 +88,6 @@ def _guard_config_file_flags(flag_values) -> None:
     original = parser.parse
 
     def parse(path, original=original):
-      from absl import logging  # pylint: disable=import-outside-toplevel
       verbosity = logging.get_verbosity()
       logging.set_verbosity(logging.ERROR)  # its "returned None" warning: reported below instead
       try:
@@ -145,7 +141,6 @@ def flags_parser(argv: Sequence[str], flag_values=None) -> list[str]:
   `--help` exits with status 1 (absl's default); here it exits 0.
   `flag_values` defaults to absl's FLAGS.
   """
-  from absl import flags  # pylint: disable=import-outside-toplevel
   flag_values = flags.FLAGS if flag_values is None else flag_values
   _guard_config_file_flags(flag_values)
   try:
@@ -192,51 +187,12 @@ def start(argv: Sequence[str]):
 
   Returns absl's FLAGS.
   """
-  from absl import flags, logging  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")
   f = flags.FLAGS
   if not f["verbosity"].present:  # Orbax and JAX log every save at INFO; keep the output readable
     logging.set_verbosity(logging.WARNING)
   return f
-
-
-def read_text_lines(path: str, flag: str) -> list[str]:
-  """The non-blank lines of a UTF-8 text file given by `flag`, stripped.
-
-  Raises:
-    ValueError: one line naming the flag for a missing file, a folder, a
-      device or pipe, a file over `fileio.MAX_TEXT_BYTES`, a binary or
-      non-UTF-8 file, or a read error.
-  """
-  from ti_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
-  if not path:
-    raise ValueError(f"{flag} is empty: give a text file with one prompt per line")
-  try:
-    if not fileio.exists(path):
-      raise ValueError(f"{flag} {path} does not exist")
-    if fileio.is_dir(path):
-      raise ValueError(f"{flag} {path} is a folder, not a text file")
-    data = fileio.read_small_file(path)
-  except OSError as e:
-    raise ValueError(f"cannot read {flag} {path}: {e.strerror or e}") from None
-  if b"\0" in data:  # text never holds NUL bytes; images, archives and weights do
-    raise ValueError(f"{flag} {path} is a binary file, not text with one prompt per line")
-  try:
-    text = data.decode("utf-8-sig")  # tolerate the byte-order mark some editors write
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{flag} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                     f"{e.start}); save it as UTF-8") from None
-  return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def log(msg: str) -> None:
-  """A status line on stderr from process 0 only, without breaking an active progress bar."""
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_index() != 0:  # one voice for a multi-host run
-    return
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  tqdm.write(msg, file=sys.stderr)
 
 
 def exit_now(message: str, code: int) -> None:
@@ -257,7 +213,6 @@ def define_generation_flags(flag_values=None) -> None:
   """The flags `ti_jax.sample` and `ti_jax.edit` share: concepts, base model and sampler.
 
   Each entry point adds its own (prompts, image and mask, sizes, outputs, batch)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
   fv = flags.FLAGS if flag_values is None else flag_values
   # Filed under the entry point's own module, so its --help (not only --helpfull) lists them.
   defines = {name: functools.partial(getattr(flags, name), flag_values=fv, module_name=sys.argv[0])
@@ -293,7 +248,6 @@ def define_generation_flags(flag_values=None) -> None:
 @contextlib.contextmanager
 def one_line_errors():
   """Turns a user error, or a path the file system refuses, into one `error:` line and exit 1."""
-  from ti_jax import errors  # pylint: disable=import-outside-toplevel
   try:
     yield
   except errors.UserError as e:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ti_jax import cli
-from ti_jax.runtime import distributed
+from ti_jax.runtime import distributed, fileio
 from ti_jax.sampling import runner
 
 
@@ -30,7 +30,7 @@ def main(argv: Sequence[str]) -> None:
   prompts = list(f.prompt or [])
   if f.prompts_file is not None:
     try:
-      lines = cli.read_text_lines(f.prompts_file, "--prompts_file")
+      lines = fileio.read_text_lines(f.prompts_file, "--prompts_file")
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None
     if not lines:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ti_jax import errors
 from ti_jax.data import buckets as buckets_lib
-from ti_jax.runtime import fileio
+from ti_jax.runtime import console, fileio
 
 __all__ = ["IMAGE_EXTENSIONS", "Caption", "DataError", "TrainingImages", "load_images",
            "load_training_images", "read_caption", "view_pixels"]
@@ -35,16 +34,11 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
-def _one_line(text: str) -> str:
-  """Collapses line breaks (e.g. from a path or a library error) into spaces."""
-  return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
-
-
 class DataError(errors.UserError):
   """Training data cannot be used; the one-line message names the folder/file and the problem."""
 
   def __init__(self, message: str):
-    super().__init__(_one_line(message))
+    super().__init__(console.flatten(message))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +164,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _describe(error: BaseException) -> str:
-  text = _one_line(str(error))
+  text = console.flatten(str(error))
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -267,14 +261,14 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
       img, note = _read_rgb(path)
     except Exception as e:  # PIL plugins raise many types for bad files.
       unreadable += 1
-      warnings.append(_one_line(f"skipped {path}: cannot read image ({_describe(e)})"))
+      warnings.append(console.flatten(f"skipped {path}: cannot read image ({_describe(e)})"))
       continue
     if note:
-      warnings.append(_one_line(f"{path}: {note}"))
+      warnings.append(console.flatten(f"{path}: {note}"))
     w, h = img.size
     if min(w, h) < min_side:
       too_small += 1
-      warnings.append(_one_line(f"skipped {path}: too small: {w}x{h}, need at least {min_side} px"))
+      warnings.append(console.flatten(f"skipped {path}: too small: {w}x{h}, need at least {min_side} px"))
       continue
     if bucket_shapes:
       placement = buckets_lib.place((w, h), bucket_shapes[buckets_lib.nearest_bucket(
@@ -289,7 +283,7 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
       left = top = 0
       target, factor = (resolution, resolution), max(resolution / w, resolution / h)
     if factor > 1.0:
-      warnings.append(_one_line(
+      warnings.append(console.flatten(
           f"{path}: upscaled {factor:.2f}x ({w}x{h} to {target[0]}x{target[1]}), it may look "
           "blurry; larger images are better"))
     if bucket_shapes:

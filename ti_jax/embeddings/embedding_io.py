@@ -85,8 +85,8 @@ from typing import Any
 
 import numpy as np
 
-from ti_jax import cli, errors
-from ti_jax.runtime import fileio
+from ti_jax import errors
+from ti_jax.runtime import console, fileio
 from ti_jax.training import checkpointing
 from ti_jax.weights import safetensors_io
 
@@ -835,5 +835,5 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
       concepts = [dataclasses.replace(chosen[0], token_from=f"{spec} (one of the file's "
                                       f"{len(concepts)} keys)")]
   for note in dict.fromkeys(n for c in concepts for n in c.notes):  # each once
-    cli.log(f"note: {note}")
+    console.log(f"note: {note}")
   return concepts

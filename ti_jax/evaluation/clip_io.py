@@ -26,6 +26,7 @@ import numpy as np
 from ti_jax.data import captions
 from ti_jax.models.clip import CLIPConfig, CLIPModel
 from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.runtime import console
 from ti_jax.weights import convert
 from ti_jax.weights.loading import (
   DEFAULT_CACHE_DIR,
@@ -34,7 +35,7 @@ from ti_jax.weights.loading import (
   read_torch_pickle,
   safetensors_files,
 )
-from ti_jax.weights.pipeline import ModelLoadError, download_from_hub, one_line
+from ti_jax.weights.pipeline import ModelLoadError, download_from_hub
 from ti_jax.weights.tiny_models import ensure_written, random_params, write_json
 from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
 
@@ -224,7 +225,7 @@ def _load_tokenizer(folder: str):
   try:
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
   except Exception as e:  # noqa: BLE001  transformers raises OSError/ValueError/TypeError for bad folders
-    raise ModelLoadError(f"cannot load CLIP tokenizer from {folder}: {one_line(e)}") from None
+    raise ModelLoadError(f"cannot load CLIP tokenizer from {folder}: {console.one_line(e)}") from None
 
 
 def load_clip(name_or_path: str, *, dtype: Any = jnp.float32, revision: str | None = None,

@@ -19,11 +19,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from ti_jax import cli, errors
+from ti_jax import errors
 from ti_jax.data import image_loader
 from ti_jax.embeddings import embedding_io
 from ti_jax.evaluation import clip_io, clip_scores, plot, prompt_lists, world_scores
-from ti_jax.runtime import fileio, parallel
+from ti_jax.runtime import console, fileio, parallel
 from ti_jax.sampling import concepts, generation, schedulers
 from ti_jax.weights import loading
 from ti_jax.weights.loading import ModelLoadError
@@ -36,7 +36,7 @@ class EvaluateError(errors.UserError):
 
 
 
-_log = cli.log
+_log = console.log
 
 
 @dataclasses.dataclass(frozen=True)

@@ -349,3 +349,31 @@ class DirLock:
       except FileNotFoundError:
         pass
       self._token = None
+
+
+def read_text_lines(path: str, flag: str) -> list[str]:
+  """The non-blank lines of a UTF-8 text file given by `flag`, stripped.
+
+  Raises:
+    ValueError: one line naming the flag for a missing file, a folder, a
+      device or pipe, a file over `MAX_TEXT_BYTES`, a binary or
+      non-UTF-8 file, or a read error.
+  """
+  if not path:
+    raise ValueError(f"{flag} is empty: give a text file with one prompt per line")
+  try:
+    if not exists(path):
+      raise ValueError(f"{flag} {path} does not exist")
+    if is_dir(path):
+      raise ValueError(f"{flag} {path} is a folder, not a text file")
+    data = read_small_file(path)
+  except OSError as e:
+    raise ValueError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+  if b"\0" in data:  # text never holds NUL bytes; images, archives and weights do
+    raise ValueError(f"{flag} {path} is a binary file, not text with one prompt per line")
+  try:
+    text = data.decode("utf-8-sig")  # tolerate the byte-order mark some editors write
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{flag} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                     f"{e.start}); save it as UTF-8") from None
+  return [line.strip() for line in text.splitlines() if line.strip()]

@@ -20,9 +20,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ti_jax import cli, errors
+from ti_jax import errors
 from ti_jax.data import image_loader
-from ti_jax.runtime import fileio, parallel
+from ti_jax.runtime import console, fileio, parallel
 from ti_jax.sampling import blended, generation, runner, schedulers
 from ti_jax.sampling import concepts as concept_lib
 
@@ -31,7 +31,7 @@ class EditError(errors.UserError):
   """Bad editing input; one-line message."""
 
 
-_log = cli.log
+_log = console.log
 
 # Grey level (of 255) from which a mask pixel marks the region to change.
 MASK_THRESHOLD = 128

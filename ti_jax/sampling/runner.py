@@ -16,8 +16,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from ti_jax import cli
-from ti_jax.runtime import fileio, parallel
+from ti_jax.runtime import console, fileio, parallel
 from ti_jax.sampling import generation, schedulers
 
 # The concept functions live in `concepts`; these names stay importable from here.
@@ -34,7 +33,7 @@ from ti_jax.sampling.concepts import (  # noqa: F401
 )
 from ti_jax.sampling.generation import slug  # noqa: F401
 
-_log = cli.log
+_log = console.log
 
 
 # The per-prompt grid tiles the first GRID_MAX images (a 100000-image run's grid

@@ -32,8 +32,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ti_jax import cli, errors
-from ti_jax.runtime import fileio
+from ti_jax import errors
+from ti_jax.runtime import console, fileio
 
 # Fields of run.json that define what a run learns: resuming with any of them
 # changed would silently mix two concepts, so it is refused.
@@ -128,13 +128,6 @@ class CheckpointWriteError(WorkdirError):
   """Saving a checkpoint failed; the message names the last good one."""
 
 
-def one_line(e: BaseException, limit: int = 300) -> str:
-  """The first line of an exception's message (its type if empty), at most `limit` characters."""
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-  return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _read_json_object(path: str) -> dict:
   """A JSON object file; WorkdirError with one line if unreadable, not UTF-8 or not an object."""
   try:
@@ -145,7 +138,7 @@ def _read_json_object(path: str) -> dict:
   except json.JSONDecodeError as e:
     raise WorkdirError(f"cannot read {path}: not JSON ({e.msg} at line {e.lineno})") from None
   except OSError as e:
-    raise WorkdirError(f"cannot read {path}: {one_line(e)}") from None
+    raise WorkdirError(f"cannot read {path}: {console.one_line(e, limit=300)}") from None
   if not isinstance(value, dict):
     raise WorkdirError(f"cannot read {path}: it holds a JSON {type(value).__name__}, "
                        "not an object")
@@ -172,7 +165,7 @@ def lock_workdir(workdir: str) -> fileio.DirLock:
     raise WorkdirError(f"--workdir {workdir} is in use by another training run ({who}); "
                        f"wait for it to finish or use another --workdir{hint}") from None
   except OSError as e:
-    raise WorkdirError(f"cannot lock --workdir {workdir} for training: {one_line(e)} "
+    raise WorkdirError(f"cannot lock --workdir {workdir} for training: {console.one_line(e, limit=300)} "
                        "(a training run needs a writable workdir; sample, export and evaluate "
                        "only read it)") from None
   return lock
@@ -309,7 +302,7 @@ class Checkpoints:
           state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)))
     except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
       raise CheckpointWriteError(f"cannot write checkpoint {step} in {self.directory}: "
-                                 f"{one_line(e)}; {last}") from None
+                                 f"{console.one_line(e, limit=300)}; {last}") from None
     self._quiet_orbax_errors(False)  # saved: nothing of it is left to fail
 
   def _quiet_orbax_errors(self, on: bool) -> None:
@@ -341,7 +334,7 @@ class Checkpoints:
     try:
       return self._manager.restore(step, args=args)
     except Exception as e:  # pylint: disable=broad-except  # tensorstore/JSON/asyncio errors
-      raise UnreadableCheckpointError(step, one_line(e)) from None
+      raise UnreadableCheckpointError(step, console.one_line(e, limit=300)) from None
     finally:
       sys.unraisablehook = previous
 
@@ -491,7 +484,7 @@ def restore_newest(ckpts: Checkpoints, start_state: Any, metadata: dict,
       restored, _ = ckpts.restore(step, abstract)
     except UnreadableCheckpointError as e:
       moved = ckpts.set_aside(step)
-      cli.log(f"warning: skipping checkpoint {step} in {ckpts.directory}: {e.why}; "
+      console.log(f"warning: skipping checkpoint {step} in {ckpts.directory}: {e.why}; "
               f"moved it to {moved}")
       continue
     return restored["state"], step, saved_meta
@@ -511,15 +504,15 @@ def resume(ckpts: Checkpoints, start_state: Any, metadata: dict, identity: dict,
   if step is not None:
     global_batch = metadata["global_batch"]
     if saved_meta.get("global_batch", global_batch) != global_batch:
-      cli.log(f"warning: resuming with global batch {global_batch} (lr "
+      console.log(f"warning: resuming with global batch {global_batch} (lr "
               f"{metadata['learning_rate']:g}) where the run used {saved_meta['global_batch']} "
               f"(lr {saved_meta.get('learning_rate')}): train_batch_size is per device and the "
               "device count changed (set config.global_batch_size to keep it fixed)")
-    cli.log(f"resuming from step {step} in {workdir}")
+    console.log(f"resuming from step {step} in {workdir}")
   elif had_checkpoints:
-    cli.log(f"no readable checkpoint left in {ckpts.directory}: starting from step 0")
+    console.log(f"no readable checkpoint left in {ckpts.directory}: starting from step 0")
   elif has_run_json:
-    cli.log(f"{workdir} holds this run but no checkpoint yet: starting from step 0")
+    console.log(f"{workdir} holds this run but no checkpoint yet: starting from step 0")
   if not has_run_json:
     claim_workdir(workdir, identity)
   return state

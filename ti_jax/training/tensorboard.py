@@ -26,9 +26,8 @@ import time
 
 import numpy as np
 
-from ti_jax import cli, errors
-from ti_jax.runtime import fileio
-from ti_jax.training import checkpointing
+from ti_jax import errors
+from ti_jax.runtime import console, fileio
 
 REPORT_TO = ("", "tensorboard")  # config.report_to's choices ("" = metrics.jsonl only)
 SUBDIR = "tensorboard"
@@ -87,7 +86,7 @@ class Writer:
     except Exception as e:  # pylint: disable=broad-except  # OSError; a gs:// client's own errors
       self._discard()
       raise TensorBoardError(
-          f"cannot write TensorBoard events to {logdir}: {checkpointing.one_line(e)}; make it a "
+          f"cannot write TensorBoard events to {logdir}: {console.one_line(e, limit=300)}; make it a "
           "writable folder or set config.report_to='' (metrics.jsonl keeps every logged "
           "step)") from None
 
@@ -144,8 +143,8 @@ class Writer:
     except Exception as e:  # pylint: disable=broad-except  # a side channel never stops training
       self._discard()
       at = f" at step {step}" if step is not None else ""
-      cli.log(f"warning: TensorBoard is off from here on: cannot write its events{at} to "
-              f"{self.logdir}: {checkpointing.one_line(e)}; training goes on (metrics.jsonl "
+      console.log(f"warning: TensorBoard is off from here on: cannot write its events{at} to "
+              f"{self.logdir}: {console.one_line(e, limit=300)}; training goes on (metrics.jsonl "
               "keeps every logged step)")
       return False
     return True

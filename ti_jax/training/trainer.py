@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax import cli, errors
+from ti_jax import errors
 from ti_jax.data import buckets, captions, choices, image_loader, latent_cache
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.models import layers
-from ti_jax.runtime import fileio, parallel
+from ti_jax.runtime import console, fileio, parallel
 from ti_jax.sampling import schedulers
 from ti_jax.training import checkpointing, tensorboard, train_lib, validation
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
@@ -203,7 +203,7 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-_log = cli.log
+_log = console.log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -970,7 +970,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
   except OSError as e:  # metrics.jsonl (validation warns instead; checkpoints raise their own)
     last = ckpts.latest_step()
     raise checkpointing.WorkdirError(
-        f"cannot write to {workdir} at step {step}: {checkpointing.one_line(e)}; the last good "
+        f"cannot write to {workdir} at step {step}: {console.one_line(e, limit=300)}; the last good "
         f"checkpoint is step {last if last is not None else 'none'}") from None
   except KeyboardInterrupt:
     last = ckpts.latest_step()
@@ -1049,7 +1049,7 @@ def _open_metrics_log(workdir: str, start: int, enabled: bool) -> fileio.LineLog
     return fileio.LineLog(path, enabled=enabled,
                           keep=lambda line: json.loads(line).get("step", 0) <= start)
   except (OSError, UnicodeDecodeError) as e:
-    raise checkpointing.WorkdirError(f"cannot open {path}: {checkpointing.one_line(e)}") from None
+    raise checkpointing.WorkdirError(f"cannot open {path}: {console.one_line(e, limit=300)}") from None
 
 
 class _StopFlag:
@@ -1123,6 +1123,6 @@ def write_final_embedding(config, workdir: str, vectors: np.ndarray, step: int,
           "diffusers")
   except OSError as e:
     raise checkpointing.WorkdirError(
-        f"cannot write {out}: {checkpointing.one_line(e)}; the final checkpoint, step "
+        f"cannot write {out}: {console.one_line(e, limit=300)}; the final checkpoint, step "
         f"{step}, is saved: fix the cause and re-run the same command to write it") from None
   return out

@@ -33,11 +33,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from ti_jax import cli, errors
+from ti_jax import errors
 from ti_jax.embeddings import pseudo_words
-from ti_jax.runtime import fileio
+from ti_jax.runtime import console, fileio
 from ti_jax.sampling import generation, schedulers
-from ti_jax.training import checkpointing, train_lib
+from ti_jax.training import train_lib
 
 
 class ValidationPromptError(errors.UserError):
@@ -89,7 +89,7 @@ def _read_prompts_file(path: str) -> list[str]:
   """The non-blank lines of the UTF-8 file `path`, stripped (the reader of sample's
   --prompts_file, so both refuse the same files in the same words)."""
   try:
-    prompts = cli.read_text_lines(path, "config.validation_prompts")
+    prompts = fileio.read_text_lines(path, "config.validation_prompts")
   except ValueError as e:
     hint = ("" if fileio.exists(path) else
             " (a string names a file of prompts, one per line; several prompts: ('a {}', 'b {}'))")
@@ -171,16 +171,16 @@ def write_images(validation: Validation, step: int, learned: np.ndarray, tb=None
     _write_all(validation, step, learned, tb, learned_2)
   except Exception as e:  # pylint: disable=broad-except
     _warn(f"warning: no validation images at step {step}, training goes on: "
-          f"{checkpointing.one_line(e)}")
+          f"{console.one_line(e, limit=300)}")
     return False
   return True
 
 
 def _warn(message: str) -> None:
-  """One line on stderr: process 0's through `cli.log`; another process's prefixed with its
-  index (`cli.log` keeps only process 0's, and a failure may be another process's alone)."""
+  """One line on stderr: process 0's through `console.log`; another process's prefixed with its
+  index (`console.log` keeps only process 0's, and a failure may be another process's alone)."""
   if jax.process_index() == 0:
-    cli.log(message)
+    console.log(message)
   else:
     print(f"process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
 

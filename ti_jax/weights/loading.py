@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ti_jax.runtime import fileio
+from ti_jax.runtime import console, fileio
 from ti_jax.weights import convert, presets, safetensors_io, single_file
 from ti_jax.weights.pipeline import (
   PIPELINE_FOLDERS,
@@ -38,7 +38,6 @@ from ti_jax.weights.pipeline import (
   build_modules,
   component_spec,
   download_from_hub,
-  one_line,
   param_shapes,
 )
 from ti_jax.weights.tiny_models import ensure_tiny_model
@@ -143,7 +142,7 @@ def read_json(path: str, what: str) -> dict:
   try:
     obj = json.loads(fileio.read_small_file(path).decode("utf-8"))  # never a pipe or device
   except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-    raise ModelLoadError(f"cannot read {what} {path}: {one_line(e)}") from None
+    raise ModelLoadError(f"cannot read {what} {path}: {console.one_line(e)}") from None
   if not isinstance(obj, dict):
     raise ModelLoadError(f"cannot read {what} {path}: not a JSON object")
   return obj
@@ -177,7 +176,7 @@ def read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
     try:
       state.update(safetensors_io.load(f))
     except (OSError, ValueError) as e:
-      raise ModelLoadError(f"cannot read {f}: {one_line(e)}") from None
+      raise ModelLoadError(f"cannot read {f}: {console.one_line(e)}") from None
   return state
 
 
@@ -198,7 +197,7 @@ def read_torch_pickle(path: str, allow_pickle: bool, how_to_allow: str) -> dict[
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for bad pickles
-    raise ModelLoadError(f"cannot read {path}: {one_line(e)}") from None
+    raise ModelLoadError(f"cannot read {path}: {console.one_line(e)}") from None
   return {k: v.float().numpy() if v.dtype in (torch.bfloat16, torch.float16) else v.numpy()
           for k, v in state.items()}
 
@@ -222,7 +221,7 @@ def load_component_weights(folder: str, component: str, *, variant: str | None =
       with open(flax_file, "rb") as fh:
         return "flax", serialization.msgpack_restore(fh.read())
     except Exception as e:  # msgpack raises several unrelated types on corrupt input
-      raise ModelLoadError(f"cannot read {flax_file}: {one_line(e)}") from None
+      raise ModelLoadError(f"cannot read {flax_file}: {console.one_line(e)}") from None
   var = f".{variant}" if variant else ""
   bin_file = os.path.join(sub, f"{_BIN_FILES[component]}{var}.bin")
   if os.path.isfile(bin_file):
@@ -284,7 +283,7 @@ def load_tokenizer(folder: str, model_index: dict | None = None, max_length: int
   try:
     tokenizer = getattr(transformers, name).from_pretrained(path, local_files_only=True)
   except Exception as e:  # transformers raises OSError/ValueError/TypeError for bad folders
-    raise ModelLoadError(f"cannot load tokenizer from {path}: {one_line(e)}") from None
+    raise ModelLoadError(f"cannot load tokenizer from {path}: {console.one_line(e)}") from None
   if max_length and tokenizer.model_max_length > max_length:
     tokenizer.model_max_length = max_length
   return tokenizer

@@ -28,6 +28,7 @@ from ti_jax.models.layers import resolve_attention_impl
 from ti_jax.models.ldm_bert import LDMBertConfig, LDMBertModel, is_ldm_bert_config
 from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ti_jax.models.vae import AutoencoderKL, VAEConfig
+from ti_jax.runtime import console
 from ti_jax.weights import convert
 
 
@@ -110,12 +111,6 @@ def model_family(model_index: dict, text_encoder_config: Any) -> str:
   return "sd2" if getattr(text_encoder_config, "hidden_act", None) == "gelu" else "sd1"
 
 
-def one_line(e: BaseException) -> str:
-  """`Type: first line of the message`, for one-line errors that wrap another library's."""
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
 def download_from_hub(name_or_path: str, *, revision: str | None, allow_patterns: list[str],
                       what: str) -> str:
   """Fetches `allow_patterns` of hub repo `name_or_path`; returns the local snapshot folder.
@@ -134,7 +129,7 @@ def download_from_hub(name_or_path: str, *, revision: str | None, allow_patterns
   except Exception as e:  # the hub client raises many types; all mean "not available"
     raise ModelLoadError(
         f"cannot fetch {what} {name_or_path!r} from the Hugging Face hub "
-        f"(offline, unknown id or no access?): {one_line(e)}") from None
+        f"(offline, unknown id or no access?): {console.one_line(e)}") from None
 
 
 def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ti_jax.runtime import console
 from ti_jax.weights import convert, pipeline, presets, safetensors_io
 
 ModelLoadError = pipeline.ModelLoadError
@@ -463,7 +464,7 @@ def read_checkpoint(path: str, allow_pickle: bool) -> tuple[dict[str, np.ndarray
       metadata = safetensors_io.read_header(path).get("__metadata__") or {}
       return safetensors_io.load(path), metadata
     except (OSError, ValueError) as e:
-      raise ModelLoadError(f"cannot read {path}: {pipeline.one_line(e)}") from None
+      raise ModelLoadError(f"cannot read {path}: {console.one_line(e)}") from None
   if not lower.endswith(PICKLE_SUFFIXES):
     raise ModelLoadError(f"{path}: not a model folder nor a .safetensors/.ckpt checkpoint file")
   if not allow_pickle:
@@ -477,7 +478,7 @@ def read_checkpoint(path: str, allow_pickle: bool) -> tuple[dict[str, np.ndarray
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001  torch raises many types for bad pickles
-    raise ModelLoadError(f"cannot read {path}: {pipeline.one_line(e)}") from None
+    raise ModelLoadError(f"cannot read {path}: {console.one_line(e)}") from None
   state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
   if not isinstance(state, dict):
     raise ModelLoadError(f"{path}: the pickle holds no state dict")
@@ -542,7 +543,7 @@ def load_tokenizer(folder: str, component: str, max_length: int):
   try:
     tok = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
   except Exception as e:  # noqa: BLE001  transformers raises OSError/ValueError/TypeError for bad folders
-    raise ModelLoadError(f"cannot load tokenizer from {folder}: {pipeline.one_line(e)}") from None
+    raise ModelLoadError(f"cannot load tokenizer from {folder}: {console.one_line(e)}") from None
   tok.model_max_length = min(tok.model_max_length, max_length)
   return tok
 
