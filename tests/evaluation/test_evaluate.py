@@ -85,8 +85,8 @@ def test_scores_are_the_papers_metrics_of_the_generated_images(runs, report):
   workdirs, cache, _ = runs
   from ti_jax.data import image_loader
   from ti_jax.embeddings import pseudo_words
-  from ti_jax.training import checkpointing
-  vectors, meta = checkpointing.learned_from_workdir(workdirs["long"])
+  from ti_jax.runtime import run_dir
+  vectors, meta = run_dir.learned_from_workdir(workdirs["long"])
   sd = load_stable_diffusion("tiny-ldm", cache_dir=cache)
   ids = pseudo_words.add_placeholder_tokens(sd.tokenizer, meta["placeholder_token"], 1)
   gen = generation.ImageGenerator(sd, scheduler="ddim", num_inference_steps=2, guidance_scale=5.0,
@@ -181,8 +181,8 @@ def test_an_sdxl_run_is_evaluated_with_both_encoders_vectors(tmp_path, prompts_f
                         output_dir=str(tmp_path / "out"), cache_dir=cache,
                         devices=jax.local_devices()[:1])["runs"][0]
   assert 0 < report["image_similarity"] <= 1 and len(report["prompts"]) == 2
-  from ti_jax.training import checkpointing
-  vectors, vectors_2, _ = checkpointing.learned_pair_from_workdir(workdir, None)
+  from ti_jax.runtime import run_dir
+  vectors, vectors_2, _ = run_dir.learned_pair_from_workdir(workdir, None)
   assert seen and all(len(k["learned_2"]) == 1 for k in seen)
   for k in seen:  # each encoder gets its own vectors, under its own tokenizer's ids
     np.testing.assert_array_equal(k["learned"][0][0], vectors)

@@ -15,6 +15,7 @@ from torch_reference import rel_err
 
 from ti_jax import errors
 from ti_jax.embeddings import embedding_io, exporter, pseudo_words
+from ti_jax.runtime import run_dir
 from ti_jax.sampling import concepts as sampling_concepts
 from ti_jax.sampling import generation, runner
 from ti_jax.training import trainer
@@ -235,7 +236,7 @@ def test_unreadable_embedding_file_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("fmt", embedding_io.FORMATS)
 def test_export_then_import_round_trips(runs, tmp_path, fmt):
-  vectors, _ = trainer.checkpointing.learned_from_workdir(runs["style"])
+  vectors, _ = run_dir.learned_from_workdir(runs["style"])
   path = exporter.export(runs["style"], fmt, str(tmp_path / embedding_io.default_filename("<style>", fmt)))
   (concept,) = embedding_io.load_concepts(path)
   np.testing.assert_array_equal(concept.vectors, vectors)
@@ -307,10 +308,10 @@ def test_export_cli_writes_file(runs, tmp_path):
 
 def test_init_embedding_starts_training_from_an_exported_file(runs, tmp_path):
   path = exporter.export(runs["toy"], "a1111", str(tmp_path / "toy.safetensors"))
-  vectors, _ = trainer.checkpointing.learned_from_workdir(runs["toy"])
+  vectors, _ = run_dir.learned_from_workdir(runs["toy"])
   workdir = _train(tmp_path / "again", runs["cache"], placeholder_token="<toy2>",
                    init_embedding=path, max_train_steps=1, checkpointing_steps=1)
-  meta_vectors, _ = trainer.checkpointing.learned_from_workdir(workdir)
+  meta_vectors, _ = run_dir.learned_from_workdir(workdir)
   # One step moves the vectors a little from where the file left them.
   assert np.abs(meta_vectors - vectors).max() < 0.1
 
@@ -360,12 +361,12 @@ def test_interrupted_export_leaves_no_file(runs, tmp_path, monkeypatch):
 
 
 def test_non_finite_vectors_are_never_exported_or_sampled(runs, tmp_path, monkeypatch):
-  real = trainer.checkpointing.learned_pair_from_workdir
+  real = run_dir.learned_pair_from_workdir
 
   def diverged(workdir, step=None):
     vectors, vectors_2, meta = real(workdir, step)
     return np.full_like(vectors, np.nan), vectors_2, meta
-  monkeypatch.setattr(trainer.checkpointing, "learned_pair_from_workdir", diverged)
+  monkeypatch.setattr(run_dir, "learned_pair_from_workdir", diverged)
   out = tmp_path / "nan.safetensors"
   with pytest.raises(embedding_io.EmbeddingFileError) as err:
     exporter.export(runs["toy"], "diffusers", str(out))
@@ -387,7 +388,7 @@ def test_token_inside_the_runs_token_leaves_its_images_unchanged(runs, tmp_path)
 
 def test_init_embedding_of_a_two_token_file_follows_its_own_advice(runs, tmp_path):
   two = str(tmp_path / "two.safetensors")
-  vectors, _ = trainer.checkpointing.learned_from_workdir(runs["toy"])
+  vectors, _ = run_dir.learned_from_workdir(runs["toy"])
   embedding_io.safetensors_io.save(two, {"<a>": vectors, "<b>": vectors * 2})
   with pytest.raises(trainer.ConfigError) as err:
     _train(tmp_path / "x", runs["cache"], placeholder_token="<toy3>", init_embedding=two,
@@ -395,7 +396,7 @@ def test_init_embedding_of_a_two_token_file_follows_its_own_advice(runs, tmp_pat
   assert f"pick one as {two}:<a>" in str(err.value)
   workdir = _train(tmp_path / "y", runs["cache"], placeholder_token="<toy3>",
                    init_embedding=f"{two}:<b>", max_train_steps=1, checkpointing_steps=1)
-  trained, _ = trainer.checkpointing.learned_from_workdir(workdir)
+  trained, _ = run_dir.learned_from_workdir(workdir)
   assert np.abs(trained - vectors * 2).max() < 0.1  # started from <b>, not <a>
 
 

@@ -285,7 +285,7 @@ def test_sample_cli_writes_sdxl_pngs_from_an_embedding_file(concept, tmp_path):
 def test_sampling_an_sdxl_run_uses_both_encoders_vectors_of_its_checkpoint(gen, tiny_sdxl_run,
                                                                            tmp_path):
   from ti_jax.sampling import runner
-  from ti_jax.training import checkpointing
+  from ti_jax.runtime import run_dir
   workdir = tiny_sdxl_run  # 1 training step on tiny-sdxl, checkpointed at step 1
   # 2 images: one call of the batch `gen` has compiled (image i's noise is (seed, i) either way).
   paths = runner.run(prompts=["a photo of a <toy>"], workdir=workdir, num_images=2,
@@ -294,7 +294,7 @@ def test_sampling_an_sdxl_run_uses_both_encoders_vectors_of_its_checkpoint(gen, 
                      guidance_scale=FAST["guidance_scale"])
   assert [os.path.basename(p) for p in paths] == ["000_a_photo_of_a_toy_step1_seed0_000.png",
                                                   "000_a_photo_of_a_toy_step1_seed0_001.png"]
-  vectors, vectors_2, _ = checkpointing.learned_pair_from_workdir(workdir)
+  vectors, vectors_2, _ = run_dir.learned_pair_from_workdir(workdir)
   assert vectors_2 is not None and vectors_2.shape[0] == vectors.shape[0]
   # `gen` samples the same tiny-sdxl weights (written by ti_jax from the preset and seed 0).
   run_concept = embedding_io.Concept("<toy>", vectors, workdir, vectors_2=vectors_2)

@@ -11,7 +11,7 @@ from conftest import config_module, offline_config
 from PIL import Image
 
 from ti_jax.data import choices, image_loader, latent_cache
-from ti_jax.runtime import parallel
+from ti_jax.runtime import parallel, run_dir
 from ti_jax.training import checkpointing, dry_run, train_lib, trainer
 
 WIDE, TALL = (120, 40), (40, 120)  # 3:1 -> the 96x32 bucket, 1:3 -> 32x96 at resolution 64
@@ -129,13 +129,13 @@ def test_a_bucketed_run_logs_its_buckets_and_resumes_only_with_them(tmp_path, ca
                        progress=False)
   assert result["step"] == 2 and np.all(np.isfinite(result["embeds"]))
   assert "2 buckets in use: 32x96 (2 images), 96x32 (3 images)" in capsys.readouterr().err
-  assert checkpointing.read_identity(workdir)["buckets"] == [32, 128, 32]
-  with pytest.raises(checkpointing.WorkdirError, match="buckets: \\[32, 128, 32\\] there, None now"):
+  assert run_dir.read_identity(workdir)["buckets"] == [32, 128, 32]
+  with pytest.raises(run_dir.WorkdirError, match="buckets: \\[32, 128, 32\\] there, None now"):
     trainer.run(_config(cache_dir, data, enable_bucket=False, max_train_steps=4), workdir,
                 progress=False)
   # Without run.json the checkpoint's own metadata refuses it too.
   os.remove(os.path.join(workdir, "run.json"))
-  with pytest.raises(checkpointing.WorkdirError, match="buckets"):
+  with pytest.raises(run_dir.WorkdirError, match="buckets"):
     trainer.run(_config(cache_dir, data, bucket_reso_steps=64, min_bucket_reso=64,
                         max_train_steps=4), workdir, progress=False)
 

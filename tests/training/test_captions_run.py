@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, config_module, offline_config
 
 from ti_jax import errors
+from ti_jax.runtime import run_dir
 from ti_jax.training import checkpointing, trainer
 
 TOY = os.path.join(REPO, "examples", "toy")
@@ -71,10 +72,10 @@ def test_resume_after_a_caption_changed_is_refused(tmp_path, cache_dir):
   workdir = str(tmp_path / "w")
   trainer.run(_config(cache_dir, folder), workdir, progress=False)
   (folder / "toy_robot_2.txt").write_text("a drawing of {}\n")
-  with pytest.raises(checkpointing.WorkdirError) as err:
+  with pytest.raises(run_dir.WorkdirError) as err:
     trainer.run(_config(cache_dir, folder, max_train_steps=4), workdir, progress=False)
   assert "prompt_texts_sha256" in str(err.value) and "another run" in str(err.value)
-  assert checkpointing.Checkpoints(workdir).all_steps() == [2]
+  assert run_dir.Checkpoints(workdir).all_steps() == [2]
   # The caption restored, the run resumes.
   (folder / "toy_robot_2.txt").write_text("a photo of {}\n")
   assert trainer.run(_config(cache_dir, folder, max_train_steps=4), workdir,
@@ -93,7 +94,7 @@ def test_templates_file_replaces_the_lists_and_is_part_of_the_identity(tmp_path,
   workdir = str(tmp_path / "w")
   trainer.run(config, workdir, progress=False)
   templates.write_text("a sketch of {}\n")
-  with pytest.raises(checkpointing.WorkdirError, match="prompt_texts_sha256"):
+  with pytest.raises(run_dir.WorkdirError, match="prompt_texts_sha256"):
     trainer.run(config, workdir, progress=False)
 
 
@@ -132,7 +133,7 @@ def test_runs_recorded_before_captions_existed_resume_with_the_defaults(tmp_path
   old = {k: v for k, v in identity.items() if k not in ("caption_extension", "templates_file")}
   (tmp_path / "run.json").write_text(json.dumps(old))
   assert checkpointing.check_identity(str(tmp_path), identity)  # resumes
-  with pytest.raises(checkpointing.WorkdirError, match="caption_extension: '' there"):
+  with pytest.raises(run_dir.WorkdirError, match="caption_extension: '' there"):
     checkpointing.check_identity(str(tmp_path), dict(identity, caption_extension=".txt"))
   # A checkpoint's metadata without the new fields was made without captions: it resumes
   # without them and is refused with them.

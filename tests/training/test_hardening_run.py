@@ -23,8 +23,8 @@ from test_train import _cli, _config
 
 from ti_jax import errors
 from ti_jax.embeddings import embedding_io
-from ti_jax.runtime import fileio
-from ti_jax.training import checkpointing, trainer
+from ti_jax.runtime import fileio, run_dir
+from ti_jax.training import trainer
 from ti_jax.weights import safetensors_io
 
 
@@ -56,8 +56,8 @@ def _non_daemon_threads():
 
 def _hold_lock(workdir):
   """A separate process that holds the workdir lock until killed."""
-  code = ("import sys, time; from ti_jax.training import checkpointing; "
-          "checkpointing.lock_workdir(sys.argv[1]); print('locked', flush=True); time.sleep(600)")
+  code = ("import sys, time; from ti_jax.runtime import run_dir; "
+          "run_dir.lock_workdir(sys.argv[1]); print('locked', flush=True); time.sleep(600)")
   proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE,
                           text=True)
   assert proc.stdout.readline().strip() == "locked"
@@ -69,7 +69,7 @@ def test_locked_workdir_is_refused_naming_the_holder_and_a_dead_holder_is_taken_
   workdir = tmp_path / "w"
   holder = _hold_lock(workdir)
   try:
-    with pytest.raises(checkpointing.WorkdirError) as err:
+    with pytest.raises(run_dir.WorkdirError) as err:
       trainer.run(_config(cache_dir, max_train_steps=1), str(workdir), progress=False)
     message = str(err.value)
     assert f"pid {holder.pid} on {socket.gethostname()}" in message and "\n" not in message
@@ -79,7 +79,7 @@ def test_locked_workdir_is_refused_naming_the_holder_and_a_dead_holder_is_taken_
     holder.kill()
     holder.wait()
   # The kernel dropped the dead holder's lock: the next run takes it.
-  lock = checkpointing.lock_workdir(str(workdir))
+  lock = run_dir.lock_workdir(str(workdir))
   record = json.loads((workdir / fileio.LOCK_NAME).read_text())
   assert record["pid"] == os.getpid()
   lock.release()
@@ -113,8 +113,8 @@ def test_gs_lock_is_exclusive_and_takes_over_only_a_dead_process_of_this_host(
   taker.acquire()  # a dead process of this host: taken over
   assert json.loads(path.read_text())["pid"] == os.getpid()
   path.write_text(json.dumps({"pid": int(dead), "host": "another-host", "token": "x"}))
-  with pytest.raises(checkpointing.WorkdirError, match=f"delete {path}"):
-    checkpointing.lock_workdir(str(tmp_path))  # another host's record: cannot tell, refused
+  with pytest.raises(run_dir.WorkdirError, match=f"delete {path}"):
+    run_dir.lock_workdir(str(tmp_path))  # another host's record: cannot tell, refused
   taker.release()  # no longer its record: left in place
   assert json.loads(path.read_text())["host"] == "another-host"
 
@@ -125,11 +125,11 @@ def test_checkpoint_of_another_concept_is_refused_even_without_run_json(tmp_path
   (workdir / "run.json").unlink()
   for override, field in (({"placeholder_token": "<other>"}, "placeholder_token"),
                           ({"seed": 7}, "seed")):
-    with pytest.raises(checkpointing.WorkdirError, match="was made by another run") as err:
+    with pytest.raises(run_dir.WorkdirError, match="was made by another run") as err:
       trainer.run(_config(cache_dir, max_train_steps=4, **override), str(workdir), progress=False)
     assert field in str(err.value)
     assert not (workdir / "run.json").exists()  # nothing claimed for the other concept
-  assert checkpointing.Checkpoints(str(workdir)).all_steps() == [2]
+  assert run_dir.Checkpoints(str(workdir)).all_steps() == [2]
   # The same run resumes and run.json, a cache of the identity, is written again.
   result = trainer.run(_config(cache_dir, max_train_steps=4), str(workdir), progress=False)
   assert result["step"] == 4 and (workdir / "run.json").exists()
@@ -138,15 +138,15 @@ def test_checkpoint_of_another_concept_is_refused_even_without_run_json(tmp_path
 def test_checkpoint_with_the_old_rng_entry_still_resumes(tmp_path, cache_dir, monkeypatch,
                                                          reference):
   """Checkpoints of earlier versions also stored the seed's rng key data."""
-  save = checkpointing.Checkpoints.save
+  save = run_dir.Checkpoints.save
   old_rng = np.asarray([0, 0], np.uint32)
-  monkeypatch.setattr(checkpointing.Checkpoints, "save",
+  monkeypatch.setattr(run_dir.Checkpoints, "save",
                       lambda self, step, state, meta: save(self, step, dict(state, rng=old_rng),
                                                            meta))
   workdir = tmp_path / "old"
   trainer.run(_config(cache_dir, max_train_steps=2), str(workdir), progress=False)
-  monkeypatch.setattr(checkpointing.Checkpoints, "save", save)
-  untyped, _ = checkpointing.Checkpoints(str(workdir)).restore_untyped(2)
+  monkeypatch.setattr(run_dir.Checkpoints, "save", save)
+  untyped, _ = run_dir.Checkpoints(str(workdir)).restore_untyped(2)
   assert "rng" in untyped
   resumed = trainer.run(_config(cache_dir, max_train_steps=4), str(workdir), progress=False)
   np.testing.assert_array_equal(resumed["embeds"], reference)
@@ -168,13 +168,13 @@ def test_failed_save_is_one_line_naming_the_last_good_step_and_the_rerun_resumes
     return save(self, step, *args, **kwargs)
   monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
   before = set(_non_daemon_threads())
-  with pytest.raises(checkpointing.CheckpointWriteError) as err:
+  with pytest.raises(run_dir.CheckpointWriteError) as err:
     trainer.run(_config(cache_dir, max_train_steps=4), str(workdir), progress=False)
   message = str(err.value)
   assert "cannot write checkpoint 4" in message and "last good checkpoint is step 2" in message
   assert fault.strerror in message and "\n" not in message
   assert set(_non_daemon_threads()) <= before  # nothing left waiting
-  assert checkpointing.Checkpoints(str(workdir)).all_steps() == [2]
+  assert run_dir.Checkpoints(str(workdir)).all_steps() == [2]
   if fault.errno == errno.ENOSPC:
     return  # resuming after the fault is the same for both: checked once
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)  # the fault is fixed
@@ -213,7 +213,7 @@ def test_cli_exits_within_seconds_with_one_error_line_when_checkpoints_become_im
   assert "compiling the training step" in err  # said before the long first compile
   assert elapsed < 30, elapsed
   last_good = int(lines[0].rsplit("step ", 1)[1].split()[0])
-  assert max(checkpointing.Checkpoints(str(workdir)).all_steps()) == last_good
+  assert max(run_dir.Checkpoints(str(workdir)).all_steps()) == last_good
 
 
 # --- 3. unreadable checkpoints -------------------------------------------------------------
@@ -236,8 +236,8 @@ def test_unreadable_newest_checkpoint_names_a_good_step_and_train_falls_back(
     _truncate_data_files(workdir, 4)
   else:
     (workdir / "checkpoints" / "4" / "metadata" / "metadata").write_text("{garbled")
-  with pytest.raises(checkpointing.WorkdirError) as err:
-    checkpointing.learned_from_workdir(str(workdir))  # what sample/export/evaluate call
+  with pytest.raises(run_dir.WorkdirError) as err:
+    run_dir.learned_from_workdir(str(workdir))  # what sample/export/evaluate call
   assert "checkpoint 4" in str(err.value) and "use --step 2" in str(err.value)
   assert "\n" not in str(err.value)
   capsys.readouterr()
@@ -246,7 +246,7 @@ def test_unreadable_newest_checkpoint_names_a_good_step_and_train_falls_back(
   assert "warning: skipping checkpoint 4" in log and "resuming from step 2" in log
   np.testing.assert_array_equal(again["embeds"], first["embeds"])  # redone exactly
   assert os.listdir(workdir / "unreadable_checkpoints")[0].startswith("4-")  # kept aside
-  vectors, meta = checkpointing.learned_from_workdir(str(workdir))
+  vectors, meta = run_dir.learned_from_workdir(str(workdir))
   assert meta["step"] == 4
 
 
@@ -267,7 +267,7 @@ def test_diverging_run_stops_at_a_log_step_and_writes_no_non_finite_checkpoint(
   message = str(err.value)
   assert "training diverged by step 5" in message and "\n" not in message
   assert "the last finite checkpoint, step 3, is kept" in message
-  ckpts = checkpointing.Checkpoints(str(workdir))
+  ckpts = run_dir.Checkpoints(str(workdir))
   assert ckpts.all_steps() == [3]  # nothing written after the divergence
   state, _ = ckpts.restore_untyped(3)
   assert np.all(np.isfinite(state["state"]["params"]["embeds"]))
@@ -279,16 +279,16 @@ def test_diverging_run_stops_at_a_log_step_and_writes_no_non_finite_checkpoint(
 def test_checkpoint_with_non_finite_vectors_is_refused_on_restore(tmp_path, cache_dir):
   workdir = tmp_path / "w"
   trainer.run(_config(cache_dir, max_train_steps=2), str(workdir), progress=False)
-  ckpts = checkpointing.Checkpoints(str(workdir), max_to_keep=None)
+  ckpts = run_dir.Checkpoints(str(workdir), max_to_keep=None)
   state, meta = ckpts.restore_untyped(2)
   state["state"]["params"]["embeds"][0, 0] = np.nan
   ckpts._manager.save(3, args=ocp.args.Composite(  # bypasses the write-side check
       state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(dict(meta, step=3))))
   ckpts.close()
-  with pytest.raises(checkpointing.WorkdirError, match=r"checkpoint 3 .*non-finite.*--step 2"):
-    checkpointing.learned_from_workdir(str(workdir))
-  with pytest.raises(checkpointing.CheckpointWriteError, match="non-finite"):
-    checkpointing.Checkpoints(str(workdir)).save(5, state, meta)
+  with pytest.raises(run_dir.WorkdirError, match=r"checkpoint 3 .*non-finite.*--step 2"):
+    run_dir.learned_from_workdir(str(workdir))
+  with pytest.raises(run_dir.CheckpointWriteError, match="non-finite"):
+    run_dir.Checkpoints(str(workdir)).save(5, state, meta)
   # The writer of the final learned_embeds.safetensors refuses them too, writing nothing.
   with pytest.raises(embedding_io.EmbeddingFileError, match="holds NaN or inf"):
     embedding_io.save_embedding(str(tmp_path / "x.safetensors"), embedding_io.Concept(
@@ -314,12 +314,12 @@ def test_run_json_that_is_not_a_utf8_object_is_one_line(tmp_path, cache_dir, con
   workdir = tmp_path / "w"
   workdir.mkdir()
   (workdir / "run.json").write_bytes(content)
-  with pytest.raises(checkpointing.WorkdirError, match=needle) as err:
+  with pytest.raises(run_dir.WorkdirError, match=needle) as err:
     trainer.run(_config(cache_dir), str(workdir), progress=False)
   assert "\n" not in str(err.value)
   assert (workdir / "run.json").read_bytes() == content
-  with pytest.raises(checkpointing.WorkdirError, match=needle):
-    checkpointing.read_identity(str(workdir))
+  with pytest.raises(run_dir.WorkdirError, match=needle):
+    run_dir.read_identity(str(workdir))
 
 
 def test_rerun_of_a_finished_run_in_a_read_only_workdir(tmp_path, cache_dir, monkeypatch):
@@ -333,7 +333,7 @@ def test_rerun_of_a_finished_run_in_a_read_only_workdir(tmp_path, cache_dir, mon
       np.testing.assert_array_equal(again["embeds"], done["embeds"])
       # Everything immutable, as on a read-only mount: the lock cannot be taken.
       assert _chattr("+i", *files)
-      with pytest.raises(checkpointing.WorkdirError, match="cannot lock --workdir") as err:
+      with pytest.raises(run_dir.WorkdirError, match="cannot lock --workdir") as err:
         trainer.run(_config(cache_dir, max_train_steps=2), str(workdir), progress=False)
       assert "\n" not in str(err.value)
     finally:
@@ -342,7 +342,7 @@ def test_rerun_of_a_finished_run_in_a_read_only_workdir(tmp_path, cache_dir, mon
   def read_only(self):
     raise OSError(errno.EROFS, "Read-only file system")
   monkeypatch.setattr(fileio.DirLock, "acquire", read_only)
-  with pytest.raises(checkpointing.WorkdirError, match="Read-only file system"):
+  with pytest.raises(run_dir.WorkdirError, match="Read-only file system"):
     trainer.run(_config(cache_dir, max_train_steps=2), str(workdir), progress=False)
 
 
@@ -363,19 +363,19 @@ def test_second_sigterm_during_the_stop_checkpoint_does_not_cut_it_short(
     def close(self):
       pass
   monkeypatch.setattr(trainer, "_progress_bar", lambda *a: Bar())
-  save = checkpointing.Checkpoints.save
+  save = run_dir.Checkpoints.save
   signalled = []
 
   def save_hit_by_a_signal(self, step, state, meta):
     signalled.append(step)
     os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, mid-save
     return save(self, step, state, meta)
-  monkeypatch.setattr(checkpointing.Checkpoints, "save", save_hit_by_a_signal)
+  monkeypatch.setattr(run_dir.Checkpoints, "save", save_hit_by_a_signal)
   workdir = tmp_path / "w"
   result = trainer.run(_config(cache_dir, max_train_steps=100, checkpointing_steps=100),
                      str(workdir), progress=False)
   assert result["interrupted"] and result["step"] == 4 and signalled == [4]
-  assert checkpointing.Checkpoints(str(workdir)).all_steps() == [4]
+  assert run_dir.Checkpoints(str(workdir)).all_steps() == [4]
 
 
 # --- 12. validation at the final step of a resumed run ---------------------------------------
@@ -451,7 +451,7 @@ def test_full_disk_with_tensorboard_is_one_error_line_without_thread_tracebacks_
   monkeypatch.setattr(ocp.CheckpointManager, "save", save_on_a_full_disk)
   before = set(_non_daemon_threads())
   c = _config(cache_dir, max_train_steps=4, report_to="tensorboard")
-  with pytest.raises(checkpointing.CheckpointWriteError) as err:
+  with pytest.raises(run_dir.CheckpointWriteError) as err:
     _finishes(lambda: trainer.run(c, str(workdir), progress=False), 300)
   message = str(err.value)
   assert "cannot write checkpoint 4" in message and "last good checkpoint is step 2" in message
@@ -481,7 +481,7 @@ def test_checkpoint_failing_in_orbax_threads_is_one_line_without_their_traceback
       monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "_open_and_write", no_space)
     return save(self, step, *args, **kwargs)
   monkeypatch.setattr(ocp.CheckpointManager, "save", save_on_a_full_disk)
-  with pytest.raises(checkpointing.CheckpointWriteError) as err:
+  with pytest.raises(run_dir.CheckpointWriteError) as err:
     trainer.run(_config(cache_dir, max_train_steps=4), str(tmp_path / "w"), progress=False)
   message = str(err.value)
   assert "cannot write checkpoint 4" in message and "No space left on device" in message
@@ -505,7 +505,7 @@ def test_metrics_log_on_a_full_disk_is_one_error_line(tmp_path, cache_dir, monke
       return real_open("/dev/full", mode, *args, **kwargs)  # every flush: ENOSPC
     return real_open(path, mode, *args, **kwargs)
   monkeypatch.setattr(fileio, "open", open_on_a_full_disk, raising=False)
-  with pytest.raises(checkpointing.WorkdirError) as err:
+  with pytest.raises(run_dir.WorkdirError) as err:
     trainer.run(_config(cache_dir, max_train_steps=2), str(tmp_path / "w"), progress=False)
   message = str(err.value)
   assert "at step 1: OSError: [Errno 28] No space left on device" in message
@@ -517,7 +517,7 @@ def test_metrics_log_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path,
   workdir = tmp_path / "w"
   workdir.mkdir()
   os.mkfifo(workdir / "metrics.jsonl")
-  with pytest.raises(checkpointing.WorkdirError) as err:
+  with pytest.raises(run_dir.WorkdirError) as err:
     _finishes(lambda: trainer.run(_config(cache_dir, max_train_steps=2), str(workdir),
                                   progress=False), 120)
   message = str(err.value)
@@ -575,7 +575,7 @@ def test_largest_accepted_sizes_still_train(tmp_path, cache_dir):
               checkpointing_steps=10**12, log_every_steps=10**12, validation_steps=10**12)
   result = trainer.run(c, str(tmp_path / "w"), progress=False)
   assert result["step"] == 2 and np.all(np.isfinite(result["embeds"]))
-  assert checkpointing.Checkpoints(str(tmp_path / "w")).all_steps() == [2]
+  assert run_dir.Checkpoints(str(tmp_path / "w")).all_steps() == [2]
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -12,7 +12,8 @@ from PIL import Image
 from test_train import REPO, TOY, _config
 
 from ti_jax.sampling import runner
-from ti_jax.training import checkpointing, trainer
+from ti_jax.runtime import run_dir
+from ti_jax.training import trainer
 from ti_jax.weights import safetensors_io
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -60,7 +61,7 @@ def test_two_processes_match_one_process_and_checkpoint_restores_alone(two_proce
   two = np.asarray(safetensors_io.load(str(run["workdir"] / "learned_embeds.safetensors"))["<toy>"])
   np.testing.assert_allclose(two, single["embeds"], rtol=0, atol=1e-5)
   # The checkpoint the two processes wrote together restores in this single process.
-  vectors, meta = checkpointing.learned_from_workdir(str(run["workdir"]))
+  vectors, meta = run_dir.learned_from_workdir(str(run["workdir"]))
   assert meta["step"] == 4
   np.testing.assert_array_equal(vectors, two)
 

@@ -12,7 +12,8 @@ from conftest import REPO, config_module, offline_config
 
 from ti_jax.data import captions, choices
 from ti_jax.embeddings import pseudo_words
-from ti_jax.training import checkpointing, trainer
+from ti_jax.runtime import run_dir
+from ti_jax.training import trainer
 from ti_jax.weights import safetensors_io
 from ti_jax.weights.loading import load_stable_diffusion
 
@@ -71,7 +72,7 @@ def test_per_image_choices_are_deterministic_with_the_given_rate():
 
 
 def _image_embeds(workdir):
-  ckpts = checkpointing.Checkpoints(str(workdir), max_to_keep=None)
+  ckpts = run_dir.Checkpoints(str(workdir), max_to_keep=None)
   try:
     state, meta = ckpts.restore_untyped(ckpts.latest_step())
   finally:
@@ -109,7 +110,7 @@ def test_per_image_tokens_learn_one_vector_per_image_and_export_only_s_star(tmp_
   with open(tmp_path / "always" / "run.json") as f:
     assert json.load(f)["per_image_tokens"] is True
   # The ablation is part of the run's identity: switching it off on the same workdir is refused.
-  with pytest.raises(checkpointing.WorkdirError, match="per_image_tokens"):
+  with pytest.raises(run_dir.WorkdirError, match="per_image_tokens"):
     trainer.run(_config("tiny,object", cache_dir), str(tmp_path / "always"), devices=one,
               progress=False)
 
@@ -178,11 +179,11 @@ def test_resuming_per_image_tokens_after_the_images_changed_is_refused(tmp_path,
   shutil.copy(images / "toy_robot_1.png", images / "toy_robot_5.png")
   c.max_train_steps = 2
   # The checkpoint's own identity names the images it learned from.
-  with pytest.raises(checkpointing.WorkdirError, match=r"made by another run \(image_files: "):
+  with pytest.raises(run_dir.WorkdirError, match=r"made by another run \(image_files: "):
     trainer.run(c, str(tmp_path / "run"), devices=one, progress=False)
   (images / "toy_robot_5.png").rename(images / "toy_robot_0.png")  # same count, new order
   (images / "toy_robot_4.png").unlink()
-  with pytest.raises(checkpointing.WorkdirError,
+  with pytest.raises(run_dir.WorkdirError,
                      match=r"image_files: \['toy_robot_1.png'.*there, \['toy_robot_0.png'"):
     trainer.run(c, str(tmp_path / "run"), devices=one, progress=False)
 
@@ -192,6 +193,6 @@ def test_progressive_run_stopped_early_exports_only_its_trained_vectors(tmp_path
   c = _config("tiny,object,progressive", cache_dir, progressive_words=2, max_train_steps=3)
   trainer.run(c, str(tmp_path / "run"), devices=jax.local_devices()[:1], progress=False)
   exported = safetensors_io.load(str(tmp_path / "run" / "learned_embeds.safetensors"))["<S*>"]
-  vectors, meta = checkpointing.learned_from_workdir(str(tmp_path / "run"))
+  vectors, meta = run_dir.learned_from_workdir(str(tmp_path / "run"))
   assert meta["active_vectors"] == 2 and vectors.shape[0] == 2
   np.testing.assert_array_equal(np.asarray(exported), vectors)

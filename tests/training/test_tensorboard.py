@@ -15,7 +15,8 @@ from conftest import REPO, config_module, offline_config
 from PIL import Image
 from tensorboardX import record_writer
 
-from ti_jax.training import checkpointing, tensorboard, trainer
+from ti_jax.runtime import run_dir
+from ti_jax.training import tensorboard, trainer
 
 TOY = os.path.join(REPO, "examples", "toy")
 SCALARS = ("loss", "lr", "grad_norm", "max_vector_norm", "step_time_s", "images_per_sec")
@@ -247,7 +248,7 @@ def test_tensorboard_folder_that_fails_mid_run_warns_once_and_training_goes_on(
     if logdir.exists():
       _chattr("-i", logdir, *logdir.iterdir())
   assert result["step"] == 6 and not result["interrupted"]
-  assert checkpointing.Checkpoints(str(workdir)).all_steps() == [2, 4, 6]
+  assert run_dir.Checkpoints(str(workdir)).all_steps() == [2, 4, 6]
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   assert (workdir / "learned_embeds.safetensors").exists()
@@ -285,4 +286,4 @@ def test_tensorboard_folder_unusable_at_start_is_refused_in_one_line(tmp_path, c
   message = str(err.value)
   assert f"cannot write TensorBoard events to {logdir}" in message and "\n" not in message
   assert "report_to=''" in message
-  assert not checkpointing.Checkpoints(str(workdir)).all_steps()  # refused before training
+  assert not run_dir.Checkpoints(str(workdir)).all_steps()  # refused before training

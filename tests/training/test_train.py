@@ -18,9 +18,9 @@ from conftest import REPO, config_module, offline_config, step_pieces
 from ti_jax import errors
 from ti_jax.data import choices, image_loader
 from ti_jax.embeddings import pseudo_words
-from ti_jax.runtime import parallel
+from ti_jax.runtime import parallel, run_dir
 from ti_jax.sampling import schedulers
-from ti_jax.training import checkpointing, train_lib, trainer
+from ti_jax.training import train_lib, trainer
 from ti_jax.weights.loading import load_stable_diffusion
 
 TOY = os.path.join(REPO, "examples", "toy")
@@ -190,7 +190,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
     time.sleep(0.05)
   proc.kill()  # SIGKILL: no chance to save anything
   proc.wait()
-  steps = checkpointing.Checkpoints(str(killed_dir)).all_steps()
+  steps = run_dir.Checkpoints(str(killed_dir)).all_steps()
   assert steps and max(steps) < 12, steps
   resumed = subprocess.run(_cli(killed_dir, cache_dir, *common), capture_output=True, text=True,
                            timeout=600)
@@ -219,9 +219,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, cache_dir):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err[-2000:]
   assert "checkpoint saved" in err and "Traceback" not in err
-  steps = checkpointing.Checkpoints(str(workdir)).all_steps()
+  steps = run_dir.Checkpoints(str(workdir)).all_steps()
   assert steps and 0 < steps[-1] < 100000
-  meta = checkpointing.Checkpoints(str(workdir)).restore_metadata(steps[-1])
+  meta = run_dir.Checkpoints(str(workdir)).restore_metadata(steps[-1])
   assert meta["placeholder_tokens"] == ["<toy>"] and meta["step"] == steps[-1]
 
 
@@ -256,10 +256,10 @@ def test_workdir_of_another_concept_is_refused_and_kept(tmp_path, cache_dir):
   workdir = tmp_path / "w"
   trainer.run(_config(cache_dir, max_train_steps=2), str(workdir), progress=False)
   before = (workdir / "run.json").read_text()
-  with pytest.raises(checkpointing.WorkdirError, match="holds another run"):
+  with pytest.raises(run_dir.WorkdirError, match="holds another run"):
     trainer.run(_config(cache_dir, placeholder_token="<other>"), str(workdir), progress=False)
   assert (workdir / "run.json").read_text() == before
-  assert checkpointing.Checkpoints(str(workdir)).all_steps() == [2]
+  assert run_dir.Checkpoints(str(workdir)).all_steps() == [2]
 
 
 def test_run_leaves_jax_config_alone_and_the_cli_turns_the_cache_on(tmp_path, cache_dir):

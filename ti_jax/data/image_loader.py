@@ -268,7 +268,8 @@ def load_training_images(folder: str, resolution: int, center_crop: bool,
     w, h = img.size
     if min(w, h) < min_side:
       too_small += 1
-      warnings.append(console.flatten(f"skipped {path}: too small: {w}x{h}, need at least {min_side} px"))
+      warnings.append(console.flatten(
+          f"skipped {path}: too small: {w}x{h}, need at least {min_side} px"))
       continue
     if bucket_shapes:
       placement = buckets_lib.place((w, h), bucket_shapes[buckets_lib.nearest_bucket(

@@ -86,8 +86,7 @@ from typing import Any
 import numpy as np
 
 from ti_jax import errors
-from ti_jax.runtime import console, fileio
-from ti_jax.training import checkpointing
+from ti_jax.runtime import console, fileio, run_dir
 from ti_jax.weights import safetensors_io
 
 FORMATS = ("diffusers", "a1111", "a1111-pt", "kohya")
@@ -812,7 +811,7 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
                                "file or a run directory")
     if has_run:
       # An SDXL run's checkpoint holds both encoders' vectors: the concept gets both.
-      vectors, vectors_2, meta = checkpointing.learned_pair_from_workdir(path, step)
+      vectors, vectors_2, meta = run_dir.learned_pair_from_workdir(path, step)
       what = f"{path} (checkpoint {meta.get('step', '?')})"
       concepts = [Concept(meta["placeholder_token"], check_vectors(vectors, what), path,
                           base_model=meta.get("pretrained_model_name_or_path"),

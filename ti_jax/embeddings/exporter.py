@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 
 from ti_jax.embeddings import embedding_io
-from ti_jax.runtime import fileio
-from ti_jax.training import checkpointing
+from ti_jax.runtime import fileio, run_dir
 
 
 def export(workdir: str, fmt: str, output: str = "", step: int | None = None,
@@ -29,11 +28,11 @@ def export_with_token(workdir: str, fmt: str, output: str = "", step: int | None
     raise embedding_io.EmbeddingFileError(
         f"unknown format {fmt!r} (known: {', '.join(embedding_io.FORMATS)})")
   if not fileio.exists(workdir):
-    raise checkpointing.WorkdirError(f"run directory {workdir} does not exist")
+    raise run_dir.WorkdirError(f"run directory {workdir} does not exist")
   if not fileio.is_dir(workdir):
-    raise checkpointing.WorkdirError(f"run directory {workdir} is a file, not a folder")
+    raise run_dir.WorkdirError(f"run directory {workdir} is a file, not a folder")
   # An SDXL run gives both encoders' vectors: the pair (diffusers) or clip_l/clip_g (A1111, kohya).
-  vectors, vectors_2, meta = checkpointing.learned_pair_from_workdir(workdir, step)
+  vectors, vectors_2, meta = run_dir.learned_pair_from_workdir(workdir, step)
   ckpt = f"{workdir} checkpoint {meta.get('step', '?')}"
   try:
     vectors = embedding_io.check_vectors(vectors, ckpt)

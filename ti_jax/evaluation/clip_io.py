@@ -225,7 +225,8 @@ def _load_tokenizer(folder: str):
   try:
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
   except Exception as e:  # noqa: BLE001  transformers raises OSError/ValueError/TypeError for bad folders
-    raise ModelLoadError(f"cannot load CLIP tokenizer from {folder}: {console.one_line(e)}") from None
+    raise ModelLoadError(
+        f"cannot load CLIP tokenizer from {folder}: {console.one_line(e)}") from None
 
 
 def load_clip(name_or_path: str, *, dtype: Any = jnp.float32, revision: str | None = None,

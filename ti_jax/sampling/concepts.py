@@ -19,8 +19,7 @@ import numpy as np
 from ti_jax import errors
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.models import layers
-from ti_jax.runtime import fileio
-from ti_jax.training import checkpointing
+from ti_jax.runtime import fileio, run_dir
 from ti_jax.weights.loading import DEFAULT_CACHE_DIR, load_stable_diffusion
 
 
@@ -47,7 +46,7 @@ def gather_concepts(workdir: str | None, step: int | None,
       raise SampleError(f"run directory {workdir} is a file, not a folder"
                         if fileio.exists(workdir) else f"run directory {workdir} does not exist")
     # An SDXL run's checkpoint also holds the second encoder's vectors.
-    vectors, vectors_2, run_meta = checkpointing.learned_pair_from_workdir(workdir, step)
+    vectors, vectors_2, run_meta = run_dir.learned_pair_from_workdir(workdir, step)
     what = f"{workdir} checkpoint {run_meta.get('step', '?')}"
     try:
       vectors = embedding_io.check_vectors(vectors, what)

@@ -1,4 +1,5 @@
 """Training: `defaults` (every config field), `trainer` (the run, top to bottom),
-`train_lib` (state, loss, step, optimizer), `checkpointing` (the run directory, its
-identity and every resume check) and `validation` (validation images during training).
+`train_lib` (state, loss, step, optimizer), `checkpointing` (the run's
+identity and every resume check; the run directory's format is `ti_jax.runtime.run_dir`)
+and `validation` (validation images during training).
 """

@@ -86,7 +86,8 @@ class Writer:
     except Exception as e:  # pylint: disable=broad-except  # OSError; a gs:// client's own errors
       self._discard()
       raise TensorBoardError(
-          f"cannot write TensorBoard events to {logdir}: {console.one_line(e, limit=300)}; make it a "
+          f"cannot write TensorBoard events to {logdir}: {console.one_line(e, limit=300)}; "
+          "make it a "
           "writable folder or set config.report_to='' (metrics.jsonl keeps every logged "
           "step)") from None
 

@@ -8,7 +8,8 @@ The batch is sharded over every local device with `jax.pmap` (through
 `ti_jax.runtime.parallel`). Re-running the same workdir resumes from the newest
 checkpoint; Ctrl-C or SIGTERM saves a checkpoint before returning.
 
-Modules of a run: `checkpointing` (the run's identity, resume checks, Orbax),
+Modules of a run: `checkpointing` (the run's identity, resume checks),
+`ti_jax.runtime.run_dir` (the workdir lock, run.json, Orbax checkpoints),
 `train_lib` (state, loss, the step), `validation` (validation images), and
 `ti_jax.data` (`image_loader`, `latent_cache`, `choices`, `captions`).
 """
@@ -33,7 +34,7 @@ from ti_jax import errors
 from ti_jax.data import buckets, captions, choices, image_loader, latent_cache
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.models import layers
-from ti_jax.runtime import console, fileio, parallel
+from ti_jax.runtime import console, fileio, parallel, run_dir
 from ti_jax.sampling import schedulers
 from ti_jax.training import checkpointing, tensorboard, train_lib, validation
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
@@ -291,10 +292,10 @@ def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
   except errors.UserError as e:
     startup_error = e
   if parallel.any_process(startup_error is not None):
-    raise startup_error or checkpointing.WorkdirError(
+    raise startup_error or run_dir.WorkdirError(
         "another process of this run failed to start; see the logs of the other processes")
 
-  ckpts = checkpointing.Checkpoints(workdir, config.checkpoints_total_limit)
+  ckpts = run_dir.Checkpoints(workdir, config.checkpoints_total_limit)
   try:
     # --- Checkpoint: resume the newest usable one, or start at step 0 ---------------------
     metadata = checkpointing.run_metadata(
@@ -366,11 +367,11 @@ def _lock_workdir(workdir: str):
   if jax.process_index() == 0:
     created = not fileio.exists(workdir)
     try:
-      lock = checkpointing.lock_workdir(workdir)
-    except checkpointing.WorkdirError as e:
+      lock = run_dir.lock_workdir(workdir)
+    except run_dir.WorkdirError as e:
       error = e
   if parallel.any_process(error is not None):
-    raise error or checkpointing.WorkdirError(
+    raise error or run_dir.WorkdirError(
         "process 0 of this run could not lock the workdir; see its log")
   return lock, created
 
@@ -652,7 +653,7 @@ def _load_init_concept(spec: str) -> embedding_io.Concept:
   errors for an unreadable source or one holding several tokens."""
   try:
     concepts = embedding_io.load_concepts(spec)
-  except (embedding_io.EmbeddingFileError, checkpointing.WorkdirError) as e:
+  except (embedding_io.EmbeddingFileError, run_dir.WorkdirError) as e:
     raise ConfigError(f"config.init_embedding: {e}") from None
   if len(concepts) != 1:  # PATH:TOKEN picks one of them (embedding_io.load_concepts)
     raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens "
@@ -900,7 +901,7 @@ class LogInterval:
 
 
 def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
-               ckpts: checkpointing.Checkpoints, metadata: dict,
+               ckpts: run_dir.Checkpoints, metadata: dict,
                validator: validation.Validation | None, limit: float, workdir: str,
                progress: bool, tb: tensorboard.Writer | None = None) -> tuple[Any, int, bool]:
   """Steps from `start` to config.max_train_steps; returns (replicated state, step, interrupted).
@@ -969,8 +970,9 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
       save_checkpoint(ckpts, state, step, metadata, config, flag, limit)
   except OSError as e:  # metrics.jsonl (validation warns instead; checkpoints raise their own)
     last = ckpts.latest_step()
-    raise checkpointing.WorkdirError(
-        f"cannot write to {workdir} at step {step}: {console.one_line(e, limit=300)}; the last good "
+    raise run_dir.WorkdirError(
+        f"cannot write to {workdir} at step {step}: {console.one_line(e, limit=300)}; "
+        "the last good "
         f"checkpoint is step {last if last is not None else 'none'}") from None
   except KeyboardInterrupt:
     last = ckpts.latest_step()
@@ -984,7 +986,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
 
 def log_metrics(interval: LogInterval, step: int, metrics: dict, global_batch: int,
                 metrics_log: fileio.LineLog, bar, limit: float,
-                ckpts: checkpointing.Checkpoints, tb: tensorboard.Writer | None = None) -> None:
+                ckpts: run_dir.Checkpoints, tb: tensorboard.Writer | None = None) -> None:
   """Writes one metrics.jsonl record (loss averaged since the last log), and its numbers to
   TensorBoard if `tb`, and checks sanity."""
   m = {k: float(parallel.unreplicate(v)) for k, v in metrics.items()}
@@ -1013,7 +1015,7 @@ def norm_limit(table: np.ndarray, init_vectors: np.ndarray) -> float:
 
 
 def check_sane(step: int, loss: float | None, norm: float, limit: float,
-               ckpts: checkpointing.Checkpoints) -> None:
+               ckpts: run_dir.Checkpoints) -> None:
   """Raises DivergedError if the loss is not finite or a vector's norm exceeds `limit`."""
   bad = [f"loss {loss}"] if loss is not None and not math.isfinite(loss) else []
   if not norm <= limit:  # also catches nan
@@ -1026,7 +1028,7 @@ def check_sane(step: int, loss: float | None, norm: float, limit: float,
                         "config.learning_rate or check the adam_* settings")
 
 
-def save_checkpoint(ckpts: checkpointing.Checkpoints, state, step: int, metadata: dict, config,
+def save_checkpoint(ckpts: run_dir.Checkpoints, state, step: int, metadata: dict, config,
                     flag: _StopFlag, limit: float) -> None:
   """Checks the replicated `state` is sane and saves it as checkpoint `step`."""
   host_state = parallel.unreplicate(state)
@@ -1049,7 +1051,7 @@ def _open_metrics_log(workdir: str, start: int, enabled: bool) -> fileio.LineLog
     return fileio.LineLog(path, enabled=enabled,
                           keep=lambda line: json.loads(line).get("step", 0) <= start)
   except (OSError, UnicodeDecodeError) as e:
-    raise checkpointing.WorkdirError(f"cannot open {path}: {console.one_line(e, limit=300)}") from None
+    raise run_dir.WorkdirError(f"cannot open {path}: {console.one_line(e, limit=300)}") from None
 
 
 class _StopFlag:
@@ -1122,7 +1124,7 @@ def write_final_embedding(config, workdir: str, vectors: np.ndarray, step: int,
           config.placeholder_token, vectors, f"{workdir} step {step}", vectors_2=vectors_2),
           "diffusers")
   except OSError as e:
-    raise checkpointing.WorkdirError(
+    raise run_dir.WorkdirError(
         f"cannot write {out}: {console.one_line(e, limit=300)}; the final checkpoint, step "
         f"{step}, is saved: fix the cause and re-run the same command to write it") from None
   return out
