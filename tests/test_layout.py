@@ -1,8 +1,12 @@
-"""The package's shape: entry points are thin and never imported; library code reads no flags;
-imports form no circle, none hides inside a function, and no library module imports test support."""
+"""The package's shape: entry points are thin and never imported; library code reads no flags
+and never imports cli; packages form layers (none imports one above its own); imports form no
+circle, none hides inside a function, no library module imports test support, and status lines
+and one-line errors are defined once (ti_jax/runtime/console.py)."""
 
 import ast
 import os
+
+import pytest
 
 from conftest import REPO
 
@@ -54,12 +58,28 @@ def test_library_code_reads_no_flags():
 # Test support: the only package library code may not import (it may import the library).
 TESTING = "ti_jax.testing"
 
-# Files with function-local imports of ti_jax modules that are being edited in another
-# branch this round (the run directory and the cli/one_line/log moves come next); the
-# next round moves these imports to module level and empties this list.
-LOCAL_IMPORTS_ALLOWED = {
-    "ti_jax/training/checkpointing.py",  # ti_jax.runtime.parallel
-}
+# Files allowed function-local imports of ti_jax modules: none (every such import sits at
+# module level, where it shows the layering). Kept as a named, empty set so that an
+# exception has to be argued for here.
+LOCAL_IMPORTS_ALLOWED: set[str] = set()
+
+# Flag plumbing for entry points: only they and test support may import it.
+CLI = "ti_jax.cli"
+
+# The layers, bottom first: a module may import modules of its own layer or below, never
+# above. A module takes the layer of the longest prefix listed here.
+LAYERS = (
+    ("ti_jax.errors", "ti_jax.runtime"),  # exceptions, files, console, pmap, run directory
+    ("ti_jax.models",),  # Flax modules
+    ("ti_jax.weights",),  # loading base models, tiny models, tokenizers
+    ("ti_jax.data", "ti_jax.embeddings"),  # images, captions; embedding files, pseudo-words
+    ("ti_jax.sampling",),  # the guided loop, samplers, concepts from runs and files
+    # The synthetic world's scenes and checker are what evaluation scores with.
+    ("ti_jax.world", "ti_jax.evaluation"),
+    # world.base_model trains the world's base model, so it sits with training.
+    ("ti_jax.training", "ti_jax.world.base_model"),
+    ("ti_jax.cli", "ti_jax.testing") + tuple(f"ti_jax.{name}" for name in ENTRY_POINTS),
+)
 
 
 def _module_name(path):
@@ -166,3 +186,63 @@ def test_no_function_local_imports_of_ti_jax_modules():
                for path, tree in trees.items() if path not in LOCAL_IMPORTS_ALLOWED
                for target, line, in_function in _ti_jax_imports(path, tree, known) if in_function]
   assert not offenders, offenders
+
+
+def _layer(module):
+  """The index in LAYERS of `module` (the longest matching prefix), or None for the package."""
+  best, layer = "", None
+  for index, prefixes in enumerate(LAYERS):
+    for prefix in prefixes:
+      if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > len(best):
+        best, layer = prefix, index
+  return layer
+
+
+def test_every_module_has_a_layer():
+  unplaced = [m for m in _import_graph() if m != "ti_jax" and _layer(m) is None]
+  assert not unplaced, f"add these to LAYERS in tests/test_layout.py: {unplaced}"
+
+
+def test_no_module_imports_a_layer_above_its_own():
+  # E.g. embeddings, sampling and evaluation read a run directory through runtime.run_dir,
+  # never through ti_jax.training.
+  graph = _import_graph()
+  offenders = [f"{where} ({module}, layer {_layer(module)}) imports {target} (layer "
+               f"{_layer(target)})"
+               for module, edges in graph.items() for target, where in edges.items()
+               if None not in (_layer(module), _layer(target)) and _layer(target) > _layer(module)]
+  assert not offenders, offenders
+
+
+def test_nothing_below_training_imports_training():
+  # The rule the layers exist for, stated on its own: reading a run needs no training code.
+  graph = _import_graph()
+  training = _layer("ti_jax.training")
+  offenders = [f"{where} imports {target}" for module, edges in graph.items()
+               if _layer(module) is not None and _layer(module) < training
+               for target, where in edges.items()
+               if target == "ti_jax.training" or target.startswith("ti_jax.training.")]
+  assert not offenders, offenders
+
+
+def test_no_library_module_imports_cli():
+  # cli is flag plumbing; status lines and one-line errors are ti_jax.runtime.console's.
+  trees = dict(_modules())
+  known = {_module_name(path) for path in trees}
+  exempt = {f"ti_jax.{name}" for name in ENTRY_POINTS} | {CLI}
+  offenders = [f"{path}:{line} imports {target}"
+               for path, tree in trees.items()
+               if _module_name(path) not in exempt and not _module_name(path).startswith(TESTING)
+               for target, line, _ in _ti_jax_imports(path, tree, known) if target == CLI]
+  assert not offenders, offenders
+
+
+@pytest.mark.parametrize("name", ["one_line", "log"])
+def test_one_definition_of_one_line_and_log(name):
+  # One way to report: every status line and every shortened error reads the same. Private
+  # copies (`_one_line`, `_log`) count too.
+  home = os.path.join("ti_jax", "runtime", "console.py")
+  definitions = [(path, node.lineno) for path, tree in _modules() for node in ast.walk(tree)
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and node.name.lstrip("_") == name]
+  assert [path for path, _ in definitions] == [home], definitions

@@ -158,7 +158,7 @@ def _progress_bar(start: int, total: int, desc: str, enabled: bool):
               disable=not enabled, file=sys.stderr)
 
 
-def _log(workdir: str, record: dict) -> None:
+def _append_metrics(workdir: str, record: dict) -> None:
   with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
     f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -177,8 +177,8 @@ def _loop(workdir: str, phase: str, state: Any, start: int, total: int, settings
         metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
         if not all(np.isfinite(v) for v in metrics.values()):
           raise FloatingPointError(f"{phase} step {step + 1}: non-finite metrics {metrics}")
-        _log(workdir, {"phase": phase, "step": step + 1, "seconds": round(time.time() - t0, 1),
-                       **metrics})
+        _append_metrics(workdir, {"phase": phase, "step": step + 1,
+                                  "seconds": round(time.time() - t0, 1), **metrics})
         bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
       if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total:
         _save_state(ckpt, {"step": step + 1, "state": parallel.unreplicate(state)}, identity)
