@@ -109,11 +109,10 @@ def test_scores_are_the_papers_metrics_of_the_generated_images(runs, report):
 
 def test_shipped_prompt_list_is_used_without_a_prompts_file(runs):
   workdirs, cache, tmp = runs
-  report = evaluator.run(workdirs=[workdirs["short"]],
-                        protocol=evaluator.Protocol(num_samples=1, num_inference_steps=1,
-                                                   clip_model="tiny-clip"),
+  # The `report` fixture's protocol and devices: its compiled sampler, not a new one.
+  report = evaluator.run(workdirs=[workdirs["short"]], protocol=PROTOCOL,
                         output_dir=str(tmp / "shipped"), cache_dir=cache,
-                        devices=jax.local_devices()[:1])
+                        devices=jax.local_devices()[:2])
   assert report["runs"][0]["num_prompts"] == len(prompt_lists.prompts_for("object"))
 
 

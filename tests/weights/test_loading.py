@@ -33,8 +33,11 @@ def _assert_one_line(err: pytest.ExceptionInfo, *needles: str):
 
 def _unet_out(sd):
   x = jnp.ones((1, 8, 8, 4))
-  return np.asarray(sd.unet.apply({"params": sd.unet_params}, x, jnp.array([3]),
-                                  jnp.ones((1, 77, 32))))
+  # Compiled with the weights an argument: one program for every load of the same shapes
+  # (from the persistent cache after the first), rather than the UNet op by op.
+  forward = jax.jit(lambda params: sd.unet.apply({"params": params}, x, jnp.array([3]),
+                                                 jnp.ones((1, 77, 32))))
+  return np.asarray(forward(sd.unet_params))
 
 
 def _load_error(model):
