@@ -427,16 +427,14 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
   res = common.RESOLUTION[model]
   sd = pipeline.StableDiffusion(
       source=model, path="", unet=modules["unet"], unet_params=shapes["unet"],
-      vae=modules["vae"], vae_params=shapes["vae"], text_encoder=modules["text_encoder"],
-      text_encoder_params=shapes["text_encoder"], tokenizer=None,
+      vae=modules["vae"], vae_params=shapes["vae"],
+      # The program reads only the tokenizers' eos ids (SDXL's pooled embedding is taken there).
+      text_encoders=pipeline.text_encoders(
+          modules, shapes, {role: types.SimpleNamespace(eos_token_id=modules[role].config.eos_token_id)
+                            for role in pipeline.TOKENIZER_FOLDERS if role in modules}),
       scheduler_config=cfg["scheduler"],
       model_index=({"_class_name": "StableDiffusionXLPipeline",
-                    "force_zeros_for_empty_prompt": True} if "text_encoder_2" in modules else {}),
-      text_encoder_2=modules.get("text_encoder_2"),
-      text_encoder_2_params=shapes.get("text_encoder_2"),
-      # The program reads only tokenizer_2's eos id (where the pooled embedding is taken).
-      tokenizer_2=(types.SimpleNamespace(eos_token_id=modules["text_encoder_2"].config.eos_token_id)
-                   if "text_encoder_2" in modules else None))
+                    "force_zeros_for_empty_prompt": True} if "text_encoder_2" in modules else {}))
   generator = generation.ImageGenerator(sd, scheduler="ddim", num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, height=res, width=res,
                                       devices=devices)

@@ -1,6 +1,5 @@
 """Localized editing with learned words: Blended Latent Diffusion (`ti_jax.edit`)."""
 
-import dataclasses
 import os
 import re
 import subprocess
@@ -40,7 +39,7 @@ def run(tmp_path_factory):
   sd = load_stable_diffusion("tiny-sd15", cache_dir=str(root / "cache"))
   concepts = embedding_io.load_concepts(workdir)
   tokenizer, learned = runner.tokenizer_with_concepts(sd.tokenizer, concepts)
-  sd = dataclasses.replace(sd, tokenizer=tokenizer)  # the edits' prompts hold the learned tokens
+  sd = sd.with_tokenizers((tokenizer,))  # the edits' prompts hold the learned tokens
   prompt, _ = runner.prepare_prompt(PROMPT, concepts, tokenizer)
   toy = os.path.join(REPO, "examples", "toy", sorted(os.listdir(c.train_data_dir))[0])
   image = np.asarray(Image.open(toy).convert("RGB").resize((64, 64)))  # [64, 64, 3]

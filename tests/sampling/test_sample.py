@@ -101,7 +101,8 @@ def test_lower_gives_the_generators_program_from_weight_shapes_alone(runs):
                                                tree)
   abstract = dataclasses.replace(sd, unet_params=shapes(sd.unet_params),
                                  vae_params=shapes(sd.vae_params),
-                                 text_encoder_params=shapes(sd.text_encoder_params))
+                                 text_encoders=tuple(dataclasses.replace(e, params=shapes(e.params))
+                                                     for e in sd.text_encoders))
   lowered = generation.ImageGenerator(abstract, height=64, width=32, devices=devices,
                                       **FAST).lower(3)
   real = generation.ImageGenerator(sd, height=64, width=32, devices=devices, **FAST).lower(3)

@@ -215,8 +215,8 @@ def test_lower_includes_the_sdxl_arrays(sd):
                                                tree)
   abstract = dataclasses.replace(
       sd, unet_params=shapes(sd.unet_params), vae_params=shapes(sd.vae_params),
-      text_encoder_params=shapes(sd.text_encoder_params),
-      text_encoder_2_params=shapes(sd.text_encoder_2_params))
+      text_encoders=tuple(dataclasses.replace(e, params=shapes(e.params))
+                          for e in sd.text_encoders))
   g = generation.ImageGenerator(abstract, scheduler="euler", devices=jax.local_devices()[:2],
                                 **FAST)
   text = g.lower(3, num_learned=2).as_text()
@@ -230,7 +230,7 @@ def test_lower_includes_the_sdxl_arrays(sd):
 def test_validation_renders_sdxl_grids(sd, gen, concept, tmp_path):
   """The training run's validation with SDXL's two learned sets (as the trainer hands them)."""
   vocab = sampling_concepts.tokenizers_with_concepts(sd, [concept])
-  trained = dataclasses.replace(sd, tokenizer=vocab["tokenizer"], tokenizer_2=vocab["tokenizer_2"])
+  trained = sd.with_tokenizers((vocab["tokenizer"], vocab["tokenizer_2"]))
   c = config_module("object").get_config("tiny")
   c.placeholder_token, c.resolution, c.seed = "<toy>", SIZE, 0
   c.validation_prompt, c.validation_prompts = "", ("a photo of {}",)

@@ -39,6 +39,7 @@ from ti_jax.weights.pipeline import (
   component_spec,
   download_from_hub,
   param_shapes,
+  text_encoders,
 )
 from ti_jax.weights.tiny_models import ensure_tiny_model
 
@@ -364,10 +365,6 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
       source=name_or_path, path=folder,
       unet=modules["unet"], unet_params=params["unet"],
       vae=modules["vae"], vae_params=params["vae"],
-      text_encoder=modules["text_encoder"], text_encoder_params=params["text_encoder"],
-      tokenizer=tokenizers["text_encoder"],
+      text_encoders=text_encoders(modules, params, tokenizers),
       scheduler_config=configs["scheduler"],
-      model_index=configs["model_index"],
-      text_encoder_2=modules.get("text_encoder_2"),
-      text_encoder_2_params=params.get("text_encoder_2"),
-      tokenizer_2=tokenizers.get("text_encoder_2"))
+      model_index=configs["model_index"])

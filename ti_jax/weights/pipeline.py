@@ -61,15 +61,41 @@ def component_spec(component: str, config: dict) -> convert.ComponentSpec:
   return {"unet": convert.UNET, "vae": convert.VAE}[component]
 
 
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+  """One text encoder of a pipeline with its tokenizer: the unit a pseudo-word lives in.
+
+  SD 1/2 and the LDM have one, SDXL two (CLIP ViT-L/14, then OpenCLIP ViT-bigG/14
+  with its projection). Whatever repeats per encoder (placeholder ids, initial and
+  learned vectors, embedding-file parts) is a tuple indexed like
+  `StableDiffusion.text_encoders`, so a third kind of encoder is one more record.
+  """
+  role: str  # the pipeline's component role: "text_encoder", "text_encoder_2"
+  module: CLIPTextModel | LDMBertModel  # same calling convention (inputs_embeds, mask)
+  params: Any
+  tokenizer: Any  # a transformers CLIP or BERT tokenizer (None where only shapes are built)
+
+  @property
+  def width(self) -> int:
+    """The token embedding width D (768 for SD 1.x's CLIP ViT-L, 1280 for SDXL's bigG)."""
+    return int(self.module.config.hidden_size)
+
+  @property
+  def suffix(self) -> str:
+    """"" for a pipeline's first encoder, "_2" for the second: diffusers' naming
+    (`text_encoder_2`, `learned_embeds_2.safetensors`), also ti_jax's checkpoint keys."""
+    return "" if self.role == "text_encoder" else self.role[len("text_encoder"):]
+
+
 @dataclasses.dataclass
 class StableDiffusion:
-  """A loaded model: frozen Flax modules, their params, tokenizer and scheduler config.
+  """A loaded model: frozen Flax modules, their params, text encoders and scheduler config.
 
   Also the paper's LDM-1.4B: its vqvae is a KL autoencoder (`vae`), its bert
-  an `LDMBertModel` (`text_encoder`) with a BERT `tokenizer`. SDXL also has
-  `text_encoder_2` (a `CLIPTextModel` with `projection_dim`: transformers'
-  `CLIPTextModelWithProjection`), its params and `tokenizer_2`; they are
-  None for the other families. SDXL's conditioning: `ti_jax.models.sdxl`.
+  an `LDMBertModel` with a BERT tokenizer. `text_encoders` holds one
+  `TextEncoder` per encoder, in the pipeline's order (SDXL: two; the second
+  is a `CLIPTextModel` with `projection_dim`, transformers'
+  `CLIPTextModelWithProjection`). SDXL's conditioning: `ti_jax.models.sdxl`.
   """
   source: str  # what the user passed: a folder or a hub id
   path: str  # the local diffusers folder
@@ -77,14 +103,42 @@ class StableDiffusion:
   unet_params: Any
   vae: AutoencoderKL
   vae_params: Any
-  text_encoder: CLIPTextModel | LDMBertModel  # same calling convention (inputs_embeds, mask)
-  text_encoder_params: Any
-  tokenizer: Any  # a transformers CLIP or BERT tokenizer
+  text_encoders: tuple[TextEncoder, ...]
   scheduler_config: dict
   model_index: dict
-  text_encoder_2: CLIPTextModel | None = None
-  text_encoder_2_params: Any = None
-  tokenizer_2: Any = None
+
+  # The first encoder, which every family has (its module, params and tokenizer).
+  @property
+  def text_encoder(self) -> CLIPTextModel | LDMBertModel:
+    return self.text_encoders[0].module
+
+  @property
+  def text_encoder_params(self) -> Any:
+    return self.text_encoders[0].params
+
+  @property
+  def tokenizer(self) -> Any:
+    return self.text_encoders[0].tokenizer
+
+  # TRANSITION (issue 29): the second encoder's old names, removed once no caller is left.
+  @property
+  def text_encoder_2(self) -> CLIPTextModel | None:
+    return self.text_encoders[1].module if len(self.text_encoders) > 1 else None
+
+  @property
+  def text_encoder_2_params(self) -> Any:
+    return self.text_encoders[1].params if len(self.text_encoders) > 1 else None
+
+  @property
+  def tokenizer_2(self) -> Any:
+    return self.text_encoders[1].tokenizer if len(self.text_encoders) > 1 else None
+
+  def with_tokenizers(self, tokenizers) -> "StableDiffusion":
+    """A copy whose encoders use `tokenizers` (one per encoder, e.g. copies holding new tokens)."""
+    if len(tokenizers) != len(self.text_encoders):
+      raise ValueError(f"{len(tokenizers)} tokenizers for {len(self.text_encoders)} text encoders")
+    return dataclasses.replace(self, text_encoders=tuple(
+        dataclasses.replace(e, tokenizer=t) for e, t in zip(self.text_encoders, tokenizers)))
 
   @property
   def family(self) -> str:
@@ -95,6 +149,12 @@ class StableDiffusion:
   def is_sdxl(self) -> bool:
     """Whether this is Stable Diffusion XL (two text encoders, added UNet conditioning)."""
     return self.family == "sdxl"
+
+
+def text_encoders(modules: dict, params: dict, tokenizers: dict) -> tuple[TextEncoder, ...]:
+  """The pipeline's `TextEncoder` records, in role order, from per-role dicts."""
+  return tuple(TextEncoder(role, modules[role], params[role], tokenizers.get(role))
+               for role in TOKENIZER_FOLDERS if role in modules)
 
 
 def model_family(model_index: dict, text_encoder_config: Any) -> str:

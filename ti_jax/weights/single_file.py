@@ -618,15 +618,9 @@ def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jn
   pipeline_class = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
   model_index = {"_class_name": pipeline_class, "single_file": os.path.basename(path),
                  "preset": preset_name}
-  extra = {}
-  if "text_encoder_2" in modules:
-    extra = {"text_encoder_2": modules["text_encoder_2"],
-             "text_encoder_2_params": params["text_encoder_2"],
-             "tokenizer_2": tokenizers["text_encoder_2"]}
   return pipeline.StableDiffusion(
       source=path, path=path,
       unet=modules["unet"], unet_params=params["unet"],
       vae=modules["vae"], vae_params=params["vae"],
-      text_encoder=modules["text_encoder"], text_encoder_params=params["text_encoder"],
-      tokenizer=tokenizers["text_encoder"], scheduler_config=configs["scheduler"],
-      model_index=model_index, **extra)
+      text_encoders=pipeline.text_encoders(modules, params, tokenizers),
+      scheduler_config=configs["scheduler"], model_index=model_index)
