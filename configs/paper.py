@@ -25,7 +25,7 @@ is fixed here (`global_batch_size`), so any device count reproduces it when it
 divides 8 (1, 2, 4 or 8 devices); on others set `--config.global_batch_size`.
 """
 
-from ti_jax.training import defaults
+from ti_jax.training import config
 
 LDM = "CompVis/ldm-text2im-large-256"
 MODELS = ("ldm", "sd15", "tiny", "world")
@@ -57,11 +57,11 @@ def get_config(arg: str = "ldm,object"):
     raise ValueError(f"configs/paper.py:{arg}: the world model learns objects only (its "
                      "captions never name a style)")
   # The paper's initializers: a coarse descriptor of the object, "painting" for styles.
-  c = defaults.concept_config(
+  c = config.concept_config(
       model if model in ("tiny", "world") else "sd15", prop, "<S*>",
       "painting" if prop == "style" else "sculpture",
       "a painting of a fox in the style of {}" if prop == "style" else "a photo of {} on the beach",
-      world=defaults.WORLD_OBJECT)
+      world=config.WORLD_OBJECT)
 
   # --- The paper's hyper-parameters ---
   c.global_batch_size = 8  # 4 per GPU on 2 GPUs
@@ -84,7 +84,7 @@ def get_config(arg: str = "ldm,object"):
   elif model == "sd15":
     c.resolution = 512
   elif model == "world":  # the paper's batch and rate; the world variant's length, flips, sampler
-    world = defaults.get_config("world")
+    world = config.get_config("world")
     for key in ("flip_p", "max_train_steps", "checkpointing_steps", "validation_steps",
                 "validation_inference_steps", "validation_guidance_scale"):
       c[key] = world[key]

@@ -7,13 +7,13 @@ Variants: `:sd15` (default), `:sd21`, `:sdxl` (SDXL base, 1024 px), `:tiny` (off
 demo on examples/style), `:tiny_sdxl` (the same on a tiny SDXL).
 """
 
-from ti_jax.training import defaults
+from ti_jax.training import config
 
 
 def get_config(variant: str = "sd15"):
   """Style config for `variant` (sd15, sd21, sdxl, tiny or tiny_sdxl)."""
   # Style templates ("a painting in the style of {}", ...); "painting" is the
   # paper's initializer for styles.
-  return defaults.concept_config(variant, "style", "<style>", "painting",
-                                 "a painting of a fox in the style of {}",
-                                 tiny={"train_data_dir": "examples/style"})
+  return config.concept_config(variant, "style", "<style>", "painting",
+                               "a painting of a fox in the style of {}",
+                               tiny={"train_data_dir": "examples/style"})

@@ -34,7 +34,7 @@ def main(argv: Sequence[str]) -> None:
     return
   distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
   # Process-wide JAX settings belong to the program, not to the library's `run`.
-  trainer.enable_compilation_cache(config.compilation_cache_dir)
+  distributed.enable_compilation_cache(config.compilation_cache_dir)
   try:
     result = trainer.run(config, f.workdir)
   except errors.UserError as e:

@@ -177,17 +177,17 @@ def test_remat_auto_rematerialises_only_when_the_plain_step_does_not_fit():
 
 
 def test_remat_setting_accepts_true_false_and_auto_only(tmp_path):
-  from ti_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from ti_jax.training import config as training_config  # pylint: disable=import-outside-toplevel
   object_config = config_module("object")
   c = object_config.get_config("tiny")
   c.train_data_dir = str(tmp_path)
   assert c.remat == "auto"  # the default
   for ok in (True, False, "auto"):
     c.remat = ok
-    trainer.validate_config(c)
+    training_config.validate_config(c)
   c.remat = "sometimes"
-  with pytest.raises(trainer.ConfigError, match="config.remat must be True, False or auto"):
-    trainer.validate_config(c)
+  with pytest.raises(training_config.ConfigError, match="config.remat must be True, False or auto"):
+    training_config.validate_config(c)
 
 
 class _Refused:

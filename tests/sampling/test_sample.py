@@ -19,6 +19,7 @@ from ti_jax.runtime import run_dir
 from ti_jax.sampling import concepts as sampling_concepts
 from ti_jax.sampling import generation, runner
 from ti_jax.training import trainer
+from ti_jax.training import config as training_config
 from ti_jax.weights.loading import load_stable_diffusion
 
 FAST = dict(num_inference_steps=3, scheduler="ddim", guidance_scale=5.0)
@@ -391,7 +392,7 @@ def test_init_embedding_of_a_two_token_file_follows_its_own_advice(runs, tmp_pat
   two = str(tmp_path / "two.safetensors")
   vectors, _ = run_dir.learned_from_workdir(runs["toy"])
   embedding_io.safetensors_io.save(two, {"<a>": vectors, "<b>": vectors * 2})
-  with pytest.raises(trainer.ConfigError) as err:
+  with pytest.raises(training_config.ConfigError) as err:
     _train(tmp_path / "x", runs["cache"], placeholder_token="<toy3>", init_embedding=two,
            max_train_steps=1, checkpointing_steps=1)
   assert f"pick one as {two}:<a>" in str(err.value)

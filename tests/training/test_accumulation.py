@@ -13,6 +13,7 @@ from conftest import REPO, config_module, offline_config, step_pieces
 from ti_jax.data import choices
 from ti_jax.runtime import parallel
 from ti_jax.training import train_lib, trainer
+from ti_jax.training import config as training_config
 
 TOY = os.path.join(REPO, "examples", "toy")
 
@@ -105,7 +106,7 @@ def test_per_example_draws_are_those_of_the_same_global_batch(devices, batch, ac
 def test_global_batch_size_counts_the_accumulation_steps():
   assert trainer.batch_sizes(_config(3, 4, global_batch_size=8), 2) == (1, 8)
   assert trainer.batch_sizes(_config(3, 4), 2) == (3, 24)
-  with pytest.raises(trainer.ConfigError, match="2 devices x 4 accumulation steps"):
+  with pytest.raises(training_config.ConfigError, match="2 devices x 4 accumulation steps"):
     trainer.batch_sizes(_config(3, 4, global_batch_size=4), 2)
-  with pytest.raises(trainer.ConfigError, match="gradient_accumulation_steps must be >= 1"):
-    trainer.validate_config(_config(1, 0))
+  with pytest.raises(training_config.ConfigError, match="gradient_accumulation_steps must be >= 1"):
+    training_config.validate_config(_config(1, 0))

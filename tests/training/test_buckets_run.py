@@ -13,6 +13,7 @@ from PIL import Image
 from ti_jax.data import choices, image_loader, latent_cache
 from ti_jax.runtime import parallel, run_dir
 from ti_jax.training import checkpointing, dry_run, train_lib, trainer
+from ti_jax.training import config as training_config
 
 WIDE, TALL = (120, 40), (40, 120)  # 3:1 -> the 96x32 bucket, 1:3 -> 32x96 at resolution 64
 
@@ -177,13 +178,14 @@ def test_dry_run_shows_each_images_bucket(tmp_path, cache_dir, data):
     ({"max_bucket_reso": 4096}, "max_bucket_reso 4096 is above the limit"),
 ])
 def test_bad_bucket_settings_are_one_line_errors(tmp_path, data, overrides, message):
-  with pytest.raises(trainer.ConfigError, match=message):
-    trainer.validate_config(_config(tmp_path, data, **overrides))
+  with pytest.raises(training_config.ConfigError, match=message):
+    training_config.validate_config(_config(tmp_path, data, **overrides))
   if "resolution" not in overrides:  # off, the reso fields are unused and not checked
-    trainer.validate_config(_config(tmp_path, data, enable_bucket=False, **overrides))
+    training_config.validate_config(_config(tmp_path, data, enable_bucket=False, **overrides))
 
 
 def test_steps_that_the_unet_cannot_downsample_are_refused_naming_the_rule(cache_dir, data):
   # The tiny VAE downsamples 8x and its UNet 4x more: bucket sides must be multiples of 32.
-  with pytest.raises(trainer.ConfigError, match="bucket_reso_steps 16 must be a multiple of 32"):
+  with pytest.raises(training_config.ConfigError,
+                     match="bucket_reso_steps 16 must be a multiple of 32"):
     trainer.load_model(_config(cache_dir, data, bucket_reso_steps=16))

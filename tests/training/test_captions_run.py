@@ -12,6 +12,7 @@ from conftest import REPO, config_module, offline_config
 from ti_jax import errors
 from ti_jax.runtime import run_dir
 from ti_jax.training import checkpointing, trainer
+from ti_jax.training import config as training_config
 
 TOY = os.path.join(REPO, "examples", "toy")
 
@@ -113,14 +114,14 @@ def test_text_without_a_slot_is_one_line_error_naming_file_and_line(tmp_path, ca
 
 def test_caption_too_long_for_the_vectors_is_refused(tmp_path, cache_dir):
   folder = _data(tmp_path, {1: "{} " + "very " * 60 + "long"})
-  with pytest.raises(trainer.ConfigError) as err:
+  with pytest.raises(training_config.ConfigError) as err:
     trainer.run(_config(cache_dir, folder, num_vectors=20), str(tmp_path / "w"), progress=False)
   assert "caption" in str(err.value) and "toy_robot_1.txt" in str(err.value)
   assert "leaving room for at most" in str(err.value)
 
 
 def test_caption_extension_without_dot_is_refused(tmp_path, cache_dir):
-  with pytest.raises(trainer.ConfigError, match="start with a dot"):
+  with pytest.raises(training_config.ConfigError, match="start with a dot"):
     trainer.run(_config(cache_dir, TOY, caption_extension="txt"), str(tmp_path / "w"),
                 progress=False)
 

@@ -25,6 +25,7 @@ from ti_jax import errors
 from ti_jax.embeddings import embedding_io
 from ti_jax.runtime import fileio, run_dir
 from ti_jax.training import trainer
+from ti_jax.training import config as training_config
 from ti_jax.weights import safetensors_io
 
 
@@ -547,10 +548,10 @@ def test_sizes_that_cannot_fit_are_refused_in_one_line_before_anything_is_writte
   inside the jitted step (OverflowError), or made JAX's keys repeat another seed's."""
   c = _config(cache_dir, **override)
   # validate_config first: before the fix `run` would try to allocate (safe to fail here).
-  with pytest.raises(trainer.ConfigError) as err:
-    trainer.validate_config(c)
+  with pytest.raises(training_config.ConfigError) as err:
+    training_config.validate_config(c)
   assert needle in str(err.value) and "\n" not in str(err.value)
-  with pytest.raises(trainer.ConfigError):
+  with pytest.raises(training_config.ConfigError):
     trainer.run(c, str(tmp_path / "w"), progress=False)
   assert not (tmp_path / "w").exists()
 
@@ -558,11 +559,11 @@ def test_sizes_that_cannot_fit_are_refused_in_one_line_before_anything_is_writte
 def test_batch_over_the_devices_that_cannot_fit_is_refused_before_the_workdir(tmp_path,
                                                                             cache_dir):
   c = _config(cache_dir, train_batch_size=40000, gradient_accumulation_steps=1)
-  with pytest.raises(trainer.ConfigError) as err:
+  with pytest.raises(training_config.ConfigError) as err:
     trainer.batch_sizes(c, 2)  # each field is under the limit, their product is not
   assert ("config.train_batch_size 40000 x 2 devices x 1 accumulation steps = 80000 examples "
           "per step, above the limit of 65536") in str(err.value)
-  with pytest.raises(trainer.ConfigError, match="80000 examples per step"):
+  with pytest.raises(training_config.ConfigError, match="80000 examples per step"):
     trainer.run(c, str(tmp_path / "w"), devices=jax.local_devices()[:2], progress=False)
   assert not (tmp_path / "w").exists()
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, config_module, offline_config, step_pieces
 
 from ti_jax.data import choices
-from ti_jax.training import checkpointing, train_lib, trainer
+from ti_jax.training import checkpointing, train_lib
+from ti_jax.training import config as training_config
 
 TOY = os.path.join(REPO, "examples", "toy")
 GAMMA = 5.0
@@ -121,8 +122,8 @@ def _config(**overrides):
 @pytest.mark.parametrize("field,value", [("snr_gamma", -1.0), ("noise_offset", -0.1),
                                          ("snr_gamma", float("nan"))])
 def test_bad_values_are_refused(field, value):
-  with pytest.raises(trainer.ConfigError, match=f"config.{field}"):
-    trainer.validate_config(_config(**{field: value}))
+  with pytest.raises(training_config.ConfigError, match=f"config.{field}"):
+    training_config.validate_config(_config(**{field: value}))
 
 
 def _metadata(config):

@@ -14,7 +14,8 @@ from conftest import REPO, config_module, offline_config, step_pieces
 from ti_jax.data import choices
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import parallel
-from ti_jax.training import checkpointing, train_lib, trainer
+from ti_jax.training import checkpointing, train_lib
+from ti_jax.training import config as training_config
 
 TOY = os.path.join(REPO, "examples", "toy")
 # Learning rates at which a few steps move the vectors visibly (prodigy's is a multiplier).
@@ -96,8 +97,8 @@ def _config(**overrides):
 
 
 def test_unknown_optimizer_is_one_line_listing_the_choices(tmp_path):
-  with pytest.raises(trainer.ConfigError) as e:
-    trainer.validate_config(_config(optimizer="adam"))
+  with pytest.raises(training_config.ConfigError) as e:
+    training_config.validate_config(_config(optimizer="adam"))
   assert str(e.value) == ("config.optimizer must be one of adamw, lion, prodigy, adafactor, "
                           "sgd, got 'adam'")
   run = subprocess.run(

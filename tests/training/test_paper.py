@@ -14,6 +14,7 @@ from ti_jax.data import captions, choices
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import run_dir
 from ti_jax.training import trainer
+from ti_jax.training import config as training_config
 from ti_jax.weights import safetensors_io
 from ti_jax.weights.loading import load_stable_diffusion
 
@@ -55,7 +56,7 @@ def test_paper_config_has_the_papers_hyperparameters_and_ablations():
           continue
         c = paper.get_config(f"{model},{prop},{ablation}")
         c.train_data_dir = c.train_data_dir or "somewhere"
-        trainer.validate_config(c)
+        training_config.validate_config(c)
   with pytest.raises(ValueError, match="unknown word 'ldm2'"):
     paper.get_config("ldm2")
 
@@ -116,7 +117,7 @@ def test_per_image_tokens_learn_one_vector_per_image_and_export_only_s_star(tmp_
 
 
 def test_global_batch_not_divisible_by_devices_is_a_one_line_error(tmp_path, cache_dir):
-  with pytest.raises(trainer.ConfigError, match="not divisible by the 3 devices"):
+  with pytest.raises(training_config.ConfigError, match="not divisible by the 3 devices"):
     trainer.run(_config("tiny", cache_dir), str(tmp_path / "run"),
               devices=jax.local_devices()[:3], progress=False)
   assert not (tmp_path / "run" / "run.json").exists()

@@ -24,6 +24,7 @@ from ti_jax import errors
 from ti_jax.evaluation import clip_io, evaluator
 from ti_jax.sampling import editing, generation, runner, schedulers
 from ti_jax.training import dry_run, trainer, validation
+from ti_jax.training import config as training_config
 from ti_jax.weights.loading import load_stable_diffusion
 
 TOY = os.path.join(REPO, "examples", "toy")
@@ -208,10 +209,10 @@ def test_the_config_check_takes_any_step_count_for_pndm(tmp_path):
   the PRK warm-up of PNDMScheduler's defaults and refused fewer than 4 steps for any model."""
   c = _config(tmp_path / "cache", "tiny-sd15", validation_scheduler="pndm")
   c.validation_scheduler = "pndm"
-  trainer.validate_config(c)
+  training_config.validate_config(c)
   c.validation_scheduler = "heun"
-  with pytest.raises(trainer.ConfigError):
-    trainer.validate_config(c)
+  with pytest.raises(training_config.ConfigError):
+    training_config.validate_config(c)
 
 
 def _schedule(folder):

@@ -18,6 +18,7 @@ from ti_jax.data import buckets, choices, image_loader
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.runtime import parallel
 from ti_jax.training import dry_run, train_lib, trainer
+from ti_jax.training import config as training_config
 from ti_jax.weights import safetensors_io
 
 TOY = os.path.join(REPO, "examples", "toy")
@@ -184,7 +185,7 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
       "<old>", np.ones((1, inputs.table.shape[1]), np.float32), ""), "diffusers")
   c = config.copy_and_resolve_references()
   c.init_embedding = str(sd_file)
-  with pytest.raises(trainer.ConfigError) as err:
+  with pytest.raises(training_config.ConfigError) as err:
     trainer.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
   message = str(err.value)
   assert "\n" not in message and "SDXL" in message and "SD (32)" in message
@@ -204,7 +205,7 @@ def test_per_image_tokens_are_refused_for_sdxl_in_one_line(built):
   config, inputs, _, _ = built
   c = config.copy_and_resolve_references()
   c.per_image_tokens = True
-  with pytest.raises(trainer.ConfigError, match="per_image_tokens") as err:
+  with pytest.raises(training_config.ConfigError, match="per_image_tokens") as err:
     trainer.make_prompts(c, inputs.sd, inputs.prompts.texts, inputs.images.num_images)
   assert "\n" not in str(err.value)
 

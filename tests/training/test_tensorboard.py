@@ -17,6 +17,7 @@ from tensorboardX import record_writer
 
 from ti_jax.runtime import run_dir
 from ti_jax.training import tensorboard, trainer
+from ti_jax.training import config as training_config
 
 TOY = os.path.join(REPO, "examples", "toy")
 SCALARS = ("loss", "lr", "grad_norm", "max_vector_norm", "step_time_s", "images_per_sec")
@@ -61,8 +62,9 @@ def test_no_writer_when_off_or_not_process_0(tmp_path):
 
 def test_report_to_other_than_tensorboard_is_refused_listing_the_choices(tmp_path):
   c = _config(tmp_path, report_to="wandb")
-  with pytest.raises(trainer.ConfigError, match="'' \\(off\\) or 'tensorboard', got 'wandb'"):
-    trainer.validate_config(c)
+  with pytest.raises(training_config.ConfigError,
+                     match="'' \\(off\\) or 'tensorboard', got 'wandb'"):
+    training_config.validate_config(c)
 
 
 def test_run_writes_the_metrics_and_validation_grids_and_a_resume_logs_each_step_once(

@@ -10,6 +10,7 @@ from conftest import REPO, config_module, model_stub, offline_config
 from PIL import Image
 
 from ti_jax.training import trainer, validation
+from ti_jax.training import config as training_config
 
 TOY = os.path.join(REPO, "examples", "toy")
 
@@ -56,14 +57,14 @@ def test_a_bad_prompts_file_is_refused_at_start_up_in_one_line(tmp_path, content
   elif content is not None:
     path.write_bytes(content)
   with pytest.raises(validation.ValidationPromptError, match=re.escape(needle)) as e:
-    trainer.validate_config(_config(tmp_path, validation_prompts=str(path)))
+    training_config.validate_config(_config(tmp_path, validation_prompts=str(path)))
   assert "\n" not in str(e.value) and str(e.value).startswith("config.validation_prompts")
 
 
 @pytest.mark.parametrize("prompts", [("a {}", ""), ("a {}", 3)])
 def test_an_empty_or_non_string_prompt_is_refused(tmp_path, prompts):
   with pytest.raises(validation.ValidationPromptError, match=r"validation_prompts\[1\]"):
-    trainer.validate_config(_config(tmp_path, validation_prompts=prompts))
+    training_config.validate_config(_config(tmp_path, validation_prompts=prompts))
 
 
 def test_two_prompts_give_two_grids_per_validation_step_with_the_seed_fixed(tmp_path, cache_dir):

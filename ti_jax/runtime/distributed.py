@@ -1,4 +1,5 @@
-"""Multi-process start-up: `jax.distributed.initialize` when several processes share a run.
+"""Process start-up: `jax.distributed.initialize` when several processes share a run, and
+JAX's persistent compilation cache (`enable_compilation_cache`).
 
 Detected automatically on TPU pod slices (several TPU workers), SLURM jobs
 with several tasks and Open MPI launches; elsewhere set by flags or the
@@ -60,3 +61,16 @@ def define_flags() -> None:
                       "Env: TI_JAX_COORDINATOR_ADDRESS.")
   flags.DEFINE_integer("num_processes", 0, "Number of processes (env TI_JAX_NUM_PROCESSES).")
   flags.DEFINE_integer("process_id", -1, "This process's index (env TI_JAX_PROCESS_ID).")
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache in `path` ("" leaves it off).
+
+  It sets process-wide `jax.config` values, so only the entry point calls it
+  (`python -m ti_jax.train` passes config.compilation_cache_dir), never `run`.
+  """
+  if not path:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+  # Cache every program that took over a second to compile (the train step does).
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -2,9 +2,10 @@
 `ti_jax.runtime.run_dir`'s).
 
 This module owns the run's identity and every check made before a run resumes:
-`run_identity` and `run_metadata` (what a run learns), `check_identity`
-(run.json), `resume` (the checkpoints' own metadata, the shapes of their
-vectors, a changed global batch) and `claim_workdir`.
+`run_identity` and `run_metadata` (what a run learns; which fields count is
+`ti_jax.training.config`'s), `check_identity` (run.json), `resume` (the
+checkpoints' own metadata, the shapes of their vectors, a changed global batch)
+and `claim_workdir`.
 """
 
 from __future__ import annotations
@@ -17,38 +18,8 @@ import jax
 import numpy as np
 
 from ti_jax.runtime import console, fileio, parallel, run_dir
-
-# Fields of run.json that define what a run learns: resuming with any of them
-# changed would silently mix two concepts, so it is refused.
-IDENTITY_FIELDS = ("placeholder_token", "num_vectors", "initializer_token",
-                   "pretrained_model_name_or_path", "learnable_property", "train_data_dir",
-                   "resolution", "per_image_tokens", "caption_extension", "templates_file",
-                   "buckets")
-# Values of identity fields added after runs were first written.
-_IDENTITY_DEFAULTS = {"per_image_tokens": False, "caption_extension": "", "templates_file": "",
-                      "buckets": None}
-
-
-# Fields of a checkpoint's metadata that say what it learned. A run resumes a
-# checkpoint only if all of them match (run.json may be missing or rewritten).
-CHECKPOINT_IDENTITY = ("placeholder_token", "initializer_token", "pretrained_model_name_or_path",
-                       "num_vectors", "learnable_property", "resolution", "image_files", "seed",
-                       "per_image_tokens", "snr_gamma", "noise_offset", "optimizer",
-                       "caption_extension", "templates_file", "prompt_texts_sha256", "buckets")
-# Values of checkpoint identity fields added later: a checkpoint without the field
-# was made with this value (so it resumes only with it).
-_CHECKPOINT_DEFAULTS = {"snr_gamma": 0.0, "noise_offset": 0.0, "optimizer": "adamw",
-                        "caption_extension": "", "templates_file": "", "prompt_texts_sha256": "",
-                        "buckets": None}
-
-
-def bucket_identity(config) -> list[int] | None:
-  """What aspect-ratio bucketing changes of a run: [min_bucket_reso, max_bucket_reso,
-  bucket_reso_steps] with enable_bucket, None without (the reso fields are then unused)."""
-  if not config.enable_bucket:
-    return None
-  return [int(config.min_bucket_reso), int(config.max_bucket_reso),
-          int(config.bucket_reso_steps)]
+from ti_jax.training.config import (CHECKPOINT_DEFAULTS, CHECKPOINT_IDENTITY, IDENTITY_DEFAULTS,
+                                    IDENTITY_FIELDS, bucket_identity)
 
 
 def run_identity(config) -> dict:
@@ -99,11 +70,11 @@ def identity_diffs(saved: dict, run: dict) -> list[str]:
   """`field: saved there, run now` for each CHECKPOINT_IDENTITY field that differs.
 
   Fields an older checkpoint did not record are not compared, unless they have
-  a default in _CHECKPOINT_DEFAULTS (the value it was made with).
+  a default in CHECKPOINT_DEFAULTS (the value it was made with).
   """
   def norm(v):  # JSON turns tuples into lists
     return list(v) if isinstance(v, tuple) else v
-  saved = {**{k: v for k, v in _CHECKPOINT_DEFAULTS.items() if k in run}, **saved}
+  saved = {**{k: v for k, v in CHECKPOINT_DEFAULTS.items() if k in run}, **saved}
   hints = {"prompt_texts_sha256": " (a caption file or the templates file changed)"}
   return [f"{k}: {saved[k]!r} there, {run.get(k)!r} now{hints.get(k, '')}"
           for k in CHECKPOINT_IDENTITY if k in saved and norm(saved[k]) != norm(run.get(k))]
@@ -120,9 +91,9 @@ def check_identity(workdir: str, identity: dict) -> bool:
   if not fileio.exists(path):
     return False
   existing = run_dir.read_json_object(path)
-  diffs = [f"{k}: {existing.get(k, _IDENTITY_DEFAULTS.get(k))!r} there, {identity.get(k)!r} now"
+  diffs = [f"{k}: {existing.get(k, IDENTITY_DEFAULTS.get(k))!r} there, {identity.get(k)!r} now"
            for k in IDENTITY_FIELDS
-           if existing.get(k, _IDENTITY_DEFAULTS.get(k)) != identity.get(k)]
+           if existing.get(k, IDENTITY_DEFAULTS.get(k)) != identity.get(k)]
   if diffs:
     raise run_dir.WorkdirError(
         f"workdir {workdir} holds another run ({'; '.join(diffs)}); use a new --workdir "

@@ -16,6 +16,7 @@ from ti_jax.data import buckets, captions
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio, parallel
 from ti_jax.training import checkpointing, trainer, validation
+from ti_jax.training.config import validate_config
 
 # Token ids shown per prompt before the rest is elided (the padding is never shown).
 _MAX_SHOWN_IDS = 40
@@ -33,7 +34,7 @@ def dry_run(config, workdir: str) -> list[str]:
   Raises:
     errors.UserError: the input a real run would refuse, with its message.
   """
-  trainer.validate_config(config)
+  validate_config(config)
   workdir = fileio.resolve(workdir)
   resumes = checkpointing.check_identity(workdir, checkpointing.run_identity(config))  # reads only
   # The trainer's own start-up steps, so a dry run checks exactly what a run would.

@@ -27,7 +27,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ti_jax import errors
@@ -37,13 +36,8 @@ from ti_jax.models import layers
 from ti_jax.runtime import console, fileio, parallel, run_dir
 from ti_jax.sampling import schedulers
 from ti_jax.training import checkpointing, tensorboard, train_lib, validation
+from ti_jax.training.config import DTYPES, MAX_EXAMPLES_PER_STEP, ConfigError, validate_config
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class ConfigError(errors.UserError):
-  """A config value is out of range; one-line message."""
 
 
 class DivergedError(errors.UserError):
@@ -53,155 +47,11 @@ class DivergedError(errors.UserError):
 class Aborted(Exception):
   """A second stop signal ended the run before its checkpoint was written."""
 
-# Largest training resolution: Stable Diffusion models are trained at 512-1024 px,
-# and the VAE encoder's first layers hold 128 x R x R float32 activations per
-# image (2 GiB at 2048 px), beside R x R x 3 pixels per training view on the host.
-MAX_RESOLUTION = 2048
-
-
-# The step counter, and every step count the compiled step computes with (the learning-rate
-# schedule's warmup and decay, progressive_words), are 32-bit integers on the device.
-MAX_STEPS = 2**31 - 1
-
-# JAX's random keys take 32-bit seeds: a larger seed would repeat a smaller one's draws.
-MAX_SEED = 2**32 - 1
-
-# Examples per optimizer step (per-device batch x devices x accumulation steps). The host
-# draws every example's view and template each step (about a second for this many) and
-# builds its token ids; nothing trains usefully at more.
-MAX_EXAMPLES_PER_STEP = 2**16
-
-# Validation images per prompt, and per device per sampling call. Each prompt's images and
-# their grid are held on the host (64 images at 2048 px take 1.5 GB); for more images,
-# sample the checkpoint with ti_jax.sample.
-MAX_VALIDATION_IMAGES = 64
-
 
 # A learned vector whose L2 norm exceeds this many times the largest norm of the
 # model's token table (or of the initial vectors) has diverged: the text encoder
 # has never seen inputs of that size. Normal runs stay within about 10x.
 MAX_NORM_FACTOR = 1000.0
-
-
-def validate_config(c) -> None:
-  """Checks value ranges that config_flags' type checks cannot."""
-  def need(ok, msg):
-    if not ok:
-      raise ConfigError(msg)
-  need(c.train_data_dir, "config.train_data_dir is empty: point it at a folder of 3-5 images")
-  need(c.learnable_property in ("object", "style"),
-       f"config.learnable_property must be 'object' or 'style', got {c.learnable_property!r}")
-  need(not c.caption_extension or (c.caption_extension.startswith(".") and
-                                   len(c.caption_extension) > 1),
-       f"config.caption_extension must be '' or start with a dot, e.g. '.txt', got "
-       f"{c.caption_extension!r}")
-  need(c.initializer_token.strip(), "config.initializer_token is empty: give a coarse word, e.g. 'toy'")
-  need(c.num_vectors >= 1, f"config.num_vectors must be >= 1, got {c.num_vectors}")
-  # Each vector takes one of the text encoder's 77 tokens, 2 of which are start
-  # and end (the exact limit, which depends on the templates, is checked later).
-  need(c.num_vectors <= 75, f"config.num_vectors {c.num_vectors} cannot fit the text "
-       "encoder's 77-token prompts (each vector takes a token; at most 75 fit)")
-  need(c.resolution >= 8 and c.resolution % 8 == 0,
-       f"config.resolution must be a positive multiple of 8, got {c.resolution}")
-  if c.enable_bucket:
-    step = c.bucket_reso_steps
-    need(step >= 8 and step % 8 == 0,
-         f"config.bucket_reso_steps must be a positive multiple of 8, got {step}")
-    for name in ("min_bucket_reso", "max_bucket_reso"):
-      need(c[name] >= step and c[name] % step == 0,
-           f"config.{name} must be a positive multiple of bucket_reso_steps {step}, got {c[name]}")
-    need(c.min_bucket_reso <= c.resolution <= c.max_bucket_reso,
-         f"config.resolution {c.resolution} must lie in [min_bucket_reso, max_bucket_reso] = "
-         f"[{c.min_bucket_reso}, {c.max_bucket_reso}] with enable_bucket")
-    need(c.max_bucket_reso <= MAX_RESOLUTION,
-         f"config.max_bucket_reso {c.max_bucket_reso} is above the limit of {MAX_RESOLUTION} px")
-  need(c.resolution <= MAX_RESOLUTION,
-       f"config.resolution {c.resolution} is above the limit of {MAX_RESOLUTION} px: Stable "
-       "Diffusion is trained at 512-1024 px, and encoding larger images needs tens of GB")
-  # nan compares False with everything, so each range check below also refuses it.
-  for name in ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay",
-               "embedding_reg_weight", "flip_p", "per_image_token_p", "snr_gamma", "noise_offset",
-               "validation_guidance_scale"):
-    need(math.isfinite(float(c[name])), f"config.{name} must be a finite number, got {c[name]}")
-  need(c.train_batch_size >= 1, f"config.train_batch_size must be >= 1, got {c.train_batch_size}")
-  for name in ("train_batch_size", "global_batch_size", "gradient_accumulation_steps"):
-    need(c[name] <= MAX_EXAMPLES_PER_STEP,
-         f"config.{name} {c[name]} is above the limit of {MAX_EXAMPLES_PER_STEP} examples per "
-         "step (the host draws and tokenizes every example of every step)")
-  need(c.remat in (True, False, "auto"), f"config.remat must be True, False or auto, got {c.remat!r}")
-  need(c.global_batch_size >= 0, f"config.global_batch_size must be >= 0, got {c.global_batch_size}")
-  for name in ("snr_gamma", "noise_offset"):
-    need(c[name] >= 0, f"config.{name} must be >= 0 (0 = off), got {c[name]}")
-  need(c.gradient_accumulation_steps >= 1,
-       f"config.gradient_accumulation_steps must be >= 1, got {c.gradient_accumulation_steps}")
-  need(0.0 <= c.per_image_token_p <= 1.0,
-       f"config.per_image_token_p must be in [0, 1], got {c.per_image_token_p}")
-  need(c.max_train_steps >= 1, f"config.max_train_steps must be >= 1, got {c.max_train_steps}")
-  for name in ("max_train_steps", "lr_warmup_steps", "progressive_words"):
-    need(c[name] <= MAX_STEPS, f"config.{name} {c[name]} is above {MAX_STEPS}: the training "
-         "step counts steps in 32-bit integers")
-  need(c.learning_rate > 0, f"config.learning_rate must be > 0, got {c.learning_rate}")
-  for name in ("adam_beta1", "adam_beta2"):
-    need(0.0 <= c[name] < 1.0, f"config.{name} must be in [0, 1), got {c[name]}")
-  need(c.adam_epsilon > 0, f"config.adam_epsilon must be > 0, got {c.adam_epsilon}")
-  need(c.adam_weight_decay >= 0,
-       f"config.adam_weight_decay must be >= 0, got {c.adam_weight_decay}")
-  need(c.optimizer in train_lib.OPTIMIZERS,
-       f"config.optimizer must be one of {', '.join(train_lib.OPTIMIZERS)}, got {c.optimizer!r}")
-  need(c.lr_scheduler in train_lib.LR_SCHEDULES,
-       f"config.lr_scheduler must be one of {', '.join(train_lib.LR_SCHEDULES)}, got {c.lr_scheduler!r}")
-  need(0.0 <= c.flip_p <= 1.0, f"config.flip_p must be in [0, 1], got {c.flip_p}")
-  for name in ("dtype", "vae_dtype"):
-    need(c[name] in _DTYPES, f"config.{name} must be one of {', '.join(_DTYPES)}, got {c[name]!r}")
-  need(c.checkpointing_steps >= 1, f"config.checkpointing_steps must be >= 1, got {c.checkpointing_steps}")
-  need(c.log_every_steps >= 1, f"config.log_every_steps must be >= 1, got {c.log_every_steps}")
-  need(c.validation_steps >= 1, f"config.validation_steps must be >= 1, got {c.validation_steps}")
-  need(c.checkpoints_total_limit >= 1,
-       f"config.checkpoints_total_limit must be >= 1 (the newest is always kept), "
-       f"got {c.checkpoints_total_limit}")
-  need(0 <= c.seed <= MAX_SEED, f"config.seed must be >= 0 and < 2**32 (JAX's random keys take "
-       f"32-bit seeds), got {c.seed}")
-  need(c.progressive_words >= 0,
-       f"config.progressive_words must be >= 0, got {c.progressive_words}")
-  need(c.embedding_reg_weight >= 0,
-       f"config.embedding_reg_weight must be >= 0, got {c.embedding_reg_weight}")
-  need(c.lr_warmup_steps >= 0, f"config.lr_warmup_steps must be >= 0, got {c.lr_warmup_steps}")
-  need(c.attention_impl in layers.ATTENTION_IMPLS,
-       f"config.attention_impl must be one of {layers.ATTENTION_IMPLS}, got {c.attention_impl!r}")
-  need(c.report_to in tensorboard.REPORT_TO,
-       f"config.report_to must be '' (off) or 'tensorboard', got {c.report_to!r}")
-  if validation.enabled(c):
-    validation.validation_prompts(c)  # a prompts file is read (and checked) at start-up
-    need(c.num_validation_images >= 1,
-         f"config.num_validation_images must be >= 1, got {c.num_validation_images}")
-    for name in ("num_validation_images", "validation_batch_size"):
-      need(c[name] <= MAX_VALIDATION_IMAGES,
-           f"config.{name} {c[name]} is above the limit of {MAX_VALIDATION_IMAGES} validation "
-           "images (for more, sample a checkpoint with python -m ti_jax.sample)")
-    need(c.validation_inference_steps >= 1,
-         f"config.validation_inference_steps must be >= 1, got {c.validation_inference_steps}")
-    need(c.validation_batch_size >= 0,
-         f"config.validation_batch_size must be >= 0, got {c.validation_batch_size}")
-    # The name only: the sampler itself is built from the model's scheduler config once it
-    # is loaded (validation.check_scheduler); an empty config here would take PNDM's PRK
-    # defaults and refuse pndm below 4 steps for every model.
-    try:
-      schedulers.check_sampler_name(c.validation_scheduler)
-    except ValueError as e:
-      raise ConfigError(f"config.validation_scheduler: {e}") from None
-
-
-def enable_compilation_cache(path: str) -> None:
-  """Turns on JAX's persistent compilation cache in `path` ("" leaves it off).
-
-  It sets process-wide `jax.config` values, so only the entry point calls it
-  (`python -m ti_jax.train` passes config.compilation_cache_dir), never `run`.
-  """
-  if not path:
-    return
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-  # Cache every program that took over a second to compile (the train step does).
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 _log = console.log
@@ -506,10 +356,10 @@ def bucket_sizes(images: image_loader.TrainingImages) -> list[int]:
 
 def load_model(config):
   """(the frozen Stable Diffusion, its training noise schedule), checked against the config."""
-  dtype = _DTYPES[config.dtype]
+  dtype = DTYPES[config.dtype]
   sd = load_stable_diffusion(
       config.pretrained_model_name_or_path, dtype=dtype, param_dtype=dtype,
-      vae_dtype=_DTYPES[config.vae_dtype], variant=config.variant or None,
+      vae_dtype=DTYPES[config.vae_dtype], variant=config.variant or None,
       revision=config.revision or None, allow_pickle=config.allow_pickle,
       attention_impl=config.attention_impl or None, cache_dir=config.cache_dir,
       remat=config.remat is True, tokenizer=config.tokenizer_name_or_path or None)
