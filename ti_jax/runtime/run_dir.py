@@ -6,7 +6,7 @@ A run directory holds:
                            a cache of the checkpoints' own metadata
   checkpoints/<step>/      Orbax: {"state": learned vectors, optimizer state and
                            step (older runs: also rng key data); "metadata": JSON
-                           with the run's identity (training.checkpointing's
+                           with the run's identity (training.config's
                            CHECKPOINT_IDENTITY)}
   unreadable_checkpoints/  checkpoints a resumed run could not read, set aside
   metrics.jsonl            one JSON line per logged step
