@@ -58,6 +58,16 @@ def test_identity_names_config_fields_or_what_a_run_computes():
     assert set(defaults) <= set(table)
 
 
+def test_every_field_is_in_an_identity_or_outside_both():
+  """A new field needs a decision: part of what a run learns, or free to change on resume."""
+  identity = set(training_config.IDENTITY_FIELDS + training_config.CHECKPOINT_IDENTITY)
+  identity |= {f for fields in training_config.COMPUTED_IDENTITY.values() for f in fields}
+  outside = training_config.NOT_IDENTITY
+  assert len(set(outside)) == len(outside) and set(outside) <= set(FIELDS)
+  assert not identity & set(outside)
+  assert [f for f in FIELDS if f not in identity and f not in outside] == []
+
+
 def test_run_records_carry_every_identity_field():
   c = training_config.get_config("tiny")
   assert tuple(checkpointing.run_identity(c)) == training_config.IDENTITY_FIELDS

@@ -12,7 +12,8 @@ presets, its check, and whether it is part of the run's identity.
   value of their type suits are listed in `UNCHECKED`, so a new field needs a decision.
 - Identity: the fields that say what a run learns, in run.json (`IDENTITY_FIELDS`) and
   in every checkpoint (`CHECKPOINT_IDENTITY`), with the values older runs were made
-  with; `ti_jax.training.checkpointing` compares them when a run resumes.
+  with; `ti_jax.training.checkpointing` compares them when a run resumes. The other
+  fields, free to change on resume, are listed in `NOT_IDENTITY`.
 
 Variants (`--config configs/style.py:VARIANT`):
   sd15  Stable Diffusion 1.5 from the hub (the default).
@@ -468,10 +469,35 @@ CHECKPOINT_DEFAULTS = {"snr_gamma": 0.0, "noise_offset": 0.0, "optimizer": "adam
                        "caption_extension": "", "templates_file": "", "prompt_texts_sha256": "",
                        "buckets": None}
 
-# Identity entries that are no config field: what a run computes from its config
-# ("buckets", `bucket_identity`) and from its inputs (the image files' names, the
-# digest of its captions' and templates file's texts).
-COMPUTED_IDENTITY = ("buckets", "image_files", "prompt_texts_sha256")
+# Identity entries that are no config field, and the fields each is computed from:
+# "buckets" from the bucket fields (`bucket_identity`), the image files' names from the
+# images found in train_data_dir, the digest of the caption files' and templates file's
+# texts from the files those fields name.
+COMPUTED_IDENTITY = {
+    "buckets": ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"),
+    "image_files": ("train_data_dir",),
+    "prompt_texts_sha256": ("caption_extension", "templates_file"),
+}
+
+# Fields outside both identities: a run may resume with them changed (a changed global
+# batch is warned about). With the identity tables and COMPUTED_IDENTITY they name every
+# field, so a new field needs a decision (tests/training/test_config.py).
+NOT_IDENTITY = (
+    # Model: its files and how it is computed.
+    "tokenizer_name_or_path", "revision", "variant", "allow_pickle", "cache_dir",
+    "compilation_cache_dir", "dtype", "vae_dtype", "attention_impl", "remat",
+    # Concept and data.
+    "init_embedding", "center_crop", "flip_p", "per_image_token_p",
+    # Optimisation.
+    "train_batch_size", "global_batch_size", "gradient_accumulation_steps", "max_train_steps",
+    "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
+    "adam_weight_decay", "adam_epsilon", "embedding_reg_weight", "progressive_words",
+    # Checkpoints, logging, validation.
+    "checkpointing_steps", "checkpoints_total_limit", "log_every_steps", "report_to",
+    "validation_prompt", "validation_prompts", "validation_steps", "num_validation_images",
+    "validation_scheduler", "validation_inference_steps", "validation_guidance_scale",
+    "validation_batch_size",
+)
 
 
 def bucket_identity(config) -> list[int] | None:
