@@ -240,8 +240,8 @@ def test_export_then_import_round_trips(runs, tmp_path, fmt):
   vectors, _ = run_dir.learned_from_workdir(runs["style"])
   path = exporter.export(runs["style"], fmt, str(tmp_path / embedding_io.default_filename("<style>", fmt)))
   (concept,) = embedding_io.load_concepts(path)
-  np.testing.assert_array_equal(concept.vectors, vectors)
-  assert concept.vectors.shape == (2, 32)
+  np.testing.assert_array_equal(concept.vectors[0], vectors)
+  assert concept.vectors[0].shape == (2, 32)
   # Every format's default file registers the run's token: A1111 and kohya files by
   # their file name, which keeps the token's characters; diffusers files by their key.
   assert concept.token == "<style>"
