@@ -82,6 +82,7 @@ def encode_prompts(settings, arrays, ids: jax.Array) -> tuple[jax.Array, Any]:
   for SDXL's eos id 2, which picks an added pseudo-word).
   """
   one = len(settings.text_encoders) == 1
+  # [b, T] token ids per encoder
   per_encoder = (ids,) if one else tuple(ids[:, e] for e in range(len(settings.text_encoders)))
   embeds = tuple(  # [b, T, D_e] per encoder, the learned vectors spliced in
       embed_tokens(token_table(module, params), learned, placeholder_ids, e_ids)
@@ -108,7 +109,7 @@ def guidance_conditioning(settings, arrays, cond_ids: jax.Array, uncond_ids: jax
   if settings.guidance_scale == 1.0:
     return cond
   uncond = encode_prompts(settings, arrays, uncond_ids)
-  if arrays.zero_uncond is not None:  # SDXL
+  if len(settings.text_encoders) > 1:  # SDXL
     context, added = uncond
     zeros = sdxl.unconditional(context, added["text_embeds"])
     keep = jnp.logical_not(arrays.zero_uncond)
