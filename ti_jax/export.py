@@ -45,7 +45,7 @@ def main(argv: Sequence[str]) -> None:
   print(f"wrote {' and '.join(embedding_io.output_files(path, concept, f.format))}",
         file=sys.stderr)
   print(embedding_io.prompt_usage(path, concept.token, f.format,
-                                  sdxl=concept.vectors_2 is not None), file=sys.stderr)
+                                  sdxl=len(concept.vectors) > 1), file=sys.stderr)
 
 
 if __name__ == "__main__":

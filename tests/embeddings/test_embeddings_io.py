@@ -49,7 +49,7 @@ def test_a1111_and_kohya_files_register_their_file_name(tmp_path, fmt):
   os.rename(path, renamed)
   concept = _one(renamed)
   assert concept.token == "my-rename" and "file name" in concept.token_from
-  np.testing.assert_array_equal(concept.vectors, _vectors(2))
+  np.testing.assert_array_equal(concept.vectors[0], _vectors(2))
 
 
 def test_diffusers_file_registers_its_key_as_diffusers_does(tmp_path):
@@ -66,7 +66,7 @@ def test_path_token_picks_one_token_of_a_multi_token_file(tmp_path):
   safetensors_io.save(str(path), {"<a>": _vectors(1, 1), "<b>": _vectors(2, 2)})
   assert [c.token for c in embedding_io.load_concepts(str(path))] == ["<a>", "<b>"]
   chosen = _one(f"{path}:<b>")
-  assert chosen.token == "<b>" and chosen.vectors.shape == (2, DIM)
+  assert chosen.token == "<b>" and chosen.vectors[0].shape == (2, DIM)
   with pytest.raises(embedding_io.EmbeddingFileError) as err:
     embedding_io.load_concepts(f"{path}:<c>")
   assert "holds 2 tokens (<a>, <b>)" in str(err.value) and "\n" not in str(err.value)
@@ -150,9 +150,9 @@ def test_save_embedding_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypa
   embedding_io.save_embedding(str(path), embedding_io.Concept("<toy>", _vectors(2), ""),
                               "diffusers")
   np.testing.assert_array_equal(safetensors_io.load(str(path))["<toy>"], _vectors(2))
-  assert embedding_io.holds_embedding(str(path), "<toy>", _vectors(2))
-  assert not embedding_io.holds_embedding(str(path), "<toy>", _vectors(2, seed=1))
-  assert not embedding_io.holds_embedding(str(path), "<other>", _vectors(2))
+  assert embedding_io.holds_embedding(str(path), "<toy>", (_vectors(2),))
+  assert not embedding_io.holds_embedding(str(path), "<toy>", (_vectors(2, seed=1),))
+  assert not embedding_io.holds_embedding(str(path), "<other>", (_vectors(2),))
   before = path.read_bytes()
 
   def dies_half_way(local, concept, fmt, step=0):

@@ -49,7 +49,7 @@ def test_onetrainer_file_registers_its_file_name_and_its_prompt_uses_it(tmp_path
   safetensors_io.save(str(path), {"emp_params": _vectors(2)})
   concept = _one(path)
   assert concept.token == "ot" and "file name" in concept.token_from and not concept.notes
-  np.testing.assert_array_equal(concept.vectors, _vectors(2))
+  np.testing.assert_array_equal(concept.vectors[0], _vectors(2))
   tok, _ = sampling_concepts.tokenizer_with_concepts(tokenizer, [concept])
   # ("photo" would hold "ot": tokenizers split added tokens out of any word.)
   prompt, warnings = sampling_concepts.prepare_prompt("a drawing of ot", [concept], tok)
@@ -61,14 +61,14 @@ def test_onetrainer_output_vectors_are_ignored_with_a_note(tmp_path, capsys):
   safetensors_io.save(str(path), {"emp_params": _vectors(1), "emp_params_out": _vectors(1, seed=1)})
   concept = _one(path)
   assert concept.token == "ot"
-  np.testing.assert_array_equal(concept.vectors, _vectors(1))
+  np.testing.assert_array_equal(concept.vectors[0], _vectors(1))
   (note,) = concept.notes
   assert "emp_params_out" in note and "ignored" in note
   assert f"note: {note}" in capsys.readouterr().err  # load_concepts logs it for every caller
   # --config.init_embedding takes the file as one concept (it refused "2 tokens").
   from ti_jax.training import trainer
   init = trainer._load_init_concept(str(path))  # pylint: disable=protected-access
-  np.testing.assert_array_equal(init.vectors, _vectors(1))
+  np.testing.assert_array_equal(init.vectors[0], _vectors(1))
 
 
 def test_onetrainer_output_embedding_is_refused_naming_what_it_is(tmp_path):
@@ -90,7 +90,7 @@ def test_onetrainer_sdxl_output_vectors_are_ignored_with_a_note(tmp_path):
   safetensors_io.save(str(path), tables)
   concept = _one(path)
   assert concept.token == "ot-xl" and concept.widths == (WIDTH_1, WIDTH_2)
-  np.testing.assert_array_equal(concept.vectors_2, tables["clip_g"])
+  np.testing.assert_array_equal(concept.vectors[1], tables["clip_g"])
   (note,) = concept.notes
   assert "clip_g_out" in note and "clip_l_out" in note
   tables["clip_l"] = np.zeros_like(tables["clip_l"])
@@ -114,8 +114,8 @@ def test_intermediate_diffusers_pair_is_read_as_one_sdxl_concept(tmp_path):
   first, a, b = _diffusers_pair(tmp_path, 500)
   concept = _one(first)
   assert concept.token == "<cat>" and "SDXL pair" in concept.token_from
-  np.testing.assert_array_equal(concept.vectors, a)
-  np.testing.assert_array_equal(concept.vectors_2, b)
+  np.testing.assert_array_equal(concept.vectors[0], a)
+  np.testing.assert_array_equal(concept.vectors[1], b)
   embedding_io.check_fits(concept, (WIDTH_1, WIDTH_2))
   # Half of the pair is never an SD embedding: an SD model refuses it naming both families.
   with pytest.raises(embedding_io.ModelFamilyError, match="SDXL"):
@@ -141,13 +141,13 @@ def test_folder_of_intermediate_saves_reads_the_newest_pair(tmp_path, capsys):
   _diffusers_pair(tmp_path, 500, seed=0)
   _, a, b = _diffusers_pair(tmp_path, 1000, seed=1)
   concept = _one(tmp_path)
-  np.testing.assert_array_equal(concept.vectors, a)
-  np.testing.assert_array_equal(concept.vectors_2, b)
+  np.testing.assert_array_equal(concept.vectors[0], a)
+  np.testing.assert_array_equal(concept.vectors[1], b)
   assert concept.source.endswith("learned_embeds-steps-1000.safetensors")
   assert "learned_embeds-steps-1000.safetensors" in capsys.readouterr().err
   # The final pair, once written, wins over every intermediate one (as in diffusers).
   _, a, _ = _diffusers_pair(tmp_path, None, seed=2)
-  np.testing.assert_array_equal(_one(tmp_path).vectors, a)
+  np.testing.assert_array_equal(_one(tmp_path).vectors[0], a)
 
 
 # --- the paper's own .pt (rinongal/textual_inversion): string_to_param is an nn.ParameterDict
@@ -163,7 +163,7 @@ def test_paper_pt_with_a_parameter_dict_is_read(tmp_path):
                   {"*": torch.nn.Parameter(torch.from_numpy(vectors))})}, str(path))
   concept = _one(path)
   assert concept.token == "embeddings_gs-6099" and "file name" in concept.token_from
-  np.testing.assert_array_equal(concept.vectors, vectors)
+  np.testing.assert_array_equal(concept.vectors[0], vectors)
   assert _one(f"{path}:<paper>").token == "<paper>"
 
 
@@ -284,8 +284,7 @@ def test_each_export_is_read_by_the_tools_the_readme_names(tmp_path, fmt, widths
   if fmt == "a1111-pt":
     pytest.importorskip("torch")
   vectors = [_vectors(2, w) for w in widths]
-  concept = embedding_io.Concept("<toy>", vectors[0], "",
-                                 vectors_2=vectors[1] if len(widths) == 2 else None)
+  concept = embedding_io.Concept("<toy>", tuple(vectors), "")
   path = str(tmp_path / embedding_io.default_filename("<toy>", fmt))
   os.makedirs(os.path.dirname(path))
   embedding_io.write_embedding_file(path, concept, fmt)

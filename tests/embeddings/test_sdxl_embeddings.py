@@ -18,7 +18,7 @@ WIDTH_1, WIDTH_2 = 32, 48
 def _sdxl(token="<toy>", n=2, seed=0, widths=(WIDTH_1, WIDTH_2), source=""):
   rng = np.random.default_rng(seed)
   a, b = (rng.standard_normal((n, w)).astype(np.float32) for w in widths)
-  return embedding_io.Concept(token, a, source, vectors_2=b)
+  return embedding_io.Concept(token, (a, b), source)
 
 
 def _one(spec):
@@ -27,8 +27,9 @@ def _one(spec):
 
 
 def _same_vectors(concept, expected):
-  np.testing.assert_array_equal(concept.vectors, expected.vectors)
-  np.testing.assert_array_equal(concept.vectors_2, expected.vectors_2)
+  assert len(concept.vectors) == len(expected.vectors) == 2
+  for got, want in zip(concept.vectors, expected.vectors):
+    np.testing.assert_array_equal(got, want)
 
 
 def _refusal(fn, *args, error=embedding_io.EmbeddingFileError):
@@ -53,8 +54,8 @@ def test_sdxl_file_holds_clip_l_and_clip_g_and_registers_its_file_name(tmp_path,
   else:
     tables = safetensors_io.load(str(path))
   assert set(tables) == {"clip_l", "clip_g"}  # what A1111, ComfyUI and kohya look up
-  np.testing.assert_array_equal(tables["clip_l"], concept.vectors)
-  np.testing.assert_array_equal(tables["clip_g"], concept.vectors_2)
+  np.testing.assert_array_equal(tables["clip_l"], concept.vectors[0])
+  np.testing.assert_array_equal(tables["clip_g"], concept.vectors[1])
   loaded = _one(path)
   assert loaded.token == "my-xl" and "file name" in loaded.token_from
   assert loaded.family == f"SDXL ({WIDTH_1} + {WIDTH_2})"
@@ -67,8 +68,8 @@ def test_kohya_pt_sdxl_file_is_read(tmp_path):
   torch = pytest.importorskip("torch")
   concept = _sdxl(n=1)
   path = tmp_path / "kohya-xl.pt"
-  torch.save({"clip_g": torch.from_numpy(concept.vectors_2),
-              "clip_l": torch.from_numpy(concept.vectors)}, str(path))
+  torch.save({"clip_g": torch.from_numpy(concept.vectors[1]),
+              "clip_l": torch.from_numpy(concept.vectors[0])}, str(path))
   loaded = _one(path)
   assert loaded.token == "kohya-xl"
   _same_vectors(loaded, concept)
@@ -96,17 +97,17 @@ def test_diffusers_pair_is_written_as_two_files_and_read_from_the_first_or_the_f
   embedding_io.save_embedding(str(first), concept, "diffusers")
   second = tmp_path / "learned_embeds_2.safetensors"
   assert sorted(os.listdir(tmp_path)) == [first.name, second.name]  # no temporary files left
-  np.testing.assert_array_equal(safetensors_io.load(str(first))["<toy>"], concept.vectors)
-  np.testing.assert_array_equal(safetensors_io.load(str(second))["<toy>"], concept.vectors_2)
+  np.testing.assert_array_equal(safetensors_io.load(str(first))["<toy>"], concept.vectors[0])
+  np.testing.assert_array_equal(safetensors_io.load(str(second))["<toy>"], concept.vectors[1])
   for spec in (first, tmp_path):
     loaded = _one(spec)
     assert loaded.token == "<toy>" and "SDXL pair" in loaded.token_from
     _same_vectors(loaded, concept)
   message = _refusal(embedding_io.load_concepts, str(second))
   assert f"pass {first}" in message and "second file" in message
-  assert embedding_io.holds_embedding(str(first), "<toy>", concept.vectors, concept.vectors_2)
-  assert not embedding_io.holds_embedding(str(first), "<toy>", concept.vectors,
-                                          concept.vectors_2 + 1)
+  assert embedding_io.holds_embedding(str(first), "<toy>", concept.vectors)
+  assert not embedding_io.holds_embedding(str(first), "<toy>",
+                                          (concept.vectors[0], concept.vectors[1] + 1))
 
 
 def test_a_file_named_like_a_second_file_is_its_own_embedding(tmp_path):
@@ -116,8 +117,8 @@ def test_a_file_named_like_a_second_file_is_its_own_embedding(tmp_path):
   for fmt, name in (("kohya", "style"), ("diffusers", "file")):
     embedding_io.write_embedding_file(str(tmp_path / f"{name}.safetensors"), one, fmt)
     embedding_io.write_embedding_file(str(tmp_path / f"{name}_2.safetensors"), other, fmt)
-    assert _one(tmp_path / f"{name}.safetensors").vectors_2 is None
-    assert _one(tmp_path / f"{name}_2.safetensors").vectors_2 is None
+    assert len(_one(tmp_path / f"{name}.safetensors").vectors) == 1
+    assert len(_one(tmp_path / f"{name}_2.safetensors").vectors) == 1
 
 
 def test_pair_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -254,7 +255,7 @@ def test_diffusers_sdxl_pipeline_loads_the_export_into_both_encoders(sdxl_parts,
                                 **first)
     pipe.load_textual_inversion(torch.from_numpy(np.array(tables["clip_g"])), token=token,
                                 **second)
-  for encoder, expected in ((first, concept.vectors), (second, concept.vectors_2)):
+  for encoder, expected in zip((first, second), concept.vectors, strict=True):
     ids = encoder["tokenizer"].convert_tokens_to_ids([token, f"{token}_1"])
     rows = encoder["text_encoder"].get_input_embeddings().weight.detach().numpy()[ids]
     np.testing.assert_array_equal(rows, expected)
@@ -300,10 +301,9 @@ def test_diffusers_encode_prompt_with_the_export_equals_ti_jax_conditioning(tmp_
   with pytest.raises(sampling_concepts.SampleError, match="an SD .* embedding; the model is SDXL"):
     sampling_concepts.check_concepts_fit([sd_file], folder, widths, False)
   embeds, ids = [], []
-  for tokenizer, params, vectors_of in (
-      (sd.tokenizer, sd.text_encoder_params, lambda c: c.vectors),
-      (sd.tokenizer_2, sd.text_encoder_2_params, lambda c: c.vectors_2)):
-    per_encoder = [embedding_io.Concept(c.token, vectors_of(c), c.source) for c in concepts]
+  for e, encoder in enumerate(sd.text_encoders):
+    tokenizer, params = encoder.tokenizer, encoder.params
+    per_encoder = [embedding_io.Concept(c.token, c.vectors[e], c.source) for c in concepts]
     tok, ((vectors, token_ids),) = sampling_concepts.tokenizer_with_concepts(tokenizer,
                                                                              per_encoder)
     text, _ = sampling_concepts.prepare_prompt(prompt, per_encoder, tok)
@@ -312,9 +312,8 @@ def test_diffusers_encode_prompt_with_the_export_equals_ti_jax_conditioning(tmp_
     table = params["embeddings"]["token_embedding"]["embedding"]
     embeds.append(pseudo_words.embed_tokens(table, vectors, np.asarray(token_ids), prompt_ids))
     ids.append(prompt_ids)
-  context, pooled = sdxl.text_conditioning(sd.text_encoder, sd.text_encoder_params,
-                                           sd.text_encoder_2, sd.text_encoder_2_params,
-                                           ids[0], ids[1], embeds_1=embeds[0], embeds_2=embeds[1])
+  context, pooled = sdxl.text_conditioning(tuple(e.module for e in sd.text_encoders),
+                                           tuple(e.params for e in sd.text_encoders), ids, embeds)
   record_parity("SDXL pair export: encode_prompt context vs ti_jax", rel_err(context, ref_context),
                 1e-4)
   record_parity("SDXL pair export: encode_prompt pooled vs ti_jax", rel_err(pooled, ref_pooled),

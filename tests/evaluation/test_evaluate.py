@@ -181,8 +181,10 @@ def test_an_sdxl_run_is_evaluated_with_both_encoders_vectors(tmp_path, prompts_f
                         devices=jax.local_devices()[:1])["runs"][0]
   assert 0 < report["image_similarity"] <= 1 and len(report["prompts"]) == 2
   from ti_jax.runtime import run_dir
-  vectors, vectors_2, _ = run_dir.learned_pair_from_workdir(workdir, None)
-  assert seen and all(len(k["learned_2"]) == 1 for k in seen)
+  vectors, _ = run_dir.encoder_vectors_from_workdir(workdir, None)
+  assert seen and all(len(k["learned"]) == len(k["tokenizers"]) == 2 for k in seen)
   for k in seen:  # each encoder gets its own vectors, under its own tokenizer's ids
-    np.testing.assert_array_equal(k["learned"][0][0], vectors)
-    np.testing.assert_array_equal(k["learned_2"][0][0], vectors_2)
+    for (got, ids), expected, tokenizer in zip(k["learned"], vectors, k["tokenizers"],
+                                               strict=True):
+      np.testing.assert_array_equal(got, expected)
+      assert max(ids) < len(tokenizer)  # ids of that encoder's own tokenizer

@@ -122,10 +122,9 @@ def test_text_encoders_penultimate_states_and_text_embeds_match_transformers(
     saved_pipeline, loaded, dtype):
   pipe, _ = saved_pipeline
   sd = loaded[dtype]
-  for role, tokenizer, torch_model, module, params in (
-      ("text_encoder", sd.tokenizer, pipe.text_encoder, sd.text_encoder, sd.text_encoder_params),
-      ("text_encoder_2", sd.tokenizer_2, pipe.text_encoder_2, sd.text_encoder_2,
-       sd.text_encoder_2_params)):
+  for encoder in sd.text_encoders:
+    role, tokenizer, module, params = encoder.role, encoder.tokenizer, encoder.module, encoder.params
+    torch_model = getattr(pipe, role)
     ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
                     return_tensors="np").input_ids
     with torch.no_grad():
@@ -171,21 +170,20 @@ def test_text_conditioning_equals_the_pipelines_encode_prompt(saved_pipeline, lo
         PROMPTS, prompt_2=PROMPTS_2, device="cpu", do_classifier_free_guidance=False)
   tok = lambda t, p: t(p, padding="max_length", max_length=77, truncation=True,
                        return_tensors="np").input_ids
-  ids_1, ids_2 = tok(sd.tokenizer, PROMPTS), tok(sd.tokenizer_2, PROMPTS_2)
-  context, pooled = sdxl.text_conditioning(sd.text_encoder, sd.text_encoder_params,
-                                           sd.text_encoder_2, sd.text_encoder_2_params,
-                                           ids_1, ids_2)
+  first, second = sd.text_encoders
+  ids_1, ids_2 = tok(first.tokenizer, PROMPTS), tok(second.tokenizer, PROMPTS_2)
+  encoders = tuple(e.module for e in sd.text_encoders)
+  params = tuple(e.params for e in sd.text_encoders)
+  context, pooled = sdxl.text_conditioning(encoders, params, (ids_1, ids_2))
   assert context.shape == (2, 77, sd.unet.config.cross_attention_dim)
   record_parity("tiny-sdxl conditioning: context vs encode_prompt", rel_err(context, ref_context),
                 1e-4)
   record_parity("tiny-sdxl conditioning: pooled vs encode_prompt", rel_err(pooled, ref_pooled),
                 1e-4)
   # Pseudo-word vectors enter as token embeddings: the looked-up rows give the same result.
-  table_1 = sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"]
-  table_2 = sd.text_encoder_2_params["embeddings"]["token_embedding"]["embedding"]
-  via_embeds = sdxl.text_conditioning(sd.text_encoder, sd.text_encoder_params, sd.text_encoder_2,
-                                      sd.text_encoder_2_params, ids_1, ids_2,
-                                      embeds_1=table_1[ids_1], embeds_2=table_2[ids_2])
+  table_1, table_2 = (p["embeddings"]["token_embedding"]["embedding"] for p in params)
+  via_embeds = sdxl.text_conditioning(encoders, params, (ids_1, ids_2),
+                                      (table_1[ids_1], table_2[ids_2]))
   np.testing.assert_allclose(via_embeds[0], context, atol=1e-6)
   np.testing.assert_allclose(via_embeds[1], pooled, atol=1e-6)
 
@@ -203,11 +201,12 @@ def test_time_ids_follow_the_pipelines_order(saved_pipeline):
 def test_sdxl_loads_with_its_family_second_tokenizer_and_a_float32_vae(loaded):
   sd = loaded["bfloat16"]
   assert sd.family == "sdxl" and sd.is_sdxl
-  assert sd.tokenizer_2 is not None and sd.text_encoder_2.config.projection_dim == 24
+  second = sd.text_encoders[1]
+  assert second.tokenizer is not None and second.module.config.projection_dim == 24
   # SDXL's VAE overflows in half precision: float32 unless asked otherwise.
   assert {str(a.dtype) for a in jax.tree_util.tree_leaves(sd.vae_params)} == {"float32"}
   assert sd.vae.config.scaling_factor == pytest.approx(0.13025)
-  assert {str(a.dtype) for a in jax.tree_util.tree_leaves(sd.text_encoder_2_params)} == {"bfloat16"}
+  assert {str(a.dtype) for a in jax.tree_util.tree_leaves(second.params)} == {"bfloat16"}
 
 
 def test_sdxl_unet_refuses_a_call_without_added_conditioning(loaded):

@@ -89,7 +89,7 @@ def test_four_devices_give_the_same_images_as_one(runs):
   for n in (1, 4):
     gen = generation.ImageGenerator(sd, height=64, width=64, devices=jax.local_devices()[:n], **FAST)
     images[n] = gen.generate(["a photo of a <toy>"] * 4, seed=3, learned=learned,
-                             tokenizer=tokenizer)
+                             tokenizers=(tokenizer,))
   # Same noise per image; only batch layout differs, so at most rounding of one level.
   assert np.abs(images[1].astype(int) - images[4].astype(int)).max() <= 1
 
@@ -241,8 +241,8 @@ def test_export_then_import_round_trips(runs, tmp_path, fmt):
   vectors, _ = run_dir.learned_from_workdir(runs["style"])
   path = exporter.export(runs["style"], fmt, str(tmp_path / embedding_io.default_filename("<style>", fmt)))
   (concept,) = embedding_io.load_concepts(path)
-  np.testing.assert_array_equal(concept.vectors, vectors)
-  assert concept.vectors.shape == (2, 32)
+  np.testing.assert_array_equal(concept.vectors[0], vectors)
+  assert concept.vectors[0].shape == (2, 32)
   # Every format's default file registers the run's token: A1111 and kohya files by
   # their file name, which keeps the token's characters; diffusers files by their key.
   assert concept.token == "<style>"
@@ -363,12 +363,12 @@ def test_interrupted_export_leaves_no_file(runs, tmp_path, monkeypatch):
 
 
 def test_non_finite_vectors_are_never_exported_or_sampled(runs, tmp_path, monkeypatch):
-  real = run_dir.learned_pair_from_workdir
+  real = run_dir.encoder_vectors_from_workdir
 
   def diverged(workdir, step=None):
-    vectors, vectors_2, meta = real(workdir, step)
-    return np.full_like(vectors, np.nan), vectors_2, meta
-  monkeypatch.setattr(run_dir, "learned_pair_from_workdir", diverged)
+    vectors, meta = real(workdir, step)
+    return (np.full_like(vectors[0], np.nan),) + vectors[1:], meta
+  monkeypatch.setattr(run_dir, "encoder_vectors_from_workdir", diverged)
   out = tmp_path / "nan.safetensors"
   with pytest.raises(embedding_io.EmbeddingFileError) as err:
     exporter.export(runs["toy"], "diffusers", str(out))
@@ -426,7 +426,7 @@ def test_batch_size_and_device_count_do_not_change_the_images(runs, devices, bat
   for n, b in ((1, 1), (devices, batch_size)):
     gen = generation.ImageGenerator(sd, height=64, width=64, devices=jax.local_devices()[:n], **FAST)
     images[n, b] = generation.generate_images(gen, "a photo of a <toy>", 5, batch_size=b, seed=3,
-                                              learned=learned, tokenizer=tokenizer)
+                                              learned=learned, tokenizers=(tokenizer,))
   ref, other = images[1, 1], images[devices, batch_size]
   assert ref.shape == other.shape == (5, 64, 64, 3)
   # Same noise per image; only the batch layout differs, so at most rounding of one level.

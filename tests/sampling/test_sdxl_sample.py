@@ -60,8 +60,8 @@ def concept(tmp_path_factory):
   """A one-vector SDXL concept '<toy>' read from a kohya/A1111 clip_l/clip_g file."""
   rng = np.random.default_rng(7)
   path = tmp_path_factory.mktemp("emb") / "toy-xl.safetensors"
-  made = embedding_io.Concept("<toy>", rng.standard_normal((1, 32)).astype(np.float32), "",
-                              vectors_2=rng.standard_normal((1, 32)).astype(np.float32))
+  made = embedding_io.Concept("<toy>", (rng.standard_normal((1, 32)).astype(np.float32),
+                                       rng.standard_normal((1, 32)).astype(np.float32)), "")
   embedding_io.write_embedding_file(str(path), made, "kohya")
   (loaded,) = embedding_io.load_concepts(f"{path}:<toy>")
   return loaded
@@ -165,28 +165,30 @@ def test_guidance_rescale_zero_leaves_the_sd_program_as_it_was(tiny_sd15, monkey
 
 def test_learned_concept_goes_into_copies_of_both_tokenizers_and_changes_the_images(
     sd, gen, concept):
-  before = (len(sd.tokenizer), len(sd.tokenizer_2))
+  own = [e.tokenizer for e in sd.text_encoders]
+  before = tuple(len(t) for t in own)
   vocab = sampling_concepts.tokenizers_with_concepts(sd, [concept])
-  assert (len(sd.tokenizer), len(sd.tokenizer_2)) == before  # the model's own are untouched
-  assert "<toy>" not in sd.tokenizer.get_vocab() and "<toy>" not in sd.tokenizer_2.get_vocab()
-  for tok, key, vectors in ((vocab["tokenizer"], "learned", concept.vectors),
-                            (vocab["tokenizer_2"], "learned_2", concept.vectors_2)):
-    ((got, ids),) = vocab[key]
-    assert ids == [tok.convert_tokens_to_ids("<toy>")] and ids[0] >= min(before)
+  assert tuple(len(t) for t in own) == before  # the model's own are untouched
+  assert all("<toy>" not in t.get_vocab() for t in own)
+  assert len(vocab["tokenizers"]) == len(vocab["learned"]) == 2
+  for tok, (got, ids), vectors in zip(vocab["tokenizers"], vocab["learned"], concept.vectors,
+                                      strict=True):
+    assert list(ids) == [tok.convert_tokens_to_ids("<toy>")] and ids[0] >= min(before)
     np.testing.assert_array_equal(got, vectors)
   prompts = ["a photo of <toy>"] * 2
   images = gen.generate(prompts, **vocab)
   # The second encoder's vectors alone, then the first's alone, change the images.
-  other_2 = dict(vocab, learned_2=[(concept.vectors_2 * -1.0, vocab["learned_2"][0][1])])
-  other_1 = dict(vocab, learned=[(concept.vectors * -1.0, vocab["learned"][0][1])])
+  (vectors_1, ids_1), (vectors_2, ids_2) = vocab["learned"]
+  other_2 = dict(vocab, learned=((vectors_1, ids_1), (vectors_2 * -1.0, ids_2)))
+  other_1 = dict(vocab, learned=((vectors_1 * -1.0, ids_1), (vectors_2, ids_2)))
   for other in (other_2, other_1):
     assert np.abs(gen.generate(prompts, **other).astype(int) - images).max() > 10
   # Both tokenizers' ids are checked.
   with pytest.raises(ValueError, match="not in the tokenizer"):
-    gen.generate(prompts, learned=vocab["learned"], tokenizer=vocab["tokenizer"],
-                 learned_2=vocab["learned_2"])
-  with pytest.raises(ValueError, match="both text encoders"):
-    gen.generate(prompts, learned=vocab["learned"], tokenizer=vocab["tokenizer"])
+    gen.generate(prompts, learned=vocab["learned"],
+                 tokenizers=(vocab["tokenizers"][0], own[1]))
+  with pytest.raises(ValueError, match="every encoder"):
+    gen.generate(prompts, learned=vocab["learned"][:1], tokenizers=vocab["tokenizers"])
 
 
 def test_empty_negative_prompt_is_zeros_only_with_force_zeros(sd):
@@ -230,7 +232,7 @@ def test_lower_includes_the_sdxl_arrays(sd):
 def test_validation_renders_sdxl_grids(sd, gen, concept, tmp_path):
   """The training run's validation with SDXL's two learned sets (as the trainer hands them)."""
   vocab = sampling_concepts.tokenizers_with_concepts(sd, [concept])
-  trained = sd.with_tokenizers((vocab["tokenizer"], vocab["tokenizer_2"]))
+  trained = sd.with_tokenizers(vocab["tokenizers"])
   c = config_module("object").get_config("tiny")
   c.placeholder_token, c.resolution, c.seed = "<toy>", SIZE, 0
   c.validation_prompt, c.validation_prompts = "", ("a photo of {}",)
@@ -240,11 +242,11 @@ def test_validation_renders_sdxl_grids(sd, gen, concept, tmp_path):
   devices = jax.local_devices()[:1]
   shared = parallel.replicate({"unet": sd.unet_params, "text_encoder": sd.text_encoder_params},
                               devices)
-  ids, ids_2 = vocab["learned"][0][1], vocab["learned_2"][0][1]
+  ids, ids_2 = ([int(i) for i in learned_ids] for _, learned_ids in vocab["learned"])
   with pytest.raises(ValueError, match="token_ids_2"):
     validation.make(c, trained, ids, devices, str(tmp_path), shared)
   v = validation.make(c, trained, ids, devices, str(tmp_path), shared, token_ids_2=ids_2)
-  assert validation.write_images(v, 1, concept.vectors, learned_2=concept.vectors_2)
+  assert validation.write_images(v, 1, concept.vectors[0], learned_2=concept.vectors[1])
   grid = np.asarray(Image.open(tmp_path / "validation" / "step000001_p0.png"))
   want = gen.generate(["a photo of <toy>"] * 2, seed=0, **vocab)
   np.testing.assert_array_equal(grid, generation.image_grid(want))  # [64, 128, 3]
@@ -294,10 +296,10 @@ def test_sampling_an_sdxl_run_uses_both_encoders_vectors_of_its_checkpoint(gen, 
                      guidance_scale=FAST["guidance_scale"])
   assert [os.path.basename(p) for p in paths] == ["000_a_photo_of_a_toy_step1_seed0_000.png",
                                                   "000_a_photo_of_a_toy_step1_seed0_001.png"]
-  vectors, vectors_2, _ = run_dir.learned_pair_from_workdir(workdir)
-  assert vectors_2 is not None and vectors_2.shape[0] == vectors.shape[0]
+  vectors, _ = run_dir.encoder_vectors_from_workdir(workdir)
+  assert len(vectors) == 2 and vectors[1].shape[0] == vectors[0].shape[0]
   # `gen` samples the same tiny-sdxl weights (written by ti_jax from the preset and seed 0).
-  run_concept = embedding_io.Concept("<toy>", vectors, workdir, vectors_2=vectors_2)
+  run_concept = embedding_io.Concept("<toy>", vectors, workdir)
   vocab = sampling_concepts.tokenizers_with_concepts(gen.sd, [run_concept])
   want = gen.generate(["a photo of a <toy>"] * 2, **vocab)
   for path, image in zip(paths, want, strict=True):

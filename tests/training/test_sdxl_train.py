@@ -173,8 +173,8 @@ def test_two_devices_equal_one_resume_continues_exactly_and_the_pair_is_written(
   (from_run,) = embedding_io.load_concepts(str(tmp_path / "one"))
   for concept in (from_file, from_run):
     assert concept.token == "<toy>"
-    np.testing.assert_array_equal(concept.vectors, one["embeds"])
-    np.testing.assert_array_equal(concept.vectors_2, one["embeds_2"])
+    np.testing.assert_array_equal(concept.vectors[0], one["embeds"])
+    np.testing.assert_array_equal(concept.vectors[1], one["embeds_2"])
 
 
 def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_used(
@@ -190,15 +190,15 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
   message = str(err.value)
   assert "\n" not in message and "SDXL" in message and "SD (32)" in message
   rng = np.random.default_rng(1)
-  pair = embedding_io.Concept("<old>", rng.standard_normal((1, 32)).astype(np.float32), "",
-                              vectors_2=rng.standard_normal((1, 32)).astype(np.float32))
+  pair = embedding_io.Concept("<old>", (rng.standard_normal((1, 32)).astype(np.float32),
+                                       rng.standard_normal((1, 32)).astype(np.float32)), "")
   xl_file = tmp_path / "xl.safetensors"
   embedding_io.save_embedding(str(xl_file), pair, "diffusers")
   c = config.copy_and_resolve_references()
   c.init_embedding = str(xl_file)
   init, init_2 = trainer.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
-  np.testing.assert_array_equal(init.vectors, pair.vectors)
-  np.testing.assert_array_equal(init_2.vectors, pair.vectors_2)
+  np.testing.assert_array_equal(init.vectors, pair.vectors[0])
+  np.testing.assert_array_equal(init_2.vectors, pair.vectors[1])
 
 
 def test_per_image_tokens_are_refused_for_sdxl_in_one_line(built):
@@ -256,5 +256,5 @@ def test_cli_trains_tiny_sdxl_and_exports_clip_l_clip_g(cache_dir, tmp_path):
   tables = safetensors_io.load(str(path))
   assert set(tables) == {"clip_l", "clip_g"}
   (pair,) = embedding_io.load_concepts(str(workdir))
-  np.testing.assert_array_equal(tables["clip_l"], pair.vectors)
-  np.testing.assert_array_equal(tables["clip_g"], pair.vectors_2)
+  np.testing.assert_array_equal(tables["clip_l"], pair.vectors[0])
+  np.testing.assert_array_equal(tables["clip_g"], pair.vectors[1])

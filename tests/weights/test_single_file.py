@@ -319,11 +319,16 @@ def test_sdxl_single_file_loads_the_same_model_as_its_folder(tmp_path_factory):
   path = single_file_models.write_single_file(folder, str(root / "sdxl.safetensors"), "sdxl")
   ref, sd = load_stable_diffusion(folder), load_stable_diffusion(path, tokenizer=folder)
   assert sd.family == "sdxl" and sd.model_index["preset"] == "tiny-sdxl"
-  for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-    assert getattr(sd, name).config == getattr(ref, name).config, name
-    np.testing.assert_equal(jax.tree_util.tree_map(np.asarray, getattr(sd, f"{name}_params")),
-                            jax.tree_util.tree_map(np.asarray, getattr(ref, f"{name}_params")))
-  assert sd.tokenizer_2("a photo").input_ids == ref.tokenizer_2("a photo").input_ids
+  pieces = lambda m: ([(n, getattr(m, n), getattr(m, f"{n}_params")) for n in ("unet", "vae")]
+                      + [(e.role, e.module, e.params) for e in m.text_encoders])
+  assert [n for n, _, _ in pieces(sd)] == ["unet", "vae", "text_encoder", "text_encoder_2"]
+  for (name, module, params), (_, ref_module, ref_params) in zip(pieces(sd), pieces(ref),
+                                                                 strict=True):
+    assert module.config == ref_module.config, name
+    np.testing.assert_equal(jax.tree_util.tree_map(np.asarray, params),
+                            jax.tree_util.tree_map(np.asarray, ref_params))
+  assert (sd.text_encoders[1].tokenizer("a photo").input_ids
+          == ref.text_encoders[1].tokenizer("a photo").input_ids)
   public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}
   assert public(sd.scheduler_config) == public(ref.scheduler_config)
 

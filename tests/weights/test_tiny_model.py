@@ -84,8 +84,8 @@ def test_tiny_sdxl_folder_gives_same_outputs_in_diffusers_and_ti_jax(tiny_sdxl):
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample.numpy()
   tok = lambda t: t(prompt, padding="max_length", max_length=77, return_tensors="np").input_ids
   ours_context, ours_pooled = sdxl.text_conditioning(
-      sd.text_encoder, sd.text_encoder_params, sd.text_encoder_2, sd.text_encoder_2_params,
-      tok(sd.tokenizer), tok(sd.tokenizer_2))
+      tuple(e.module for e in sd.text_encoders), tuple(e.params for e in sd.text_encoders),
+      tuple(tok(e.tokenizer) for e in sd.text_encoders))
   ours = sd.unet.apply({"params": sd.unet_params}, latents.transpose(0, 2, 3, 1), np.array([500]),
                        ours_context,
                        added_cond=sdxl.added_cond(ours_pooled, sdxl.time_ids((64, 64))))

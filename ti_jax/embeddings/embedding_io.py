@@ -97,8 +97,12 @@ MAX_VECTORS = 75
 # Real embedding files are kilobytes (75 vectors of width 1280 are 384 KB); anything
 # this large is a model checkpoint or not an embedding, and is refused before reading.
 MAX_FILE_BYTES = 64 * 2**20
-# Keys of SDXL embeddings (one table per text encoder), as kohya and A1111 write them.
-_SDXL_KEYS = ("clip_l", "clip_g")
+# Per model kind with more than one text encoder: the key of each encoder's table in
+# its single-file embeddings (kohya, A1111, ComfyUI, OneTrainer), in the encoders' order.
+_PART_KEYS = {"SDXL": ("clip_l", "clip_g")}
+_SDXL_KEYS = _PART_KEYS["SDXL"]
+# How the text encoders are named in messages, in the pipeline's order.
+_ORDINALS = ("first", "second", "third", "fourth")
 # Keys under which a one-encoder embedding's vectors are stored without naming a token
 # (the file name does), and the tools that name such a file after itself.
 _UNNAMED_KEYS = {
@@ -140,35 +144,52 @@ def family(widths: Sequence[int]) -> str:
   "SD (32)", "SDXL (32 + 64)".
   """
   widths = tuple(int(w) for w in widths)
-  name = _FAMILIES.get(widths) or ("SDXL" if len(widths) == 2 else "SD")
+  name = _FAMILIES.get(widths) or _kind(widths)
   return f"{name} ({' + '.join(map(str, widths))})"
+
+
+def _kind(per_encoder: Sequence) -> str:
+  """The kind of model with one entry of `per_encoder` (widths, vectors) per text encoder,
+  whatever the widths: "SDXL" for two, "SD" for one."""
+  return "SDXL" if len(per_encoder) == 2 else "SD"
 
 
 @dataclasses.dataclass(frozen=True)
 class Concept:
-  """One learned pseudo-word: its token and vectors `[n, dim]`, and where it came from.
+  """One learned pseudo-word: its token and vectors, and where it came from.
 
-  `token_from` says how the token was chosen (the file name, the file's key,
-  the run, or `PATH:TOKEN`), for the line that reports what a file registered.
-  An SDXL concept also holds `vectors_2`, its vectors for SDXL's second text
-  encoder (OpenCLIP bigG); `vectors` are always the first encoder's. `notes`
-  are lines about how the file was read (vectors it held that were ignored, the
-  file picked in a folder), which `load_concepts` logs.
+  `vectors` holds one `[n, D_e]` array per text encoder, in the pipeline's
+  order (`StableDiffusion.text_encoders`): one for SD/LDM, two for SDXL (CLIP
+  ViT-L, then OpenCLIP bigG), the same count `n` in each; a single array given
+  is a one-encoder concept's. `token_from` says how the token was chosen (the
+  file name, the file's key, the run, or `PATH:TOKEN`), for the line that
+  reports what a file registered. `notes` are lines about how the file was
+  read (vectors it held that were ignored, the file picked in a folder), which
+  `load_concepts` logs.
   """
   token: str
-  vectors: np.ndarray  # [n, 768] (SD 1.x, SDXL's first encoder), [n, 1024] (SD 2.x), ...
+  # per encoder: [n, 768] (SD 1.x), [n, 1024] (SD 2.x), ([n, 768], [n, 1280]) (SDXL), ...
+  vectors: tuple[np.ndarray, ...]
   source: str
   base_model: str | None = None  # the model it was trained on, when known
   token_from: str = ""
-  vectors_2: np.ndarray | None = None  # SDXL only: [n, 1280]
   notes: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if hasattr(self.vectors, "shape"):  # one array: a one-encoder concept
+      object.__setattr__(self, "vectors", (self.vectors,))
+    else:
+      object.__setattr__(self, "vectors", tuple(self.vectors))
+
+  @property
+  def num_vectors(self) -> int:
+    """How many vectors the token stands for (the same in every encoder)."""
+    return int(self.vectors[0].shape[0])
 
   @property
   def widths(self) -> tuple[int, ...]:
     """The text-encoder widths it fits: one for SD/LDM, two for SDXL."""
-    if self.vectors_2 is None:
-      return (int(self.vectors.shape[1]),)
-    return int(self.vectors.shape[1]), int(self.vectors_2.shape[1])
+    return tuple(int(v.shape[1]) for v in self.vectors)
 
   @property
   def family(self) -> str:
@@ -221,22 +242,24 @@ def check_vectors(vectors: Any, what: str) -> np.ndarray:
   return a
 
 
-def check_sdxl_vectors(vectors: Any, vectors_2: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-  """Both encoders' vectors of an SDXL embedding, each checked (`check_vectors`), same count."""
-  a = check_vectors(vectors, f"{what} (first text encoder)")
-  b = check_vectors(vectors_2, f"{what} (second text encoder)")
-  if a.shape[0] != b.shape[0]:
-    raise EmbeddingFileError(f"{what}: {a.shape[0]} vectors for the first text encoder but "
-                             f"{b.shape[0]} for the second; an SDXL embedding has as many in each")
-  return a, b
+def check_encoder_vectors(vectors: Sequence[Any], what: str) -> tuple[np.ndarray, ...]:
+  """Every encoder's vectors of a multi-encoder (SDXL) embedding, each checked
+  (`check_vectors`), the same count in each."""
+  out = tuple(check_vectors(v, f"{what} ({_ORDINALS[e]} text encoder)")
+              for e, v in enumerate(vectors))
+  for e, v in enumerate(out[1:], 1):
+    if v.shape[0] != out[0].shape[0]:
+      raise EmbeddingFileError(
+          f"{what}: {out[0].shape[0]} vectors for the first text encoder but {v.shape[0]} "
+          f"for the {_ORDINALS[e]}; an {_kind(out)} embedding has as many in each")
+  return out
 
 
 def _checked(concept: Concept) -> Concept:
   what = concept.source or concept.token
-  if concept.vectors_2 is None:
-    return dataclasses.replace(concept, vectors=check_vectors(concept.vectors, what))
-  a, b = check_sdxl_vectors(concept.vectors, concept.vectors_2, what)
-  return dataclasses.replace(concept, vectors=a, vectors_2=b)
+  if len(concept.vectors) == 1:
+    return dataclasses.replace(concept, vectors=(check_vectors(concept.vectors[0], what),))
+  return dataclasses.replace(concept, vectors=check_encoder_vectors(concept.vectors, what))
 
 
 class _PickledModuleState:
@@ -331,6 +354,15 @@ def _steps_split(path: str) -> tuple[str, str, str]:
   return root[:cut], root[cut:], ext
 
 
+def part_file(path: str, encoder: int) -> str:
+  """The diffusers file of text encoder `encoder` (0-based) of a multi-encoder concept
+  whose first file is `path`: `path` itself, then `second_file(path)`, ..."""
+  if encoder == 0:
+    return path
+  root, steps, ext = _steps_split(path)
+  return f"{root}_{encoder + 1}{steps}{ext}"
+
+
 def second_file(path: str) -> str:
   """The second file of a diffusers SDXL pair beside its first, `path`.
 
@@ -339,8 +371,7 @@ def second_file(path: str) -> str:
   as that script names them: `learned_embeds_2-steps-500.safetensors` for
   `learned_embeds-steps-500.safetensors`.
   """
-  root, steps, ext = _steps_split(path)
-  return f"{root}_2{steps}{ext}"
+  return part_file(path, 1)
 
 
 def _first_file(path: str) -> str | None:
@@ -368,8 +399,8 @@ def _sdxl_by_file_name(path: str, tables: dict, notes: tuple[str, ...] = ()) -> 
     held = next(k for k in _SDXL_KEYS if k in tables)
     raise EmbeddingFileError(f"{path}: holds {held} but not {missing[0]}; an SDXL embedding "
                              "holds both (clip_l and clip_g, one per text encoder)")
-  a, b = check_sdxl_vectors(_to_numpy(tables["clip_l"]), _to_numpy(tables["clip_g"]), path)
-  return Concept(_stem(path), a, path, vectors_2=b, notes=notes,
+  vectors = check_encoder_vectors([_to_numpy(tables[k]) for k in _SDXL_KEYS], path)
+  return Concept(_stem(path), vectors, path, notes=notes,
                  token_from="its file name, as kohya, A1111 and ComfyUI do")
 
 
@@ -532,8 +563,7 @@ def read_embedding_file(path: str) -> list[Concept]:
           with open(os.path.join(tmp, os.path.basename(remote)), "wb") as f:
             f.write(fileio.read_bytes(remote))
       concepts = read_embedding_file(local)
-      return [dataclasses.replace(c, source=path, vectors=np.array(c.vectors),
-                                  vectors_2=None if c.vectors_2 is None else np.array(c.vectors_2),
+      return [dataclasses.replace(c, source=path, vectors=tuple(np.array(v) for v in c.vectors),
                                   notes=tuple(n.replace(local, path) for n in c.notes))
               for c in concepts]
   if os.path.isdir(path):
@@ -545,21 +575,23 @@ def read_embedding_file(path: str) -> list[Concept]:
   second = _is_pair(concepts, keyed, second_file(path))
   if second is None:
     return concepts
-  tables = {c.token: c.vectors for c in second}
+  tables = {c.token: c.vectors[0] for c in second}
   out = []
   for c in concepts:
-    a, b = check_sdxl_vectors(c.vectors, tables[c.token],
-                              f"{path} + {os.path.basename(second_file(path))} (key {c.token!r})")
-    out.append(dataclasses.replace(c, vectors=a, vectors_2=b,
+    vectors = check_encoder_vectors(
+        (c.vectors[0], tables[c.token]),
+        f"{path} + {os.path.basename(second_file(path))} (key {c.token!r})")
+    out.append(dataclasses.replace(c, vectors=vectors,
                                    token_from="its key, as diffusers does (an SDXL pair)"))
   return out
 
 
 def output_files(path: str, concept: Concept, fmt: str) -> list[str]:
   """The files that writing `concept` in `fmt` to `path` makes: `path`, and for an
-  SDXL concept in diffusers format also its second file (`second_file(path)`)."""
-  if concept.vectors_2 is not None and fmt == "diffusers":
-    return [path, second_file(path)]
+  SDXL concept in diffusers format one file per text encoder (`part_file(path, e)`:
+  `path`, then `second_file(path)`)."""
+  if fmt == "diffusers":
+    return [part_file(path, e) for e in range(len(concept.vectors))]
   return [path]
 
 
@@ -569,20 +601,21 @@ _NO_TORCH_FOR_WRITING = ("writing A1111 .pt files needs torch; use --format=a111
 
 def _write_part(path: str, concept: Concept, fmt: str, part: int, step: int) -> None:
   """Writes file `part` of `output_files` for the checked `concept`."""
-  vectors, vectors_2 = concept.vectors, concept.vectors_2
   if fmt not in FORMATS:
     raise EmbeddingFileError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
-  if vectors_2 is not None:  # SDXL
+  if len(concept.vectors) > 1:  # SDXL
     if fmt == "diffusers":  # one file per text encoder, as diffusers' SDXL example saves them
-      safetensors_io.save(path, {concept.token: (vectors, vectors_2)[part]}, {"format": "pt"})
+      safetensors_io.save(path, {concept.token: concept.vectors[part]}, {"format": "pt"})
       return
-    tables = {"clip_l": vectors, "clip_g": vectors_2}
+    # {"clip_l": [n, 768], "clip_g": [n, 1280]}
+    tables = dict(zip(_PART_KEYS[_kind(concept.vectors)], concept.vectors))
     if fmt == "a1111-pt":  # the dict kohya writes for a .pt name; A1111 and ComfyUI read it
       torch = _torch(_NO_TORCH_FOR_WRITING)
       torch.save({k: torch.from_numpy(v.copy()) for k, v in tables.items()}, path)
     else:  # a1111 and kohya: the file A1111, ComfyUI and kohya all load for SDXL
       safetensors_io.save(path, tables, {"format": "pt"})
     return
+  vectors, = concept.vectors  # [n, D]
   if fmt == "diffusers":
     safetensors_io.save(path, {concept.token: vectors}, {"format": "pt"})
   elif fmt == "kohya":
@@ -640,12 +673,12 @@ def save_embedding(path: str, concept: Concept, fmt: str, *, step: int = 0) -> N
         os.remove(t)
 
 
-def holds_embedding(path: str, token: str, vectors: np.ndarray,
-                    vectors_2: np.ndarray | None = None) -> bool:
-  """True if the diffusers file `path` exists and holds exactly `vectors` under `token`
-  (and, given `vectors_2`, its SDXL second file holds exactly those)."""
-  wanted = [(path, vectors)] + ([] if vectors_2 is None else [(second_file(path), vectors_2)])
-  for file, expected in wanted:
+def holds_embedding(path: str, token: str, vectors: Sequence[np.ndarray]) -> bool:
+  """True if the diffusers file `path` exists and holds exactly `vectors[0]` under `token`,
+  and each further text encoder's file (`part_file(path, e)`, an SDXL pair's second
+  file) holds exactly `vectors[e]`."""
+  for e, expected in enumerate(vectors):
+    file = part_file(path, e)
     if not fileio.exists(file):
       return False
     try:
@@ -811,12 +844,12 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
                                "file or a run directory")
     if has_run:
       # An SDXL run's checkpoint holds both encoders' vectors: the concept gets both.
-      vectors, vectors_2, meta = run_dir.learned_pair_from_workdir(path, step)
+      vectors, meta = run_dir.encoder_vectors_from_workdir(path, step)
       what = f"{path} (checkpoint {meta.get('step', '?')})"
-      concepts = [Concept(meta["placeholder_token"], check_vectors(vectors, what), path,
+      concepts = [Concept(meta["placeholder_token"],
+                          tuple(check_vectors(v, what) for v in vectors), path,
                           base_model=meta.get("pretrained_model_name_or_path"),
-                          token_from="its run's placeholder_token",
-                          vectors_2=None if vectors_2 is None else check_vectors(vectors_2, what))]
+                          token_from="its run's placeholder_token")]
     else:
       concepts = [dataclasses.replace(c, notes=folder_notes + c.notes)
                   for c in read_embedding_file(diffusers_file)]

@@ -32,16 +32,14 @@ def export_with_token(workdir: str, fmt: str, output: str = "", step: int | None
   if not fileio.is_dir(workdir):
     raise run_dir.WorkdirError(f"run directory {workdir} is a file, not a folder")
   # An SDXL run gives both encoders' vectors: the pair (diffusers) or clip_l/clip_g (A1111, kohya).
-  vectors, vectors_2, meta = run_dir.learned_pair_from_workdir(workdir, step)
+  vectors, meta = run_dir.encoder_vectors_from_workdir(workdir, step)
   ckpt = f"{workdir} checkpoint {meta.get('step', '?')}"
   try:
-    vectors = embedding_io.check_vectors(vectors, ckpt)
-    if vectors_2 is not None:
-      vectors_2 = embedding_io.check_vectors(vectors_2, ckpt)
+    vectors = tuple(embedding_io.check_vectors(v, ckpt) for v in vectors)
   except embedding_io.EmbeddingFileError as e:
     raise embedding_io.EmbeddingFileError(f"{e}; nothing exported (pass --step of an earlier "
                                           "checkpoint)") from None
-  concept = embedding_io.Concept(meta["placeholder_token"], vectors, ckpt, vectors_2=vectors_2)
+  concept = embedding_io.Concept(meta["placeholder_token"], vectors, ckpt)
   path = output or fileio.join(workdir, "export",
                                *embedding_io.default_filename(concept.token, fmt).split("/"))
   return write_export(path, concept, fmt, overwrite, step=int(meta.get("step", 0))), concept

@@ -173,7 +173,7 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip=None, generators,
   # Tokenizers of the run's own (both of SDXL's): other runs on this model may use the same
   # token names.
   learned = concepts.tokenizers_with_concepts(sd, used)
-  tokenizer = learned["tokenizer"]
+  tokenizer = learned["tokenizers"][0]
   token = word if word is not None else concept.token
 
   def images_for(template: str) -> np.ndarray:
@@ -195,7 +195,7 @@ def evaluate_run(run_: _Run, *, protocol: Protocol, clip=None, generators,
     return {}
   extra = {
       "label": label, "workdir": run_.workdir, "step": None if word is not None else meta.get("step"),
-      "token": token, "num_vectors": 0 if word is not None else int(concept.vectors.shape[0]),
+      "token": token, "num_vectors": 0 if word is not None else concept.num_vectors,
       "learnable_property": prop, "base_model": model_id, "resolution": run_.resolution,
       "train_data_dir": run_.folder, "num_training_images": training.num_images,
       "reconstruction_prompt": recon_template,

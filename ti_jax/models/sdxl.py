@@ -26,36 +26,40 @@ import jax.numpy as jnp
 MAX_LENGTH = 77
 
 
-def text_conditioning(encoder_1: Any, params_1: Any, encoder_2: Any, params_2: Any,
-                      ids_1: jax.Array, ids_2: jax.Array, embeds_1: jax.Array | None = None,
-                      embeds_2: jax.Array | None = None, eos_token_id_2: int | None = None
-                      ) -> tuple[jax.Array, jax.Array]:
+def text_conditioning(encoders: Sequence[Any], params: Sequence[Any], ids: Sequence[jax.Array],
+                      embeds: Sequence[jax.Array | None] | None = None, *,
+                      pool_eos_token_id: int | None = None) -> tuple[jax.Array, jax.Array]:
   """The UNet's context and pooled text embedding from both encoders.
 
+  Every argument but the last is a tuple with one entry per text encoder, in
+  the pipeline's order (`StableDiffusion.text_encoders`).
+
   Args:
-    encoder_1, params_1: `CLIPTextModel` (CLIP ViT-L) and its params (no `{"params": }` wrapper).
-    encoder_2, params_2: `CLIPTextModel` with `projection_dim` (transformers'
-      `CLIPTextModelWithProjection`, OpenCLIP bigG) and its params.
-    ids_1, ids_2: int [B, T] token ids from `tokenizer` and `tokenizer_2`.
-    embeds_1, embeds_2: optional [B, T, D1] / [B, T, D2] token embeddings that
-      replace each encoder's lookup (how learned vectors enter).
-    eos_token_id_2: None pools where transformers does (SDXL's config says eos 2,
+    encoders: `CLIPTextModel` (CLIP ViT-L), then `CLIPTextModel` with `projection_dim`
+      (transformers' `CLIPTextModelWithProjection`, OpenCLIP bigG).
+    params: their params (no `{"params": }` wrapper).
+    ids: int [B, T] token ids from each encoder's tokenizer.
+    embeds: optional [B, T, D_e] token embeddings that replace each encoder's lookup
+      (how learned vectors enter); None: every encoder looks its ids up.
+    pool_eos_token_id: None pools where transformers does (SDXL's config says eos 2,
       the legacy rule: the largest id, which is an added pseudo-word's when the
-      prompt has one, as in diffusers' pipeline); `tokenizer_2.eos_token_id`
-      pools the real eos whatever the prompt holds.
+      prompt has one, as in diffusers' pipeline); the second tokenizer's
+      `eos_token_id` pools the real eos whatever the prompt holds.
 
   Returns:
     `(context [B, T, D1 + D2], pooled [B, P])`, in the encoders' compute dtype.
   """
-  out_1 = encoder_1.apply({"params": params_1}, ids_1, inputs_embeds=embeds_1, all_outputs=True)
-  out_2 = encoder_2.apply({"params": params_2}, ids_2, inputs_embeds=embeds_2, all_outputs=True,
-                         eos_token_id=eos_token_id_2)
-  if "text_embeds" not in out_2:
+  embeds = tuple(embeds) if embeds is not None else (None,) * len(encoders)
+  # Only the last encoder (bigG) is pooled; each gives its penultimate hidden states.
+  outs = [e.apply({"params": p}, i, inputs_embeds=x, all_outputs=True,
+                  **({"eos_token_id": pool_eos_token_id} if k == len(encoders) - 1 else {}))
+          for k, (e, p, i, x) in enumerate(zip(encoders, params, ids, embeds))]
+  if "text_embeds" not in outs[-1]:
     raise ValueError("SDXL's second text encoder must have a text_projection (projection_dim)")
-  context = jnp.concatenate([out_1["penultimate_hidden_state"],
-                             out_2["penultimate_hidden_state"].astype(
-                                 out_1["penultimate_hidden_state"].dtype)], axis=-1)  # [B, T, D1+D2]
-  return context, out_2["text_embeds"]
+  dtype = outs[0]["penultimate_hidden_state"].dtype
+  context = jnp.concatenate([o["penultimate_hidden_state"].astype(dtype) for o in outs],
+                            axis=-1)  # [B, T, D1 + D2]
+  return context, outs[-1]["text_embeds"]
 
 
 def time_ids(original_size: Sequence[int], crop_top_left: Sequence[int] = (0, 0),

@@ -19,7 +19,7 @@ This module is in the bottom layer so that every reader of a run (embeddings,
 export, sampling, evaluation) reads it without importing training: the workdir
 lock (`lock_workdir`), run.json (`read_identity`, `write_identity`), the Orbax
 checkpoints (`Checkpoints`) and a run's learned vectors (`learned_from_workdir`,
-`learned_pair_from_workdir`). What a training run checks before it resumes (its
+`encoder_vectors_from_workdir`). What a training run checks before it resumes (its
 identity, the checkpoints' metadata) is `ti_jax.training.checkpointing`'s.
 """
 
@@ -284,16 +284,23 @@ class Checkpoints:
 def learned_from_workdir(workdir: str, step: int | None = None) -> tuple[np.ndarray, dict]:
   """The learned vectors `[n, dim]` and metadata of a run's checkpoint (latest if `step` is None).
 
-  For an SDXL run these are the first encoder's; `learned_pair_from_workdir` gives both.
+  For an SDXL run these are the first encoder's; `encoder_vectors_from_workdir` gives
+  every encoder's.
   """
-  vectors, _, metadata = learned_pair_from_workdir(workdir, step)
-  return vectors, metadata
+  vectors, metadata = encoder_vectors_from_workdir(workdir, step)
+  return vectors[0], metadata
 
 
-def learned_pair_from_workdir(workdir: str, step: int | None = None
-                              ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-  """(vectors `[n, dim]`, SDXL's second encoder's `[n, dim_2]` or None, metadata) of a run's
-  checkpoint (latest if `step` is None).
+# The checkpoint's key of each text encoder's learned vectors, in the pipeline's order
+# (the encoders' `TextEncoder.suffix`: "", "_2"); a run holds the first one or more.
+EMBEDS_KEYS = ("embeds", "embeds_2")
+
+
+def encoder_vectors_from_workdir(workdir: str, step: int | None = None
+                                 ) -> tuple[tuple[np.ndarray, ...], dict]:
+  """(vectors per text encoder, metadata) of a run's checkpoint (latest if `step` is None).
+
+  One `[n, D_e]` array per text encoder the run trained (SD/LDM one, SDXL two).
 
   With progressive_words, only the vectors that had entered training by that
   step are returned (the others still hold their initial values). A checkpoint
@@ -329,8 +336,6 @@ def learned_pair_from_workdir(workdir: str, step: int | None = None
   finally:
     ckpts.close()
   params = state["state"]["params"]
-  vectors = np.asarray(params["embeds"], np.float32)
-  active = int(metadata.get("active_vectors") or len(vectors))
-  vectors_2 = (np.asarray(params["embeds_2"], np.float32)[:active] if "embeds_2" in params
-               else None)
-  return vectors[:active], vectors_2, metadata
+  vectors = [np.asarray(params[k], np.float32) for k in EMBEDS_KEYS if k in params]
+  active = int(metadata.get("active_vectors") or len(vectors[0]))
+  return tuple(v[:active] for v in vectors), metadata

@@ -121,33 +121,29 @@ def blend_pixels(original: np.ndarray, edited: np.ndarray, region: np.ndarray) -
 class _EditArrays:
   """Arrays the edit program reads (replicated over devices)."""
   unet: Any
-  text_encoder: Any
+  text_encoders: tuple[Any, ...]  # each text encoder's params
   vae: Any
-  learned: jax.Array  # [m, D] vectors of all learned tokens
-  placeholder_ids: jax.Array  # [m] their token ids
+  learned: tuple[jax.Array, ...]  # per encoder: [m, D_e] vectors of all learned tokens
+  placeholder_ids: tuple[jax.Array, ...]  # per encoder: [m] their ids in its tokenizer
   sampler: schedulers.Sampler
   schedule: schedulers.NoiseSchedule
   latents: jax.Array  # [h, w, C] the input image's scaled latents
   masks: jax.Array  # [S, h, w, 1] latent masks, largest first
   mask_stage: jax.Array  # [num_steps] int32 mask index of the blend after each step
   # SDXL only (None otherwise), as generation's `_GenArrays`.
-  text_encoder_2: Any = None
-  learned_2: jax.Array | None = None  # [m, D2]
-  placeholder_ids_2: jax.Array | None = None  # [m] ids in tokenizer_2
   zero_uncond: jax.Array | None = None  # bool []
 
 
 @dataclasses.dataclass(frozen=True)
 class _EditSettings:
   unet: Any
-  text_encoder: Any
+  text_encoders: tuple[Any, ...]  # each text encoder's module
   vae: Any
   guidance_scale: float
   scaling_factor: float
   shift_factor: float
   guidance_rescale: float = 0.0
-  text_encoder_2: Any = None  # SDXL only, as generation's `_GenSettings`
-  eos_token_id_2: int | None = None
+  pool_eos_token_id: int | None = None  # SDXL only, as generation's `_GenSettings`
   time_ids: tuple[float, ...] | None = None
 
 
@@ -200,15 +196,13 @@ class BlendedEditor:
     self.sampler = schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
     self.schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
     self.settings = _EditSettings(
-        unet=sd.unet, text_encoder=sd.text_encoder, vae=sd.vae,
+        unet=sd.unet, vae=sd.vae,
         guidance_scale=float(guidance_scale),
         scaling_factor=float(sd.vae.config.scaling_factor),
         shift_factor=float(sd.vae.config.shift_factor), guidance_rescale=float(guidance_rescale),
-        **generation.sdxl_settings(sd, height, width))
-    weights = {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params,
-               "vae": sd.vae_params}
-    if sd.text_encoder_2 is not None:
-      weights["text_encoder_2"] = sd.text_encoder_2_params
+        **generation.text_settings(sd, height, width))
+    weights = {"unet": sd.unet_params, "vae": sd.vae_params,
+               "text_encoders": tuple(e.params for e in sd.text_encoders)}
     self._params = parallel.replicate(weights, self.devices)
     self._fn = parallel.pmapped(functools.partial(_edit_shard, settings=self.settings),
                                 self.devices)
@@ -228,7 +222,7 @@ class BlendedEditor:
   def edit(self, prompts: Sequence[str], latents: np.ndarray, masks: np.ndarray, *,
            seed: int = 0, negative_prompt: str = "",
            learned: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
-           first_index: int = 0, tokenizer=None, learned_2=(), tokenizer_2=None) -> np.ndarray:
+           first_index: int = 0, tokenizers: Sequence | None = None) -> np.ndarray:
     """Decoded edits, uint8 `[N, H, W, 3]`, one per prompt (no pixel blend yet).
 
     Args:
@@ -237,17 +231,17 @@ class BlendedEditor:
       masks: `latent_masks(...)`, `[S, h, w, 1]`, largest first.
       seed: image i draws its noise from (seed, first_index + i).
       negative_prompt: the unconditional prompt of classifier-free guidance.
-      learned: (vectors `[n, D]`, token ids `[n]`) of each learned concept.
+      learned: per text encoder, (vectors `[m, D_e]`, token ids `[m]`) of all learned
+        concepts (`generation.ImageGenerator.generate`'s).
       first_index: global index of the first image (for batches of a longer run).
-      tokenizer: a tokenizer holding the learned tokens (default: the model's).
-      learned_2, tokenizer_2: SDXL's second-encoder vectors and tokenizer
-        (`generation.ImageGenerator.generate`'s).
+      tokenizers: per text encoder, a tokenizer holding the learned tokens (default:
+        the model's).
     """
     n, d = len(prompts), len(self.devices)
     padded = -(-n // d) * d
     cond, uncond, text = generation.prompt_arrays(
         self.sd, list(prompts) + [prompts[-1]] * (padded - n), negative_prompt, learned=learned,
-        tokenizer=tokenizer, learned_2=learned_2, tokenizer_2=tokenizer_2)
+        tokenizers=tokenizers)
     index = np.arange(first_index, first_index + padded, dtype=np.int32)
     extra = parallel.replicate({
         **text, "sampler": self.sampler,

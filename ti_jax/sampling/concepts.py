@@ -45,23 +45,21 @@ def gather_concepts(workdir: str | None, step: int | None,
     if not fileio.is_dir(workdir):
       raise SampleError(f"run directory {workdir} is a file, not a folder"
                         if fileio.exists(workdir) else f"run directory {workdir} does not exist")
-    # An SDXL run's checkpoint also holds the second encoder's vectors.
-    vectors, vectors_2, run_meta = run_dir.learned_pair_from_workdir(workdir, step)
+    # One array of vectors per text encoder (an SDXL run's checkpoint holds two).
+    vectors, run_meta = run_dir.encoder_vectors_from_workdir(workdir, step)
     what = f"{workdir} checkpoint {run_meta.get('step', '?')}"
     try:
-      vectors = embedding_io.check_vectors(vectors, what)
-      if vectors_2 is not None:
-        vectors_2 = embedding_io.check_vectors(vectors_2, what)
+      vectors = tuple(embedding_io.check_vectors(v, what) for v in vectors)
     except embedding_io.EmbeddingFileError as e:
       raise SampleError(f"{e}; pass --step of an earlier checkpoint") from None
     concepts.append(embedding_io.Concept(
         run_meta["placeholder_token"], vectors, workdir,
-        base_model=run_meta.get("pretrained_model_name_or_path"), vectors_2=vectors_2))
+        base_model=run_meta.get("pretrained_model_name_or_path")))
   for spec in sources:
     concepts += embedding_io.load_concepts(spec)
   seen = {}
   for c in concepts:
-    for i, name in enumerate(pseudo_words.placeholder_tokens(c.token, c.vectors.shape[0])):
+    for i, name in enumerate(pseudo_words.placeholder_tokens(c.token, c.num_vectors)):
       if name in seen:
         other, j = seen[name]
         if i == j == 0:
@@ -81,7 +79,7 @@ def describe_concepts(concepts: Sequence[embedding_io.Concept]) -> list[str]:
   for c in concepts:
     if not c.token_from:
       continue
-    n = c.vectors.shape[0]
+    n = c.num_vectors
     vectors = f"{n} vectors, expanded in prompts" if n > 1 else "1 vector"
     lines.append(f"{c.source}: registered {c.token} ({vectors}; the token is "
                  f"{c.token_from})")
@@ -110,7 +108,7 @@ def check_concepts_fit(concepts, model_id: str, widths: int | Sequence[int],
   widths = (widths,) if isinstance(widths, int) else tuple(widths)
   for c in concepts:
     if len(c.widths) == len(widths) == 1 and c.widths != widths:
-      raise SampleError(f"embedding {c.token!r} from {c.source} has width {c.vectors.shape[1]} "
+      raise SampleError(f"embedding {c.token!r} from {c.source} has width {c.widths[0]} "
                         f"but the model's text encoder has width {widths[0]} (another base model?)")
     try:
       embedding_io.check_fits(c, widths)
@@ -122,27 +120,27 @@ def check_concepts_fit(concepts, model_id: str, widths: int | Sequence[int],
 
 
 def text_encoder_widths(sd) -> tuple[int, ...]:
-  """The widths of a loaded model's text encoders: one, or two for SDXL (`text_encoder_2`)."""
-  encoders = (sd.text_encoder, sd.text_encoder_2)
-  return tuple(int(e.config.hidden_size) for e in encoders if e is not None)
+  """The widths of a loaded model's text encoders: one, or two for SDXL."""
+  return tuple(e.width for e in sd.text_encoders)
 
 
-def tokenizer_with_concepts(tokenizer, concepts, *, second: bool = False
+def tokenizer_with_concepts(tokenizer, concepts, *, encoder: int = 0
                             ) -> tuple[Any, list[tuple[np.ndarray, list[int]]]]:
   """A copy of `tokenizer` holding every concept's tokens, and (vectors, token ids) per concept.
 
   The caller's tokenizer is left as it was, so one loaded model can serve
   runs whose tokens share names (the evaluation of several runs of one
   concept). Refuses tokens the tokenizer cannot split apart
-  (`pseudo_words.check_separable`). `second`: the vectors are the concepts'
-  `vectors_2` (SDXL's second text encoder; `tokenizer` is then `tokenizer_2`).
+  (`pseudo_words.check_separable`). `encoder`: which text encoder's vectors of
+  each concept (`Concept.vectors[encoder]`); `tokenizer` is that encoder's.
   """
   tokenizer = copy.deepcopy(tokenizer)
   learned = []
   for c in concepts:
-    vectors = c.vectors_2 if second else c.vectors
-    if vectors is None:
-      raise SampleError(f"{c.source}: {c.token!r} has no vectors for SDXL's second text encoder")
+    if encoder >= len(c.vectors):
+      raise SampleError(f"{c.source}: {c.token!r} has no vectors for text encoder "
+                        f"{encoder + 1} (an SD embedding for SDXL?)")
+    vectors = c.vectors[encoder]
     try:
       ids = pseudo_words.add_placeholder_tokens(tokenizer, c.token, vectors.shape[0])
     except pseudo_words.EmbeddingError as e:
@@ -155,19 +153,30 @@ def tokenizer_with_concepts(tokenizer, concepts, *, second: bool = False
   return tokenizer, learned
 
 
-def tokenizers_with_concepts(sd, concepts) -> dict[str, Any]:
-  """The concepts in copies of the model's tokenizer(s): `ImageGenerator.generate`'s keywords.
+def tokenizers_with_concepts(sd, concepts) -> dict[str, tuple]:
+  """The concepts in copies of the model's tokenizers: `ImageGenerator.generate`'s keywords.
 
-  {"tokenizer", "learned"} (`tokenizer_with_concepts`) and, for SDXL, also
-  {"tokenizer_2", "learned_2"}: each concept added to a copy of `tokenizer_2`
-  with its `vectors_2`. The model's own tokenizers are left as they were.
+  {"tokenizers", "learned"}, each a tuple with one entry per text encoder
+  (`sd.text_encoders`): a copy of the encoder's tokenizer holding every concept's
+  tokens (`tokenizer_with_concepts`), and (all concepts' vectors for that encoder
+  `[m, D_e]`, their ids `[m]` in that copy). The model's own tokenizers are left
+  as they were.
   """
-  tokenizer, learned = tokenizer_with_concepts(sd.tokenizer, concepts)
-  out = {"tokenizer": tokenizer, "learned": learned}
-  if sd.tokenizer_2 is not None:
-    out["tokenizer_2"], out["learned_2"] = tokenizer_with_concepts(sd.tokenizer_2, concepts,
-                                                                   second=True)
-  return out
+  tokenizers, learned = [], []
+  for e, encoder in enumerate(sd.text_encoders):
+    tokenizer, per_concept = tokenizer_with_concepts(encoder.tokenizer, concepts, encoder=e)
+    tokenizers.append(tokenizer)
+    learned.append(_joined(per_concept, encoder.width))
+  return {"tokenizers": tuple(tokenizers), "learned": tuple(learned)}
+
+
+def _joined(per_concept: Sequence[tuple[np.ndarray, Sequence[int]]], width: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Concepts' (vectors, ids) as one (vectors `[m, D]` float32, ids `[m]` int32)."""
+  vectors = [np.asarray(v, np.float32).reshape(-1, width) for v, _ in per_concept]
+  ids = [np.asarray(i, np.int32).reshape(-1) for _, i in per_concept]
+  return (np.concatenate(vectors) if vectors else np.zeros((0, width), np.float32),
+          np.concatenate(ids) if ids else np.zeros((0,), np.int32))
 
 
 def prepare_prompt(prompt: str, concepts, tokenizer) -> tuple[str, list[str]]:
@@ -178,7 +187,7 @@ def prepare_prompt(prompt: str, concepts, tokenizer) -> tuple[str, list[str]]:
   the tokenizer splits them (`pseudo_words.expand_placeholders`).
   """
   warnings = []
-  counts = {c.token: c.vectors.shape[0] for c in concepts}
+  counts = {c.token: c.num_vectors for c in concepts}
   ignore_case = pseudo_words.lowercases(tokenizer)
   if concepts and not pseudo_words.used_tokens(prompt, counts, ignore_case):
     warnings.append(f"prompt {prompt!r} uses none of the learned tokens "

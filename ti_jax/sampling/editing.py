@@ -101,9 +101,8 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
                  scheduler: str = "ddim", num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, seed: int = 0, negative_prompt: str = "",
                  learned=(), resolution: int = 0, mask_shrink_stages: int = -1,
-                 batch_size: int = 0, devices: Sequence | None = None, tokenizer=None,
-                 log=None, learned_2=(), tokenizer_2=None,
-                 guidance_rescale: float = 0.0) -> Iterator[tuple[int, np.ndarray]]:
+                 batch_size: int = 0, devices: Sequence | None = None, tokenizers=None,
+                 log=None, guidance_rescale: float = 0.0) -> Iterator[tuple[int, np.ndarray]]:
   """Yields (index of the first edit, uint8 `[n, H, W, 3]`) per compiled call.
 
   Args:
@@ -117,8 +116,8 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
       for a thin mask, else 0).
     batch_size: edits per device per call (0: as `generation.auto_batch_size`).
     log: called with one line per decision (working size, thin mask).
-    learned, tokenizer, learned_2, tokenizer_2: the concepts' vectors and tokenizers
-      (`concepts.tokenizers_with_concepts`; the last two SDXL's second encoder's).
+    learned, tokenizers: the concepts' vectors and tokenizers, one entry per text
+      encoder (`concepts.tokenizers_with_concepts`).
     guidance_rescale: 0 (off) or as `generation.ImageGenerator`'s.
 
   Every edit equals `image` outside `mask` dilated by half a latent cell.
@@ -166,8 +165,7 @@ def edit_batches(sd, image: np.ndarray, mask: np.ndarray, prompt: str, num_image
     # Always `chunk` prompts: one compiled program for every call, the last one included.
     edits = editor.edit([prompt] * chunk, latents, masks, seed=seed,
                         negative_prompt=negative_prompt, learned=learned, first_index=start,
-                        tokenizer=tokenizer or sd.tokenizer, learned_2=learned_2,
-                        tokenizer_2=tokenizer_2)[:count]
+                        tokenizers=tokenizers)[:count]
     edits = np.stack([_resize(e, (h, w), Image.LANCZOS) for e in edits])  # [n, H, W, 3]
     yield start, blended.blend_pixels(image, edits, region)
 
@@ -257,7 +255,7 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
   except ValueError as e:
     raise EditError(str(e)) from None
   vocab = concept_lib.tokenizers_with_concepts(sd, concepts)  # tokenizer(s), learned vectors
-  expanded, warnings = concept_lib.prepare_prompt(prompt, concepts, vocab["tokenizer"])
+  expanded, warnings = concept_lib.prepare_prompt(prompt, concepts, vocab["tokenizers"][0])
   for line in warnings:
     _log(f"warning: {line}")
   out_dir = output_dir or (fileio.join(workdir, "edits") if workdir else "edits")

@@ -6,11 +6,12 @@ batched UNet call (optionally rescaled, `guidance_rescale`); the loop is a
 starting noise is a function of (seed, image index) alone, so the images do
 not depend on how many devices share the work.
 
+Whatever repeats per text encoder (its module and params, tokenizer, learned
+vectors and their ids) is a tuple indexed like `StableDiffusion.text_encoders`.
 Stable Diffusion XL goes through the same program: its prompts are token ids
 of both tokenizers (`[b, 2, T]`), each encoder gets its own learned vectors
-(`learned_2` / `placeholder_ids_2` are the second encoder's, ids in
-`tokenizer_2`), and the UNet also reads the pooled text embedding and the
-size conditioning (`ti_jax.models.sdxl`).
+(with their ids in its own tokenizer), and the UNet also reads the pooled
+text embedding and the size conditioning (`ti_jax.models.sdxl`).
 """
 
 from __future__ import annotations
@@ -36,34 +37,32 @@ from ti_jax.sampling import schedulers
 
 @flax.struct.dataclass
 class _GenArrays:
-  """Arrays the generation program reads (replicated over devices)."""
+  """Arrays the generation program reads (replicated over devices).
+
+  `text_encoders`, `learned` and `placeholder_ids` hold one entry per text encoder.
+  """
   unet: Any
-  text_encoder: Any
+  text_encoders: tuple[Any, ...]  # each encoder's params
   vae: Any
-  learned: jax.Array  # [m, D] vectors of all learned tokens
-  placeholder_ids: jax.Array  # [m] their token ids
+  learned: tuple[jax.Array, ...]  # per encoder: [m, D_e] vectors of all learned tokens
+  placeholder_ids: tuple[jax.Array, ...]  # per encoder: [m] their ids in its tokenizer
   sampler: schedulers.Sampler
-  # SDXL only (None otherwise): the second encoder's params and learned vectors, and
-  # whether the unconditional half is zeros (an empty negative prompt with the
-  # model's force_zeros_for_empty_prompt).
-  text_encoder_2: Any = None
-  learned_2: jax.Array | None = None  # [m, D2]
-  placeholder_ids_2: jax.Array | None = None  # [m] ids in tokenizer_2
+  # SDXL only (None otherwise): whether the unconditional half is zeros (an empty
+  # negative prompt with the model's force_zeros_for_empty_prompt).
   zero_uncond: jax.Array | None = None  # bool []
 
 
 @dataclasses.dataclass(frozen=True)
 class _GenSettings:
   unet: Any
-  text_encoder: Any
+  text_encoders: tuple[Any, ...]  # each encoder's module
   vae: Any
   guidance_scale: float
   latent_shape: tuple[int, int, int]  # (h, w, C)
   scaling_factor: float
   shift_factor: float
   guidance_rescale: float = 0.0
-  text_encoder_2: Any = None  # SDXL's second encoder (module), else None
-  eos_token_id_2: int | None = None  # SDXL: where the pooled embedding is read
+  pool_eos_token_id: int | None = None  # SDXL: where the pooled embedding is read
   time_ids: tuple[float, ...] | None = None  # SDXL: the 6 size-conditioning values
 
 
@@ -75,25 +74,27 @@ class _GenSettings:
 def encode_prompts(settings, arrays, ids: jax.Array) -> tuple[jax.Array, Any]:
   """What the UNet reads for token ids, the learned vectors spliced in: (context, added_cond).
 
-  SD/LDM: `ids` `[b, T]`; returns (text-encoder states `[b, T, D]`, None).
-  SDXL (`settings.text_encoder_2` set): `ids` `[b, 2, T]`, the prompts in `tokenizer`
-  and in `tokenizer_2`; returns (context `[b, T, D1 + D2]`, {"text_embeds" `[b, P]`,
-  "time_ids" `[b, 6]`}). The pooled embedding is read at the real end token
-  (`settings.eos_token_id_2`), where A1111 and ComfyUI read it, not at the largest id
-  (transformers' legacy rule for SDXL's eos id 2, which picks an added pseudo-word).
+  SD/LDM (one text encoder): `ids` `[b, T]`; returns (text-encoder states `[b, T, D]`,
+  None). SDXL (two): `ids` `[b, 2, T]`, the prompts in each encoder's tokenizer;
+  returns (context `[b, T, D1 + D2]`, {"text_embeds" `[b, P]`, "time_ids" `[b, 6]`}).
+  The pooled embedding is read at the real end token (`settings.pool_eos_token_id`),
+  where A1111 and ComfyUI read it, not at the largest id (transformers' legacy rule
+  for SDXL's eos id 2, which picks an added pseudo-word).
   """
-  table = token_table(settings.text_encoder, arrays.text_encoder)  # [V, D]
-  if settings.text_encoder_2 is None:
-    embeds = embed_tokens(table, arrays.learned, arrays.placeholder_ids, ids)
-    return settings.text_encoder.apply({"params": arrays.text_encoder}, ids,
-                                       inputs_embeds=embeds), None
-  ids_1, ids_2 = ids[:, 0], ids[:, 1]  # [b, T] each
-  embeds_1 = embed_tokens(table, arrays.learned, arrays.placeholder_ids, ids_1)
-  table_2 = token_table(settings.text_encoder_2, arrays.text_encoder_2)  # [V, D2]
-  embeds_2 = embed_tokens(table_2, arrays.learned_2, arrays.placeholder_ids_2, ids_2)
+  one = len(settings.text_encoders) == 1
+  # [b, T] token ids per encoder
+  per_encoder = (ids,) if one else tuple(ids[:, e] for e in range(len(settings.text_encoders)))
+  embeds = tuple(  # [b, T, D_e] per encoder, the learned vectors spliced in
+      embed_tokens(token_table(module, params), learned, placeholder_ids, e_ids)
+      for module, params, learned, placeholder_ids, e_ids in zip(
+          settings.text_encoders, arrays.text_encoders, arrays.learned, arrays.placeholder_ids,
+          per_encoder))
+  if one:
+    return settings.text_encoders[0].apply({"params": arrays.text_encoders[0]}, ids,
+                                           inputs_embeds=embeds[0]), None
   context, pooled = sdxl.text_conditioning(
-      settings.text_encoder, arrays.text_encoder, settings.text_encoder_2, arrays.text_encoder_2,
-      ids_1, ids_2, embeds_1, embeds_2, eos_token_id_2=settings.eos_token_id_2)
+      settings.text_encoders, arrays.text_encoders, per_encoder, embeds,
+      pool_eos_token_id=settings.pool_eos_token_id)
   return context, sdxl.added_cond(pooled, settings.time_ids)
 
 
@@ -108,7 +109,7 @@ def guidance_conditioning(settings, arrays, cond_ids: jax.Array, uncond_ids: jax
   if settings.guidance_scale == 1.0:
     return cond
   uncond = encode_prompts(settings, arrays, uncond_ids)
-  if settings.text_encoder_2 is not None:
+  if len(settings.text_encoders) > 1:  # SDXL
     context, added = uncond
     zeros = sdxl.unconditional(context, added["text_embeds"])
     keep = jnp.logical_not(arrays.zero_uncond)
@@ -183,24 +184,25 @@ def _generate_shard(arrays: _GenArrays, cond_ids: jax.Array, uncond_ids: jax.Arr
   return decode_latents(settings, arrays, latents)
 
 
-def sdxl_settings(sd, height: int, width: int) -> dict[str, Any]:
-  """The SDXL fields of a program's settings (none for SD/LDM): the second encoder,
-  its end token (the pooling position) and the size conditioning of `height` x `width`."""
-  if sd.text_encoder_2 is None:
-    return {}
-  return {"text_encoder_2": sd.text_encoder_2,
-          "eos_token_id_2": int(sd.tokenizer_2.eos_token_id),
-          # The pipeline's default: original = target = the generated size, no crop.
-          "time_ids": tuple(float(v) for v in sdxl.time_ids((height, width), (0, 0)))}
+def text_settings(sd, height: int, width: int) -> dict[str, Any]:
+  """The text side of a program's settings: every encoder's module and, for SDXL, the
+  second encoder's end token (the pooling position) and the size conditioning of
+  `height` x `width`."""
+  out = {"text_encoders": tuple(e.module for e in sd.text_encoders)}
+  if len(sd.text_encoders) == 1:
+    return out
+  return dict(out, pool_eos_token_id=int(sd.text_encoders[-1].tokenizer.eos_token_id),
+              # The pipeline's default: original = target = the generated size, no crop.
+              time_ids=tuple(float(v) for v in sdxl.time_ids((height, width), (0, 0))))
 
 
-def _learned_arrays(learned, text_encoder, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """All concepts' vectors `[m, D]` and their token ids `[m]`, as the program reads them."""
-  dim = text_encoder.config.hidden_size
-  if not learned:  # an id that never occurs, so nothing is spliced
-    return np.zeros((1, dim), np.float32), np.full((1,), -1, np.int32)
-  vectors = np.concatenate([np.asarray(v, np.float32).reshape(-1, dim) for v, _ in learned])
-  ids = np.concatenate([np.asarray(i, np.int32).reshape(-1) for _, i in learned])
+def _learned_arrays(learned, width: int, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """One encoder's learned vectors `[m, D]` and their token ids `[m]`, as the program reads
+  them, from (vectors, ids) or None (no learned tokens)."""
+  if learned is None or not len(learned[1]):  # an id that never occurs, so nothing is spliced
+    return np.zeros((1, width), np.float32), np.full((1,), -1, np.int32)
+  vectors = np.asarray(learned[0], np.float32).reshape(-1, width)  # [m, D]
+  ids = np.asarray(learned[1], np.int32).reshape(-1)  # [m]
   if ids.max() >= len(tokenizer):  # the ids were added to another tokenizer
     raise ValueError(f"learned token id {int(ids.max())} is not in the tokenizer "
                      f"({len(tokenizer)} tokens): pass the tokenizer that "
@@ -209,51 +211,55 @@ def _learned_arrays(learned, text_encoder, tokenizer) -> tuple[np.ndarray, np.nd
 
 
 def prompt_arrays(sd, prompts: Sequence[str], negative_prompt: str, *, learned=(),
-                  tokenizer=None, learned_2=(), tokenizer_2=None
-                  ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+                  tokenizers=None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """Host arrays of a guided program's text side: (cond ids, uncond ids, learned arrays).
 
-  Ids are `[B, T]` (SD/LDM) or `[B, 2, 77]` (SDXL: `tokenizer`'s and `tokenizer_2`'s);
-  the dict holds `learned`/`placeholder_ids` and for SDXL `learned_2`/`placeholder_ids_2`
-  and `zero_uncond` (an empty negative prompt with the model's
+  Ids are `[B, T]` (SD/LDM) or `[B, 2, 77]` (SDXL: each tokenizer's); the dict
+  holds `learned`/`placeholder_ids` (a tuple, one entry per text encoder) and for
+  SDXL `zero_uncond` (an empty negative prompt with the model's
   `force_zeros_for_empty_prompt`, which diffusers' SDXL pipeline defaults to True).
   Arguments as `ImageGenerator.generate`'s.
   """
-  tokenizer = tokenizer or sd.tokenizer
-  vectors, ids = _learned_arrays(learned, sd.text_encoder, tokenizer)
+  encoders = sd.text_encoders
+  tokenizers = tuple(tokenizers or (e.tokenizer for e in encoders))
+  if learned and len(learned) != len(encoders):
+    raise ValueError(f"learned vectors for {len(learned)} text encoder(s); the model has "
+                     f"{len(encoders)} (each concept needs vectors for every encoder)")
+  if len(tokenizers) != len(encoders):
+    raise ValueError(f"{len(tokenizers)} tokenizer(s) for {len(encoders)} text encoder(s)")
+  arrays = [_learned_arrays(learned[e] if learned else None, encoders[e].width, tokenizers[e])
+            for e in range(len(encoders))]
+  if learned and len({len(ids) for _, ids in arrays}) > 1:
+    raise ValueError("each concept needs as many vectors for every text encoder: "
+                     + ", ".join(str(len(ids)) for _, ids in arrays))
+  extra = {"learned": tuple(v for v, _ in arrays), "placeholder_ids": tuple(i for _, i in arrays)}
   negatives = [negative_prompt] * len(prompts)
-  extra = {"learned": vectors, "placeholder_ids": ids}
-  if sd.text_encoder_2 is None:
-    return captions.tokenize(tokenizer, prompts), captions.tokenize(tokenizer, negatives), extra
-  if len(learned_2) != len(learned):
-    raise ValueError(f"SDXL needs each concept's vectors for both text encoders: "
-                     f"{len(learned)} in learned, {len(learned_2)} in learned_2")
-  tokenizer_2 = tokenizer_2 or sd.tokenizer_2
-  vectors_2, ids_2 = _learned_arrays(learned_2, sd.text_encoder_2, tokenizer_2)
-  both = lambda texts: np.stack([captions.tokenize(tokenizer, texts, sdxl.MAX_LENGTH),
-                                 captions.tokenize(tokenizer_2, texts, sdxl.MAX_LENGTH)],
-                                axis=1)  # [B, 2, 77]
+  if len(encoders) == 1:
+    return (captions.tokenize(tokenizers[0], prompts), captions.tokenize(tokenizers[0], negatives),
+            extra)
+  every = lambda texts: np.stack([captions.tokenize(t, texts, sdxl.MAX_LENGTH)
+                                  for t in tokenizers], axis=1)  # [B, 2, 77]
   zeros = not negative_prompt and bool(sd.model_index.get("force_zeros_for_empty_prompt", True))
-  extra.update(learned_2=vectors_2, placeholder_ids_2=ids_2, zero_uncond=np.asarray(zeros))
-  return both(prompts), both(negatives), extra
+  extra["zero_uncond"] = np.asarray(zeros)
+  return every(prompts), every(negatives), extra
 
 
 class ImageGenerator:
   """Generates images for prompts that may use learned pseudo-words, over several devices.
 
-  Learned vectors come per text encoder: `learned` (and `tokenizer`) for the first,
-  and for SDXL also `learned_2` (and `tokenizer_2`), the same concepts in the same
-  order with their second-encoder vectors and their ids in `tokenizer_2`
-  (`concepts.tokenizers_with_concepts` returns all four).
+  Learned vectors come per text encoder, as tuples indexed like `sd.text_encoders`:
+  `learned[e]` is (the concepts' vectors `[m, D_e]`, their ids `[m]` in
+  `tokenizers[e]`), the same concepts in the same order for every encoder
+  (`concepts.tokenizers_with_concepts` returns both).
   """
 
   def __init__(self, sd, *, scheduler: str = "ddim", num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: int = 512, width: int = 512,
                devices: Sequence | None = None, replicated_params: dict | None = None,
                guidance_rescale: float = 0.0):
-    """`replicated_params`: already replicated {"unet", "text_encoder"} params to share
-    (e.g. the training step's), instead of placing another copy on every device; a
-    piece it lacks ("text_encoder_2" of SDXL) is replicated here.
+    """`replicated_params`: already replicated params to share (e.g. the training step's),
+    keyed by component role ("unet", "text_encoder", ...), instead of placing another
+    copy on every device; a piece it lacks (SDXL's "text_encoder_2") is replicated here.
 
     `guidance_rescale` (Lin et al. 2023; diffusers' name): 0 is off, the images of
     plain classifier-free guidance.
@@ -266,20 +272,19 @@ class ImageGenerator:
     if not 0.0 <= guidance_rescale <= 1.0:
       raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     self.sd = sd
-    self.is_sdxl = sd.text_encoder_2 is not None
+    self.is_sdxl = len(sd.text_encoders) > 1
     self.image_size = (height, width)
     self.devices = list(devices) if devices is not None else parallel.all_devices()
     self.sampler = schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
     self.settings = _GenSettings(
-        unet=sd.unet, text_encoder=sd.text_encoder, vae=sd.vae,
+        unet=sd.unet, vae=sd.vae,
         guidance_scale=float(guidance_scale),
         latent_shape=(height // factor, width // factor, sd.unet.config.in_channels),
         scaling_factor=float(sd.vae.config.scaling_factor),
         shift_factor=float(sd.vae.config.shift_factor),
-        guidance_rescale=float(guidance_rescale), **sdxl_settings(sd, height, width))
-    own = {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params, "vae": sd.vae_params}
-    if self.is_sdxl:
-      own["text_encoder_2"] = sd.text_encoder_2_params
+        guidance_rescale=float(guidance_rescale), **text_settings(sd, height, width))
+    own = {"unet": sd.unet_params, "vae": sd.vae_params,
+           **{e.role: e.params for e in sd.text_encoders}}
     shared = dict(replicated_params or {})
     self._params = dict(shared, **parallel.replicate(
         {k: v for k, v in own.items() if k not in shared}, self.devices))
@@ -288,9 +293,7 @@ class ImageGenerator:
 
   def generate(self, prompts: Sequence[str], *, seed: int = 0, negative_prompt: str = "",
                learned: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
-               first_index: int = 0, tokenizer=None,
-               learned_2: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
-               tokenizer_2=None) -> np.ndarray:
+               first_index: int = 0, tokenizers: Sequence | None = None) -> np.ndarray:
     """Images for `prompts`, uint8 `[N, H, W, 3]`.
 
     Args:
@@ -299,25 +302,23 @@ class ImageGenerator:
       negative_prompt: the unconditional prompt of classifier-free guidance. SDXL
         with an empty one and the model's `force_zeros_for_empty_prompt` (SDXL
         base sets it) guides from zeros instead, as diffusers' pipeline does.
-      learned: (vectors `[n, D]`, token ids `[n]`) of each learned concept.
+      learned: per text encoder, (vectors `[m, D_e]`, token ids `[m]`) of all learned
+        concepts; empty: none.
       first_index: global index of the first image (for batches of a longer run).
-      tokenizer: the tokenizer that holds the learned tokens
-        (`concepts.tokenizer_with_concepts`), so one generator can serve several
+      tokenizers: per text encoder, the tokenizer that holds the learned tokens
+        (`concepts.tokenizers_with_concepts`), so one generator can serve several
         runs on the same base model; default: the model's own.
-      learned_2: SDXL: (vectors `[n, D2]`, ids in `tokenizer_2`) of the same concepts.
-      tokenizer_2: SDXL: the second tokenizer holding them; default: the model's.
 
     Raises:
-      ValueError: a learned token id the tokenizer does not have, or SDXL concepts
-        without their second-encoder vectors.
+      ValueError: a learned token id a tokenizer does not have, or concepts without
+        vectors for every text encoder.
     """
     n = len(prompts)
     d = len(self.devices)
     padded = -(-n // d) * d
     texts = list(prompts) + [prompts[-1]] * (padded - n)
     cond, uncond, extra = prompt_arrays(self.sd, texts, negative_prompt, learned=learned,
-                                        tokenizer=tokenizer, learned_2=learned_2,
-                                        tokenizer_2=tokenizer_2)
+                                        tokenizers=tokenizers)
     extra["sampler"] = self.sampler
     index = np.arange(first_index, first_index + padded, dtype=np.int32)
     arrays = self._arrays(parallel.replicate(extra, self.devices))
@@ -344,27 +345,24 @@ class ImageGenerator:
     sds = jax.ShapeDtypeStruct
     abstract = lambda tree: jax.tree_util.tree_map(lambda x: sds(np.shape(x), x.dtype), tree)
     n = len(self.devices)
-    config = self.sd.text_encoder.config
-    extra = {"learned": sds((num_learned, config.hidden_size), jnp.float32),
-             "placeholder_ids": sds((num_learned,), jnp.int32),
+    encoders = self.sd.text_encoders
+    extra = {"learned": tuple(sds((num_learned, e.width), jnp.float32) for e in encoders),
+             "placeholder_ids": tuple(sds((num_learned,), jnp.int32) for _ in encoders),
              "sampler": abstract(self.sampler)}
-    ids = sds((n * per_device_batch, config.max_position_embeddings), jnp.int32)
+    length = encoders[0].module.config.max_position_embeddings
+    ids = sds((n * per_device_batch, length), jnp.int32)
     if self.is_sdxl:
-      extra.update(learned_2=sds((num_learned, self.sd.text_encoder_2.config.hidden_size),
-                                 jnp.float32),
-                   placeholder_ids_2=sds((num_learned,), jnp.int32),
-                   zero_uncond=sds((), jnp.bool_))
-      ids = sds((n * per_device_batch, 2, sdxl.MAX_LENGTH), jnp.int32)
+      extra["zero_uncond"] = sds((), jnp.bool_)
+      ids = sds((n * per_device_batch, len(encoders), sdxl.MAX_LENGTH), jnp.int32)
     arrays = abstract(self._arrays(parallel.replicate(extra, self.devices)))
     cond, uncond, index = parallel.shard((ids, ids, sds((n * per_device_batch,), jnp.int32)), n)
     return self._fn.lower(arrays, cond, uncond, index, sds((n,), np.uint32))
 
   def _arrays(self, extra: dict) -> _GenArrays:
     """The program's arrays: the replicated weights and `extra` (replicated learned, ids, sampler)."""
-    weights = {k: self._params[k] for k in ("unet", "text_encoder", "vae")}
-    if self.is_sdxl:
-      weights["text_encoder_2"] = self._params["text_encoder_2"]
-    return _GenArrays(**weights, **extra)
+    return _GenArrays(unet=self._params["unet"], vae=self._params["vae"],
+                      text_encoders=tuple(self._params[e.role] for e in self.sd.text_encoders),
+                      **extra)
 
 
 # Per-device batch when sampling without a requested one. On CPU there is no device
@@ -411,8 +409,8 @@ def auto_batch_size(generator: "ImageGenerator", num_images: int) -> int:
   if not limit:
     return max(1, min(needed, CPU_AUTO_BATCH))
   weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(
-      (generator.sd.unet_params, generator.sd.text_encoder_params, generator.sd.vae_params,
-       generator.sd.text_encoder_2_params)))
+      (generator.sd.unet_params, generator.sd.vae_params,
+       [e.params for e in generator.sd.text_encoders])))
   h, w = generator.image_size
   fit = int(_MEMORY_SHARE * max(limit - weights, 0) // image_bytes(generator.sd, h, w))
   return max(1, min(needed, fit, _MAX_AUTO_BATCH))
@@ -420,11 +418,10 @@ def auto_batch_size(generator: "ImageGenerator", num_images: int) -> int:
 
 def image_batches(generator: ImageGenerator, prompt: str, num_images: int, *,
                   batch_size: int = 0, seed: int = 0, negative_prompt: str = "",
-                  learned=(), tokenizer=None, learned_2=(),
-                  tokenizer_2=None) -> Iterator[tuple[int, np.ndarray]]:
+                  learned=(), tokenizers=None) -> Iterator[tuple[int, np.ndarray]]:
   """Yields (index of the first image, uint8 `[n, H, W, 3]`) per call, `batch_size` images
-  per device per call (0: `auto_batch_size`). `learned`, `tokenizer`, `learned_2` and
-  `tokenizer_2` are `ImageGenerator.generate`'s.
+  per device per call (0: `auto_batch_size`). `learned` and `tokenizers` (one entry per
+  text encoder) are `ImageGenerator.generate`'s.
 
   Image i starts from noise (seed, i), so the images do not depend on the
   batch size or device count; a caller can write each batch before the next
@@ -437,14 +434,12 @@ def image_batches(generator: ImageGenerator, prompt: str, num_images: int, *,
     # Always `chunk` prompts: one compiled program for every call, the last one included.
     yield start, generator.generate([prompt] * chunk, seed=seed, negative_prompt=negative_prompt,
                                     learned=learned, first_index=start,
-                                    tokenizer=tokenizer, learned_2=learned_2,
-                                    tokenizer_2=tokenizer_2)[:count]
+                                    tokenizers=tokenizers)[:count]
 
 
 def generate_images(generator: ImageGenerator, prompt: str, num_images: int, *,
                     batch_size: int = 0, seed: int = 0, negative_prompt: str = "",
-                    learned=(), tokenizer=None, learned_2=(), tokenizer_2=None,
-                    progress=None) -> np.ndarray:
+                    learned=(), tokenizers=None, progress=None) -> np.ndarray:
   """`num_images` images `[N, H, W, 3]` uint8 of one prompt, `batch_size` per device per call
   (0: `auto_batch_size`).
 
@@ -454,8 +449,7 @@ def generate_images(generator: ImageGenerator, prompt: str, num_images: int, *,
   images = []
   for _, batch in image_batches(generator, prompt, num_images, batch_size=batch_size, seed=seed,
                                 negative_prompt=negative_prompt, learned=learned,
-                                tokenizer=tokenizer, learned_2=learned_2,
-                                tokenizer_2=tokenizer_2):
+                                tokenizers=tokenizers):
     images.append(batch)
     if progress:
       progress(len(batch))

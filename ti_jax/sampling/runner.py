@@ -110,7 +110,7 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
       platform=devices[0].platform, allow_pickle=allow_pickle, cache_dir=cache_dir,
       allow_base_model_mismatch=allow_base_model_mismatch)
   vocab = tokenizers_with_concepts(sd, concepts)  # tokenizer(s) and learned vectors
-  tokenizer = vocab["tokenizer"]
+  tokenizer = vocab["tokenizers"][0]  # the truncation warning counts the first's ids
   factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
   native = run_config.get("resolution") or sd.unet.config.sample_size * factor
   height, width = height or native, width or native

@@ -266,9 +266,9 @@ def sdxl_conditioning(params: dict, frozen: Frozen, batch: dict,
   embeds_2 = embed_tokens(table_2, params["embeds_2"], frozen.placeholder_ids_2,
                           batch["input_ids_2"])  # [b, T, D2]
   context, pooled = sdxl.text_conditioning(
-      settings.text_encoder, frozen.text_encoder, settings.text_encoder_2, frozen.text_encoder_2,
-      batch["input_ids"], batch["input_ids_2"], embeds_1, embeds_2,
-      eos_token_id_2=settings.eos_token_id_2)
+      (settings.text_encoder, settings.text_encoder_2), (frozen.text_encoder, frozen.text_encoder_2),
+      (batch["input_ids"], batch["input_ids_2"]), (embeds_1, embeds_2),
+      pool_eos_token_id=settings.eos_token_id_2)
   return context, sdxl.added_cond(pooled, frozen.time_ids[batch["view_index"]])
 
 

@@ -480,12 +480,12 @@ def initial_vector_pair(config, sd, table: np.ndarray, table_2: np.ndarray | Non
   if config.init_embedding:
     concept = _init_concept(config.init_embedding, (table.shape[1], table_2.shape[1]))
     n = config.num_vectors
-    if concept.vectors.shape[0] != n:
+    if concept.num_vectors != n:
       raise ConfigError(f"config.init_embedding: {config.init_embedding} has "
-                        f"{concept.vectors.shape[0]} vector(s), this run needs {n} (num_vectors)")
+                        f"{concept.num_vectors} vector(s), this run needs {n} (num_vectors)")
     note = f"initialised {n} vector(s) per text encoder from {config.init_embedding}"
-    pair = (pseudo_words.Initializer(np.asarray(concept.vectors, np.float32), note),
-            pseudo_words.Initializer(np.asarray(concept.vectors_2, np.float32), note))
+    pair = tuple(pseudo_words.Initializer(np.asarray(v, np.float32), note)
+                 for v in concept.vectors)
   else:
     pair = tuple(pseudo_words.initializer_vectors(tok, t, config.initializer_token,
                                                   config.num_vectors)
@@ -531,9 +531,9 @@ def _init_concept(spec: str, widths: tuple[int, ...]) -> embedding_io.Concept:
 def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> pseudo_words.Initializer:
   """The vectors of an existing embedding (run dir or file, `PATH[:TOKEN]`), checked."""
   concept = _load_init_concept(spec)
-  if concept.vectors_2 is not None:  # an SDXL pair for a one-encoder model
+  if len(concept.vectors) > 1:  # an SDXL pair for a one-encoder model
     _check_init_fits(concept, (dim,))
-  vectors = concept.vectors
+  vectors = concept.vectors[0]
   if vectors.shape != (num_vectors, dim):
     raise ConfigError(f"config.init_embedding: {spec} has shape {tuple(vectors.shape)}, "
                       f"but this run needs ({num_vectors}, {dim}) (num_vectors, model width)")
@@ -968,11 +968,10 @@ def write_final_embedding(config, workdir: str, vectors: np.ndarray, step: int,
   """
   out = fileio.join(workdir, "learned_embeds.safetensors")
   try:
-    if rewrite or not embedding_io.holds_embedding(out, config.placeholder_token, vectors,
-                                                   vectors_2):
+    per_encoder = (vectors,) if vectors_2 is None else (vectors, vectors_2)
+    if rewrite or not embedding_io.holds_embedding(out, config.placeholder_token, per_encoder):
       embedding_io.save_embedding(out, embedding_io.Concept(
-          config.placeholder_token, vectors, f"{workdir} step {step}", vectors_2=vectors_2),
-          "diffusers")
+          config.placeholder_token, per_encoder, f"{workdir} step {step}"), "diffusers")
   except OSError as e:
     raise run_dir.WorkdirError(
         f"cannot write {out}: {console.one_line(e, limit=300)}; the final checkpoint, step "

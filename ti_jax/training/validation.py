@@ -220,7 +220,7 @@ def _prompt_images(validation: Validation, step: int, text: str, learned: np.nda
   if validation.token_ids_2 is not None:
     if learned_2 is None:
       raise ValueError("SDXL validation needs learned_2, the second text encoder's vectors")
-    sets["learned_2"] = [(np.asarray(learned_2), validation.token_ids_2)]
+    sets["learned"].append((np.asarray(learned_2), validation.token_ids_2))
   # Every vector is handed over (the prompt names only the active ones), so the
   # sampler's arrays keep one shape and it compiles once for the whole run.
   for start, images in generation.image_batches(
