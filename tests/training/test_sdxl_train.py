@@ -17,7 +17,7 @@ from torch_reference import rel_err
 from ti_jax.data import buckets, choices, image_loader
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.runtime import parallel
-from ti_jax.training import dry_run, train_lib, trainer
+from ti_jax.training import concept, dry_run, train_lib, trainer
 from ti_jax.weights import safetensors_io
 
 TOY = os.path.join(REPO, "examples", "toy")
@@ -170,10 +170,10 @@ def test_two_devices_equal_one_resume_continues_exactly_and_the_pair_is_written(
   # The final diffusers pair, and the run directory, read back as one SDXL concept.
   (from_file,) = embedding_io.load_concepts(str(tmp_path / "one" / "learned_embeds.safetensors"))
   (from_run,) = embedding_io.load_concepts(str(tmp_path / "one"))
-  for concept in (from_file, from_run):
-    assert concept.token == "<toy>"
-    np.testing.assert_array_equal(concept.vectors, one["embeds"])
-    np.testing.assert_array_equal(concept.vectors_2, one["embeds_2"])
+  for read in (from_file, from_run):
+    assert read.token == "<toy>"
+    np.testing.assert_array_equal(read.vectors, one["embeds"])
+    np.testing.assert_array_equal(read.vectors_2, one["embeds_2"])
 
 
 def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_used(
@@ -185,7 +185,7 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
   c = config.copy_and_resolve_references()
   c.init_embedding = str(sd_file)
   with pytest.raises(trainer.ConfigError) as err:
-    trainer.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
+    concept.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
   message = str(err.value)
   assert "\n" not in message and "SDXL" in message and "SD (32)" in message
   rng = np.random.default_rng(1)
@@ -195,7 +195,7 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
   embedding_io.save_embedding(str(xl_file), pair, "diffusers")
   c = config.copy_and_resolve_references()
   c.init_embedding = str(xl_file)
-  init, init_2 = trainer.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
+  init, init_2 = concept.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
   np.testing.assert_array_equal(init.vectors, pair.vectors)
   np.testing.assert_array_equal(init_2.vectors, pair.vectors_2)
 

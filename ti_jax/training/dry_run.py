@@ -15,7 +15,7 @@ import numpy as np
 from ti_jax.data import buckets, captions
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio, parallel
-from ti_jax.training import checkpointing, trainer, validation
+from ti_jax.training import checkpointing, concept, trainer, validation
 
 # Token ids shown per prompt before the rest is elided (the padding is never shown).
 _MAX_SHOWN_IDS = 40
@@ -45,7 +45,7 @@ def dry_run(config, workdir: str) -> list[str]:
     validation.check_scheduler(config, sd)
   prompts = trainer.make_prompts(config, sd, texts, images.num_images)
   table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params))  # [V, D]
-  trainer.initial_vector_pair(config, sd, table, trainer.second_table(sd))
+  concept.initial_vector_pair(config, sd, table, concept.second_table(sd))
   devices = parallel.all_devices()
   _, global_batch = trainer.batch_sizes(config, len(devices))
   lines = [
