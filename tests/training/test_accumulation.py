@@ -12,6 +12,7 @@ from conftest import REPO, config_module, offline_config, step_pieces
 
 from ti_jax.data import choices
 from ti_jax.runtime import parallel
+from ti_jax.training import inputs as run_inputs
 from ti_jax.training import train_lib, trainer
 
 TOY = os.path.join(REPO, "examples", "toy")
@@ -71,8 +72,8 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(setup):
 
 
 def _fake_inputs(config, devices: int, num_images=4, num_templates=5, seq=7):
-  """What `trainer.batch_for` reads of the run's inputs, for a run on `devices` devices."""
-  per_device, global_batch = trainer.batch_sizes(config, devices)
+  """What `inputs.batch_for` reads of the run's inputs, for a run on `devices` devices."""
+  per_device, global_batch = run_inputs.batch_sizes(config, devices)
   template_ids = np.arange(num_templates * seq, dtype=np.int32).reshape(1, num_templates, seq)
   return types.SimpleNamespace(
       per_device_batch=per_device, global_batch=global_batch, local_devices=devices,
@@ -95,17 +96,17 @@ def test_per_example_draws_are_those_of_the_same_global_batch(devices, batch, ac
   plain, split = _fake_inputs(plain_config, 1), _fake_inputs(config, devices)
   assert split.global_batch == plain.global_batch == 4
   for step in (0, 1, 7):
-    want = trainer.batch_for(plain_config, plain, step)
-    got = trainer.batch_for(config, split, step)
+    want = run_inputs.batch_for(plain_config, plain, step)
+    got = run_inputs.batch_for(config, split, step)
     for k in want:
       assert got[k].shape[:2] == (devices, 4 // devices)  # [d, A * b, ...]
       np.testing.assert_array_equal(got[k].reshape(want[k].shape), want[k])
 
 
 def test_global_batch_size_counts_the_accumulation_steps():
-  assert trainer.batch_sizes(_config(3, 4, global_batch_size=8), 2) == (1, 8)
-  assert trainer.batch_sizes(_config(3, 4), 2) == (3, 24)
+  assert run_inputs.batch_sizes(_config(3, 4, global_batch_size=8), 2) == (1, 8)
+  assert run_inputs.batch_sizes(_config(3, 4), 2) == (3, 24)
   with pytest.raises(trainer.ConfigError, match="2 devices x 4 accumulation steps"):
-    trainer.batch_sizes(_config(3, 4, global_batch_size=4), 2)
+    run_inputs.batch_sizes(_config(3, 4, global_batch_size=4), 2)
   with pytest.raises(trainer.ConfigError, match="gradient_accumulation_steps must be >= 1"):
     trainer.validate_config(_config(1, 0))

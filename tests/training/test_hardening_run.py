@@ -24,6 +24,7 @@ from test_train import _cli, _config
 from ti_jax import errors
 from ti_jax.embeddings import embedding_io
 from ti_jax.runtime import fileio, run_dir
+from ti_jax.training import inputs as run_inputs
 from ti_jax.training import trainer
 from ti_jax.weights import safetensors_io
 
@@ -559,7 +560,7 @@ def test_batch_over_the_devices_that_cannot_fit_is_refused_before_the_workdir(tm
                                                                             cache_dir):
   c = _config(cache_dir, train_batch_size=40000, gradient_accumulation_steps=1)
   with pytest.raises(trainer.ConfigError) as err:
-    trainer.batch_sizes(c, 2)  # each field is under the limit, their product is not
+    run_inputs.batch_sizes(c, 2)  # each field is under the limit, their product is not
   assert ("config.train_batch_size 40000 x 2 devices x 1 accumulation steps = 80000 examples "
           "per step, above the limit of 65536") in str(err.value)
   with pytest.raises(trainer.ConfigError, match="80000 examples per step"):

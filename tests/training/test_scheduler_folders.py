@@ -215,7 +215,7 @@ def test_the_config_check_takes_any_step_count_for_pndm(tmp_path):
 
 
 def _schedule(folder):
-  """The training noise schedule a run on `folder` uses (what `trainer.load_model` builds
+  """The training noise schedule a run on `folder` uses (what `inputs.load_model` builds
   from the model's scheduler config)."""
   with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
     return schedulers.noise_schedule_from_config(json.load(f))

@@ -18,6 +18,7 @@ from ti_jax.data import buckets, choices, image_loader
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.runtime import parallel
 from ti_jax.training import concept, dry_run, train_lib, trainer
+from ti_jax.training import inputs as run_inputs
 from ti_jax.weights import safetensors_io
 
 TOY = os.path.join(REPO, "examples", "toy")
@@ -40,7 +41,7 @@ def built(tiny_sdxl, cache_dir, tmp_path_factory):
   builds them."""
   config = _config(tiny_sdxl, cache_dir)
   devices = jax.local_devices()[:1]
-  inputs = trainer.build_inputs(config, str(tmp_path_factory.mktemp("unused") / "w"), devices)
+  inputs = run_inputs.build(config, str(tmp_path_factory.mktemp("unused") / "w"), devices)
   frozen, settings = trainer.step_inputs(config, inputs)
   return config, inputs, frozen, settings
 
@@ -58,7 +59,7 @@ def test_steps_train_both_vector_sets_and_nothing_else(built):
   state = parallel.replicate(inputs.state, devices)
   rep_frozen = parallel.replicate(frozen, devices)
   for step in range(3):
-    state, metrics = step_fn(state, rep_frozen, trainer.batch_for(config, inputs, step))
+    state, metrics = step_fn(state, rep_frozen, run_inputs.batch_for(config, inputs, step))
   assert np.isfinite(float(parallel.unreplicate(metrics["loss"])))
   for before, after in zip(jax.tree_util.tree_leaves(frozen),
                            jax.tree_util.tree_leaves(parallel.unreplicate(rep_frozen))):
@@ -205,7 +206,7 @@ def test_per_image_tokens_are_refused_for_sdxl_in_one_line(built):
   c = config.copy_and_resolve_references()
   c.per_image_tokens = True
   with pytest.raises(trainer.ConfigError, match="per_image_tokens") as err:
-    trainer.make_prompts(c, inputs.sd, inputs.prompts.texts, inputs.images.num_images)
+    run_inputs.make_prompts(c, inputs.sd, inputs.prompts.texts, inputs.images.num_images)
   assert "\n" not in str(err.value)
 
 
@@ -214,7 +215,7 @@ def test_time_ids_are_each_views_original_size_crop_and_bucket(tmp_path):
     Image.new("RGB", size, (90, 20, 200)).save(tmp_path / name)
   shapes = buckets.bucket_shapes(64, 32, 128, 32)
   images = image_loader.load_training_images(str(tmp_path), 64, False, bucket_shapes=shapes)
-  per_bucket = trainer.view_time_ids(images, flip=True)
+  per_bucket = run_inputs.view_time_ids(images, flip=True)
   assert len(per_bucket) == len(images.buckets) == 2
   for b, ids in enumerate(per_bucket):
     (i,) = images.bucket_members(b)

@@ -13,9 +13,9 @@ import os
 import numpy as np
 
 from ti_jax.data import buckets, captions
-from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio, parallel
-from ti_jax.training import checkpointing, concept, trainer, validation
+from ti_jax.training import inputs as run_inputs
+from ti_jax.training import trainer
 
 # Token ids shown per prompt before the rest is elided (the padding is never shown).
 _MAX_SHOWN_IDS = 40
@@ -35,33 +35,27 @@ def dry_run(config, workdir: str) -> list[str]:
   """
   trainer.validate_config(config)
   workdir = fileio.resolve(workdir)
-  resumes = checkpointing.check_identity(workdir, checkpointing.run_identity(config))  # reads only
-  # The trainer's own start-up steps, so a dry run checks exactly what a run would.
-  images = trainer.load_images(config)
-  texts = captions.prompt_texts(config.learnable_property, config.templates_file,
-                                config.placeholder_token, images.captions, images.num_images)
-  sd, schedule = trainer.load_model(config)
-  if validation.enabled(config):  # the sampler a run builds at start-up (validation.make)
-    validation.check_scheduler(config, sd)
-  prompts = trainer.make_prompts(config, sd, texts, images.num_images)
-  table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params))  # [V, D]
-  concept.initial_vector_pair(config, sd, table, concept.second_table(sd))
+  # The run's own set-up (`inputs.prepare`), so a dry run checks exactly what a run would.
   devices = parallel.all_devices()
-  _, global_batch = trainer.batch_sizes(config, len(devices))
+  setup = run_inputs.prepare(config, workdir, devices)
+  images, sd, prompts = setup.images, setup.sd, setup.prompts
+  texts = prompts.texts
   lines = [
-      f"dry run of {workdir} ({'resumes the run there' if resumes else 'a new run'}): "
-      f"base model {sd.path}, {schedule.prediction_type} target",
+      f"dry run of {workdir} "
+      f"({'resumes the run there' if setup.has_run_json else 'a new run'}): "
+      f"base model {sd.path}, {setup.schedule.prediction_type} target",
       f"placeholder {prompts.tokens} = token ids {prompts.token_ids}"
       + (f" (tokenizer_2: {prompts.token_ids_2})" if prompts.token_ids_2 else "")
       + (f", per-image tokens {prompts.image_tokens}" if prompts.image_tokens else ""),
       f"templates: {len(texts.templates)} from {texts.source}; captions: "
       + (f"{sum(c is not None for c in texts.captions)} of {images.num_images} images "
          f"({config.caption_extension} files)" if config.caption_extension else "off"),
-      f"{images.num_images} image(s); global batch {global_batch} on {len(devices)} device(s), "
+      f"{images.num_images} image(s); global batch {setup.global_batch} on {len(devices)} "
+      f"device(s), "
       f"flip_p {config.flip_p}, steps {config.max_train_steps}",
   ]
   if config.enable_bucket:
-    lines.append(buckets.describe(images.buckets, trainer.bucket_sizes(images)))
+    lines.append(buckets.describe(images.buckets, run_inputs.bucket_sizes(images)))
   for i in range(images.num_images):
     lines += describe_image(i, images, texts, prompts, sd.tokenizer, sd.tokenizer_2)
   lines.append("dry run: every input checked; nothing trained, nothing written")
