@@ -41,7 +41,7 @@ def _train(setup, accumulation, steps=3):
   opt = train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2)
   settings = dataclasses.replace(setup["settings"], gradient_accumulation_steps=accumulation)
   step_fn = train_lib.make_pmapped_step(settings, opt, lr, devices)
-  state = parallel.replicate(train_lib.init_state(setup["init"].vectors, opt), devices)
+  state = parallel.replicate(train_lib.init_state({"embeds": setup["init"].vectors}, opt), devices)
   frozen = parallel.replicate(setup["frozen"], devices)
   losses, norms = [], []
   compiled = step_fn.lower(state, frozen, parallel.shard(_batch(setup, 0, 4), 1)).compile()
@@ -78,10 +78,9 @@ def _fake_inputs(config, devices: int, num_images=4, num_templates=5, seq=7):
   return types.SimpleNamespace(
       per_device_batch=per_device, global_batch=global_batch, local_devices=devices,
       images=types.SimpleNamespace(num_images=num_images),
-      prompts=types.SimpleNamespace(num_templates=num_templates, template_ids=template_ids,
-                                    image_template_ids=None, image_tokens=[], captioned=None,
-                                    caption_ids=None, image_caption_ids=None,
-                                    template_ids_2=None))
+      prompts=types.SimpleNamespace(num_templates=num_templates, image_tokens=[], captioned=None),
+      concepts=(types.SimpleNamespace(suffix="", template_ids=template_ids, image_template_ids=None,
+                                      caption_ids=None, image_caption_ids=None),))
 
 
 def _config(batch, accumulation, **overrides):

@@ -91,7 +91,7 @@ def test_one_compiled_program_per_bucket_none_after_its_first_step(built):
   config, inputs = built
   devices = jax.local_devices()[:1]
   frozen, settings = trainer.step_inputs(config, inputs)
-  frozen = trainer.bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
+  frozen = run_inputs.bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
   assert len(frozen) == 2 and frozen[1].unet is frozen[0].unet  # weights on device once
   step_fn = train_lib.make_pmapped_step(settings, inputs.optimizer, inputs.lr, devices)
   state = parallel.replicate(inputs.state, devices)

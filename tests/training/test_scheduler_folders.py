@@ -135,7 +135,7 @@ def test_each_scheduler_class_folder_validates_samples_and_edits(run, folders, c
   with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
     model = model_stub(json.load(f), path=folder)
   c = _config(run["root"] / "cache", folder)
-  assert validation.make(c, model, [0], devices, str(tmp_path), {})
+  assert validation.make(c, model, [[0]], devices, str(tmp_path), {})
   common = dict(workdir=run["workdir"], pretrained_model_name_or_path=folder,
                 allow_base_model_mismatch=True, num_images=1, num_inference_steps=STEPS,
                 scheduler=SAMPLER, devices=devices)

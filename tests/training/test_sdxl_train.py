@@ -49,12 +49,13 @@ def built(tiny_sdxl, cache_dir, tmp_path_factory):
 def test_steps_train_both_vector_sets_and_nothing_else(built):
   config, inputs, frozen, settings = built
   devices = jax.local_devices()[:1]
-  assert set(inputs.state.params) == {"embeds", "embeds_2"}
+  first, second = inputs.concepts
+  assert set(inputs.state.params) == {"embeds", "embeds_2"} == {first.key, second.key}
   # Pooled at tokenizer_2's real end token, not transformers' legacy largest-id rule.
-  assert settings.eos_token_id_2 == inputs.sd.tokenizer_2.eos_token_id
+  assert settings.pool_eos_token_id == inputs.sd.text_encoders[1].tokenizer.eos_token_id
   # No optimizer state beyond Adam's moments of the two small vector sets (+ counts).
   sizes = [x.size for x in jax.tree_util.tree_leaves(inputs.state.opt_state)]
-  assert max(sizes) == inputs.init.vectors.size
+  assert max(sizes) == first.init.vectors.size
   step_fn = train_lib.make_pmapped_step(settings, inputs.optimizer, inputs.lr, devices)
   state = parallel.replicate(inputs.state, devices)
   rep_frozen = parallel.replicate(frozen, devices)
@@ -65,11 +66,10 @@ def test_steps_train_both_vector_sets_and_nothing_else(built):
                            jax.tree_util.tree_leaves(parallel.unreplicate(rep_frozen))):
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
   params = parallel.unreplicate(state).params
-  for key, init, table, ids in (
-      ("embeds", inputs.init, inputs.table, frozen.placeholder_ids),
-      ("embeds_2", inputs.init_2, inputs.table_2, frozen.placeholder_ids_2)):
+  for c, ids in zip(inputs.concepts, frozen.placeholder_ids):
+    key, table = c.key, c.table
     learned = np.asarray(params[key])
-    assert not np.allclose(learned, init.vectors), key  # both sets trained
+    assert not np.allclose(learned, c.init.vectors), key  # both sets trained
     # What each encoder sees: only the placeholder rows differ from its frozen table.
     all_ids = np.arange(max(ids) + 1, dtype=np.int32)[None]  # [1, V + n]
     looked_up = np.asarray(pseudo_words.embed_tokens(
@@ -130,8 +130,8 @@ def test_step_loss_equals_diffusers_and_transformers_in_torch(built, tiny_sdxl):
   view, tmpl = choices.example_choices(config.seed, step, index, global_batch_size=size,
                                        num_images=inputs.images.num_images, flip_p=config.flip_p,
                                        num_templates=inputs.prompts.num_templates)
-  batch = {"input_ids": inputs.prompts.template_ids[0][tmpl],
-           "input_ids_2": inputs.prompts.template_ids_2[0][tmpl], "view_index": view,
+  batch = {"input_ids": inputs.concepts[0].template_ids[0][tmpl],
+           "input_ids_2": inputs.concepts[1].template_ids[0][tmpl], "view_index": view,
            "example_index": index.astype(np.int32)}
   # Different random vectors per encoder: a swapped pair would not pass.
   rng = np.random.default_rng(0)
@@ -182,11 +182,11 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
   config, inputs, _, _ = built
   sd_file = tmp_path / "sd.safetensors"
   embedding_io.save_embedding(str(sd_file), embedding_io.Concept(
-      "<old>", np.ones((1, inputs.table.shape[1]), np.float32), ""), "diffusers")
+      "<old>", np.ones((1, inputs.concepts[0].table.shape[1]), np.float32), ""), "diffusers")
   c = config.copy_and_resolve_references()
   c.init_embedding = str(sd_file)
   with pytest.raises(trainer.ConfigError) as err:
-    concept.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
+    _concepts(c, inputs)
   message = str(err.value)
   assert "\n" not in message and "SDXL" in message and "SD (32)" in message
   rng = np.random.default_rng(1)
@@ -196,17 +196,26 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
   embedding_io.save_embedding(str(xl_file), pair, "diffusers")
   c = config.copy_and_resolve_references()
   c.init_embedding = str(xl_file)
-  init, init_2 = concept.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
-  np.testing.assert_array_equal(init.vectors, pair.vectors)
-  np.testing.assert_array_equal(init_2.vectors, pair.vectors_2)
+  first, second = _concepts(c, inputs)
+  np.testing.assert_array_equal(first.init.vectors, pair.vectors)
+  np.testing.assert_array_equal(second.init.vectors, pair.vectors_2)
+
+
+def _concepts(config, inputs):
+  """`concept.concepts` of `config` on the model loaded afresh (the tokenizers of
+  `inputs.sd` already hold the placeholder)."""
+  sd, _ = run_inputs.load_model(config)
+  p = inputs.prompts
+  return concept.concepts(config, sd, p.texts, p.tokens, p.image_tokens)
 
 
 def test_per_image_tokens_are_refused_for_sdxl_in_one_line(built):
   config, inputs, _, _ = built
   c = config.copy_and_resolve_references()
   c.per_image_tokens = True
+  p = run_inputs.make_prompts(c, inputs.prompts.texts, inputs.images.num_images)
   with pytest.raises(trainer.ConfigError, match="per_image_tokens") as err:
-    run_inputs.make_prompts(c, inputs.sd, inputs.prompts.texts, inputs.images.num_images)
+    concept.concepts(c, inputs.sd, p.texts, p.tokens, p.image_tokens)
   assert "\n" not in str(err.value)
 
 

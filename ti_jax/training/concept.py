@@ -1,38 +1,151 @@
-"""The concept: the placeholder's tokens and where its vectors start, per text encoder.
+"""The concept in each text encoder: the placeholder's tokens, prompt ids and initial vectors.
 
-`trainer.run` (through `inputs.build`) ...
+`concepts` returns one `EncoderConcept` per text encoder of the model
+(`sd.text_encoders`, in the pipeline's order: SD 1.x/2.x and the LDM have one,
+SDXL two), each from one `encoder_concept` call: the placeholder's num_vectors
+tokens added to that encoder's tokenizer, every training prompt tokenized with it
+(the tables of all encoders match row for row, so one set of choices picks a
+batch's prompts in each), its token table, and where its vectors start (the
+initializer word's embedding in its own table, or its part of
+config.init_embedding). A third kind of encoder is one more record; the step
+learns encoder e's vectors as params["embeds" + suffix] (`EncoderConcept.key`,
+the checkpoints' keys "embeds" and "embeds_2").
+
+`inputs.prepare` calls `concepts` once, after the prompts' texts are known.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ti_jax import errors
+from ti_jax.data import captions
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.runtime import console, run_dir
 from ti_jax.training.config import ConfigError
+from ti_jax.weights import pipeline
 
 _log = console.log
 
-
-def second_table(sd) -> np.ndarray | None:
-  """SDXL's second text encoder's token table `[V2, D2]` (float32), None for other models."""
-  if not sd.is_sdxl:
-    return None
-  return np.asarray(pseudo_words.token_table(sd.text_encoder_2, sd.text_encoder_2_params),
-                    np.float32)
+# How the initial vectors' log line names each encoder of a model with several.
+_ORDINALS = ("first", "second", "third", "fourth")
 
 
-def initial_vectors(config, tokenizer, table: np.ndarray) -> pseudo_words.Initializer:
-  """Where the vectors start: config.init_embedding, else the initializer token's embedding."""
-  if config.init_embedding:
-    init = _init_from_embedding(config.init_embedding, config.num_vectors, table.shape[1])
-  else:
-    init = pseudo_words.initializer_vectors(tokenizer, table, config.initializer_token,
-                                            config.num_vectors)
+@dataclasses.dataclass(frozen=True)
+class EncoderConcept:
+  """The pseudo-word in one text encoder."""
+  encoder: pipeline.TextEncoder  # module, frozen params, tokenizer (now holding the tokens)
+  token_ids: list[int]  # the num_vectors tokens' ids in encoder.tokenizer
+  table: np.ndarray  # [V, D] float32, the encoder's token table
+  init: pseudo_words.Initializer  # init.vectors [n, D]: where the vectors start
+  template_ids: np.ndarray  # [n, num_templates, T], see captions.prompt_tables
+  caption_ids: np.ndarray | None = None  # [n, N, T] (captions.caption_tables); None without any
+  # Per-image-token ablation (one-encoder models only; else empty/None): each image's
+  # S_i, and the prompts naming "S* with S_i".
+  image_token_ids: list[int] = dataclasses.field(default_factory=list)
+  image_template_ids: np.ndarray | None = None  # [n, N, num_templates, T]
+  image_caption_ids: np.ndarray | None = None  # [n, N, T]
+
+  @property
+  def suffix(self) -> str:
+    """"" for the first encoder, "_2" for SDXL's second (`TextEncoder.suffix`)."""
+    return self.encoder.suffix
+
+  @property
+  def key(self) -> str:
+    """The vectors' key in the train state's params and in checkpoints ("embeds", "embeds_2")."""
+    return "embeds" + self.suffix
+
+  @property
+  def image_key(self) -> str:
+    """The per-image vectors' key ("image_embeds"), present with image_token_ids."""
+    return "image_embeds" + self.suffix
+
+  @property
+  def placeholder_ids(self) -> np.ndarray:
+    """[n (+ N)] int32: the id of each learned vector, then of each per-image token."""
+    return np.asarray(self.token_ids + self.image_token_ids, np.int32)
+
+
+def concepts(config, sd, texts: captions.PromptTexts, tokens: list[str],
+             image_tokens: list[str]) -> tuple[EncoderConcept, ...]:
+  """The placeholder `tokens` (and per-image `image_tokens`) in each of `sd.text_encoders`,
+  whose tokenizers get them (in place), with every prompt of `texts` tokenized."""
+  encoders = sd.text_encoders
+  if len(encoders) > 1 and image_tokens:
+    raise ConfigError("config.per_image_tokens is not supported for SDXL models (the paper's "
+                      "ablation is for one text encoder); set it to False")
+  tables = [np.asarray(pseudo_words.token_table(e.module, e.params), np.float32)
+            for e in encoders]  # [V, D] each
+  starts = (_init_embedding(config, tuple(t.shape[1] for t in tables))
+            if config.init_embedding else [None] * len(encoders))
+  made = tuple(encoder_concept(config, encoder, table, texts, tokens, image_tokens, start,
+                               several=len(encoders) > 1)
+               for encoder, table, start in zip(encoders, tables, starts))
+  for i, c in enumerate(made):
+    if config.init_embedding and i:  # one line for the whole embedding
+      continue
+    _log(c.init.note + (f" ({_ORDINALS[i]} text encoder)"
+                        if len(made) > 1 and not config.init_embedding else ""))
+  return made
+
+
+def encoder_concept(config, encoder: pipeline.TextEncoder, table: np.ndarray,
+                    texts: captions.PromptTexts, tokens: list[str], image_tokens: list[str],
+                    start: pseudo_words.Initializer | None, several: bool) -> EncoderConcept:
+  """The pseudo-word in `encoder` (token table `table` [V, D]): `tokens` and `image_tokens`
+  added to its tokenizer, every training prompt tokenized, and its initial vectors (`start`,
+  its part of config.init_embedding, else the initializer word's embedding). `several`: the
+  model has other encoders, whose tokenizers may number the placeholder differently."""
+  tokenizer = encoder.tokenizer
+  token_ids = pseudo_words.add_placeholder_tokens(tokenizer, config.placeholder_token,
+                                                  config.num_vectors)
+  # Paper ablation: a token per training image, mixed into some prompts.
+  image_token_ids = pseudo_words.add_new_tokens(tokenizer, image_tokens) if image_tokens else []
+  if several:
+    pseudo_words.check_separable(tokenizer, {config.placeholder_token: token_ids})
+  _check_prompts_fit(tokenizer, texts.templates, tokens, image_tokens, texts)
+  template_ids, image_template_ids = captions.prompt_tables(tokenizer, texts.templates, tokens,
+                                                            image_tokens)
+  caption_ids, image_caption_ids = (
+      captions.caption_tables(tokenizer, texts.captions, tokens, image_tokens)
+      if any(c is not None for c in texts.captions) else (None, None))
+  init = (start if start is not None else pseudo_words.initializer_vectors(
+      tokenizer, table, config.initializer_token, config.num_vectors))
   _check_finite(config, init)
-  _log(init.note)
-  return init
+  return EncoderConcept(encoder=encoder, token_ids=token_ids, table=table, init=init,
+                        template_ids=template_ids, caption_ids=caption_ids,
+                        image_token_ids=image_token_ids, image_template_ids=image_template_ids,
+                        image_caption_ids=image_caption_ids)
+
+
+def _check_prompts_fit(tokenizer, templates, tokens: list[str], image_tokens: list[str],
+                       texts: captions.PromptTexts | None = None) -> None:
+  """Refuses a vector count whose prompts would be cut off by the text encoder's token limit."""
+  limit = int(tokenizer.model_max_length)
+
+  def count(text):
+    return len(tokenizer(text).input_ids)  # with the start/end tokens
+  # Tokens the longest template or caption takes besides the placeholder (one token for "x";
+  # a slot written more than once holds the vectors each time).
+  sources = [(t, "template") for t in templates]
+  if texts:
+    sources += [(c, f"caption {f}") for c, f in zip(texts.captions, texts.caption_files) if c]
+  extra = (max(count(captions.with_image_token("x", t)) - count("x") for t in image_tokens)
+           if image_tokens else 0)
+
+  def fit(text):  # (vectors that fit, tokens the text takes besides them)
+    slots = text.count(captions.SLOT)
+    other = count(captions.fill(text, "x")) - slots + extra
+    return (limit - other) // slots, other
+  room, overhead, where = min((*fit(t), w) for t, w in sources)  # the tightest text
+  if len(tokens) > room:
+    raise ConfigError(
+        f"config.num_vectors {len(tokens)} does not fit the prompts: the longest training "
+        f"{where} takes {overhead} of the text encoder's {limit} tokens, leaving room for "
+        f"at most {max(room, 0)} vectors")
 
 
 def _check_finite(config, init: pseudo_words.Initializer) -> None:
@@ -42,49 +155,43 @@ def _check_finite(config, init: pseudo_words.Initializer) -> None:
                          if config.init_embedding else "the model's token table holds them"))
 
 
-def initial_vector_pair(config, sd, table: np.ndarray, table_2: np.ndarray | None
-                        ) -> tuple[pseudo_words.Initializer, pseudo_words.Initializer | None]:
-  """Where the vectors start, for each text encoder: (first, second or None without SDXL).
+def _init_embedding(config, widths: tuple[int, ...]) -> list[pseudo_words.Initializer]:
+  """config.init_embedding's vectors for each text encoder (of `widths`), checked.
 
-  SDXL: config.init_embedding must be an SDXL embedding (both encoders' vectors; another
-  family's is refused in one line), else each encoder starts from the initializer word
-  in its own tokenizer and token table.
+  A one-encoder model takes an embedding of its own width; SDXL needs an SDXL
+  embedding (both encoders' vectors). Another family's is refused in one line.
   """
-  if table_2 is None:
-    return initial_vectors(config, sd.tokenizer, table), None
-  if config.init_embedding:
-    concept = _init_concept(config.init_embedding, (table.shape[1], table_2.shape[1]))
-    n = config.num_vectors
-    if concept.vectors.shape[0] != n:
-      raise ConfigError(f"config.init_embedding: {config.init_embedding} has "
-                        f"{concept.vectors.shape[0]} vector(s), this run needs {n} (num_vectors)")
-    note = f"initialised {n} vector(s) per text encoder from {config.init_embedding}"
-    pair = (pseudo_words.Initializer(np.asarray(concept.vectors, np.float32), note),
-            pseudo_words.Initializer(np.asarray(concept.vectors_2, np.float32), note))
-  else:
-    pair = tuple(pseudo_words.initializer_vectors(tok, t, config.initializer_token,
-                                                  config.num_vectors)
-                 for tok, t in ((sd.tokenizer, table), (sd.tokenizer_2, table_2)))
-  for init in pair:
-    _check_finite(config, init)
-  _log(pair[0].note + (" (first text encoder)" if not config.init_embedding else ""))
-  if not config.init_embedding:
-    _log(pair[1].note + " (second text encoder)")
-  return pair
+  spec, n = config.init_embedding, config.num_vectors
+  concept = _load_init_concept(spec)
+  # embedding_io's form of an embedding: `vectors` (the first encoder's), SDXL's `vectors_2`.
+  parts = [concept.vectors] + ([] if concept.vectors_2 is None else [concept.vectors_2])
+  if len(widths) == 1:
+    if len(parts) > 1:  # an SDXL pair for a one-encoder model
+      _check_init_fits(concept, widths)
+    if parts[0].shape != (n, widths[0]):
+      raise ConfigError(f"config.init_embedding: {spec} has shape {tuple(parts[0].shape)}, "
+                        f"but this run needs ({n}, {widths[0]}) (num_vectors, model width)")
+    return [pseudo_words.Initializer(parts[0], f"initialised {n} vector(s) from {spec}")]
+  _check_init_fits(concept, widths)
+  if parts[0].shape[0] != n:
+    raise ConfigError(f"config.init_embedding: {spec} has {parts[0].shape[0]} vector(s), this "
+                      f"run needs {n} (num_vectors)")
+  note = f"initialised {n} vector(s) per text encoder from {spec}"
+  return [pseudo_words.Initializer(np.asarray(v, np.float32), note) for v in parts]
 
 
 def _load_init_concept(spec: str) -> embedding_io.Concept:
   """The one concept of an existing embedding (run dir or file, `PATH[:TOKEN]`); one-line
   errors for an unreadable source or one holding several tokens."""
   try:
-    concepts = embedding_io.load_concepts(spec)
+    found = embedding_io.load_concepts(spec)
   except (embedding_io.EmbeddingFileError, run_dir.WorkdirError) as e:
     raise ConfigError(f"config.init_embedding: {e}") from None
-  if len(concepts) != 1:  # PATH:TOKEN picks one of them (embedding_io.load_concepts)
-    raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens "
-                      f"({', '.join(c.token for c in concepts)}); pick one as "
-                      f"{spec}:{concepts[0].token}")
-  return concepts[0]
+  if len(found) != 1:  # PATH:TOKEN picks one of them (embedding_io.load_concepts)
+    raise ConfigError(f"config.init_embedding: {spec} holds {len(found)} tokens "
+                      f"({', '.join(c.token for c in found)}); pick one as "
+                      f"{spec}:{found[0].token}")
+  return found[0]
 
 
 def _check_init_fits(concept: embedding_io.Concept, widths: tuple[int, ...]) -> None:
@@ -93,24 +200,3 @@ def _check_init_fits(concept: embedding_io.Concept, widths: tuple[int, ...]) -> 
     embedding_io.check_fits(concept, widths)
   except errors.UserError as e:
     raise ConfigError(f"config.init_embedding: {e}") from None
-
-
-def _init_concept(spec: str, widths: tuple[int, ...]) -> embedding_io.Concept:
-  """The one concept of an existing embedding that fits a model whose text encoders have
-  `widths` (one-line errors)."""
-  concept = _load_init_concept(spec)
-  _check_init_fits(concept, widths)
-  return concept
-
-
-def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> pseudo_words.Initializer:
-  """The vectors of an existing embedding (run dir or file, `PATH[:TOKEN]`), checked."""
-  concept = _load_init_concept(spec)
-  if concept.vectors_2 is not None:  # an SDXL pair for a one-encoder model
-    _check_init_fits(concept, (dim,))
-  vectors = concept.vectors
-  if vectors.shape != (num_vectors, dim):
-    raise ConfigError(f"config.init_embedding: {spec} has shape {tuple(vectors.shape)}, "
-                      f"but this run needs ({num_vectors}, {dim}) (num_vectors, model width)")
-  return pseudo_words.Initializer(vectors, f"initialised {num_vectors} vector(s) from {spec}")
-

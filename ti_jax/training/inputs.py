@@ -36,25 +36,14 @@ _log = console.log
 
 @dataclasses.dataclass(frozen=True)
 class Prompts:
-  """The learned tokens and the token ids of every training prompt."""
+  """The training prompts, the same for every text encoder (each encoder's token ids of
+  them are its `concept.EncoderConcept`'s)."""
   tokens: list[str]  # the num_vectors tokens of S*: "<tok>", "<tok>_1", ...
-  token_ids: list[int]  # their ids in the tokenizer
   image_tokens: list[str]  # per-image-token ablation: S_i of each image, else []
-  image_token_ids: list[int]
   num_templates: int
-  template_ids: np.ndarray  # [n, num_templates, T], see captions.prompt_tables
-  image_template_ids: np.ndarray | None  # [n, N, num_templates, T], or None
-  # Captions (config.caption_extension), see captions.caption_tables; None without any.
-  texts: captions.PromptTexts | None = None
-  captioned: np.ndarray | None = None  # [N] bool: the image has a caption
-  caption_ids: np.ndarray | None = None  # [n, N, T]
-  image_caption_ids: np.ndarray | None = None  # [n, N, T], with per-image tokens
-  # SDXL: the tokens' ids in tokenizer_2 and the same prompts' ids from it, row for row
-  # (captions.second_encoder_tables); empty/None for the other families.
-  token_ids_2: list[int] = dataclasses.field(default_factory=list)
-  template_ids_2: np.ndarray | None = None  # [n, num_templates, T]
-  caption_ids_2: np.ndarray | None = None  # [n, N, T]
-
+  # The templates, captions (config.caption_extension) and where they came from.
+  texts: captions.PromptTexts
+  captioned: np.ndarray | None = None  # [N] bool: the image has a caption; None without any
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,16 +53,13 @@ class Setup:
   images: image_loader.TrainingImages
   schedule: schedulers.NoiseSchedule
   prompts: Prompts
-  table: np.ndarray  # [V, D] the text encoder's token table
-  init: pseudo_words.Initializer  # init.vectors: [n, D] where the vectors start
+  # The placeholder in each text encoder (its token ids, token table, initial vectors and
+  # prompt ids), in sd.text_encoders' order: one for SD 1.x/2.x and LDM, two for SDXL.
+  concepts: tuple[concept.EncoderConcept, ...]
   per_device_batch: int  # examples per device per micro-batch
   global_batch: int  # examples per optimizer step: per device x devices x accumulation
   local_devices: int  # devices of this process
   has_run_json: bool  # the workdir already holds this run
-  # SDXL only (None otherwise): the second text encoder's token table [V2, D2] and where
-  # its vectors start (init_2.vectors [n, D2]).
-  table_2: np.ndarray | None = None
-  init_2: pseudo_words.Initializer | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,16 +87,12 @@ def prepare(config, workdir: str, devices: Sequence) -> Setup:
   sd, schedule = load_model(config)
   if validation.enabled(config):  # before caching, resume and compiling, not many steps in
     validation.check_scheduler(config, sd)
-  prompts = make_prompts(config, sd, texts, images.num_images)
-  table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params),
-                     np.float32)  # [V, D]
-  table_2 = concept.second_table(sd)
-  init, init_2 = concept.initial_vector_pair(config, sd, table, table_2)
+  prompts = make_prompts(config, texts, images.num_images)
+  concepts = concept.concepts(config, sd, texts, prompts.tokens, prompts.image_tokens)
   per_device_batch, global_batch = batch_sizes(config, len(devices))
-  return Setup(sd=sd, images=images, schedule=schedule, prompts=prompts, table=table, init=init,
+  return Setup(sd=sd, images=images, schedule=schedule, prompts=prompts, concepts=concepts,
                per_device_batch=per_device_batch, global_batch=global_batch,
-               local_devices=len(parallel.addressable(devices)), has_run_json=has_run_json,
-               table_2=table_2, init_2=init_2)
+               local_devices=len(parallel.addressable(devices)), has_run_json=has_run_json)
 
 
 def build(config, workdir: str, devices: Sequence) -> RunInputs:
@@ -123,12 +105,12 @@ def build(config, workdir: str, devices: Sequence) -> RunInputs:
   optimizer = train_lib.make_optimizer(lr, config.adam_beta1, config.adam_beta2,
                                        config.adam_epsilon, config.adam_weight_decay,
                                        config.optimizer)
-  # Per-image vectors start where S* starts (its first vector).
-  init, prompts = setup.init, setup.prompts
-  image_init = (np.repeat(init.vectors[:1], len(prompts.image_tokens), axis=0)
-                if prompts.image_tokens else None)
-  state = train_lib.init_state(init.vectors, optimizer, image_init,
-                               None if setup.init_2 is None else setup.init_2.vectors)
+  initial = {}
+  for c in setup.concepts:
+    initial[c.key] = c.init.vectors
+    if c.image_token_ids:  # per-image vectors start where S* starts (its first vector)
+      initial[c.image_key] = np.repeat(c.init.vectors[:1], len(c.image_token_ids), axis=0)
+  state = train_lib.init_state(initial, optimizer)
   return RunInputs(
       **{f.name: getattr(setup, f.name) for f in dataclasses.fields(Setup)},
       latents=latents, base_lr=base_lr, lr=lr, optimizer=optimizer, state=state,
@@ -181,71 +163,17 @@ def load_model(config):
   return sd, schedule
 
 
-def make_prompts(config, sd, texts: captions.PromptTexts, num_images: int) -> Prompts:
-  """Adds the learned tokens to the tokenizer (SDXL: to both) and tokenizes every training
-  prompt once."""
-  templates = texts.templates
-  if sd.is_sdxl and config.per_image_tokens:
-    raise ConfigError("config.per_image_tokens is not supported for SDXL models (the paper's "
-                      "ablation is for one text encoder); set it to False")
-  token_ids = pseudo_words.add_placeholder_tokens(sd.tokenizer, config.placeholder_token,
-                                                  config.num_vectors)
-  tokens = pseudo_words.placeholder_tokens(config.placeholder_token, config.num_vectors)
-  # Paper ablation: a token per training image, mixed into some prompts.
-  image_tokens = (pseudo_words.per_image_tokens(config.placeholder_token, num_images)
-                  if config.per_image_tokens else [])
-  image_token_ids = pseudo_words.add_new_tokens(sd.tokenizer, image_tokens) if image_tokens else []
-  _check_prompts_fit(sd.tokenizer, templates, tokens, image_tokens, texts)
-  template_ids, image_template_ids = captions.prompt_tables(sd.tokenizer, templates, tokens,
-                                                            image_tokens)
+def make_prompts(config, texts: captions.PromptTexts, num_images: int) -> Prompts:
+  """The placeholder's tokens (with per_image_tokens, also each image's) and the prompts'
+  texts; `concept.concepts` tokenizes them with each text encoder's tokenizer."""
   captioned = np.array([c is not None for c in texts.captions], bool)  # [N]
-  caption_ids, image_caption_ids = (
-      captions.caption_tables(sd.tokenizer, texts.captions, tokens, image_tokens)
-      if captioned.any() else (None, None))
-  second = {}
-  if sd.is_sdxl:
-    # The same pseudo-word in tokenizer_2 (SDXL's two tokenizers may number it differently).
-    token_ids_2 = pseudo_words.add_placeholder_tokens(sd.tokenizer_2, config.placeholder_token,
-                                                      config.num_vectors)
-    for tokenizer, ids in ((sd.tokenizer, token_ids), (sd.tokenizer_2, token_ids_2)):
-      pseudo_words.check_separable(tokenizer, {config.placeholder_token: ids})
-    _check_prompts_fit(sd.tokenizer_2, templates, tokens, [], texts)
-    template_ids_2, caption_ids_2 = captions.second_encoder_tables(
-        sd.tokenizer_2, templates, tokens, texts.captions)
-    second = {"token_ids_2": token_ids_2, "template_ids_2": template_ids_2,
-              "caption_ids_2": caption_ids_2}
-  return Prompts(tokens=tokens, token_ids=token_ids, image_tokens=image_tokens,
-                 image_token_ids=image_token_ids, num_templates=len(templates),
-                 template_ids=template_ids, image_template_ids=image_template_ids, texts=texts,
-                 captioned=captioned if captioned.any() else None, caption_ids=caption_ids,
-                 image_caption_ids=image_caption_ids, **second)
-
-
-def _check_prompts_fit(tokenizer, templates, tokens: list[str], image_tokens: list[str],
-                      texts: captions.PromptTexts | None = None) -> None:
-  """Refuses a vector count whose prompts would be cut off by the text encoder's token limit."""
-  limit = int(tokenizer.model_max_length)
-
-  def count(text):
-    return len(tokenizer(text).input_ids)  # with the start/end tokens
-  # Tokens the longest template or caption takes besides the placeholder (one token for "x";
-  # a slot written more than once holds the vectors each time).
-  sources = [(t, "template") for t in templates]
-  if texts:
-    sources += [(c, f"caption {f}") for c, f in zip(texts.captions, texts.caption_files) if c]
-  extra = (max(count(captions.with_image_token("x", t)) - count("x") for t in image_tokens)
-           if image_tokens else 0)
-
-  def fit(text):  # (vectors that fit, tokens the text takes besides them)
-    slots = text.count(captions.SLOT)
-    other = count(captions.fill(text, "x")) - slots + extra
-    return (limit - other) // slots, other
-  room, overhead, where = min((*fit(t), w) for t, w in sources)  # the tightest text
-  if len(tokens) > room:
-    raise ConfigError(
-        f"config.num_vectors {len(tokens)} does not fit the prompts: the longest training "
-        f"{where} takes {overhead} of the text encoder's {limit} tokens, leaving room for "
-        f"at most {max(room, 0)} vectors")
+  return Prompts(
+      tokens=pseudo_words.placeholder_tokens(config.placeholder_token, config.num_vectors),
+      # Paper ablation: a token per training image, mixed into some prompts.
+      image_tokens=(pseudo_words.per_image_tokens(config.placeholder_token, num_images)
+                    if config.per_image_tokens else []),
+      num_templates=len(texts.templates), texts=texts,
+      captioned=captioned if captioned.any() else None)
 
 
 def _cache_latents(config, sd, images) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -328,8 +256,8 @@ def step_bucket(config, inputs: RunInputs, step: int) -> tuple[int, int] | None:
 def batch_for(config, inputs: RunInputs, step: int) -> dict:
   """This process's share of the global batch of `step` (all of it on one host), sharded
   over its devices: {"input_ids": [d, A * b, T], "view_index": [d, A * b], "example_index":
-  [d, A * b]} (A: gradient_accumulation_steps; the step cuts each device's row into A
-  micro-batches of b)."""
+  [d, A * b]}, and "input_ids" + suffix for each further text encoder (SDXL: "input_ids_2")
+  (A: gradient_accumulation_steps; the step cuts each device's row into A micro-batches of b)."""
   local = inputs.per_device_batch * inputs.local_devices * config.gradient_accumulation_steps
   example_index = jax.process_index() * local + np.arange(local)  # [local], global positions
   drawn = step_bucket(config, inputs, step)
@@ -350,19 +278,29 @@ def batch_for(config, inputs: RunInputs, step: int) -> dict:
     prompt_view = (members[view_index % len(members)]
                    + inputs.images.num_images * (view_index >= len(members)))
   active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-  p = inputs.prompts
   mixed = (choices.per_image_choices(config.seed, step, example_index, config.per_image_token_p)
-           if p.image_tokens else None)
-  input_ids = captions.batch_input_ids(p.template_ids, p.image_template_ids, active,
-                                       template_index, prompt_view, mixed, p.captioned,
-                                       p.caption_ids, p.image_caption_ids)
-  batch = {"input_ids": input_ids, "view_index": view_index,
-           "example_index": example_index.astype(np.int32)}
-  if p.template_ids_2 is not None:  # SDXL: the same prompts in tokenizer_2's ids
-    batch["input_ids_2"] = captions.batch_input_ids(
-        p.template_ids_2, None, active, template_index, prompt_view, None, p.captioned,
-        p.caption_ids_2)
+           if inputs.prompts.image_tokens else None)
+  batch = {"view_index": view_index, "example_index": example_index.astype(np.int32)}
+  for c in inputs.concepts:  # the same prompts in each text encoder's ids
+    batch["input_ids" + c.suffix] = captions.batch_input_ids(
+        c.template_ids, c.image_template_ids, active, template_index, prompt_view, mixed,
+        inputs.prompts.captioned, c.caption_ids, c.image_caption_ids)
   return parallel.shard(batch, inputs.local_devices)
+
+
+def bucket_frozen(inputs: RunInputs, frozen: train_lib.Frozen,
+                  devices: Sequence) -> list[train_lib.Frozen]:
+  """One replicated `Frozen` per bucket (`frozen`, from `trainer.step_inputs`, is the first): the
+  same device copies of the weights, each bucket's latents replicated once here, never
+  per step. The step compiles one program per bucket shape on first use."""
+  out = [frozen]
+  for b, (mean, std) in enumerate(inputs.latents[1:], start=1):
+    mean, std = parallel.replicate((mean, std), devices)
+    bucket = frozen.replace(latent_mean=mean, latent_std=std)
+    if inputs.time_ids is not None:  # SDXL: the bucket's views' micro-conditioning
+      bucket = bucket.replace(time_ids=parallel.replicate(inputs.time_ids[b], devices))
+    out.append(bucket)
+  return out
 
 
 def frozen_for(config, inputs: RunInputs, frozen: list[train_lib.Frozen],

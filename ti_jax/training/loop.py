@@ -64,7 +64,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
   Logs every log_every_steps (to metrics.jsonl, and to `tb` if given; the caller
   closes it), checkpoints every checkpointing_steps and at the end, and stops
   (with a checkpoint) at the first step boundary after a signal. `frozen` is
-  `bucket_frozen`'s list: each step gets its bucket's.
+  `inputs.bucket_frozen`'s list: each step gets its bucket's.
   """
   is_main = jax.process_index() == 0
   metrics_log = _open_metrics_log(workdir, start, is_main)
@@ -113,11 +113,8 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
           interval.restart(step)
         if validator and not stop and validation.is_due(config, step):
           host = parallel.unreplicate(state).params
-          if "embeds_2" in host:  # SDXL: both encoders' vectors
-            validation.write_images(validator, step, host["embeds"], tb,
-                                    learned_2=host["embeds_2"])
-          else:
-            validation.write_images(validator, step, host["embeds"], tb)
+          validation.write_images(validator, step, tuple(host[c.key] for c in inputs.concepts),
+                                  tb)
           interval.restart(step)
         if stop:
           interrupted = True

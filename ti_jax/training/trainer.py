@@ -1,22 +1,18 @@
 """The training run: `run(config, workdir)` from start-up checks to the final export.
 
-`python -m ti_jax.train` is its command line. A run reads top to bottom in
-`_run_locked`: set up (every input loaded and checked on every process), the
-checkpoint (resume or start), the step (frozen params replicated, the pmapped
-step compiled), the loop (`train_loop`), and the export of the final vectors.
-The batch is sharded over every local device with `jax.pmap` (through
-`ti_jax.runtime.parallel`). Re-running the same workdir resumes from the newest
+`python -m ti_jax.train` is its command line. `_run_locked` tells the run top to
+bottom, each chapter one call into the room that owns it: the inputs (`inputs.build`:
+images, base model, prompts, the placeholder in each text encoder (`concept`), the
+latent cache; loaded and checked on every process), resume (`checkpointing`), the
+compiled step (`step_inputs`, `compile_step`; `train_lib` holds the step itself),
+the loop (`loop.train_loop`: logs, checks, checkpoints, validation, signals) and
+the export of the final vectors. The workdir is locked around all of it
+(`ti_jax.runtime.run_dir`). Re-running the same workdir resumes from the newest
 checkpoint; Ctrl-C or SIGTERM saves a checkpoint before returning.
-
-Modules of a run: `checkpointing` (the run's identity, resume checks),
-`ti_jax.runtime.run_dir` (the workdir lock, run.json, Orbax checkpoints),
-`train_lib` (state, loss, the step), `validation` (validation images), and
-`ti_jax.data` (`image_loader`, `latent_cache`, `choices`, `captions`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Sequence
@@ -32,9 +28,9 @@ from ti_jax.models import layers
 from ti_jax.runtime import console, fileio, parallel, run_dir
 from ti_jax.sampling import schedulers
 from ti_jax.training import checkpointing, loop, tensorboard, train_lib, validation
+from ti_jax.training import config as room_config
 from ti_jax.training import inputs as run_inputs
 from ti_jax.training.inputs import RunInputs
-from ti_jax.training import config as room_config
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -202,11 +198,12 @@ _log = console.log
 
 
 def run(config, workdir: str, devices: Sequence | None = None, progress: bool = True) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns {"step", "embeds", "interrupted"}.
+  """Trains (or resumes) the run in `workdir`; returns {"step", "embeds", "interrupted"}
+  (SDXL: also "embeds_2", the second text encoder's vectors).
 
   The workdir is locked for the whole run (process 0 takes the lock; a
   refusal stops every process). Raises one of errors.UserError for bad input, a
-  failed checkpoint write or a diverged run, and Aborted if a second signal
+  failed checkpoint write or a diverged run, and loop.Aborted if a second signal
   cut the run short.
   """
   validate_config(config)
@@ -227,46 +224,27 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
 def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
   """`run` once the workdir is locked (`devices` checked): the whole run, in the order it
   happens."""
-  # --- Set up: every input, loaded and checked on every process ---------------------------
-  # A process that fails tells the others, so a multi-host run stops everywhere
-  # instead of hanging in the first collective.
-  startup_error, inputs = None, None
-  try:
-    inputs = run_inputs.build(config, workdir, devices)
-  except errors.UserError as e:
-    startup_error = e
-  if parallel.any_process(startup_error is not None):
-    raise startup_error or run_dir.WorkdirError(
-        "another process of this run failed to start; see the logs of the other processes")
-
+  # --- Inputs: every one loaded and checked on every process ------------------------------
+  inputs = _build_inputs(config, workdir, devices)
   ckpts = run_dir.Checkpoints(workdir, config.checkpoints_total_limit)
   try:
-    # --- Checkpoint: resume the newest usable one, or start at step 0 ---------------------
-    metadata = checkpointing.run_metadata(
-        config, tokens=inputs.prompts.tokens, token_ids=inputs.prompts.token_ids,
-        image_tokens=inputs.prompts.image_tokens, embedding_dim=inputs.table.shape[1],
-        model_path=inputs.sd.path, global_batch=inputs.global_batch, base_lr=inputs.base_lr,
-        image_paths=inputs.images.paths, prompt_texts_sha256=inputs.prompts.texts.sha256(),
-        **({} if inputs.table_2 is None else
-           {"token_ids_2": inputs.prompts.token_ids_2,
-            "embedding_dim_2": inputs.table_2.shape[1]}))
+    # --- Resume: the newest usable checkpoint, or step 0 ------------------------------------
+    metadata = run_metadata(config, inputs)
     state = checkpointing.resume(ckpts, jax.device_get(inputs.state), metadata,
                                  checkpointing.run_identity(config), workdir, inputs.has_run_json)
     start = int(state.step)
     _log_run(config, inputs, len(devices), start)
     tb = open_tensorboard(config, workdir, start)  # a folder it cannot write: refused here
     try:
-      # --- The step: frozen params and the state on every device, the step compiled -------
+      # --- Compile: frozen params and the state on every device, the step compiled -------
       frozen, settings = step_inputs(config, inputs)
-      frozen = bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
+      frozen = run_inputs.bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
       state = parallel.replicate(state, devices)
       step_fn = compile_step(config, settings, inputs, devices,
                              (state, run_inputs.frozen_for(config, inputs, frozen, start),
                               run_inputs.batch_for(config, inputs, start)))
       validator = make_validator(config, inputs, frozen[0], devices, workdir)
-      limit = loop.norm_limit(inputs.table, inputs.init.vectors)
-      if inputs.table_2 is not None:
-        limit = max(limit, loop.norm_limit(inputs.table_2, inputs.init_2.vectors))
+      limit = max(loop.norm_limit(c.table, c.init.vectors) for c in inputs.concepts)
 
       # --- The loop -------------------------------------------------------------------------
       state, step, interrupted = loop.train_loop(config, inputs, step_fn, state, frozen, start,
@@ -280,28 +258,11 @@ def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
     ckpts.close()
 
   # --- Export: the final vectors as diffusers' learned_embeds.safetensors --------------------
-  final_params = parallel.unreplicate(state).params
-  final = np.asarray(final_params["embeds"])  # [num_vectors, D]
-  final_2 = (np.asarray(final_params["embeds_2"]) if "embeds_2" in final_params
-             else None)  # SDXL: [num_vectors, D2]
-  if interrupted:
-    _log(f"stopped at step {step}; checkpoint saved in {ckpts.directory}. "
-         "Re-run the same command to resume.")
-  elif jax.process_index() == 0:
-    active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-    out = write_final_embedding(config, workdir, final[:active], step, rewrite=step > start,
-                                vectors_2=None if final_2 is None else final_2[:active])
-    pair = (f" and {embedding_io.second_file(out)} (the second text encoder's)"
-            if final_2 is not None else "")
-    _log(f"done: step {step}; learned embedding in {out}{pair}")
-  result = {"step": step, "embeds": final, "interrupted": interrupted}
-  if final_2 is not None:
-    result["embeds_2"] = final_2
-  return result
+  return export(config, workdir, inputs, state, start, step, interrupted, ckpts.directory)
 
 
 # ---------------------------------------------------------------------------
-# Set up: the run's inputs.
+# Lock and inputs.
 # ---------------------------------------------------------------------------
 
 
@@ -331,13 +292,42 @@ def _remove_unclaimed_workdir(workdir: str) -> None:
 
 def _check_devices(config, devices: Sequence | None) -> list:
   """The run's devices over all processes (default: every device), checked against the config
-  (the attention kernel, the batch over them: `batch_sizes`)."""
+  (the attention kernel, the batch over them: `inputs.batch_sizes`)."""
   devices = list(devices) if devices is not None else parallel.all_devices()
   if config.attention_impl == layers.PALLAS_TPU and devices[0].platform != "tpu":
     raise ConfigError(f"config.attention_impl='{layers.PALLAS_TPU}' needs TPU devices; these "
                       f"are {devices[0].platform} (use '' or 'cudnn' on GPU)")
   run_inputs.batch_sizes(config, len(devices))
   return devices
+
+
+def _build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
+  """`inputs.build` on every process. A process that fails tells the others, so a multi-host
+  run stops everywhere instead of hanging in the first collective."""
+  startup_error, inputs = None, None
+  try:
+    inputs = run_inputs.build(config, workdir, devices)
+  except errors.UserError as e:
+    startup_error = e
+  if parallel.any_process(startup_error is not None):
+    raise startup_error or run_dir.WorkdirError(
+        "another process of this run failed to start; see the logs of the other processes")
+  return inputs
+
+
+def run_metadata(config, inputs: RunInputs) -> dict:
+  """What every checkpoint of the run carries (`checkpointing.run_metadata`)."""
+  p = inputs.prompts
+  # Each text encoder's token ids and width, under run.json's names: token_ids and
+  # embedding_dim for the first, with its suffix for each further one (SDXL: _2).
+  per_encoder = {}
+  for c in inputs.concepts:
+    per_encoder.update({"token_ids" + c.suffix: c.token_ids,
+                        "embedding_dim" + c.suffix: c.table.shape[1]})
+  return checkpointing.run_metadata(
+      config, tokens=p.tokens, image_tokens=p.image_tokens, model_path=inputs.sd.path,
+      global_batch=inputs.global_batch, base_lr=inputs.base_lr, image_paths=inputs.images.paths,
+      prompt_texts_sha256=p.texts.sha256(), **per_encoder)
 
 
 def open_tensorboard(config, workdir: str, start: int) -> tensorboard.Writer | None:
@@ -363,8 +353,8 @@ def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
   accumulation = (f" ({inputs.per_device_batch} per device x {config.gradient_accumulation_steps}"
                   " accumulation steps)" if config.gradient_accumulation_steps > 1 else "")
   _log(f"training {p.tokens}{extra} on {num_devices} device(s) ({jax.devices()[0].platform}), "
-       f"global batch {inputs.global_batch}{accumulation}, {config.optimizer} lr {inputs.base_lr:g} "
-       f"({config.lr_scheduler}), "
+       f"global batch {inputs.global_batch}{accumulation}, {config.optimizer} "
+       f"lr {inputs.base_lr:g} ({config.lr_scheduler}), "
        f"{inputs.schedule.prediction_type} target, steps {start}->{config.max_train_steps}")
   if config.enable_bucket:
     _log(buckets.describe(inputs.images.buckets, run_inputs.bucket_sizes(inputs.images)))
@@ -376,74 +366,50 @@ def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
 
 
 def step_inputs(config, inputs: RunInputs) -> tuple[train_lib.Frozen, train_lib.StepSettings]:
-  """The step's frozen arrays (host; replicated by the caller) and its static settings.
+  """The step's frozen arrays (host; replicated by the caller) and its static settings, with
+  one entry per text encoder (`inputs.concepts`).
 
-  With buckets the latents are the first bucket's; `bucket_frozen` adds the others.
+  With buckets the latents are the first bucket's; `inputs.bucket_frozen` adds the others.
   """
-  p = inputs.prompts
+  concepts, sd = inputs.concepts, inputs.sd
   latent_mean, latent_std = inputs.latents[0]
   frozen = train_lib.Frozen(
-      unet=inputs.sd.unet_params, text_encoder=inputs.sd.text_encoder_params,
+      unet=sd.unet_params, text_encoders=tuple(c.encoder.params for c in concepts),
       latent_mean=latent_mean, latent_std=latent_std,
-      placeholder_ids=np.asarray(p.token_ids + p.image_token_ids, np.int32),
-      schedule=inputs.schedule, init_embeds=np.asarray(inputs.init.vectors, np.float32))
-  vae_config = inputs.sd.vae.config
+      placeholder_ids=tuple(c.placeholder_ids for c in concepts), schedule=inputs.schedule,
+      init_embeds=tuple(np.asarray(c.init.vectors, np.float32) for c in concepts),
+      time_ids=None if inputs.time_ids is None else inputs.time_ids[0])  # SDXL's
+  # SDXL: pool its last encoder at the real end token. SDXL's config says eos id 2, and
+  # transformers' legacy rule for it pools at the largest id, which is the added
+  # pseudo-word's in every training prompt (diffusers' SDXL script trains so). A1111
+  # and ComfyUI, where users load the embedding, pool at the real end token: training
+  # the way they sample keeps the pooled text embedding the one those tools compute.
+  pool_eos = int(concepts[-1].encoder.tokenizer.eos_token_id) if sd.is_sdxl else None
+  vae_config = sd.vae.config
   settings = train_lib.StepSettings(
-      unet=inputs.sd.unet, text_encoder=inputs.sd.text_encoder,
+      unet=sd.unet, text_encoders=tuple(c.encoder.module for c in concepts),
+      suffixes=tuple(c.suffix for c in concepts), pool_eos_token_id=pool_eos,
       scaling_factor=float(vae_config.scaling_factor),
       shift_factor=float(vae_config.shift_factor), seed=int(config.seed),
       embedding_reg_weight=float(config.embedding_reg_weight),
       progressive_words=int(config.progressive_words),
       gradient_accumulation_steps=int(config.gradient_accumulation_steps),
       snr_gamma=float(config.snr_gamma), noise_offset=float(config.noise_offset))
-  if inputs.sd.is_sdxl:
-    frozen = frozen.replace(
-        text_encoder_2=inputs.sd.text_encoder_2_params,
-        placeholder_ids_2=np.asarray(p.token_ids_2, np.int32),
-        time_ids=inputs.time_ids[0], init_embeds_2=np.asarray(inputs.init_2.vectors, np.float32))
-    # Pool the second encoder at the real end token. SDXL's config says eos id 2, and
-    # transformers' legacy rule for it pools at the largest id, which is the added
-    # pseudo-word's in every training prompt (diffusers' SDXL script trains so). A1111
-    # and ComfyUI, where users load the embedding, pool at the real end token: training
-    # the way they sample keeps the pooled text embedding the one those tools compute.
-    settings = dataclasses.replace(settings, text_encoder_2=inputs.sd.text_encoder_2,
-                                   eos_token_id_2=int(inputs.sd.tokenizer_2.eos_token_id))
   return frozen, settings
-
-
-def bucket_frozen(inputs: RunInputs, frozen: train_lib.Frozen,
-                  devices: Sequence) -> list[train_lib.Frozen]:
-  """One replicated `Frozen` per bucket (`frozen`, from `step_inputs`, is the first): the
-  same device copies of the weights, each bucket's latents replicated once here, never
-  per step. The step compiles one program per bucket shape on first use."""
-  out = [frozen]
-  for b, (mean, std) in enumerate(inputs.latents[1:], start=1):
-    mean, std = parallel.replicate((mean, std), devices)
-    bucket = frozen.replace(latent_mean=mean, latent_std=std)
-    if inputs.time_ids is not None:  # SDXL: the bucket's views' micro-conditioning
-      bucket = bucket.replace(time_ids=parallel.replicate(inputs.time_ids[b], devices))
-    out.append(bucket)
-  return out
 
 
 def make_validator(config, inputs: RunInputs, frozen: train_lib.Frozen, devices: Sequence,
                    workdir: str) -> validation.Validation | None:
-  """The run's validation images (`validation.make`), sharing the step's device weights.
-
-  SDXL: validation also gets the vectors' ids in tokenizer_2 (and, per validation
-  step, the second encoder's vectors; see `train_loop`).
-  """
-  shared = {"unet": frozen.unet, "text_encoder": frozen.text_encoder}
-  if not inputs.sd.is_sdxl:
-    return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
-                           shared=shared)
-  return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
-                         shared=dict(shared, text_encoder_2=frozen.text_encoder_2),
-                         token_ids_2=inputs.prompts.token_ids_2)
+  """The run's validation images (`validation.make`), sharing the step's device weights:
+  the UNet's and each text encoder's params, under its pipeline role."""
+  shared = {"unet": frozen.unet, **{c.encoder.role: params for c, params
+                                    in zip(inputs.concepts, frozen.text_encoders)}}
+  return validation.make(config, inputs.sd, [c.token_ids for c in inputs.concepts], devices,
+                         workdir, shared=shared)
 
 
-def compile_step(config, settings: train_lib.StepSettings, inputs: RunInputs, devices: Sequence,
-                 args: tuple):
+def compile_step(config, settings: train_lib.StepSettings, inputs: RunInputs,
+                 devices: Sequence, args: tuple):
   """The pmapped step; with remat="auto" on TPU, rematerialised if the plain step does not
   fit the chip (`args`: the step's first (state, frozen, batch))."""
   limit = (train_lib.device_memory_limit(devices[0])
@@ -460,22 +426,43 @@ def compile_step(config, settings: train_lib.StepSettings, inputs: RunInputs, de
 # ---------------------------------------------------------------------------
 
 
-def write_final_embedding(config, workdir: str, vectors: np.ndarray, step: int,
-                          rewrite: bool, vectors_2: np.ndarray | None = None) -> str:
-  """Writes the active vectors `[k, D]` as WORKDIR/learned_embeds.safetensors; returns its path.
+def export(config, workdir: str, inputs: RunInputs, state, start: int, step: int,
+           interrupted: bool, checkpoints: str) -> dict:
+  """The run's result, {"step", "interrupted", and each encoder's final vectors by key}. Unless
+  the run was interrupted, process 0 writes the active vectors (`write_final_embedding`)."""
+  params = parallel.unreplicate(state).params
+  final = {c.key: np.asarray(params[c.key]) for c in inputs.concepts}  # [num_vectors, D] each
+  if interrupted:
+    _log(f"stopped at step {step}; checkpoint saved in {checkpoints}. "
+         "Re-run the same command to resume.")
+  elif jax.process_index() == 0:
+    active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
+    out = write_final_embedding(config, workdir, [v[:active] for v in final.values()], step,
+                                rewrite=step > start)
+    pair = (f" and {embedding_io.second_file(out)} (the second text encoder's)"
+            if len(final) > 1 else "")
+    _log(f"done: step {step}; learned embedding in {out}{pair}")
+  return {"step": step, **final, "interrupted": interrupted}
 
-  An SDXL run (`vectors_2` `[k, D2]`, the second encoder's) writes diffusers' pair:
-  learned_embeds.safetensors and learned_embeds_2.safetensors beside it.
-  Unless `rewrite` (the run trained), a file that already holds exactly these
-  vectors is left alone: a re-run of a finished run in a workdir that has since
-  become read-only still reports its result.
+
+def write_final_embedding(config, workdir: str, vectors: Sequence[np.ndarray], step: int,
+                          rewrite: bool) -> str:
+  """Writes the active vectors, `[k, D]` per text encoder, as
+  WORKDIR/learned_embeds.safetensors; returns its path.
+
+  An SDXL run (two encoders) writes diffusers' pair: learned_embeds.safetensors and
+  learned_embeds_2.safetensors beside it. Unless `rewrite` (the run trained), a file
+  that already holds exactly these vectors is left alone: a re-run of a finished run
+  in a workdir that has since become read-only still reports its result.
   """
   out = fileio.join(workdir, "learned_embeds.safetensors")
+  # embedding_io's form of the vectors: the first encoder's, SDXL's second as vectors_2.
+  first, second = vectors[0], (vectors[1] if len(vectors) > 1 else None)
   try:
-    if rewrite or not embedding_io.holds_embedding(out, config.placeholder_token, vectors,
-                                                   vectors_2):
+    if rewrite or not embedding_io.holds_embedding(out, config.placeholder_token, first,
+                                                   second):
       embedding_io.save_embedding(out, embedding_io.Concept(
-          config.placeholder_token, vectors, f"{workdir} step {step}", vectors_2=vectors_2),
+          config.placeholder_token, first, f"{workdir} step {step}", vectors_2=second),
           "diffusers")
   except OSError as e:
     raise run_dir.WorkdirError(
