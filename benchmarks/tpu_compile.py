@@ -337,38 +337,36 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
   res = common.RESOLUTION[model]
   latent = res // 2 ** (len(modules["vae"].config.block_out_channels) - 1)
   tokens = modules["text_encoder"].config.max_position_embeddings
-  dim = modules["text_encoder"].config.hidden_size
   sds = jax.ShapeDtypeStruct
   # The frozen arrays exactly as train.run builds them: UNet and text encoder in
   # `dtype`, float32 posterior moments of each cached view, the noise schedule.
   channels = modules["unet"].config.in_channels
-  # SDXL: the second text encoder, its placeholder ids and each view's time ids [V, 6].
-  sdxl = "text_encoder_2" in modules
-  dim_2 = modules["text_encoder_2"].config.hidden_size if sdxl else None
+  # Each text encoder (SDXL: two) with its placeholder id; SDXL also each view's time ids [V, 6].
+  roles = [r for r in ("text_encoder", "text_encoder_2") if r in modules]
+  suffixes = tuple(r[len("text_encoder"):] for r in roles)
+  sdxl = len(roles) > 1
   frozen = train_lib.Frozen(
-      unet=shapes["unet"], text_encoder=shapes["text_encoder"],
+      unet=shapes["unet"], text_encoders=tuple(shapes[r] for r in roles),
       latent_mean=sds((num_views, latent, latent, channels), jnp.float32),  # [V, h, w, C]
       latent_std=sds((num_views, latent, latent, channels), jnp.float32),
-      placeholder_ids=sds((1,), jnp.int32),
+      placeholder_ids=tuple(sds((1,), jnp.int32) for _ in roles),
       schedule=_abstract(schedulers.noise_schedule_from_config(cfg["scheduler"])),
-      **(dict(text_encoder_2=shapes["text_encoder_2"], placeholder_ids_2=sds((1,), jnp.int32),
-              time_ids=sds((num_views, 6), jnp.float32)) if sdxl else {}))
+      time_ids=sds((num_views, 6), jnp.float32) if sdxl else None)
   settings = train_lib.StepSettings(
-      unet=modules["unet"], text_encoder=modules["text_encoder"],
+      unet=modules["unet"], text_encoders=tuple(modules[r] for r in roles), suffixes=suffixes,
       scaling_factor=float(modules["vae"].config.scaling_factor),
       shift_factor=float(modules["vae"].config.shift_factor), seed=0,
-      text_encoder_2=modules.get("text_encoder_2"),
-      eos_token_id_2=modules["text_encoder_2"].config.eos_token_id if sdxl else None)
+      pool_eos_token_id=modules[roles[-1]].config.eos_token_id if sdxl else None)
   lr = train_lib.learning_rate_schedule(5e-3, "constant", 0, 5000)
   optimizer = train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2)
   state = jax.eval_shape(
-      lambda v, v2: train_lib.init_state(v, optimizer, initial_vectors_2=v2),
-      sds((1, dim), jnp.float32), sds((1, dim_2), jnp.float32) if sdxl else None)
+      lambda initial: train_lib.init_state(initial, optimizer),
+      {"embeds" + s: sds((1, modules[r].config.hidden_size), jnp.float32)
+       for r, s in zip(roles, suffixes)})
   n = len(devices)
-  chip_batch = {"input_ids": sds((batch, tokens), jnp.int32),  # [b, T]
-                "view_index": sds((batch,), jnp.int32), "example_index": sds((batch,), jnp.int32)}
-  if sdxl:
-    chip_batch["input_ids_2"] = sds((batch, tokens), jnp.int32)  # [b, T] in tokenizer_2
+  chip_batch = {"view_index": sds((batch,), jnp.int32), "example_index": sds((batch,), jnp.int32),
+                # [b, T] in each encoder's tokenizer
+                **{"input_ids" + s: sds((batch, tokens), jnp.int32) for s in suffixes}}
   global_batch = jax.tree_util.tree_map(lambda x: sds((n * x.shape[0],) + x.shape[1:], x.dtype),
                                         chip_batch)
   args = (parallel.replicate(state, devices), parallel.replicate(frozen, devices),

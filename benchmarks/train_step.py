@@ -64,17 +64,18 @@ def main(argv):
   latent = res // 8
   vocab = cfg["text_encoder"]["vocab_size"]
   frozen = train_lib.Frozen(
-      unet=unet_p, text_encoder=text_p,
+      unet=unet_p, text_encoders=(text_p,),
       latent_mean=rng.standard_normal((8, latent, latent, 4)).astype(np.float32),
       latent_std=np.full((8, latent, latent, 4), 0.1, np.float32),
-      placeholder_ids=np.asarray([vocab - 1], np.int32),
+      placeholder_ids=(np.asarray([vocab - 1], np.int32),),
       schedule=schedulers.noise_schedule_from_config(cfg["scheduler"]))
-  settings = train_lib.StepSettings(unet=modules["unet"], text_encoder=modules["text_encoder"],
+  settings = train_lib.StepSettings(unet=modules["unet"], text_encoders=(modules["text_encoder"],),
                                     scaling_factor=0.18215, shift_factor=0.0, seed=0)
   lr = train_lib.learning_rate_schedule(5e-3, "constant", 0, 1000)
   opt = train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2)
   dim = cfg["text_encoder"]["hidden_size"]
-  state = train_lib.init_state(rng.standard_normal((1, dim)).astype(np.float32) * 0.01, opt)
+  state = train_lib.init_state({"embeds": rng.standard_normal((1, dim)).astype(np.float32) * 0.01},
+                               opt)
   step_fn = train_lib.make_pmapped_step(settings, opt, lr, devices)
   frozen = parallel.replicate(frozen, devices)
   state = parallel.replicate(state, devices)

@@ -73,11 +73,11 @@ def step_pieces(model_dir: str, num_vectors: int, *, flip: bool = True, seed: in
   images = image_loader.load_training_images(os.path.join(REPO, "examples", "toy"), 64, False)
   mean, std = latent_cache.encode_views(sd.vae, sd.vae_params,
                                         image_loader.view_pixels(images.pixels, flip))
-  frozen = train_lib.Frozen(unet=sd.unet_params, text_encoder=sd.text_encoder_params,
+  frozen = train_lib.Frozen(unet=sd.unet_params, text_encoders=(sd.text_encoder_params,),
                             latent_mean=mean, latent_std=std,
-                            placeholder_ids=np.asarray(ids, np.int32),
+                            placeholder_ids=(np.asarray(ids, np.int32),),
                             schedule=schedulers.noise_schedule_from_config(sd.scheduler_config))
-  settings = train_lib.StepSettings(unet=sd.unet, text_encoder=sd.text_encoder,
+  settings = train_lib.StepSettings(unet=sd.unet, text_encoders=(sd.text_encoder,),
                                     scaling_factor=sd.vae.config.scaling_factor,
                                     shift_factor=0.0, seed=seed)
   templates = captions.templates_for("object")
@@ -91,9 +91,9 @@ def step_pieces(model_dir: str, num_vectors: int, *, flip: bool = True, seed: in
 
 def model_stub(scheduler_config: dict | None = None, path: str = "stub-model"):
   """A stand-in for a loaded SD 1.x model (`weights.pipeline.StableDiffusion`) where a test
-  needs only its path and scheduler config ({}: every class default)."""
+  needs only its path, scheduler config ({}: every class default) and one text encoder."""
   return types.SimpleNamespace(path=path, scheduler_config=dict(scheduler_config or {}),
-                               text_encoder_2=None)
+                               text_encoders=(None,))
 
 
 def with_diffusers_scheduler(model_dir: str, out_dir, class_name: str, **overrides) -> str:

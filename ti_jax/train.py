@@ -20,7 +20,7 @@ from typing import Sequence
 
 from ti_jax import cli, errors
 from ti_jax.runtime import distributed
-from ti_jax.training import dry_run, trainer
+from ti_jax.training import dry_run, loop, trainer
 
 
 def main(argv: Sequence[str]) -> None:
@@ -39,7 +39,7 @@ def main(argv: Sequence[str]) -> None:
     result = trainer.run(config, f.workdir)
   except errors.UserError as e:
     cli.exit_now(f"error: {e}", 1)
-  except trainer.Aborted as e:
+  except loop.Aborted as e:
     cli.exit_now(f"error: {e}", 130)
   if result["interrupted"]:
     raise SystemExit(130)

@@ -66,8 +66,8 @@ def test_onetrainer_output_vectors_are_ignored_with_a_note(tmp_path, capsys):
   assert "emp_params_out" in note and "ignored" in note
   assert f"note: {note}" in capsys.readouterr().err  # load_concepts logs it for every caller
   # --config.init_embedding takes the file as one concept (it refused "2 tokens").
-  from ti_jax.training import trainer
-  init = trainer._load_init_concept(str(path))  # pylint: disable=protected-access
+  from ti_jax.training import concept as training_concept
+  init = training_concept._load_init_concept(str(path))  # pylint: disable=protected-access
   np.testing.assert_array_equal(init.vectors[0], _vectors(1))
 
 

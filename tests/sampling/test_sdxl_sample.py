@@ -243,10 +243,10 @@ def test_validation_renders_sdxl_grids(sd, gen, concept, tmp_path):
   shared = parallel.replicate({"unet": sd.unet_params, "text_encoder": sd.text_encoder_params},
                               devices)
   ids, ids_2 = ([int(i) for i in learned_ids] for _, learned_ids in vocab["learned"])
-  with pytest.raises(ValueError, match="token_ids_2"):
-    validation.make(c, trained, ids, devices, str(tmp_path), shared)
-  v = validation.make(c, trained, ids, devices, str(tmp_path), shared, token_ids_2=ids_2)
-  assert validation.write_images(v, 1, concept.vectors[0], learned_2=concept.vectors[1])
+  with pytest.raises(ValueError, match="one list of token ids per text encoder"):
+    validation.make(c, trained, [ids], devices, str(tmp_path), shared)
+  v = validation.make(c, trained, [ids, ids_2], devices, str(tmp_path), shared)
+  assert validation.write_images(v, 1, list(concept.vectors))
   grid = np.asarray(Image.open(tmp_path / "validation" / "step000001_p0.png"))
   want = gen.generate(["a photo of <toy>"] * 2, seed=0, **vocab)
   np.testing.assert_array_equal(grid, generation.image_grid(want))  # [64, 128, 3]

@@ -12,7 +12,8 @@ from conftest import REPO, config_module, offline_config, step_pieces
 
 from ti_jax.data import choices
 from ti_jax.runtime import parallel
-from ti_jax.training import train_lib, trainer
+from ti_jax.training import inputs as run_inputs
+from ti_jax.training import train_lib
 from ti_jax.training import config as training_config
 
 TOY = os.path.join(REPO, "examples", "toy")
@@ -41,7 +42,7 @@ def _train(setup, accumulation, steps=3):
   opt = train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2)
   settings = dataclasses.replace(setup["settings"], gradient_accumulation_steps=accumulation)
   step_fn = train_lib.make_pmapped_step(settings, opt, lr, devices)
-  state = parallel.replicate(train_lib.init_state(setup["init"].vectors, opt), devices)
+  state = parallel.replicate(train_lib.init_state({"embeds": setup["init"].vectors}, opt), devices)
   frozen = parallel.replicate(setup["frozen"], devices)
   losses, norms = [], []
   compiled = step_fn.lower(state, frozen, parallel.shard(_batch(setup, 0, 4), 1)).compile()
@@ -72,16 +73,15 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(setup):
 
 
 def _fake_inputs(config, devices: int, num_images=4, num_templates=5, seq=7):
-  """What `trainer.batch_for` reads of the run's inputs, for a run on `devices` devices."""
-  per_device, global_batch = trainer.batch_sizes(config, devices)
+  """What `inputs.batch_for` reads of the run's inputs, for a run on `devices` devices."""
+  per_device, global_batch = run_inputs.batch_sizes(config, devices)
   template_ids = np.arange(num_templates * seq, dtype=np.int32).reshape(1, num_templates, seq)
   return types.SimpleNamespace(
       per_device_batch=per_device, global_batch=global_batch, local_devices=devices,
       images=types.SimpleNamespace(num_images=num_images),
-      prompts=types.SimpleNamespace(num_templates=num_templates, template_ids=template_ids,
-                                    image_template_ids=None, image_tokens=[], captioned=None,
-                                    caption_ids=None, image_caption_ids=None,
-                                    template_ids_2=None))
+      prompts=types.SimpleNamespace(num_templates=num_templates, image_tokens=[], captioned=None),
+      concepts=(types.SimpleNamespace(suffix="", template_ids=template_ids, image_template_ids=None,
+                                      caption_ids=None, image_caption_ids=None),))
 
 
 def _config(batch, accumulation, **overrides):
@@ -96,17 +96,17 @@ def test_per_example_draws_are_those_of_the_same_global_batch(devices, batch, ac
   plain, split = _fake_inputs(plain_config, 1), _fake_inputs(config, devices)
   assert split.global_batch == plain.global_batch == 4
   for step in (0, 1, 7):
-    want = trainer.batch_for(plain_config, plain, step)
-    got = trainer.batch_for(config, split, step)
+    want = run_inputs.batch_for(plain_config, plain, step)
+    got = run_inputs.batch_for(config, split, step)
     for k in want:
       assert got[k].shape[:2] == (devices, 4 // devices)  # [d, A * b, ...]
       np.testing.assert_array_equal(got[k].reshape(want[k].shape), want[k])
 
 
 def test_global_batch_size_counts_the_accumulation_steps():
-  assert trainer.batch_sizes(_config(3, 4, global_batch_size=8), 2) == (1, 8)
-  assert trainer.batch_sizes(_config(3, 4), 2) == (3, 24)
+  assert run_inputs.batch_sizes(_config(3, 4, global_batch_size=8), 2) == (1, 8)
+  assert run_inputs.batch_sizes(_config(3, 4), 2) == (3, 24)
   with pytest.raises(training_config.ConfigError, match="2 devices x 4 accumulation steps"):
-    trainer.batch_sizes(_config(3, 4, global_batch_size=4), 2)
+    run_inputs.batch_sizes(_config(3, 4, global_batch_size=4), 2)
   with pytest.raises(training_config.ConfigError, match="gradient_accumulation_steps must be >= 1"):
     training_config.validate_config(_config(1, 0))

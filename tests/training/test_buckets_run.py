@@ -14,6 +14,7 @@ from ti_jax.data import choices, image_loader, latent_cache
 from ti_jax.runtime import parallel, run_dir
 from ti_jax.training import checkpointing, dry_run, train_lib, trainer
 from ti_jax.training import config as training_config
+from ti_jax.training import inputs as run_inputs
 
 WIDE, TALL = (120, 40), (40, 120)  # 3:1 -> the 96x32 bucket, 1:3 -> 32x96 at resolution 64
 
@@ -46,7 +47,7 @@ def _config(cache_dir, folder, **overrides):
 @pytest.fixture(scope="module")
 def built(cache_dir, data, tmp_path_factory):
   config = _config(cache_dir, data)
-  inputs = trainer.build_inputs(config, str(tmp_path_factory.mktemp("w")), jax.local_devices()[:1])
+  inputs = run_inputs.build(config, str(tmp_path_factory.mktemp("w")), jax.local_devices()[:1])
   return config, inputs
 
 
@@ -55,7 +56,7 @@ def test_images_and_latents_are_kept_per_bucket(built):
   images = inputs.images
   assert images.buckets == [(32, 96), (96, 32)]
   assert images.bucket_index.tolist() == [1, 0, 1, 0, 1]
-  assert trainer.bucket_sizes(images) == [2, 3]
+  assert run_inputs.bucket_sizes(images) == [2, 3]
   # One (mean, std) per bucket, [V_b, h_b / 8, w_b / 8, C], V_b = 2 N_b with flips.
   assert [m.shape for m, _ in inputs.latents] == [(4, 12, 4, 4), (6, 4, 12, 4)]
   assert all(m.shape == s.shape for m, s in inputs.latents)
@@ -65,15 +66,15 @@ def test_a_step_draws_one_bucket_the_same_under_any_device_split(built):
   config, inputs = built
   tok = inputs.sd.tokenizer
   for step in range(10):
-    bucket, _ = trainer.step_bucket(config, inputs, step)
+    bucket, _ = run_inputs.step_bucket(config, inputs, step)
     assert (bucket, _) == choices.bucket_choice(config.seed, step, [2, 3])
-    whole = trainer.batch_for(config, inputs, step)  # 1 device x 2
+    whole = run_inputs.batch_for(config, inputs, step)  # 1 device x 2
     assert inputs.global_batch == 2
     # 1 example per device on 2 devices, or 2 accumulation steps of 1: the same global batch.
     for devices, accumulation in ((2, 1), (1, 2)):
       split_config = _config(config.cache_dir, config.train_data_dir, train_batch_size=1,
                              gradient_accumulation_steps=accumulation)
-      split = trainer.batch_for(split_config, dataclasses.replace(
+      split = run_inputs.batch_for(split_config, dataclasses.replace(
           inputs, per_device_batch=1, local_devices=devices), step)
       for k in whole:
         np.testing.assert_array_equal(split[k].reshape(whole[k].shape), whole[k])
@@ -91,7 +92,7 @@ def test_one_compiled_program_per_bucket_none_after_its_first_step(built):
   config, inputs = built
   devices = jax.local_devices()[:1]
   frozen, settings = trainer.step_inputs(config, inputs)
-  frozen = trainer.bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
+  frozen = run_inputs.bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
   assert len(frozen) == 2 and frozen[1].unet is frozen[0].unet  # weights on device once
   step_fn = train_lib.make_pmapped_step(settings, inputs.optimizer, inputs.lr, devices)
   state = parallel.replicate(inputs.state, devices)
@@ -107,13 +108,13 @@ def test_one_compiled_program_per_bucket_none_after_its_first_step(built):
     buckets_seen, firsts, drawn = [], [], []
     # Seed 0 draws buckets 1, 0, 0, 1: each bucket's first step, then another of each.
     for step in range(4):
-      batch = trainer.batch_for(config, inputs, step)
-      bucket, _ = trainer.step_bucket(config, inputs, step)
+      batch = run_inputs.batch_for(config, inputs, step)
+      bucket, _ = run_inputs.step_bucket(config, inputs, step)
       drawn.append(bucket)
       if bucket not in buckets_seen:
         buckets_seen.append(bucket)
         firsts.append(step)
-      state, metrics = step_fn(state, trainer.frozen_for(config, inputs, frozen, step), batch)
+      state, metrics = step_fn(state, run_inputs.frozen_for(config, inputs, frozen, step), batch)
       jax.block_until_ready(metrics)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
@@ -147,16 +148,16 @@ def test_a_run_without_buckets_is_what_it_was(cache_dir, data, tmp_path):
   assert checkpointing.run_identity(config)["buckets"] is None
   assert checkpointing.identity_diffs({"seed": 0}, {"seed": 0, "buckets": None}) == []
   assert checkpointing.identity_diffs({"seed": 0}, {"seed": 0, "buckets": [32, 128, 32]})
-  inputs = trainer.build_inputs(config, str(tmp_path / "w"), jax.local_devices()[:1])
+  inputs = run_inputs.build(config, str(tmp_path / "w"), jax.local_devices()[:1])
   assert inputs.images.pixels.shape == (5, 64, 64, 3) and not inputs.images.buckets
   [(mean, std)] = inputs.latents
   want_mean, want_std = latent_cache.encode_views(
       inputs.sd.vae, inputs.sd.vae_params, image_loader.view_pixels(inputs.images.pixels, True))
   np.testing.assert_array_equal(mean, want_mean)
   np.testing.assert_array_equal(std, want_std)
-  assert trainer.step_bucket(config, inputs, 3) is None
+  assert run_inputs.step_bucket(config, inputs, 3) is None
   for step in (0, 5):
-    batch = trainer.batch_for(config, inputs, step)
+    batch = run_inputs.batch_for(config, inputs, step)
     views, _ = choices.example_choices(0, step, np.arange(2), global_batch_size=2, num_images=5,
                                        flip_p=0.5, num_templates=inputs.prompts.num_templates)
     np.testing.assert_array_equal(batch["view_index"].reshape(-1), views)
@@ -188,4 +189,4 @@ def test_steps_that_the_unet_cannot_downsample_are_refused_naming_the_rule(cache
   # The tiny VAE downsamples 8x and its UNet 4x more: bucket sides must be multiples of 32.
   with pytest.raises(training_config.ConfigError,
                      match="bucket_reso_steps 16 must be a multiple of 32"):
-    trainer.load_model(_config(cache_dir, data, bucket_reso_steps=16))
+    run_inputs.load_model(_config(cache_dir, data, bucket_reso_steps=16))

@@ -13,6 +13,7 @@ from ti_jax import errors
 from ti_jax.runtime import run_dir
 from ti_jax.training import checkpointing, trainer
 from ti_jax.training import config as training_config
+from ti_jax.training import inputs as run_inputs
 
 TOY = os.path.join(REPO, "examples", "toy")
 
@@ -39,7 +40,7 @@ def _config(cache_dir, folder, **overrides):
 
 
 def _decoded_batch(config, inputs, step):
-  batch = trainer.batch_for(config, inputs, step)
+  batch = run_inputs.batch_for(config, inputs, step)
   ids = np.asarray(batch["input_ids"]).reshape(-1, 77)  # [global batch, 77]
   views = np.asarray(batch["view_index"]).reshape(-1)
   tok = inputs.sd.tokenizer
@@ -49,7 +50,7 @@ def _decoded_batch(config, inputs, step):
 def test_captioned_images_train_on_their_captions_others_on_templates(tmp_path, cache_dir):
   folder = _data(tmp_path, {1: "a <toy> on the moon", 3: "{} under the sea"})
   config = _config(cache_dir, folder, num_vectors=2, train_batch_size=8)
-  inputs = trainer.build_inputs(config, str(tmp_path / "w"), jax.local_devices()[:1])
+  inputs = run_inputs.build(config, str(tmp_path / "w"), jax.local_devices()[:1])
   expected = {0: "a<toy><toy>_1onthemoon", 2: "<toy><toy>_1underthesea"}
   seen_caption = seen_template = 0
   for step in range(3):
@@ -88,7 +89,7 @@ def test_templates_file_replaces_the_lists_and_is_part_of_the_identity(tmp_path,
   templates = tmp_path / "templates.txt"
   templates.write_text("a sketch of {}\n<toy> in a box\n")
   config = _config(cache_dir, folder, caption_extension="", templates_file=str(templates))
-  inputs = trainer.build_inputs(config, str(tmp_path / "w"), jax.local_devices()[:1])
+  inputs = run_inputs.build(config, str(tmp_path / "w"), jax.local_devices()[:1])
   assert inputs.prompts.num_templates == 2
   prompts, _ = _decoded_batch(config, inputs, 0)
   assert set(prompts) <= {"asketchof<toy>", "<toy>inabox"}

@@ -24,8 +24,9 @@ from test_train import _cli, _config
 from ti_jax import errors
 from ti_jax.embeddings import embedding_io
 from ti_jax.runtime import fileio, run_dir
-from ti_jax.training import trainer
 from ti_jax.training import config as training_config
+from ti_jax.training import inputs as run_inputs
+from ti_jax.training import loop, trainer
 from ti_jax.weights import safetensors_io
 
 
@@ -262,7 +263,7 @@ def test_diverging_run_stops_at_a_log_step_and_writes_no_non_finite_checkpoint(
   trainer.run(_config(cache_dir, max_train_steps=3, checkpointing_steps=3), str(workdir),
               progress=False)
   (workdir / "learned_embeds.safetensors").unlink()  # the sane run's export, not wanted here
-  with pytest.raises(trainer.DivergedError) as err:
+  with pytest.raises(loop.DivergedError) as err:
     trainer.run(_config(cache_dir, learning_rate=1e30, max_train_steps=20, log_every_steps=5,
                         checkpointing_steps=3), str(workdir), progress=False)
   message = str(err.value)
@@ -363,7 +364,7 @@ def test_second_sigterm_during_the_stop_checkpoint_does_not_cut_it_short(
 
     def close(self):
       pass
-  monkeypatch.setattr(trainer, "_progress_bar", lambda *a: Bar())
+  monkeypatch.setattr(loop, "_progress_bar", lambda *a: Bar())
   save = run_dir.Checkpoints.save
   signalled = []
 
@@ -442,7 +443,7 @@ def test_full_disk_with_tensorboard_is_one_error_line_without_thread_tracebacks_
     if step == 3:
       for f in files:
         f.armed = True
-  monkeypatch.setattr(trainer, "_progress_bar", lambda *a: _StepHook(fill_the_disk))
+  monkeypatch.setattr(loop, "_progress_bar", lambda *a: _StepHook(fill_the_disk))
   save = ocp.CheckpointManager.save
 
   def save_on_a_full_disk(self, step, *args, **kwargs):
@@ -464,7 +465,7 @@ def test_full_disk_with_tensorboard_is_one_error_line_without_thread_tracebacks_
   # Space again: the re-run resumes from step 2 and ends where an uninterrupted run does.
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
   monkeypatch.setattr(record_writer, "open_file", open_file)
-  monkeypatch.setattr(trainer, "_progress_bar", lambda *a: _StepHook(lambda step: None))
+  monkeypatch.setattr(loop, "_progress_bar", lambda *a: _StepHook(lambda step: None))
   resumed = _finishes(lambda: trainer.run(c, str(workdir), progress=False), 300)
   np.testing.assert_array_equal(resumed["embeds"], reference)
 
@@ -560,7 +561,7 @@ def test_batch_over_the_devices_that_cannot_fit_is_refused_before_the_workdir(tm
                                                                             cache_dir):
   c = _config(cache_dir, train_batch_size=40000, gradient_accumulation_steps=1)
   with pytest.raises(training_config.ConfigError) as err:
-    trainer.batch_sizes(c, 2)  # each field is under the limit, their product is not
+    run_inputs.batch_sizes(c, 2)  # each field is under the limit, their product is not
   assert ("config.train_batch_size 40000 x 2 devices x 1 accumulation steps = 80000 examples "
           "per step, above the limit of 65536") in str(err.value)
   with pytest.raises(training_config.ConfigError, match="80000 examples per step"):

@@ -43,7 +43,7 @@ def test_each_optimizer_trains_only_the_placeholder_rows(setup, name):
   lr = optax.constant_schedule(LR[name])
   opt = train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2, name)
   step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
-  state = parallel.replicate(train_lib.init_state(setup["init"].vectors, opt), devices)
+  state = parallel.replicate(train_lib.init_state({"embeds": setup["init"].vectors}, opt), devices)
   frozen = parallel.replicate(setup["frozen"], devices)
   for step in range(3):
     state, metrics = step_fn(state, frozen, parallel.shard(_batch(setup, step), 1))

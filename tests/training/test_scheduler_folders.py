@@ -136,7 +136,7 @@ def test_each_scheduler_class_folder_validates_samples_and_edits(run, folders, c
   with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
     model = model_stub(json.load(f), path=folder)
   c = _config(run["root"] / "cache", folder)
-  assert validation.make(c, model, [0], devices, str(tmp_path), {})
+  assert validation.make(c, model, [[0]], devices, str(tmp_path), {})
   common = dict(workdir=run["workdir"], pretrained_model_name_or_path=folder,
                 allow_base_model_mismatch=True, num_images=1, num_inference_steps=STEPS,
                 scheduler=SAMPLER, devices=devices)
@@ -216,7 +216,7 @@ def test_the_config_check_takes_any_step_count_for_pndm(tmp_path):
 
 
 def _schedule(folder):
-  """The training noise schedule a run on `folder` uses (what `trainer.load_model` builds
+  """The training noise schedule a run on `folder` uses (what `inputs.load_model` builds
   from the model's scheduler config)."""
   with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
     return schedulers.noise_schedule_from_config(json.load(f))

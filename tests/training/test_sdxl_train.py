@@ -17,8 +17,9 @@ from torch_reference import rel_err
 from ti_jax.data import buckets, choices, image_loader
 from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.runtime import parallel
-from ti_jax.training import dry_run, train_lib, trainer
+from ti_jax.training import concept, dry_run, train_lib, trainer
 from ti_jax.training import config as training_config
+from ti_jax.training import inputs as run_inputs
 from ti_jax.weights import safetensors_io
 
 TOY = os.path.join(REPO, "examples", "toy")
@@ -41,7 +42,7 @@ def built(tiny_sdxl, cache_dir, tmp_path_factory):
   builds them."""
   config = _config(tiny_sdxl, cache_dir)
   devices = jax.local_devices()[:1]
-  inputs = trainer.build_inputs(config, str(tmp_path_factory.mktemp("unused") / "w"), devices)
+  inputs = run_inputs.build(config, str(tmp_path_factory.mktemp("unused") / "w"), devices)
   frozen, settings = trainer.step_inputs(config, inputs)
   return config, inputs, frozen, settings
 
@@ -49,27 +50,27 @@ def built(tiny_sdxl, cache_dir, tmp_path_factory):
 def test_steps_train_both_vector_sets_and_nothing_else(built):
   config, inputs, frozen, settings = built
   devices = jax.local_devices()[:1]
-  assert set(inputs.state.params) == {"embeds", "embeds_2"}
+  first, second = inputs.concepts
+  assert set(inputs.state.params) == {"embeds", "embeds_2"} == {first.key, second.key}
   # Pooled at tokenizer_2's real end token, not transformers' legacy largest-id rule.
-  assert settings.eos_token_id_2 == inputs.sd.tokenizer_2.eos_token_id
+  assert settings.pool_eos_token_id == inputs.sd.text_encoders[1].tokenizer.eos_token_id
   # No optimizer state beyond Adam's moments of the two small vector sets (+ counts).
   sizes = [x.size for x in jax.tree_util.tree_leaves(inputs.state.opt_state)]
-  assert max(sizes) == inputs.init.vectors.size
+  assert max(sizes) == first.init.vectors.size
   step_fn = train_lib.make_pmapped_step(settings, inputs.optimizer, inputs.lr, devices)
   state = parallel.replicate(inputs.state, devices)
   rep_frozen = parallel.replicate(frozen, devices)
   for step in range(3):
-    state, metrics = step_fn(state, rep_frozen, trainer.batch_for(config, inputs, step))
+    state, metrics = step_fn(state, rep_frozen, run_inputs.batch_for(config, inputs, step))
   assert np.isfinite(float(parallel.unreplicate(metrics["loss"])))
   for before, after in zip(jax.tree_util.tree_leaves(frozen),
                            jax.tree_util.tree_leaves(parallel.unreplicate(rep_frozen))):
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
   params = parallel.unreplicate(state).params
-  for key, init, table, ids in (
-      ("embeds", inputs.init, inputs.table, frozen.placeholder_ids),
-      ("embeds_2", inputs.init_2, inputs.table_2, frozen.placeholder_ids_2)):
+  for c, ids in zip(inputs.concepts, frozen.placeholder_ids):
+    key, table = c.key, c.table
     learned = np.asarray(params[key])
-    assert not np.allclose(learned, init.vectors), key  # both sets trained
+    assert not np.allclose(learned, c.init.vectors), key  # both sets trained
     # What each encoder sees: only the placeholder rows differ from its frozen table.
     all_ids = np.arange(max(ids) + 1, dtype=np.int32)[None]  # [1, V + n]
     looked_up = np.asarray(pseudo_words.embed_tokens(
@@ -130,8 +131,8 @@ def test_step_loss_equals_diffusers_and_transformers_in_torch(built, tiny_sdxl):
   view, tmpl = choices.example_choices(config.seed, step, index, global_batch_size=size,
                                        num_images=inputs.images.num_images, flip_p=config.flip_p,
                                        num_templates=inputs.prompts.num_templates)
-  batch = {"input_ids": inputs.prompts.template_ids[0][tmpl],
-           "input_ids_2": inputs.prompts.template_ids_2[0][tmpl], "view_index": view,
+  batch = {"input_ids": inputs.concepts[0].template_ids[0][tmpl],
+           "input_ids_2": inputs.concepts[1].template_ids[0][tmpl], "view_index": view,
            "example_index": index.astype(np.int32)}
   # Different random vectors per encoder: a swapped pair would not pass.
   rng = np.random.default_rng(0)
@@ -171,10 +172,10 @@ def test_two_devices_equal_one_resume_continues_exactly_and_the_pair_is_written(
   # The final diffusers pair, and the run directory, read back as one SDXL concept.
   (from_file,) = embedding_io.load_concepts(str(tmp_path / "one" / "learned_embeds.safetensors"))
   (from_run,) = embedding_io.load_concepts(str(tmp_path / "one"))
-  for concept in (from_file, from_run):
-    assert concept.token == "<toy>"
-    np.testing.assert_array_equal(concept.vectors[0], one["embeds"])
-    np.testing.assert_array_equal(concept.vectors[1], one["embeds_2"])
+  for read in (from_file, from_run):
+    assert read.token == "<toy>"
+    np.testing.assert_array_equal(read.vectors[0], one["embeds"])
+    np.testing.assert_array_equal(read.vectors[1], one["embeds_2"])
 
 
 def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_used(
@@ -182,11 +183,11 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
   config, inputs, _, _ = built
   sd_file = tmp_path / "sd.safetensors"
   embedding_io.save_embedding(str(sd_file), embedding_io.Concept(
-      "<old>", np.ones((1, inputs.table.shape[1]), np.float32), ""), "diffusers")
+      "<old>", np.ones((1, inputs.concepts[0].table.shape[1]), np.float32), ""), "diffusers")
   c = config.copy_and_resolve_references()
   c.init_embedding = str(sd_file)
   with pytest.raises(training_config.ConfigError) as err:
-    trainer.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
+    _concepts(c, inputs)
   message = str(err.value)
   assert "\n" not in message and "SDXL" in message and "SD (32)" in message
   rng = np.random.default_rng(1)
@@ -196,17 +197,26 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
   embedding_io.save_embedding(str(xl_file), pair, "diffusers")
   c = config.copy_and_resolve_references()
   c.init_embedding = str(xl_file)
-  init, init_2 = trainer.initial_vector_pair(c, inputs.sd, inputs.table, inputs.table_2)
-  np.testing.assert_array_equal(init.vectors, pair.vectors[0])
-  np.testing.assert_array_equal(init_2.vectors, pair.vectors[1])
+  first, second = _concepts(c, inputs)
+  np.testing.assert_array_equal(first.init.vectors, pair.vectors[0])
+  np.testing.assert_array_equal(second.init.vectors, pair.vectors[1])
+
+
+def _concepts(config, inputs):
+  """`concept.concepts` of `config` on the model loaded afresh (the tokenizers of
+  `inputs.sd` already hold the placeholder)."""
+  sd, _ = run_inputs.load_model(config)
+  p = inputs.prompts
+  return concept.concepts(config, sd, p.texts, p.tokens, p.image_tokens)
 
 
 def test_per_image_tokens_are_refused_for_sdxl_in_one_line(built):
   config, inputs, _, _ = built
   c = config.copy_and_resolve_references()
   c.per_image_tokens = True
+  p = run_inputs.make_prompts(c, inputs.prompts.texts, inputs.images.num_images)
   with pytest.raises(training_config.ConfigError, match="per_image_tokens") as err:
-    trainer.make_prompts(c, inputs.sd, inputs.prompts.texts, inputs.images.num_images)
+    concept.concepts(c, inputs.sd, p.texts, p.tokens, p.image_tokens)
   assert "\n" not in str(err.value)
 
 
@@ -215,7 +225,7 @@ def test_time_ids_are_each_views_original_size_crop_and_bucket(tmp_path):
     Image.new("RGB", size, (90, 20, 200)).save(tmp_path / name)
   shapes = buckets.bucket_shapes(64, 32, 128, 32)
   images = image_loader.load_training_images(str(tmp_path), 64, False, bucket_shapes=shapes)
-  per_bucket = trainer.view_time_ids(images, flip=True)
+  per_bucket = run_inputs.view_time_ids(images, flip=True)
   assert len(per_bucket) == len(images.buckets) == 2
   for b, ids in enumerate(per_bucket):
     (i,) = images.bucket_members(b)

@@ -16,8 +16,8 @@ from PIL import Image
 from tensorboardX import record_writer
 
 from ti_jax.runtime import run_dir
-from ti_jax.training import tensorboard, trainer
 from ti_jax.training import config as training_config
+from ti_jax.training import loop, tensorboard, trainer
 
 TOY = os.path.join(REPO, "examples", "toy")
 SCALARS = ("loss", "lr", "grad_norm", "max_vector_norm", "step_time_s", "images_per_sec")
@@ -241,7 +241,7 @@ def test_tensorboard_folder_that_fails_mid_run_warns_once_and_training_goes_on(
 
     def close(self):
       pass
-  monkeypatch.setattr(trainer, "_progress_bar", lambda *a: Bar())
+  monkeypatch.setattr(loop, "_progress_bar", lambda *a: Bar())
   c = _config(cache_dir, max_train_steps=6)
   try:
     result = _finishes(lambda: trainer.run(c, str(workdir), devices=jax.local_devices()[:1],

@@ -64,7 +64,7 @@ def _one_device_step(setup, lr_value=5e-3, start_vectors=None):
   lr, opt = _pieces(lr_value)
   step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
   vectors = setup["init"].vectors if start_vectors is None else start_vectors
-  state = parallel.replicate(train_lib.init_state(vectors, opt), devices)
+  state = parallel.replicate(train_lib.init_state({"embeds": vectors}, opt), devices)
   frozen = parallel.replicate(setup["frozen"], devices)
   return step_fn, state, frozen, opt
 
@@ -118,7 +118,7 @@ def test_step_flops_show_no_weight_gradient_work(setup):
   step_flops = step_fn.lower(state, frozen, batch).compile().cost_analysis()["flops"]
   forward = jax.jit(lambda p, f, b: train_lib.loss_fn(p, f, b, 0, setup["settings"]))
   host_batch = jax.tree_util.tree_map(lambda x: x[0], batch)
-  fwd_flops = forward.lower(train_lib.init_state(setup["init"].vectors, opt).params,
+  fwd_flops = forward.lower(train_lib.init_state({"embeds": setup["init"].vectors}, opt).params,
                             setup["frozen"], host_batch).compile().cost_analysis()["flops"]
   ratio = step_flops / fwd_flops
   print(f"step/forward FLOPs ratio: {ratio:.2f} ({step_flops:.3g} / {fwd_flops:.3g})")
@@ -338,7 +338,7 @@ def test_train_step_compiles_once_over_many_steps(setup):
 
 def test_embedding_regulariser_adds_its_exact_gradient(setup):
   """embedding_reg_weight w adds w * mean_i ||v_i - init_i||^2, whose gradient is 2w(v - init)/n."""
-  frozen = dataclasses.replace(setup["frozen"], init_embeds=setup["init"].vectors)
+  frozen = dataclasses.replace(setup["frozen"], init_embeds=(setup["init"].vectors,))
   batch = _batch(setup, 0, 2)
   vectors = setup["init"].vectors + 0.1 * np.random.default_rng(2).standard_normal(
       setup["init"].vectors.shape).astype(np.float32)

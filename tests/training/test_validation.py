@@ -1,6 +1,5 @@
 """Validation images during training: the prompt names the vectors trained so far."""
 
-import numpy as np
 import pytest
 from conftest import config_module, model_stub, tiny_clip_tokenizer
 
@@ -53,6 +52,6 @@ def test_validation_is_due_every_validation_steps_and_at_the_last_step():
 
 def test_no_validation_without_a_prompt():
   assert validation.make(_config(validation_prompt=""), None, [], [], "w", {}) is None
-  made = validation.make(_config(), model_stub(), [5], [], "w", {})
+  made = validation.make(_config(), model_stub(), [[5]], [], "w", {})
   assert made is not None and made.out_dir.endswith("validation") and made.generator is None
-  assert np.array_equal(made.token_ids, [5])
+  assert made.token_ids == ([5],)

@@ -35,10 +35,10 @@ def test_prompts_from_a_tuple_and_from_a_file_after_validation_prompt(tmp_path):
   assert validation.validation_prompts(c) == ["a {} toy", "a photo of {}", "{} on a beach"]
   assert validation.enabled(c)
   assert not validation.enabled(_config(tmp_path))
-  made = validation.make(c, model_stub(), [5], [], str(tmp_path / "w"), {})
+  made = validation.make(c, model_stub(), [[5]], [], str(tmp_path / "w"), {})
   assert made.grids and made.prompts == ["a {} toy", "a photo of {}", "{} on a beach"]
   # validation_prompt alone keeps its one PNG per image.
-  assert not validation.make(_config(tmp_path, validation_prompt="a {}"), model_stub(), [5], [],
+  assert not validation.make(_config(tmp_path, validation_prompt="a {}"), model_stub(), [[5]], [],
                              "w", {}).grids
   assert validation.prompt(c, 1, "{} on a beach") == "<toy> on a beach"
 

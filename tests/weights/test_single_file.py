@@ -220,13 +220,14 @@ def test_default_tokenizer_offline_is_a_one_line_error(files, monkeypatch):
 
 def test_training_config_loads_a_single_file(files):
   """`pretrained_model_name_or_path=<file>` with `tokenizer_name_or_path` in a training config."""
-  from ti_jax.training import config as training_config, trainer
+  from ti_jax.training import config as training_config
+  from ti_jax.training import inputs as run_inputs
   folder, path = files["sd2"]
   config = training_config.get_config("tiny")
   config.pretrained_model_name_or_path = path
   config.tokenizer_name_or_path = folder
   config.dtype = "float32"
-  sd, _ = trainer.load_model(config)
+  sd, _ = run_inputs.load_model(config)
   assert sd.path == path and sd.model_index["preset"] == "tiny-sd21"
 
 

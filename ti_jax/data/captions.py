@@ -298,20 +298,3 @@ def batch_input_ids(template_ids: np.ndarray, image_template_ids: np.ndarray | N
   if image_caption_ids is not None:
     own = np.where(np.asarray(mixed)[:, None], image_caption_ids[active - 1][image], own)
   return np.where(np.asarray(captioned)[image][:, None], own, ids)
-
-
-def second_encoder_tables(tokenizer_2: Any, templates: Sequence[str], tokens: list[str],
-                          image_captions: Sequence[str | None]
-                          ) -> tuple[np.ndarray, np.ndarray | None]:
-  """SDXL: the same prompts as `prompt_tables`/`caption_tables`, tokenized by `tokenizer_2`.
-
-  Row for row the tables of the first tokenizer (same templates, captions and
-  vector counts), so a batch picks both encoders' ids with one set of choices
-  (`batch_input_ids` on each). Returns (`[n, num_templates, T]`, `[n, N, T]` or
-  None when no image has a caption).
-  """
-  template_ids, _ = prompt_tables(tokenizer_2, templates, tokens, [])
-  if not any(c is not None for c in image_captions):
-    return template_ids, None
-  caption_ids, _ = caption_tables(tokenizer_2, image_captions, tokens, [])
-  return template_ids, caption_ids

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -31,18 +31,20 @@ def run_identity(config) -> dict:
 def run_metadata(config, *, tokens: list[str], token_ids: list[int], image_tokens: list[str],
                  embedding_dim: int, model_path: str, global_batch: int, base_lr: float,
                  image_paths: list[str], prompt_texts_sha256: str = "",
-                 token_ids_2: list[int] | None = None,
-                 embedding_dim_2: int | None = None) -> dict:
+                 further_encoders: Sequence[tuple[str, list[int], int]] = ()) -> dict:
   """The metadata every checkpoint of the run carries: its CHECKPOINT_IDENTITY and what
   sample/export/evaluate need to use it (tokens, base model, images, the config).
 
-  An SDXL run also records its tokens' ids in tokenizer_2 and the second encoder's
-  width (its state holds "embeds_2"); the base model, part of the identity, already
-  tells an SDXL run from another.
+  `token_ids` and `embedding_dim` are the first text encoder's; `further_encoders`
+  gives (suffix, its tokens' ids, width) for each further one, recorded under the
+  names with its suffix (SDXL: "token_ids_2", "embedding_dim_2"; its state holds
+  "embeds_2"). The base model, part of the identity, already tells an SDXL run from
+  another.
   """
-  second = ({} if token_ids_2 is None else
-            {"token_ids_2": list(token_ids_2), "embedding_dim_2": int(embedding_dim_2)})
-  return {**second,
+  further = {}
+  for suffix, ids, width in further_encoders:
+    further.update({"token_ids" + suffix: list(ids), "embedding_dim" + suffix: int(width)})
+  return {**further,
       "placeholder_token": config.placeholder_token, "placeholder_tokens": tokens,
       "token_ids": token_ids, "initializer_token": config.initializer_token,
       "per_image_tokens": image_tokens,

@@ -9,13 +9,14 @@ ids the text encoder gets, with the positions of the placeholder's tokens.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import numpy as np
 
 from ti_jax.data import buckets, captions
-from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import fileio, parallel
-from ti_jax.training import checkpointing, trainer, validation
+from ti_jax.training import concept
+from ti_jax.training import inputs as run_inputs
 from ti_jax.training.config import validate_config
 
 # Token ids shown per prompt before the rest is elided (the padding is never shown).
@@ -36,43 +37,38 @@ def dry_run(config, workdir: str) -> list[str]:
   """
   validate_config(config)
   workdir = fileio.resolve(workdir)
-  resumes = checkpointing.check_identity(workdir, checkpointing.run_identity(config))  # reads only
-  # The trainer's own start-up steps, so a dry run checks exactly what a run would.
-  images = trainer.load_images(config)
-  texts = captions.prompt_texts(config.learnable_property, config.templates_file,
-                                config.placeholder_token, images.captions, images.num_images)
-  sd, schedule = trainer.load_model(config)
-  if validation.enabled(config):  # the sampler a run builds at start-up (validation.make)
-    validation.check_scheduler(config, sd)
-  prompts = trainer.make_prompts(config, sd, texts, images.num_images)
-  table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params))  # [V, D]
-  trainer.initial_vector_pair(config, sd, table, trainer.second_table(sd))
+  # The run's own set-up (`inputs.prepare`), so a dry run checks exactly what a run would.
   devices = parallel.all_devices()
-  _, global_batch = trainer.batch_sizes(config, len(devices))
+  setup = run_inputs.prepare(config, workdir, devices)
+  images, sd, prompts, concepts = setup.images, setup.sd, setup.prompts, setup.concepts
+  texts = prompts.texts
   lines = [
-      f"dry run of {workdir} ({'resumes the run there' if resumes else 'a new run'}): "
-      f"base model {sd.path}, {schedule.prediction_type} target",
-      f"placeholder {prompts.tokens} = token ids {prompts.token_ids}"
-      + (f" (tokenizer_2: {prompts.token_ids_2})" if prompts.token_ids_2 else "")
+      f"dry run of {workdir} "
+      f"({'resumes the run there' if setup.has_run_json else 'a new run'}): "
+      f"base model {sd.path}, {setup.schedule.prediction_type} target",
+      f"placeholder {prompts.tokens} = token ids {concepts[0].token_ids}"
+      + "".join(f" (tokenizer{c.suffix}: {c.token_ids})" for c in concepts[1:])
       + (f", per-image tokens {prompts.image_tokens}" if prompts.image_tokens else ""),
       f"templates: {len(texts.templates)} from {texts.source}; captions: "
       + (f"{sum(c is not None for c in texts.captions)} of {images.num_images} images "
          f"({config.caption_extension} files)" if config.caption_extension else "off"),
-      f"{images.num_images} image(s); global batch {global_batch} on {len(devices)} device(s), "
+      f"{images.num_images} image(s); global batch {setup.global_batch} on {len(devices)} "
+      f"device(s), "
       f"flip_p {config.flip_p}, steps {config.max_train_steps}",
   ]
   if config.enable_bucket:
-    lines.append(buckets.describe(images.buckets, trainer.bucket_sizes(images)))
+    lines.append(buckets.describe(images.buckets, run_inputs.bucket_sizes(images)))
   for i in range(images.num_images):
-    lines += describe_image(i, images, texts, prompts, sd.tokenizer, sd.tokenizer_2)
+    lines += describe_image(i, images, prompts, concepts)
   lines.append("dry run: every input checked; nothing trained, nothing written")
   return lines
 
 
-def describe_image(i: int, images, texts: captions.PromptTexts, prompts, tokenizer,
-                   tokenizer_2=None) -> list[str]:
+def describe_image(i: int, images, prompts: run_inputs.Prompts,
+                   concepts: Sequence[concept.EncoderConcept]) -> list[str]:
   """The report lines of image `i`: file, sizes, caption or templates, an example prompt's ids
-  (SDXL: from both tokenizers, `tokenizer_2` the second's)."""
+  from each text encoder's tokenizer (`concepts`; SDXL: two)."""
+  texts = prompts.texts
   w, h = images.sizes[i]
   if images.buckets:
     bw, bh = images.buckets[images.bucket_index[i]]
@@ -87,15 +83,13 @@ def describe_image(i: int, images, texts: captions.PromptTexts, prompts, tokeniz
   source = (f"caption ({where}): {caption!r}" if caption
             else f"templates ({len(texts.templates)} from {texts.source})")
   n = len(prompts.tokens)
-  ids = (prompts.caption_ids[n - 1][i] if caption
-         else prompts.template_ids[n - 1][0])  # [T]; templates: the first one as the example
   lines = [f"image {i + 1}/{images.num_images} {images.paths[i]}: {w}x{h} px, {trains}; {source}",
-           f"  example: {captions.fill(caption or texts.templates[0], ' '.join(prompts.tokens))!r}",
-           "  " + token_line(ids, prompts.token_ids, tokenizer)]
-  if prompts.template_ids_2 is not None:  # SDXL: the same prompt through tokenizer_2
-    ids_2 = (prompts.caption_ids_2[n - 1][i] if caption else prompts.template_ids_2[n - 1][0])
-    lines[-1] = "  tokenizer:   " + lines[-1].strip()
-    lines.append("  tokenizer_2: " + token_line(ids_2, prompts.token_ids_2, tokenizer_2))
+           f"  example: {captions.fill(caption or texts.templates[0], ' '.join(prompts.tokens))!r}"]
+  for c in concepts:  # the same prompt through each tokenizer, labelled when there are several
+    ids = (c.caption_ids[n - 1][i] if caption
+           else c.template_ids[n - 1][0])  # [T]; templates: the first one as the example
+    label = f"{'tokenizer' + c.suffix + ':':<13}" if len(concepts) > 1 else ""
+    lines.append("  " + label + token_line(ids, c.token_ids, c.encoder.tokenizer))
   return lines
 
 

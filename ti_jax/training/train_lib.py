@@ -29,39 +29,39 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 class TrainState:
   """What changes during training; everything else is frozen."""
   step: jax.Array  # int32 scalar: number of completed steps
-  # {"embeds": [n, D] float32}, the learned pseudo-word vectors, and with the
-  # per-image-token ablation "image_embeds": [N, D], one per training image.
-  # SDXL also learns "embeds_2": [n, D2], the same pseudo-word in its second
-  # text encoder (1280 wide for OpenCLIP bigG), under the same optimizer.
+  # The learned pseudo-word vectors of each text encoder, "embeds" + its suffix
+  # (`weights.pipeline.TextEncoder.suffix`): {"embeds": [n, D] float32}, SDXL also
+  # "embeds_2": [n, D2], the same pseudo-word in its second text encoder (1280 wide
+  # for OpenCLIP bigG), under the same optimizer. With the per-image-token ablation
+  # also "image_embeds": [N, D], one per training image. The keys are the checkpoints'.
   params: dict
   opt_state: optax.OptState
 
 
 @flax.struct.dataclass
 class Frozen:
-  """Arrays the step reads but never changes (replicated on every device)."""
+  """Arrays the step reads but never changes (replicated on every device).
+
+  The per-encoder tuples follow `StepSettings.text_encoders` (SD 1.x/2.x and LDM:
+  one entry, SDXL: two; each encoder numbers the placeholder in its own tokenizer).
+  """
   unet: Any
-  text_encoder: Any  # includes the original token table
+  text_encoders: tuple  # each text encoder's params, its original token table included
   latent_mean: jax.Array  # [V, h, w, C] posterior mean of each distinct training view
   latent_std: jax.Array  # [V, h, w, C]
-  placeholder_ids: jax.Array  # [n (+ N)] int32, token id of each learned vector (then image tokens)
+  # Per encoder: [n (+ N)] int32, the token id of each learned vector (then image tokens).
+  placeholder_ids: tuple
   schedule: schedulers.NoiseSchedule  # alphas_cumprod [T] and the prediction type
-  init_embeds: jax.Array | None = None  # [n, D] initial vectors, for embedding_reg_weight
-  # SDXL only (None for SD 1.x/2.x and LDM): the second text encoder (with its own
-  # token table), the placeholders' ids in tokenizer_2 (they may differ from
-  # tokenizer 1's), each view's micro-conditioning (sdxl.time_ids) and the
-  # initial second vectors.
-  text_encoder_2: Any = None
-  placeholder_ids_2: jax.Array | None = None  # [n] int32
+  init_embeds: tuple | None = None  # per encoder: [n, D] initial vectors, for embedding_reg_weight
+  # SDXL only (None for SD 1.x/2.x and LDM): each view's micro-conditioning (sdxl.time_ids).
   time_ids: jax.Array | None = None  # [V, 6] float32, one row per view of latent_mean
-  init_embeds_2: jax.Array | None = None  # [n, D2]
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
   """Static (hashable) settings of the step: modules and scalar hyper-parameters."""
   unet: Any
-  text_encoder: Any
+  text_encoders: tuple  # the text encoder modules, in the pipeline's order (SDXL: two)
   scaling_factor: float
   shift_factor: float
   seed: int
@@ -79,11 +79,12 @@ class StepSettings:
   snr_gamma: float = 0.0
   # Std of a per-example, per-channel constant added to the diffusion noise; 0 = off.
   noise_offset: float = 0.0
-  # SDXL's second text encoder (a CLIPTextModel with projection_dim); None for SD 1.x/2.x.
-  text_encoder_2: Any = None
-  # Where the second encoder pools its projected text embedding: tokenizer_2's real
-  # eos id (see `trainer.step_inputs` for why not transformers' legacy rule).
-  eos_token_id_2: int | None = None
+  # Each encoder's `TextEncoder.suffix` ("", "_2"): encoder e learns params["embeds" + suffix]
+  # and reads batch["input_ids" + suffix].
+  suffixes: tuple[str, ...] = ("",)
+  # SDXL: where its last encoder pools the projected text embedding, the tokenizer's real
+  # eos id (see `trainer.step_inputs` for why not transformers' legacy rule); None otherwise.
+  pool_eos_token_id: int | None = None
 
 
 def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
@@ -104,12 +105,14 @@ def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
   return optax.join_schedules([ramp, after], [warmup])
 
 
-TRAINABLE = ("embeds", "image_embeds", "embeds_2")
+# The learned vectors' keys in TrainState.params: "embeds" + an encoder's suffix, and the
+# per-image tokens' "image_embeds".
+TRAINABLE = ("embeds", "image_embeds")
 
 
 def trainable_labels(params: dict) -> dict:
   """Optimizer labels: the learned vectors train; any other leaf is frozen."""
-  return {k: jax.tree_util.tree_map(lambda _: "train" if k in TRAINABLE else "frozen", v)
+  return {k: jax.tree_util.tree_map(lambda _: "train" if k.startswith(TRAINABLE) else "frozen", v)
           for k, v in params.items()}
 
 
@@ -147,16 +150,10 @@ def make_optimizer(lr: optax.Schedule, b1: float, b2: float, eps: float,
       trainable_labels)
 
 
-def init_state(initial_vectors: jax.Array, optimizer: optax.GradientTransformation,
-               image_vectors: jax.Array | None = None,
-               initial_vectors_2: jax.Array | None = None) -> TrainState:
-  """Step 0: the initial vectors `[n, D]` (and per-image vectors `[N, D]` for that ablation;
-  for SDXL the second encoder's `[n, D2]`)."""
-  params = {"embeds": jnp.asarray(initial_vectors, jnp.float32)}
-  if image_vectors is not None:
-    params["image_embeds"] = jnp.asarray(image_vectors, jnp.float32)
-  if initial_vectors_2 is not None:
-    params["embeds_2"] = jnp.asarray(initial_vectors_2, jnp.float32)
+def init_state(initial: dict, optimizer: optax.GradientTransformation) -> TrainState:
+  """Step 0: the initial vectors by key of `TrainState.params` ("embeds": `[n, D]`; SDXL
+  also "embeds_2": `[n, D2]`; the per-image ablation's "image_embeds": `[N, D]`)."""
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in initial.items()}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
@@ -223,17 +220,7 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   noisy = schedulers.add_noise(frozen.schedule, latents, noise, t)
   target = schedulers.training_target(frozen.schedule, latents, noise, t)
 
-  if settings.text_encoder_2 is None:
-    table = token_table(settings.text_encoder, frozen.text_encoder)  # [V, D]
-    learned = params["embeds"]  # [n, D]
-    if "image_embeds" in params:
-      learned = jnp.concatenate([learned, params["image_embeds"]])  # [n + N, D]
-    embeds = embed_tokens(table, learned, frozen.placeholder_ids, batch["input_ids"])
-    context = settings.text_encoder.apply({"params": frozen.text_encoder}, batch["input_ids"],
-                                          inputs_embeds=embeds)  # [b, T, D]
-    added = None
-  else:
-    context, added = sdxl_conditioning(params, frozen, batch, settings)
+  context, added = text_conditioning(params, frozen, batch, settings)
   pred = settings.unet.apply({"params": frozen.unet}, noisy.astype(mean.dtype), t,
                             context, added)  # [b, h, w, C]
   if settings.snr_gamma:
@@ -241,34 +228,40 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
     loss = jnp.mean(per_example * min_snr_weights(frozen.schedule, t, settings.snr_gamma))
   else:
     loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
-  if settings.embedding_reg_weight:
-    drift = params["embeds"] - frozen.init_embeds  # [n, D]
-    loss = loss + settings.embedding_reg_weight * jnp.mean(jnp.sum(jnp.square(drift), axis=-1))
-    if "embeds_2" in params:  # SDXL: the same pull on the second encoder's vectors
-      drift_2 = params["embeds_2"] - frozen.init_embeds_2  # [n, D2]
-      loss = loss + settings.embedding_reg_weight * jnp.mean(
-          jnp.sum(jnp.square(drift_2), axis=-1))
+  if settings.embedding_reg_weight:  # each encoder's vectors pulled toward their start
+    for suffix, init in zip(settings.suffixes, frozen.init_embeds):
+      drift = params["embeds" + suffix] - init  # [n, D]
+      loss = loss + settings.embedding_reg_weight * jnp.mean(jnp.sum(jnp.square(drift), axis=-1))
   return loss
 
 
-def sdxl_conditioning(params: dict, frozen: Frozen, batch: dict,
-                      settings: StepSettings) -> tuple[jax.Array, dict]:
-  """SDXL's UNet conditioning of a batch with the learned vectors spliced into both encoders.
+def text_conditioning(params: dict, frozen: Frozen, batch: dict,
+                      settings: StepSettings) -> tuple[jax.Array, dict | None]:
+  """The UNet's conditioning of a batch with the learned vectors spliced into every encoder.
 
-  batch["input_ids"] / batch["input_ids_2"]: [b, T] ids of the same prompts from
-  tokenizer and tokenizer_2. Returns (context [b, T, D1 + D2], added_cond with
-  text_embeds [b, P] and each example's view's time_ids [b, 6]).
+  Encoder e reads batch["input_ids" + suffix] ([b, T], the same prompts from its own
+  tokenizer) and learns params["embeds" + suffix] (then "image_embeds" + suffix, the
+  per-image tokens'). Returns (context [b, T, D], None) for one encoder; SDXL's
+  (context [b, T, D1 + D2], added_cond with text_embeds [b, P] and each example's
+  view's time_ids [b, 6]).
   """
-  table_1 = token_table(settings.text_encoder, frozen.text_encoder)  # [V, D1]
-  table_2 = token_table(settings.text_encoder_2, frozen.text_encoder_2)  # [V2, D2]
-  embeds_1 = embed_tokens(table_1, params["embeds"], frozen.placeholder_ids,
-                          batch["input_ids"])  # [b, T, D1]
-  embeds_2 = embed_tokens(table_2, params["embeds_2"], frozen.placeholder_ids_2,
-                          batch["input_ids_2"])  # [b, T, D2]
-  context, pooled = sdxl.text_conditioning(
-      (settings.text_encoder, settings.text_encoder_2), (frozen.text_encoder, frozen.text_encoder_2),
-      (batch["input_ids"], batch["input_ids_2"]), (embeds_1, embeds_2),
-      pool_eos_token_id=settings.eos_token_id_2)
+  encoders = settings.text_encoders
+  tables = [token_table(m, p) for m, p in zip(encoders, frozen.text_encoders)]  # [V, D] each
+  ids = [batch["input_ids" + suffix] for suffix in settings.suffixes]  # [b, T] each
+  embeds = []  # [b, T, D] each
+  for table, suffix, placeholder_ids, input_ids in zip(tables, settings.suffixes,
+                                                       frozen.placeholder_ids, ids):
+    learned = params["embeds" + suffix]  # [n, D]
+    if "image_embeds" + suffix in params:
+      learned = jnp.concatenate([learned, params["image_embeds" + suffix]])  # [n + N, D]
+    embeds.append(embed_tokens(table, learned, placeholder_ids, input_ids))
+  if len(encoders) == 1:
+    context = encoders[0].apply({"params": frozen.text_encoders[0]}, ids[0],
+                                inputs_embeds=embeds[0])  # [b, T, D]
+    return context, None
+  # SDXL: both encoders' penultimate states side by side, the last one's pooled projection.
+  context, pooled = sdxl.text_conditioning(encoders, frozen.text_encoders, ids, embeds,
+                                           pool_eos_token_id=settings.pool_eos_token_id)
   return context, sdxl.added_cond(pooled, frozen.time_ids[batch["view_index"]])
 
 
@@ -313,9 +306,9 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
     # weight decay would still move them: hold them where they are.
     n = state.params["embeds"].shape[0]
     active = jnp.arange(n) < active_vectors(state.step, n, settings.progressive_words)
-    updates = dict(updates, embeds=updates["embeds"] * active[:, None])
-    if "embeds_2" in updates:
-      updates["embeds_2"] = updates["embeds_2"] * active[:, None]
+    updates = dict(updates)
+    for key in ("embeds" + suffix for suffix in settings.suffixes):
+      updates[key] = updates[key] * active[:, None]
   params = optax.apply_updates(state.params, updates)
   # Largest L2 norm of a learned vector: the host stops a run whose vectors
   # diverge (nan propagates through the max).

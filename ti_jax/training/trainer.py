@@ -1,118 +1,44 @@
 """The training run: `run(config, workdir)` from start-up checks to the final export.
 
-`python -m ti_jax.train` is its command line. A run reads top to bottom in
-`_run_locked`: set up (every input loaded and checked on every process), the
-checkpoint (resume or start), the step (frozen params replicated, the pmapped
-step compiled), the loop (`train_loop`), and the export of the final vectors.
-The batch is sharded over every local device with `jax.pmap` (through
-`ti_jax.runtime.parallel`). Re-running the same workdir resumes from the newest
+`python -m ti_jax.train` is its command line. `_run_locked` tells the run top to
+bottom, each chapter one call into the room that owns it: the inputs (`inputs.build`:
+images, base model, prompts, the placeholder in each text encoder (`concept`), the
+latent cache; loaded and checked on every process), resume (`checkpointing`), the
+compiled step (`step_inputs`, `compile_step`; `train_lib` holds the step itself),
+the loop (`loop.train_loop`: logs, checks, checkpoints, validation, signals) and
+the export of the final vectors. The workdir is locked around all of it
+(`ti_jax.runtime.run_dir`). Re-running the same workdir resumes from the newest
 checkpoint; Ctrl-C or SIGTERM saves a checkpoint before returning.
-
-Modules of a run: `checkpointing` (the run's identity, resume checks),
-`ti_jax.runtime.run_dir` (the workdir lock, run.json, Orbax checkpoints),
-`train_lib` (state, loss, the step), `validation` (validation images), and
-`ti_jax.data` (`image_loader`, `latent_cache`, `choices`, `captions`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
-import math
 import os
-import signal
-import sys
-import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 
 from ti_jax import errors
-from ti_jax.data import buckets, captions, choices, image_loader, latent_cache
-from ti_jax.embeddings import embedding_io, pseudo_words
+from ti_jax.data import buckets
+from ti_jax.embeddings import embedding_io
 from ti_jax.models import layers
 from ti_jax.runtime import console, fileio, parallel, run_dir
-from ti_jax.sampling import schedulers
-from ti_jax.training import checkpointing, tensorboard, train_lib, validation
-from ti_jax.training.config import DTYPES, MAX_EXAMPLES_PER_STEP, ConfigError, validate_config
-from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
-
-
-class DivergedError(errors.UserError):
-  """The loss or the learned vectors stopped being finite (or sane); one-line message."""
-
-
-class Aborted(Exception):
-  """A second stop signal ended the run before its checkpoint was written."""
-
-
-# A learned vector whose L2 norm exceeds this many times the largest norm of the
-# model's token table (or of the initial vectors) has diverged: the text encoder
-# has never seen inputs of that size. Normal runs stay within about 10x.
-MAX_NORM_FACTOR = 1000.0
-
+from ti_jax.training import checkpointing, loop, tensorboard, train_lib, validation
+from ti_jax.training.config import ConfigError, validate_config
+from ti_jax.training import inputs as run_inputs
+from ti_jax.training.inputs import RunInputs
 
 _log = console.log
 
 
-@dataclasses.dataclass(frozen=True)
-class Prompts:
-  """The learned tokens and the token ids of every training prompt."""
-  tokens: list[str]  # the num_vectors tokens of S*: "<tok>", "<tok>_1", ...
-  token_ids: list[int]  # their ids in the tokenizer
-  image_tokens: list[str]  # per-image-token ablation: S_i of each image, else []
-  image_token_ids: list[int]
-  num_templates: int
-  template_ids: np.ndarray  # [n, num_templates, T], see captions.prompt_tables
-  image_template_ids: np.ndarray | None  # [n, N, num_templates, T], or None
-  # Captions (config.caption_extension), see captions.caption_tables; None without any.
-  texts: captions.PromptTexts | None = None
-  captioned: np.ndarray | None = None  # [N] bool: the image has a caption
-  caption_ids: np.ndarray | None = None  # [n, N, T]
-  image_caption_ids: np.ndarray | None = None  # [n, N, T], with per-image tokens
-  # SDXL: the tokens' ids in tokenizer_2 and the same prompts' ids from it, row for row
-  # (captions.second_encoder_tables); empty/None for the other families.
-  token_ids_2: list[int] = dataclasses.field(default_factory=list)
-  template_ids_2: np.ndarray | None = None  # [n, num_templates, T]
-  caption_ids_2: np.ndarray | None = None  # [n, N, T]
-
-
-@dataclasses.dataclass(frozen=True)
-class RunInputs:
-  """Everything a run builds before its first step (the same on every process)."""
-  sd: Any  # weights.loading.StableDiffusion: modules, frozen params, tokenizer
-  images: image_loader.TrainingImages
-  schedule: schedulers.NoiseSchedule
-  prompts: Prompts
-  table: np.ndarray  # [V, D] the text encoder's token table
-  init: pseudo_words.Initializer  # init.vectors: [n, D] where the vectors start
-  # Cached VAE posteriors of each bucket's views (latent_cache): one (mean, std) pair of
-  # [V_b, h_b, w_b, C] per bucket of images.buckets; without buckets one pair [V, h, w, C].
-  latents: list[tuple[np.ndarray, np.ndarray]]
-  per_device_batch: int  # examples per device per micro-batch
-  global_batch: int  # examples per optimizer step: per device x devices x accumulation
-  local_devices: int  # devices of this process
-  base_lr: float
-  lr: Any  # optax schedule
-  optimizer: Any  # optax.GradientTransformation
-  state: train_lib.TrainState  # step 0, on the host
-  has_run_json: bool  # the workdir already holds this run
-  # SDXL only (None otherwise): the second text encoder's token table [V2, D2], where its
-  # vectors start (init_2.vectors [n, D2]), and each bucket's per-view time ids [V_b, 6]
-  # (one array per entry of `latents`).
-  table_2: np.ndarray | None = None
-  init_2: pseudo_words.Initializer | None = None
-  time_ids: list[np.ndarray] | None = None
-
-
 def run(config, workdir: str, devices: Sequence | None = None, progress: bool = True) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns {"step", "embeds", "interrupted"}.
+  """Trains (or resumes) the run in `workdir`; returns {"step", "embeds", "interrupted"}
+  (SDXL: also "embeds_2", the second text encoder's vectors).
 
   The workdir is locked for the whole run (process 0 takes the lock; a
   refusal stops every process). Raises one of errors.UserError for bad input, a
-  failed checkpoint write or a diverged run, and Aborted if a second signal
+  failed checkpoint write or a diverged run, and loop.Aborted if a second signal
   cut the run short.
   """
   validate_config(config)
@@ -133,51 +59,32 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
 def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
   """`run` once the workdir is locked (`devices` checked): the whole run, in the order it
   happens."""
-  # --- Set up: every input, loaded and checked on every process ---------------------------
-  # A process that fails tells the others, so a multi-host run stops everywhere
-  # instead of hanging in the first collective.
-  startup_error, inputs = None, None
-  try:
-    inputs = build_inputs(config, workdir, devices)
-  except errors.UserError as e:
-    startup_error = e
-  if parallel.any_process(startup_error is not None):
-    raise startup_error or run_dir.WorkdirError(
-        "another process of this run failed to start; see the logs of the other processes")
-
+  # --- Inputs: every one loaded and checked on every process ------------------------------
+  inputs = _build_inputs(config, workdir, devices)
   ckpts = run_dir.Checkpoints(workdir, config.checkpoints_total_limit)
   try:
-    # --- Checkpoint: resume the newest usable one, or start at step 0 ---------------------
-    metadata = checkpointing.run_metadata(
-        config, tokens=inputs.prompts.tokens, token_ids=inputs.prompts.token_ids,
-        image_tokens=inputs.prompts.image_tokens, embedding_dim=inputs.table.shape[1],
-        model_path=inputs.sd.path, global_batch=inputs.global_batch, base_lr=inputs.base_lr,
-        image_paths=inputs.images.paths, prompt_texts_sha256=inputs.prompts.texts.sha256(),
-        **({} if inputs.table_2 is None else
-           {"token_ids_2": inputs.prompts.token_ids_2,
-            "embedding_dim_2": inputs.table_2.shape[1]}))
+    # --- Resume: the newest usable checkpoint, or step 0 ------------------------------------
+    metadata = run_metadata(config, inputs)
     state = checkpointing.resume(ckpts, jax.device_get(inputs.state), metadata,
                                  checkpointing.run_identity(config), workdir, inputs.has_run_json)
     start = int(state.step)
     _log_run(config, inputs, len(devices), start)
     tb = open_tensorboard(config, workdir, start)  # a folder it cannot write: refused here
     try:
-      # --- The step: frozen params and the state on every device, the step compiled -------
+      # --- Compile: frozen params and the state on every device, the step compiled -------
       frozen, settings = step_inputs(config, inputs)
-      frozen = bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
+      frozen = run_inputs.bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
       state = parallel.replicate(state, devices)
       step_fn = compile_step(config, settings, inputs, devices,
-                             (state, frozen_for(config, inputs, frozen, start),
-                              batch_for(config, inputs, start)))
+                             (state, run_inputs.frozen_for(config, inputs, frozen, start),
+                              run_inputs.batch_for(config, inputs, start)))
       validator = make_validator(config, inputs, frozen[0], devices, workdir)
-      limit = norm_limit(inputs.table, inputs.init.vectors)
-      if inputs.table_2 is not None:
-        limit = max(limit, norm_limit(inputs.table_2, inputs.init_2.vectors))
+      limit = max(loop.norm_limit(c.table, c.init.vectors) for c in inputs.concepts)
 
       # --- The loop -------------------------------------------------------------------------
-      state, step, interrupted = train_loop(config, inputs, step_fn, state, frozen, start,
-                                            ckpts, metadata, validator, limit, workdir,
-                                            progress, tb)
+      state, step, interrupted = loop.train_loop(config, inputs, step_fn, state, frozen, start,
+                                                 ckpts, metadata, validator, limit, workdir,
+                                                 progress, tb)
     finally:
       if tb is not None:
         tb.close()  # never raises: a failure is one warning line
@@ -186,28 +93,11 @@ def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
     ckpts.close()
 
   # --- Export: the final vectors as diffusers' learned_embeds.safetensors --------------------
-  final_params = parallel.unreplicate(state).params
-  final = np.asarray(final_params["embeds"])  # [num_vectors, D]
-  final_2 = (np.asarray(final_params["embeds_2"]) if "embeds_2" in final_params
-             else None)  # SDXL: [num_vectors, D2]
-  if interrupted:
-    _log(f"stopped at step {step}; checkpoint saved in {ckpts.directory}. "
-         "Re-run the same command to resume.")
-  elif jax.process_index() == 0:
-    active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-    out = write_final_embedding(config, workdir, final[:active], step, rewrite=step > start,
-                                vectors_2=None if final_2 is None else final_2[:active])
-    pair = (f" and {embedding_io.second_file(out)} (the second text encoder's)"
-            if final_2 is not None else "")
-    _log(f"done: step {step}; learned embedding in {out}{pair}")
-  result = {"step": step, "embeds": final, "interrupted": interrupted}
-  if final_2 is not None:
-    result["embeds_2"] = final_2
-  return result
+  return export(config, workdir, inputs, state, start, step, interrupted, ckpts.directory)
 
 
 # ---------------------------------------------------------------------------
-# Set up: the run's inputs.
+# Lock and inputs.
 # ---------------------------------------------------------------------------
 
 
@@ -237,13 +127,39 @@ def _remove_unclaimed_workdir(workdir: str) -> None:
 
 def _check_devices(config, devices: Sequence | None) -> list:
   """The run's devices over all processes (default: every device), checked against the config
-  (the attention kernel, the batch over them: `batch_sizes`)."""
+  (the attention kernel, the batch over them: `inputs.batch_sizes`)."""
   devices = list(devices) if devices is not None else parallel.all_devices()
   if config.attention_impl == layers.PALLAS_TPU and devices[0].platform != "tpu":
     raise ConfigError(f"config.attention_impl='{layers.PALLAS_TPU}' needs TPU devices; these "
                       f"are {devices[0].platform} (use '' or 'cudnn' on GPU)")
-  batch_sizes(config, len(devices))
+  run_inputs.batch_sizes(config, len(devices))
   return devices
+
+
+def _build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
+  """`inputs.build` on every process. A process that fails tells the others, so a multi-host
+  run stops everywhere instead of hanging in the first collective."""
+  startup_error, inputs = None, None
+  try:
+    inputs = run_inputs.build(config, workdir, devices)
+  except errors.UserError as e:
+    startup_error = e
+  if parallel.any_process(startup_error is not None):
+    raise startup_error or run_dir.WorkdirError(
+        "another process of this run failed to start; see the logs of the other processes")
+  return inputs
+
+
+def run_metadata(config, inputs: RunInputs) -> dict:
+  """What every checkpoint of the run carries (`checkpointing.run_metadata`)."""
+  p = inputs.prompts
+  first, *further = inputs.concepts
+  return checkpointing.run_metadata(
+      config, tokens=p.tokens, image_tokens=p.image_tokens, model_path=inputs.sd.path,
+      global_batch=inputs.global_batch, base_lr=inputs.base_lr, image_paths=inputs.images.paths,
+      prompt_texts_sha256=p.texts.sha256(), token_ids=first.token_ids,
+      embedding_dim=first.table.shape[1],
+      further_encoders=[(c.suffix, c.token_ids, c.table.shape[1]) for c in further])
 
 
 def open_tensorboard(config, workdir: str, start: int) -> tensorboard.Writer | None:
@@ -263,334 +179,17 @@ def open_tensorboard(config, workdir: str, start: int) -> tensorboard.Writer | N
   return writer
 
 
-def build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
-  """Loads and checks every input of the run, in the order a failure is cheapest to report."""
-  has_run_json = checkpointing.check_identity(workdir, checkpointing.run_identity(config))
-  images = load_images(config)
-  texts = captions.prompt_texts(config.learnable_property, config.templates_file,
-                                config.placeholder_token, images.captions, images.num_images)
-  sd, schedule = load_model(config)
-  if validation.enabled(config):  # before caching, resume and compiling, not many steps in
-    validation.check_scheduler(config, sd)
-  prompts = make_prompts(config, sd, texts, images.num_images)
-  table = np.asarray(pseudo_words.token_table(sd.text_encoder, sd.text_encoder_params),
-                     np.float32)  # [V, D]
-  table_2 = second_table(sd)
-  init, init_2 = initial_vector_pair(config, sd, table, table_2)
-  latents = _cache_latents(config, sd, images)
-  per_device_batch, global_batch = batch_sizes(config, len(devices))
-  base_lr = config.learning_rate * (global_batch if config.scale_lr else 1)
-  lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
-                                        config.max_train_steps)
-  optimizer = train_lib.make_optimizer(lr, config.adam_beta1, config.adam_beta2,
-                                       config.adam_epsilon, config.adam_weight_decay,
-                                       config.optimizer)
-  # Per-image vectors start where S* starts (its first vector).
-  image_init = (np.repeat(init.vectors[:1], len(prompts.image_tokens), axis=0)
-                if prompts.image_tokens else None)
-  return RunInputs(
-      sd=sd, images=images, schedule=schedule, prompts=prompts, table=table, init=init,
-      latents=latents, per_device_batch=per_device_batch,
-      global_batch=global_batch, local_devices=len(parallel.addressable(devices)),
-      base_lr=base_lr, lr=lr, optimizer=optimizer,
-      state=train_lib.init_state(init.vectors, optimizer, image_init,
-                                 None if init_2 is None else init_2.vectors),
-      has_run_json=has_run_json, table_2=table_2, init_2=init_2,
-      time_ids=view_time_ids(images, config.flip_p > 0) if sd.is_sdxl else None)
-
-
-def second_table(sd) -> np.ndarray | None:
-  """SDXL's second text encoder's token table `[V2, D2]` (float32), None for other models."""
-  if not sd.is_sdxl:
-    return None
-  return np.asarray(pseudo_words.token_table(sd.text_encoder_2, sd.text_encoder_2_params),
-                    np.float32)
-
-
-def view_time_ids(images: image_loader.TrainingImages, flip: bool) -> list[np.ndarray]:
-  """SDXL's micro-conditioning of every training view, in the latent cache's order.
-
-  One float32 `[V_b, 6]` array per entry of `_cache_latents` (per bucket, or one):
-  (original h, w, crop top, left, target h, w), as diffusers' SDXL scripts build
-  `add_time_ids`: the file's size before resizing, the crop's top-left in the
-  scaled image (`image_loader`), the size trained at. A mirrored view keeps its
-  image's values, as diffusers' textual_inversion_sdxl.py does (it flips after
-  cropping): our crops are centred, so the mirror's crop offset is the same (up
-  to a pixel of rounding).
-  """
-  def rows(members):
-    out = []
-    for i in members:
-      w, h = images.sizes[i]
-      pixels = images.pixels[i]  # [h_t, w_t, 3]
-      out.append((h, w, *images.crop_top_left[i], pixels.shape[0], pixels.shape[1]))
-    ids = np.asarray(out, np.float32)  # [N_b, 6]
-    return np.concatenate([ids, ids]) if flip else ids  # views i + N_b mirror images i
-  if not images.buckets:
-    return [rows(range(images.num_images))]
-  return [rows(images.bucket_members(b)) for b in range(len(images.buckets))]
-
-
-def load_images(config) -> image_loader.TrainingImages:
-  """The concept images at the training resolution (with buckets, each at its bucket); their
-  warnings go to stderr."""
-  shapes = (buckets.bucket_shapes(config.resolution, config.min_bucket_reso,
-                                  config.max_bucket_reso, config.bucket_reso_steps)
-            if config.enable_bucket else None)
-  try:
-    images = image_loader.load_images(config.train_data_dir, config.resolution, config.center_crop,
-                                      caption_extension=config.caption_extension,
-                                      bucket_shapes=shapes)
-  except MemoryError:
-    raise ConfigError(f"config.resolution {config.resolution}: not enough host memory to "
-                      "hold the training images at that size") from None
-  for warning in images.warnings:
-    _log(f"warning: {warning}")
-  return images
-
-
-def bucket_sizes(images: image_loader.TrainingImages) -> list[int]:
-  """Images per bucket in use (images.buckets' order)."""
-  return np.bincount(images.bucket_index, minlength=len(images.buckets)).tolist()
-
-
-def load_model(config):
-  """(the frozen Stable Diffusion, its training noise schedule), checked against the config."""
-  dtype = DTYPES[config.dtype]
-  sd = load_stable_diffusion(
-      config.pretrained_model_name_or_path, dtype=dtype, param_dtype=dtype,
-      vae_dtype=DTYPES[config.vae_dtype], variant=config.variant or None,
-      revision=config.revision or None, allow_pickle=config.allow_pickle,
-      attention_impl=config.attention_impl or None, cache_dir=config.cache_dir,
-      remat=config.remat is True, tokenizer=config.tokenizer_name_or_path or None)
-  try:
-    schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
-  except ValueError as e:
-    raise ModelLoadError(f"{sd.path}: scheduler config: {e}") from None
-  vae_factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
-  unet_factor = 2 ** (len(sd.unet.config.block_out_channels) - 1)
-  latent_size = config.resolution // vae_factor
-  if latent_size % unet_factor:
-    raise ConfigError(f"config.resolution {config.resolution} gives {latent_size}px latents, "
-                      "which the UNet cannot downsample evenly")
-  if config.enable_bucket and config.bucket_reso_steps % (vae_factor * unet_factor):
-    raise ConfigError(
-        f"config.bucket_reso_steps {config.bucket_reso_steps} must be a multiple of "
-        f"{vae_factor * unet_factor} for this model (the VAE downsamples {vae_factor}x and the "
-        f"UNet {unet_factor}x more), or bucket latents would not pass through the UNet")
-  return sd, schedule
-
-
-def make_prompts(config, sd, texts: captions.PromptTexts, num_images: int) -> Prompts:
-  """Adds the learned tokens to the tokenizer (SDXL: to both) and tokenizes every training
-  prompt once."""
-  templates = texts.templates
-  if sd.is_sdxl and config.per_image_tokens:
-    raise ConfigError("config.per_image_tokens is not supported for SDXL models (the paper's "
-                      "ablation is for one text encoder); set it to False")
-  token_ids = pseudo_words.add_placeholder_tokens(sd.tokenizer, config.placeholder_token,
-                                                  config.num_vectors)
-  tokens = pseudo_words.placeholder_tokens(config.placeholder_token, config.num_vectors)
-  # Paper ablation: a token per training image, mixed into some prompts.
-  image_tokens = (pseudo_words.per_image_tokens(config.placeholder_token, num_images)
-                  if config.per_image_tokens else [])
-  image_token_ids = pseudo_words.add_new_tokens(sd.tokenizer, image_tokens) if image_tokens else []
-  _check_prompts_fit(sd.tokenizer, templates, tokens, image_tokens, texts)
-  template_ids, image_template_ids = captions.prompt_tables(sd.tokenizer, templates, tokens,
-                                                            image_tokens)
-  captioned = np.array([c is not None for c in texts.captions], bool)  # [N]
-  caption_ids, image_caption_ids = (
-      captions.caption_tables(sd.tokenizer, texts.captions, tokens, image_tokens)
-      if captioned.any() else (None, None))
-  second = {}
-  if sd.is_sdxl:
-    # The same pseudo-word in tokenizer_2 (SDXL's two tokenizers may number it differently).
-    token_ids_2 = pseudo_words.add_placeholder_tokens(sd.tokenizer_2, config.placeholder_token,
-                                                      config.num_vectors)
-    for tokenizer, ids in ((sd.tokenizer, token_ids), (sd.tokenizer_2, token_ids_2)):
-      pseudo_words.check_separable(tokenizer, {config.placeholder_token: ids})
-    _check_prompts_fit(sd.tokenizer_2, templates, tokens, [], texts)
-    template_ids_2, caption_ids_2 = captions.second_encoder_tables(
-        sd.tokenizer_2, templates, tokens, texts.captions)
-    second = {"token_ids_2": token_ids_2, "template_ids_2": template_ids_2,
-              "caption_ids_2": caption_ids_2}
-  return Prompts(tokens=tokens, token_ids=token_ids, image_tokens=image_tokens,
-                 image_token_ids=image_token_ids, num_templates=len(templates),
-                 template_ids=template_ids, image_template_ids=image_template_ids, texts=texts,
-                 captioned=captioned if captioned.any() else None, caption_ids=caption_ids,
-                 image_caption_ids=image_caption_ids, **second)
-
-
-def _check_prompts_fit(tokenizer, templates, tokens: list[str], image_tokens: list[str],
-                      texts: captions.PromptTexts | None = None) -> None:
-  """Refuses a vector count whose prompts would be cut off by the text encoder's token limit."""
-  limit = int(tokenizer.model_max_length)
-
-  def count(text):
-    return len(tokenizer(text).input_ids)  # with the start/end tokens
-  # Tokens the longest template or caption takes besides the placeholder (one token for "x";
-  # a slot written more than once holds the vectors each time).
-  sources = [(t, "template") for t in templates]
-  if texts:
-    sources += [(c, f"caption {f}") for c, f in zip(texts.captions, texts.caption_files) if c]
-  extra = (max(count(captions.with_image_token("x", t)) - count("x") for t in image_tokens)
-           if image_tokens else 0)
-
-  def fit(text):  # (vectors that fit, tokens the text takes besides them)
-    slots = text.count(captions.SLOT)
-    other = count(captions.fill(text, "x")) - slots + extra
-    return (limit - other) // slots, other
-  room, overhead, where = min((*fit(t), w) for t, w in sources)  # the tightest text
-  if len(tokens) > room:
-    raise ConfigError(
-        f"config.num_vectors {len(tokens)} does not fit the prompts: the longest training "
-        f"{where} takes {overhead} of the text encoder's {limit} tokens, leaving room for "
-        f"at most {max(room, 0)} vectors")
-
-
-def initial_vectors(config, tokenizer, table: np.ndarray) -> pseudo_words.Initializer:
-  """Where the vectors start: config.init_embedding, else the initializer token's embedding."""
-  if config.init_embedding:
-    init = _init_from_embedding(config.init_embedding, config.num_vectors, table.shape[1])
-  else:
-    init = pseudo_words.initializer_vectors(tokenizer, table, config.initializer_token,
-                                            config.num_vectors)
-  _check_finite(config, init)
-  _log(init.note)
-  return init
-
-
-def _check_finite(config, init: pseudo_words.Initializer) -> None:
-  if not np.all(np.isfinite(init.vectors)):
-    raise ConfigError("the initial vectors are not finite (NaN or inf): "
-                      + (f"config.init_embedding {config.init_embedding} holds such values"
-                         if config.init_embedding else "the model's token table holds them"))
-
-
-def initial_vector_pair(config, sd, table: np.ndarray, table_2: np.ndarray | None
-                        ) -> tuple[pseudo_words.Initializer, pseudo_words.Initializer | None]:
-  """Where the vectors start, for each text encoder: (first, second or None without SDXL).
-
-  SDXL: config.init_embedding must be an SDXL embedding (both encoders' vectors; another
-  family's is refused in one line), else each encoder starts from the initializer word
-  in its own tokenizer and token table.
-  """
-  if table_2 is None:
-    return initial_vectors(config, sd.tokenizer, table), None
-  if config.init_embedding:
-    concept = _init_concept(config.init_embedding, (table.shape[1], table_2.shape[1]))
-    n = config.num_vectors
-    if concept.num_vectors != n:
-      raise ConfigError(f"config.init_embedding: {config.init_embedding} has "
-                        f"{concept.num_vectors} vector(s), this run needs {n} (num_vectors)")
-    note = f"initialised {n} vector(s) per text encoder from {config.init_embedding}"
-    pair = tuple(pseudo_words.Initializer(np.asarray(v, np.float32), note)
-                 for v in concept.vectors)
-  else:
-    pair = tuple(pseudo_words.initializer_vectors(tok, t, config.initializer_token,
-                                                  config.num_vectors)
-                 for tok, t in ((sd.tokenizer, table), (sd.tokenizer_2, table_2)))
-  for init in pair:
-    _check_finite(config, init)
-  _log(pair[0].note + (" (first text encoder)" if not config.init_embedding else ""))
-  if not config.init_embedding:
-    _log(pair[1].note + " (second text encoder)")
-  return pair
-
-
-def _load_init_concept(spec: str) -> embedding_io.Concept:
-  """The one concept of an existing embedding (run dir or file, `PATH[:TOKEN]`); one-line
-  errors for an unreadable source or one holding several tokens."""
-  try:
-    concepts = embedding_io.load_concepts(spec)
-  except (embedding_io.EmbeddingFileError, run_dir.WorkdirError) as e:
-    raise ConfigError(f"config.init_embedding: {e}") from None
-  if len(concepts) != 1:  # PATH:TOKEN picks one of them (embedding_io.load_concepts)
-    raise ConfigError(f"config.init_embedding: {spec} holds {len(concepts)} tokens "
-                      f"({', '.join(c.token for c in concepts)}); pick one as "
-                      f"{spec}:{concepts[0].token}")
-  return concepts[0]
-
-
-def _check_init_fits(concept: embedding_io.Concept, widths: tuple[int, ...]) -> None:
-  """Refuses, in one line, an init_embedding of another model family (`embedding_io.check_fits`)."""
-  try:
-    embedding_io.check_fits(concept, widths)
-  except errors.UserError as e:
-    raise ConfigError(f"config.init_embedding: {e}") from None
-
-
-def _init_concept(spec: str, widths: tuple[int, ...]) -> embedding_io.Concept:
-  """The one concept of an existing embedding that fits a model whose text encoders have
-  `widths` (one-line errors)."""
-  concept = _load_init_concept(spec)
-  _check_init_fits(concept, widths)
-  return concept
-
-
-def _init_from_embedding(spec: str, num_vectors: int, dim: int) -> pseudo_words.Initializer:
-  """The vectors of an existing embedding (run dir or file, `PATH[:TOKEN]`), checked."""
-  concept = _load_init_concept(spec)
-  if len(concept.vectors) > 1:  # an SDXL pair for a one-encoder model
-    _check_init_fits(concept, (dim,))
-  vectors = concept.vectors[0]
-  if vectors.shape != (num_vectors, dim):
-    raise ConfigError(f"config.init_embedding: {spec} has shape {tuple(vectors.shape)}, "
-                      f"but this run needs ({num_vectors}, {dim}) (num_vectors, model width)")
-  return pseudo_words.Initializer(vectors, f"initialised {num_vectors} vector(s) from {spec}")
-
-
-def _cache_latents(config, sd, images) -> list[tuple[np.ndarray, np.ndarray]]:
-  """The VAE posteriors of every distinct training view, encoded once (`latent_cache`): one
-  (mean, std) pair, or with buckets one per bucket (its images' views, in file order)."""
-  flip = config.flip_p > 0
-  try:
-    if not config.enable_bucket:
-      views = image_loader.view_pixels(images.pixels, flip)  # [V, R, R, 3]
-      _log(f"encoding {len(views)} training view(s) of {images.num_images} image(s) with the "
-           "VAE once")
-      return [latent_cache.encode_views(sd.vae, sd.vae_params, views)]
-    _log(f"encoding the training views of {images.num_images} image(s) in "
-         f"{len(images.buckets)} bucket(s) with the VAE once")
-    return [latent_cache.encode_views(sd.vae, sd.vae_params,
-                                      image_loader.view_pixels(images.bucket_pixels(b), flip))
-            for b in range(len(images.buckets))]  # each [V_b, h_b, w_b, C]
-  except MemoryError:
-    raise ConfigError(f"config.resolution {config.resolution}: not enough memory to encode "
-                      "the training images at that size") from None
-
-
-def batch_sizes(config, num_devices: int) -> tuple[int, int]:
-  """(examples per device per micro-batch, examples per step over every device, process and
-  micro-batch of gradient accumulation)."""
-  accumulation = config.gradient_accumulation_steps
-  if config.global_batch_size:
-    if config.global_batch_size % (num_devices * accumulation):
-      raise ConfigError(f"config.global_batch_size {config.global_batch_size} is not divisible "
-                        f"by the {num_devices} devices x {accumulation} accumulation steps")
-    per_device_batch = config.global_batch_size // (num_devices * accumulation)
-  else:
-    per_device_batch = config.train_batch_size
-  global_batch = per_device_batch * num_devices * accumulation
-  if global_batch > MAX_EXAMPLES_PER_STEP:
-    raise ConfigError(
-        f"config.train_batch_size {per_device_batch} x {num_devices} devices x "
-        f"{accumulation} accumulation steps = {global_batch} examples per step, above the "
-        f"limit of {MAX_EXAMPLES_PER_STEP} (set config.global_batch_size to fix the total)")
-  return per_device_batch, global_batch
-
-
 def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
   p = inputs.prompts
   extra = f" and {len(p.image_tokens)} per-image tokens" if p.image_tokens else ""
   accumulation = (f" ({inputs.per_device_batch} per device x {config.gradient_accumulation_steps}"
                   " accumulation steps)" if config.gradient_accumulation_steps > 1 else "")
   _log(f"training {p.tokens}{extra} on {num_devices} device(s) ({jax.devices()[0].platform}), "
-       f"global batch {inputs.global_batch}{accumulation}, {config.optimizer} lr {inputs.base_lr:g} "
-       f"({config.lr_scheduler}), "
+       f"global batch {inputs.global_batch}{accumulation}, {config.optimizer} "
+       f"lr {inputs.base_lr:g} ({config.lr_scheduler}), "
        f"{inputs.schedule.prediction_type} target, steps {start}->{config.max_train_steps}")
   if config.enable_bucket:
-    _log(buckets.describe(inputs.images.buckets, bucket_sizes(inputs.images)))
+    _log(buckets.describe(inputs.images.buckets, run_inputs.bucket_sizes(inputs.images)))
 
 
 # ---------------------------------------------------------------------------
@@ -599,89 +198,50 @@ def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
 
 
 def step_inputs(config, inputs: RunInputs) -> tuple[train_lib.Frozen, train_lib.StepSettings]:
-  """The step's frozen arrays (host; replicated by the caller) and its static settings.
+  """The step's frozen arrays (host; replicated by the caller) and its static settings, with
+  one entry per text encoder (`inputs.concepts`).
 
-  With buckets the latents are the first bucket's; `bucket_frozen` adds the others.
+  With buckets the latents are the first bucket's; `inputs.bucket_frozen` adds the others.
   """
-  p = inputs.prompts
+  concepts, sd = inputs.concepts, inputs.sd
   latent_mean, latent_std = inputs.latents[0]
   frozen = train_lib.Frozen(
-      unet=inputs.sd.unet_params, text_encoder=inputs.sd.text_encoder_params,
+      unet=sd.unet_params, text_encoders=tuple(c.encoder.params for c in concepts),
       latent_mean=latent_mean, latent_std=latent_std,
-      placeholder_ids=np.asarray(p.token_ids + p.image_token_ids, np.int32),
-      schedule=inputs.schedule, init_embeds=np.asarray(inputs.init.vectors, np.float32))
-  vae_config = inputs.sd.vae.config
+      placeholder_ids=tuple(c.placeholder_ids for c in concepts), schedule=inputs.schedule,
+      init_embeds=tuple(np.asarray(c.init.vectors, np.float32) for c in concepts),
+      time_ids=None if inputs.time_ids is None else inputs.time_ids[0])  # SDXL's
+  # SDXL: pool its last encoder at the real end token. SDXL's config says eos id 2, and
+  # transformers' legacy rule for it pools at the largest id, which is the added
+  # pseudo-word's in every training prompt (diffusers' SDXL script trains so). A1111
+  # and ComfyUI, where users load the embedding, pool at the real end token: training
+  # the way they sample keeps the pooled text embedding the one those tools compute.
+  pool_eos = int(concepts[-1].encoder.tokenizer.eos_token_id) if sd.is_sdxl else None
+  vae_config = sd.vae.config
   settings = train_lib.StepSettings(
-      unet=inputs.sd.unet, text_encoder=inputs.sd.text_encoder,
+      unet=sd.unet, text_encoders=tuple(c.encoder.module for c in concepts),
+      suffixes=tuple(c.suffix for c in concepts), pool_eos_token_id=pool_eos,
       scaling_factor=float(vae_config.scaling_factor),
       shift_factor=float(vae_config.shift_factor), seed=int(config.seed),
       embedding_reg_weight=float(config.embedding_reg_weight),
       progressive_words=int(config.progressive_words),
       gradient_accumulation_steps=int(config.gradient_accumulation_steps),
       snr_gamma=float(config.snr_gamma), noise_offset=float(config.noise_offset))
-  if inputs.sd.is_sdxl:
-    frozen = frozen.replace(
-        text_encoder_2=inputs.sd.text_encoder_2_params,
-        placeholder_ids_2=np.asarray(p.token_ids_2, np.int32),
-        time_ids=inputs.time_ids[0], init_embeds_2=np.asarray(inputs.init_2.vectors, np.float32))
-    # Pool the second encoder at the real end token. SDXL's config says eos id 2, and
-    # transformers' legacy rule for it pools at the largest id, which is the added
-    # pseudo-word's in every training prompt (diffusers' SDXL script trains so). A1111
-    # and ComfyUI, where users load the embedding, pool at the real end token: training
-    # the way they sample keeps the pooled text embedding the one those tools compute.
-    settings = dataclasses.replace(settings, text_encoder_2=inputs.sd.text_encoder_2,
-                                   eos_token_id_2=int(inputs.sd.tokenizer_2.eos_token_id))
   return frozen, settings
-
-
-def bucket_frozen(inputs: RunInputs, frozen: train_lib.Frozen,
-                  devices: Sequence) -> list[train_lib.Frozen]:
-  """One replicated `Frozen` per bucket (`frozen`, from `step_inputs`, is the first): the
-  same device copies of the weights, each bucket's latents replicated once here, never
-  per step. The step compiles one program per bucket shape on first use."""
-  out = [frozen]
-  for b, (mean, std) in enumerate(inputs.latents[1:], start=1):
-    mean, std = parallel.replicate((mean, std), devices)
-    bucket = frozen.replace(latent_mean=mean, latent_std=std)
-    if inputs.time_ids is not None:  # SDXL: the bucket's views' micro-conditioning
-      bucket = bucket.replace(time_ids=parallel.replicate(inputs.time_ids[b], devices))
-    out.append(bucket)
-  return out
 
 
 def make_validator(config, inputs: RunInputs, frozen: train_lib.Frozen, devices: Sequence,
                    workdir: str) -> validation.Validation | None:
-  """The run's validation images (`validation.make`), sharing the step's device weights.
-
-  SDXL: validation also gets the vectors' ids in tokenizer_2 (and, per validation
-  step, the second encoder's vectors; see `train_loop`).
-  """
-  shared = {"unet": frozen.unet, "text_encoder": frozen.text_encoder}
-  if not inputs.sd.is_sdxl:
-    return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
-                           shared=shared)
-  return validation.make(config, inputs.sd, inputs.prompts.token_ids, devices, workdir,
-                         shared=dict(shared, text_encoder_2=frozen.text_encoder_2),
-                         token_ids_2=inputs.prompts.token_ids_2)
+  """The run's validation images (`validation.make`), sharing the step's device weights:
+  the UNet's and each text encoder's params, under its pipeline role."""
+  shared = {"unet": frozen.unet, **{c.encoder.role: params for c, params
+                                    in zip(inputs.concepts, frozen.text_encoders)}}
+  return validation.make(config, inputs.sd, [c.token_ids for c in inputs.concepts], devices,
+                         workdir, shared=shared)
 
 
-def step_bucket(config, inputs: RunInputs, step: int) -> tuple[int, int] | None:
-  """With buckets, (bucket of `step`, its position in that bucket's stream)
-  (`choices.bucket_choice`); None without."""
-  if not config.enable_bucket:
-    return None
-  return choices.bucket_choice(config.seed, step, bucket_sizes(inputs.images))
-
-
-def frozen_for(config, inputs: RunInputs, frozen: list[train_lib.Frozen],
-               step: int) -> train_lib.Frozen:
-  """The replicated frozen arrays of `step`'s bucket (`bucket_frozen`'s list)."""
-  drawn = step_bucket(config, inputs, step)
-  return frozen[0 if drawn is None else drawn[0]]
-
-
-def compile_step(config, settings: train_lib.StepSettings, inputs: RunInputs, devices: Sequence,
-                 args: tuple):
+def compile_step(config, settings: train_lib.StepSettings, inputs: RunInputs,
+                 devices: Sequence, args: tuple):
   """The pmapped step; with remat="auto" on TPU, rematerialised if the plain step does not
   fit the chip (`args`: the step's first (state, frozen, batch))."""
   limit = (train_lib.device_memory_limit(devices[0])
@@ -693,282 +253,43 @@ def compile_step(config, settings: train_lib.StepSettings, inputs: RunInputs, de
   return step_fn
 
 
-def batch_for(config, inputs: RunInputs, step: int) -> dict:
-  """This process's share of the global batch of `step` (all of it on one host), sharded
-  over its devices: {"input_ids": [d, A * b, T], "view_index": [d, A * b], "example_index":
-  [d, A * b]} (A: gradient_accumulation_steps; the step cuts each device's row into A
-  micro-batches of b)."""
-  local = inputs.per_device_batch * inputs.local_devices * config.gradient_accumulation_steps
-  example_index = jax.process_index() * local + np.arange(local)  # [local], global positions
-  drawn = step_bucket(config, inputs, step)
-  if drawn is None:
-    view_index, template_index = choices.example_choices(
-        config.seed, step, example_index, global_batch_size=inputs.global_batch,
-        num_images=inputs.images.num_images, flip_p=config.flip_p,
-        num_templates=inputs.prompts.num_templates)
-    prompt_view = view_index  # [local]
-  else:
-    # The whole step (every micro-batch) from one bucket; view_index indexes its latents.
-    members = inputs.images.bucket_members(drawn[0])  # [N_b] image of each bucket position
-    view_index, template_index = choices.example_choices(
-        config.seed, step, example_index, global_batch_size=inputs.global_batch,
-        num_images=len(members), flip_p=config.flip_p,
-        num_templates=inputs.prompts.num_templates, bucket=drawn[0], stream_step=drawn[1])
-    # The same view in the images' numbering (image i, or i + N mirrored), for the prompts.
-    prompt_view = (members[view_index % len(members)]
-                   + inputs.images.num_images * (view_index >= len(members)))
-  active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-  p = inputs.prompts
-  mixed = (choices.per_image_choices(config.seed, step, example_index, config.per_image_token_p)
-           if p.image_tokens else None)
-  input_ids = captions.batch_input_ids(p.template_ids, p.image_template_ids, active,
-                                       template_index, prompt_view, mixed, p.captioned,
-                                       p.caption_ids, p.image_caption_ids)
-  batch = {"input_ids": input_ids, "view_index": view_index,
-           "example_index": example_index.astype(np.int32)}
-  if p.template_ids_2 is not None:  # SDXL: the same prompts in tokenizer_2's ids
-    batch["input_ids_2"] = captions.batch_input_ids(
-        p.template_ids_2, None, active, template_index, prompt_view, None, p.captioned,
-        p.caption_ids_2)
-  return parallel.shard(batch, inputs.local_devices)
-
-
-# ---------------------------------------------------------------------------
-# The loop: steps, logs, checkpoints, validation, stop signals.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class LogInterval:
-  """The loop's record since its last log step."""
-  time: float  # perf_counter at the last log (or checkpoint, validation: not step time)
-  step: int
-  loss_sum: Any = None  # on device: summed without a host sync between logs
-  loss_count: int = 0
-
-  def restart(self, step: int) -> None:
-    self.time, self.step = time.perf_counter(), step
-
-
-def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
-               ckpts: run_dir.Checkpoints, metadata: dict,
-               validator: validation.Validation | None, limit: float, workdir: str,
-               progress: bool, tb: tensorboard.Writer | None = None) -> tuple[Any, int, bool]:
-  """Steps from `start` to config.max_train_steps; returns (replicated state, step, interrupted).
-
-  Logs every log_every_steps (to metrics.jsonl, and to `tb` if given; the caller
-  closes it), checkpoints every checkpointing_steps and at the end, and stops
-  (with a checkpoint) at the first step boundary after a signal. `frozen` is
-  `bucket_frozen`'s list: each step gets its bucket's.
-  """
-  is_main = jax.process_index() == 0
-  metrics_log = _open_metrics_log(workdir, start, is_main)
-  bar = _progress_bar(start, config.max_train_steps, progress and is_main)
-  flag = _StopFlag()
-  interval = LogInterval(time.perf_counter(), start)
-  step, interrupted = start, False
-  compiled_buckets: set[int] = set()  # with buckets: those whose program has compiled
-  try:
-    with _stop_on_signals(flag):
-      next_batch = batch_for(config, inputs, step) if step < config.max_train_steps else None
-      if step < config.max_train_steps:
-        _log("compiling the training step (the first step takes a while)")
-      while step < config.max_train_steps:
-        drawn = step_bucket(config, inputs, step)
-        new_bucket = drawn is not None and drawn[0] not in compiled_buckets
-        if new_bucket:
-          compiled_buckets.add(drawn[0])
-        state, metrics = step_fn(state, frozen_for(config, inputs, frozen, step), next_batch)
-        step += 1
-        interval.loss_sum = (metrics["loss"] if interval.loss_sum is None
-                             else interval.loss_sum + metrics["loss"])
-        interval.loss_count += 1
-        if step == start + 1:  # the first call compiles; keep that out of the step times
-          jax.block_until_ready(metrics)
-          _log(f"compiled and ran the first step in {time.perf_counter() - interval.time:.1f}s")
-          interval.restart(step)
-        elif new_bucket:  # a bucket's first step compiles its shape's program: not a step time
-          jax.block_until_ready(metrics)
-          w, h = inputs.images.buckets[drawn[0]]
-          _log(f"compiled the step for bucket {w}x{h} at step {step}")
-          interval.restart(step)
-        # Build the next batch while the device computes this one.
-        next_batch = batch_for(config, inputs, step) if step < config.max_train_steps else None
-        # Every process stops at the same step when any of them was signalled; with
-        # several processes that takes a collective, so it is asked at log steps only.
-        at_log = step % config.log_every_steps == 0 or step == config.max_train_steps
-        stop = (parallel.any_process(flag.signal is not None)
-                if at_log or jax.process_count() == 1 else False)
-        if at_log or stop:
-          log_metrics(interval, step, metrics, inputs.global_batch, metrics_log, bar, limit,
-                      ckpts, tb)
-        bar.update(1)
-        if step % config.checkpointing_steps == 0:
-          save_checkpoint(ckpts, state, step, metadata, config, flag, limit)
-          interval.restart(step)
-        if validator and not stop and validation.is_due(config, step):
-          host = parallel.unreplicate(state).params
-          if "embeds_2" in host:  # SDXL: both encoders' vectors
-            validation.write_images(validator, step, host["embeds"], tb,
-                                    learned_2=host["embeds_2"])
-          else:
-            validation.write_images(validator, step, host["embeds"], tb)
-          interval.restart(step)
-        if stop:
-          interrupted = True
-          break
-      save_checkpoint(ckpts, state, step, metadata, config, flag, limit)
-  except OSError as e:  # metrics.jsonl (validation warns instead; checkpoints raise their own)
-    last = ckpts.latest_step()
-    raise run_dir.WorkdirError(
-        f"cannot write to {workdir} at step {step}: {console.one_line(e, limit=300)}; "
-        "the last good "
-        f"checkpoint is step {last if last is not None else 'none'}") from None
-  except KeyboardInterrupt:
-    last = ckpts.latest_step()
-    raise Aborted(f"aborted by a second signal at step {step} without saving; the last "
-                  f"checkpoint is step {last if last is not None else 'none'}") from None
-  finally:
-    bar.close()  # ends the bar's line, so an error message starts on its own line
-    metrics_log.close()  # never raises after a failed write (that error is the one reported)
-  return state, step, interrupted
-
-
-def log_metrics(interval: LogInterval, step: int, metrics: dict, global_batch: int,
-                metrics_log: fileio.LineLog, bar, limit: float,
-                ckpts: run_dir.Checkpoints, tb: tensorboard.Writer | None = None) -> None:
-  """Writes one metrics.jsonl record (loss averaged since the last log), and its numbers to
-  TensorBoard if `tb`, and checks sanity."""
-  m = {k: float(parallel.unreplicate(v)) for k, v in metrics.items()}
-  m["loss"] = float(parallel.unreplicate(interval.loss_sum)) / interval.loss_count
-  interval.loss_sum, interval.loss_count = None, 0
-  # A nan in any step since the last log makes the summed loss nan.
-  check_sane(step, m["loss"], m["max_vector_norm"], limit, ckpts)
-  record = {"step": step, **m, "time": time.time()}
-  postfix = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}"}
-  now = time.perf_counter()
-  if step > interval.step:  # no timing for an interval that held only the compile
-    step_time = (now - interval.time) / (step - interval.step)
-    record.update(step_time_s=step_time, images_per_sec=global_batch / step_time)
-    postfix.update(step_s=f"{step_time:.3f}", img_s=f"{global_batch / step_time:.1f}")
-  interval.time, interval.step = now, step
-  metrics_log.write(json.dumps(record) + "\n")
-  if tb is not None:
-    tb.scalars(step, record)
-  bar.set_postfix(postfix)
-
-
-def norm_limit(table: np.ndarray, init_vectors: np.ndarray) -> float:
-  """The vector norm above which a run has diverged (see MAX_NORM_FACTOR)."""
-  return MAX_NORM_FACTOR * max(float(np.linalg.norm(table, axis=-1).max()),
-                               float(np.linalg.norm(init_vectors, axis=-1).max()))
-
-
-def check_sane(step: int, loss: float | None, norm: float, limit: float,
-               ckpts: run_dir.Checkpoints) -> None:
-  """Raises DivergedError if the loss is not finite or a vector's norm exceeds `limit`."""
-  bad = [f"loss {loss}"] if loss is not None and not math.isfinite(loss) else []
-  if not norm <= limit:  # also catches nan
-    bad.append(f"largest vector norm {norm:.3g} (limit {limit:.3g})")
-  if bad:
-    last = ckpts.latest_step()
-    kept = (f"the last finite checkpoint, step {last}, is kept" if last is not None
-            else "no checkpoint was written")
-    raise DivergedError(f"training diverged by step {step} ({', '.join(bad)}); {kept}. Lower "
-                        "config.learning_rate or check the adam_* settings")
-
-
-def save_checkpoint(ckpts: run_dir.Checkpoints, state, step: int, metadata: dict, config,
-                    flag: _StopFlag, limit: float) -> None:
-  """Checks the replicated `state` is sane and saves it as checkpoint `step`."""
-  host_state = parallel.unreplicate(state)
-  norm = max(float(np.linalg.norm(np.asarray(v), axis=-1).max())
-             for v in host_state.params.values())
-  check_sane(step, None, norm, limit, ckpts)
-  # With progressive_words, later vectors may not have entered training yet.
-  active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
-  flag.saving = True  # a further signal waits for this write instead of cutting it short
-  try:
-    ckpts.save(step, {"state": host_state}, dict(metadata, step=step, active_vectors=int(active)))
-  finally:
-    flag.saving = False
-
-
-def _open_metrics_log(workdir: str, start: int, enabled: bool) -> fileio.LineLog:
-  """metrics.jsonl, its records past `start` dropped (a killed run logged steps it redoes)."""
-  path = fileio.join(workdir, "metrics.jsonl")
-  try:
-    return fileio.LineLog(path, enabled=enabled,
-                          keep=lambda line: json.loads(line).get("step", 0) <= start)
-  except (OSError, UnicodeDecodeError) as e:
-    raise run_dir.WorkdirError(f"cannot open {path}: {console.one_line(e, limit=300)}") from None
-
-
-class _StopFlag:
-  """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries.
-
-  A second signal aborts without saving, except while a checkpoint is being
-  written (`saving`): that write always completes, so no step is lost.
-  """
-
-  def __init__(self):
-    self.signal: int | None = None
-    self.saving = False
-
-  def __call__(self, signum, frame):
-    del frame
-    name = signal.Signals(signum).name
-    if self.saving:
-      _log(f"received {name} while writing a checkpoint: finishing the write first")
-      if self.signal is None:
-        self.signal = signum
-      return
-    if self.signal is not None:  # second signal: the user insists
-      raise KeyboardInterrupt
-    self.signal = signum
-    _log(f"\nreceived {name}: saving a checkpoint after this step "
-         "(press Ctrl-C again to abort without saving)")
-
-
-@contextlib.contextmanager
-def _stop_on_signals(flag: _StopFlag):
-  previous = {}
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    try:
-      previous[sig] = signal.signal(sig, flag)
-    except ValueError:  # not the main thread (e.g. tests): no handler
-      pass
-  try:
-    yield flag
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
-
-
-def _progress_bar(start: int, total: int, enabled: bool):
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-              disable=not enabled, file=sys.stderr)
-
-
 # ---------------------------------------------------------------------------
 # Export.
 # ---------------------------------------------------------------------------
 
 
-def write_final_embedding(config, workdir: str, vectors: np.ndarray, step: int,
-                          rewrite: bool, vectors_2: np.ndarray | None = None) -> str:
-  """Writes the active vectors `[k, D]` as WORKDIR/learned_embeds.safetensors; returns its path.
+def export(config, workdir: str, inputs: RunInputs, state, start: int, step: int,
+           interrupted: bool, checkpoints: str) -> dict:
+  """The run's result, {"step", "interrupted", and each encoder's final vectors by key}. Unless
+  the run was interrupted, process 0 writes the active vectors (`write_final_embedding`)."""
+  params = parallel.unreplicate(state).params
+  final = {c.key: np.asarray(params[c.key]) for c in inputs.concepts}  # [num_vectors, D] each
+  if interrupted:
+    _log(f"stopped at step {step}; checkpoint saved in {checkpoints}. "
+         "Re-run the same command to resume.")
+  elif jax.process_index() == 0:
+    active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
+    out = write_final_embedding(config, workdir, [v[:active] for v in final.values()], step,
+                                rewrite=step > start)
+    pair = (f" and {embedding_io.second_file(out)} (the second text encoder's)"
+            if len(final) > 1 else "")
+    _log(f"done: step {step}; learned embedding in {out}{pair}")
+  return {"step": step, **final, "interrupted": interrupted}
 
-  An SDXL run (`vectors_2` `[k, D2]`, the second encoder's) writes diffusers' pair:
-  learned_embeds.safetensors and learned_embeds_2.safetensors beside it.
-  Unless `rewrite` (the run trained), a file that already holds exactly these
-  vectors is left alone: a re-run of a finished run in a workdir that has since
-  become read-only still reports its result.
+
+def write_final_embedding(config, workdir: str, vectors: Sequence[np.ndarray], step: int,
+                          rewrite: bool) -> str:
+  """Writes the active vectors, `[k, D]` per text encoder, as
+  WORKDIR/learned_embeds.safetensors; returns its path.
+
+  An SDXL run (two encoders) writes diffusers' pair: learned_embeds.safetensors and
+  learned_embeds_2.safetensors beside it. Unless `rewrite` (the run trained), a file
+  that already holds exactly these vectors is left alone: a re-run of a finished run
+  in a workdir that has since become read-only still reports its result.
   """
   out = fileio.join(workdir, "learned_embeds.safetensors")
+  per_encoder = tuple(vectors)
   try:
-    per_encoder = (vectors,) if vectors_2 is None else (vectors, vectors_2)
     if rewrite or not embedding_io.holds_embedding(out, config.placeholder_token, per_encoder):
       embedding_io.save_embedding(out, embedding_io.Concept(
           config.placeholder_token, per_encoder, f"{workdir} step {step}"), "diffusers")

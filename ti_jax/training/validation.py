@@ -18,10 +18,11 @@ prompt k gets one grid per validation step, `validation/step<step>_p<k>.png`.
 With `config.report_to="tensorboard"` each prompt's grid also goes to
 TensorBoard as `validation/p<k>`.
 
-SDXL: `make` also takes `token_ids_2` (the vectors' ids in `sd.tokenizer_2`) and
-`write_images` `learned_2` `[num_vectors, D2]` (the run's "embeds_2"); the
-images are sampled as `ti_jax.sample` samples SDXL (pooled at the real end
-token, zeros for the empty negative prompt of force_zeros_for_empty_prompt).
+Both take one entry per text encoder of the model (`sd.text_encoders`): `make`
+the vectors' ids in each encoder's tokenizer, `write_images` each encoder's
+vectors (SDXL: the run's "embeds" and "embeds_2"). SDXL images are sampled as
+`ti_jax.sample` samples SDXL (pooled at the real end token, zeros for the empty
+negative prompt of force_zeros_for_empty_prompt).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class Validation:
   """
   config: Any
   sd: Any  # the loaded Stable Diffusion (weights.pipeline.StableDiffusion)
-  token_ids: list[int]  # token id of each of the num_vectors learned vectors
+  # Per text encoder (sd.text_encoders' order): the num_vectors learned vectors' token ids.
+  token_ids: tuple[list[int], ...]
   devices: Sequence
   out_dir: str
   # The train step's replicated UNet and text-encoder params, reused so that
@@ -117,29 +119,27 @@ class Validation:
   prompts: list[str] = dataclasses.field(default_factory=list)  # "{}" not yet filled
   grids: bool = False  # validation_prompts set: a grid per prompt, else one PNG per image
   generator: Any = None
-  token_ids_2: list[int] | None = None  # SDXL: the same vectors' ids in sd.tokenizer_2
 
 
-def make(config, sd, token_ids: list[int], devices: Sequence, workdir: str,
-         shared: dict, token_ids_2: Sequence[int] | None = None) -> Validation | None:
+def make(config, sd, token_ids: Sequence[Sequence[int]], devices: Sequence, workdir: str,
+         shared: dict) -> Validation | None:
   """The run's `Validation`, or None when no validation prompt is set.
 
-  `sd.tokenizer` (and SDXL's `sd.tokenizer_2`) must hold the placeholder tokens;
-  `token_ids_2` (SDXL only, required there) are their ids in `sd.tokenizer_2`.
-  `shared` may lack the second text encoder's params; the generator replicates it.
+  Every tokenizer of `sd.text_encoders` must hold the placeholder tokens; `token_ids`
+  are their ids in each (one list per text encoder). `shared` may lack a text
+  encoder's params; the generator replicates it.
   Raises `ValidationSchedulerError` when the validation sampler cannot use the
   model's scheduler config (`check_scheduler`).
   """
   if not enabled(config):
     return None
-  if (getattr(sd, "text_encoder_2", None) is not None) != (token_ids_2 is not None):
-    raise ValueError("validation takes token_ids_2 for SDXL (its second tokenizer's ids) "
-                     "and only for SDXL")
+  if len(token_ids) != len(sd.text_encoders):
+    raise ValueError(f"validation takes one list of token ids per text encoder; the model "
+                     f"has {len(sd.text_encoders)}, got {len(token_ids)}")
   check_scheduler(config, sd)  # now, not at the first validation step, many steps in
-  return Validation(config=config, sd=sd, token_ids=list(token_ids), devices=devices,
-                    out_dir=fileio.join(workdir, "validation"), shared=shared,
-                    prompts=validation_prompts(config), grids=bool(config.validation_prompts),
-                    token_ids_2=None if token_ids_2 is None else list(token_ids_2))
+  return Validation(config=config, sd=sd, token_ids=tuple(list(ids) for ids in token_ids),
+                    devices=devices, out_dir=fileio.join(workdir, "validation"), shared=shared,
+                    prompts=validation_prompts(config), grids=bool(config.validation_prompts))
 
 
 def is_due(config, step: int) -> bool:
@@ -156,10 +156,10 @@ def prompt(config, step: int, text: str | None = None) -> str:
   return pseudo_words.expand_placeholder(text, config.placeholder_token, active)
 
 
-def write_images(validation: Validation, step: int, learned: np.ndarray, tb=None,
-                 learned_2: np.ndarray | None = None) -> bool:
-  """Renders every validation prompt with the vectors `learned` `[num_vectors, D]`
-  (SDXL: and `learned_2` `[num_vectors, D2]`, the second encoder's); True when done.
+def write_images(validation: Validation, step: int, learned: Sequence[np.ndarray],
+                 tb=None) -> bool:
+  """Renders every validation prompt with the vectors `learned`, one `[num_vectors, D]` per
+  text encoder (SDXL: the first's, then the second's `[num_vectors, D2]`); True when done.
 
   Every process takes part in generating; process 0 writes the PNGs and, if `tb`
   (a `tensorboard.Writer`) is given, each prompt's grid as TensorBoard image `validation/p<k>`.
@@ -168,7 +168,7 @@ def write_images(validation: Validation, step: int, learned: np.ndarray, tb=None
   end the run and lose the steps since the last checkpoint.
   """
   try:
-    _write_all(validation, step, learned, tb, learned_2)
+    _write_all(validation, step, learned, tb)
   except Exception as e:  # pylint: disable=broad-except
     _warn(f"warning: no validation images at step {step}, training goes on: "
           f"{console.one_line(e, limit=300)}")
@@ -185,8 +185,7 @@ def _warn(message: str) -> None:
     print(f"process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
 
 
-def _write_all(validation: Validation, step: int, learned: np.ndarray, tb,
-               learned_2: np.ndarray | None) -> None:
+def _write_all(validation: Validation, step: int, learned: Sequence[np.ndarray], tb) -> None:
   """`write_images` without its guard: every prompt's images, PNGs and TensorBoard grids."""
   c = validation.config
   if validation.generator is None:
@@ -197,7 +196,7 @@ def _write_all(validation: Validation, step: int, learned: np.ndarray, tb,
         devices=validation.devices, replicated_params=validation.shared)
   for k, raw in enumerate(validation.prompts):
     text = prompt(c, step, raw)
-    images = _prompt_images(validation, step, text, learned, learned_2)  # [n, H, W, 3] on proc 0
+    images = _prompt_images(validation, step, text, learned)  # [n, H, W, 3] on proc 0
     if jax.process_index() != 0:
       continue
     grid = generation.image_grid(images)
@@ -210,22 +209,22 @@ def _write_all(validation: Validation, step: int, learned: np.ndarray, tb,
       tb.text(step, f"validation/p{k}_prompt", text)
 
 
-def _prompt_images(validation: Validation, step: int, text: str, learned: np.ndarray,
-                   learned_2: np.ndarray | None = None):
+def _prompt_images(validation: Validation, step: int, text: str, learned: Sequence[np.ndarray]):
   """The num_validation_images of `text` (uint8 `[n, H, W, 3]` on process 0, else None);
   without grids, process 0 also writes each as `validation/step<step>_<i>.png`."""
   c = validation.config
   batches = []
-  sets = {"learned": [(np.asarray(learned), validation.token_ids)]}
-  if validation.token_ids_2 is not None:
-    if learned_2 is None:
-      raise ValueError("SDXL validation needs learned_2, the second text encoder's vectors")
-    sets["learned"].append((np.asarray(learned_2), validation.token_ids_2))
+  if len(learned) != len(validation.token_ids):
+    raise ValueError(f"validation needs the vectors of each of the {len(validation.token_ids)} "
+                     f"text encoders, got {len(learned)}")
+  # One (vectors [k, D_e], their ids in encoder e's tokenizer) per text encoder.
+  per_encoder = tuple((np.asarray(vectors), ids)
+                      for vectors, ids in zip(learned, validation.token_ids))
   # Every vector is handed over (the prompt names only the active ones), so the
   # sampler's arrays keep one shape and it compiles once for the whole run.
   for start, images in generation.image_batches(
       validation.generator, text, c.num_validation_images, batch_size=c.validation_batch_size,
-      seed=c.seed, **sets):
+      seed=c.seed, learned=per_encoder):
     if jax.process_index() != 0:
       continue
     batches.append(images)
