@@ -239,3 +239,29 @@ def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_XLA_CACHE:
     shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
+
+
+class _WorkerFigures:
+  """Under pytest-xdist (`-n 2`) each worker process runs the tests, so the parity figures and
+  the memory-map count are recorded there: each worker hands them to the controller when it
+  finishes, and the controller's `pytest_terminal_summary` prints them all."""
+
+  def __init__(self, config):
+    self.config = config
+
+  @pytest.hookimpl(tryfirst=True)
+  def pytest_sessionfinish(self):
+    if hasattr(self.config, "workeroutput"):  # a worker: runs inside xdist's send
+      self.config.workeroutput["ti_jax_parity"] = [list(f) for f in PARITY_FIGURES]
+      self.config.workeroutput["ti_jax_memory_maps"] = MAX_MEMORY_MAPS[0]
+
+  def pytest_testnodedown(self, node, error):
+    del error
+    output = getattr(node, "workeroutput", {})
+    PARITY_FIGURES.extend(tuple(f) for f in output.get("ti_jax_parity", ()))
+    MAX_MEMORY_MAPS[0] = max(MAX_MEMORY_MAPS[0], output.get("ti_jax_memory_maps", 0))
+
+
+def pytest_configure(config):
+  if config.pluginmanager.hasplugin("xdist"):
+    config.pluginmanager.register(_WorkerFigures(config), "ti_jax_worker_figures")
