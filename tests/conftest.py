@@ -239,3 +239,58 @@ def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_XLA_CACHE:
     shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
+
+
+class _WorkerFigures:
+  """Under pytest-xdist (`-n 2`) each worker process runs the tests, so the parity figures and
+  the memory-map count are recorded there: each worker hands them to the controller when it
+  finishes, and the controller's `pytest_terminal_summary` prints them all."""
+
+  def __init__(self, config):
+    self.config = config
+
+  @pytest.hookimpl(tryfirst=True)
+  def pytest_sessionfinish(self):
+    if hasattr(self.config, "workeroutput"):  # a worker: runs inside xdist's send
+      self.config.workeroutput["ti_jax_parity"] = [list(f) for f in PARITY_FIGURES]
+      self.config.workeroutput["ti_jax_memory_maps"] = MAX_MEMORY_MAPS[0]
+
+  def pytest_testnodedown(self, node, error):
+    del error
+    output = getattr(node, "workeroutput", {})
+    PARITY_FIGURES.extend(tuple(f) for f in output.get("ti_jax_parity", ()))
+    MAX_MEMORY_MAPS[0] = max(MAX_MEMORY_MAPS[0], output.get("ti_jax_memory_maps", 0))
+
+
+def pytest_configure(config):
+  if config.pluginmanager.hasplugin("xdist"):
+    config.pluginmanager.register(_WorkerFigures(config), "ti_jax_worker_figures")
+    # --dist loadfile hands out files in the collection order, SLOW_FILES first (below), not
+    # by their number of tests (xdist's default, which puts two-test files of minutes last).
+    config.option.loadscopereorder = False
+
+
+# The slowest test files (minutes each on 2 cores, 2026-12-07), slowest first. Under
+# `-n 2 --dist loadfile` each file runs whole on one worker, in the order the items come:
+# these go first so that neither worker is left with one of them at the end while the other
+# idles. Each file keeps its own tests' order; without xdist nothing is reordered.
+SLOW_FILES = (
+    "tests/training/test_train.py",
+    "tests/world/test_world_textual_inversion.py",
+    "tests/sampling/test_edit.py",
+    "tests/sampling/test_sample.py",
+    "tests/training/test_paper.py",
+    "tests/evaluation/test_evaluate.py",
+    "tests/world/test_base_model.py",
+    "tests/training/test_sdxl_train.py",
+    "tests/benchmarks/test_tpu_compile.py",
+    "tests/training/test_multihost.py",
+    "tests/models/test_attention.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  if not hasattr(config, "workerinput"):  # not an xdist worker
+    return
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable

@@ -8,6 +8,7 @@ attribute keep the concept and show the attribute. The same run the README's qui
 """
 
 import json
+import os
 
 import jax
 import pytest
@@ -15,6 +16,7 @@ from conftest import world_config
 
 from ti_jax.evaluation import evaluator
 from ti_jax.training import trainer
+from ti_jax.world import scenes
 
 # One edit prompt per kind of attribute (`world_scores.OBJECT_PROMPTS` has ten): the
 # editability target is the paper's claim for each kind. 32 samples a prompt: at 16 the
@@ -30,14 +32,20 @@ PROTOCOL = evaluator.Protocol(num_samples=32, num_inference_steps=25, guidance_s
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("world_ti")
-  c = world_config("object", "world")
-  workdir = str(tmp / "run")
-  trainer.run(c, workdir, devices=jax.local_devices()[:1], progress=False)
+def run(tmp_path_factory):
+  """The run directory of `configs/object.py:world` trained as the quick start trains it."""
+  workdir = str(tmp_path_factory.mktemp("world_ti") / "run")
+  trainer.run(world_config("object", "world"), workdir, devices=jax.local_devices()[:1],
+              progress=False)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def report(run, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("world_eval")
   prompts = tmp / "edits.txt"
   prompts.write_text(EDIT_PROMPTS, encoding="utf-8")
-  return evaluator.run(workdirs=[workdir], protocol=PROTOCOL, prompts_file=str(prompts),
+  return evaluator.run(workdirs=[run], protocol=PROTOCOL, prompts_file=str(prompts),
                        output_dir=str(tmp / "eval"), devices=jax.local_devices()[:1],
                        words=["object"])
 
@@ -58,3 +66,13 @@ def test_prompts_that_add_an_attribute_show_the_concept_and_the_attribute_in_mos
   learned, word = by_label["run"], by_label["word: object"]
   assert learned["editability"] >= 0.7, json.dumps(learned, indent=1)
   assert learned["editability"] >= 2 * word["editability"], (learned, word)
+
+
+def test_the_object_world_variant_trains_on_the_shipped_model(run):
+  # tests/world/test_world_variant.py checks the other world variants the same way (2 steps).
+  c = world_config("object", "world")
+  assert c.pretrained_model_name_or_path == "tiny-world" and c.resolution == scenes.IMAGE_SIZE
+  assert c.initializer_token == scenes.GENERIC_WORD and c.flip_p == 0.0
+  assert c.caption_extension == scenes.CAPTION_EXTENSION  # examples/world-cross's captions
+  with open(os.path.join(run, "run.json")) as f:
+    assert json.load(f)["num_vectors"] == 1
