@@ -120,19 +120,6 @@ class StableDiffusion:
   def tokenizer(self) -> Any:
     return self.text_encoders[0].tokenizer
 
-  # TRANSITION (issue 29): the second encoder's old names, removed once no caller is left.
-  @property
-  def text_encoder_2(self) -> CLIPTextModel | None:
-    return self.text_encoders[1].module if len(self.text_encoders) > 1 else None
-
-  @property
-  def text_encoder_2_params(self) -> Any:
-    return self.text_encoders[1].params if len(self.text_encoders) > 1 else None
-
-  @property
-  def tokenizer_2(self) -> Any:
-    return self.text_encoders[1].tokenizer if len(self.text_encoders) > 1 else None
-
   def with_tokenizers(self, tokenizers) -> "StableDiffusion":
     """A copy whose encoders use `tokenizers` (one per encoder, e.g. copies holding new tokens)."""
     if len(tokenizers) != len(self.text_encoders):
