@@ -12,7 +12,7 @@ from conftest import REPO
 from ml_collections import config_flags
 
 from ti_jax import cli
-from ti_jax.embeddings import embedding_io
+from ti_jax.embeddings import embedding_io, embedding_writer
 from ti_jax.runtime import fileio
 
 ENTRY_POINTS = ("train", "sample", "export", "evaluate", "tiny_model")
@@ -129,8 +129,9 @@ def test_no_pytorch_notice_without_torch(tmp_path, tiny_sd15):
   check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
   assert check.returncode != 0  # the shim works: torch cannot be imported
   wide = tmp_path / "wide.safetensors"
-  embedding_io.write_embedding_file(str(wide), embedding_io.Concept("<wide>", np.ones((1, 48)),
-                                                                    ""), "diffusers")
+  embedding_writer.write_embedding_file(str(wide),
+                                        embedding_io.Concept("<wide>", np.ones((1, 48)), ""),
+                                        "diffusers")
   # sample loads the base model (tokenizer included, so transformers is imported) and
   # then refuses the embedding of another width: a quick end-to-end run without torch.
   code, lines, _ = _run("sample", "--pretrained_model_name_or_path", tiny_sd15, "--embeddings",

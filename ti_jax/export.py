@@ -30,7 +30,7 @@ import sys
 from typing import Sequence
 
 from ti_jax import cli, errors
-from ti_jax.embeddings import embedding_io, exporter
+from ti_jax.embeddings import embedding_writer, exporter, file_names
 
 
 def main(argv: Sequence[str]) -> None:
@@ -42,16 +42,16 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f"error: {e}") from None
   except OSError as e:  # e.g. a read-only folder, or a file stands where a folder should
     raise SystemExit(f"error: cannot write {f.output or 'the export'}: {e.strerror or e}") from None
-  print(f"wrote {' and '.join(embedding_io.output_files(path, concept, f.format))}",
+  print(f"wrote {' and '.join(embedding_writer.output_files(path, concept, f.format))}",
         file=sys.stderr)
-  print(embedding_io.prompt_usage(path, concept.token, f.format,
-                                  sdxl=len(concept.vectors) > 1), file=sys.stderr)
+  print(file_names.prompt_usage(path, concept.token, f.format,
+                                sdxl=len(concept.vectors) > 1), file=sys.stderr)
 
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
-  flags.DEFINE_enum("format", "diffusers", list(embedding_io.FORMATS),
+  flags.DEFINE_enum("format", "diffusers", list(embedding_writer.FORMATS),
                     "diffusers | a1111 (.safetensors) | a1111-pt (.pt) | kohya.")
   flags.DEFINE_string("output", "", "Output file (default: WORKDIR/export/FORMAT/<name>, "
                       "a folder per format).")

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from ti_jax.embeddings import embedding_io, pseudo_words
+from ti_jax.embeddings import embedding_io, embedding_writer, file_names, pseudo_words
 from ti_jax.sampling import runner
 from ti_jax.weights import safetensors_io, tiny_tokenizer
 
@@ -43,7 +43,8 @@ def test_a1111_and_kohya_files_register_their_file_name(tmp_path, fmt):
     pytest.importorskip("torch")
   ext = ".pt" if fmt == "a1111-pt" else ".safetensors"
   path = tmp_path / f"<toy>{ext}"
-  embedding_io.write_embedding_file(str(path), embedding_io.Concept("<toy>", _vectors(2), ""), fmt)
+  embedding_writer.write_embedding_file(str(path), embedding_io.Concept("<toy>", _vectors(2), ""),
+                                        fmt)
   assert _one(path).token == "<toy>"
   renamed = tmp_path / f"my-rename{ext}"
   os.rename(path, renamed)
@@ -54,8 +55,8 @@ def test_a1111_and_kohya_files_register_their_file_name(tmp_path, fmt):
 
 def test_diffusers_file_registers_its_key_as_diffusers_does(tmp_path):
   path = tmp_path / "renamed.safetensors"
-  embedding_io.write_embedding_file(str(path), embedding_io.Concept("<cat>", _vectors(), ""),
-                                    "diffusers")
+  embedding_writer.write_embedding_file(str(path), embedding_io.Concept("<cat>", _vectors(), ""),
+                                        "diffusers")
   concept = _one(path)
   assert concept.token == "<cat>" and "key" in concept.token_from
   assert _one(f"{path}:<kitty>").token == "<kitty>"  # a given token wins, as in diffusers
@@ -73,8 +74,8 @@ def test_path_token_picks_one_token_of_a_multi_token_file(tmp_path):
 
 
 def test_folder_with_learned_embeds_loads_as_diffusers_does(tmp_path):
-  embedding_io.write_embedding_file(str(tmp_path / "learned_embeds.safetensors"),
-                                    embedding_io.Concept("<cat>", _vectors(), ""), "diffusers")
+  embedding_writer.write_embedding_file(str(tmp_path / "learned_embeds.safetensors"),
+                                        embedding_io.Concept("<cat>", _vectors(), ""), "diffusers")
   assert _one(tmp_path).token == "<cat>"
 
 
@@ -140,19 +141,19 @@ def test_corrupt_header_is_one_line(tmp_path):
 def test_writing_non_finite_vectors_is_refused(tmp_path):
   bad = embedding_io.Concept("<x>", np.full((1, DIM), np.nan, np.float32), "run")
   with pytest.raises(embedding_io.EmbeddingFileError, match="NaN"):
-    embedding_io.write_embedding_file(str(tmp_path / "x.safetensors"), bad, "diffusers")
+    embedding_writer.write_embedding_file(str(tmp_path / "x.safetensors"), bad, "diffusers")
   assert not os.listdir(tmp_path)
 
 
 def test_save_embedding_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
   """The one writer of embedding files (final learned_embeds and every export)."""
   path = tmp_path / "learned_embeds.safetensors"
-  embedding_io.save_embedding(str(path), embedding_io.Concept("<toy>", _vectors(2), ""),
-                              "diffusers")
+  embedding_writer.save_embedding(str(path), embedding_io.Concept("<toy>", _vectors(2), ""),
+                                  "diffusers")
   np.testing.assert_array_equal(safetensors_io.load(str(path))["<toy>"], _vectors(2))
-  assert embedding_io.holds_embedding(str(path), "<toy>", (_vectors(2),))
-  assert not embedding_io.holds_embedding(str(path), "<toy>", (_vectors(2, seed=1),))
-  assert not embedding_io.holds_embedding(str(path), "<other>", (_vectors(2),))
+  assert embedding_writer.holds_embedding(str(path), "<toy>", (_vectors(2),))
+  assert not embedding_writer.holds_embedding(str(path), "<toy>", (_vectors(2, seed=1),))
+  assert not embedding_writer.holds_embedding(str(path), "<other>", (_vectors(2),))
   before = path.read_bytes()
 
   def dies_half_way(local, concept, fmt, step=0):
@@ -160,17 +161,19 @@ def test_save_embedding_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypa
     with open(local, "wb") as f:
       f.write(b"half")
     raise OSError(28, "No space left on device")
-  monkeypatch.setattr(embedding_io, "write_embedding_file", dies_half_way)
+  monkeypatch.setattr(embedding_writer, "write_embedding_file", dies_half_way)
   with pytest.raises(OSError, match="No space left"):
-    embedding_io.save_embedding(str(path), embedding_io.Concept("<toy>", _vectors(2, seed=1), ""),
-                                "diffusers")
+    embedding_writer.save_embedding(str(path),
+                                    embedding_io.Concept("<toy>", _vectors(2, seed=1), ""),
+                                    "diffusers")
   assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
 
 
 # --- export file names --------------------------------------------------------------------
 
 def test_default_export_names_are_distinct_per_format():
-  names = {fmt: embedding_io.default_filename("<toy>", fmt) for fmt in embedding_io.FORMATS}
+  names = {fmt: embedding_writer.default_filename("<toy>", fmt)
+           for fmt in embedding_writer.FORMATS}
   assert len(set(names.values())) == len(names)
   assert names["a1111"] == "a1111/<toy>.safetensors"
   assert names["kohya"] == "kohya/<toy>.safetensors"
@@ -178,11 +181,11 @@ def test_default_export_names_are_distinct_per_format():
 
 
 def test_file_stem_keeps_the_token_and_never_becomes_a_plain_word():
-  assert embedding_io.file_stem("<toy>", windows=False) == "<toy>"
-  assert embedding_io.file_stem("<toy>", windows=True) == "_toy_"  # Windows forbids <>
-  assert embedding_io.file_stem("a/b", windows=False) == "a_b"
-  assert embedding_io.file_stem("..", windows=False) == "_."
-  assert embedding_io.file_stem("<x?>.", windows=True) == "_x__"
+  assert file_names.file_stem("<toy>", windows=False) == "<toy>"
+  assert file_names.file_stem("<toy>", windows=True) == "_toy_"  # Windows forbids <>
+  assert file_names.file_stem("a/b", windows=False) == "a_b"
+  assert file_names.file_stem("..", windows=False) == "_."
+  assert file_names.file_stem("<x?>.", windows=True) == "_x__"
 
 
 # --- prompt expansion ---------------------------------------------------------------------
@@ -234,8 +237,8 @@ def test_extra_vector_name_clashing_with_another_token_is_refused(tmp_path):
 
 def test_registered_tokens_are_reported(tmp_path):
   path = tmp_path / "renamed.safetensors"
-  embedding_io.write_embedding_file(str(path), embedding_io.Concept("<toy>", _vectors(2), ""),
-                                    "kohya")
+  embedding_writer.write_embedding_file(str(path), embedding_io.Concept("<toy>", _vectors(2), ""),
+                                        "kohya")
   concepts, _ = runner.gather_concepts(None, None, [str(path)])
   (line,) = runner.describe_concepts(concepts)
   assert line.startswith(f"{path}: registered renamed (2 vectors")

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from ti_jax.embeddings import embedding_io
+from ti_jax.embeddings import embedding_io, embedding_writer, file_names
 from ti_jax.sampling import concepts as sampling_concepts
 from ti_jax.weights import safetensors_io, tiny_tokenizer
 
@@ -123,7 +123,7 @@ def test_intermediate_diffusers_pair_is_read_as_one_sdxl_concept(tmp_path):
   # The second file alone is never an LDM (1280) embedding.
   message = _refusal(tmp_path / "learned_embeds_2-steps-500.safetensors")
   assert "second file" in message and f"pass {first}" in message
-  assert embedding_io.second_file(str(first)) == str(tmp_path /
+  assert file_names.second_file(str(first)) == str(tmp_path /
                                                      "learned_embeds_2-steps-500.safetensors")
 
 
@@ -276,7 +276,7 @@ def _kohya(path, sdxl):
   return (_array(next(iter(tables.values()))).shape[-1],)
 
 
-@pytest.mark.parametrize("fmt", embedding_io.FORMATS)
+@pytest.mark.parametrize("fmt", embedding_writer.FORMATS)
 @pytest.mark.parametrize("widths", [(768,), (1024,), (768, 1280)])
 def test_each_export_is_read_by_the_tools_the_readme_names(tmp_path, fmt, widths):
   """README's interop tables, checked: a1111, a1111-pt and kohya files go to every tool;
@@ -285,9 +285,9 @@ def test_each_export_is_read_by_the_tools_the_readme_names(tmp_path, fmt, widths
     pytest.importorskip("torch")
   vectors = [_vectors(2, w) for w in widths]
   concept = embedding_io.Concept("<toy>", tuple(vectors), "")
-  path = str(tmp_path / embedding_io.default_filename("<toy>", fmt))
+  path = str(tmp_path / embedding_writer.default_filename("<toy>", fmt))
   os.makedirs(os.path.dirname(path))
-  embedding_io.write_embedding_file(path, concept, fmt)
+  embedding_writer.write_embedding_file(path, concept, fmt)
   sdxl = len(widths) == 2
   diffusers = fmt == "diffusers"
   expected_base = {(768,): "sd-1", (1024,): "sd-2", (768, 1280): "sdxl"}[widths]
@@ -313,7 +313,8 @@ def test_each_export_is_read_by_the_tools_the_readme_names(tmp_path, fmt, widths
 def test_a1111_safetensors_export_holds_emb_params_only(tmp_path):
   """The one key A1111 (a file of one tensor), ComfyUI, kohya and InvokeAI all read."""
   path = str(tmp_path / "<toy>.safetensors")
-  embedding_io.write_embedding_file(path, embedding_io.Concept("<toy>", _vectors(2), ""), "a1111")
+  embedding_writer.write_embedding_file(path, embedding_io.Concept("<toy>", _vectors(2), ""),
+                                        "a1111")
   assert list(safetensors_io.read_shapes(path)) == ["emb_params"]
   assert _one(path).token == "<toy>"
   old = str(tmp_path / "old.safetensors")  # ti_jax's earlier a1111 layout still reads
@@ -328,21 +329,21 @@ _INVOKEAI_TRIGGER = re.compile(r"<[a-zA-Z0-9., _-]+>")
 
 @pytest.mark.parametrize("fmt", ["a1111", "a1111-pt", "kohya"])
 def test_usage_line_says_what_to_type_in_invokeai(fmt):
-  default = embedding_io.default_filename("<toy>", fmt)  # <toy>.safetensors: trigger <<toy>>
-  line = embedding_io.prompt_usage(f"export/{default}", "<toy>", fmt)
+  default = embedding_writer.default_filename("<toy>", fmt)  # <toy>.safetensors: trigger <<toy>>
+  line = file_names.prompt_usage(f"export/{default}", "<toy>", fmt)
   ext = os.path.splitext(default)[1]
   assert f"InvokeAI: export again with --output export/{fmt}/toy{ext}" in line
   assert "and type <toy>" in line
   assert _INVOKEAI_TRIGGER.findall("a photo of <toy>") == ["<toy>"]
   assert _INVOKEAI_TRIGGER.findall("a photo of <<toy>>") == ["<toy>"]  # not the model <toy>
-  line = embedding_io.prompt_usage(f"out/toy{ext}", "<toy>", fmt)  # a name InvokeAI can use
+  line = file_names.prompt_usage(f"out/toy{ext}", "<toy>", fmt)  # a name InvokeAI can use
   assert "InvokeAI: install it and type <toy>" in line
-  assert "InvokeAI" in embedding_io.prompt_usage("x/learned_embeds.safetensors", "<toy>",
-                                                  "diffusers")
+  assert "InvokeAI" in file_names.prompt_usage("x/learned_embeds.safetensors", "<toy>",
+                                                "diffusers")
 
 
 def test_invokeai_name_keeps_what_its_triggers_allow():
-  assert embedding_io.invokeai_name("<my-style>") == "my-style"
-  assert embedding_io.invokeai_name("sks") == "sks"
-  assert embedding_io.invokeai_name("<café art>") == "caf__art"
-  assert embedding_io.invokeai_name("<>") == "embedding"
+  assert file_names.invokeai_name("<my-style>") == "my-style"
+  assert file_names.invokeai_name("sks") == "sks"
+  assert file_names.invokeai_name("<café art>") == "caf__art"
+  assert file_names.invokeai_name("<>") == "embedding"

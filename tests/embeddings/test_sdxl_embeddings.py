@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from ti_jax.embeddings import embedding_io, exporter
+from ti_jax.embeddings import embedding_io, embedding_writer, exporter, file_names
 from ti_jax.sampling import concepts as sampling_concepts
 from ti_jax.weights import safetensors_io, tiny_tokenizer
 
@@ -47,7 +47,7 @@ def test_sdxl_file_holds_clip_l_and_clip_g_and_registers_its_file_name(tmp_path,
   concept = _sdxl()
   ext = ".pt" if fmt == "a1111-pt" else ".safetensors"
   path = tmp_path / f"my-xl{ext}"
-  embedding_io.write_embedding_file(str(path), concept, fmt)
+  embedding_writer.write_embedding_file(str(path), concept, fmt)
   if ext == ".pt":
     torch = pytest.importorskip("torch")
     tables = {k: v.numpy() for k, v in torch.load(str(path), weights_only=True).items()}
@@ -94,7 +94,7 @@ def test_broken_sdxl_files_are_refused_in_one_line(tmp_path, tables, needle):
 def test_diffusers_pair_is_written_as_two_files_and_read_from_the_first_or_the_folder(tmp_path):
   concept = _sdxl()
   first = tmp_path / "learned_embeds.safetensors"
-  embedding_io.save_embedding(str(first), concept, "diffusers")
+  embedding_writer.save_embedding(str(first), concept, "diffusers")
   second = tmp_path / "learned_embeds_2.safetensors"
   assert sorted(os.listdir(tmp_path)) == [first.name, second.name]  # no temporary files left
   np.testing.assert_array_equal(safetensors_io.load(str(first))["<toy>"], concept.vectors[0])
@@ -105,9 +105,9 @@ def test_diffusers_pair_is_written_as_two_files_and_read_from_the_first_or_the_f
     _same_vectors(loaded, concept)
   message = _refusal(embedding_io.load_concepts, str(second))
   assert f"pass {first}" in message and "second file" in message
-  assert embedding_io.holds_embedding(str(first), "<toy>", concept.vectors)
-  assert not embedding_io.holds_embedding(str(first), "<toy>",
-                                          (concept.vectors[0], concept.vectors[1] + 1))
+  assert embedding_writer.holds_embedding(str(first), "<toy>", concept.vectors)
+  assert not embedding_writer.holds_embedding(str(first), "<toy>",
+                                              (concept.vectors[0], concept.vectors[1] + 1))
 
 
 def test_a_file_named_like_a_second_file_is_its_own_embedding(tmp_path):
@@ -115,25 +115,25 @@ def test_a_file_named_like_a_second_file_is_its_own_embedding(tmp_path):
   one = embedding_io.Concept("<a>", np.ones((1, WIDTH_1), np.float32), "")
   other = embedding_io.Concept("<b>", np.full((1, WIDTH_2), 2, np.float32), "")
   for fmt, name in (("kohya", "style"), ("diffusers", "file")):
-    embedding_io.write_embedding_file(str(tmp_path / f"{name}.safetensors"), one, fmt)
-    embedding_io.write_embedding_file(str(tmp_path / f"{name}_2.safetensors"), other, fmt)
+    embedding_writer.write_embedding_file(str(tmp_path / f"{name}.safetensors"), one, fmt)
+    embedding_writer.write_embedding_file(str(tmp_path / f"{name}_2.safetensors"), other, fmt)
     assert len(_one(tmp_path / f"{name}.safetensors").vectors) == 1
     assert len(_one(tmp_path / f"{name}_2.safetensors").vectors) == 1
 
 
 def test_pair_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
   first = tmp_path / "learned_embeds.safetensors"
-  embedding_io.save_embedding(str(first), _sdxl(seed=0), "diffusers")
+  embedding_writer.save_embedding(str(first), _sdxl(seed=0), "diffusers")
   before = {p: p.read_bytes() for p in tmp_path.iterdir()}
-  write_part = embedding_io._write_part  # pylint: disable=protected-access
+  write_part = embedding_writer._write_part  # pylint: disable=protected-access
 
   def second_file_dies(path, concept, fmt, part, step):
     write_part(path, concept, fmt, part, step)
     if part == 1:
       raise OSError(28, "No space left on device")
-  monkeypatch.setattr(embedding_io, "_write_part", second_file_dies)
+  monkeypatch.setattr(embedding_writer, "_write_part", second_file_dies)
   with pytest.raises(OSError, match="No space left"):
-    embedding_io.save_embedding(str(first), _sdxl(seed=1), "diffusers")
+    embedding_writer.save_embedding(str(first), _sdxl(seed=1), "diffusers")
   assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
@@ -141,7 +141,7 @@ def test_export_refuses_an_existing_second_file_without_overwrite(tmp_path):
   concept = _sdxl()
   path = str(tmp_path / "out" / "learned_embeds.safetensors")
   os.makedirs(os.path.dirname(path))
-  open(embedding_io.second_file(path), "wb").close()
+  open(file_names.second_file(path), "wb").close()
   message = _refusal(exporter.write_export, path, concept, "diffusers", False)
   assert "learned_embeds_2.safetensors already exists" in message and "--overwrite" in message
   assert not os.path.exists(path)  # neither file written
@@ -150,9 +150,9 @@ def test_export_refuses_an_existing_second_file_without_overwrite(tmp_path):
 
 
 def test_usage_line_names_both_encoders_for_sdxl():
-  line = embedding_io.prompt_usage("x/learned_embeds.safetensors", "<toy>", "diffusers", sdxl=True)
+  line = file_names.prompt_usage("x/learned_embeds.safetensors", "<toy>", "diffusers", sdxl=True)
   assert "'x/learned_embeds_2.safetensors', text_encoder=pipe.text_encoder_2" in line
-  line = embedding_io.prompt_usage("x/<toy>.safetensors", "<toy>", "a1111", sdxl=True)
+  line = file_names.prompt_usage("x/<toy>.safetensors", "<toy>", "a1111", sdxl=True)
   assert "'clip_l' and 'clip_g'" in line and "embedding:<toy>" in line
 
 
@@ -236,7 +236,7 @@ def test_diffusers_sdxl_pipeline_loads_the_export_into_both_encoders(sdxl_parts,
   """The exported file, loaded as diffusers documents, gives each encoder its vectors."""
   torch = pytest.importorskip("torch")
   concept = _sdxl(token="<toy>", n=2)
-  path = exporter.write_export(str(tmp_path / embedding_io.default_filename("<toy>", fmt)),
+  path = exporter.write_export(str(tmp_path / embedding_writer.default_filename("<toy>", fmt)),
                                concept, fmt, False)
   pipe = _pipeline(sdxl_parts)
   prompt = "a photo of <toy>"
@@ -245,7 +245,7 @@ def test_diffusers_sdxl_pipeline_loads_the_export_into_both_encoders(sdxl_parts,
   second = {"text_encoder": pipe.text_encoder_2, "tokenizer": pipe.tokenizer_2}
   if fmt == "diffusers":
     pipe.load_textual_inversion(path, **first)
-    pipe.load_textual_inversion(embedding_io.second_file(path), **second)
+    pipe.load_textual_inversion(file_names.second_file(path), **second)
     token = "<toy>"  # the files' key
   else:
     tables = (safetensors_io.load(path) if fmt == "kohya"
@@ -288,7 +288,7 @@ def test_diffusers_encode_prompt_with_the_export_equals_ti_jax_conditioning(tmp_
                                _sdxl(n=2, seed=3, widths=widths), "diffusers", False)
   pipe = StableDiffusionXLPipeline.from_pretrained(folder)
   pipe.load_textual_inversion(path, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-  pipe.load_textual_inversion(embedding_io.second_file(path), text_encoder=pipe.text_encoder_2,
+  pipe.load_textual_inversion(file_names.second_file(path), text_encoder=pipe.text_encoder_2,
                               tokenizer=pipe.tokenizer_2)
   prompt = "a photo of <toy> on a table"
   with torch.no_grad():

@@ -14,7 +14,7 @@ from PIL import Image
 from torch_reference import rel_err
 
 from ti_jax import errors
-from ti_jax.embeddings import embedding_io, exporter, pseudo_words
+from ti_jax.embeddings import embedding_io, embedding_writer, exporter, pseudo_words
 from ti_jax.runtime import run_dir
 from ti_jax.sampling import concepts as sampling_concepts
 from ti_jax.sampling import generation, runner
@@ -182,8 +182,8 @@ def test_token_clash_is_refused(runs, tmp_path):
 
 def test_embedding_of_another_width_is_refused(runs, tmp_path):
   path = str(tmp_path / "wide.safetensors")
-  embedding_io.write_embedding_file(path, embedding_io.Concept("<wide>", np.ones((1, 48)), ""),
-                                    "diffusers")
+  embedding_writer.write_embedding_file(path, embedding_io.Concept("<wide>", np.ones((1, 48)),
+                                                                   ""), "diffusers")
   with pytest.raises(runner.SampleError, match="width 48 but the model's text encoder has width 32"):
     _sample(runs, tmp_path, "x", embedding_sources=[path])
 
@@ -236,10 +236,11 @@ def test_unreadable_embedding_file_is_one_line(tmp_path):
     embedding_io.load_concepts(str(pt))
 
 
-@pytest.mark.parametrize("fmt", embedding_io.FORMATS)
+@pytest.mark.parametrize("fmt", embedding_writer.FORMATS)
 def test_export_then_import_round_trips(runs, tmp_path, fmt):
   vectors, _ = run_dir.learned_from_workdir(runs["style"])
-  path = exporter.export(runs["style"], fmt, str(tmp_path / embedding_io.default_filename("<style>", fmt)))
+  path = exporter.export(runs["style"], fmt,
+                         str(tmp_path / embedding_writer.default_filename("<style>", fmt)))
   (concept,) = embedding_io.load_concepts(path)
   np.testing.assert_array_equal(concept.vectors[0], vectors)
   assert concept.vectors[0].shape == (2, 32)
@@ -267,7 +268,8 @@ def test_diffusers_load_textual_inversion_matches_ti_jax(runs, tmp_path, run_nam
   from diffusers import StableDiffusionPipeline
   workdir = runs[run_name]
   token = "<toy>" if run_name == "toy" else "<style>"
-  path = exporter.export(workdir, fmt, str(tmp_path / embedding_io.default_filename(token, fmt)))
+  path = exporter.export(workdir, fmt,
+                         str(tmp_path / embedding_writer.default_filename(token, fmt)))
   sd = load_stable_diffusion("tiny-sd15", cache_dir=runs["cache"])
   pipe = StableDiffusionPipeline.from_pretrained(sd.path, safety_checker=None)
   pipe.load_textual_inversion(path, token=token)
@@ -355,7 +357,7 @@ def test_interrupted_export_leaves_no_file(runs, tmp_path, monkeypatch):
     with open(path, "wb") as f:
       f.write(b"half a file")
     raise OSError(28, "No space left on device")
-  monkeypatch.setattr(embedding_io, "write_embedding_file", write_half_then_fail)
+  monkeypatch.setattr(embedding_writer, "write_embedding_file", write_half_then_fail)
   out = tmp_path / "out" / "toy.safetensors"
   with pytest.raises(OSError):
     exporter.export(runs["toy"], "kohya", str(out))

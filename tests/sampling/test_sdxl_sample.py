@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, config_module, record_parity
 from PIL import Image
 
-from ti_jax.embeddings import embedding_io
+from ti_jax.embeddings import embedding_io, embedding_writer
 from ti_jax.runtime import parallel
 from ti_jax.sampling import blended, generation, schedulers
 from ti_jax.sampling import concepts as sampling_concepts
@@ -62,7 +62,7 @@ def concept(tmp_path_factory):
   path = tmp_path_factory.mktemp("emb") / "toy-xl.safetensors"
   made = embedding_io.Concept("<toy>", (rng.standard_normal((1, 32)).astype(np.float32),
                                        rng.standard_normal((1, 32)).astype(np.float32)), "")
-  embedding_io.write_embedding_file(str(path), made, "kohya")
+  embedding_writer.write_embedding_file(str(path), made, "kohya")
   (loaded,) = embedding_io.load_concepts(f"{path}:<toy>")
   return loaded
 

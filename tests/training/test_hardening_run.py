@@ -22,7 +22,7 @@ from test_tensorboard import _FailingFile, _finishes
 from test_train import _cli, _config
 
 from ti_jax import errors
-from ti_jax.embeddings import embedding_io
+from ti_jax.embeddings import embedding_io, embedding_writer
 from ti_jax.runtime import fileio, run_dir
 from ti_jax.training import config as training_config
 from ti_jax.training import inputs as run_inputs
@@ -293,7 +293,7 @@ def test_checkpoint_with_non_finite_vectors_is_refused_on_restore(tmp_path, cach
     run_dir.Checkpoints(str(workdir)).save(5, state, meta)
   # The writer of the final learned_embeds.safetensors refuses them too, writing nothing.
   with pytest.raises(embedding_io.EmbeddingFileError, match="holds NaN or inf"):
-    embedding_io.save_embedding(str(tmp_path / "x.safetensors"), embedding_io.Concept(
+    embedding_writer.save_embedding(str(tmp_path / "x.safetensors"), embedding_io.Concept(
         "<toy>", np.full((1, 4), np.inf, np.float32), "x"), "diffusers")
   assert not (tmp_path / "x.safetensors").exists()
 

@@ -15,7 +15,7 @@ from PIL import Image
 from torch_reference import rel_err
 
 from ti_jax.data import buckets, choices, image_loader
-from ti_jax.embeddings import embedding_io, pseudo_words
+from ti_jax.embeddings import embedding_io, embedding_writer, pseudo_words
 from ti_jax.runtime import parallel
 from ti_jax.training import concept, dry_run, train_lib, trainer
 from ti_jax.training import config as training_config
@@ -182,7 +182,7 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
     built, tmp_path):
   config, inputs, _, _ = built
   sd_file = tmp_path / "sd.safetensors"
-  embedding_io.save_embedding(str(sd_file), embedding_io.Concept(
+  embedding_writer.save_embedding(str(sd_file), embedding_io.Concept(
       "<old>", np.ones((1, inputs.concepts[0].table.shape[1]), np.float32), ""), "diffusers")
   c = config.copy_and_resolve_references()
   c.init_embedding = str(sd_file)
@@ -194,7 +194,7 @@ def test_init_embedding_of_another_family_is_refused_in_one_line_and_sdxl_is_use
   pair = embedding_io.Concept("<old>", (rng.standard_normal((1, 32)).astype(np.float32),
                                        rng.standard_normal((1, 32)).astype(np.float32)), "")
   xl_file = tmp_path / "xl.safetensors"
-  embedding_io.save_embedding(str(xl_file), pair, "diffusers")
+  embedding_writer.save_embedding(str(xl_file), pair, "diffusers")
   c = config.copy_and_resolve_references()
   c.init_embedding = str(xl_file)
   first, second = _concepts(c, inputs)

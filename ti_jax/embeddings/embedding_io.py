@@ -1,5 +1,6 @@
-"""Learned-embedding files: diffusers, AUTOMATIC1111, kohya and OneTrainer formats, and the
-paper's own `.pt`, read; the first three written.
+"""Learned-embedding files read: the `Concept` record, its checks and errors, and the
+diffusers, AUTOMATIC1111, kohya and OneTrainer formats and the paper's own `.pt` read;
+`embedding_writer` writes the first three, `file_names` names the files.
 
 Formats (all vectors are `[num_vectors, dim]` float32):
   diffusers  `learned_embeds.safetensors` (or legacy `.bin`): `{token: [n, dim]}`.
@@ -24,10 +25,10 @@ SDXL embeddings hold vectors for both of SDXL's text encoders (CLIP ViT-L,
   diffusers  a pair, as diffusers' textual_inversion_sdxl example saves it:
              `learned_embeds.safetensors` {token: [n, 768]} for the first
              encoder and `learned_embeds_2.safetensors` {token: [n, 1280]} for
-             the second, beside it (`second_file`). Reading `X.safetensors`
-             picks up `X_2.safetensors` beside it, so the pair is named by its
-             first file or by the folder holding it; the second file alone is
-             refused with that advice. Only two diffusers files holding the
+             the second, beside it (`file_names.second_file`). Reading
+             `X.safetensors` picks up `X_2.safetensors` beside it, so the pair
+             is named by its first file or by the folder holding it; the second
+             file alone is refused with that advice. Only two diffusers files holding the
              same tokens are a pair: any other `X_2` beside `X` (A1111's
              `style_2.pt` beside `style.pt`) is an embedding of its own. The
              intermediate saves of that script are paired the same way:
@@ -66,12 +67,6 @@ A concept names its model family from its widths (`Concept.family`, `family`);
 `.pt`/`.bin` files need torch and are loaded with `weights_only=True`; the one class
 added to what that loader builds is a stand-in for the paper's nn.ParameterDict that keeps
 its pickled state and runs nothing (`_torch_load`).
-
-InvokeAI installs an embedding under its file name and finds it in a prompt as
-`<NAME>`, where NAME may hold only letters, digits and `. , _ -` and spaces: a file
-`<toy>.safetensors` cannot be typed there, so `prompt_usage` names the file to export
-for it (`invokeai_name`). InvokeAI's probe reads the width of a diffusers file from
-its first dimension (`[n, dim]` is "n wide"), so diffusers files are not for InvokeAI.
 """
 
 from __future__ import annotations
@@ -86,21 +81,20 @@ from typing import Any
 import numpy as np
 
 from ti_jax import errors
+from ti_jax.embeddings import file_names
 from ti_jax.runtime import console, fileio, run_dir
 from ti_jax.weights import safetensors_io
 
-FORMATS = ("diffusers", "a1111", "a1111-pt", "kohya")
-# The token id CLIP's tokenizer gives "*", which A1111 writes as string_to_token.
-_A1111_STAR_TOKEN = 265
 # A CLIP prompt holds 77 tokens, two of them BOS/EOS: more vectors can never be used.
 MAX_VECTORS = 75
 # Real embedding files are kilobytes (75 vectors of width 1280 are 384 KB); anything
 # this large is a model checkpoint or not an embedding, and is refused before reading.
 MAX_FILE_BYTES = 64 * 2**20
-# Per model kind with more than one text encoder: the key of each encoder's table in
-# its single-file embeddings (kohya, A1111, ComfyUI, OneTrainer), in the encoders' order.
-_PART_KEYS = {"SDXL": ("clip_l", "clip_g")}
-_SDXL_KEYS = _PART_KEYS["SDXL"]
+# Per model kind (`model_kind`) with more than one text encoder: the key of each encoder's
+# table in its single-file embeddings (kohya, A1111, ComfyUI, OneTrainer), in the encoders'
+# order; the writer writes the same keys.
+PART_KEYS = {"SDXL": ("clip_l", "clip_g")}
+_SDXL_KEYS = PART_KEYS["SDXL"]
 # How the text encoders are named in messages, in the pipeline's order.
 _ORDINALS = ("first", "second", "third", "fourth")
 # Keys under which a one-encoder embedding's vectors are stored without naming a token
@@ -112,15 +106,10 @@ _UNNAMED_KEYS = {
 }
 # OneTrainer saves an output embedding's vectors under its input key plus this suffix.
 _OUTPUT_SUFFIX = "_out"
-# The intermediate saves of diffusers' textual_inversion(_sdxl).py: learned_embeds-steps-N.
-_STEPS_SUFFIX = re.compile(r"-steps-\d+$")
-_DIFFUSERS_STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.(safetensors|bin)")
+# How diffusers' textual_inversion_sdxl.py names a pair's second file (and its saves).
 _DIFFUSERS_SECOND = re.compile(r"learned_embeds_2(-steps-\d+)?")
 # How the original textual_inversion code's string_to_param class is named in its pickles.
 _PARAMETER_DICT = "torch.nn.modules.container.ParameterDict"
-# InvokeAI's <NAME> triggers: the characters NAME may hold (its ti_utils' pattern
-# allows also "," and " ", left out here as no file name should need them).
-_INVOKEAI_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -144,11 +133,11 @@ def family(widths: Sequence[int]) -> str:
   "SD (32)", "SDXL (32 + 64)".
   """
   widths = tuple(int(w) for w in widths)
-  name = _FAMILIES.get(widths) or _kind(widths)
+  name = _FAMILIES.get(widths) or model_kind(widths)
   return f"{name} ({' + '.join(map(str, widths))})"
 
 
-def _kind(per_encoder: Sequence) -> str:
+def model_kind(per_encoder: Sequence) -> str:
   """The kind of model with one entry of `per_encoder` (widths, vectors) per text encoder,
   whatever the widths: "SDXL" for two, "SD" for one."""
   return "SDXL" if len(per_encoder) == 2 else "SD"
@@ -251,11 +240,13 @@ def check_encoder_vectors(vectors: Sequence[Any], what: str) -> tuple[np.ndarray
     if v.shape[0] != out[0].shape[0]:
       raise EmbeddingFileError(
           f"{what}: {out[0].shape[0]} vectors for the first text encoder but {v.shape[0]} "
-          f"for the {_ORDINALS[e]}; an {_kind(out)} embedding has as many in each")
+          f"for the {_ORDINALS[e]}; an {model_kind(out)} embedding has as many in each")
   return out
 
 
-def _checked(concept: Concept) -> Concept:
+def checked(concept: Concept) -> Concept:
+  """`concept` with every encoder's vectors checked (`check_vectors`,
+  `check_encoder_vectors`): what the writers write."""
   what = concept.source or concept.token
   if len(concept.vectors) == 1:
     return dataclasses.replace(concept, vectors=(check_vectors(concept.vectors[0], what),))
@@ -284,7 +275,7 @@ class _PickledModuleState:
     return params
 
 
-def _torch(missing: str):
+def import_torch(missing: str):
   """torch (optional: only .pt/.bin files need it), or EmbeddingFileError(`missing`)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -331,8 +322,8 @@ def _unpickling_refusal(path: str, text: str, torch) -> EmbeddingFileError | Non
 
 
 def _torch_load(path: str) -> Any:
-  torch = _torch(f"{path}: reading .pt/.bin files needs torch installed (or convert the file "
-                 "to .safetensors)")
+  torch = import_torch(f"{path}: reading .pt/.bin files needs torch installed (or convert the "
+                       "file to .safetensors)")
   try:
     with _paper_classes(torch):
       return torch.load(path, map_location="cpu", weights_only=True)
@@ -346,49 +337,8 @@ def _torch_load(path: str) -> Any:
     raise EmbeddingFileError(f"{path}: cannot read embedding file ({first})") from None
 
 
-def _steps_split(path: str) -> tuple[str, str, str]:
-  """`path` as (root, step suffix, extension): ("a/learned_embeds", "-steps-500", ".bin")."""
-  root, ext = os.path.splitext(path)
-  steps = _STEPS_SUFFIX.search(root)
-  cut = steps.start() if steps else len(root)
-  return root[:cut], root[cut:], ext
-
-
-def part_file(path: str, encoder: int) -> str:
-  """The diffusers file of text encoder `encoder` (0-based) of a multi-encoder concept
-  whose first file is `path`: `path` itself, then `second_file(path)`, ..."""
-  if encoder == 0:
-    return path
-  root, steps, ext = _steps_split(path)
-  return f"{root}_{encoder + 1}{steps}{ext}"
-
-
-def second_file(path: str) -> str:
-  """The second file of a diffusers SDXL pair beside its first, `path`.
-
-  `X_2.safetensors` for `X.safetensors`; for the intermediate saves of
-  diffusers' textual_inversion_sdxl.py the "_2" goes before the step suffix,
-  as that script names them: `learned_embeds_2-steps-500.safetensors` for
-  `learned_embeds-steps-500.safetensors`.
-  """
-  return part_file(path, 1)
-
-
-def _first_file(path: str) -> str | None:
-  """The path whose `second_file` is `path` (the first file of its pair), else None."""
-  root, steps, ext = _steps_split(path)
-  if not root.endswith("_2") or len(os.path.basename(root)) <= 2:
-    return None
-  first = f"{root[:-2]}{steps}{ext}"
-  return first if second_file(first) == path else None
-
-
-def _stem(path: str) -> str:
-  return os.path.splitext(os.path.basename(path))[0]
-
-
 def _by_file_name(path: str, vectors: Any, tool: str, notes: tuple[str, ...] = ()) -> Concept:
-  return Concept(_stem(path), check_vectors(vectors, path), path,
+  return Concept(file_names.stem_of(path), check_vectors(vectors, path), path,
                  token_from=f"its file name, as {tool} do", notes=notes)
 
 
@@ -400,7 +350,7 @@ def _sdxl_by_file_name(path: str, tables: dict, notes: tuple[str, ...] = ()) -> 
     raise EmbeddingFileError(f"{path}: holds {held} but not {missing[0]}; an SDXL embedding "
                              "holds both (clip_l and clip_g, one per text encoder)")
   vectors = check_encoder_vectors([_to_numpy(tables[k]) for k in _SDXL_KEYS], path)
-  return Concept(_stem(path), vectors, path, notes=notes,
+  return Concept(file_names.stem_of(path), vectors, path, notes=notes,
                  token_from="its file name, as kohya, A1111 and ComfyUI do")
 
 
@@ -523,7 +473,7 @@ def _is_pair(first: list[Concept], first_keyed: bool, second_path: str) -> list[
 def _check_not_second_file(path: str) -> None:
   """Refuses the diffusers file `path` if it is the second file of an SDXL pair: the first
   is beside it, or it is named as diffusers' SDXL script names second files."""
-  first_path = _first_file(path)
+  first_path = file_names.first_file(path)
   if not first_path:
     return
   if os.path.isfile(first_path):
@@ -532,7 +482,7 @@ def _check_not_second_file(path: str) -> None:
       raise EmbeddingFileError(
           f"{path} is the second file of the diffusers SDXL pair {os.path.basename(first_path)}"
           f" + {os.path.basename(path)}; pass {first_path} (it reads both) or their folder")
-  elif _DIFFUSERS_SECOND.fullmatch(_stem(path)):
+  elif _DIFFUSERS_SECOND.fullmatch(file_names.stem_of(path)):
     # Its vectors are the second text encoder's alone: 1280 wide, they would pass for an
     # LDM embedding.
     raise EmbeddingFileError(
@@ -557,8 +507,8 @@ def read_embedding_file(path: str) -> list[Concept]:
     with tempfile.TemporaryDirectory() as tmp:
       # The files a pair may need beside it, copied under the same names.
       local = os.path.join(tmp, os.path.basename(path))
-      first = _first_file(path)
-      for remote in (path, second_file(path), first):
+      first = file_names.first_file(path)
+      for remote in (path, file_names.second_file(path), first):
         if remote and (remote == path or fileio.exists(remote)):
           with open(os.path.join(tmp, os.path.basename(remote)), "wb") as f:
             f.write(fileio.read_bytes(remote))
@@ -572,7 +522,7 @@ def read_embedding_file(path: str) -> list[Concept]:
   concepts, keyed = _read_one(path)
   if keyed:
     _check_not_second_file(path)
-  second = _is_pair(concepts, keyed, second_file(path))
+  second = _is_pair(concepts, keyed, file_names.second_file(path))
   if second is None:
     return concepts
   tables = {c.token: c.vectors[0] for c in second}
@@ -580,237 +530,10 @@ def read_embedding_file(path: str) -> list[Concept]:
   for c in concepts:
     vectors = check_encoder_vectors(
         (c.vectors[0], tables[c.token]),
-        f"{path} + {os.path.basename(second_file(path))} (key {c.token!r})")
+        f"{path} + {os.path.basename(file_names.second_file(path))} (key {c.token!r})")
     out.append(dataclasses.replace(c, vectors=vectors,
                                    token_from="its key, as diffusers does (an SDXL pair)"))
   return out
-
-
-def output_files(path: str, concept: Concept, fmt: str) -> list[str]:
-  """The files that writing `concept` in `fmt` to `path` makes: `path`, and for an
-  SDXL concept in diffusers format one file per text encoder (`part_file(path, e)`:
-  `path`, then `second_file(path)`)."""
-  if fmt == "diffusers":
-    return [part_file(path, e) for e in range(len(concept.vectors))]
-  return [path]
-
-
-_NO_TORCH_FOR_WRITING = ("writing A1111 .pt files needs torch; use --format=a1111 "
-                         "(.safetensors) instead")
-
-
-def _write_part(path: str, concept: Concept, fmt: str, part: int, step: int) -> None:
-  """Writes file `part` of `output_files` for the checked `concept`."""
-  if fmt not in FORMATS:
-    raise EmbeddingFileError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
-  if len(concept.vectors) > 1:  # SDXL
-    if fmt == "diffusers":  # one file per text encoder, as diffusers' SDXL example saves them
-      safetensors_io.save(path, {concept.token: concept.vectors[part]}, {"format": "pt"})
-      return
-    # {"clip_l": [n, 768], "clip_g": [n, 1280]}
-    tables = dict(zip(_PART_KEYS[_kind(concept.vectors)], concept.vectors))
-    if fmt == "a1111-pt":  # the dict kohya writes for a .pt name; A1111 and ComfyUI read it
-      torch = _torch(_NO_TORCH_FOR_WRITING)
-      torch.save({k: torch.from_numpy(v.copy()) for k, v in tables.items()}, path)
-    else:  # a1111 and kohya: the file A1111, ComfyUI and kohya all load for SDXL
-      safetensors_io.save(path, tables, {"format": "pt"})
-    return
-  vectors, = concept.vectors  # [n, D]
-  if fmt == "diffusers":
-    safetensors_io.save(path, {concept.token: vectors}, {"format": "pt"})
-  elif fmt == "kohya":
-    safetensors_io.save(path, {"emb_params": vectors}, {"format": "pt"})
-  elif fmt == "a1111":
-    # emb_params, not "string_to_param.*": InvokeAI's probe reads the width of any other
-    # single key from its first dimension, and A1111 takes a file of one tensor whatever
-    # its key. The name and step go in the metadata, which no tool needs.
-    safetensors_io.save(path, {"emb_params": vectors},
-                        {"format": "pt", "name": concept.token, "step": str(step)})
-  else:  # a1111-pt
-    torch = _torch(_NO_TORCH_FOR_WRITING)
-    torch.save({"string_to_token": {"*": _A1111_STAR_TOKEN},
-                "string_to_param": {"*": torch.from_numpy(vectors.copy())},
-                "name": concept.token, "step": int(step)}, path)
-
-
-def write_embedding_file(path: str, concept: Concept, fmt: str, *, step: int = 0) -> None:
-  """Writes `concept` in format `fmt` (one of FORMATS) to the local `output_files(path, ...)`
-  as it goes; refuses NaN/inf or zero vectors. `save_embedding` is the atomic,
-  local-or-gs:// form."""
-  concept = _checked(concept)
-  for part, out in enumerate(output_files(path, concept, fmt)):
-    _write_part(out, concept, fmt, part, step)
-
-
-def save_embedding(path: str, concept: Concept, fmt: str, *, step: int = 0) -> None:
-  """Writes `concept` in `fmt` to `path` (local or gs://) whole or not at all.
-
-  The one writer of embedding files: the training run's final
-  `learned_embeds.safetensors` and every export go through it. A write that
-  fails half way (full disk, a kill) leaves the previous file, or none. A
-  diffusers SDXL pair is written in full to temporary files first, then moved
-  into place second file first, so a reader that finds the new first file
-  (the one it is named by) finds the new second file beside it.
-  """
-  finals = output_files(path, concept, fmt)
-  if fileio.is_remote(path):  # an object store upload replaces the object whole
-    concept = _checked(concept)
-    for part in reversed(range(len(finals))):
-      fileio.write_via_local_file(finals[part], lambda local, p=part: _write_part(
-          local, concept, fmt, p, step))
-    return
-  folder, name = os.path.split(os.path.abspath(path))
-  # The temporary name keeps the extension: torch.save and safetensors write by it.
-  tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
-  tmps = output_files(tmp, concept, fmt)
-  try:
-    write_embedding_file(tmp, concept, fmt, step=step)
-    for t, final in reversed(list(zip(tmps, finals))):
-      os.replace(t, final)
-  finally:
-    for t in tmps:
-      if os.path.exists(t):
-        os.remove(t)
-
-
-def holds_embedding(path: str, token: str, vectors: Sequence[np.ndarray]) -> bool:
-  """True if the diffusers file `path` exists and holds exactly `vectors[0]` under `token`,
-  and each further text encoder's file (`part_file(path, e)`, an SDXL pair's second
-  file) holds exactly `vectors[e]`."""
-  for e, expected in enumerate(vectors):
-    file = part_file(path, e)
-    if not fileio.exists(file):
-      return False
-    try:
-      saved = safetensors_io.load(file).get(token)
-    except Exception:  # pylint: disable=broad-except  # unreadable: the caller rewrites it
-      return False
-    if saved is None or not np.array_equal(np.asarray(saved), expected):
-      return False
-  return True
-
-
-# Characters no file name may hold: "/" and NUL everywhere, and on Windows also
-# these and control characters (Windows also drops trailing dots and spaces).
-_WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
-
-
-def file_stem(token: str, windows: bool | None = None) -> str:
-  """The file name (without extension) that registers `token` in A1111, kohya and ComfyUI.
-
-  Those tools take the token from the file name, so the token's own
-  characters are kept wherever the file system allows them: `<toy>` is
-  `<toy>.safetensors`, never `toy`, which is a word every prompt already uses.
-  Where a character is not allowed (Windows forbids `<>:"/\\|?*`), it becomes
-  `_`, so `<toy>` is `_toy_` there: still not a vocabulary word.
-  """
-  windows = os.name == "nt" if windows is None else windows
-  out = []
-  for c in token:
-    bad = c in "/\0" or ord(c) < 32 or (windows and c in _WINDOWS_FORBIDDEN)
-    out.append("_" if bad else c)
-  stem = "".join(out)
-  if windows:
-    stem = stem.rstrip(". ")
-  if stem.startswith("."):  # a hidden file; "." and ".." are not names at all
-    stem = "_" + stem[1:]
-  return stem or "embedding"
-
-
-# Each format gets its own folder: A1111 and kohya both want `<token>.safetensors`
-# (the file name is the token), so one folder could hold only one of them.
-_FORMAT_FILES = {"diffusers": ("diffusers", "learned_embeds", ".safetensors"),
-                 "a1111": ("a1111", None, ".safetensors"), "a1111-pt": ("a1111-pt", None, ".pt"),
-                 "kohya": ("kohya", None, ".safetensors")}
-
-
-def default_filename(token: str, fmt: str) -> str:
-  """The default export path of `token` in `fmt`, relative to the export folder.
-
-  `diffusers/learned_embeds.safetensors`, `a1111/<stem>.safetensors`,
-  `a1111-pt/<stem>.pt`, `kohya/<stem>.safetensors` (see `file_stem`).
-  """
-  if fmt not in _FORMAT_FILES:
-    raise EmbeddingFileError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
-  folder, name, ext = _FORMAT_FILES[fmt]
-  return f"{folder}/{name or file_stem(token)}{ext}"
-
-
-def invokeai_name(token: str) -> str:
-  """The file name (without extension) that InvokeAI's trigger for `token` reads well with.
-
-  InvokeAI installs an embedding under its file name and finds it in a prompt
-  as `<NAME>`, where NAME may hold only letters, digits, `. , _ -` and spaces:
-  `<toy>.safetensors` would need the trigger `<<toy>>`, which it never
-  matches. So the token loses one pair of surrounding `<>` and any other
-  character becomes `_`: `<toy>` is `toy`, typed `<toy>` in InvokeAI as in
-  ti_jax and A1111.
-  """
-  bracketed = len(token) >= 2 and token.startswith("<") and token.endswith(">")
-  name = _INVOKEAI_UNSAFE.sub("_", token[1:-1] if bracketed else token).strip(".")
-  return name or "embedding"
-
-
-def _invokeai_usage(path: str, token: str, fmt: str) -> str:
-  """What to do with the file at `path` in InvokeAI (see `invokeai_name`)."""
-  if fmt == "diffusers":
-    return ("InvokeAI: not this format (its probe takes the first dimension of a diffusers "
-            "file's [n, dim] tensor for the width); export --format kohya for it")
-  stem, ext = os.path.splitext(os.path.basename(path))
-  if not _INVOKEAI_UNSAFE.search(stem):
-    return f"InvokeAI: install it and type <{stem}>"
-  name = invokeai_name(token)
-  folder = os.path.dirname(path)
-  better = fileio.join(folder, f"{name}{ext}") if folder else f"{name}{ext}"
-  return (f"InvokeAI: export again with --output {better}, install that and type <{name}> "
-          f"(InvokeAI names a model after its file, and <{stem}> is no trigger it reads)")
-
-
-def prompt_usage(path: str, token: str, fmt: str, *, sdxl: bool = False) -> str:
-  """What a user types for the file at `path` in each tool that reads format `fmt`.
-
-  `sdxl`: the file holds an SDXL concept (both text encoders' vectors).
-  """
-  stem = _stem(path)
-  ours = f"ti_jax.sample --embeddings {path}: type {token if fmt == 'diffusers' else stem}"
-  invokeai = _invokeai_usage(path, token, fmt)
-  if fmt == "diffusers" and sdxl:
-    second = second_file(path)
-    return (f"diffusers: pipe.load_textual_inversion({path!r}, text_encoder=pipe.text_encoder, "
-            f"tokenizer=pipe.tokenizer) and pipe.load_textual_inversion({second!r}, "
-            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2), then type "
-            f"{token} in prompts; {ours}; {invokeai}")
-  if fmt == "diffusers":
-    return (f"diffusers: pipe.load_textual_inversion({path!r}), then type {token} in "
-            f"prompts; {ours}; {invokeai}")
-  tools = "A1111 (put it in embeddings/)" if fmt.startswith("a1111") else "kohya sd-scripts"
-  usage = f"{tools}: type {stem} in prompts; ComfyUI: type embedding:{stem}; {invokeai}; {ours}"
-  if sdxl:
-    usage += ("; diffusers: load the file's 'clip_l' and 'clip_g' tensors and pass each to "
-              f"pipe.load_textual_inversion(..., token={stem!r}) with text_encoder/tokenizer "
-              "and text_encoder_2/tokenizer_2")
-  return usage
-
-
-def _diffusers_file_in(folder: str) -> tuple[str | None, tuple[str, ...]]:
-  """The embedding file diffusers' scripts leave in `folder` (None if none), and a note.
-
-  The final `learned_embeds.safetensors` (or `.bin`), as diffusers' own
-  loader takes; else, for a run that stopped before its end, the newest of
-  its intermediate saves `learned_embeds-steps-N` (the note names it).
-  """
-  for ext in (".safetensors", ".bin"):
-    final = fileio.join(folder, f"learned_embeds{ext}")
-    if fileio.exists(final):
-      return final, ()
-  saves = [(int(m.group(1)), m.group(2) == "safetensors", name)
-           for name in fileio.list_names(folder) if (m := _DIFFUSERS_STEP_FILE.fullmatch(name))]
-  if not saves:
-    return None, ()
-  newest = max(saves)[2]
-  return fileio.join(folder, newest), (
-      f"{folder} holds no learned_embeds.safetensors; read its newest intermediate save, "
-      f"{newest} (pass another file to choose it)",)
 
 
 def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
@@ -836,7 +559,8 @@ def load_concepts(spec: str, step: int | None = None) -> list[Concept]:
       raise EmbeddingFileError(f"{spec!r}: the token after ':' must be one word without spaces")
   if fileio.is_dir(path):
     has_run = fileio.exists(fileio.join(path, "run.json"))
-    diffusers_file, folder_notes = (None, ()) if has_run else _diffusers_file_in(path)
+    diffusers_file, folder_notes = ((None, ()) if has_run
+                                    else file_names.diffusers_file_in(path))
     if not has_run and not diffusers_file:
       raise EmbeddingFileError(f"{path} is not a ti_jax run directory (no run.json) and holds "
                                "no learned_embeds.safetensors or .bin (nor a diffusers "

@@ -1,13 +1,14 @@
 """Exports a run's learned vectors as an embedding file for another tool.
 
-`python -m ti_jax.export` is its command line; `embedding_io` owns the formats.
+`python -m ti_jax.export` is its command line; `embedding_writer` writes the formats
+(`embedding_io` reads them back).
 """
 
 from __future__ import annotations
 
 import os
 
-from ti_jax.embeddings import embedding_io
+from ti_jax.embeddings import embedding_io, embedding_writer
 from ti_jax.runtime import fileio, run_dir
 
 
@@ -24,9 +25,9 @@ def export(workdir: str, fmt: str, output: str = "", step: int | None = None,
 def export_with_token(workdir: str, fmt: str, output: str = "", step: int | None = None,
                       overwrite: bool = False) -> tuple[str, embedding_io.Concept]:
   """`export`, also returning the exported concept (its token for the usage line)."""
-  if fmt not in embedding_io.FORMATS:
+  if fmt not in embedding_writer.FORMATS:
     raise embedding_io.EmbeddingFileError(
-        f"unknown format {fmt!r} (known: {', '.join(embedding_io.FORMATS)})")
+        f"unknown format {fmt!r} (known: {', '.join(embedding_writer.FORMATS)})")
   if not fileio.exists(workdir):
     raise run_dir.WorkdirError(f"run directory {workdir} does not exist")
   if not fileio.is_dir(workdir):
@@ -41,7 +42,7 @@ def export_with_token(workdir: str, fmt: str, output: str = "", step: int | None
                                           "checkpoint)") from None
   concept = embedding_io.Concept(meta["placeholder_token"], vectors, ckpt)
   path = output or fileio.join(workdir, "export",
-                               *embedding_io.default_filename(concept.token, fmt).split("/"))
+                               *embedding_writer.default_filename(concept.token, fmt).split("/"))
   return write_export(path, concept, fmt, overwrite, step=int(meta.get("step", 0))), concept
 
 
@@ -50,12 +51,12 @@ def write_export(path: str, concept: embedding_io.Concept, fmt: str, overwrite: 
   """Writes `concept` in `fmt` to `path` (its folder made); returns `path`.
 
   Refuses a folder at `path`, and, unless `overwrite`, any of the files the
-  format makes (`embedding_io.output_files`: two for a diffusers SDXL pair)
+  format makes (`embedding_writer.output_files`: two for a diffusers SDXL pair)
   that already exists; the files appear whole or not at all.
   """
   if fileio.is_dir(path):
     raise embedding_io.EmbeddingFileError(f"--output {path} is a folder; give a file name")
-  for file in embedding_io.output_files(path, concept, fmt):
+  for file in embedding_writer.output_files(path, concept, fmt):
     if fileio.is_dir(file):
       raise embedding_io.EmbeddingFileError(f"{file} (the pair's second file) is a folder")
     if fileio.exists(file) and not overwrite:
@@ -64,5 +65,5 @@ def write_export(path: str, concept: embedding_io.Concept, fmt: str, overwrite: 
   parent = os.path.dirname(path) if not fileio.is_remote(path) else path.rsplit("/", 1)[0]
   if parent:
     fileio.makedirs(parent)
-  embedding_io.save_embedding(path, concept, fmt, step=step)
+  embedding_writer.save_embedding(path, concept, fmt, step=step)
   return path

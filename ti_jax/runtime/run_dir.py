@@ -11,7 +11,7 @@ A run directory holds:
   unreadable_checkpoints/  checkpoints a resumed run could not read, set aside
   metrics.jsonl            one JSON line per logged step
   validation/              validation PNGs
-  learned_embeds.safetensors  the final vectors in diffusers' format (embedding_io); an
+  learned_embeds.safetensors  the final vectors in diffusers' format (embedding_writer); an
                            SDXL run also writes learned_embeds_2.safetensors (the
                            second text encoder's) and its state holds "embeds_2"
 

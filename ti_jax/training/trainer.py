@@ -21,7 +21,7 @@ import numpy as np
 
 from ti_jax import errors
 from ti_jax.data import buckets
-from ti_jax.embeddings import embedding_io
+from ti_jax.embeddings import embedding_io, embedding_writer, file_names
 from ti_jax.models import layers
 from ti_jax.runtime import console, fileio, parallel, run_dir
 from ti_jax.training import checkpointing, loop, tensorboard, train_lib, validation
@@ -271,7 +271,7 @@ def export(config, workdir: str, inputs: RunInputs, state, start: int, step: int
     active = train_lib.active_vectors(step, config.num_vectors, config.progressive_words)
     out = write_final_embedding(config, workdir, [v[:active] for v in final.values()], step,
                                 rewrite=step > start)
-    pair = (f" and {embedding_io.second_file(out)} (the second text encoder's)"
+    pair = (f" and {file_names.second_file(out)} (the second text encoder's)"
             if len(final) > 1 else "")
     _log(f"done: step {step}; learned embedding in {out}{pair}")
   return {"step": step, **final, "interrupted": interrupted}
@@ -290,8 +290,8 @@ def write_final_embedding(config, workdir: str, vectors: Sequence[np.ndarray], s
   out = fileio.join(workdir, "learned_embeds.safetensors")
   per_encoder = tuple(vectors)
   try:
-    if rewrite or not embedding_io.holds_embedding(out, config.placeholder_token, per_encoder):
-      embedding_io.save_embedding(out, embedding_io.Concept(
+    if rewrite or not embedding_writer.holds_embedding(out, config.placeholder_token, per_encoder):
+      embedding_writer.save_embedding(out, embedding_io.Concept(
           config.placeholder_token, per_encoder, f"{workdir} step {step}"), "diffusers")
   except OSError as e:
     raise run_dir.WorkdirError(
