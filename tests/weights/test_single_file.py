@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ti_jax.testing import single_file_models
-from ti_jax.weights import presets, safetensors_io, single_file, tiny_models
+from ti_jax.weights import original_layout, presets, safetensors_io, single_file, tiny_models
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
 
 FAMILIES = {"sd1": "tiny_sd15", "sd2": "tiny_sd21"}
@@ -160,7 +160,7 @@ def test_diffusers_component_file_is_refused(files):
 
 def test_inpainting_unet_is_refused(files, tmp_path):
   def nine_channels(state):
-    key = single_file.UNET_PREFIX + "input_blocks.0.0.weight"
+    key = original_layout.UNET_PREFIX + "input_blocks.0.0.weight"
     out, _, kh, kw = state[key].shape
     state[key] = np.zeros((out, 9, kh, kw), np.float32)
   err = _load_error(_edited(files, tmp_path, edit=nine_channels))
@@ -169,8 +169,8 @@ def test_inpainting_unet_is_refused(files, tmp_path):
 
 def test_sdxl_refiner_layout_is_refused(files, tmp_path):
   def refiner(state):
-    for key in [k for k in state if k.startswith(single_file.OPENCLIP_PREFIX)]:
-      state[key.replace(single_file.OPENCLIP_PREFIX, "conditioner.embedders.0.model.")] = (
+    for key in [k for k in state if k.startswith(original_layout.OPENCLIP_PREFIX)]:
+      state[key.replace(original_layout.OPENCLIP_PREFIX, "conditioner.embedders.0.model.")] = (
           state.pop(key))
   err = _load_error(_edited(files, tmp_path, family="sd2", edit=refiner))
   _assert_one_line(err, "SDXL refiner")
@@ -178,13 +178,13 @@ def test_sdxl_refiner_layout_is_refused(files, tmp_path):
 
 def test_unknown_widths_are_refused_naming_the_shapes(files, tmp_path):
   def no_text_encoder(state):
-    for key in [k for k in state if k.startswith(single_file.CLIP_PREFIX)]:
+    for key in [k for k in state if k.startswith(original_layout.CLIP_PREFIX)]:
       del state[key]
   err = _load_error(_edited(files, tmp_path, edit=no_text_encoder))
   _assert_one_line(err, "no cond_stage_model.* text encoder")
 
   def deeper_text_encoder(state):
-    layer = single_file.CLIP_PREFIX + "text_model.encoder.layers."
+    layer = original_layout.CLIP_PREFIX + "text_model.encoder.layers."
     for key in [k for k in state if k.startswith(layer + "1.")]:
       state[key.replace(layer + "1.", layer + "2.")] = state[key]
   err = _load_error(_edited(files, tmp_path, edit=deeper_text_encoder, name="deeper.safetensors"))
@@ -194,7 +194,7 @@ def test_unknown_widths_are_refused_naming_the_shapes(files, tmp_path):
 
 def test_unexpected_component_key_is_refused(files, tmp_path):
   def extra(state):
-    state[single_file.UNET_PREFIX + "input_blocks.1.2.weight"] = np.zeros(3, np.float32)
+    state[original_layout.UNET_PREFIX + "input_blocks.1.2.weight"] = np.zeros(3, np.float32)
   err = _load_error(_edited(files, tmp_path, edit=extra))
   _assert_one_line(err, "unexpected key model.diffusion_model.input_blocks.1.2.weight")
 
@@ -286,7 +286,7 @@ def test_sdxl_original_layout_agrees_with_diffusers_converters(sdxl_states):
          "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, configs["vae"]),
          "text_encoder": sfu.convert_ldm_clip_checkpoint(checkpoint),
          "text_encoder_2": sfu.convert_open_clip_checkpoint(
-             text_model, checkpoint, prefix=single_file.SDXL_OPENCLIP_PREFIX)}
+             text_model, checkpoint, prefix=original_layout.SDXL_OPENCLIP_PREFIX)}
   for comp, want in states.items():
     actual = {k: v for k, v in got[comp].items() if not k.endswith("position_ids")}
     assert sorted(actual) == sorted(want), comp
@@ -339,7 +339,7 @@ def _original_shapes(family, configs, expected):
   out = {}
   for comp, shapes in expected.items():
     for key, shape in shapes.items():
-      source = single_file.diffusers_to_original(family, comp, key, configs[comp])
+      source = original_layout.diffusers_to_original(family, comp, key, configs[comp])
       if source.op.startswith("qkv"):
         shape = (3 * shape[0], *shape[1:])
       elif source.op == "conv1x1":
@@ -357,16 +357,16 @@ def test_full_size_files_are_recognised_and_fit_their_models(name):
   from ti_jax.weights.pipeline import build_modules, component_spec, param_shapes
   family = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}[name]
   configs = presets.preset(name)
-  components = ("unet", "vae", *single_file.TEXT_ENCODERS[family])
+  components = ("unet", "vae", *original_layout.TEXT_ENCODERS[family])
   flax_shapes = param_shapes(build_modules(configs))
-  expected = {comp: single_file.torch_shapes(component_spec(comp, configs[comp]),
+  expected = {comp: original_layout.torch_shapes(component_spec(comp, configs[comp]),
                                              flax_shapes[comp]) for comp in components}
   shapes = _original_shapes(family, configs, expected)
   if family == "sd2":
-    block = single_file.OPENCLIP_PREFIX + "transformer.resblocks."
+    block = original_layout.OPENCLIP_PREFIX + "transformer.resblocks."
     shapes.update({k.replace(f"{block}22.", f"{block}23."): v for k, v in shapes.items()
                    if k.startswith(f"{block}22.")})
-    shapes[single_file.OPENCLIP_PREFIX + "text_projection"] = (1024, 1024)
+    shapes[original_layout.OPENCLIP_PREFIX + "text_projection"] = (1024, 1024)
   assert single_file.detect_family(shapes, "x") == family
   found, got = single_file.configs_for(family, shapes, "x")
   assert found == name

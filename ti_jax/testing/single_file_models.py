@@ -1,6 +1,6 @@
 """Writes a diffusers folder's weights as one original-layout (A1111/ComfyUI) checkpoint file.
 
-The inverse of `ti_jax.weights.single_file`, built on its key mapping, for
+The inverse of `ti_jax.weights.single_file`, built on its key mapping (`original_layout`), for
 tests: the tiny models become single files whose loading can be compared with
 their folders, and diffusers' own original->diffusers converters check the
 mapping. Like real files, the output also carries what the loader must skip:
@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from ti_jax.weights import loading, safetensors_io, single_file
+from ti_jax.weights import loading, original_layout, safetensors_io
 
 
 def diffusers_state_dicts(model_dir: str) -> dict[str, dict[str, np.ndarray]]:
@@ -37,7 +37,7 @@ def original_state_dict(family: str, configs: dict[str, dict],
                         ) -> dict[str, np.ndarray]:
   """The original-layout state dict of diffusers component state dicts (`configs`: theirs).
 
-  `states` holds unet, vae and the family's text encoders (`single_file.TEXT_ENCODERS`).
+  `states` holds unet, vae and the family's text encoders (`original_layout.TEXT_ENCODERS`).
   """
   rng = np.random.default_rng(seed)
   parts: dict[str, dict[str, np.ndarray]] = {}  # original key -> op -> tensor
@@ -45,7 +45,7 @@ def original_state_dict(family: str, configs: dict[str, dict],
     for key, value in state.items():
       if key.endswith("position_ids"):
         continue
-      source = single_file.diffusers_to_original(family, comp, key, configs[comp])
+      source = original_layout.diffusers_to_original(family, comp, key, configs[comp])
       parts.setdefault(source.key, {})[source.op] = value
   out = {}
   for key, by_op in parts.items():
@@ -53,9 +53,9 @@ def original_state_dict(family: str, configs: dict[str, dict],
     if ops[0].startswith("qkv"):
       assert ops == ["qkv0", "qkv1", "qkv2"], (key, ops)
     out[key] = np.ascontiguousarray(
-        single_file.invert_op(ops[0], [by_op[op] for op in ops])).astype(np.float32)
+        original_layout.invert_op(ops[0], [by_op[op] for op in ops])).astype(np.float32)
   out["alphas_cumprod"] = np.linspace(1.0, 0.0, 1000, dtype=np.float32)  # a buffer real files hold
-  for comp, (kind, prefix) in single_file.TEXT_ENCODERS[family].items():
+  for comp, (kind, prefix) in original_layout.TEXT_ENCODERS[family].items():
     text = configs[comp]
     if kind == "clip":
       out[prefix + "text_model.embeddings.position_ids"] = (
