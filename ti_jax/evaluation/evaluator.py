@@ -90,9 +90,9 @@ class _Generators:
             guidance_scale=p.guidance_scale, height=resolution, width=resolution,
             devices=self.devices)
       except noise_schedule.SchedulerConfigError as e:
-        hint = schedulers.usable_samplers_hint(sd.scheduler_config, p.num_inference_steps,
-                                               "--scheduler")
-        raise EvaluateError(f"{model_id}: {e}{hint}") from None
+        refusal = schedulers.sampler_refusal(e, sd.scheduler_config, p.num_inference_steps,
+                                             "--scheduler")
+        raise EvaluateError(f"{model_id}: {refusal}") from None
       except ValueError as e:
         raise EvaluateError(str(e)) from None
       self._by_model[key] = (sd, model_id, generator)

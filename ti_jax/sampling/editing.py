@@ -250,8 +250,8 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
   try:  # the model's scheduler config fixes which step counts work: checked before any output
     schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
   except noise_schedule.SchedulerConfigError as e:
-    hint = schedulers.usable_samplers_hint(sd.scheduler_config, num_inference_steps, "--scheduler")
-    raise EditError(f"{e}{hint}") from None
+    raise EditError(schedulers.sampler_refusal(e, sd.scheduler_config, num_inference_steps,
+                                               "--scheduler")) from None
   except ValueError as e:
     raise EditError(str(e)) from None
   vocab = concept_lib.tokenizers_with_concepts(sd, concepts)  # tokenizer(s), learned vectors

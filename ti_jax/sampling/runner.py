@@ -120,8 +120,8 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         guidance_scale=guidance_scale, height=height, width=width, devices=devices,
         guidance_rescale=guidance_rescale)
   except noise_schedule.SchedulerConfigError as e:
-    hint = schedulers.usable_samplers_hint(sd.scheduler_config, num_inference_steps, "--scheduler")
-    raise SampleError(f"{e}{hint}") from None
+    raise SampleError(schedulers.sampler_refusal(e, sd.scheduler_config, num_inference_steps,
+                                                 "--scheduler")) from None
   except ValueError as e:
     raise SampleError(str(e)) from None
   out_dir = output_dir or (fileio.join(workdir, "samples") if workdir else "samples")

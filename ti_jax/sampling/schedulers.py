@@ -35,7 +35,8 @@ class takes but does not use is ignored as there (DPM-Solver++ uses
 passes). A config written by any diffusers scheduler class builds
 every sampler that the diffusers class of its kind builds from it
 (tests/sampling/test_scheduler_configs.py); a value a sampler cannot honour
-raises a one-line `noise_schedule.SchedulerConfigError`.
+raises a one-line `noise_schedule.SchedulerConfigError`, which `sampler_refusal`
+completes with the samplers that can sample the config instead.
 """
 
 from __future__ import annotations
@@ -528,3 +529,26 @@ def usable_samplers_hint(config: Mapping[str, Any], num_inference_steps: int, fl
     return f"; no ti_jax sampler ({', '.join(SAMPLER_NAMES)}) can sample this model's config"
   names = usable[0] if len(usable) == 1 else f"{', '.join(usable[:-1])} or {usable[-1]}"
   return f"; {flag} {names} can sample this model"
+
+
+def sampler_refusal(error: ValueError, config: Mapping[str, Any], num_inference_steps: int,
+                    flag: str) -> str:
+  """The one-line refusal of a sampler that `make_sampler` would not build: its error, then
+  which samplers can sample `config` at that step count instead (`usable_samplers_hint`).
+
+  It takes the error rather than building the sampler itself because its callers reach
+  `make_sampler` differently: sample and evaluate through `generation.ImageGenerator`, whose
+  own checks (image size, guidance rescale) come first; validation and edit directly. Each
+  wraps the line in its own error type and decides which errors get it: validation every
+  ValueError of `make_sampler`, sample, edit and evaluate a `SchedulerConfigError` only.
+
+  Args:
+    error: What `make_sampler(name, config, num_inference_steps)` raised.
+    config: The model's scheduler config dict.
+    num_inference_steps: The requested number of steps.
+    flag: How the user picks a sampler, e.g. "--scheduler" or "config.validation_scheduler".
+
+  Returns:
+    "ERROR; FLAG NAME or NAME can sample this model" (or, when none can, a clause saying so).
+  """
+  return f"{error}{usable_samplers_hint(config, num_inference_steps, flag)}"
