@@ -328,7 +328,7 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from ti_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
-  from ti_jax.sampling import schedulers  # pylint: disable=import-outside-toplevel
+  from ti_jax.sampling import noise_schedule  # pylint: disable=import-outside-toplevel
   from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
   from ti_jax.weights import pipeline  # pylint: disable=import-outside-toplevel
   cfg = common.model_configs(model)
@@ -350,7 +350,7 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
       latent_mean=sds((num_views, latent, latent, channels), jnp.float32),  # [V, h, w, C]
       latent_std=sds((num_views, latent, latent, channels), jnp.float32),
       placeholder_ids=tuple(sds((1,), jnp.int32) for _ in roles),
-      schedule=_abstract(schedulers.noise_schedule_from_config(cfg["scheduler"])),
+      schedule=_abstract(noise_schedule.noise_schedule_from_config(cfg["scheduler"])),
       time_ids=sds((num_views, 6), jnp.float32) if sdxl else None)
   settings = train_lib.StepSettings(
       unet=modules["unet"], text_encoders=tuple(modules[r] for r in roles), suffixes=suffixes,

@@ -45,7 +45,7 @@ def main(argv):
   import numpy as np
 
   from ti_jax.runtime import parallel
-  from ti_jax.sampling import schedulers
+  from ti_jax.sampling import noise_schedule
   from ti_jax.training import train_lib
   from ti_jax.weights.pipeline import build_modules, param_shapes
   from ti_jax.weights.tiny_models import random_params
@@ -68,7 +68,7 @@ def main(argv):
       latent_mean=rng.standard_normal((8, latent, latent, 4)).astype(np.float32),
       latent_std=np.full((8, latent, latent, 4), 0.1, np.float32),
       placeholder_ids=(np.asarray([vocab - 1], np.int32),),
-      schedule=schedulers.noise_schedule_from_config(cfg["scheduler"]))
+      schedule=noise_schedule.noise_schedule_from_config(cfg["scheduler"]))
   settings = train_lib.StepSettings(unet=modules["unet"], text_encoders=(modules["text_encoder"],),
                                     scaling_factor=0.18215, shift_factor=0.0, seed=0)
   lr = train_lib.learning_rate_schedule(5e-3, "constant", 0, 1000)

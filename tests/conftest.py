@@ -63,7 +63,7 @@ def step_pieces(model_dir: str, num_vectors: int, *, flip: bool = True, seed: in
 
   from ti_jax.data import captions, image_loader, latent_cache
   from ti_jax.embeddings import pseudo_words
-  from ti_jax.sampling import schedulers
+  from ti_jax.sampling import noise_schedule
   from ti_jax.training import train_lib
   from ti_jax.weights.loading import load_stable_diffusion
   sd = load_stable_diffusion(model_dir)
@@ -76,7 +76,7 @@ def step_pieces(model_dir: str, num_vectors: int, *, flip: bool = True, seed: in
   frozen = train_lib.Frozen(unet=sd.unet_params, text_encoders=(sd.text_encoder_params,),
                             latent_mean=mean, latent_std=std,
                             placeholder_ids=(np.asarray(ids, np.int32),),
-                            schedule=schedulers.noise_schedule_from_config(sd.scheduler_config))
+                            schedule=noise_schedule.noise_schedule_from_config(sd.scheduler_config))
   settings = train_lib.StepSettings(unet=sd.unet, text_encoders=(sd.text_encoder,),
                                     scaling_factor=sd.vae.config.scaling_factor,
                                     shift_factor=0.0, seed=seed)

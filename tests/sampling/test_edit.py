@@ -15,7 +15,7 @@ from PIL import Image
 from ti_jax import errors
 from ti_jax.data import captions
 from ti_jax.embeddings import embedding_io, pseudo_words
-from ti_jax.sampling import blended, editing, runner, schedulers
+from ti_jax.sampling import blended, editing, noise_schedule, runner, schedulers
 from ti_jax.training import trainer
 from ti_jax.weights.loading import load_stable_diffusion
 
@@ -78,7 +78,7 @@ def test_background_latents_are_at_the_samplers_noise_level(run):
   # With an oracle model (it returns the very noise the sample was made with) every
   # deterministic sampler maps the input noised to level k onto the input noised to
   # level k + 1: so `noised_latents` is at the level the loop's sample reaches.
-  schedule = schedulers.noise_schedule_from_config(run["sd"].scheduler_config)
+  schedule = noise_schedule.noise_schedule_from_config(run["sd"].scheduler_config)
   rng = np.random.default_rng(0)
   z0 = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
   eps = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
@@ -101,7 +101,7 @@ def _img2img_reference(run, seed, indices, num_steps, guidance):
   """
   sd = run["sd"]
   sampler = schedulers.make_sampler("ddim", sd.scheduler_config, num_steps)
-  schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
+  schedule = noise_schedule.noise_schedule_from_config(sd.scheduler_config)
   scale, shift = sd.vae.config.scaling_factor, sd.vae.config.shift_factor
   pixels = jnp.asarray(run["image"], jnp.float32)[None] / 127.5 - 1.0
   mean, _ = sd.vae.apply({"params": sd.vae_params}, pixels, method=sd.vae.encode)
@@ -113,7 +113,7 @@ def _img2img_reference(run, seed, indices, num_steps, guidance):
   def one(unet_params, text_params, index):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), 0)
     noise = jax.random.normal(key, z0.shape[1:])[None]
-    x = schedulers.add_noise(schedule, z0, noise, sampler.timesteps[:1])  # [1, 8, 8, 4]
+    x = noise_schedule.add_noise(schedule, z0, noise, sampler.timesteps[:1])  # [1, 8, 8, 4]
     table = pseudo_words.token_table(sd.text_encoder, text_params)
     embeds = pseudo_words.embed_tokens(table, jnp.asarray(vectors, jnp.float32),
                                        jnp.asarray(token_ids), ids)

@@ -40,9 +40,9 @@ from test_schedulers import (  # noqa: E402
 
 from ti_jax.evaluation import evaluator  # noqa: E402
 from ti_jax.sampling import editing, runner  # noqa: E402
+from ti_jax.sampling.noise_schedule import SchedulerConfigError  # noqa: E402
 from ti_jax.sampling.schedulers import (  # noqa: E402
   SAMPLER_NAMES,
-  SchedulerConfigError,
   make_sampler,
   usable_samplers_hint,
 )

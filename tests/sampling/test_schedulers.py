@@ -1,4 +1,5 @@
-"""Parity tests for ti_jax.sampling.schedulers against diffusers' PyTorch schedulers (CPU).
+"""Parity tests for ti_jax.sampling.schedulers and noise_schedule against diffusers'
+PyTorch schedulers (CPU).
 
 Every comparison builds the diffusers scheduler with `Class.from_config(cfg)`
 from the same config dict. Sampling loops run the JAX side under `jax.jit`
@@ -21,14 +22,14 @@ diffusers = pytest.importorskip("diffusers")
 from conftest import record_parity  # noqa: E402
 
 from ti_jax.sampling import schedulers  # noqa: E402
-from ti_jax.sampling.schedulers import (  # noqa: E402
+from ti_jax.sampling.noise_schedule import (  # noqa: E402
   SchedulerConfigError,
   add_noise,
   get_velocity,
-  make_sampler,
   noise_schedule_from_config,
   training_target,
 )
+from ti_jax.sampling.schedulers import make_sampler  # noqa: E402
 
 # The public SD 1.5 (PNDM, epsilon) and SD 2.1 (DDIM, v-prediction) scheduler configs.
 SD15 = {

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ti_jax import errors
 from ti_jax.evaluation import clip_io, evaluator
-from ti_jax.sampling import editing, generation, runner, schedulers
+from ti_jax.sampling import editing, generation, noise_schedule, runner
 from ti_jax.training import dry_run, trainer, validation
 from ti_jax.training import config as training_config
 from ti_jax.weights.loading import load_stable_diffusion
@@ -219,7 +219,7 @@ def _schedule(folder):
   """The training noise schedule a run on `folder` uses (what `inputs.load_model` builds
   from the model's scheduler config)."""
   with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-    return schedulers.noise_schedule_from_config(json.load(f))
+    return noise_schedule.noise_schedule_from_config(json.load(f))
 
 
 @pytest.mark.parametrize("class_name", CLASSES)

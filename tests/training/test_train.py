@@ -19,7 +19,7 @@ from ti_jax import errors
 from ti_jax.data import choices, image_loader
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import parallel, run_dir
-from ti_jax.sampling import schedulers
+from ti_jax.sampling import noise_schedule
 from ti_jax.training import train_lib, trainer
 from ti_jax.weights.loading import load_stable_diffusion
 
@@ -130,15 +130,16 @@ def test_v_prediction_target_matches_diffusers_get_velocity(tiny_sd21):
   from diffusers import DDPMScheduler
   sd = load_stable_diffusion(tiny_sd21)
   assert sd.scheduler_config["prediction_type"] == "v_prediction"
-  schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
+  schedule = noise_schedule.noise_schedule_from_config(sd.scheduler_config)
   rng = np.random.default_rng(0)
   x0 = rng.standard_normal((3, 8, 8, 4)).astype(np.float32)
   noise = rng.standard_normal((3, 8, 8, 4)).astype(np.float32)
   t = np.array([1, 500, 999])
   ref = DDPMScheduler.from_config(sd.scheduler_config).get_velocity(
       torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
-  np.testing.assert_allclose(np.asarray(schedulers.training_target(schedule, x0, noise, t)), ref,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(noise_schedule.training_target(schedule, x0, noise, t)), ref,
+      rtol=1e-5, atol=1e-6)
 
 
 def test_loss_decreases_on_learnable_case(setup):

@@ -24,7 +24,7 @@ from ti_jax.data import image_loader
 from ti_jax.embeddings import embedding_io
 from ti_jax.evaluation import clip_io, clip_scores, plot, prompt_lists, world_scores
 from ti_jax.runtime import console, fileio, parallel
-from ti_jax.sampling import concepts, generation, schedulers
+from ti_jax.sampling import concepts, generation, noise_schedule, schedulers
 from ti_jax.weights import loading
 from ti_jax.weights.loading import ModelLoadError
 from ti_jax.world import checker as checker_lib
@@ -89,10 +89,10 @@ class _Generators:
             sd, scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,
             guidance_scale=p.guidance_scale, height=resolution, width=resolution,
             devices=self.devices)
-      except schedulers.SchedulerConfigError as e:
-        hint = schedulers.usable_samplers_hint(sd.scheduler_config, p.num_inference_steps,
-                                               "--scheduler")
-        raise EvaluateError(f"{model_id}: {e}{hint}") from None
+      except noise_schedule.SchedulerConfigError as e:
+        refusal = schedulers.sampler_refusal(e, sd.scheduler_config, p.num_inference_steps,
+                                             "--scheduler")
+        raise EvaluateError(f"{model_id}: {refusal}") from None
       except ValueError as e:
         raise EvaluateError(str(e)) from None
       self._by_model[key] = (sd, model_id, generator)

@@ -27,17 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ti_jax.runtime import parallel
-from ti_jax.sampling import generation, schedulers
+from ti_jax.sampling import generation, noise_schedule, schedulers
 
 
-def noised_latents(sampler: schedulers.Sampler, schedule: schedulers.NoiseSchedule,
+def noised_latents(sampler: schedulers.Sampler, schedule: noise_schedule.NoiseSchedule,
                    latents: jax.Array, noise: jax.Array, level: jax.Array | int) -> jax.Array:
   """The input's latents at the noise level of the loop's sample before step `level`.
 
   Every sampler's sample entering step k is at the level of `timesteps[k]`
   (PNDM's repeated timesteps included); `level == num_steps` (after the last
   step) is clean. Euler works in sigma (x0 + sigma * noise), the others in
-  the variance-preserving form of `schedulers.add_noise`.
+  the variance-preserving form of `noise_schedule.add_noise`.
 
   Args:
     sampler: the loop's sampler.
@@ -52,7 +52,7 @@ def noised_latents(sampler: schedulers.Sampler, schedule: schedulers.NoiseSchedu
     noisy = latents + sampler.tables["sigma"][k] * noise
   else:
     t = jnp.broadcast_to(sampler.timesteps[k], (latents.shape[0],))
-    noisy = schedulers.add_noise(schedule, latents, noise, t)
+    noisy = noise_schedule.add_noise(schedule, latents, noise, t)
   return jnp.where(level >= n, latents.astype(jnp.float32), noisy)
 
 
@@ -126,7 +126,7 @@ class _EditArrays:
   learned: tuple[jax.Array, ...]  # per encoder: [m, D_e] vectors of all learned tokens
   placeholder_ids: tuple[jax.Array, ...]  # per encoder: [m] their ids in its tokenizer
   sampler: schedulers.Sampler
-  schedule: schedulers.NoiseSchedule
+  schedule: noise_schedule.NoiseSchedule
   latents: jax.Array  # [h, w, C] the input image's scaled latents
   masks: jax.Array  # [S, h, w, 1] latent masks, largest first
   mask_stage: jax.Array  # [num_steps] int32 mask index of the blend after each step
@@ -194,7 +194,7 @@ class BlendedEditor:
     self.image_size = (height, width)
     self.devices = list(devices) if devices is not None else parallel.all_devices()
     self.sampler = schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
-    self.schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
+    self.schedule = noise_schedule.noise_schedule_from_config(sd.scheduler_config)
     self.settings = _EditSettings(
         unet=sd.unet, vae=sd.vae,
         guidance_scale=float(guidance_scale),

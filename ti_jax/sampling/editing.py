@@ -23,7 +23,7 @@ from PIL import Image
 from ti_jax import errors
 from ti_jax.data import image_loader
 from ti_jax.runtime import console, fileio, parallel
-from ti_jax.sampling import blended, generation, runner, schedulers
+from ti_jax.sampling import blended, generation, noise_schedule, runner, schedulers
 from ti_jax.sampling import concepts as concept_lib
 
 
@@ -249,9 +249,9 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
       allow_base_model_mismatch=allow_base_model_mismatch)
   try:  # the model's scheduler config fixes which step counts work: checked before any output
     schedulers.make_sampler(scheduler, sd.scheduler_config, num_inference_steps)
-  except schedulers.SchedulerConfigError as e:
-    hint = schedulers.usable_samplers_hint(sd.scheduler_config, num_inference_steps, "--scheduler")
-    raise EditError(f"{e}{hint}") from None
+  except noise_schedule.SchedulerConfigError as e:
+    raise EditError(schedulers.sampler_refusal(e, sd.scheduler_config, num_inference_steps,
+                                               "--scheduler")) from None
   except ValueError as e:
     raise EditError(str(e)) from None
   vocab = concept_lib.tokenizers_with_concepts(sd, concepts)  # tokenizer(s), learned vectors

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from ti_jax.runtime import console, fileio, parallel
-from ti_jax.sampling import generation, schedulers
+from ti_jax.sampling import generation, noise_schedule, schedulers
 
 # The concept functions live in `concepts`; these names stay importable from here.
 from ti_jax.sampling.concepts import (  # noqa: F401
@@ -119,9 +119,9 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, height=height, width=width, devices=devices,
         guidance_rescale=guidance_rescale)
-  except schedulers.SchedulerConfigError as e:
-    hint = schedulers.usable_samplers_hint(sd.scheduler_config, num_inference_steps, "--scheduler")
-    raise SampleError(f"{e}{hint}") from None
+  except noise_schedule.SchedulerConfigError as e:
+    raise SampleError(schedulers.sampler_refusal(e, sd.scheduler_config, num_inference_steps,
+                                                 "--scheduler")) from None
   except ValueError as e:
     raise SampleError(str(e)) from None
   out_dir = output_dir or (fileio.join(workdir, "samples") if workdir else "samples")

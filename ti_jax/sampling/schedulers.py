@@ -1,18 +1,17 @@
-"""Noise schedules and samplers for Stable Diffusion as pure, jit-compatible JAX functions.
+"""The samplers of Stable Diffusion as pure, jit-compatible JAX functions.
 
-Both halves are built from a diffusers `scheduler/scheduler_config.json` dict
-and reproduce the diffusers PyTorch scheduler that the same dict builds with
-`SchedulerClass.from_config(cfg)`:
+Each is built from a diffusers `scheduler/scheduler_config.json` dict and
+reproduces the diffusers PyTorch scheduler that the same dict builds with
+`SchedulerClass.from_config(cfg)`; the config is read (defaults, betas,
+prediction type) as the training noise schedule reads it, by
+`ti_jax/sampling/noise_schedule.py`.
 
-* Training: `noise_schedule_from_config` gives a `NoiseSchedule` (the
-  `alphas_cumprod` table of DDPMScheduler) for `add_noise`, `get_velocity`
-  and `training_target`, all traceable inside a jit/pmap training step.
-* Sampling: `make_sampler(name, cfg, num_inference_steps)` gives a `Sampler`
-  for DDIM (eta=0), PNDM (PLMS, with or without the PRK warm-up), Euler
-  discrete and DPM-Solver++ 2M. All host-side work (timestep lists, per-step
-  coefficient tables) happens once in `make_sampler`; `Sampler.step` only
-  gathers row `step_index` of those tables and combines arrays, so the index
-  may be a traced int32 inside `lax.fori_loop` / `lax.scan`.
+`make_sampler(name, cfg, num_inference_steps)` gives a `Sampler` for DDIM
+(eta=0), PNDM (PLMS, with or without the PRK warm-up), Euler discrete and
+DPM-Solver++ 2M. All host-side work (timestep lists, per-step coefficient
+tables) happens once in `make_sampler`; `Sampler.step` only gathers row
+`step_index` of those tables and combines arrays, so the index may be a traced
+int32 inside `lax.fori_loop` / `lax.scan`.
 
 A sampling loop looks like::
 
@@ -36,7 +35,8 @@ class takes but does not use is ignored as there (DPM-Solver++ uses
 passes). A config written by any diffusers scheduler class builds
 every sampler that the diffusers class of its kind builds from it
 (tests/sampling/test_scheduler_configs.py); a value a sampler cannot honour
-raises a one-line `SchedulerConfigError`.
+raises a one-line `noise_schedule.SchedulerConfigError`, which `sampler_refusal`
+completes with the samplers that can sample the config instead.
 """
 
 from __future__ import annotations
@@ -49,253 +49,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ti_jax.sampling import noise_schedule
 
-class SchedulerConfigError(ValueError):
-  """A scheduler config value is invalid or unsupported; the message is one line naming the field."""
-
-
-# `__init__` defaults of the diffusers classes (0.42). A key absent from a class's
-# table is one that class ignores, exactly as `from_config` does.
-_COMMON_DEFAULTS = {
-    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-    "trained_betas": None, "prediction_type": "epsilon", "steps_offset": 0,
-}
+# `__init__` defaults of the diffusers sampler classes (0.42), on top of the ones they all
+# share. A key absent from a class's table is one that class ignores, exactly as
+# `from_config` does.
+_COMMON = noise_schedule.COMMON_DEFAULTS
 _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "DDPMScheduler": dict(_COMMON_DEFAULTS, rescale_betas_zero_snr=False),
     "DDIMScheduler": dict(
-        _COMMON_DEFAULTS, clip_sample=True, set_alpha_to_one=True, thresholding=False,
+        _COMMON, clip_sample=True, set_alpha_to_one=True, thresholding=False,
         clip_sample_range=1.0, timestep_spacing="leading", rescale_betas_zero_snr=False),
     # PNDMScheduler takes no rescale_betas_zero_snr, so such a key is ignored.
     "PNDMScheduler": dict(
-        _COMMON_DEFAULTS, skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
+        _COMMON, skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
     "EulerDiscreteScheduler": dict(
-        _COMMON_DEFAULTS, interpolation_type="linear", use_karras_sigmas=False,
+        _COMMON, interpolation_type="linear", use_karras_sigmas=False,
         use_exponential_sigmas=False, use_beta_sigmas=False, timestep_spacing="linspace",
         timestep_type="discrete", rescale_betas_zero_snr=False, final_sigmas_type="zero"),
     "DPMSolverMultistepScheduler": dict(
-        _COMMON_DEFAULTS, solver_order=2, thresholding=False, algorithm_type="dpmsolver++",
+        _COMMON, solver_order=2, thresholding=False, algorithm_type="dpmsolver++",
         solver_type="midpoint", use_karras_sigmas=False, use_exponential_sigmas=False,
         use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False,
         final_sigmas_type="zero", lambda_min_clipped=-math.inf, variance_type=None,
         timestep_spacing="linspace", rescale_betas_zero_snr=False, use_dynamic_shifting=False),
 }
 
-_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
 # The variance_type values of a UNet that also predicts its variance (extra output channels).
 _LEARNED_VARIANCES = ("learned", "learned_range")
 _SPACINGS = ("leading", "trailing", "linspace")
-
-
-def _fail(field: str, value: Any, expected: str) -> SchedulerConfigError:
-  """The one-line error for an unsupported `field=value`."""
-  return SchedulerConfigError(f"scheduler config: {field}={value!r} is not supported; {expected}")
-
-
-def _resolve_config(cfg: Mapping[str, Any], class_name: str) -> dict[str, Any]:
-  """The values the diffusers class `class_name` would use for `cfg` (defaults filled in)."""
-  if not isinstance(cfg, Mapping):
-    raise SchedulerConfigError(f"scheduler config must be a dict, got {type(cfg).__name__}")
-  # diffusers drops keys listed in `_use_default_values` so each class uses its own default.
-  defaulted = set(cfg.get("_use_default_values") or ())
-  out = dict(_CLASS_DEFAULTS[class_name])
-  for key in out:
-    if key in cfg and key not in defaulted:
-      out[key] = cfg[key]
-  t = out["num_train_timesteps"]
-  if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 2:
-    raise _fail("num_train_timesteps", t, "expected an integer >= 2")
-  out["num_train_timesteps"] = int(t)
-  for key in ("beta_start", "beta_end"):
-    if isinstance(out[key], bool) or not isinstance(out[key], (int, float, np.floating)):
-      raise _fail(key, out[key], "expected a number")
-  if isinstance(out["steps_offset"], bool) or not isinstance(out["steps_offset"], (int, np.integer)):
-    raise _fail("steps_offset", out["steps_offset"], "expected an integer")
-  return out
-
-
-# ----------------------------------------------------------------------------- betas
-
-
-def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
-  """`torch.linspace(start, end, n, dtype=torch.float32)` bit for bit, in numpy.
-
-  torch's CPU kernel takes a float32 step, fills the first half forwards from
-  `start` and the second half backwards from `end`, each element with one
-  fused multiply-add. numpy's float64 linspace cast to float32 differs in the
-  last bit for ~20% of SD's betas, which then shows up in alphas_cumprod.
-  """
-  start32, end32 = np.float32(start), np.float32(end)
-  if n == 1:
-    return np.array([start32], np.float32)
-  step = np.float64((end32 - start32) / np.float32(n - 1))
-  i = np.arange(n, dtype=np.float64)
-  # float32 step * integer < 2**53 is exact in float64, so one rounding here is the fma's.
-  forward = (np.float64(start32) + step * i).astype(np.float32)
-  backward = (np.float64(end32) - step * (n - 1 - i)).astype(np.float32)
-  return np.where(i < n // 2, forward, backward)
-
-
-def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
-  """Betas of the "squaredcos_cap_v2" (Glide cosine) schedule, in float64 then float32."""
-  def alpha_bar(t: float) -> float:
-    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-  betas = [min(1.0 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
-  return np.asarray(betas, np.float64).astype(np.float32)
-
-
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-  """Rescales float32 betas so the last timestep has zero SNR (arXiv 2305.08891, Alg. 1)."""
-  alphas = np.float32(1.0) - betas
-  sqrt_ab = np.sqrt(np.cumprod(alphas.astype(np.float64)).astype(np.float32))
-  first, last = sqrt_ab[0], sqrt_ab[-1]
-  sqrt_ab = (sqrt_ab - last) * (first / (first - last))
-  alpha_bar = sqrt_ab ** 2
-  alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-  return (np.float32(1.0) - alphas).astype(np.float32)
-
-
-def _alphas_cumprod(rc: Mapping[str, Any], zero_snr_floor: bool = False) -> np.ndarray:
-  """The float32 `alphas_cumprod` [T] of a resolved config, as the diffusers class computes it.
-
-  Args:
-    rc: Output of `_resolve_config`.
-    zero_snr_floor: Euler and DPM-Solver replace a zero final alphas_cumprod by
-      2**-24 so that sigma stays finite; DDPM/DDIM do not.
-
-  Returns:
-    float32 numpy array [num_train_timesteps].
-  """
-  t = rc["num_train_timesteps"]
-  if rc["trained_betas"] is not None:
-    betas = np.asarray(rc["trained_betas"], np.float32).reshape(-1)
-    if betas.shape[0] != t:
-      raise _fail("trained_betas", f"<{betas.shape[0]} values>",
-                  f"expected num_train_timesteps={t} values")
-  else:
-    schedule = rc["beta_schedule"]
-    if schedule == "linear":
-      betas = _torch_linspace_f32(rc["beta_start"], rc["beta_end"], t)
-    elif schedule == "scaled_linear":
-      betas = _torch_linspace_f32(rc["beta_start"] ** 0.5, rc["beta_end"] ** 0.5, t) ** 2
-    elif schedule == "squaredcos_cap_v2":
-      betas = _cosine_betas(t)
-    else:
-      raise _fail("beta_schedule", schedule, f"expected one of {', '.join(_BETA_SCHEDULES)}")
-  if rc.get("rescale_betas_zero_snr"):
-    betas = _rescale_zero_terminal_snr(betas)
-  alphas = np.float32(1.0) - betas
-  # torch's CPU cumprod accumulates float32 in float64; doing the same keeps every value bit-equal.
-  acp = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
-  if zero_snr_floor and rc.get("rescale_betas_zero_snr"):
-    acp[-1] = np.float32(2.0 ** -24)
-  return acp
-
-
-def _check_prediction_type(rc: Mapping[str, Any], allowed: tuple[str, ...]) -> str:
-  pred = rc["prediction_type"]
-  if pred not in allowed:
-    raise _fail("prediction_type", pred, f"expected one of {', '.join(allowed)}")
-  return pred
-
-
-# ----------------------------------------------------------------------------- training
-
-
-@struct.dataclass
-class NoiseSchedule:
-  """The forward (noising) process of a diffusion model, as DDPMScheduler defines it.
-
-  A pytree: `alphas_cumprod` is a leaf, the other fields are static, so a
-  schedule can be closed over or passed into jit/pmap.
-  """
-  alphas_cumprod: jax.Array  # [T] float32, product of (1 - beta) up to each timestep
-  num_train_timesteps: int = struct.field(pytree_node=False)
-  prediction_type: str = struct.field(pytree_node=False)  # "epsilon" | "v_prediction" | "sample"
-
-
-def noise_schedule_from_config(cfg: Mapping[str, Any]) -> NoiseSchedule:
-  """Builds the training noise schedule that `DDPMScheduler.from_config(cfg)` would use.
-
-  Args:
-    cfg: A diffusers scheduler config dict (any scheduler class).
-
-  Returns:
-    The `NoiseSchedule`.
-
-  Raises:
-    SchedulerConfigError: (a ValueError) for an unsupported beta schedule,
-      prediction type or malformed value.
-  """
-  rc = _resolve_config(cfg, "DDPMScheduler")
-  pred = _check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
-  return NoiseSchedule(alphas_cumprod=jnp.asarray(_alphas_cumprod(rc)),
-                       num_train_timesteps=rc["num_train_timesteps"], prediction_type=pred)
-
-
-def _alpha_sigma(schedule: NoiseSchedule, timesteps: jax.Array, ndim: int,
-                 ) -> tuple[jax.Array, jax.Array]:
-  """sqrt(alphas_cumprod[t]) and sqrt(1 - alphas_cumprod[t]), shaped [B, 1, ..., 1] to broadcast."""
-  acp = schedule.alphas_cumprod[jnp.asarray(timesteps).reshape(-1)]  # [B]
-  shape = (-1,) + (1,) * (ndim - 1)
-  return jnp.sqrt(acp).reshape(shape), jnp.sqrt(1.0 - acp).reshape(shape)
-
-
-def add_noise(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array,
-              timesteps: jax.Array) -> jax.Array:
-  """Noises clean samples to the given timesteps: sqrt(a_t) x0 + sqrt(1 - a_t) noise.
-
-  Args:
-    schedule: The noise schedule.
-    x0: Clean samples [B, ...].
-    noise: Standard normal noise, same shape as `x0`.
-    timesteps: Integer timesteps [B] in [0, num_train_timesteps).
-
-  Returns:
-    float32 noisy samples, shape of `x0`.
-  """
-  x0 = jnp.asarray(x0, jnp.float32)
-  a, s = _alpha_sigma(schedule, timesteps, x0.ndim)
-  return a * x0 + s * jnp.asarray(noise, jnp.float32)
-
-
-def get_velocity(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array,
-                 timesteps: jax.Array) -> jax.Array:
-  """The v-prediction target sqrt(a_t) noise - sqrt(1 - a_t) x0 (Salimans & Ho, 2022).
-
-  Args:
-    schedule: The noise schedule.
-    x0: Clean samples [B, ...].
-    noise: The noise used by `add_noise`, same shape as `x0`.
-    timesteps: Integer timesteps [B].
-
-  Returns:
-    float32 velocity, shape of `x0`.
-  """
-  x0 = jnp.asarray(x0, jnp.float32)
-  a, s = _alpha_sigma(schedule, timesteps, x0.ndim)
-  return a * jnp.asarray(noise, jnp.float32) - s * x0
-
-
-def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array,
-                    timesteps: jax.Array) -> jax.Array:
-  """What the UNet should predict for `add_noise(schedule, x0, noise, timesteps)`.
-
-  Args:
-    schedule: The noise schedule; its `prediction_type` picks the target.
-    x0: Clean samples [B, ...].
-    noise: The noise used by `add_noise`, same shape as `x0`.
-    timesteps: Integer timesteps [B].
-
-  Returns:
-    float32 noise (epsilon), velocity (v_prediction) or x0 (sample).
-  """
-  if schedule.prediction_type == "epsilon":
-    return jnp.asarray(noise, jnp.float32)
-  if schedule.prediction_type == "v_prediction":
-    return get_velocity(schedule, x0, noise, timesteps)
-  if schedule.prediction_type == "sample":
-    return jnp.asarray(x0, jnp.float32)
-  raise _fail("prediction_type", schedule.prediction_type, "expected epsilon, v_prediction or sample")
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -474,7 +256,8 @@ def _check_spacing(rc: Mapping[str, Any]) -> str:
   """The config's timestep_spacing, validated."""
   spacing = rc["timestep_spacing"]
   if spacing not in _SPACINGS:
-    raise _fail("timestep_spacing", spacing, f"expected one of {', '.join(_SPACINGS)}")
+    raise noise_schedule.unsupported("timestep_spacing", spacing,
+                                     f"expected one of {', '.join(_SPACINGS)}")
   return spacing
 
 
@@ -482,14 +265,14 @@ def _require(rc: Mapping[str, Any], field: str, ok: Any, why: str) -> None:
   """Raises unless rc[field] is `ok`; for ok=False any falsy value passes (diffusers allows None)."""
   value = rc[field]
   if bool(value) if ok is False else value != ok:
-    raise _fail(field, value, why)
+    raise noise_schedule.unsupported(field, value, why)
 
 
 def _check_timestep_range(timesteps: np.ndarray, rc: Mapping[str, Any], s: int) -> None:
   """Raises where diffusers would index alphas_cumprod past its end (e.g. 1000 "leading" steps)."""
   t_train = rc["num_train_timesteps"]
   if timesteps.max() >= t_train:
-    raise SchedulerConfigError(
+    raise noise_schedule.SchedulerConfigError(
         f"scheduler config: num_inference_steps={s} with timestep_spacing="
         f"{rc['timestep_spacing']!r} and steps_offset={rc['steps_offset']} reaches timestep "
         f"{int(timesteps.max())} >= num_train_timesteps={t_train}")
@@ -507,11 +290,11 @@ def _descending_grid(spacing: str, t: int, s: int, offset: int) -> np.ndarray:
 
 def _ddim(rc: dict[str, Any], s: int) -> Sampler:
   """The sampler of DDIMScheduler (eta=0) for a resolved config and S steps."""
-  pred = _check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
+  pred = noise_schedule.check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
   _require(rc, "thresholding", False, "dynamic thresholding is not implemented")
   t_train = rc["num_train_timesteps"]
   ts = _descending_grid(_check_spacing(rc), t_train, s, rc["steps_offset"]).round().astype(np.int64)
-  acp = _alphas_cumprod(rc)
+  acp = noise_schedule.alphas_cumprod(rc)
   final = np.float32(1.0) if rc["set_alpha_to_one"] else acp[0]
   # diffusers steps to t - T // S whatever the spacing, not to the next listed timestep.
   prev_ts = ts - t_train // s
@@ -526,7 +309,7 @@ def _ddim(rc: dict[str, Any], s: int) -> Sampler:
 
 def _pndm(rc: dict[str, Any], s: int) -> Sampler:
   """The sampler of PNDMScheduler (PLMS, with the PRK warm-up unless skip_prk_steps) for a resolved config and S steps."""
-  pred = _check_prediction_type(rc, ("epsilon", "v_prediction"))
+  pred = noise_schedule.check_prediction_type(rc, ("epsilon", "v_prediction"))
   t_train = rc["num_train_timesteps"]
   base = _descending_grid(_check_spacing(rc), t_train, s, rc["steps_offset"])[::-1]
   if rc["timestep_spacing"] == "linspace":
@@ -551,7 +334,8 @@ def _pndm(rc: dict[str, Any], s: int) -> Sampler:
       rows.append((t, t, t - ratio, plms_weights(order), (0, 0), True, c == 0, False))
   else:
     if len(base) < 4:
-      raise _fail("skip_prk_steps", False, "the PRK warm-up needs num_inference_steps >= 4")
+      raise noise_schedule.unsupported("skip_prk_steps", False,
+                                       "the PRK warm-up needs num_inference_steps >= 4")
     prk = (np.repeat(base[-4:], 2) + np.tile([0, ratio // 2], 4))[:-1].repeat(2)[1:-1][::-1]
     ts = np.concatenate([prk, base[:-3][::-1]]).astype(np.int64)
     for c, t in enumerate(ts):
@@ -565,7 +349,7 @@ def _pndm(rc: dict[str, Any], s: int) -> Sampler:
       else:
         rows.append((t, t, t - ratio, plms_weights(four), (0, 0), True, False, False))
 
-  acp = _alphas_cumprod(rc)
+  acp = noise_schedule.alphas_cumprod(rc)
   final = np.float32(1.0) if rc["set_alpha_to_one"] else acp[0]
   unet_t, t_cur, t_prev, weights, prk_upd, push, set_cur, use_cur = map(np.asarray, zip(*rows))
   _check_timestep_range(t_cur, rc, s)
@@ -591,7 +375,7 @@ def _train_sigmas(acp: np.ndarray) -> np.ndarray:
 
 def _euler(rc: dict[str, Any], s: int) -> Sampler:
   """The sampler of EulerDiscreteScheduler (no churn, linear sigma interpolation) for a resolved config and S steps."""
-  pred = _check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
+  pred = noise_schedule.check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
   _require(rc, "interpolation_type", "linear", "only 'linear' is implemented")
   for field in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
     _require(rc, field, False, "only the default sigma spacing is implemented")
@@ -601,7 +385,7 @@ def _euler(rc: dict[str, Any], s: int) -> Sampler:
   ts = _descending_grid(spacing, rc["num_train_timesteps"], s, rc["steps_offset"])
   # Euler keeps linspace timesteps fractional (the UNet sees e.g. 957.375).
   ts = ts.astype(np.float32) if spacing == "linspace" else ts.round().astype(np.float32)
-  train_sigmas = _train_sigmas(_alphas_cumprod(rc, zero_snr_floor=True))
+  train_sigmas = _train_sigmas(noise_schedule.alphas_cumprod(rc, zero_snr_floor=True))
   sig = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)
   sig = np.concatenate([sig, [0.0]]).astype(np.float32)  # [N + 1]
   sigma, sigma_next = sig[:-1].astype(np.float64), sig[1:].astype(np.float64)
@@ -614,21 +398,24 @@ def _euler(rc: dict[str, Any], s: int) -> Sampler:
 
 def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
   """The sampler of DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint) for a resolved config and S steps."""
-  pred = _check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
+  pred = noise_schedule.check_prediction_type(rc, ("epsilon", "v_prediction", "sample"))
   # diffusers silently maps these onto DPM-Solver++ / midpoint.
   algorithm = "dpmsolver++" if rc["algorithm_type"] == "deis" else rc["algorithm_type"]
   solver = "midpoint" if rc["solver_type"] in ("logrho", "bh1", "bh2") else rc["solver_type"]
   if algorithm != "dpmsolver++":
-    raise _fail("algorithm_type", rc["algorithm_type"], "the dpm++2m sampler needs 'dpmsolver++'")
+    raise noise_schedule.unsupported("algorithm_type", rc["algorithm_type"],
+                                     "the dpm++2m sampler needs 'dpmsolver++'")
   if solver != "midpoint":
-    raise _fail("solver_type", rc["solver_type"], "the dpm++2m sampler needs 'midpoint'")
+    raise noise_schedule.unsupported("solver_type", rc["solver_type"],
+                                     "the dpm++2m sampler needs 'midpoint'")
   _require(rc, "solver_order", 2, "the dpm++2m sampler is second order")
   _require(rc, "thresholding", False, "dynamic thresholding is not implemented")
   # diffusers reads variance_type only to drop a learned variance's extra output channels,
   # and only for epsilon prediction; any other value (DDPMScheduler writes "fixed_small",
   # UnCLIPScheduler "fixed_small_log") it ignores, and so does this sampler.
   if pred == "epsilon" and rc["variance_type"] in _LEARNED_VARIANCES:
-    raise _fail("variance_type", rc["variance_type"], "learned variance outputs are not supported")
+    raise noise_schedule.unsupported("variance_type", rc["variance_type"],
+                                     "learned variance outputs are not supported")
   for field in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
     _require(rc, field, False, "only the default sigma spacing is implemented")
@@ -637,7 +424,7 @@ def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
   spacing = _check_spacing(rc)
 
   t_train = rc["num_train_timesteps"]
-  acp = _alphas_cumprod(rc, zero_snr_floor=True)
+  acp = noise_schedule.alphas_cumprod(rc, zero_snr_floor=True)
   lambdas = (np.log(np.sqrt(acp)) - np.log(np.sqrt(np.float32(1.0) - acp))).astype(np.float32)
   clipped = int(np.searchsorted(lambdas[::-1], rc["lambda_min_clipped"]))
   last = t_train - clipped
@@ -652,7 +439,7 @@ def _dpmpp_2m(rc: dict[str, Any], s: int) -> Sampler:
   _check_timestep_range(ts, rc, s)
   if len(np.unique(ts)) != len(ts):
     # diffusers silently produces NaNs here (a zero log-SNR step divides by zero).
-    raise SchedulerConfigError(
+    raise noise_schedule.SchedulerConfigError(
         f"scheduler config: num_inference_steps={s} with timestep_spacing="
         f"{rc['timestep_spacing']!r} repeats timesteps, which DPM-Solver cannot step between")
   train_sigmas = _train_sigmas(acp)
@@ -707,11 +494,11 @@ def make_sampler(name: str, config: Mapping[str, Any], num_inference_steps: int)
 
   Raises:
     ValueError: Unknown name, bad step count, or a config value the sampler
-      does not support (a `SchedulerConfigError` naming the field).
+      does not support (a `noise_schedule.SchedulerConfigError` naming the field).
   """
   kind = _normalise_name(name)
   class_name, build = _BUILDERS[kind]
-  rc = _resolve_config(config, class_name)
+  rc = noise_schedule.resolve_config(config, _CLASS_DEFAULTS[class_name])
   s = num_inference_steps
   if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 1 <= s <= rc["num_train_timesteps"]:
     raise ValueError(f"num_inference_steps={s!r} must be an integer in "
@@ -742,3 +529,26 @@ def usable_samplers_hint(config: Mapping[str, Any], num_inference_steps: int, fl
     return f"; no ti_jax sampler ({', '.join(SAMPLER_NAMES)}) can sample this model's config"
   names = usable[0] if len(usable) == 1 else f"{', '.join(usable[:-1])} or {usable[-1]}"
   return f"; {flag} {names} can sample this model"
+
+
+def sampler_refusal(error: ValueError, config: Mapping[str, Any], num_inference_steps: int,
+                    flag: str) -> str:
+  """The one-line refusal of a sampler that `make_sampler` would not build: its error, then
+  which samplers can sample `config` at that step count instead (`usable_samplers_hint`).
+
+  It takes the error rather than building the sampler itself because its callers reach
+  `make_sampler` differently: sample and evaluate through `generation.ImageGenerator`, whose
+  own checks (image size, guidance rescale) come first; validation and edit directly. Each
+  wraps the line in its own error type and decides which errors get it: validation every
+  ValueError of `make_sampler`, sample, edit and evaluate a `SchedulerConfigError` only.
+
+  Args:
+    error: What `make_sampler(name, config, num_inference_steps)` raised.
+    config: The model's scheduler config dict.
+    num_inference_steps: The requested number of steps.
+    flag: How the user picks a sampler, e.g. "--scheduler" or "config.validation_scheduler".
+
+  Returns:
+    "ERROR; FLAG NAME or NAME can sample this model" (or, when none can, a clause saying so).
+  """
+  return f"{error}{usable_samplers_hint(config, num_inference_steps, flag)}"

@@ -25,7 +25,7 @@ import numpy as np
 from ti_jax.data import buckets, captions, choices, image_loader, latent_cache
 from ti_jax.embeddings import pseudo_words
 from ti_jax.runtime import console, parallel
-from ti_jax.sampling import schedulers
+from ti_jax.sampling import noise_schedule
 from ti_jax.training import checkpointing, concept, train_lib, validation
 from ti_jax.training.config import DTYPES, MAX_EXAMPLES_PER_STEP, ConfigError
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
@@ -50,7 +50,7 @@ class Setup:
   """Every input of a run that is checked before anything is computed (`prepare`)."""
   sd: Any  # weights.pipeline.StableDiffusion: modules, frozen params, tokenizers
   images: image_loader.TrainingImages
-  schedule: schedulers.NoiseSchedule
+  schedule: noise_schedule.NoiseSchedule
   prompts: Prompts
   # The placeholder in each text encoder (its token ids, token table, initial vectors and
   # prompt ids), in sd.text_encoders' order: one for SD 1.x/2.x and LDM, two for SDXL.
@@ -144,7 +144,7 @@ def load_model(config):
       attention_impl=config.attention_impl or None, cache_dir=config.cache_dir,
       remat=config.remat is True, tokenizer=config.tokenizer_name_or_path or None)
   try:
-    schedule = schedulers.noise_schedule_from_config(sd.scheduler_config)
+    schedule = noise_schedule.noise_schedule_from_config(sd.scheduler_config)
   except ValueError as e:
     raise ModelLoadError(f"{sd.path}: scheduler config: {e}") from None
   vae_factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)

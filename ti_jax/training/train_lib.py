@@ -20,7 +20,7 @@ import optax
 from ti_jax.embeddings.pseudo_words import embed_tokens, token_table
 from ti_jax.models import sdxl
 from ti_jax.runtime import parallel
-from ti_jax.sampling import schedulers
+from ti_jax.sampling import noise_schedule
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -51,7 +51,7 @@ class Frozen:
   latent_std: jax.Array  # [V, h, w, C]
   # Per encoder: [n (+ N)] int32, the token id of each learned vector (then image tokens).
   placeholder_ids: tuple
-  schedule: schedulers.NoiseSchedule  # alphas_cumprod [T] and the prediction type
+  schedule: noise_schedule.NoiseSchedule  # alphas_cumprod [T] and the prediction type
   init_embeds: tuple | None = None  # per encoder: [n, D] initial vectors, for embedding_reg_weight
   # SDXL only (None for SD 1.x/2.x and LDM): each view's micro-conditioning (sdxl.time_ids).
   time_ids: jax.Array | None = None  # [V, 6] float32, one row per view of latent_mean
@@ -182,7 +182,7 @@ def _example_noise(seed: int, step: jax.Array, example_index: jax.Array, latent_
           jax.random.randint(k_t, (), 0, num_timesteps))
 
 
-def min_snr_weights(schedule: schedulers.NoiseSchedule, timesteps: jax.Array,
+def min_snr_weights(schedule: noise_schedule.NoiseSchedule, timesteps: jax.Array,
                     snr_gamma: float) -> jax.Array:
   """Per-example loss weights `[b]` of min-SNR-gamma weighting at `timesteps` `[b]`.
 
@@ -217,8 +217,8 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   post_eps, noise, t = jax.vmap(draw)(batch["example_index"])
   # A sample of the cached posterior: the same distribution as encoding each step.
   latents = (mean + std * post_eps - settings.shift_factor) * settings.scaling_factor
-  noisy = schedulers.add_noise(frozen.schedule, latents, noise, t)
-  target = schedulers.training_target(frozen.schedule, latents, noise, t)
+  noisy = noise_schedule.add_noise(frozen.schedule, latents, noise, t)
+  target = noise_schedule.training_target(frozen.schedule, latents, noise, t)
 
   context, added = text_conditioning(params, frozen, batch, settings)
   pred = settings.unet.apply({"params": frozen.unet}, noisy.astype(mean.dtype), t,

@@ -78,12 +78,13 @@ def check_scheduler(config, sd) -> None:
     schedulers.make_sampler(config.validation_scheduler, sd.scheduler_config,
                             config.validation_inference_steps)
   except ValueError as e:
-    hint = schedulers.usable_samplers_hint(sd.scheduler_config, config.validation_inference_steps,
-                                           "config.validation_scheduler")
+    refusal = schedulers.sampler_refusal(e, sd.scheduler_config,
+                                         config.validation_inference_steps,
+                                         "config.validation_scheduler")
     raise ValidationSchedulerError(
         f"config.validation_scheduler={config.validation_scheduler!r} with "
         f"validation_inference_steps={config.validation_inference_steps} cannot sample "
-        f"{sd.path}: {e}{hint}") from None
+        f"{sd.path}: {refusal}") from None
 
 
 def _read_prompts_file(path: str) -> list[str]:

@@ -41,7 +41,7 @@ import optax
 
 from ti_jax import errors
 from ti_jax.runtime import parallel
-from ti_jax.sampling import generation, schedulers
+from ti_jax.sampling import generation, noise_schedule
 from ti_jax.training import train_lib
 from ti_jax.weights import loading, pipeline, presets, tiny_models
 from ti_jax.world import checker as checker_lib
@@ -286,7 +286,7 @@ def _diffusion_step(unet, text_encoder, tx, schedule, ema_decay: float):
   def step(state, latents, ids, t, noise):
     def loss_fn(params):
       context = text_encoder.apply({"params": params["text_encoder"]}, ids)  # [b, 24, 64]
-      noisy = schedulers.add_noise(schedule, latents, noise, t)
+      noisy = noise_schedule.add_noise(schedule, latents, noise, t)
       pred = unet.apply({"params": params["unet"]}, noisy, t, context)  # [b, 16, 16, 4]
       per_example = jnp.mean((pred - noise) ** 2, axis=(1, 2, 3))  # [b]
       return jnp.mean(train_lib.min_snr_weights(schedule, t, SNR_GAMMA) * per_example)
@@ -311,7 +311,7 @@ def train_diffusion(workdir: str, modules: dict, params: Any, latents: np.ndarra
                     settings: Settings, identity: dict, devices: list,
                     progress: bool) -> tuple[Any, dict]:
   """Trains (or resumes) the UNet and text encoder; returns the EMA params and last metrics."""
-  schedule = schedulers.noise_schedule_from_config(scheduler_config)
+  schedule = noise_schedule.noise_schedule_from_config(scheduler_config)
   # Warmup, then a constant rate (the EMA does the averaging, as in DDPM): no step
   # depends on the total, so a run resumed with a larger --steps continues exactly
   # as a run started with it would have.
