@@ -165,8 +165,9 @@ def test_sample_cli_bad_flags_are_one_error_line(tmp_path, args, needle):
     (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
 ])
 def test_sample_bad_sizes_and_guidance_are_refused_before_loading(tmp_path, kwargs, needle):
+  from ti_jax.sampling import concepts as sampling_concepts  # pylint: disable=import-outside-toplevel
   from ti_jax.sampling import runner  # pylint: disable=import-outside-toplevel
-  with pytest.raises(runner.SampleError) as err:
+  with pytest.raises(sampling_concepts.SampleError) as err:
     runner.run(prompts=["a photo"], pretrained_model_name_or_path="tiny-sd15",
                cache_dir=str(tmp_path / "cache"), **kwargs)
   assert needle in str(err.value) and "\n" not in str(err.value)

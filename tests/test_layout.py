@@ -1,10 +1,12 @@
 """The package's shape: entry points are thin and never imported; library code reads no flags
 and never imports cli; packages form layers (none imports one above its own); imports form no
 circle, none hides inside a function, no library module imports test support, and status lines
-and one-line errors are defined once (ti_jax/runtime/console.py)."""
+and one-line errors are defined once (ti_jax/runtime/console.py); no module outside models/
+is over 600 lines (the trainer 450), and nothing repeats per text encoder as `x_2` fields."""
 
 import ast
 import os
+import re
 
 import pytest
 
@@ -246,3 +248,50 @@ def test_one_definition_of_one_line_and_log(name):
                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                  and node.name.lstrip("_") == name]
   assert [path for path, _ in definitions] == [home], definitions
+
+
+# Modules a reader takes in at once: the trainer tells the run as a story over rooms, and no
+# library module outside models/ (whose Flax modules mirror diffusers' files) grows past this.
+MAX_MODULE_LINES = 600
+MAX_TRAINER_LINES = 450
+
+
+def test_no_module_outside_models_is_too_long_and_the_trainer_is_a_story():
+  long = {}
+  for path, _ in _modules():
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+      lines = sum(1 for _ in f)
+    limit = MAX_TRAINER_LINES if path == os.path.join("ti_jax", "training", "trainer.py") \
+        else MAX_MODULE_LINES
+    if not path.startswith(os.path.join("ti_jax", "models", "")) and lines > limit:
+      long[path] = lines
+  assert not long, long
+
+
+# Names that end in "_2" and are no shadow of a first encoder's data: the conversion spec of the
+# pipeline role "text_encoder_2" (diffusers' name for SDXL's OpenCLIP bigG).
+SECOND_ENCODER_NAMES = {"TEXT_ENCODER_2"}
+
+
+def _identifiers(tree):
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Name):
+      yield node.id, node.lineno
+    elif isinstance(node, ast.Attribute):
+      yield node.attr, node.lineno
+    elif isinstance(node, ast.arg):
+      yield node.arg, node.lineno
+    elif isinstance(node, ast.keyword) and node.arg:
+      yield node.arg, node.value.lineno
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      yield node.name, node.lineno
+
+
+def test_whatever_repeats_per_text_encoder_is_a_record_not_a_second_field():
+  # SDXL's second encoder was once threaded through as `x_2` shadow fields (232 of them); a
+  # third encoder kind (T5) must add a record to `StableDiffusion.text_encoders`, not `x_3`s.
+  # On-disk names ("embeds_2", "learned_embeds_2.safetensors") are strings, not identifiers.
+  shadows = sorted({f"{path}:{line} {name}" for path, tree in _modules()
+                    for name, line in _identifiers(tree)
+                    if re.search(r"_[2-9]$", name) and name not in SECOND_ENCODER_NAMES})
+  assert not shadows, shadows

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ti_jax.embeddings import embedding_io, embedding_writer, file_names, pseudo_words
-from ti_jax.sampling import runner
+from ti_jax.sampling import concepts as sampling_concepts
 from ti_jax.weights import safetensors_io, tiny_tokenizer
 
 DIM = 32
@@ -194,10 +194,10 @@ def test_token_inside_another_token_is_not_expanded(tokenizer):
   """The issue's case: a 2-vector `mystyle` beside the run's `<mystyle>`."""
   concepts = [embedding_io.Concept("<mystyle>", _vectors(1), "run"),
               embedding_io.Concept("mystyle", _vectors(2), "file")]
-  tokenizer, _ = runner.tokenizer_with_concepts(tokenizer, concepts)
-  prompt, warnings = runner.prepare_prompt("a photo of <mystyle>", concepts, tokenizer)
+  tokenizer, _ = sampling_concepts.tokenizer_with_concepts(tokenizer, concepts)
+  prompt, warnings = sampling_concepts.prepare_prompt("a photo of <mystyle>", concepts, tokenizer)
   assert prompt == "a photo of <mystyle>" and not warnings
-  prompt, _ = runner.prepare_prompt("a mystyle cat and <mystyle>", concepts, tokenizer)
+  prompt, _ = sampling_concepts.prepare_prompt("a mystyle cat and <mystyle>", concepts, tokenizer)
   assert prompt == "a mystyle mystyle_1 cat and <mystyle>"
   ids = tokenizer(prompt, add_special_tokens=False).input_ids
   assert tokenizer.convert_ids_to_tokens(ids)[1:4] == ["mystyle", "mystyle_1", "cat</w>"]
@@ -218,8 +218,8 @@ def test_expansion_follows_the_tokenizers_case_folding():
 def test_tokens_the_tokenizer_cannot_separate_are_refused(tokenizer):
   # Tokenizers split special tokens out first, so this token can never be one token.
   concepts = [embedding_io.Concept("x<|endoftext|>", _vectors(), "file")]
-  with pytest.raises(runner.SampleError) as err:
-    runner.tokenizer_with_concepts(tokenizer, concepts)
+  with pytest.raises(sampling_concepts.SampleError) as err:
+    sampling_concepts.tokenizer_with_concepts(tokenizer, concepts)
   assert "split by the tokenizer" in str(err.value) and "PATH:NEW_TOKEN" in str(err.value)
 
 
@@ -228,18 +228,18 @@ def test_extra_vector_name_clashing_with_another_token_is_refused(tmp_path):
   b = tmp_path / "b.safetensors"
   safetensors_io.save(str(a), {"<s>": _vectors(2)})
   safetensors_io.save(str(b), {"<s>_1": _vectors(1)})
-  with pytest.raises(runner.SampleError) as err:
-    runner.gather_concepts(None, None, [str(a), str(b)])
+  with pytest.raises(sampling_concepts.SampleError) as err:
+    sampling_concepts.gather_concepts(None, None, [str(a), str(b)])
   assert "clashes with '<s>_1' (vector 1 of '<s>')" in str(err.value)
-  with pytest.raises(runner.SampleError, match="comes from both"):
-    runner.gather_concepts(None, None, [str(a), str(a)])
+  with pytest.raises(sampling_concepts.SampleError, match="comes from both"):
+    sampling_concepts.gather_concepts(None, None, [str(a), str(a)])
 
 
 def test_registered_tokens_are_reported(tmp_path):
   path = tmp_path / "renamed.safetensors"
   embedding_writer.write_embedding_file(str(path), embedding_io.Concept("<toy>", _vectors(2), ""),
                                         "kohya")
-  concepts, _ = runner.gather_concepts(None, None, [str(path)])
-  (line,) = runner.describe_concepts(concepts)
+  concepts, _ = sampling_concepts.gather_concepts(None, None, [str(path)])
+  (line,) = sampling_concepts.describe_concepts(concepts)
   assert line.startswith(f"{path}: registered renamed (2 vectors")
   assert "file name" in line

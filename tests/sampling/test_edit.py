@@ -15,7 +15,8 @@ from PIL import Image
 from ti_jax import errors
 from ti_jax.data import captions
 from ti_jax.embeddings import embedding_io, pseudo_words
-from ti_jax.sampling import blended, editing, noise_schedule, runner, schedulers
+from ti_jax.sampling import concepts as sampling_concepts
+from ti_jax.sampling import blended, editing, noise_schedule, schedulers
 from ti_jax.training import trainer
 from ti_jax.weights.loading import load_stable_diffusion
 
@@ -38,9 +39,9 @@ def run(tmp_path_factory):
   trainer.run(c, workdir, devices=jax.local_devices()[:1], progress=False)
   sd = load_stable_diffusion("tiny-sd15", cache_dir=str(root / "cache"))
   concepts = embedding_io.load_concepts(workdir)
-  tokenizer, learned = runner.tokenizer_with_concepts(sd.tokenizer, concepts)
+  tokenizer, learned = sampling_concepts.tokenizer_with_concepts(sd.tokenizer, concepts)
   sd = sd.with_tokenizers((tokenizer,))  # the edits' prompts hold the learned tokens
-  prompt, _ = runner.prepare_prompt(PROMPT, concepts, tokenizer)
+  prompt, _ = sampling_concepts.prepare_prompt(PROMPT, concepts, tokenizer)
   toy = os.path.join(REPO, "examples", "toy", sorted(os.listdir(c.train_data_dir))[0])
   image = np.asarray(Image.open(toy).convert("RGB").resize((64, 64)))  # [64, 64, 3]
   mask = np.zeros((64, 64), bool)

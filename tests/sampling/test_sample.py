@@ -176,7 +176,7 @@ def test_generator_refuses_learned_ids_its_tokenizer_lacks(runs):
 
 
 def test_token_clash_is_refused(runs, tmp_path):
-  with pytest.raises(runner.SampleError, match="comes from both"):
+  with pytest.raises(sampling_concepts.SampleError, match="comes from both"):
     _sample(runs, tmp_path, "x", embedding_sources=[runs["toy"]])
 
 
@@ -184,12 +184,12 @@ def test_embedding_of_another_width_is_refused(runs, tmp_path):
   path = str(tmp_path / "wide.safetensors")
   embedding_writer.write_embedding_file(path, embedding_io.Concept("<wide>", np.ones((1, 48)),
                                                                    ""), "diffusers")
-  with pytest.raises(runner.SampleError, match="width 48 but the model's text encoder has width 32"):
+  with pytest.raises(sampling_concepts.SampleError, match="width 48 but the model's text encoder has width 32"):
     _sample(runs, tmp_path, "x", embedding_sources=[path])
 
 
 def test_checkpoint_from_another_base_model_is_refused(runs, tmp_path):
-  with pytest.raises(runner.SampleError) as err:
+  with pytest.raises(sampling_concepts.SampleError) as err:
     _sample(runs, tmp_path, "x", pretrained_model_name_or_path="tiny-sd21", cache_dir=runs["cache"])
   assert "'tiny-sd15'" in str(err.value) and "'tiny-sd21'" in str(err.value)
   paths = _sample(runs, tmp_path, "y", pretrained_model_name_or_path="tiny-sd21",
@@ -376,7 +376,7 @@ def test_non_finite_vectors_are_never_exported_or_sampled(runs, tmp_path, monkey
     exporter.export(runs["toy"], "diffusers", str(out))
   assert "holds NaN or inf" in str(err.value) and "nothing exported" in str(err.value)
   assert not out.exists()
-  with pytest.raises(runner.SampleError, match="holds NaN or inf"):
+  with pytest.raises(sampling_concepts.SampleError, match="holds NaN or inf"):
     _sample(runs, tmp_path, "nan")
   assert not (tmp_path / "nan").exists()
 

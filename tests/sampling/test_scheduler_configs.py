@@ -39,6 +39,7 @@ from test_schedulers import (  # noqa: E402
 )
 
 from ti_jax.evaluation import evaluator  # noqa: E402
+from ti_jax.sampling import concepts as sampling_concepts  # noqa: E402
 from ti_jax.sampling import editing, runner  # noqa: E402
 from ti_jax.sampling.noise_schedule import SchedulerConfigError  # noqa: E402
 from ti_jax.sampling.schedulers import (  # noqa: E402
@@ -155,7 +156,7 @@ def test_sample_edit_and_evaluate_check_only_the_sampler_name_before_loading(nam
   # An empty config is no stand-in for the model's: its PNDM defaults (the PRK warm-up)
   # refused --scheduler pndm for every model, SD 1.x's included. Each call below gets past
   # the name and stops at the next check, which needs no model.
-  with pytest.raises(runner.SampleError, match="does not exist"):
+  with pytest.raises(sampling_concepts.SampleError, match="does not exist"):
     runner.run(prompts=["a photo"], workdir=str(tmp_path / "no-run"), scheduler=name)
   with pytest.raises(editing.EditError, match="does not exist"):
     editing.run(image=str(tmp_path / "no.png"), mask=str(tmp_path / "no.png"), prompt="a",

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ti_jax import errors
 from ti_jax.evaluation import clip_io, evaluator
+from ti_jax.sampling import concepts as sampling_concepts
 from ti_jax.sampling import editing, generation, noise_schedule, runner
 from ti_jax.training import dry_run, trainer, validation
 from ti_jax.training import config as training_config
@@ -181,7 +182,7 @@ def test_sample_and_edit_are_refused_before_any_image(bad_run, image_and_mask, t
   devices = jax.local_devices()[:1]
   common = dict(workdir=bad_run, num_images=1, num_inference_steps=STEPS, scheduler=SAMPLER,
                 devices=devices)
-  with pytest.raises(runner.SampleError) as err:
+  with pytest.raises(sampling_concepts.SampleError) as err:
     runner.run(prompts=[PROMPT], output_dir=str(tmp_path / "samples"), **common)
   _one_line(err.value)
   image, mask = image_and_mask

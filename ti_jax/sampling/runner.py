@@ -19,19 +19,15 @@ import numpy as np
 from ti_jax.runtime import console, fileio, parallel
 from ti_jax.sampling import generation, noise_schedule, schedulers
 
-# The concept functions live in `concepts`; these names stay importable from here.
-from ti_jax.sampling.concepts import (  # noqa: F401
+from ti_jax.sampling.concepts import (
   SampleError,
-  check_concepts_fit,
   describe_concepts,
   gather_concepts,
   load_base_model,
   prepare_prompt,
-  resolve_base_model,
-  tokenizer_with_concepts,
   tokenizers_with_concepts,
 )
-from ti_jax.sampling.generation import slug  # noqa: F401
+from ti_jax.sampling.generation import slug
 
 _log = console.log
 
