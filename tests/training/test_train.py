@@ -84,7 +84,7 @@ def test_frozen_params_unchanged_and_only_placeholder_rows_differ(setup):
   # What the text encoder sees after training: every id of the vocabulary plus the
   # placeholders, looked up through the step's own splice. Only the placeholder
   # rows may differ from the frozen table, and they hold the learned vectors.
-  table = np.asarray(setup["frozen"].text_encoder["embeddings"]["token_embedding"]["embedding"])
+  table = np.asarray(setup["frozen"].text_encoders[0]["embeddings"]["token_embedding"]["embedding"])
   all_ids = np.arange(max(setup["ids"]) + 1, dtype=np.int32)[None]  # [1, V + n]
   looked_up = np.asarray(pseudo_words.embed_tokens(
       jnp.asarray(table), jnp.asarray(learned), jnp.asarray(setup["ids"], jnp.int32),
