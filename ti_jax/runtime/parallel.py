@@ -115,6 +115,22 @@ def any_process(flag: bool) -> bool:
   return bool(allgather(np.asarray([int(flag)], np.int32)).any())
 
 
+def on_every_process(fn: Callable[[], Any], catch: type[BaseException],
+                     elsewhere: Callable[[], BaseException]) -> Any:
+  """`fn()` on every process (all must call it at the same point). If it raises `catch`
+  on any process, every process raises: that process its own error, the others
+  `elsewhere()`; a multi-host run then stops everywhere instead of hanging in its next
+  collective."""
+  result, error = None, None
+  try:
+    result = fn()
+  except catch as e:
+    error = e
+  if any_process(error is not None):
+    raise error or elsewhere()
+  return result
+
+
 def sync(name: str) -> None:
   """Barrier across processes (no-op with one process)."""
   if jax.process_count() > 1:

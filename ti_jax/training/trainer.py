@@ -139,15 +139,10 @@ def _check_devices(config, devices: Sequence | None) -> list:
 def _build_inputs(config, workdir: str, devices: Sequence) -> RunInputs:
   """`inputs.build` on every process. A process that fails tells the others, so a multi-host
   run stops everywhere instead of hanging in the first collective."""
-  startup_error, inputs = None, None
-  try:
-    inputs = run_inputs.build(config, workdir, devices)
-  except errors.UserError as e:
-    startup_error = e
-  if parallel.any_process(startup_error is not None):
-    raise startup_error or run_dir.WorkdirError(
-        "another process of this run failed to start; see the logs of the other processes")
-  return inputs
+  return parallel.on_every_process(
+      lambda: run_inputs.build(config, workdir, devices), errors.UserError,
+      lambda: run_dir.WorkdirError(
+          "another process of this run failed to start; see the logs of the other processes"))
 
 
 def run_metadata(config, inputs: RunInputs) -> dict:
@@ -167,16 +162,11 @@ def open_tensorboard(config, workdir: str, start: int) -> tensorboard.Writer | N
   WORKDIR/tensorboard it cannot write stops every process with one line."""
   if config.report_to != "tensorboard":
     return None
-  writer, error = None, None
-  try:
-    writer = tensorboard.open_writer(config.report_to, workdir, start,
-                                     jax.process_index() == 0)
-  except tensorboard.TensorBoardError as e:
-    error = e
-  if parallel.any_process(error is not None):
-    raise error or tensorboard.TensorBoardError(
-        "process 0 of this run could not open its TensorBoard events; see its log")
-  return writer
+  return parallel.on_every_process(
+      lambda: tensorboard.open_writer(config.report_to, workdir, start, jax.process_index() == 0),
+      tensorboard.TensorBoardError,
+      lambda: tensorboard.TensorBoardError(
+          "process 0 of this run could not open its TensorBoard events; see its log"))
 
 
 def _log_run(config, inputs: RunInputs, num_devices: int, start: int) -> None:
