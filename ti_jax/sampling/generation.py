@@ -335,8 +335,8 @@ class ImageGenerator:
   def lower(self, per_device_batch: int, num_learned: int = 1) -> jax.stages.Lowered:
     """The generation program lowered for the generator's devices, without running it.
 
-    For ahead-of-time compilation and memory analysis (benchmarks/tpu_compile.py
-    lowers it for TPU topologies it does not have). The program's arguments are
+    For ahead-of-time compilation and memory analysis (benchmarks/aot_compile.py
+    lowers it for TPU topologies and GPUs it does not have). The program's arguments are
     those `generate` passes, as shapes: `per_device_batch` prompts of the text
     encoder's context length per device (both tokenizers' for SDXL) and
     `num_learned` learned vectors (per encoder). The generator's weights may be

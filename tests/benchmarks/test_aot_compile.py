@@ -1,9 +1,12 @@
-"""TPU programs compiled ahead of time on this CPU host, with libtpu and without a TPU.
+"""TPU and GPU programs compiled ahead of time on this CPU host, without a TPU or a GPU.
 
-The compile test runs `benchmarks/tpu_compile.py` in a subprocess of its own:
-the real TPU compiler (XLA:TPU, Mosaic for the Pallas kernel) compiles the
-tiny model's pmapped training step over a 4-chip v5e topology and its
-sampling loop. The rest of this file runs on CPU without libtpu.
+The compile tests run `benchmarks/aot_compile.py` in a subprocess of their own:
+the real TPU compiler (libtpu: XLA:TPU, Mosaic for the Pallas kernel) compiles
+the tiny model's pmapped training step over a 4-chip v5e topology and its
+sampling loop; the real GPU compiler (JAX's CUDA plugin, `jax[cuda12]`: XLA:GPU)
+compiles the tiny step for two H100s. Each is skipped, saying why, where its
+compiler is not installed (the CUDA plugin is several GB: the CI environment
+leaves it out). The rest of this file runs on CPU without either.
 """
 
 import importlib.util
@@ -28,8 +31,30 @@ NO_LIBTPU = ("libtpu is not installed, so nothing can be compiled for TPU here: 
              "pip install -e '.[test]' (or pip install 'jax[tpu]')")
 
 
-def _tpu_compile():
-  return benchmark_module("tpu_compile")
+NO_CUDA_PLUGIN = ("the CUDA plugin is not installed, so nothing can be compiled for a GPU here: "
+                  "install it in an environment of its own with pip install 'jax[cuda12]' "
+                  "(several GB; no GPU needed)")
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+
+
+def _aot_compile():
+  benchmark_module("aot_targets")  # aot_compile imports it by name, as `common`
+  return benchmark_module("aot_compile")
+
+
+def _run_aot_compile(out, *args):
+  """Runs benchmarks/aot_compile.py with `args`; returns its JSON results, written to `out`.
+
+  JAX_PLATFORMS=cpu (from conftest): the programs run nothing, so no TPU or GPU backend
+  starts. Their executables stay out of the suite's shared CPU compilation cache.
+  """
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  proc = subprocess.run(
+      [sys.executable, os.path.join(BENCHMARKS, "aot_compile.py"), *args, "--json_out", str(out)],
+      capture_output=True, text=True, timeout=900, env=dict(env, JAX_PLATFORMS="cpu"),
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +62,10 @@ def tiny_v5e_2x2(tmp_path_factory):
   """The records of compiling the tiny step and sampler for v5e:2x2 with the Pallas kernel."""
   if not HAS_LIBTPU:
     pytest.skip(NO_LIBTPU)
-  out = tmp_path_factory.mktemp("tpu") / "tiny.json"
-  # JAX_PLATFORMS=cpu (from conftest): the program runs nothing, so no TPU backend starts.
-  # Its TPU executables stay out of the suite's shared CPU compilation cache.
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  proc = subprocess.run(
-      [sys.executable, os.path.join(BENCHMARKS, "tpu_compile.py"), "--topology", "v5e:2x2",
-       "--model", "tiny", "--batch", "2", "--sample_batch", "2", "--attention_impl",
-       "pallas_tpu", "--num_inference_steps", "4", "--json_out", str(out)],
-      capture_output=True, text=True, timeout=900, env=dict(env, JAX_PLATFORMS="cpu"),
-      check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(out.read_text())
+  result = _run_aot_compile(
+      tmp_path_factory.mktemp("tpu") / "tiny.json", "--topology", "v5e:2x2", "--model", "tiny",
+      "--batch", "2", "--sample_batch", "2", "--attention_impl", "pallas_tpu",
+      "--num_inference_steps", "4")
   return {r["program"]: r for r in result["records"]} | {"libtpu": result["libtpu"]}
 
 
@@ -80,6 +97,68 @@ def test_sampling_loop_compiles_for_v5e_with_pallas_kernel(tiny_v5e_2x2):
   assert sample["all_reduces"] == 0  # generation needs no cross-chip reduction
   assert sample["fits"] and sample["argument_bytes"] >= sample["weight_bytes"]
   assert tiny_v5e_2x2["libtpu"] not in ("", "unknown")
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason=NO_CUDA_PLUGIN)
+def test_train_step_compiles_for_two_h100s_with_pmean_and_one_copy_of_the_weights(tmp_path):
+  """XLA:GPU compiles the tiny pmapped step for an H100 target from its target config
+  (benchmarks/gpu_specs/h100_sxm.txtpb) on this CPU host: no GPU, no CUDA driver."""
+  aot_targets = benchmark_module("aot_targets")
+  result = _run_aot_compile(tmp_path / "tiny_h100.json", "--topology", "h100:2", "--model",
+                            "tiny", "--batch", "1", "--program", "train")
+  assert result["platform"] == "gpu" and result["device_kind"] == "NVIDIA H100 80GB HBM3"
+  assert result["compiler"].startswith("jax-cuda12-plugin ") and "libtpu" not in result
+  (step,) = result["records"]
+  assert step["program"] == "train" and step["chips"] == 2 and step["per_chip_batch"] == 1
+  # ti_jax's GPU default: jax.nn.dot_product_attention's own choice (XLA), no Pallas kernel.
+  assert step["attention_impl"] == "default" and step["pallas_kernels"] == 0
+  assert step["all_reduces"] >= 1, "the gradient pmean is missing from the GPU program"
+  assert step["alias_bytes"] > 0, "the train state is not donated (updated in place)"
+  # The budget is JAX's allocator's share (75%) of the H100's 84,942,979,072 bytes.
+  assert result["device_memory_bytes"] == 84942979072
+  assert aot_targets.JAX_GPU_MEMORY_FRACTION == 0.75
+  assert step["hbm_bytes"] == int(0.75 * 84942979072)
+  assert step["fits"] and 0 < step["total_bytes"] < step["hbm_bytes"]
+  # Frozen weights are arguments, once: GPUs pad no tiles, so the bytes match exactly.
+  assert step["argument_bytes"] >= step["weight_bytes"] > 0
+  assert step["argument_bytes"] == step["expected_argument_bytes"], step
+  # XLA:GPU compiled without a GPU gives no cost analysis; the analytic count stands alone.
+  assert step["xla_flops"] is None and step["analytic_gflop_per_image"] > 0
+  assert step["compile_s"] > 0 and "triton_gemm" not in step  # XLA's own matmul choices
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason=NO_CUDA_PLUGIN)
+def test_every_gpu_target_config_describes_its_gpu():
+  aot_targets = benchmark_module("aot_targets")
+  kinds = {"h100": "NVIDIA H100 80GB HBM3", "a100-80g": "NVIDIA A100-SXM4-80GB"}
+  assert set(kinds) == set(aot_targets.GPU_SPECS)
+  for model, kind in kinds.items():
+    devices = aot_targets.gpu_devices(f"{model}:8")
+    assert len(devices) == 8 and {d.device_kind for d in devices} == {kind}
+    assert {d.platform for d in devices} == {"gpu"}
+
+
+def test_gpu_topologies_are_named_model_and_count_and_need_the_cuda_plugin(monkeypatch):
+  """Runs without the plugin: naming, the spec files' memory, and the message when it is
+  missing (the script prints it as `error: cannot describe topology 'h100:1': ...`)."""
+  aot_targets = benchmark_module("aot_targets")
+  assert aot_targets.is_gpu("h100:8") and aot_targets.is_gpu("A100-80G:1")
+  assert not aot_targets.is_gpu("v5e:2x2") and not aot_targets.is_gpu("v4:2x2x1")
+  assert aot_targets.parse_gpu_topology("h100:8") == ("h100", 8)
+  assert aot_targets.parse_gpu_topology("h100") == ("h100", 1)
+  for bad in ("h100:0", "h100:two", "h100:2x2"):
+    with pytest.raises(ValueError, match="MODEL:N"):
+      aot_targets.parse_gpu_topology(bad)
+  with pytest.raises(ValueError, match="unknown GPU 'b200'"):
+    aot_targets.gpu_target_config("b200")
+  with pytest.raises(ValueError, match="unknown TPU generation 'b200'.*GPUs: h100, a100-80g"):
+    aot_targets.chip_hbm("b200:1")
+  memory = {m: aot_targets.spec_memory_bytes(aot_targets.gpu_target_config(m))
+            for m in aot_targets.GPU_SPECS}
+  assert memory == {"h100": 84942979072, "a100-80g": 85100068864}
+  monkeypatch.setattr(aot_targets, "has_cuda_plugin", lambda: False)
+  with pytest.raises(RuntimeError, match=r"CUDA plugin is not installed.*jax\[cuda12\]"):
+    aot_targets.describe("h100:1")
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason=NO_LIBTPU)
@@ -133,28 +212,28 @@ def test_replicate_and_shard_of_shapes_give_the_pmap_layout_without_arrays():
 
 def test_analytic_flops_of_the_sd15_step_are_1_70_tflop_per_image():
   """UNet forward + backward to the context + text encoder at 512 px, from the config alone."""
-  tpu_compile = _tpu_compile()
-  modules = pipeline.build_modules(tpu_compile.common.model_configs("sd15"))
-  flops = tpu_compile.analytic_step_flops(modules, 512)
+  aot_compile = _aot_compile()
+  modules = pipeline.build_modules(aot_compile.common.model_configs("sd15"))
+  flops = aot_compile.analytic_step_flops(modules, 512)
   assert flops["total"] == pytest.approx(1.70e12, rel=0.01), flops
   # The backward pass is activation gradients only (no weight gradients): at most the
   # forward's FLOPs for dense/conv layers, twice for attention products.
   assert 0.8 * flops["unet_forward"] < flops["unet_backward"] < 1.3 * flops["unet_forward"]
   # The count scales with the latent area: 768 px has 2.25x the pixels (attention grows faster).
-  sd21 = tpu_compile.analytic_step_flops(
-      pipeline.build_modules(tpu_compile.common.model_configs("sd21")), 768)
+  sd21 = aot_compile.analytic_step_flops(
+      pipeline.build_modules(aot_compile.common.model_configs("sd21")), 768)
   assert sd21["unet_forward"] > 2.25 * flops["unet_forward"]
 
 
 def test_sweep_finds_the_largest_batch_that_fits():
-  tpu_compile = _tpu_compile()
+  aot_compile = _aot_compile()
   for limit, start in ((13, 8), (13, 1), (1, 4), (0, 4), (300, 8)):
     calls = []
 
     def compile_at(b, limit=limit, calls=calls):
       calls.append(b)
       return {"fits": b <= limit}
-    best, records = tpu_compile.sweep(compile_at, start, 256, lambda r: None)
+    best, records = aot_compile.sweep(compile_at, start, 256, lambda r: None)
     assert best == min(limit, 256), (limit, start, calls)
     assert len(records) == len(calls) <= 2 * 9, calls  # doubling then bisection
 
@@ -163,9 +242,9 @@ def test_remat_auto_rematerialises_only_when_the_plain_step_does_not_fit():
   """train_lib.remat_if_needed (config.remat="auto"): XLA's memory plan of the plain step
   against the limit decides; the step is compiled, never run (here on one CPU device)."""
   from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
-  tpu_compile = _tpu_compile()
+  aot_compile = _aot_compile()
   devices = jax.devices()[:1]
-  built = tpu_compile.train_step_args("tiny", 1, jnp.float32, "", False, devices)
+  built = aot_compile.train_step_args("tiny", 1, jnp.float32, "", False, devices)
   pieces = (built["settings"], built["optimizer"], built["lr"], devices, built["args"])
   plain = train_lib.make_pmapped_step(*pieces[:4]).lower(*built["args"]).compile()
   need = train_lib.compiled_memory_bytes(plain)
@@ -218,5 +297,30 @@ def test_a_step_the_tpu_compiler_refuses_for_memory_does_not_fit_and_other_error
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
     train_lib.fits_memory(_Refused(other), (), 2**40)
   record = {}
-  assert _tpu_compile()._compile(_Refused(oom), record) is None  # pylint: disable=protected-access
+  assert _aot_compile()._compile(_Refused(oom), record) is None  # pylint: disable=protected-access
   assert record["fits"] is False and "Exceeded hbm capacity by 5.38M" in record["compiler_oom"]
+
+
+class _Untiled:
+  """A GPU program whose first compile fails as XLA:GPU does when, without autotuning, it finds
+  no Triton tiling for a matmul; compiled with `compiler_options` it succeeds."""
+
+  def __init__(self):
+    self.options = []
+
+  def compile(self, compiler_options=None):
+    self.options.append(compiler_options)
+    if compiler_options is None:
+      raise jax.errors.JaxRuntimeError(
+          "INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.601 = "
+          "bf16[154,32]{1,0} dot(%bitcast.3006, %parameter_1.10)")
+    return "compiled"
+
+
+def test_a_gpu_matmul_without_a_triton_tiling_is_compiled_again_with_cublas():
+  """(The tiny model at per-GPU batch 2 meets this for its [154, 32] CLIP projections.)"""
+  aot_compile = _aot_compile()
+  record, program = {}, _Untiled()
+  assert aot_compile._compile(program, record) == "compiled"  # pylint: disable=protected-access
+  assert program.options == [None, {"xla_gpu_enable_triton_gemm": False}]
+  assert record["triton_gemm"] is False and record["compile_s"] >= 0

@@ -1,15 +1,22 @@
-"""Compiles ti_jax's training step and sampling loop for a TPU ahead of time, on a CPU host.
+"""Compiles ti_jax's training step and sampling loop for TPUs or GPUs ahead of time, on a CPU host.
 
-  python benchmarks/tpu_compile.py --topology v5e:1x1 --model sd15 --batch 8
-  python benchmarks/tpu_compile.py --topology v5e:1x1 --model sd21 --batch 4 --program train
-  python benchmarks/tpu_compile.py --topology v5e:2x2 --model sd15 --sweep_batch
-  python benchmarks/tpu_compile.py --topology v4:2x2x1 --model tiny --attention_impl xla
+  python benchmarks/aot_compile.py --topology v5e:1x1 --model sd15 --batch 8
+  python benchmarks/aot_compile.py --topology v5e:1x1 --model sd21 --batch 4 --program train
+  python benchmarks/aot_compile.py --topology v5e:2x2 --model sd15 --sweep_batch
+  python benchmarks/aot_compile.py --topology v4:2x2x1 --model tiny --attention_impl xla
+  python benchmarks/aot_compile.py --topology h100:1 --model sd15 --batch 8
+  python benchmarks/aot_compile.py --topology h100:8 --model sdxl --batch 4 --remat auto
+  python benchmarks/aot_compile.py --topology a100-80g:1 --model sd15 --attention_impl cudnn
 
-Needs libtpu (`pip install "jax[tpu]"`), not a TPU: `jax.experimental.topologies`
-describes the chips of a topology, and the real TPU compiler (XLA:TPU and
-Mosaic for the Pallas kernels) compiles for them. Nothing runs and no weights
-exist: the model is built from `jax.eval_shape` of its init, so a full-size
-step needs only the compiler's own memory on the host.
+Needs the target's compiler, not the chip: libtpu (`pip install "jax[tpu]"`)
+for TPU topologies, JAX's CUDA plugin (`pip install "jax[cuda12]"`, in an
+environment of its own: it is several GB) for GPUs. `jax.experimental.topologies`
+describes the chips (`benchmarks/aot_targets.py`; a GPU from its target config
+in `benchmarks/gpu_specs/`) and the real compiler (XLA:TPU and Mosaic for the
+Pallas kernels; XLA:GPU, without autotuning since no GPU is there to time
+candidates) compiles for them. Nothing runs and no weights exist: the model is
+built from `jax.eval_shape` of its init, so a full-size step needs only the
+compiler's own memory on the host.
 
 The programs are the ones the entry points run: the training step is
 `train_lib.make_pmapped_step` over every chip of the topology (the gradient
@@ -19,11 +26,13 @@ program (DDIM, classifier-free guidance in one batched UNet call, VAE
 decode), as `ti_jax.sample` runs it.
 
 Per chip it prints XLA's memory plan (arguments, outputs, temporaries,
-generated code) against the chip's HBM, FLOPs per image from XLA's cost
-analysis next to the analytic count of `analytic_step_flops`, and the compile
-time. `--sweep_batch` doubles the per-chip batch until the step no longer
-fits, then bisects. XLA's `optimal_seconds` estimate is not reported: it is
-not a time for these programs (it came out negative for a UNet step).
+generated code) against the chip's memory (a GPU: the share JAX's allocator
+takes, `--gpu_memory_fraction`), FLOPs per image from XLA's cost analysis (TPU
+only: a GPU program compiled without a GPU has none) next to the analytic count
+of `analytic_step_flops`, and the compile time. `--sweep_batch` doubles the
+per-chip batch until the step no longer fits, then bisects. XLA's
+`optimal_seconds` estimate is not reported: it is not a time for these programs
+(it came out negative for a UNet step).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import sys
 import time
 import types
 
+import aot_targets  # benchmarks/aot_targets.py: the chips and GPUs compiled for
 import common  # benchmarks/common.py: a script's own folder is on sys.path
 from absl import app, flags
 
@@ -40,9 +50,14 @@ common.define_model_flags(["tiny", "narrow", "small", "sd15", "sd21", "ldm", "ti
                           dtype="bfloat16", batch=8)
 flags.DEFINE_string("topology", "v5e:1x1",
                     "TPU topology, as jax.experimental.topologies names it: v4:2x2x1, v5e:1x1, "
-                    "v5e:2x2, v5p:2x2x1, v6e:2x2, ...")
-flags.DEFINE_enum("attention_impl", "", ["", "xla", "pallas_tpu"],
-                  "UNet attention; '' resolves as ti_jax does for TPU devices (pallas_tpu).")
+                    "v5e:2x2, v5p:2x2x1, v6e:2x2, ...; or GPUs in one host as MODEL:COUNT: "
+                    f"{', '.join(m + ':8' for m in aot_targets.GPU_SPECS)}, ...")
+flags.DEFINE_enum("attention_impl", "", ["", "xla", "pallas_tpu", "cudnn"],
+                  "UNet attention; '' resolves as ti_jax does for the devices (TPU: pallas_tpu; "
+                  "GPU: jax.nn.dot_product_attention's default, XLA). cudnn: GPUs only.")
+flags.DEFINE_float("gpu_memory_fraction", aot_targets.JAX_GPU_MEMORY_FRACTION,
+                   "GPUs: the share of the GPU's memory a program may plan for; JAX's allocator "
+                   "takes 0.75 by default (XLA_CLIENT_MEM_FRACTION raises it).")
 flags.DEFINE_enum("remat", "false", ["false", "true", "auto"],
                   "Rematerialise the UNet blocks in the step; 'auto' turns it on only when the "
                   "step does not fit the chip's HBM without it.")
@@ -57,38 +72,7 @@ flags.DEFINE_integer("max_batch", 256, "Upper end of --sweep_batch.")
 flags.DEFINE_integer("num_views", 10, "Cached training views (5 images, flipped), as in training.")
 FLAGS = flags.FLAGS
 
-GIB = 2 ** 30
-# HBM per chip, by the generation prefix of the topology name.
-HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5litepod": 16 * GIB, "v5p": 95 * GIB,
-             "v6e": 32 * GIB}
-
-
-def chip_hbm(topology: str) -> int:
-  """HBM bytes of one chip of `topology` ("v5e:2x2" -> 16 GiB)."""
-  kind = topology.split(":")[0].split("-")[0].lower()
-  if kind not in HBM_BYTES:
-    raise ValueError(f"unknown TPU generation {kind!r} (known: {', '.join(HBM_BYTES)})")
-  return HBM_BYTES[kind]
-
-
-def tpu_devices(topology: str) -> list:
-  """The chips of a TPU topology, compile-only (libtpu needed, no TPU).
-
-  One device per chip, as Cloud TPU VMs run them (v4 in megacore mode), and
-  all chips in this one process, so the pmapped program spans every chip.
-  """
-  # libtpu takes a lock file so that one process owns the chips; compiling opens
-  # no chip, so several compiling processes (a test next to a benchmark) may share it.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  kind, _, layout = topology.partition(":")
-  dims = tuple(int(d) for d in layout.lower().split("x")) if layout else ()
-  kwargs = {"chip_config_name": "megacore"} if kind.lower() == "v4" else {}
-  if dims:
-    # libtpu's default host is 2x2x1 chips; a smaller layout (v5e:1x1) must say so.
-    kwargs["chips_per_host_bounds"] = (dims + (1, 1, 1))[:3]
-  return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
-                                           **kwargs).devices)
+GIB = aot_targets.GIB
 
 
 # --- the analytic FLOP count --------------------------------------------------------------
@@ -278,14 +262,30 @@ def _memory_record(compiled, hbm: int) -> dict:
           "hbm_bytes": hbm, "fits": bool(total <= hbm)}
 
 
+# XLA:GPU without a GPU cannot autotune: it gives each matmul fusion one default Triton
+# tiling, and for some shapes (the tiny model's [154, 32] CLIP projection at batch 2) it
+# finds none and fails. A GPU would time cuBLAS against Triton there; without one, cuBLAS
+# takes every matmul of that program.
+NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+UNTILED_TRITON_GEMM = "Couldn't find output tile sizes"
+
+
 def _compile(lowered, record: dict):
   """Compiles `lowered`, timing it into `record`. XLA:TPU refuses a program larger than the
   chip's HBM: then `record` says it does not fit, with the compiler's own account of by how
-  much, and None is returned."""
+  much, and None is returned. Where XLA:GPU finds no Triton tiling for a matmul without
+  autotuning, the program is compiled again with cuBLAS for every matmul
+  (`record["triton_gemm"]` is False)."""
   from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   try:
-    compiled = lowered.compile()
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except
+      if UNTILED_TRITON_GEMM not in str(e):
+        raise
+      record["triton_gemm"] = False
+      compiled = lowered.compile(compiler_options=NO_TRITON_GEMM)
   except Exception as e:  # pylint: disable=broad-except
     if not train_lib.is_out_of_memory(e):
       raise
@@ -299,14 +299,26 @@ def _compile(lowered, record: dict):
 
 
 def _program_record(compiled) -> dict:
-  """FLOPs (XLA's count, one chip) and what the compiled TPU program contains."""
+  """FLOPs (XLA's count, one chip; None where the compiler gives none, as XLA:GPU without a
+  GPU) and what the compiled program contains."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   text = compiled.as_text()
-  return {"xla_flops": float(cost.get("flops", 0.0)),
-          "all_reduces": text.count("all-reduce("),
+  return {"xla_flops": float(cost.get("flops", 0.0)) if cost else None,
+          # XLA:GPU splits an all-reduce into an asynchronous start/done pair.
+          "all_reduces": text.count("all-reduce(") + text.count("all-reduce-start("),
           # Mosaic-compiled Pallas kernels appear as tpu_custom_call custom-calls.
-          "pallas_kernels": text.count('custom_call_target="tpu_custom_call"')}
+          "pallas_kernels": text.count('custom_call_target="tpu_custom_call"'),
+          # cuDNN's fused attention (forward and backward) as XLA:GPU custom-calls.
+          "cudnn_attention_calls": text.count('custom_call_target="__cudnn$fmha')}
+
+
+def _per_image(record: dict, analytic_total: float, batch: int) -> dict:
+  """XLA's and the analytic FLOPs per image (XLA's is None where it has no count)."""
+  xla = record["xla_flops"]
+  return {"xla_gflop_per_image": None if xla is None else xla / batch / 1e9,
+          "analytic_gflop_per_image": analytic_total / 1e9,
+          "xla_over_analytic": None if xla is None else xla / batch / analytic_total}
 
 
 def build_modules(model: str, dtype, attention_impl: str, remat: bool, devices,
@@ -403,10 +415,7 @@ def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat
   record["weight_bytes"] = built["weight_bytes"]
   record["argument_over_expected"] = record["argument_bytes"] / built["expected_argument_bytes"]
   record.update(_program_record(compiled))
-  analytic = analytic_step_flops(modules, res, tokens)
-  record["xla_gflop_per_image"] = record["xla_flops"] / batch / 1e9
-  record["analytic_gflop_per_image"] = analytic["total"] / 1e9
-  record["xla_over_analytic"] = record["xla_flops"] / batch / analytic["total"]
+  record.update(_per_image(record, analytic_step_flops(modules, res, tokens)["total"], batch))
   return record
 
 
@@ -454,8 +463,8 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
   record.update(_program_record(compiled))
   analytic = analytic_sample_flops(modules, res, num_inference_steps, guidance_scale != 1.0,
                                    tokens)
-  record["xla_gflop_per_image"] = record["xla_flops"] / batch / 1e9
-  record["analytic_gflop_per_image"] = analytic["total"] / 1e9
+  record.update(_per_image(record, analytic["total"], batch))
+  del record["xla_over_analytic"]  # the loop body is counted once: compare with the line below
   record["analytic_unet_gflop_per_step"] = analytic["unet_per_step"] / 1e9
   # XLA's cost analysis counts the body of the denoising fori_loop once, not per step:
   # compare its figure with one step's worth of the loop.
@@ -509,31 +518,25 @@ def sweep(compile_at, start: int, max_batch: int, log) -> tuple[int, list[dict]]
   return lo, records
 
 
-def libtpu_version() -> str:
-  try:
-    from importlib import metadata  # pylint: disable=import-outside-toplevel
-    return metadata.version("libtpu")
-  except Exception:  # pylint: disable=broad-except
-    return "unknown"
-
-
 def _print(record: dict) -> None:
   gib = lambda k: f"{record[k] / GIB:.2f} GiB"
   if "compiler_oom" in record:
     print(f"{record['program']:>6} {record['model']} {record['resolution']}px "
           f"{record['chips']} chip(s) batch/chip {record['per_chip_batch']} "
           f"{record['attention_impl']}{' remat' if record['remat'] else ''}: does NOT fit, "
-          f"the TPU compiler says: {record['compiler_oom']} (after {record['compile_s']:.0f} s)",
+          f"the compiler says: {record['compiler_oom']} (after {record['compile_s']:.0f} s)",
           flush=True)
     return
   line = (f"{record['program']:>6} {record['model']} {record['resolution']}px "
           f"{record['chips']} chip(s) batch/chip {record['per_chip_batch']} "
-          f"{record['attention_impl']}{' remat' if record['remat'] else ''}: "
+          f"{record['attention_impl']}{' remat' if record['remat'] else ''}"
+          f"{' cuBLAS-only matmuls' if record.get('triton_gemm') is False else ''}: "
           f"args {gib('argument_bytes')} out {gib('output_bytes')} "
           f"temp {gib('temp_bytes')} code {gib('code_bytes')} -> total {gib('total_bytes')} "
           f"of {gib('hbm_bytes')} ({'fits' if record['fits'] else 'does NOT fit'}), "
-          f"{record['xla_gflop_per_image']:.0f} GFLOP/image (analytic "
-          f"{record['analytic_gflop_per_image']:.0f}"
+          + (f"{record['xla_gflop_per_image']:.0f} GFLOP/image (analytic "
+             if record["xla_gflop_per_image"] is not None else "(no XLA FLOP count) analytic (")
+          + f"{record['analytic_gflop_per_image']:.0f} GFLOP/image"
           + (f"; with the loop body once {record['analytic_gflop_loop_body_once']:.0f}"
              if "analytic_gflop_loop_body_once" in record else "")
           + f"), compile {record['compile_s']:.0f} s")
@@ -545,12 +548,16 @@ def main(argv):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
   try:
-    hbm = chip_hbm(FLAGS.topology)
-    devices = tpu_devices(FLAGS.topology)
-  except (ValueError, RuntimeError) as e:
-    sys.exit(f"error: cannot describe TPU topology {FLAGS.topology!r}: "
+    target = aot_targets.describe(FLAGS.topology, FLAGS.gpu_memory_fraction)
+  except (ValueError, RuntimeError, NotImplementedError) as e:
+    sys.exit(f"error: cannot describe topology {FLAGS.topology!r}: "
              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-  results = {"topology": FLAGS.topology, "libtpu": libtpu_version(), "records": []}
+  devices, hbm = target.devices, target.memory_bytes
+  results = {"topology": FLAGS.topology, "platform": target.platform,
+             "compiler": target.compiler, "device_kind": devices[0].device_kind,
+             "device_memory_bytes": target.device_memory_bytes, "records": []}
+  if target.platform == "tpu":  # (the key older TPU results carry)
+    results["libtpu"] = target.compiler.split(" ", 1)[1]
   out = results["records"]
   programs = {  # program name -> (compile at a per-chip batch, the batch asked for)
       "train": (lambda b: compile_step_auto_remat(FLAGS.model, b, dtype, FLAGS.attention_impl,
@@ -571,7 +578,8 @@ def main(argv):
     else:
       out.append(at(batch))
       _print(out[-1])
-  print(f"libtpu {results['libtpu']}, topology {FLAGS.topology}")
+  print(f"{target.compiler}, topology {FLAGS.topology} ({len(devices)} x "
+        f"{devices[0].device_kind}, {hbm / GIB:.2f} GiB per chip for the program)")
   common.write_json(FLAGS.json_out, results)
 
 
