@@ -569,15 +569,16 @@ def main(argv):
   for name, (at, batch) in programs.items():
     if FLAGS.program not in (name, "both"):
       continue
-    if FLAGS.sweep_batch:
-      best, records = sweep(at, batch, FLAGS.max_batch, _print)
-      out.extend(records)
-      results[f"largest_{name}_batch"] = best
-      print(f"largest per-chip {'train' if name == 'train' else 'sampling'} batch that fits: "
-            f"{best}")
-    else:
-      out.append(at(batch))
-      _print(out[-1])
+    with aot_targets.cudnn_checks_for(devices):
+      if FLAGS.sweep_batch:
+        best, records = sweep(at, batch, FLAGS.max_batch, _print)
+        out.extend(records)
+        results[f"largest_{name}_batch"] = best
+        print(f"largest per-chip {'train' if name == 'train' else 'sampling'} batch that fits: "
+              f"{best}")
+      else:
+        out.append(at(batch))
+        _print(out[-1])
   print(f"{target.compiler}, topology {FLAGS.topology} ({len(devices)} x "
         f"{devices[0].device_kind}, {hbm / GIB:.2f} GiB per chip for the program)")
   common.write_json(FLAGS.json_out, results)

@@ -10,6 +10,7 @@ in `benchmarks/gpu_specs/` (the plugin ships none).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -120,6 +121,34 @@ def gpu_devices(topology: str) -> list:
   return list(topologies.get_topology_desc(platform="cuda",
                                            target_config=gpu_target_config(model),
                                            topology=f"1x1x{count}").devices)
+
+
+@contextlib.contextmanager
+def cudnn_checks_for(devices):
+  """JAX's cuDNN attention checks answered for `devices` (compile-only GPUs), not this host.
+
+  `jax.nn.dot_product_attention(implementation="cudnn")` decides in Python what cuDNN
+  supports from the compute capability of the local GPU; without one it takes the target
+  for pre-Hopper (head dims <= 128, where an H100 takes 256). Inside this block those two
+  checks read the target's capability instead, so the program is the one a real GPU of
+  the target's kind would trace. A no-op for other devices.
+  """
+  # pylint: disable=import-outside-toplevel,protected-access
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+  if not devices or devices[0].platform != "gpu":
+    yield
+    return
+  version = lambda v: tuple(int(x) for x in v.split("."))
+  target = version(devices[0].compute_capability)
+  saved = (cudnn_attention.check_compute_capability,
+           cudnn_attention.is_cuda_compute_capability_equal)
+  cudnn_attention.check_compute_capability = lambda c: target >= version(c)
+  cudnn_attention.is_cuda_compute_capability_equal = lambda c: target == version(c)
+  try:
+    yield
+  finally:
+    (cudnn_attention.check_compute_capability,
+     cudnn_attention.is_cuda_compute_capability_equal) = saved
 
 
 def _version(package: str) -> str:

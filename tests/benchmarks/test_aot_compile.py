@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, benchmark_module, config_module
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
 from ti_jax.models import layers
 from ti_jax.runtime import parallel
@@ -324,3 +325,25 @@ def test_a_gpu_matmul_without_a_triton_tiling_is_compiled_again_with_cublas():
   assert aot_compile._compile(program, record) == "compiled"  # pylint: disable=protected-access
   assert program.options == [None, {"xla_gpu_enable_triton_gemm": False}]
   assert record["triton_gemm"] is False and record["compile_s"] >= 0
+
+
+class _Gpu:
+  platform = "gpu"
+  compute_capability = "9.0"
+
+
+def test_cudnn_attention_checks_read_the_target_gpu_not_this_host():
+  """JAX decides cuDNN attention's limits from the local GPU; compiling for an H100 on a host
+  without one, the script makes those checks read the target's compute capability."""
+  aot_targets = benchmark_module("aot_targets")
+  saved = cudnn_attention.check_compute_capability
+  assert cudnn_attention.check_compute_capability("9.0") is False  # this CPU host
+  with aot_targets.cudnn_checks_for([_Gpu()]):
+    assert cudnn_attention.check_compute_capability("9.0")
+    assert cudnn_attention.check_compute_capability("8.0")
+    assert not cudnn_attention.check_compute_capability("10.0")
+    assert cudnn_attention.is_cuda_compute_capability_equal("9.0")
+    assert not cudnn_attention.is_cuda_compute_capability_equal("10.3")
+  assert cudnn_attention.check_compute_capability is saved
+  with aot_targets.cudnn_checks_for(jax.devices()[:1]):  # CPU devices: nothing changes
+    assert cudnn_attention.check_compute_capability is saved
