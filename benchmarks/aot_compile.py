@@ -37,7 +37,6 @@ per-chip batch until the step no longer fits, then bisects. XLA's
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import types
