@@ -7,16 +7,23 @@ concepts change nothing.
 
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import optax
 import pytest
-from conftest import step_pieces
+import safetensors.numpy
+from conftest import REPO, config_module, offline_config, step_pieces
 
 from ti_jax.data import choices
 from ti_jax.runtime import parallel
-from ti_jax.training import train_lib
+from ti_jax.training import train_lib, trainer
+
+TOY = os.path.join(REPO, "examples", "toy")
 
 BASE_LR = 5e-3
 # Examples per concept per step: the one-device pmapped program is then test_train.py's, which
@@ -73,8 +80,9 @@ def _state(setup, concept: Concept):
 
 
 def _run_mesh(setup, concepts, mesh, settings=None, active=None, lr_scales=None, steps=STEPS,
-              batch_size=BATCH):
-  """The concepts' vectors `[K, n, D]`, final state and last metrics after `steps` mesh steps."""
+              batch_size=BATCH, shard_weights=False):
+  """The concepts' vectors `[K, n, D]`, final state, last metrics and the compiled step's
+  per-device argument bytes after `steps` mesh steps."""
   settings = settings or setup["settings"]
   k = len(concepts)
   padded = parallel.padded_concepts(k, parallel.concept_size(mesh))
@@ -88,16 +96,20 @@ def _run_mesh(setup, concepts, mesh, settings=None, active=None, lr_scales=None,
   frozen = frozen.replace(**{f: parallel.pad_stacked(getattr(frozen, f), padded)
                              for f in train_lib.CONCEPT_FIELDS})
   step_fn = train_lib.make_mesh_step(settings, MAKE_OPT, optax.constant_schedule(BASE_LR), mesh)
-  metrics = None
+  metrics = compiled = None
   for step in range(steps):
     batch = parallel.pad_stacked(
         parallel.stack([_batch(setup, c, step, batch_size) for c in concepts]), padded)
-    state, frozen_on, batch, slots_on = train_lib.place_mesh_args(
-        mesh, state, frozen, batch, slots) if step == 0 else (
-        state, frozen_on, parallel.put(batch, mesh, parallel.batch_spec()), slots_on)
-    state, metrics = step_fn(state, frozen_on, batch, slots_on)
+    if step == 0:
+      state, frozen_on, batch, slots_on = train_lib.place_mesh_args(
+          mesh, state, frozen, batch, slots, shard_weights)
+      compiled = step_fn.lower(state, frozen_on, batch, slots_on).compile()
+    else:
+      batch = parallel.put(batch, mesh, parallel.batch_spec())
+    state, metrics = compiled(state, frozen_on, batch, slots_on)
   host = parallel.fetch(state)
-  return host.params["embeds"][:k], host, parallel.fetch(metrics)
+  return (host.params["embeds"][:k], host, parallel.fetch(metrics),
+          compiled.memory_analysis().argument_size_in_bytes)
 
 
 def _run_pmapped(setup, concept: Concept, devices, settings=None, steps=STEPS,
@@ -122,7 +134,7 @@ def _rel(a, b):
 def _compare(setup, concept, devices, settings=None, batch_size=BATCH):
   alone = _run_pmapped(setup, concept, devices, settings, batch_size=batch_size)
   mesh = parallel.make_mesh(devices, 1)  # one concept: its batch over every device
-  meshed, _, metrics = _run_mesh(setup, [concept], mesh, settings, batch_size=batch_size)
+  meshed, _, metrics, _ = _run_mesh(setup, [concept], mesh, settings, batch_size=batch_size)
   assert np.abs(alone - setup["init"].vectors - concept.nudge).max() > 1e-4  # they moved
   print(f"{len(devices)} device(s): mesh vs pmapped max relative difference "
         f"{_rel(meshed[0], alone):.2e}, bit-identical: {np.array_equal(meshed[0], alone)}")
@@ -151,13 +163,24 @@ def alone(setup):
   return [_run_mesh(setup, [c], mesh)[0][0] for c in CONCEPTS]
 
 
+_TOGETHER = {}  # (devices, concept shards, shard_weights) -> _run_mesh's result
+
+
+def _together(setup, num_devices, shards, shard_weights=False):
+  """CONCEPTS trained together on `num_devices` devices in `shards` concept shards (run once)."""
+  key = (num_devices, shards, shard_weights)
+  if key not in _TOGETHER:
+    mesh = parallel.make_mesh(jax.local_devices()[:num_devices], shards)
+    _TOGETHER[key] = _run_mesh(setup, CONCEPTS, mesh, shard_weights=shard_weights)
+  return _TOGETHER[key]
+
+
 @pytest.mark.parametrize("num_devices,concept_shards", [(2, None), (4, 2)])
 def test_concepts_together_equal_each_alone(setup, alone, num_devices, concept_shards):
   """3 concepts (own seeds, rates, images, starts) on 2 devices (2 x 1: one padding concept)
   and on 4 (2 x 2: each concept's batch over 2 devices)."""
-  devices = jax.local_devices()[:num_devices]
   shards = concept_shards or parallel.concept_shards(len(CONCEPTS), num_devices, BATCH)
-  meshed, state, metrics = _run_mesh(setup, CONCEPTS, parallel.make_mesh(devices, shards))
+  meshed, state, metrics, _ = _together(setup, num_devices, shards)
   assert state.params["embeds"].shape[0] == 4  # padded to a multiple of the concept shards
   for k, vectors in enumerate(alone):
     assert _rel(meshed[k], vectors) <= 1e-5, k
@@ -170,7 +193,7 @@ def test_inactive_and_non_finite_concepts_are_held(setup, alone):
   mesh = parallel.make_mesh(devices, 2)
   start = parallel.stack([_state(setup, c) for c in CONCEPTS])
   # Concept 1 switched off by the caller, concept 2's rate nan: its first step goes nan.
-  meshed, state, metrics = _run_mesh(setup, CONCEPTS, mesh, active=[True, False, True],
+  meshed, state, metrics, _ = _run_mesh(setup, CONCEPTS, mesh, active=[True, False, True],
                                      lr_scales=[1.0, 2.0, float("nan")])
   for k in (1, 2):
     for got, want in zip(jax.tree_util.tree_leaves((state.params, state.opt_state)),
@@ -194,3 +217,47 @@ def test_concept_shards_waste_at_most_one_devices_share(concepts, devices, batch
 def test_concept_shards_of_a_batch_smaller_than_the_devices_pad_least():
   # A batch of 4 does not split over 8 devices: 2 shards of 4 (one padding concept) pad least.
   assert parallel.concept_shards(1, 8, 4) == 2
+
+
+def test_sharded_weights_give_the_replicated_results_in_less_memory(setup, alone):
+  """The frozen weights FSDP-sharded over a 2 x 2 mesh (3 concepts): the vectors of replicated
+  weights (and of each concept alone), with each device holding a fraction of the weights."""
+  sharded, _, _, sharded_bytes = _together(setup, 4, 2, shard_weights=True)
+  replicated, _, _, replicated_bytes = _together(setup, 4, 2)
+  for k, vectors in enumerate(alone):
+    assert _rel(sharded[k], replicated[k]) <= 1e-5 and _rel(sharded[k], vectors) <= 1e-5, k
+  print(f"per-device argument bytes: sharded {sharded_bytes}, replicated {replicated_bytes}")
+  assert sharded_bytes < 0.5 * replicated_bytes
+
+
+def test_fsdp_spec_shards_large_leaves_along_a_divisible_axis():
+  axes = parallel.MESH_AXES
+  assert parallel.fsdp_spec((320, 4, 3, 3), 4) == parallel.P(axes)
+  assert parallel.fsdp_spec((3, 3, 4, 320), 4) == parallel.P(None, None, None, axes)
+  assert parallel.fsdp_spec((3, 3, 7, 330), 4) == parallel.P()  # no axis divides
+  assert parallel.fsdp_spec((320,), 4) == parallel.P()  # small: replicated
+
+
+def test_cli_trains_and_exports_with_sharded_weights(tmp_path):
+  """`python -m ti_jax.train --config.shard_weights=True` on 4 devices: the mesh step with the
+  weights sharded, the run's log and export as usual, the vectors of replicated weights."""
+  cache, steps = tmp_path / "cache", 2
+  cmd = [sys.executable, "-m", "ti_jax.train", "--config",
+         os.path.join(REPO, "configs/object.py:tiny"), "--workdir", str(tmp_path / "sharded"),
+         f"--config.cache_dir={cache}", f"--config.train_data_dir={TOY}",
+         "--config.validation_prompt=", f"--config.max_train_steps={steps}",
+         f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}",
+         "--config.shard_weights=True"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  sharded = safetensors.numpy.load_file(str(tmp_path / "sharded" / "learned_embeds.safetensors"))
+  with open(tmp_path / "sharded" / "metrics.jsonl", encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records][-1] == steps and "finite" not in records[-1]
+  config = offline_config(config_module("object").get_config("tiny"), cache,
+                          train_data_dir=TOY, max_train_steps=steps)
+  replicated = trainer.run(config, str(tmp_path / "replicated"),
+                           devices=jax.local_devices()[:4], progress=False)
+  vectors = sharded[config.placeholder_token]
+  assert _rel(vectors, replicated["embeds"]) <= 1e-5

@@ -528,6 +528,17 @@ def fits_memory(step, args: tuple, memory_limit: int) -> bool:
     return False
 
 
+def _remat_if_needed(make_step, settings: StepSettings, args: tuple,
+                     memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
+  """`make_step(settings)` if it fits `memory_limit` for `args` (or no limit), else with the
+  UNet's blocks rematerialised: (settings, step, remat on?)."""
+  step = make_step(settings)
+  if memory_limit is None or fits_memory(step, args, memory_limit):
+    return settings, step, False
+  settings = dataclasses.replace(settings, unet=settings.unet.clone(remat=True))
+  return settings, make_step(settings), True
+
+
 def remat_if_needed(settings: StepSettings, optimizer, lr, devices, args: tuple,
                     memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
   """`config.remat="auto"`: the plain step if XLA's plan of it fits `memory_limit`, else the
@@ -537,8 +548,26 @@ def remat_if_needed(settings: StepSettings, optimizer, lr, devices, args: tuple,
   `args` are the step's (state, frozen, batch), real or `jax.ShapeDtypeStruct`s: the plain
   step is lowered and compiled for them, never run. No limit (None) keeps the plain step.
   """
-  step = make_pmapped_step(settings, optimizer, lr, devices)
-  if memory_limit is None or fits_memory(step, args, memory_limit):
-    return settings, step, False
-  settings = dataclasses.replace(settings, unet=settings.unet.clone(remat=True))
-  return settings, make_pmapped_step(settings, optimizer, lr, devices), True
+  return _remat_if_needed(lambda s: make_pmapped_step(s, optimizer, lr, devices), settings,
+                          args, memory_limit)
+
+
+def mesh_remat_if_needed(settings: StepSettings, make_opt, lr, mesh, args: tuple,
+                         memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
+  """`remat_if_needed` for the mesh step (`args`: its (state, frozen, batch, slots))."""
+  return _remat_if_needed(lambda s: make_mesh_step(s, make_opt, lr, mesh), settings, args,
+                          memory_limit)
+
+
+def replicated_weights_fit(settings: StepSettings, optimizer, lr, devices, args: tuple,
+                           memory_limit: int | None, remat: bool) -> bool:
+  """`config.shard_weights="auto"`: whether the pmapped step, weights replicated, fits
+  `memory_limit` per device (also rematerialised, if `remat` allows it). `args`: the pmapped
+  step's (state, frozen, batch) as `jax.ShapeDtypeStruct`s (`parallel.replicate` of shapes),
+  so nothing is placed on a device that may not hold it. No limit (None): True."""
+  if memory_limit is None:
+    return True
+  variants = [settings] + ([dataclasses.replace(settings, unet=settings.unet.clone(remat=True))]
+                           if remat else [])
+  return any(fits_memory(make_pmapped_step(s, optimizer, lr, devices), args, memory_limit)
+             for s in variants)
