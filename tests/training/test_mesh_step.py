@@ -81,8 +81,8 @@ def _state(setup, concept: Concept):
 
 def _run_mesh(setup, concepts, mesh, settings=None, active=None, lr_scales=None, steps=STEPS,
               batch_size=BATCH, shard_weights=False):
-  """The concepts' vectors `[K, n, D]`, final state, last metrics and the compiled step's
-  per-device argument bytes after `steps` mesh steps."""
+  """The concepts' vectors `[K, n, D]`, final state, last metrics and the compiled step after
+  `steps` mesh steps."""
   settings = settings or setup["settings"]
   k = len(concepts)
   padded = parallel.padded_concepts(k, parallel.concept_size(mesh))
@@ -108,8 +108,7 @@ def _run_mesh(setup, concepts, mesh, settings=None, active=None, lr_scales=None,
       batch = parallel.put(batch, mesh, parallel.batch_spec())
     state, metrics = compiled(state, frozen_on, batch, slots_on)
   host = parallel.fetch(state)
-  return (host.params["embeds"][:k], host, parallel.fetch(metrics),
-          compiled.memory_analysis().argument_size_in_bytes)
+  return host.params["embeds"][:k], host, parallel.fetch(metrics), compiled
 
 
 def _run_pmapped(setup, concept: Concept, devices, settings=None, steps=STEPS,
@@ -222,12 +221,41 @@ def test_concept_shards_of_a_batch_smaller_than_the_devices_pad_least():
 def test_sharded_weights_give_the_replicated_results_in_less_memory(setup, alone):
   """The frozen weights FSDP-sharded over a 2 x 2 mesh (3 concepts): the vectors of replicated
   weights (and of each concept alone), with each device holding a fraction of the weights."""
-  sharded, _, _, sharded_bytes = _together(setup, 4, 2, shard_weights=True)
-  replicated, _, _, replicated_bytes = _together(setup, 4, 2)
+  sharded, _, _, sharded_step = _together(setup, 4, 2, shard_weights=True)
+  replicated, _, _, replicated_step = _together(setup, 4, 2)
   for k, vectors in enumerate(alone):
     assert _rel(sharded[k], replicated[k]) <= 1e-5 and _rel(sharded[k], vectors) <= 1e-5, k
+  sharded_bytes = sharded_step.memory_analysis().argument_size_in_bytes
+  replicated_bytes = replicated_step.memory_analysis().argument_size_in_bytes
   print(f"per-device argument bytes: sharded {sharded_bytes}, replicated {replicated_bytes}")
   assert sharded_bytes < 0.5 * replicated_bytes
+  # Weights are gathered where used; activations are not resharded to follow the weights.
+  program = sharded_step.as_text()
+  assert "all-gather" in program and "all-to-all" not in program
+
+
+def test_auto_shards_when_replicated_weights_do_not_fit(setup):
+  """shard_weights="auto": the replicated step's memory plan, from shapes, against the limit."""
+  devices = jax.local_devices()[:1]
+  lr = optax.constant_schedule(BASE_LR)
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                                  (_state(setup, CONCEPTS[0]), setup["frozen"],
+                                   _batch(setup, CONCEPTS[0], 0)))
+  args = (*parallel.replicate(shapes[:2], devices), parallel.shard(shapes[2], 1))
+  fit = functools.partial(train_lib.replicated_weights_fit, setup["settings"], MAKE_OPT(lr), lr,
+                          devices, args, remat=False)
+  assert fit(None) and fit(1 << 40)
+  assert not fit(1 << 20)  # the tiny model's weights alone take more than a MiB
+  # What an ahead-of-time script lowers: one concept's sharded mesh step from shapes alone.
+  mesh = parallel.make_mesh(jax.local_devices()[:4], 1)
+  batch4 = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((4,) + x.shape[1:], x.dtype),
+                                  shapes[2])  # [B = 4, ...]: one example per device
+  state, frozen, batch, slots = train_lib.one_concept_mesh_args(mesh, *shapes[:2], batch4, 0,
+                                                                shard_weights=True)
+  assert batch["input_ids"].sharding.spec == parallel.batch_spec()
+  assert any(x.sharding.spec != parallel.P() for x in jax.tree_util.tree_leaves(frozen.unet))
+  train_lib.make_mesh_step(setup["settings"], MAKE_OPT, lr, mesh).lower(state, frozen, batch,
+                                                                        slots)
 
 
 def test_fsdp_spec_shards_large_leaves_along_a_divisible_axis():

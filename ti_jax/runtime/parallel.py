@@ -331,3 +331,18 @@ def meshed(fn: Callable, mesh: jax.sharding.Mesh, out_specs: Any, *,
   (`put`), its outputs take `out_specs` (a tree prefix of PartitionSpecs); XLA inserts
   the collectives (gradient sums over the data axis, weight gathers)."""
   return jax.jit(fn, out_shardings=named(mesh, out_specs), donate_argnums=donate_argnums)
+
+
+def gathered(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Inside a jitted step on `mesh`: every leaf of `tree` (frozen weights, replicated or
+  FSDP-sharded) needed whole on each device. For sharded weights XLA all-gathers each leaf
+  before its use; without this the partitioner may instead split the activations the way
+  the weights are split and reshard them with all-to-alls. Replicated leaves: a no-op."""
+  whole = jax.sharding.NamedSharding(mesh, P())
+  return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, whole), tree)
+
+
+def concept_vmap(fn: Callable, in_axes) -> Callable:
+  """`jax.vmap(fn)` over the stacked concepts, the mapped axis being the mesh's concept axis
+  (so `constrain` inside `fn` lays out one concept's arrays)."""
+  return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=CONCEPT_AXIS)

@@ -399,9 +399,13 @@ def stack_frozen(frozens: list[Frozen]) -> Frozen:
   schedule) of the first, CONCEPT_FIELDS stacked `[K, ...]`. Views are padded to the most
   any concept has (its batches never index the padding); every concept's latents must have
   the same `[h, w, C]`."""
-  views = max(np.shape(f.latent_mean)[0] for f in frozens)
+  views = max(f.latent_mean.shape[0] for f in frozens)
 
-  def pad_views(x):
+  def pad_views(x):  # host arrays, or `jax.ShapeDtypeStruct`s (ahead-of-time lowering)
+    if x.shape[0] == views:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct((views,) + tuple(x.shape[1:]), x.dtype)
     x = np.asarray(x)
     return np.concatenate([x, np.zeros((views - x.shape[0],) + x.shape[1:], x.dtype)])
   per_concept = [f.replace(latent_mean=pad_views(f.latent_mean), latent_std=pad_views(f.latent_std),
@@ -474,13 +478,19 @@ def concept_step(state: TrainState, frozen: Frozen, batch: dict, slot: ConceptSl
 
 def mesh_step(state: TrainState, frozen: Frozen, batch: dict, slots: ConceptSlots, *,
               settings: StepSettings, make_opt, lr: optax.Schedule,
-              data_shards: int) -> tuple[TrainState, dict]:
+              mesh) -> tuple[TrainState, dict]:
   """K concepts' steps at once: `concept_step` vmapped over the stacked state, CONCEPT_FIELDS
   of `frozen`, batch `[K, B, ...]` and slots; the shared weights are unmapped, so the K
-  concepts' examples go through the UNet and text encoders as one batch. Metrics `[K]`."""
+  concepts' examples go through the UNet and text encoders as one batch. Metrics `[K]`.
+
+  Sharded weights are gathered where they are used (`parallel.gathered`), never the
+  activations split to match them."""
   step = functools.partial(concept_step, settings=settings, make_opt=make_opt, lr=lr,
-                           data_shards=data_shards)
-  return jax.vmap(step, in_axes=(0, _concept_axes(frozen), 0, 0))(state, frozen, batch, slots)
+                           data_shards=parallel.data_size(mesh))
+  frozen = frozen.replace(unet=parallel.gathered(frozen.unet, mesh),
+                          text_encoders=parallel.gathered(frozen.text_encoders, mesh))
+  return parallel.concept_vmap(step, in_axes=(0, _concept_axes(frozen), 0, 0))(
+      state, frozen, batch, slots)
 
 
 def make_mesh_step(settings: StepSettings, make_opt, lr: optax.Schedule, mesh):
@@ -489,8 +499,7 @@ def make_mesh_step(settings: StepSettings, make_opt, lr: optax.Schedule, mesh):
   donated. `make_opt(schedule)` builds the optimizer for a learning-rate schedule (e.g.
   `functools.partial(make_optimizer, b1=..., b2=..., eps=..., weight_decay=..., name=...)`):
   each concept's optimizer runs at its own rate, exactly as it would alone."""
-  step = functools.partial(mesh_step, settings=settings, make_opt=make_opt, lr=lr,
-                           data_shards=parallel.data_size(mesh))
+  step = functools.partial(mesh_step, settings=settings, make_opt=make_opt, lr=lr, mesh=mesh)
   spec = parallel.concept_spec()
   return parallel.meshed(step, mesh, (spec, spec), donate_argnums=(0,))
 
