@@ -4,6 +4,11 @@ Only the learned vectors are trainable. The frozen UNet, text encoder, cached
 VAE posteriors and noise schedule travel as a `Frozen` argument (replicated
 once, never closed over), and gradients are taken with respect to the learned
 vectors alone, so XLA does no weight-gradient work for the frozen models.
+
+Two layouts of the same pieces: `train_step`, pmapped over the devices (one concept,
+replicated weights: the default), and `mesh_step`, K concepts stacked `[K, ...]` and
+vmapped through one UNet call, jitted over a (concept, data) mesh with the weights
+replicated or sharded (`make_mesh_step`; each concept its own seed, rate and active flag).
 """
 
 from __future__ import annotations
