@@ -282,7 +282,9 @@ def put(tree: Any, mesh: jax.sharding.Mesh, specs: Any) -> Any:
 def put_process_batch(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Places this process's part of a batch, leaves `[K, B_local, ...]` (its devices' examples
   of every concept, in device order), as the global `[K, B, ...]` laid out by `batch_spec`
-  (one process: B_local = B)."""
+  (one process: B_local = B). For meshes whose data axis spans the processes and whose
+  concept rows all have devices on every process (one concept shard, as with
+  shard_weights); where the concept axis spans hosts, `put` the global host batch."""
   sharding = jax.sharding.NamedSharding(mesh, batch_spec())
 
   def place(x):
