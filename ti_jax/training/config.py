@@ -86,6 +86,12 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   # on TPUs only when the step would not fit the chip's memory without it (decided
   # from the compiled step's memory plan), elsewhere off.
   c.remat = ml_collections.FieldReference("auto", field_type=object)
+  # Shard the frozen UNet and text encoders over the devices instead of a copy on each
+  # (FSDP-style: each large weight split along one axis, gathered by XLA layer by layer), so
+  # a model larger than one device trains; the step then runs on a device mesh (jax.jit)
+  # instead of pmap, with the same results. True, False, or "auto": on TPUs only when the
+  # step with replicated weights would not fit the chip (as remat="auto" decides).
+  c.shard_weights = ml_collections.FieldReference(False, field_type=object)
 
   # --- Concept and data ---
   c.train_data_dir = ""  # folder with the 3-5 concept images
@@ -380,6 +386,8 @@ def validate_config(c) -> None:
          f"config.{name} {c[name]} is above the limit of {MAX_EXAMPLES_PER_STEP} examples per "
          "step (the host draws and tokenizes every example of every step)")
   need(c.remat in (True, False, "auto"), f"config.remat must be True, False or auto, got {c.remat!r}")
+  need(c.shard_weights in (True, False, "auto"),
+       f"config.shard_weights must be True, False or auto, got {c.shard_weights!r}")
   need(c.global_batch_size >= 0, f"config.global_batch_size must be >= 0, got {c.global_batch_size}")
   for name in ("snr_gamma", "noise_offset"):
     need(c[name] >= 0, f"config.{name} must be >= 0 (0 = off), got {c[name]}")
@@ -485,7 +493,7 @@ COMPUTED_IDENTITY = {
 NOT_IDENTITY = (
     # Model: its files and how it is computed.
     "tokenizer_name_or_path", "revision", "variant", "allow_pickle", "cache_dir",
-    "compilation_cache_dir", "dtype", "vae_dtype", "attention_impl", "remat",
+    "compilation_cache_dir", "dtype", "vae_dtype", "attention_impl", "remat", "shard_weights",
     # Concept and data.
     "init_embedding", "center_crop", "flip_p", "per_image_token_p",
     # Optimisation.

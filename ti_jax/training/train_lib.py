@@ -4,6 +4,11 @@ Only the learned vectors are trainable. The frozen UNet, text encoder, cached
 VAE posteriors and noise schedule travel as a `Frozen` argument (replicated
 once, never closed over), and gradients are taken with respect to the learned
 vectors alone, so XLA does no weight-gradient work for the frozen models.
+
+Two layouts of the same pieces: `train_step`, pmapped over the devices (one concept,
+replicated weights: the default), and `mesh_step`, K concepts stacked `[K, ...]` and
+vmapped through one UNet call, jitted over a (concept, data) mesh with the weights
+replicated or sharded (`make_mesh_step`; each concept its own seed, rate and active flag).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ti_jax.embeddings.pseudo_words import embed_tokens, token_table
@@ -204,14 +210,15 @@ def min_snr_weights(schedule: noise_schedule.NoiseSchedule, timesteps: jax.Array
 
 
 def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
-            settings: StepSettings) -> jax.Array:
+            settings: StepSettings, seed: jax.Array | None = None) -> jax.Array:
   """Mean squared error of the UNet's prediction for this device's examples (float32).
 
   batch: {"input_ids": [b, T] int32, "view_index": [b] int32, "example_index": [b] int32}.
+  `seed` (a traced uint32, the mesh step's per-concept seed) replaces settings.seed.
   """
   mean = frozen.latent_mean[batch["view_index"]]  # [b, h, w, C]
   std = frozen.latent_std[batch["view_index"]]
-  draw = functools.partial(_example_noise, settings.seed, step, latent_shape=mean.shape[1:],
+  draw = functools.partial(_example_noise, settings.seed if seed is None else seed, step, latent_shape=mean.shape[1:],
                            num_timesteps=frozen.schedule.num_train_timesteps,
                            noise_offset=settings.noise_offset)
   post_eps, noise, t = jax.vmap(draw)(batch["example_index"])
@@ -266,28 +273,42 @@ def text_conditioning(params: dict, frozen: Frozen, batch: dict,
 
 
 def _add_micro_batch(params: dict, frozen: Frozen, step: jax.Array, settings: StepSettings,
-                     carry: tuple, micro: dict) -> tuple[tuple, None]:
+                     seed: jax.Array | None, carry: tuple, micro: dict) -> tuple[tuple, None]:
   """lax.scan body: adds one micro-batch's (loss, gradients) to the running sums."""
-  loss, grads = jax.value_and_grad(loss_fn)(params, frozen, micro, step, settings)
+  loss, grads = jax.value_and_grad(loss_fn)(params, frozen, micro, step, settings, seed)
   return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
 
 
+def _micro_batches(x: jax.Array, n: int, data_shards: int) -> jax.Array:
+  """`[A * b, ...] -> [A, b, ...]`: micro-batch i is examples `[i * b, (i + 1) * b)`. With
+  `data_shards` S (the mesh step: the batch `[S * A * b', ...]` split over S devices in
+  blocks), micro-batch i is example block i of every device, `[A, S * b', ...]`, so each
+  device runs its own examples, as each pmapped device does."""
+  if data_shards == 1:
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  blocks = x.reshape((data_shards, n, x.shape[0] // (data_shards * n)) + x.shape[1:])
+  return blocks.swapaxes(0, 1).reshape((n, x.shape[0] // n) + x.shape[1:])
+
+
 def accumulated_loss_and_grads(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
-                               settings: StepSettings) -> tuple[jax.Array, dict]:
+                               settings: StepSettings, seed: jax.Array | None = None,
+                               data_shards: int = 1) -> tuple[jax.Array, dict]:
   """(loss, gradients) of this device's batch, averaged over its micro-batches.
 
   With gradient_accumulation_steps A, each leaf of `batch` is `[A * b, ...]`
-  and micro-batch i holds examples `[i * b, (i + 1) * b)`. The micro-batches run
+  and micro-batch i holds examples `[i * b, (i + 1) * b)` (see `_micro_batches` for the
+  mesh step's `data_shards`). The micro-batches run
   one at a time in a `lax.scan`, so only one micro-batch's activations are live;
   all are the same size, so the mean of their means is the mean over the batch.
+  `seed`: see `loss_fn`.
   """
   n = settings.gradient_accumulation_steps
   if n == 1:
-    return jax.value_and_grad(loss_fn)(params, frozen, batch, step, settings)
-  micro = jax.tree_util.tree_map(
-      lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)  # [A, b, ...]
+    return jax.value_and_grad(loss_fn)(params, frozen, batch, step, settings, seed)
+  micro = jax.tree_util.tree_map(lambda x: _micro_batches(x, n, data_shards),
+                                 batch)  # [A, b, ...]
   zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
-  body = functools.partial(_add_micro_batch, params, frozen, step, settings)
+  body = functools.partial(_add_micro_batch, params, frozen, step, settings, seed)
   (loss, grads), _ = jax.lax.scan(body, zeros, micro)
   return loss / n, jax.tree_util.tree_map(lambda g: g / n, grads)
 
@@ -300,6 +321,14 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, *,
   loss, grads = accumulated_loss_and_grads(state.params, frozen, batch, state.step, settings)
   grads = parallel.pmean(grads)
   loss = parallel.pmean(loss)
+  return optimizer_step(state, loss, grads, settings=settings, optimizer=optimizer, lr=lr)
+
+
+def optimizer_step(state: TrainState, loss: jax.Array, grads: dict, *, settings: StepSettings,
+                   optimizer: optax.GradientTransformation,
+                   lr: optax.Schedule) -> tuple[TrainState, dict]:
+  """The update of one concept from its averaged (loss, gradients): the optimizer step (with
+  progressive_words, the vectors not yet in the prompts held), and the step's metrics."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   if settings.progressive_words:
     # Vectors not yet in the prompts get no gradient, but AdamW's decoupled
@@ -336,6 +365,150 @@ def make_pmapped_step(settings: StepSettings, optimizer, lr, devices):
   return parallel.pmapped(step, devices, donate_argnums=(0,))
 
 
+# ---------------------------------------------------------------------------
+# The mesh step: K concepts stacked `[K, ...]`, one jit over a (concept, data) mesh.
+# ---------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class ConceptSlots:
+  """What differs between the concepts of a mesh step besides their state, each `[K]`."""
+  seed: jax.Array  # uint32: concept k's draws are a function of (seed[k], step, example index)
+  # float32: concept k's learning rate over the run's schedule (lr_k(step) = lr(step) * lr_scale[k])
+  lr_scale: jax.Array
+  # bool: False holds concept k's params and optimizer state (the caller's failure isolation;
+  # padding concepts are inactive).
+  active: jax.Array
+
+
+def concept_slots(seeds, lr_scales, active=None) -> ConceptSlots:
+  """Host `ConceptSlots` of K concepts (`active` default: all)."""
+  seeds = np.asarray(seeds, np.uint32)
+  active = np.ones(seeds.shape, bool) if active is None else np.asarray(active, bool)
+  return ConceptSlots(seed=seeds, lr_scale=np.asarray(lr_scales, np.float32), active=active)
+
+
+# `Frozen` fields that belong to one concept (its images, its placeholder, its start): stacked
+# `[K, ...]` in a mesh step's frozen argument. The others (weights, schedule) are shared.
+CONCEPT_FIELDS = ("latent_mean", "latent_std", "placeholder_ids", "init_embeds", "time_ids")
+
+
+def _concept_axes(frozen: Frozen) -> Frozen:
+  """vmap's in_axes of a stacked `Frozen`: 0 for CONCEPT_FIELDS, None (shared) for the rest."""
+  return Frozen(**{f.name: 0 if f.name in CONCEPT_FIELDS else None
+                   for f in dataclasses.fields(Frozen)})
+
+
+def stack_frozen(frozens: list[Frozen]) -> Frozen:
+  """K concepts' host `Frozen`s as one mesh-step argument: the shared fields (weights,
+  schedule) of the first, CONCEPT_FIELDS stacked `[K, ...]`. Views are padded to the most
+  any concept has (its batches never index the padding); every concept's latents must have
+  the same `[h, w, C]`."""
+  views = max(f.latent_mean.shape[0] for f in frozens)
+
+  def pad_views(x):  # host arrays, or `jax.ShapeDtypeStruct`s (ahead-of-time lowering)
+    if x.shape[0] == views:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct((views,) + tuple(x.shape[1:]), x.dtype)
+    x = np.asarray(x)
+    return np.concatenate([x, np.zeros((views - x.shape[0],) + x.shape[1:], x.dtype)])
+  per_concept = [f.replace(latent_mean=pad_views(f.latent_mean), latent_std=pad_views(f.latent_std),
+                           time_ids=None if f.time_ids is None else pad_views(f.time_ids))
+                 for f in frozens]
+  stacked = parallel.stack([{k: getattr(f, k) for k in CONCEPT_FIELDS} for f in per_concept])
+  return frozens[0].replace(**stacked)
+
+
+def mesh_frozen_specs(frozen: Frozen, num_devices: int, shard_weights: bool) -> Frozen:
+  """Where a stacked `Frozen`'s leaves go on the mesh: CONCEPT_FIELDS over the concept axis; the
+  UNet's and text encoders' weights FSDP-sharded over all `num_devices` with `shard_weights`
+  (`parallel.fsdp_spec`), else replicated, as is the noise schedule."""
+  def weights(tree):
+    return jax.tree_util.tree_map(
+        lambda x: parallel.fsdp_spec(x.shape, num_devices) if shard_weights
+        else parallel.replicated_spec(), tree)
+  specs = {k: jax.tree_util.tree_map(lambda _: parallel.concept_spec(), getattr(frozen, k))
+           for k in CONCEPT_FIELDS}
+  return frozen.replace(unet=weights(frozen.unet), text_encoders=weights(frozen.text_encoders),
+                        schedule=jax.tree_util.tree_map(lambda _: parallel.replicated_spec(),
+                                                        frozen.schedule), **specs)
+
+
+def place_mesh_args(mesh, state: TrainState, frozen: Frozen, batch: dict, slots: ConceptSlots,
+                    shard_weights: bool = False) -> tuple:
+  """The mesh step's (state, frozen, batch, slots) on `mesh`, from host trees (or
+  `jax.ShapeDtypeStruct`s, for ahead-of-time lowering) stacked over K concepts (K a
+  multiple of the concept shards: `parallel.pad_stacked`): `state` `[K, ...]`, `frozen`
+  from `stack_frozen`, `batch` `[K, B, ...]` (B a multiple of the data shards), `slots`."""
+  devices = mesh.devices.size
+  return (parallel.put(state, mesh, parallel.concept_spec()),
+          parallel.put(frozen, mesh, mesh_frozen_specs(frozen, devices, shard_weights)),
+          parallel.put(batch, mesh, parallel.batch_spec()),
+          parallel.put(slots, mesh, parallel.concept_spec()))
+
+
+def one_concept_mesh_args(mesh, state: TrainState, frozen: Frozen, batch: dict, seed: int,
+                          shard_weights: bool = True) -> tuple:
+  """`place_mesh_args` for one concept (a mesh of one concept shard): the host (or abstract)
+  `state`, `frozen` and global batch `[B, ...]` of the pmapped step's single concept. What
+  an ahead-of-time script lowers `make_mesh_step` with to size sharded weights."""
+  return place_mesh_args(mesh, parallel.stack([state]), stack_frozen([frozen]),
+                         parallel.stack([batch]), concept_slots([seed], [1.0]), shard_weights)
+
+
+def concept_step(state: TrainState, frozen: Frozen, batch: dict, slot: ConceptSlots, *,
+                 settings: StepSettings, make_opt, lr: optax.Schedule,
+                 data_shards: int) -> tuple[TrainState, dict]:
+  """One concept's step in a mesh step (vmapped over concepts): `train_step`'s loss,
+  gradients (averaged over the concept's whole batch) and update, with the concept's
+  seed and learning rate (`slot`). Its params and optimizer state change only when it is
+  active and the step left its loss and vectors finite (metrics["finite"])."""
+  def lr_k(count):  # the run's schedule at this concept's rate
+    return lr(count) * slot.lr_scale
+  loss, grads = accumulated_loss_and_grads(state.params, frozen, batch, state.step, settings,
+                                           seed=slot.seed, data_shards=data_shards)
+  new, metrics = optimizer_step(state, loss, grads, settings=settings, optimizer=make_opt(lr_k),
+                                lr=lr_k)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(v)) for v in jax.tree_util.tree_leaves(new.params)]))
+  keep = slot.active & finite
+
+  def hold(updated, old):
+    return jax.tree_util.tree_map(lambda u, o: jnp.where(keep, u, o), updated, old)
+  new = new.replace(params=hold(new.params, state.params),
+                    opt_state=hold(new.opt_state, state.opt_state))
+  return new, {**metrics, "finite": finite}
+
+
+def mesh_step(state: TrainState, frozen: Frozen, batch: dict, slots: ConceptSlots, *,
+              settings: StepSettings, make_opt, lr: optax.Schedule,
+              mesh) -> tuple[TrainState, dict]:
+  """K concepts' steps at once: `concept_step` vmapped over the stacked state, CONCEPT_FIELDS
+  of `frozen`, batch `[K, B, ...]` and slots; the shared weights are unmapped, so the K
+  concepts' examples go through the UNet and text encoders as one batch. Metrics `[K]`.
+
+  Sharded weights are gathered where they are used (`parallel.gathered`), never the
+  activations split to match them."""
+  step = functools.partial(concept_step, settings=settings, make_opt=make_opt, lr=lr,
+                           data_shards=parallel.data_size(mesh))
+  frozen = frozen.replace(unet=parallel.gathered(frozen.unet, mesh),
+                          text_encoders=parallel.gathered(frozen.text_encoders, mesh))
+  return parallel.concept_vmap(step, in_axes=(0, _concept_axes(frozen), 0, 0))(
+      state, frozen, batch, slots)
+
+
+def make_mesh_step(settings: StepSettings, make_opt, lr: optax.Schedule, mesh):
+  """The compiled mesh step `(state, frozen, batch, slots) -> (state, metrics)` on `mesh`
+  (args from `place_mesh_args`); state and metrics `[K]` over the concept axis, the state
+  donated. `make_opt(schedule)` builds the optimizer for a learning-rate schedule (e.g.
+  `functools.partial(make_optimizer, b1=..., b2=..., eps=..., weight_decay=..., name=...)`):
+  each concept's optimizer runs at its own rate, exactly as it would alone."""
+  step = functools.partial(mesh_step, settings=settings, make_opt=make_opt, lr=lr, mesh=mesh)
+  spec = parallel.concept_spec()
+  return parallel.meshed(step, mesh, (spec, spec), donate_argnums=(0,))
+
+
 def compiled_memory_bytes(compiled) -> int:
   """Device memory one device needs for a compiled program, from XLA's memory plan.
 
@@ -369,6 +542,17 @@ def fits_memory(step, args: tuple, memory_limit: int) -> bool:
     return False
 
 
+def _remat_if_needed(make_step, settings: StepSettings, args: tuple,
+                     memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
+  """`make_step(settings)` if it fits `memory_limit` for `args` (or no limit), else with the
+  UNet's blocks rematerialised: (settings, step, remat on?)."""
+  step = make_step(settings)
+  if memory_limit is None or fits_memory(step, args, memory_limit):
+    return settings, step, False
+  settings = dataclasses.replace(settings, unet=settings.unet.clone(remat=True))
+  return settings, make_step(settings), True
+
+
 def remat_if_needed(settings: StepSettings, optimizer, lr, devices, args: tuple,
                     memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
   """`config.remat="auto"`: the plain step if XLA's plan of it fits `memory_limit`, else the
@@ -378,8 +562,26 @@ def remat_if_needed(settings: StepSettings, optimizer, lr, devices, args: tuple,
   `args` are the step's (state, frozen, batch), real or `jax.ShapeDtypeStruct`s: the plain
   step is lowered and compiled for them, never run. No limit (None) keeps the plain step.
   """
-  step = make_pmapped_step(settings, optimizer, lr, devices)
-  if memory_limit is None or fits_memory(step, args, memory_limit):
-    return settings, step, False
-  settings = dataclasses.replace(settings, unet=settings.unet.clone(remat=True))
-  return settings, make_pmapped_step(settings, optimizer, lr, devices), True
+  return _remat_if_needed(lambda s: make_pmapped_step(s, optimizer, lr, devices), settings,
+                          args, memory_limit)
+
+
+def mesh_remat_if_needed(settings: StepSettings, make_opt, lr, mesh, args: tuple,
+                         memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
+  """`remat_if_needed` for the mesh step (`args`: its (state, frozen, batch, slots))."""
+  return _remat_if_needed(lambda s: make_mesh_step(s, make_opt, lr, mesh), settings, args,
+                          memory_limit)
+
+
+def replicated_weights_fit(settings: StepSettings, optimizer, lr, devices, args: tuple,
+                           memory_limit: int | None, remat: bool) -> bool:
+  """`config.shard_weights="auto"`: whether the pmapped step, weights replicated, fits
+  `memory_limit` per device (also rematerialised, if `remat` allows it). `args`: the pmapped
+  step's (state, frozen, batch) as `jax.ShapeDtypeStruct`s (`parallel.replicate` of shapes),
+  so nothing is placed on a device that may not hold it. No limit (None): True."""
+  if memory_limit is None:
+    return True
+  variants = [settings] + ([dataclasses.replace(settings, unet=settings.unet.clone(remat=True))]
+                           if remat else [])
+  return any(fits_memory(make_pmapped_step(s, optimizer, lr, devices), args, memory_limit)
+             for s in variants)

@@ -13,6 +13,7 @@ checkpoint; Ctrl-C or SIGTERM saves a checkpoint before returning.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -73,12 +74,18 @@ def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
     try:
       # --- Compile: frozen params and the state on every device, the step compiled -------
       frozen, settings = step_inputs(config, inputs)
-      frozen = run_inputs.bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
-      state = parallel.replicate(state, devices)
-      step_fn = compile_step(config, settings, inputs, devices,
-                             (state, run_inputs.frozen_for(config, inputs, frozen, start),
-                              run_inputs.batch_for(config, inputs, start)))
-      validator = make_validator(config, inputs, frozen[0], devices, workdir)
+      sharded = shard_weights(config, settings, inputs, devices, state, frozen, start)
+      if sharded:  # the mesh step, the weights split over the devices
+        state, frozen, step_fn = compile_mesh_step(config, settings, inputs, devices, state,
+                                                   frozen, start)
+      else:
+        frozen = run_inputs.bucket_frozen(inputs, parallel.replicate(frozen, devices), devices)
+        state = parallel.replicate(state, devices)
+        step_fn = compile_step(config, settings, inputs, devices,
+                               (state, run_inputs.frozen_for(config, inputs, frozen, start),
+                                run_inputs.batch_for(config, inputs, start)))
+      validator = make_validator(config, inputs, None if sharded else frozen[0], devices,
+                                 workdir)
       limit = max(loop.norm_limit(c.table, c.init.vectors) for c in inputs.concepts)
 
       # --- The loop -------------------------------------------------------------------------
@@ -220,12 +227,14 @@ def step_inputs(config, inputs: RunInputs) -> tuple[train_lib.Frozen, train_lib.
   return frozen, settings
 
 
-def make_validator(config, inputs: RunInputs, frozen: train_lib.Frozen, devices: Sequence,
-                   workdir: str) -> validation.Validation | None:
-  """The run's validation images (`validation.make`), sharing the step's device weights:
-  the UNet's and each text encoder's params, under its pipeline role."""
-  shared = {"unet": frozen.unet, **{c.encoder.role: params for c, params
-                                    in zip(inputs.concepts, frozen.text_encoders)}}
+def make_validator(config, inputs: RunInputs, frozen: train_lib.Frozen | None,
+                   devices: Sequence, workdir: str) -> validation.Validation | None:
+  """The run's validation images (`validation.make`), sharing the step's replicated device
+  weights (`frozen`): the UNet's and each text encoder's params, under its pipeline role.
+  None (sharded weights): validation replicates its own."""
+  shared = {} if frozen is None else {
+      "unet": frozen.unet,
+      **{c.encoder.role: params for c, params in zip(inputs.concepts, frozen.text_encoders)}}
   return validation.make(config, inputs.sd, [c.token_ids for c in inputs.concepts], devices,
                          workdir, shared=shared)
 
@@ -241,6 +250,65 @@ def compile_step(config, settings: train_lib.StepSettings, inputs: RunInputs,
   if remat:
     _log("remat=auto: the step does not fit the device memory without remat; rematerialising")
   return step_fn
+
+
+def shard_weights(config, settings: train_lib.StepSettings, inputs: RunInputs,
+                  devices: Sequence, state, frozen: train_lib.Frozen, start: int) -> bool:
+  """config.shard_weights; "auto": on TPU, whether the step with replicated weights would not
+  fit the chip (decided on shapes: nothing is placed)."""
+  if config.shard_weights != "auto":
+    return bool(config.shard_weights)
+  limit = train_lib.device_memory_limit(devices[0]) if devices[0].platform == "tpu" else None
+  batch = run_inputs.batch_for(config, inputs, start)  # [local devices, b, ...]
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                                  (state, frozen))
+  args = (*parallel.replicate(shapes, devices), jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((len(devices),) + x.shape[1:], x.dtype), batch))
+  if train_lib.replicated_weights_fit(settings, inputs.optimizer, inputs.lr, devices, args,
+                                      limit, remat=config.remat is not False):
+    return False
+  _log(f"shard_weights=auto: the step does not fit the device memory with a copy of the weights "
+       f"on each device; sharding them over {len(devices)} devices")
+  return True
+
+
+def compile_mesh_step(config, settings: train_lib.StepSettings, inputs: RunInputs,
+                      devices: Sequence, state, frozen: train_lib.Frozen, start: int):
+  """With shard_weights: (state `[1, ...]`, one `Frozen` per bucket, step) on a mesh of one
+  concept over every device, the weights FSDP-sharded (`train_lib.make_mesh_step`; remat as
+  `compile_step`). The step takes and gives what the pmapped one does (the loop's batches
+  `[local devices, b, ...]`, metrics without the mesh step's per-concept "finite")."""
+  mesh = parallel.make_mesh(devices, 1)
+  stacked = train_lib.stack_frozen([frozen])
+  placed = parallel.put(stacked, mesh, train_lib.mesh_frozen_specs(stacked, len(devices), True))
+  buckets = [placed]
+  for b, (mean, std) in enumerate(inputs.latents[1:], start=1):  # each bucket's latents once
+    own = {"latent_mean": mean[None], "latent_std": std[None],
+           "time_ids": None if inputs.time_ids is None else inputs.time_ids[b][None]}
+    buckets.append(placed.replace(**parallel.put(own, mesh, parallel.concept_spec())))
+  state = parallel.put(parallel.stack([state]), mesh, parallel.concept_spec())
+  slots = parallel.put(train_lib.concept_slots([config.seed], [1.0]), mesh,
+                       parallel.concept_spec())
+  make_opt = functools.partial(train_lib.make_optimizer, b1=config.adam_beta1,
+                               b2=config.adam_beta2, eps=config.adam_epsilon,
+                               weight_decay=config.adam_weight_decay, name=config.optimizer)
+
+  def mesh_batch(batch):  # the pmapped layout [d, b, ...] -> [1, d * b, ...] over the data axis
+    return parallel.put_process_batch(
+        jax.tree_util.tree_map(lambda x: x.reshape((1, -1) + x.shape[2:]), batch), mesh)
+  limit = (train_lib.device_memory_limit(devices[0])
+           if config.remat == "auto" and devices[0].platform == "tpu" else None)
+  first = (state, run_inputs.frozen_for(config, inputs, buckets, start),
+           mesh_batch(run_inputs.batch_for(config, inputs, start)), slots)
+  _, step, remat = train_lib.mesh_remat_if_needed(settings, make_opt, inputs.lr, mesh, first,
+                                                  limit)
+  if remat:
+    _log("remat=auto: the step does not fit the device memory without remat; rematerialising")
+
+  def step_fn(state, frozen, batch):
+    state, metrics = step(state, frozen, mesh_batch(batch), slots)
+    return state, {k: v for k, v in metrics.items() if k != "finite"}
+  return state, buckets, step_fn
 
 
 # ---------------------------------------------------------------------------
