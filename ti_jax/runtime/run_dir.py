@@ -334,14 +334,19 @@ def encoder_vectors_from_workdir(workdir: str, step: int | None = None
                                  ) -> tuple[tuple[np.ndarray, ...], dict]:
   """(vectors per text encoder, metadata) of a run's checkpoint (latest if `step` is None).
 
-  One `[n, D_e]` array per text encoder the run trained (SD/LDM one, SDXL two).
+  One `[n, D_e]` array per text encoder the run trained (SD/LDM one, SDXL two). A run
+  of many concepts is refused (`concept_vectors_from_workdir` reads it).
 
   With progressive_words, only the vectors that had entered training by that
   step are returned (the others still hold their initial values). A checkpoint
   that cannot be read (or holds non-finite vectors) raises WorkdirError naming
   it and the newest readable step to pass as --step instead.
   """
-  read_identity(workdir)
+  names = concept_names(workdir)
+  if names is not None:  # its params are [K, n, D]: one concept at a time
+    raise WorkdirError(f"{workdir} is a run of {len(names)} concepts ({', '.join(names)}): "
+                       "read one with ti_jax.sample/export/evaluate --workdir and --concept "
+                       "NAME, or use its WORKDIR/<name>/learned_embeds.safetensors")
   params, metadata = _restore_params(workdir, step, check_finite=True)
   vectors = [np.asarray(params[k], np.float32) for k in EMBEDS_KEYS if k in params]
   active = int(metadata.get("active_vectors") or len(vectors[0]))
