@@ -47,6 +47,7 @@ def test_reads_concepts_in_order_with_the_runs_defaults(tmp_path, config):
                         "learnable_property": "style", "caption_extension": ".txt",
                         "init_embedding": config.init_embedding, "learning_rate": 1e-3,
                         "seed": 7}
+  assert b.checkpoint_record() == {**b.record(), "train_data_path": os.path.abspath(STYLE)}
 
 
 def test_concept_config_overrides_exactly_the_concepts_fields(tmp_path, config):

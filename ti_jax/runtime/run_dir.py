@@ -23,12 +23,15 @@ folder named after its token (`<cat-toy>` -> `cat-toy`; `concepts_file.concept_n
                            object per concept in the order of the concept axis, each
                            {"name", "placeholder_token", "train_data_dir",
                            "initializer_token", "learnable_property", "caption_extension",
-                           "init_embedding", "learning_rate", "seed", ...}: the concept's
-                           identity (CONCEPT_FIELDS; the trainer may add more entries)
+                           "init_embedding", "learning_rate", "seed"}: the concept's
+                           identity (CONCEPT_FIELDS; `ConceptSpec.record`)
   checkpoints/<step>/      the state's params keep a single run's keys ("embeds",
                            SDXL also "embeds_2") with a leading concept axis `[K, n, D]`
                            (row k is concept k of "concepts"); "metadata" holds the
-                           run's shared fields, the same "concepts" list, and
+                           run's shared fields, the same "concepts" list (each entry
+                           also with "train_data_path", the images' absolute folder:
+                           `ConceptSpec.checkpoint_record`; a concept's own metadata may
+                           go there too), and
                            "non_finite_concepts": {name: step} for each concept whose
                            loss or vectors went non-finite (frozen at its last finite
                            vectors from that step; no reader uses its vectors)

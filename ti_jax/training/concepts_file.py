@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 from typing import Any
 
 from ti_jax.embeddings import file_names
@@ -66,6 +67,14 @@ class ConceptSpec:
     """The concept's entry of run.json's and the checkpoints' "concepts" list: its name
     and every `run_dir.CONCEPT_FIELDS` value."""
     return {"name": self.name, **{f: getattr(self, f) for f in run_dir.CONCEPT_FIELDS}}
+
+  def checkpoint_record(self) -> dict[str, Any]:
+    """The concept's entry of the checkpoints' "concepts" list: `record` and, as a single
+    run's metadata has it, "train_data_path" (the images' folder made absolute, so that
+    evaluate finds them from any directory)."""
+    path = self.train_data_dir
+    return {**self.record(),
+            "train_data_path": path if fileio.is_remote(path) else os.path.abspath(path)}
 
 
 def concept_name(placeholder_token: str) -> str:
