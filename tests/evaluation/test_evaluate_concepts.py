@@ -70,7 +70,15 @@ def test_bad_selections_are_one_line(runs, kw, needle):
   assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_evaluate_help_explains_concept():
+def test_evaluate_command_line_takes_concept(runs):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  done = subprocess.run([sys.executable, "-m", "ti_jax.evaluate", "--workdir", runs[0],
+                         "--concept", "pot", "--concept", "cow"], capture_output=True, text=True,
+                        env=env, cwd=REPO, check=False)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [
+      f"error: --concept cow: {runs[0]} has no such concept; its concepts: cat-toy, pot, dog "
+      "(or all)"]
   out = subprocess.run([sys.executable, "-m", "ti_jax.evaluate", "--help"], capture_output=True,
-                       text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, check=False)
+                       text=True, env=env, cwd=REPO, check=False)
   assert out.returncode == 0 and "run of many concepts" in out.stdout

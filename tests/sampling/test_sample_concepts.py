@@ -1,10 +1,13 @@
 """ti_jax.sample --concept on a many-concept run (written directly: no training)."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO
 from multi_concept_run import STYLE, concept_entry, write_multi_run
 from PIL import Image
 
@@ -71,3 +74,17 @@ def test_sample_refusals_are_one_line_before_any_model_loads(multi, tmp_path, kw
 def test_a_many_concept_run_is_not_read_as_one_concept(multi):
   with pytest.raises(run_dir.WorkdirError, match=r"is a run of 3 concepts \(cat-toy, pot, dog\)"):
     embedding_io.load_concepts(multi)
+
+
+def test_sample_command_line_takes_concept(multi):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  done = subprocess.run([sys.executable, "-m", "ti_jax.sample", "--workdir", multi, "--prompt",
+                         "a <pot>", "--concept", "pot", "--concept", "cow"], capture_output=True,
+                        text=True, env=env, cwd=REPO, check=False)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [
+      f"error: --concept cow: {multi} has no such concept; its concepts: cat-toy, pot, dog "
+      "(or all)"]
+  helped = subprocess.run([sys.executable, "-m", "ti_jax.sample", "--help"], capture_output=True,
+                          text=True, env=env, cwd=REPO, check=False)
+  assert helped.returncode == 0 and "--concept" in helped.stdout and "'all'" in helped.stdout
