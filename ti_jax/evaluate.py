@@ -25,10 +25,15 @@ per world edit prompt ("a photo of S* on a green background"), the share of
 samples showing the concept and every attribute the prompt names, averaged.
 Edit fidelity: the same without the concept (the share showing what the
 prompt names), the counterpart of the paper's text similarity.
+A run of many concepts (config.concepts_file) is evaluated concept by concept:
+--concept names them (repeat it, separate names with commas, or 'all'), each a point
+labelled RUN/NAME; the checker then reads each concept's own concept.json:
+  python -m ti_jax.evaluate --workdir runs/many --concept all
 --word object adds a baseline point: the plain word in place of S* on the
 first run's base model, same seeds and prompts (works with CLIP too).
 
-Writes to --output_dir (default WORKDIR/eval for one run, ./eval for several):
+Writes to --output_dir (default WORKDIR/eval for one run, WORKDIR/<name>/eval for one
+concept of a many-concept run, ./eval for several):
   report.json   settings and, per run, both scores, per-category and
                 per-prompt text similarity (with the checker: reconstruction,
                 editability, edit fidelity and per-category and per-prompt
@@ -59,7 +64,7 @@ def main(argv: Sequence[str]) -> None:
         workdirs=f.workdir or [], step=f.step, protocol=protocol, prompts_file=f.prompts_file,
         train_data_dir=f.train_data_dir, output_dir=f.output_dir, dtype=f.dtype,
         cache_dir=f.cache_dir, allow_pickle=f.allow_pickle, save_images=f.save_images,
-        concept=f.concept, words=f.word or [])
+        concept=",".join(f.concept), words=f.word or [])
 
 
 if __name__ == "__main__":
@@ -75,9 +80,14 @@ if __name__ == "__main__":
                     "samples: clip, checker (the procedural world's attribute classifier in "
                     "the base model folder; shares of samples, no CLIP loaded), or auto: the "
                     "checker when the base model folder carries one (tiny-world), else CLIP.")
-  flags.DEFINE_string("concept", "", "Checker scorer: the attributes reconstruction checks "
-                      "for, e.g. 'cross' or 'shape=cross' or 'style=outlined' (default: the "
-                      "'concept' entry of concept.json in the run's training-image folder).")
+  flags.DEFINE_multi_string("concept", [], "A --workdir run of many concepts "
+                            "(config.concepts_file): the concept(s) to evaluate, by folder "
+                            "name (<cat-toy> is cat-toy), each its own point RUN/NAME; repeat "
+                            "it or separate names with commas, or 'all'. Otherwise, for the "
+                            "checker scorer: the attributes reconstruction checks for, e.g. "
+                            "'cross' or 'shape=cross' or 'style=outlined' (default: the "
+                            "'concept' entry of concept.json in the run's training-image "
+                            "folder; a run of many concepts always reads its concepts' own).")
   flags.DEFINE_multi_string("word", [], "A baseline point: this plain word (e.g. the "
                             "initializer 'object') in place of S*, on the first run's base "
                             "model with the same seeds and prompts. Repeatable.")

@@ -20,7 +20,14 @@ which forbids `<>` in file names). InvokeAI also names it after its file but
 reads `<NAME>` triggers of letters, digits and `._-` only: the usage line
 printed after an export names the `--output` file to write for it
 (`toy.safetensors`, typed `<toy>`). An existing file is replaced only with
---overwrite. The files also load back into `ti_jax.sample --embeddings` and as
+--overwrite.
+
+A run of many concepts (`config.concepts_file`) exports the concepts `--concept`
+names (repeat it, separate names with commas, or `all`), one file per concept:
+  python -m ti_jax.export --workdir runs/many --concept cat-toy,tea-pot --format a1111
+  -> runs/many/cat-toy/export/a1111/<cat-toy>.safetensors, runs/many/tea-pot/export/...
+With several concepts, --output names a folder: OUTPUT/<name>/<file>. A concept whose
+training went non-finite is refused, and then nothing is written. The files also load back into `ti_jax.sample --embeddings` and as
 `--config.init_embedding` for further training.
 """
 
@@ -36,16 +43,17 @@ from ti_jax.embeddings import embedding_writer, exporter, file_names
 def main(argv: Sequence[str]) -> None:
   f = cli.start(argv)
   try:
-    path, concept = exporter.export_with_token(f.workdir, f.format, f.output, f.step,
-                                               overwrite=f.overwrite)
+    exported = exporter.export_selected(f.workdir, f.format, f.concept, f.output, f.step,
+                                        overwrite=f.overwrite)
   except errors.UserError as e:
     raise SystemExit(f"error: {e}") from None
   except OSError as e:  # e.g. a read-only folder, or a file stands where a folder should
     raise SystemExit(f"error: cannot write {f.output or 'the export'}: {e.strerror or e}") from None
-  print(f"wrote {' and '.join(embedding_writer.output_files(path, concept, f.format))}",
-        file=sys.stderr)
-  print(file_names.prompt_usage(path, concept.token, f.format,
-                                sdxl=len(concept.vectors) > 1), file=sys.stderr)
+  for path, concept in exported:
+    print(f"wrote {' and '.join(embedding_writer.output_files(path, concept, f.format))}",
+          file=sys.stderr)
+    print(file_names.prompt_usage(path, concept.token, f.format,
+                                  sdxl=len(concept.vectors) > 1), file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -57,4 +65,9 @@ if __name__ == "__main__":
                       "a folder per format).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   flags.DEFINE_bool("overwrite", False, "Replace the output file if it exists.")
+  flags.DEFINE_multi_string("concept", [], "A run of many concepts (config.concepts_file): "
+                            "the concept(s) to export, by folder name (<cat-toy> is cat-toy); "
+                            "repeat it or separate names with commas, or 'all'. Each goes to "
+                            "WORKDIR/<name>/export/FORMAT/<file>; with several, --output is a "
+                            "folder holding <name>/<file>. Not for a run of one concept.")
   app.run(main, flags_parser=cli.flags_parser)

@@ -8,6 +8,10 @@
   python -m ti_jax.sample --workdir runs/my-toy --embeddings runs/my-style \\
       --prompt "a <my-toy> in the style of <my-style>"
 
+  # a run of many concepts (config.concepts_file): pick them by name (or 'all')
+  python -m ti_jax.sample --workdir runs/many --concept cat-toy,tea-pot \\
+      --prompt "a <cat-toy> beside a <tea-pot>"
+
 Rebuilds the base model and tokenizer from the checkpoint's metadata (or
 --pretrained_model_name_or_path). The denoising loop is one jit-compiled
 program; images are spread over all local devices with pmap. Each image is a
@@ -46,7 +50,7 @@ def main(argv: Sequence[str]) -> None:
         scheduler=f.scheduler, seed=f.seed, height=f.height, width=f.width,
         output_dir=f.output_dir, dtype=f.dtype, batch_size=f.batch_size,
         allow_base_model_mismatch=f.allow_base_model_mismatch, cache_dir=f.cache_dir,
-        allow_pickle=f.allow_pickle)
+        allow_pickle=f.allow_pickle, concept=f.concept)
 
 
 if __name__ == "__main__":
@@ -61,5 +65,10 @@ if __name__ == "__main__":
   flags.DEFINE_string("output_dir", "", "Where PNGs go (default: WORKDIR/samples or ./samples).")
   flags.DEFINE_integer("batch_size", 0, "Images per device per compiled call (0: as many "
                        "as the images need, capped by device memory; 4 on CPU).")
+  flags.DEFINE_multi_string("concept", [], "A --workdir run of many concepts "
+                            "(config.concepts_file): the concept(s) to sample with, by folder "
+                            "name (<cat-toy> is cat-toy); repeat it or separate names with "
+                            "commas, or 'all'. PNGs go to WORKDIR/<name>/samples for one, "
+                            "WORKDIR/samples for several. Not for a run of one concept.")
   distributed.define_flags()
   app.run(main, flags_parser=cli.flags_parser)

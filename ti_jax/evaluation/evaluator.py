@@ -23,7 +23,7 @@ from ti_jax import errors
 from ti_jax.data import image_loader
 from ti_jax.embeddings import embedding_io
 from ti_jax.evaluation import clip_io, clip_scores, plot, prompt_lists, world_scores
-from ti_jax.runtime import console, fileio, parallel
+from ti_jax.runtime import console, fileio, parallel, run_dir
 from ti_jax.sampling import concepts, generation, noise_schedule, schedulers
 from ti_jax.weights import loading
 from ti_jax.weights.loading import ModelLoadError
@@ -60,9 +60,12 @@ SCORERS = ("auto", "clip", "checker")
 CHECKER_MIN_SPAN = 0.25
 
 
-def _run_label(workdir: str, step: int | None, labels: dict[str, int]) -> str:
-  """A short unique name for a run in the plot and the report."""
+def _run_label(workdir: str, step: int | None, labels: dict[str, int],
+               name: str | None = None) -> str:
+  """A short unique name for a run (`name`: one concept of a many-concept run,
+  `RUN/NAME`) in the plot and the report."""
   base = os.path.basename(os.path.normpath(workdir)) or workdir
+  base = f"{base}/{name}" if name else base
   label = f"{base}@{step}" if step is not None else base
   labels[label] = labels.get(label, 0) + 1
   return label if labels[label] == 1 else f"{label}#{labels[label]}"
@@ -111,9 +114,14 @@ class _Run:
   resolution: int
 
 
-def prepare_run(workdir: str, step: int | None, train_data_dir: str, label: str) -> _Run:
-  """Reads a run's vectors, metadata and training images (one-line errors for bad input)."""
-  found, meta = concepts.gather_concepts(workdir, step, [])
+def prepare_run(workdir: str, step: int | None, train_data_dir: str, label: str,
+                name: str | None = None) -> _Run:
+  """Reads a run's vectors, metadata and training images (one-line errors for bad input).
+
+  `name`: one concept of a many-concept run, read as a run of its own
+  (`run_dir.concept_metadata`: its token, property and training images).
+  """
+  found, meta = concepts.gather_concepts(workdir, step, [], [name] if name else [])
   config = meta.get("config", {})
   resolution = int(meta.get("resolution") or config.get("resolution") or 512)
   folder = train_data_dir or meta.get("train_data_path") or config.get("train_data_dir", "")
@@ -126,6 +134,49 @@ def prepare_run(workdir: str, step: int | None, train_data_dir: str, label: str)
     raise EvaluateError(f"{workdir}: training images: {e} (pass --train_data_dir if they "
                         "moved)") from None
   return _Run(workdir, label, found[0], meta, images, folder, resolution)
+
+
+def _many_concepts(workdir: str) -> bool:
+  """Whether `workdir` is a run of many concepts (a missing or broken run is left to
+  `prepare_run`'s messages)."""
+  if not fileio.exists(fileio.join(workdir, "run.json")):
+    return False
+  return run_dir.concept_names(workdir) is not None
+
+
+def prepare_runs(workdirs: Sequence[str], step: int | None, train_data_dir: str = "",
+                 concept: str = "") -> tuple[list[_Run], str]:
+  """Every run to evaluate, read before any model loads, and the checker's ground truth.
+
+  When any of `workdirs` is a run of many concepts, `concept` names the concepts to
+  evaluate in each such run (`run_dir.select_concepts`: names, comma lists, `all`),
+  each its own run labelled RUN/NAME, and the checker's ground truth is each
+  concept's concept.json; otherwise `concept` is that ground truth (see `run`), as
+  it always was. Returns (runs, the ground truth to pass on).
+  """
+  many = any(_many_concepts(w) for w in workdirs)
+  selection, truth = ([concept] if concept else [], "") if many else ([], concept)
+  jobs = [(w, name) for w in workdirs
+          for name in ((run_dir.select_concepts(w, selection) if _many_concepts(w) else None)
+                       or [None])]
+  if train_data_dir and sum(name is not None for _, name in jobs) > 1:
+    raise EvaluateError("--train_data_dir gives one concept's images, but several concepts "
+                        "are evaluated (each reads its own); evaluate them one at a time")
+  labels: dict[str, int] = {}
+  runs = [prepare_run(w, step, train_data_dir, _run_label(w, step, labels, name), name)
+          for w, name in jobs]
+  return runs, truth
+
+
+def default_output_dir(workdirs: Sequence[str], runs: Sequence[_Run]) -> str:
+  """WORKDIR/eval for one run (WORKDIR/<name>/eval for one concept of a many-concept
+  run), ./eval for several."""
+  if len(workdirs) != 1:
+    return "eval"
+  selected = runs[0].meta.get("selected_concepts") or []
+  if len(runs) == 1 and len(selected) == 1:
+    return fileio.join(run_dir.concept_dir(workdirs[0], selected[0]), "eval")
+  return fileio.join(workdirs[0], "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +346,8 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
 
   `concept` (checker scorer only): the ground truth of reconstruction in
   `checker.parse_attributes` syntax ("cross", "shape=cross"); default: each
-  run's concept.json. `words`: baseline points scoring a plain word in place
+  run's concept.json. When a workdir is a run of many concepts, `concept`
+  instead names which of its concepts to evaluate (`prepare_runs`). `words`: baseline points scoring a plain word in place
   of the pseudo-word, on the first run's base model with the same seeds and
   prompts. Returns the report.
   """
@@ -311,13 +363,12 @@ def run(*, workdirs: Sequence[str], step: int | None = None, protocol: Protocol 
       raise EvaluateError(f"--prompts_file: {e}") from None
   # Every run is checked before any model loads, so a typo in the last
   # --workdir does not cost the evaluation of the others.
-  labels: dict[str, int] = {}
-  runs = [prepare_run(w, step, train_data_dir, _run_label(w, step, labels)) for w in workdirs]
+  runs, concept = prepare_runs(workdirs, step, train_data_dir, concept)
   model_dirs = ([] if protocol.scorer == "clip" else
                 [model_folder(r, cache_dir, allow_pickle) for r in runs])
   kind = choose_scorer(protocol.scorer, model_dirs)
   run_concepts = [concept_of(r, concept) for r in runs] if kind == "checker" else [None] * len(runs)
-  out_dir = output_dir or (fileio.join(workdirs[0], "eval") if len(workdirs) == 1 else "eval")
+  out_dir = output_dir or default_output_dir(workdirs, runs)
   is_main = jax.process_index() == 0
   devices = list(devices) if devices is not None else parallel.all_devices()
   # Process 0 alone writes and scores; the others must hear when it cannot,

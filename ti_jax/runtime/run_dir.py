@@ -15,11 +15,44 @@ A run directory holds:
                            SDXL run also writes learned_embeds_2.safetensors (the
                            second text encoder's) and its state holds "embeds_2"
 
+A run of many concepts (`config.concepts_file`, one JSON line per concept) keeps one
+lock, one run.json and one checkpoints/ for the whole run, and gives each concept a
+folder named after its token (`<cat-toy>` -> `cat-toy`; `concepts_file.concept_name`):
+  ti_jax.lock, checkpoints/, unreadable_checkpoints/   as above, one for the run
+  run.json                 as above (the run's shared fields), plus "concepts": one
+                           object per concept in the order of the concept axis, each
+                           {"name", "placeholder_token", "train_data_dir",
+                           "initializer_token", "learnable_property", "caption_extension",
+                           "init_embedding", "learning_rate", "seed"}: the concept's
+                           identity (CONCEPT_FIELDS; `ConceptSpec.record`)
+  checkpoints/<step>/      the state's params keep a single run's keys ("embeds",
+                           SDXL also "embeds_2") with a leading concept axis `[K, n, D]`
+                           (row k is concept k of "concepts"); "metadata" holds the
+                           run's shared fields, the same "concepts" list (each entry
+                           also with "train_data_path", the images' absolute folder:
+                           `ConceptSpec.checkpoint_record`; a concept's own metadata may
+                           go there too), and
+                           "non_finite_concepts": {name: step} for each concept whose
+                           loss or vectors went non-finite (frozen at its last finite
+                           vectors from that step; no reader uses its vectors)
+  <name>/                  one folder per concept (the names RESERVED_NAMES are
+                           refused): learned_embeds.safetensors (SDXL: also
+                           learned_embeds_2.safetensors), validation/, and by default
+                           what sample (samples/), export (export/) and evaluate
+                           (eval/) write for that concept alone
+A reader sees one concept as a single run: `concept_metadata` overlays its entry on the
+shared metadata (and its CONCEPT_FIELDS on the shared "config"), and
+`concept_vectors_from_workdir` returns its row of the checkpoint in the shape
+`encoder_vectors_from_workdir` returns for a single run. `concept_names` tells the two
+kinds of run apart; `select_concepts` resolves the `--concept` flag of ti_jax.sample,
+ti_jax.export and ti_jax.evaluate.
+
 This module is in the bottom layer so that every reader of a run (embeddings,
 export, sampling, evaluation) reads it without importing training: the workdir
 lock (`lock_workdir`), run.json (`read_identity`, `write_identity`), the Orbax
 checkpoints (`Checkpoints`) and a run's learned vectors (`learned_from_workdir`,
-`encoder_vectors_from_workdir`). What a training run checks before it resumes (its
+`encoder_vectors_from_workdir`; of a many-concept run, `concept_vectors_from_workdir`).
+What a training run checks before it resumes (its
 identity, the checkpoints' metadata) is `ti_jax.training.checkpointing`'s.
 """
 
@@ -30,7 +63,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -244,11 +277,15 @@ class Checkpoints:
       raise UnreadableCheckpointError(step, "it holds non-finite (NaN or inf) values")
     return restored.state, restored.metadata
 
-  def restore_untyped(self, step: int) -> tuple[dict, dict]:
-    """Restores the state as nested dicts of numpy arrays (no template needed) and metadata."""
+  def restore_untyped(self, step: int, check_finite: bool = True) -> tuple[dict, dict]:
+    """Restores the state as nested dicts of numpy arrays (no template needed) and metadata.
+
+    `check_finite=False` leaves non-finite values to the caller (a many-concept run's
+    reader refuses only the concept that holds them).
+    """
     restored = self._restore(step, ocp.args.Composite(
         state=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
-    if not vectors_finite(restored.state):
+    if check_finite and not vectors_finite(restored.state):
       raise UnreadableCheckpointError(step, "it holds non-finite (NaN or inf) values")
     return restored.state, restored.metadata
 
@@ -300,14 +337,31 @@ def encoder_vectors_from_workdir(workdir: str, step: int | None = None
                                  ) -> tuple[tuple[np.ndarray, ...], dict]:
   """(vectors per text encoder, metadata) of a run's checkpoint (latest if `step` is None).
 
-  One `[n, D_e]` array per text encoder the run trained (SD/LDM one, SDXL two).
+  One `[n, D_e]` array per text encoder the run trained (SD/LDM one, SDXL two). A run
+  of many concepts is refused (`concept_vectors_from_workdir` reads it).
 
   With progressive_words, only the vectors that had entered training by that
   step are returned (the others still hold their initial values). A checkpoint
   that cannot be read (or holds non-finite vectors) raises WorkdirError naming
   it and the newest readable step to pass as --step instead.
   """
-  read_identity(workdir)
+  names = concept_names(workdir)
+  if names is not None:  # its params are [K, n, D]: one concept at a time
+    raise WorkdirError(f"{workdir} is a run of {len(names)} concepts ({', '.join(names)}): "
+                       "read one with ti_jax.sample/export/evaluate --workdir and --concept "
+                       "NAME, or use its WORKDIR/<name>/learned_embeds.safetensors")
+  params, metadata = _restore_params(workdir, step, check_finite=True)
+  vectors = [np.asarray(params[k], np.float32) for k in EMBEDS_KEYS if k in params]
+  active = int(metadata.get("active_vectors") or len(vectors[0]))
+  return tuple(v[:active] for v in vectors), metadata
+
+
+def _restore_params(workdir: str, step: int | None, check_finite: bool) -> tuple[dict, dict]:
+  """(the state's params, metadata) of a run's checkpoint (latest if `step` is None).
+
+  A checkpoint that cannot be read (or, with `check_finite`, holds non-finite values)
+  raises WorkdirError naming it and the newest readable step to pass as --step instead.
+  """
   ckpts = Checkpoints(workdir, max_to_keep=None)
   try:
     steps = ckpts.all_steps()
@@ -319,12 +373,12 @@ def encoder_vectors_from_workdir(workdir: str, step: int | None = None
       raise WorkdirError(f"{workdir} has no checkpoint at step {step} "
                          f"(available: {', '.join(map(str, sorted(steps)))})")
     try:
-      state, metadata = ckpts.restore_untyped(step)
+      state, metadata = ckpts.restore_untyped(step, check_finite)
     except UnreadableCheckpointError as e:
       good = None
       for other in sorted((s for s in steps if s != step), reverse=True):
         try:
-          ckpts.restore_untyped(other)
+          ckpts.restore_untyped(other, check_finite)
         except UnreadableCheckpointError:
           continue
         good = other
@@ -335,7 +389,150 @@ def encoder_vectors_from_workdir(workdir: str, step: int | None = None
                          f"{advice}") from None
   finally:
     ckpts.close()
-  params = state["state"]["params"]
-  vectors = [np.asarray(params[k], np.float32) for k in EMBEDS_KEYS if k in params]
-  active = int(metadata.get("active_vectors") or len(vectors[0]))
-  return tuple(v[:active] for v in vectors), metadata
+  return state["state"]["params"], metadata
+
+
+# --- Runs of many concepts (the module docstring has the layout) ---------------------------
+
+# run.json's and every checkpoint metadata's list of concepts, in the concept axis' order.
+CONCEPTS_KEY = "concepts"
+# A checkpoint metadata's {name: step} of the concepts frozen after going non-finite.
+NON_FINITE_KEY = "non_finite_concepts"
+# The config fields a concept of a concepts file may set for itself; every other field is
+# the run's and shared. An entry of CONCEPTS_KEY holds them all, and "name".
+CONCEPT_FIELDS = ("placeholder_token", "train_data_dir", "initializer_token",
+                  "learnable_property", "caption_extension", "init_embedding", "learning_rate",
+                  "seed")
+# `--concept all` selects every concept of a run.
+ALL_CONCEPTS = "all"
+# Names no concept folder may take (compared without case: macOS and Windows file systems
+# do not tell `Export` from `export`): what a run directory already holds, what sample,
+# edit and evaluate write into it by default, and `all`.
+RESERVED_NAMES = ("checkpoints", "unreadable_checkpoints", "validation", "tensorboard",
+                  "samples", "edits", "eval", "export", "run.json", "metrics.jsonl",
+                  fileio.LOCK_NAME, "learned_embeds.safetensors", "learned_embeds_2.safetensors",
+                  ALL_CONCEPTS)
+
+
+def concept_dir(workdir: str, name: str) -> str:
+  """The folder of concept `name` in a many-concept run directory: WORKDIR/<name>."""
+  return fileio.join(workdir, name)
+
+
+def concept_entries(record: dict, where: str) -> list[dict] | None:
+  """The "concepts" list of a run.json or checkpoint metadata `record` (None: one concept).
+
+  WorkdirError (one line, naming `where`) if it is not a list of objects with unique
+  string names.
+  """
+  entries = record.get(CONCEPTS_KEY)
+  if entries is None:
+    return None
+  if not isinstance(entries, list) or not entries or not all(
+      isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] for e in entries):
+    raise WorkdirError(f"{where}: {CONCEPTS_KEY!r} must be a non-empty list of objects with "
+                       "a 'name' each")
+  names = [e["name"] for e in entries]
+  if len(set(names)) != len(names):
+    twice = next(n for n in names if names.count(n) > 1)
+    raise WorkdirError(f"{where}: concept {twice!r} is listed twice")
+  return entries
+
+
+def concept_names(workdir: str) -> list[str] | None:
+  """The concepts of a many-concept run, in the concept axis' order; None for a
+  single-concept run (run.json without "concepts")."""
+  entries = concept_entries(read_identity(workdir), fileio.join(workdir, "run.json"))
+  return None if entries is None else [e["name"] for e in entries]
+
+
+def parse_concept_flag(values: Sequence[str]) -> list[str]:
+  """`--concept` values as names: each value one name or a comma list; duplicates dropped."""
+  names = (n.strip() for v in values for n in str(v).split(","))
+  return list(dict.fromkeys(n for n in names if n))
+
+
+def select_concepts(workdir: str, requested: Sequence[str], flag: str = "--concept"
+                    ) -> list[str] | None:
+  """The concepts of `workdir` that `requested` (`--concept` values) names, in their order.
+
+  None for a single-concept run without `requested`. One-line WorkdirError for a
+  many-concept run without `requested` (listing its names), for `requested` on a
+  single-concept run, and for a name the run lacks. `all` selects every concept.
+  """
+  names = concept_names(workdir)
+  wanted = parse_concept_flag(requested)
+  if names is None:
+    if wanted:
+      raise WorkdirError(f"{flag} {','.join(wanted)}: {workdir} is a run of one concept "
+                         f"(no {CONCEPTS_KEY!r} in its run.json); drop {flag}")
+    return None
+  listed = ", ".join(names)
+  if not wanted:
+    raise WorkdirError(f"{workdir} is a run of {len(names)} concepts: pass {flag} NAME "
+                       f"(repeat it or separate names with commas; {flag} {ALL_CONCEPTS} for "
+                       f"every one); its concepts: {listed}")
+  if ALL_CONCEPTS in wanted:
+    return list(names)
+  unknown = [n for n in wanted if n not in names]
+  if unknown:
+    raise WorkdirError(f"{flag} {unknown[0]}: {workdir} has no such concept; its concepts: "
+                       f"{listed} (or {ALL_CONCEPTS})")
+  return wanted
+
+
+def concept_metadata(metadata: dict, entry: dict) -> dict:
+  """What a reader sees of one concept of a many-concept checkpoint: the run's `metadata`
+  with the concept's `entry` over it, and its CONCEPT_FIELDS over the shared "config"
+  (so `placeholder_token`, `config.train_data_dir`, ... are the concept's, as in a
+  single run's metadata); "concept" is its name."""
+  config = dict(metadata.get("config") or {})
+  config.update({k: entry[k] for k in CONCEPT_FIELDS if k in entry})
+  shared = {k: v for k, v in metadata.items() if k not in (CONCEPTS_KEY, NON_FINITE_KEY)}
+  return {**shared, **entry, "config": config, "concept": entry["name"]}
+
+
+def concept_vectors_from_workdir(workdir: str, names: Sequence[str], step: int | None = None
+                                 ) -> list[tuple[tuple[np.ndarray, ...], dict]]:
+  """Per name in `names`: (vectors per text encoder, that concept's metadata), read from
+  one checkpoint of a many-concept run (latest if `step` is None).
+
+  Each is what `encoder_vectors_from_workdir` gives for a single run: one `[n, D_e]`
+  array per text encoder (row k of each `[K, n, D_e]` key, its first `active_vectors`
+  vectors) and the metadata of `concept_metadata`. A concept that went non-finite in
+  training (the metadata's "non_finite_concepts") or whose row holds NaN/inf is refused
+  in one line naming it and the others.
+  """
+  read_identity(workdir)
+  # Not whole: a concept's non-finite row refuses that concept alone, below.
+  params, metadata = _restore_params(workdir, step, check_finite=False)
+  where = f"{workdir} checkpoint {metadata.get('step', step)}"
+  entries = concept_entries(metadata, where)
+  if entries is None:  # run.json lists concepts but the checkpoint does not
+    raise WorkdirError(f"{where} is not a checkpoint of a many-concept run (its metadata "
+                       f"lists no {CONCEPTS_KEY!r})")
+  index = {e["name"]: k for k, e in enumerate(entries)}
+  failed = dict(metadata.get(NON_FINITE_KEY) or {})
+  keys = [k for k in EMBEDS_KEYS if k in params]
+  stacked = [np.asarray(params[k], np.float32) for k in keys]  # each [K, n, D_e]
+  for key, a in zip(keys, stacked):
+    if a.ndim != 3 or a.shape[0] != len(entries):
+      raise WorkdirError(f"{where}: {key!r} has shape {tuple(a.shape)}, not [{len(entries)}, "
+                         "n, D] (one row per concept)")
+  out = []
+  for name in names:
+    if name not in index:
+      raise WorkdirError(f"{where} has no concept {name!r}; its concepts: "
+                         f"{', '.join(index)}")
+    k = index[name]
+    rows = [a[k] for a in stacked]  # each [n, D_e]
+    usable = ", ".join(n for n in index if n not in failed and n != name) or "none"
+    if name in failed or not vectors_finite(rows):
+      what = (f"went non-finite (NaN or inf) at step {failed[name]} and was frozen at "
+              "its last finite vectors" if name in failed else "holds NaN or inf vectors")
+      raise WorkdirError(f"concept {name!r} of {where} {what}: its vectors are refused; the "
+                         f"run's other concepts: {usable}")
+    meta = concept_metadata(metadata, entries[k])
+    active = int(meta.get("active_vectors") or len(rows[0]))
+    out.append((tuple(r[:active] for r in rows), meta))
+  return out

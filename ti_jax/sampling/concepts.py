@@ -32,29 +32,52 @@ def _same_model(a: str, b: str) -> bool:
   return norm(a) == norm(b)
 
 
-def gather_concepts(workdir: str | None, step: int | None,
-                    sources: Sequence[str]) -> tuple[list[embedding_io.Concept], dict]:
-  """Concepts of the run in `workdir` (first) and of each `PATH[:TOKEN]` in `sources`.
-
-  Also returns the run's checkpoint metadata ({} without a workdir), read
-  with its vectors in one restore. Refuses NaN/inf vectors and two concepts
-  with one token name (including the `tok_1`, ... names of extra vectors).
-  """
-  concepts, run_meta = [], {}
-  if workdir:
-    if not fileio.is_dir(workdir):
-      raise SampleError(f"run directory {workdir} is a file, not a folder"
-                        if fileio.exists(workdir) else f"run directory {workdir} does not exist")
+def _run_concepts(workdir: str, step: int | None, names: Sequence[str] | None
+                  ) -> tuple[list[embedding_io.Concept], dict]:
+  """The concept of a single run (`names` None), or the named concepts of a many-concept
+  run, and the metadata of the (first) one; NaN/inf vectors refused."""
+  if names is None:
     # One array of vectors per text encoder (an SDXL run's checkpoint holds two).
-    vectors, run_meta = run_dir.encoder_vectors_from_workdir(workdir, step)
-    what = f"{workdir} checkpoint {run_meta.get('step', '?')}"
+    read = [(*run_dir.encoder_vectors_from_workdir(workdir, step), workdir)]
+  else:
+    read = [(vectors, meta, f"{workdir} concept {meta['concept']}")
+            for vectors, meta in run_dir.concept_vectors_from_workdir(workdir, names, step)]
+  concepts = []
+  for vectors, meta, source in read:
+    what = f"{source} checkpoint {meta.get('step', '?')}"
     try:
       vectors = tuple(embedding_io.check_vectors(v, what) for v in vectors)
     except embedding_io.EmbeddingFileError as e:
       raise SampleError(f"{e}; pass --step of an earlier checkpoint") from None
     concepts.append(embedding_io.Concept(
-        run_meta["placeholder_token"], vectors, workdir,
-        base_model=run_meta.get("pretrained_model_name_or_path")))
+        meta["placeholder_token"], vectors, source,
+        base_model=meta.get("pretrained_model_name_or_path")))
+  return concepts, read[0][1]
+
+
+def gather_concepts(workdir: str | None, step: int | None, sources: Sequence[str],
+                    concept: Sequence[str] = ()) -> tuple[list[embedding_io.Concept], dict]:
+  """Concepts of the run in `workdir` (first) and of each `PATH[:TOKEN]` in `sources`.
+
+  Also returns the run's checkpoint metadata ({} without a workdir), read
+  with its vectors in one restore. Refuses NaN/inf vectors and two concepts
+  with one token name (including the `tok_1`, ... names of extra vectors).
+  `concept`: the `--concept` values naming which concepts of a many-concept
+  run to use (`run_dir.select_concepts`: names, comma lists, `all`); the
+  metadata is then the first one's (`run_dir.concept_metadata`: the shared
+  fields are every concept's) with "selected_concepts" listing them all.
+  """
+  concepts, run_meta = [], {}
+  if concept and not workdir:
+    raise SampleError("--concept picks concepts of the --workdir run: pass --workdir")
+  if workdir:
+    if not fileio.is_dir(workdir):
+      raise SampleError(f"run directory {workdir} is a file, not a folder"
+                        if fileio.exists(workdir) else f"run directory {workdir} does not exist")
+    names = run_dir.select_concepts(workdir, concept)
+    concepts, run_meta = _run_concepts(workdir, step, names)
+    if names is not None:
+      run_meta = {**run_meta, "selected_concepts": list(names)}
   for spec in sources:
     concepts += embedding_io.load_concepts(spec)
   seen = {}

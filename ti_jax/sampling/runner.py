@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from ti_jax.runtime import console, fileio, parallel
+from ti_jax.runtime import console, fileio, parallel, run_dir
 from ti_jax.sampling import generation, noise_schedule, schedulers
 
 from ti_jax.sampling.concepts import (
@@ -75,6 +75,13 @@ def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_
     raise SampleError(f"--cache_dir {cache_dir} is a file, not a folder")
 
 
+def _concepts_folder(workdir: str, run_meta: dict) -> str:
+  """Where a run's samples go by default: the folder of its one selected concept
+  (WORKDIR/<name> of a many-concept run), else the run directory."""
+  selected = run_meta.get("selected_concepts") or []
+  return run_dir.concept_dir(workdir, selected[0]) if len(selected) == 1 else workdir
+
+
 def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None = None,
         embedding_sources: Sequence[str] = (), pretrained_model_name_or_path: str = "",
         negative_prompt: str = "", num_images: int = 4, num_inference_steps: int = 50,
@@ -82,7 +89,8 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
         height: int = 0, width: int = 0, output_dir: str = "", dtype: str = "auto",
         batch_size: int = 0, allow_base_model_mismatch: bool = False,
         cache_dir: str = "", allow_pickle: bool = False,
-        devices: Sequence | None = None, guidance_rescale: float = 0.0) -> list[str]:
+        devices: Sequence | None = None, guidance_rescale: float = 0.0,
+        concept: Sequence[str] = ()) -> list[str]:
   """Generates `num_images` per prompt; returns the written PNG paths.
 
   `batch_size` images per device per compiled call (0: `generation.auto_batch_size`);
@@ -90,12 +98,15 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   else the model's native size (the UNet's sample_size times the VAE's factor:
   512 for SD 1.x, 1024 for SDXL base). SDXL concepts go into copies of both
   tokenizers; `guidance_rescale` (0: off) applies to every model family.
+  `concept`: for a many-concept `workdir`, the `--concept` values naming the
+  concepts to use (names, comma lists or `all`); the PNGs then go by default to
+  WORKDIR/<name>/samples for one concept, WORKDIR/samples for several.
   """
   _check_request(prompts=prompts, num_images=num_images,
                  num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed,
                  height=height, width=width, guidance_scale=guidance_scale, scheduler=scheduler,
                  cache_dir=cache_dir, guidance_rescale=guidance_rescale)
-  concepts, run_meta = gather_concepts(workdir, step, embedding_sources)
+  concepts, run_meta = gather_concepts(workdir, step, embedding_sources, concept)
   for line in describe_concepts(concepts):  # which token each --embeddings source registered
     _log(line)
   run_config, ckpt_step = run_meta.get("config", {}), run_meta.get("step")
@@ -120,7 +131,8 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
                                                  "--scheduler")) from None
   except ValueError as e:
     raise SampleError(str(e)) from None
-  out_dir = output_dir or (fileio.join(workdir, "samples") if workdir else "samples")
+  out_dir = output_dir or (fileio.join(_concepts_folder(workdir, run_meta), "samples")
+                           if workdir else "samples")
   generation.make_output_dir(out_dir, SampleError)
   written = []
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
