@@ -41,7 +41,8 @@ def _config(cache_dir, folder, **overrides):
   return offline_config(config_module("object").get_config("tiny"), cache_dir, **{
       "train_data_dir": str(folder), "caption_extension": ".txt", "enable_bucket": True,
       "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32,
-      "max_train_steps": 2, "checkpointing_steps": 2, "log_every_steps": 1, **overrides})
+      "max_train_steps": 2, "checkpointing_steps": 2, "log_every_steps": 1,
+      "validation_prompt": "", **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,8 @@ def _config(cache_dir, folder, **overrides):
   c = config_module("object").get_config("tiny")
   return offline_config(c, cache_dir, **{
       "train_data_dir": str(folder), "max_train_steps": 2, "checkpointing_steps": 2,
-      "log_every_steps": 1, "caption_extension": ".txt", **overrides})
+      "log_every_steps": 1, "caption_extension": ".txt", "validation_prompt": "",
+      **overrides})
 
 
 def _decoded_batch(config, inputs, step):

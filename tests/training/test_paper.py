@@ -25,7 +25,7 @@ def _config(arg, cache_dir, **overrides):
   c = paper.get_config(arg)
   return offline_config(c, cache_dir, **{
       "train_data_dir": os.path.join(REPO, c.train_data_dir), "max_train_steps": 3,
-      "checkpointing_steps": 100, "log_every_steps": 1, **overrides})
+      "checkpointing_steps": 100, "log_every_steps": 1, "validation_prompt": "", **overrides})
 
 
 @pytest.fixture(scope="module")

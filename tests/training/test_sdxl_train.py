@@ -33,7 +33,7 @@ def cache_dir(tmp_path_factory):
 def _config(model, cache_dir, **overrides):
   return offline_config(config_module("object").get_config("tiny_sdxl"), cache_dir, **{
       "pretrained_model_name_or_path": model, "train_data_dir": TOY, "max_train_steps": 4,
-      "checkpointing_steps": 2, "log_every_steps": 1, **overrides})
+      "checkpointing_steps": 2, "log_every_steps": 1, "validation_prompt": "", **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ This module sits below the loaders so that they import it, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -257,21 +258,26 @@ def unet_dummy_inputs(config: UNetConfig, batch: int = 1, size: int | None = Non
   return inputs
 
 
-def init_fns(modules: dict[str, Any]) -> dict[str, Callable[[jax.Array], Any]]:
-  """Per component, `rng -> {"params": ...}` on minimal dummy inputs (shapes only matter)."""
-  unet, vae = modules["unet"], modules["vae"]
-  vdown = 2 ** (len(vae.config.block_out_channels) - 1)
-  fns = {
-      "unet": lambda rng: unet.init(rng, *unet_dummy_inputs(unet.config)),
-      "vae": lambda rng: vae.init(rng, jnp.zeros((1, vdown, vdown, vae.config.in_channels))),
-  }
-  for role in TOKENIZER_FOLDERS:
-    if role in modules:
-      fns[role] = lambda rng, text=modules[role]: text.init(rng, jnp.zeros((1, 1), jnp.int32))
-  return fns
+def _init_fn(role: str, module) -> Callable[[jax.Array], Any]:
+  """`rng -> {"params": ...}` of one component on minimal dummy inputs (shapes only matter)."""
+  if role == "unet":
+    return lambda rng: module.init(rng, *unet_dummy_inputs(module.config))
+  if role == "vae":
+    vdown = 2 ** (len(module.config.block_out_channels) - 1)
+    return lambda rng: module.init(rng, jnp.zeros((1, vdown, vdown, module.config.in_channels)))
+  return lambda rng: module.init(rng, jnp.zeros((1, 1), jnp.int32))  # a text encoder
+
+
+@functools.lru_cache(maxsize=32)
+def _component_shapes(role: str, module) -> Any:
+  # Tracing a UNet's init costs most of a second; a process that loads the same model
+  # again (sampling after training, tests) gets the shapes back. Flax modules hash and
+  # compare by their fields (config, dtypes, attention choice).
+  return jax.eval_shape(_init_fn(role, module), jax.random.key(0))["params"]
 
 
 def param_shapes(modules: dict[str, Any]) -> dict[str, Any]:
   """Per component, the param tree of `jax.ShapeDtypeStruct`s (no memory is allocated)."""
-  return {name: jax.eval_shape(fn, jax.random.key(0))["params"]
-          for name, fn in init_fns(modules).items()}
+  # Fresh containers for each caller: they may edit their copy.
+  return {name: jax.tree_util.tree_map(lambda x: x, _component_shapes(name, modules[name]))
+          for name in ("unet", "vae") + tuple(r for r in TOKENIZER_FOLDERS if r in modules)}
