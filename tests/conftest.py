@@ -277,6 +277,7 @@ def pytest_configure(config):
 SLOW_FILES = (
     "tests/training/test_train.py",
     "tests/world/test_world_textual_inversion.py",
+    "tests/training/test_mesh_step.py",
     "tests/sampling/test_edit.py",
     "tests/sampling/test_sample.py",
     "tests/training/test_paper.py",
@@ -286,6 +287,7 @@ SLOW_FILES = (
     "tests/benchmarks/test_aot_compile.py",
     "tests/training/test_multihost.py",
     "tests/models/test_attention.py",
+    "tests/sampling/test_sample_concepts.py",
 )
 
 
