@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
   for name, steps in (("long", 2), ("short", 1)):
     c = paper.get_config("tiny,object")
     offline_config(c, cache, train_data_dir=os.path.join(REPO, c.train_data_dir),
-                   max_train_steps=steps)
+                   max_train_steps=steps, validation_prompt="")
     trainer.run(c, str(tmp / name), devices=jax.local_devices()[:1], progress=False)
     out[name] = str(tmp / name)
   return out, str(cache), tmp

@@ -40,7 +40,7 @@ def world(tmp_path_factory):
   c = config_module("paper").get_config("tiny,object")
   offline_config(c, tmp / "cache", pretrained_model_name_or_path=model,
                  train_data_dir=concept_dir, initializer_token="object", resolution=32,
-                 max_train_steps=2)
+                 max_train_steps=2, validation_prompt="")
   workdir = str(tmp / "run")
   trainer.run(c, workdir, devices=jax.local_devices()[:1], progress=False)
   return {"tmp": tmp, "model": model, "concept_dir": concept_dir, "workdir": workdir,

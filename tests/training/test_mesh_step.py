@@ -284,7 +284,7 @@ def test_cli_trains_and_exports_with_sharded_weights(tmp_path):
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records][-1] == steps and "finite" not in records[-1]
   config = offline_config(config_module("object").get_config("tiny"), cache,
-                          train_data_dir=TOY, max_train_steps=steps)
+                          train_data_dir=TOY, max_train_steps=steps, validation_prompt="")
   replicated = trainer.run(config, str(tmp_path / "replicated"),
                            devices=jax.local_devices()[:4], progress=False)
   vectors = sharded[config.placeholder_token]
