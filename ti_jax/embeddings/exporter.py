@@ -33,13 +33,7 @@ def export_with_token(workdir: str, fmt: str, output: str = "", step: int | None
   _check_workdir(workdir)
   # An SDXL run gives both encoders' vectors: the pair (diffusers) or clip_l/clip_g (A1111, kohya).
   vectors, meta = run_dir.encoder_vectors_from_workdir(workdir, step)
-  ckpt = f"{workdir} checkpoint {meta.get('step', '?')}"
-  try:
-    vectors = tuple(embedding_io.check_vectors(v, ckpt) for v in vectors)
-  except embedding_io.EmbeddingFileError as e:
-    raise embedding_io.EmbeddingFileError(f"{e}; nothing exported (pass --step of an earlier "
-                                          "checkpoint)") from None
-  concept = embedding_io.Concept(meta["placeholder_token"], vectors, ckpt)
+  concept = _checked_concept(vectors, meta, f"{workdir} checkpoint {meta.get('step', '?')}")
   path = output or fileio.join(workdir, "export",
                                *embedding_writer.default_filename(concept.token, fmt).split("/"))
   return write_export(path, concept, fmt, overwrite, step=int(meta.get("step", 0))), concept
@@ -106,13 +100,8 @@ def export_concepts(workdir: str, fmt: str, names: Sequence[str], output: str = 
                                           "per concept)")
   jobs = []
   for vectors, meta in run_dir.concept_vectors_from_workdir(workdir, names, step):
-    what = f"{workdir} concept {meta['concept']} checkpoint {meta.get('step', '?')}"
-    try:
-      vectors = tuple(embedding_io.check_vectors(v, what) for v in vectors)
-    except embedding_io.EmbeddingFileError as e:
-      raise embedding_io.EmbeddingFileError(f"{e}; nothing exported (pass --step of an "
-                                            "earlier checkpoint)") from None
-    concept = embedding_io.Concept(meta["placeholder_token"], vectors, what)
+    concept = _checked_concept(
+        vectors, meta, f"{workdir} concept {meta['concept']} checkpoint {meta.get('step', '?')}")
     path = concept_export_path(workdir, meta["concept"], fmt, concept.token, output, several)
     _check_target(path, concept, fmt, overwrite)
     jobs.append((path, concept, int(meta.get("step", 0))))
@@ -131,6 +120,17 @@ def _check_target(path: str, concept: embedding_io.Concept, fmt: str, overwrite:
     if fileio.exists(file) and not overwrite:
       raise embedding_io.EmbeddingFileError(f"{file} already exists; pass --overwrite to "
                                             "replace it (or --output another file)")
+
+
+def _checked_concept(vectors, meta: dict, what: str) -> embedding_io.Concept:
+  """The concept a checkpoint's vectors (one `[n, D]` per text encoder) make, `what` naming
+  them; non-finite or malformed vectors are refused in one line, nothing exported."""
+  try:
+    vectors = tuple(embedding_io.check_vectors(v, what) for v in vectors)
+  except embedding_io.EmbeddingFileError as e:
+    raise embedding_io.EmbeddingFileError(f"{e}; nothing exported (pass --step of an earlier "
+                                          "checkpoint)") from None
+  return embedding_io.Concept(meta["placeholder_token"], vectors, what)
 
 
 def write_export(path: str, concept: embedding_io.Concept, fmt: str, overwrite: bool,
