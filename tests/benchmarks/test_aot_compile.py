@@ -39,7 +39,8 @@ HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
 
 
 def _aot_compile():
-  benchmark_module("aot_targets")  # aot_compile imports it by name, as `common`
+  benchmark_module("aot_targets")  # aot_compile imports these by name, as `common`
+  benchmark_module("aot_mesh")
   return benchmark_module("aot_compile")
 
 
