@@ -3,6 +3,7 @@
   python benchmarks/aot_compile.py --topology v5e:1x1 --model sd15 --batch 8
   python benchmarks/aot_compile.py --topology v5e:1x1 --model sd21 --batch 4 --program train
   python benchmarks/aot_compile.py --topology v5e:2x2 --model sd15 --sweep_batch
+  python benchmarks/aot_compile.py --topology v5e:2x2 --model sd15 --program train --shard_weights true
   python benchmarks/aot_compile.py --topology v4:2x2x1 --model tiny --attention_impl xla
   python benchmarks/aot_compile.py --topology h100:1 --model sd15 --batch 8
   python benchmarks/aot_compile.py --topology h100:8 --model sdxl --batch 4 --remat auto
@@ -21,9 +22,9 @@ compiler's own memory on the host.
 The programs are the ones the entry points run: the training step is
 `train_lib.make_pmapped_step` over every chip of the topology (the gradient
 `pmean` included), with the frozen models replicated once as in
-`ti_jax.train`; the sampling loop is `generation.ImageGenerator`'s pmapped
-program (DDIM, classifier-free guidance in one batched UNet call, VAE
-decode), as `ti_jax.sample` runs it.
+`ti_jax.train` (`--shard_weights`: its mesh step, `aot_mesh.py`); the sampling
+loop is `generation.ImageGenerator`'s pmapped program (DDIM, classifier-free
+guidance in one batched UNet call, VAE decode), as `ti_jax.sample` runs it.
 
 Per chip it prints XLA's memory plan (arguments, outputs, temporaries,
 generated code) against the chip's memory (a GPU: the share JAX's allocator
@@ -41,6 +42,7 @@ import sys
 import time
 import types
 
+import aot_mesh  # benchmarks/aot_mesh.py: the mesh step, weights sharded or not
 import aot_targets  # benchmarks/aot_targets.py: the chips and GPUs compiled for
 import common  # benchmarks/common.py: a script's own folder is on sys.path
 from absl import app, flags
@@ -60,6 +62,9 @@ flags.DEFINE_float("gpu_memory_fraction", aot_targets.JAX_GPU_MEMORY_FRACTION,
 flags.DEFINE_enum("remat", "false", ["false", "true", "auto"],
                   "Rematerialise the UNet blocks in the step; 'auto' turns it on only when the "
                   "step does not fit the chip's HBM without it.")
+flags.DEFINE_enum("shard_weights", "", ["", "false", "true"],
+                  "Train program: '' the pmapped step; 'true'/'false' the mesh step of one "
+                  "concept over every chip with the frozen weights FSDP-sharded/replicated.")
 flags.DEFINE_enum("program", "both", ["train", "sample", "both"], "Which program(s) to compile.")
 flags.DEFINE_integer("sample_batch", 1, "Images per chip per sampling call.")
 flags.DEFINE_integer("num_inference_steps", 50, "DDIM steps of the sampling loop.")
@@ -384,7 +389,7 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
           parallel.shard(global_batch, n))
   return {"settings": settings, "optimizer": optimizer, "lr": lr, "args": args,
           "modules": modules, "shapes": shapes, "attention_impl": impl, "resolution": res,
-          "tokens": tokens,
+          "tokens": tokens, "unreplicated": (state, frozen, global_batch),
           # What one chip's arguments should be: one copy of the frozen weights, the
           # state and this chip's batch. More would mean the program duplicates them.
           "expected_argument_bytes": _nbytes(frozen) + _nbytes(state) + _nbytes(chip_batch),
@@ -392,8 +397,9 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
 
 
 def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat: bool,
-                       devices, hbm: int, num_views: int = 10) -> dict:
-  """AOT-compiles ti_jax.train's pmapped step for `devices`; returns the per-chip record."""
+                       devices, hbm: int, num_views: int = 10, shard_weights: str = "") -> dict:
+  """AOT-compiles ti_jax.train's pmapped step for `devices` (with `shard_weights` "true" or
+  "false": the mesh step, `aot_mesh`); returns the per-chip record."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
@@ -402,16 +408,21 @@ def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat
   modules, res, impl, tokens = (built[k] for k in ("modules", "resolution", "attention_impl",
                                                    "tokens"))
   n = len(devices)
-  step = train_lib.make_pmapped_step(settings, optimizer, lr, devices)
   record = {"program": "train", "model": model, "resolution": res,
             "dtype": jnp.dtype(dtype).name, "chips": n, "per_chip_batch": batch,
             "attention_impl": impl or "default", "remat": bool(remat)}
-  compiled = _compile(step.lower(*args), record)
+  if shard_weights:
+    lowered, mesh_args = aot_mesh.mesh_step_lowered(built, devices, shard_weights == "true")
+    record.update(layout="mesh", shard_weights=shard_weights == "true")
+    # One chip's shards of the arguments: the frozen weights' 1/n share when sharded.
+    built["expected_argument_bytes"] = aot_mesh.per_chip_bytes(mesh_args)
+  else:
+    lowered = train_lib.make_pmapped_step(settings, optimizer, lr, devices).lower(*args)
+  compiled = _compile(lowered, record)
   if compiled is None:
     return record
   record.update(_memory_record(compiled, hbm))
-  record["expected_argument_bytes"] = built["expected_argument_bytes"]
-  record["weight_bytes"] = built["weight_bytes"]
+  record.update({k: built[k] for k in ("expected_argument_bytes", "weight_bytes")})
   record["argument_over_expected"] = record["argument_bytes"] / built["expected_argument_bytes"]
   record.update(_program_record(compiled))
   record.update(_per_image(record, analytic_step_flops(modules, res, tokens)["total"], batch))
@@ -473,17 +484,17 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
 
 
 def compile_step_auto_remat(model: str, batch: int, dtype, attention_impl: str, devices,
-                            hbm: int, remat: str, num_views: int = 10) -> dict:
+                            hbm: int, remat: str, num_views: int = 10,
+                            shard_weights: str = "") -> dict:
   """The train step with remat "true"/"false", or "auto": without remat, and with it only when
   the plain step does not fit the chip's HBM (the rule of `train_lib.remat_if_needed`, which
   `ti_jax.train` applies with remat="auto" on a TPU)."""
-  if remat != "auto":
-    return compile_train_step(model, batch, dtype, attention_impl, remat == "true", devices,
-                              hbm, num_views)
-  record = compile_train_step(model, batch, dtype, attention_impl, False, devices, hbm, num_views)
-  if not record["fits"]:
-    plain = record
-    record = compile_train_step(model, batch, dtype, attention_impl, True, devices, hbm, num_views)
+  def at(with_remat):
+    return compile_train_step(model, batch, dtype, attention_impl, with_remat, devices, hbm,
+                              num_views, shard_weights)
+  record = at(remat == "true")
+  if remat == "auto" and not record["fits"]:
+    plain, record = record, at(True)
     record["without_remat"] = plain.get("compiler_oom") or f"{plain['total_bytes'] / GIB:.2f} GiB"
   return record
 
@@ -519,16 +530,16 @@ def sweep(compile_at, start: int, max_batch: int, log) -> tuple[int, list[dict]]
 
 def _print(record: dict) -> None:
   gib = lambda k: f"{record[k] / GIB:.2f} GiB"
+  layout = {True: " mesh, sharded weights", False: " mesh, replicated weights"}.get(
+      record.get("shard_weights"), "")
+  config = (f"{record['program']:>6} {record['model']} {record['resolution']}px "
+            f"{record['chips']} chip(s) batch/chip {record['per_chip_batch']} "
+            f"{record['attention_impl']}{' remat' if record['remat'] else ''}{layout}")
   if "compiler_oom" in record:
-    print(f"{record['program']:>6} {record['model']} {record['resolution']}px "
-          f"{record['chips']} chip(s) batch/chip {record['per_chip_batch']} "
-          f"{record['attention_impl']}{' remat' if record['remat'] else ''}: does NOT fit, "
-          f"the compiler says: {record['compiler_oom']} (after {record['compile_s']:.0f} s)",
-          flush=True)
+    print(f"{config}: does NOT fit, the compiler says: {record['compiler_oom']} (after "
+          f"{record['compile_s']:.0f} s)", flush=True)
     return
-  line = (f"{record['program']:>6} {record['model']} {record['resolution']}px "
-          f"{record['chips']} chip(s) batch/chip {record['per_chip_batch']} "
-          f"{record['attention_impl']}{' remat' if record['remat'] else ''}"
+  line = (config +
           f"{' cuBLAS-only matmuls' if record.get('triton_gemm') is False else ''}: "
           f"args {gib('argument_bytes')} out {gib('output_bytes')} "
           f"temp {gib('temp_bytes')} code {gib('code_bytes')} -> total {gib('total_bytes')} "
@@ -560,7 +571,8 @@ def main(argv):
   out = results["records"]
   programs = {  # program name -> (compile at a per-chip batch, the batch asked for)
       "train": (lambda b: compile_step_auto_remat(FLAGS.model, b, dtype, FLAGS.attention_impl,
-                                                  devices, hbm, FLAGS.remat, FLAGS.num_views),
+                                                  devices, hbm, FLAGS.remat, FLAGS.num_views,
+                                                  FLAGS.shard_weights),
                 FLAGS.batch),
       "sample": (lambda b: compile_sampler(FLAGS.model, b, dtype, FLAGS.attention_impl, devices,
                                            hbm, FLAGS.num_inference_steps, FLAGS.guidance_scale),

@@ -39,7 +39,8 @@ HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
 
 
 def _aot_compile():
-  benchmark_module("aot_targets")  # aot_compile imports it by name, as `common`
+  benchmark_module("aot_targets")  # aot_compile imports these by name, as `common`
+  benchmark_module("aot_mesh")
   return benchmark_module("aot_compile")
 
 
@@ -89,6 +90,26 @@ def test_tpu_step_arguments_hold_one_copy_of_the_frozen_weights(tiny_v5e_2x2):
   assert step["argument_bytes"] >= step["weight_bytes"] > 0
   ratio = step["argument_bytes"] / step["expected_argument_bytes"]
   assert 1.0 <= ratio < 2.0, step
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason=NO_LIBTPU)
+def test_sharded_mesh_step_compiles_for_v5e_with_a_share_of_the_weights_per_chip(
+    tiny_v5e_2x2, tmp_path):
+  """--shard_weights true: the mesh step of one concept over four v5e chips, the frozen
+  weights FSDP-sharded, takes per chip less than one copy of the weights as arguments, so
+  less than the pmapped step's replicated arguments (the fixture's). XLA attention: GSPMD
+  cannot partition the Mosaic kernel."""
+  result = _run_aot_compile(
+      tmp_path / "sharded.json", "--topology", "v5e:2x2", "--model", "tiny", "--batch", "2",
+      "--program", "train", "--attention_impl", "xla", "--shard_weights", "true")
+  step, replicated = result["records"][0], tiny_v5e_2x2["train"]
+  assert step["layout"] == "mesh" and step["shard_weights"] is True
+  assert step["chips"] == 4 and step["per_chip_batch"] == 2 and step["fits"]
+  assert step["all_reduces"] >= 1, "the gradient sum over the data axis is missing"
+  assert step["weight_bytes"] == replicated["weight_bytes"]
+  # Each chip's shards are under a copy of the weights (tile padding aside, about a quarter).
+  assert step["expected_argument_bytes"] < 0.5 * step["weight_bytes"]
+  assert step["argument_bytes"] < step["weight_bytes"] <= replicated["argument_bytes"]
 
 
 def test_sampling_loop_compiles_for_v5e_with_pallas_kernel(tiny_v5e_2x2):
