@@ -19,8 +19,6 @@ def mesh_step_lowered(built: dict, devices, shard_weights: bool):
   """The mesh step lowered for `devices` with `built`'s settings and shapes
   (`aot_compile.train_step_args`), the frozen weights FSDP-sharded with `shard_weights`,
   and the arguments it was lowered with (`ShapeDtypeStruct`s carrying their shardings)."""
-  import jax  # pylint: disable=import-outside-toplevel
-
   from ti_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
   from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
   mesh = parallel.make_mesh(devices, 1)  # [1 concept shard, chips]
@@ -28,12 +26,8 @@ def mesh_step_lowered(built: dict, devices, shard_weights: bool):
   make_opt = functools.partial(train_lib.make_optimizer, b1=0.9, b2=0.999, eps=1e-8,
                                weight_decay=1e-2)
   state, frozen, global_batch = built["unreplicated"]
-  # `train_lib.one_concept_mesh_args` with the concept's slot as shapes too: its host slot
-  # cannot be placed on the devices of a compile-only client.
-  slots = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                                 train_lib.concept_slots([0], [1.0]))
-  args = train_lib.place_mesh_args(mesh, parallel.stack([state]), train_lib.stack_frozen([frozen]),
-                                   parallel.stack([global_batch]), slots, shard_weights)
+  args = train_lib.one_concept_mesh_args(mesh, state, frozen, global_batch, seed=0,
+                                         shard_weights=shard_weights)
   step = train_lib.make_mesh_step(built["settings"], make_opt, built["lr"], mesh)
   return step.lower(*args), args
 

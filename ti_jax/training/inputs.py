@@ -17,6 +17,7 @@ its frozen arrays from `frozen_for`), a pure function of (seed, step).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -70,6 +71,9 @@ class RunInputs(Setup):
   base_lr: float
   lr: Any  # optax schedule
   optimizer: Any  # optax.GradientTransformation
+  # schedule -> the run's optimizer at that learning-rate schedule (`optimizer` is
+  # make_optimizer(lr); the mesh step builds one per concept rate)
+  make_optimizer: Any
   state: train_lib.TrainState  # step 0, on the host
   # SDXL only (None otherwise): each bucket's per-view time ids [V_b, 6] (one array per
   # entry of `latents`).
@@ -101,9 +105,10 @@ def build(config, workdir: str, devices: Sequence) -> RunInputs:
   base_lr = config.learning_rate * (setup.global_batch if config.scale_lr else 1)
   lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
                                         config.max_train_steps)
-  optimizer = train_lib.make_optimizer(lr, config.adam_beta1, config.adam_beta2,
-                                       config.adam_epsilon, config.adam_weight_decay,
-                                       config.optimizer)
+  make_optimizer = functools.partial(train_lib.make_optimizer, b1=config.adam_beta1,
+                                     b2=config.adam_beta2, eps=config.adam_epsilon,
+                                     weight_decay=config.adam_weight_decay, name=config.optimizer)
+  optimizer = make_optimizer(lr)
   initial = {}
   for c in setup.concepts:
     initial[c.key] = c.init.vectors
@@ -112,7 +117,8 @@ def build(config, workdir: str, devices: Sequence) -> RunInputs:
   state = train_lib.init_state(initial, optimizer)
   return RunInputs(
       **{f.name: getattr(setup, f.name) for f in dataclasses.fields(Setup)},
-      latents=latents, base_lr=base_lr, lr=lr, optimizer=optimizer, state=state,
+      latents=latents, base_lr=base_lr, lr=lr, optimizer=optimizer,
+      make_optimizer=make_optimizer, state=state,
       time_ids=view_time_ids(setup.images, config.flip_p > 0) if setup.sd.is_sdxl else None)
 
 

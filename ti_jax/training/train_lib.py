@@ -218,8 +218,8 @@ def loss_fn(params: dict, frozen: Frozen, batch: dict, step: jax.Array,
   """
   mean = frozen.latent_mean[batch["view_index"]]  # [b, h, w, C]
   std = frozen.latent_std[batch["view_index"]]
-  draw = functools.partial(_example_noise, settings.seed if seed is None else seed, step, latent_shape=mean.shape[1:],
-                           num_timesteps=frozen.schedule.num_train_timesteps,
+  draw = functools.partial(_example_noise, settings.seed if seed is None else seed, step,
+                           latent_shape=mean.shape[1:], num_timesteps=frozen.schedule.num_train_timesteps,
                            noise_offset=settings.noise_offset)
   post_eps, noise, t = jax.vmap(draw)(batch["example_index"])
   # A sample of the cached posterior: the same distribution as encoding each step.
@@ -453,8 +453,13 @@ def one_concept_mesh_args(mesh, state: TrainState, frozen: Frozen, batch: dict, 
   """`place_mesh_args` for one concept (a mesh of one concept shard): the host (or abstract)
   `state`, `frozen` and global batch `[B, ...]` of the pmapped step's single concept. What
   an ahead-of-time script lowers `make_mesh_step` with to size sharded weights."""
+  slots = concept_slots([seed], [1.0])
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(state)):
+    # Shapes in, shapes out: a compile-only client (a TPU topology on a CPU host) can place
+    # no host array, the concept's slot included.
+    slots = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), slots)
   return place_mesh_args(mesh, parallel.stack([state]), stack_frozen([frozen]),
-                         parallel.stack([batch]), concept_slots([seed], [1.0]), shard_weights)
+                         parallel.stack([batch]), slots, shard_weights)
 
 
 def concept_step(state: TrainState, frozen: Frozen, batch: dict, slot: ConceptSlots, *,
@@ -542,6 +547,11 @@ def fits_memory(step, args: tuple, memory_limit: int) -> bool:
     return False
 
 
+def _with_remat(settings: StepSettings) -> StepSettings:
+  """`settings` with the UNet's blocks rematerialised in the backward pass."""
+  return dataclasses.replace(settings, unet=settings.unet.clone(remat=True))
+
+
 def _remat_if_needed(make_step, settings: StepSettings, args: tuple,
                      memory_limit: int | None) -> tuple[StepSettings, Any, bool]:
   """`make_step(settings)` if it fits `memory_limit` for `args` (or no limit), else with the
@@ -549,7 +559,7 @@ def _remat_if_needed(make_step, settings: StepSettings, args: tuple,
   step = make_step(settings)
   if memory_limit is None or fits_memory(step, args, memory_limit):
     return settings, step, False
-  settings = dataclasses.replace(settings, unet=settings.unet.clone(remat=True))
+  settings = _with_remat(settings)
   return settings, make_step(settings), True
 
 
@@ -581,7 +591,6 @@ def replicated_weights_fit(settings: StepSettings, optimizer, lr, devices, args:
   so nothing is placed on a device that may not hold it. No limit (None): True."""
   if memory_limit is None:
     return True
-  variants = [settings] + ([dataclasses.replace(settings, unet=settings.unet.clone(remat=True))]
-                           if remat else [])
+  variants = [settings] + ([_with_remat(settings)] if remat else [])
   return any(fits_memory(make_pmapped_step(s, optimizer, lr, devices), args, memory_limit)
              for s in variants)

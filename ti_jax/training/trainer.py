@@ -13,7 +13,6 @@ checkpoint; Ctrl-C or SIGTERM saves a checkpoint before returning.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Sequence
 
@@ -289,9 +288,6 @@ def compile_mesh_step(config, settings: train_lib.StepSettings, inputs: RunInput
   state = parallel.put(parallel.stack([state]), mesh, parallel.concept_spec())
   slots = parallel.put(train_lib.concept_slots([config.seed], [1.0]), mesh,
                        parallel.concept_spec())
-  make_opt = functools.partial(train_lib.make_optimizer, b1=config.adam_beta1,
-                               b2=config.adam_beta2, eps=config.adam_epsilon,
-                               weight_decay=config.adam_weight_decay, name=config.optimizer)
 
   def mesh_batch(batch):  # the pmapped layout [d, b, ...] -> [1, d * b, ...] over the data axis
     return parallel.put_process_batch(
@@ -300,8 +296,8 @@ def compile_mesh_step(config, settings: train_lib.StepSettings, inputs: RunInput
            if config.remat == "auto" and devices[0].platform == "tpu" else None)
   first = (state, run_inputs.frozen_for(config, inputs, buckets, start),
            mesh_batch(run_inputs.batch_for(config, inputs, start)), slots)
-  _, step, remat = train_lib.mesh_remat_if_needed(settings, make_opt, inputs.lr, mesh, first,
-                                                  limit)
+  _, step, remat = train_lib.mesh_remat_if_needed(settings, inputs.make_optimizer, inputs.lr,
+                                                  mesh, first, limit)
   if remat:
     _log("remat=auto: the step does not fit the device memory without remat; rematerialising")
 
