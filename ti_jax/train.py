@@ -20,7 +20,7 @@ from typing import Sequence
 
 from ti_jax import cli, errors
 from ti_jax.runtime import distributed
-from ti_jax.training import dry_run, loop, trainer
+from ti_jax.training import concepts_run, dry_run, loop, trainer
 
 
 def main(argv: Sequence[str]) -> None:
@@ -36,7 +36,8 @@ def main(argv: Sequence[str]) -> None:
   # Process-wide JAX settings belong to the program, not to the library's `run`.
   distributed.enable_compilation_cache(config.compilation_cache_dir)
   try:
-    result = trainer.run(config, f.workdir)
+    run = concepts_run.run if config.concepts_file else trainer.run  # many concepts, or one
+    result = run(config, f.workdir)
   except errors.UserError as e:
     cli.exit_now(f"error: {e}", 1)
   except loop.Aborted as e:

@@ -78,8 +78,19 @@ def identity_diffs(saved: dict, run: dict) -> list[str]:
     return list(v) if isinstance(v, tuple) else v
   saved = {**{k: v for k, v in CHECKPOINT_DEFAULTS.items() if k in run}, **saved}
   hints = {"prompt_texts_sha256": " (a caption file or the templates file changed)"}
-  return [f"{k}: {saved[k]!r} there, {run.get(k)!r} now{hints.get(k, '')}"
-          for k in CHECKPOINT_IDENTITY if k in saved and norm(saved[k]) != norm(run.get(k))]
+  diffs = [f"{k}: {saved[k]!r} there, {run.get(k)!r} now{hints.get(k, '')}"
+           for k in CHECKPOINT_IDENTITY if k in saved and norm(saved[k]) != norm(run.get(k))]
+  # A run of many concepts: the same concepts in the same order, each learning the same.
+  saved_concepts, run_concepts = saved.get(run_dir.CONCEPTS_KEY), run.get(run_dir.CONCEPTS_KEY)
+  if saved_concepts is None and run_concepts is None:
+    return diffs
+  saved_names = [e.get("name") for e in saved_concepts or []]
+  run_names = [e.get("name") for e in run_concepts or []]
+  if saved_names != run_names:
+    return diffs + [f"concepts: {saved_names or None} there, {run_names or None} now"]
+  for there, now in zip(saved_concepts, run_concepts):
+    diffs += [f"concept {now['name']} {d}" for d in identity_diffs(there, now)]
+  return diffs
 
 
 def check_identity(workdir: str, identity: dict) -> bool:

@@ -95,6 +95,12 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
 
   # --- Concept and data ---
   c.train_data_dir = ""  # folder with the 3-5 concept images
+  # Many concepts in one run (one compiled step trains them all): a JSON-lines file, one
+  # concept per line, {"placeholder_token", "train_data_dir"} required, "initializer_token",
+  # "learnable_property", "caption_extension", "init_embedding", "learning_rate", "seed"
+  # optional (default: these fields); every other field is the run's. Outputs go to
+  # WORKDIR/<concept>/. "" = one concept, the fields above (see README "Many concepts").
+  c.concepts_file = ""
   c.placeholder_token = "<concept>"  # the new pseudo-word S*
   c.initializer_token = ""  # word whose embedding starts S* (set by object.py/style.py)
   c.num_vectors = 1  # vectors per pseudo-word (the paper uses 1)
@@ -345,7 +351,15 @@ def validate_config(c) -> None:
   def need(ok, msg):
     if not ok:
       raise ConfigError(msg)
-  need(c.train_data_dir, "config.train_data_dir is empty: point it at a folder of 3-5 images")
+  many = bool(c.get("concepts_file", ""))
+  need(c.train_data_dir or many,
+       "config.train_data_dir is empty: point it at a folder of 3-5 images")
+  need(not (many and c.enable_bucket),
+       "config.enable_bucket is not supported with config.concepts_file yet (every concept of "
+       "the one compiled step shares one image shape); set it to False")
+  need(not (many and c.per_image_tokens),
+       "config.per_image_tokens (the paper's ablation) is not supported with "
+       "config.concepts_file; set it to False")
   need(c.learnable_property in ("object", "style"),
        f"config.learnable_property must be 'object' or 'style', got {c.learnable_property!r}")
   need(not c.caption_extension or (c.caption_extension.startswith(".") and
@@ -494,8 +508,8 @@ NOT_IDENTITY = (
     # Model: its files and how it is computed.
     "tokenizer_name_or_path", "revision", "variant", "allow_pickle", "cache_dir",
     "compilation_cache_dir", "dtype", "vae_dtype", "attention_impl", "remat", "shard_weights",
-    # Concept and data.
-    "init_embedding", "center_crop", "flip_p", "per_image_token_p",
+    # Concept and data (a concepts file's concepts are the identity, not its path).
+    "concepts_file", "init_embedding", "center_crop", "flip_p", "per_image_token_p",
     # Optimisation.
     "train_batch_size", "global_batch_size", "gradient_accumulation_steps", "max_train_steps",
     "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",

@@ -80,14 +80,21 @@ class RunInputs(Setup):
   time_ids: list[np.ndarray] | None = None
 
 
-def prepare(config, workdir: str, devices: Sequence) -> Setup:
+def prepare(config, workdir: str, devices: Sequence, model: tuple | None = None,
+            has_run_json: bool | None = None) -> Setup:
   """Loads and checks every input of the run but the latent cache, in the order a failure is
-  cheapest to report. Reads the workdir's run.json (if any), writes nothing."""
-  has_run_json = checkpointing.check_identity(workdir, checkpointing.run_identity(config))
+  cheapest to report. Reads the workdir's run.json (if any), writes nothing.
+
+  A run of many concepts (`concepts_run`) prepares each concept with the model it loaded
+  once (`model`: `load_model`'s pair, its tokenizers then holding every concept's
+  placeholder) and the outcome of its own run.json check (`has_run_json`).
+  """
+  if has_run_json is None:
+    has_run_json = checkpointing.check_identity(workdir, checkpointing.run_identity(config))
   images = load_images(config)
   texts = captions.prompt_texts(config.learnable_property, config.templates_file,
                                 config.placeholder_token, images.captions, images.num_images)
-  sd, schedule = load_model(config)
+  sd, schedule = model if model is not None else load_model(config)
   if validation.enabled(config):  # before caching, resume and compiling, not many steps in
     validation.check_scheduler(config, sd)
   prompts = make_prompts(config, texts, images.num_images)
@@ -98,9 +105,11 @@ def prepare(config, workdir: str, devices: Sequence) -> Setup:
                local_devices=len(parallel.addressable(devices)), has_run_json=has_run_json)
 
 
-def build(config, workdir: str, devices: Sequence) -> RunInputs:
-  """`prepare`, then every view VAE-encoded once, the optimizer and the step-0 state."""
-  setup = prepare(config, workdir, devices)
+def build(config, workdir: str, devices: Sequence, model: tuple | None = None,
+          has_run_json: bool | None = None) -> RunInputs:
+  """`prepare` (`model`, `has_run_json`: see there), then every view VAE-encoded once, the
+  optimizer and the step-0 state."""
+  setup = prepare(config, workdir, devices, model, has_run_json)
   latents = _cache_latents(config, setup.sd, setup.images)
   base_lr = config.learning_rate * (setup.global_batch if config.scale_lr else 1)
   lr = train_lib.learning_rate_schedule(base_lr, config.lr_scheduler, config.lr_warmup_steps,
@@ -264,6 +273,20 @@ def batch_for(config, inputs: RunInputs, step: int) -> dict:
   (A: gradient_accumulation_steps; the step cuts each device's row into A micro-batches of b)."""
   local = inputs.per_device_batch * inputs.local_devices * config.gradient_accumulation_steps
   example_index = jax.process_index() * local + np.arange(local)  # [local], global positions
+  return parallel.shard(examples(config, inputs, step, example_index), inputs.local_devices)
+
+
+def global_batch_for(config, inputs: RunInputs, step: int) -> dict:
+  """The whole global batch of `step`, every process's examples `[B, ...]` (B = global_batch),
+  unsharded: `batch_for`'s rows in device order, one after another. A run of many concepts
+  places it on its mesh (`parallel.put`), where the concept axis may span hosts."""
+  return examples(config, inputs, step, np.arange(inputs.global_batch))
+
+
+def examples(config, inputs: RunInputs, step: int, example_index: np.ndarray) -> dict:
+  """The examples `example_index` (`[b]`, positions in the step's global batch) of `step`:
+  {"input_ids" (+ suffix per further encoder): [b, T], "view_index": [b], "example_index":
+  [b]}, each a pure function of (seed, step, position)."""
   drawn = step_bucket(config, inputs, step)
   if drawn is None:
     view_index, template_index = choices.example_choices(
@@ -289,7 +312,7 @@ def batch_for(config, inputs: RunInputs, step: int) -> dict:
     batch["input_ids" + c.suffix] = captions.batch_input_ids(
         c.template_ids, c.image_template_ids, active, template_index, prompt_view, mixed,
         inputs.prompts.captioned, c.caption_ids, c.image_caption_ids)
-  return parallel.shard(batch, inputs.local_devices)
+  return batch
 
 
 def bucket_frozen(inputs: RunInputs, frozen: train_lib.Frozen,

@@ -71,14 +71,14 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
   `inputs.bucket_frozen`'s list: each step gets its bucket's.
   """
   is_main = jax.process_index() == 0
-  metrics_log = _open_metrics_log(workdir, start, is_main)
+  metrics_log = open_metrics_log(workdir, start, is_main)
   bar = _progress_bar(start, config.max_train_steps, progress and is_main)
-  flag = _StopFlag()
+  flag = StopFlag()
   interval = LogInterval(time.perf_counter(), start)
   step, interrupted = start, False
   compiled_buckets: set[int] = set()  # with buckets: those whose program has compiled
   try:
-    with _stop_on_signals(flag):
+    with stop_on_signals(flag):
       next_batch = batch_for(config, inputs, step) if step < config.max_train_steps else None
       if step < config.max_train_steps:
         _log("compiling the training step (the first step takes a while)")
@@ -185,7 +185,7 @@ def check_sane(step: int, loss: float | None, norm: float, limit: float,
 
 
 def save_checkpoint(ckpts: run_dir.Checkpoints, state, step: int, metadata: dict, config,
-                    flag: _StopFlag, limit: float) -> None:
+                    flag: StopFlag, limit: float) -> None:
   """Checks the replicated `state` is sane and saves it as checkpoint `step`."""
   host_state = parallel.unreplicate(state)
   norm = max(float(np.linalg.norm(np.asarray(v), axis=-1).max())
@@ -200,7 +200,7 @@ def save_checkpoint(ckpts: run_dir.Checkpoints, state, step: int, metadata: dict
     flag.saving = False
 
 
-def _open_metrics_log(workdir: str, start: int, enabled: bool) -> fileio.LineLog:
+def open_metrics_log(workdir: str, start: int, enabled: bool) -> fileio.LineLog:
   """metrics.jsonl, its records past `start` dropped (a killed run logged steps it redoes)."""
   path = fileio.join(workdir, "metrics.jsonl")
   try:
@@ -210,7 +210,7 @@ def _open_metrics_log(workdir: str, start: int, enabled: bool) -> fileio.LineLog
     raise run_dir.WorkdirError(f"cannot open {path}: {console.one_line(e, limit=300)}") from None
 
 
-class _StopFlag:
+class StopFlag:
   """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries.
 
   A second signal aborts without saving, except while a checkpoint is being
@@ -237,7 +237,7 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(flag: _StopFlag):
+def stop_on_signals(flag: StopFlag):
   previous = {}
   for sig in (signal.SIGINT, signal.SIGTERM):
     try:

@@ -96,11 +96,12 @@ class Writer:
     """False once a write has failed (the writer is then off)."""
     return self._records is not None
 
-  def scalars(self, step: int, record: dict) -> None:
-    """Every number of a metrics.jsonl record but its step and wall time, as train/<key>."""
+  def scalars(self, step: int, record: dict, prefix: str = "train/") -> None:
+    """Every number of a metrics.jsonl record but its step and wall time, as <prefix><key>
+    (train/<key>; a run of many concepts: <concept>/train/<key>)."""
     for key, value in record.items():
       if key not in ("step", "time") and isinstance(value, (int, float)):
-        self._write(step, lambda k=key, v=value: self._summary.scalar(f"train/{k}", float(v)))
+        self._write(step, lambda k=key, v=value: self._summary.scalar(f"{prefix}{k}", float(v)))
 
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
     """One uint8 `[H, W, 3]` image under `tag`."""

@@ -42,14 +42,17 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   cut the run short.
   """
   validate_config(config)
-  devices = _check_devices(config, devices)  # before the lock: a refusal writes nothing
+  if config.get("concepts_file", ""):
+    raise ConfigError("config.concepts_file is set: a run of many concepts is "
+                      "ti_jax.training.concepts_run.run's (python -m ti_jax.train runs either)")
+  devices = check_devices(config, devices)  # before the lock: a refusal writes nothing
   workdir = fileio.resolve(workdir)  # a local folder or gs://...
-  lock, created = _lock_workdir(workdir)
+  lock, created = lock_workdir(workdir)
   try:
     return _run_locked(config, workdir, devices, progress)
   except BaseException:
     if created:
-      _remove_unclaimed_workdir(workdir)
+      remove_unclaimed_workdir(workdir)
     raise
   finally:
     if lock is not None:
@@ -107,7 +110,7 @@ def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _lock_workdir(workdir: str):
+def lock_workdir(workdir: str):
   """(lock or None, whether the workdir was created): process 0 locks, all learn the outcome."""
   lock, error, created = None, None, False
   if jax.process_index() == 0:
@@ -122,7 +125,7 @@ def _lock_workdir(workdir: str):
   return lock, created
 
 
-def _remove_unclaimed_workdir(workdir: str) -> None:
+def remove_unclaimed_workdir(workdir: str) -> None:
   """Removes a workdir this run created if a failed start left only its lock in it."""
   if fileio.is_remote(workdir) or not os.path.isdir(workdir):
     return
@@ -131,7 +134,7 @@ def _remove_unclaimed_workdir(workdir: str) -> None:
     os.rmdir(workdir)
 
 
-def _check_devices(config, devices: Sequence | None) -> list:
+def check_devices(config, devices: Sequence | None) -> list:
   """The run's devices over all processes (default: every device), checked against the config
   (the attention kernel, the batch over them: `inputs.batch_sizes`)."""
   devices = list(devices) if devices is not None else parallel.all_devices()

@@ -119,11 +119,14 @@ class Validation:
   shared: dict
   prompts: list[str] = dataclasses.field(default_factory=list)  # "{}" not yet filled
   grids: bool = False  # validation_prompts set: a grid per prompt, else one PNG per image
+  # Before each TensorBoard tag ("validation/p<k>"): a run of many concepts gives each its
+  # own, "<concept>/".
+  tag_prefix: str = ""
   generator: Any = None
 
 
 def make(config, sd, token_ids: Sequence[Sequence[int]], devices: Sequence, workdir: str,
-         shared: dict) -> Validation | None:
+         shared: dict, tag_prefix: str = "") -> Validation | None:
   """The run's `Validation`, or None when no validation prompt is set.
 
   Every tokenizer of `sd.text_encoders` must hold the placeholder tokens; `token_ids`
@@ -140,7 +143,8 @@ def make(config, sd, token_ids: Sequence[Sequence[int]], devices: Sequence, work
   check_scheduler(config, sd)  # now, not at the first validation step, many steps in
   return Validation(config=config, sd=sd, token_ids=tuple(list(ids) for ids in token_ids),
                     devices=devices, out_dir=fileio.join(workdir, "validation"), shared=shared,
-                    prompts=validation_prompts(config), grids=bool(config.validation_prompts))
+                    prompts=validation_prompts(config), grids=bool(config.validation_prompts),
+                    tag_prefix=tag_prefix)
 
 
 def is_due(config, step: int) -> bool:
@@ -206,8 +210,8 @@ def _write_all(validation: Validation, step: int, learned: Sequence[np.ndarray],
       fileio.makedirs(validation.out_dir)
       generation.save_png(fileio.join(validation.out_dir, f"step{step:06d}_p{k}.png"), grid, info)
     if tb is not None:
-      tb.image(step, f"validation/p{k}", grid)
-      tb.text(step, f"validation/p{k}_prompt", text)
+      tb.image(step, f"{validation.tag_prefix}validation/p{k}", grid)
+      tb.text(step, f"{validation.tag_prefix}validation/p{k}_prompt", text)
 
 
 def _prompt_images(validation: Validation, step: int, text: str, learned: Sequence[np.ndarray]):
