@@ -69,7 +69,10 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   if not config.concepts_file:
     raise ConfigError("config.concepts_file is empty: a run of one concept is trainer.run's")
   specs = concepts_file.read_concepts_file(config.concepts_file, config)
-  devices = trainer.check_devices(config, devices)  # before the lock: a refusal writes nothing
+  # Before the lock: a refusal writes nothing. Each concept's batch is its batch alone on
+  # one device (train_batch_size x accumulation, or global_batch_size), however many
+  # devices the run has: the concept axis, not the batch, spreads over them.
+  devices = trainer.check_devices(config, devices, batch_devices=1)
   workdir = fileio.resolve(workdir)
   lock, created = trainer.lock_workdir(workdir)
   try:
@@ -137,12 +140,13 @@ def build_concepts(config, specs, workdir: str, devices: Sequence, identity: dic
   splices each concept's own). A concept's bad input is one line naming its file line."""
   has_run_json = checkpointing.check_identity(workdir, identity)
   model = run_inputs.load_model(config)
+  # Batch sizes as on one device (see `run`); the mesh step lays the batches out itself.
+  one = list(devices)[:1]
   configs, built = [], []
   for spec in specs:
     c = concepts_file.concept_config(config, spec)
     try:
-      built.append(run_inputs.build(c, workdir, devices, model=model,
-                                    has_run_json=has_run_json))
+      built.append(run_inputs.build(c, workdir, one, model=model, has_run_json=has_run_json))
     except errors.UserError as e:
       raise concepts_file.ConceptsFileError(
           f"{config.concepts_file} line {spec.line} (concept {spec.name}): {e}") from None
@@ -219,7 +223,9 @@ def compile_step(config, concepts: Concepts, devices: Sequence, state, start: in
   The concepts of `failed` (frozen as non-finite) start inactive."""
   first = concepts.inputs[0]
   k = len(concepts)
-  shards = parallel.concept_shards(k, len(devices), first.global_batch)
+  # Each concept's micro-batch splits over the devices of its row of the mesh.
+  shards = parallel.concept_shards(k, len(devices),
+                                   first.global_batch // config.gradient_accumulation_steps)
   mesh = parallel.make_mesh(devices, shards)
   padded = parallel.padded_concepts(k, shards)
   frozens, settings = [], None

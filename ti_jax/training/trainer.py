@@ -134,14 +134,15 @@ def remove_unclaimed_workdir(workdir: str) -> None:
     os.rmdir(workdir)
 
 
-def check_devices(config, devices: Sequence | None) -> list:
+def check_devices(config, devices: Sequence | None, batch_devices: int | None = None) -> list:
   """The run's devices over all processes (default: every device), checked against the config
-  (the attention kernel, the batch over them: `inputs.batch_sizes`)."""
+  (the attention kernel, the batch over `batch_devices` of them (default all):
+  `inputs.batch_sizes`)."""
   devices = list(devices) if devices is not None else parallel.all_devices()
   if config.attention_impl == layers.PALLAS_TPU and devices[0].platform != "tpu":
     raise ConfigError(f"config.attention_impl='{layers.PALLAS_TPU}' needs TPU devices; these "
                       f"are {devices[0].platform} (use '' or 'cudnn' on GPU)")
-  run_inputs.batch_sizes(config, len(devices))
+  run_inputs.batch_sizes(config, batch_devices or len(devices))
   return devices
 
 
