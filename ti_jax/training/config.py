@@ -338,7 +338,7 @@ MAX_VALIDATION_IMAGES = 64
 # checks every other field.
 UNCHECKED = ("pretrained_model_name_or_path", "tokenizer_name_or_path", "revision", "variant",
              "allow_pickle", "cache_dir", "compilation_cache_dir", "placeholder_token",
-             "init_embedding", "templates_file", "center_crop", "scale_lr", "per_image_tokens",
+             "init_embedding", "templates_file", "center_crop", "scale_lr",
              "validation_prompt")
 
 

@@ -13,9 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ti_jax import errors
 from ti_jax.data import buckets, captions
 from ti_jax.runtime import fileio, parallel
-from ti_jax.training import concept
+from ti_jax.training import checkpointing, concept, concepts_file, concepts_run
 from ti_jax.training import inputs as run_inputs
 from ti_jax.training.config import validate_config
 
@@ -37,6 +38,8 @@ def dry_run(config, workdir: str) -> list[str]:
   """
   validate_config(config)
   workdir = fileio.resolve(workdir)
+  if config.concepts_file:
+    return dry_run_concepts(config, workdir)
   # The run's own set-up (`inputs.prepare`), so a dry run checks exactly what a run would.
   devices = parallel.all_devices()
   setup = run_inputs.prepare(config, workdir, devices)
@@ -60,6 +63,35 @@ def dry_run(config, workdir: str) -> list[str]:
     lines.append(buckets.describe(images.buckets, run_inputs.bucket_sizes(images)))
   for i in range(images.num_images):
     lines += describe_image(i, images, prompts, concepts)
+  lines.append("dry run: every input checked; nothing trained, nothing written")
+  return lines
+
+
+def dry_run_concepts(config, workdir: str) -> list[str]:
+  """`dry_run` of a run of many concepts (config.concepts_file): the file, the workdir's
+  run.json, the model (loaded once) and each concept's inputs checked as `concepts_run`
+  checks them, and each concept's images described."""
+  specs = concepts_file.read_concepts_file(config.concepts_file, config)
+  has_run_json = checkpointing.check_identity(workdir, concepts_run.run_identity(config, specs))
+  model = run_inputs.load_model(config)
+  one = parallel.all_devices()[:1]  # each concept's batch is its batch on one device
+  lines = [f"dry run of {workdir} ({'resumes the run there' if has_run_json else 'a new run'}):"
+           f" {len(specs)} concepts from {config.concepts_file}, base model {model[0].path}, "
+           f"steps {config.max_train_steps}"]
+  for spec in specs:
+    c = concepts_file.concept_config(config, spec)
+    try:
+      setup = run_inputs.prepare(c, workdir, one, model=model, has_run_json=has_run_json)
+    except errors.UserError as e:
+      raise concepts_file.ConceptsFileError(
+          f"{config.concepts_file} line {spec.line} (concept {spec.name}): {e}") from None
+    first = setup.concepts[0]
+    lines.append(f"concept {spec.name} (line {spec.line}): placeholder {setup.prompts.tokens} "
+                 f"= token ids {first.token_ids}, {setup.images.num_images} image(s) in "
+                 f"{spec.train_data_dir}, {spec.learnable_property}, learning rate "
+                 f"{spec.learning_rate:g}, seed {spec.seed}, batch {setup.global_batch}")
+    for i in range(setup.images.num_images):
+      lines += describe_image(i, setup.images, setup.prompts, setup.concepts)
   lines.append("dry run: every input checked; nothing trained, nothing written")
   return lines
 
