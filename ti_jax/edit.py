@@ -4,6 +4,10 @@
   python -m ti_jax.edit --workdir runs/demo --image photo.png --mask mask.png \\
       --prompt "a photo of a <toy> on the table" --num_images 4
 
+  # a run of many concepts (config.concepts_file): name the concept(s) to edit with
+  python -m ti_jax.edit --workdir runs/many --concept cat-toy --image photo.png \
+      --mask mask.png --prompt "a photo of a <cat-toy> on the table"
+
 The mask is an image of the image's size; pixels with a grey level at or
 above --mask_threshold (128 of 255 by default) mark the region to change.
 The image is edited near the model's resolution and resized back; outside
@@ -35,7 +39,7 @@ def main(argv: Sequence[str]) -> None:
                 mask_threshold=f.mask_threshold, mask_shrink_stages=f.mask_shrink_stages,
                 dtype=f.dtype, batch_size=f.batch_size,
                 allow_base_model_mismatch=f.allow_base_model_mismatch, cache_dir=f.cache_dir,
-                allow_pickle=f.allow_pickle)
+                allow_pickle=f.allow_pickle, concept=f.concept)
 
 
 if __name__ == "__main__":
@@ -54,5 +58,10 @@ if __name__ == "__main__":
   flags.DEFINE_string("output_dir", "", "Where PNGs go (default: WORKDIR/edits or ./edits).")
   flags.DEFINE_integer("batch_size", 0, "Edits per device per compiled call (0: as many "
                        "as the edits need, capped by device memory; 4 on CPU).")
+  flags.DEFINE_multi_string("concept", [], "A --workdir run of many concepts "
+                            "(config.concepts_file): the concept(s) to edit with, by folder "
+                            "name (<cat-toy> is cat-toy); repeat it or separate names with "
+                            "commas, or 'all'. PNGs go to WORKDIR/<name>/edits for one, "
+                            "WORKDIR/edits for several. Not for a run of one concept.")
   distributed.define_flags()
   app.run(main, flags_parser=cli.flags_parser)

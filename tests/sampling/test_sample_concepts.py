@@ -13,6 +13,7 @@ from PIL import Image
 
 from ti_jax.embeddings import embedding_io, exporter
 from ti_jax.runtime import run_dir
+from ti_jax.sampling import concepts as concept_lib
 from ti_jax.sampling import runner
 
 ENTRIES = [concept_entry("cat-toy", "<cat-toy>"), concept_entry("pot", "<pot>", STYLE),
@@ -50,9 +51,9 @@ def test_sampled_concepts_equal_their_exported_files(multi, tiny_sd15, tmp_path)
 
 def test_one_concepts_samples_go_to_its_folder(multi):
   one = {"selected_concepts": ["pot"]}
-  assert runner._concepts_folder(multi, one) == os.path.join(multi, "pot")
-  assert runner._concepts_folder(multi, {"selected_concepts": ["pot", "dog"]}) == multi
-  assert runner._concepts_folder(multi, {}) == multi
+  assert concept_lib.concepts_folder(multi, one) == os.path.join(multi, "pot")
+  assert concept_lib.concepts_folder(multi, {"selected_concepts": ["pot", "dog"]}) == multi
+  assert concept_lib.concepts_folder(multi, {}) == multi
 
 
 @pytest.mark.parametrize("kw, needle", [

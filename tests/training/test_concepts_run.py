@@ -18,7 +18,7 @@ from conftest import REPO, config_module, offline_config
 from test_multihost import _two_processes
 
 from ti_jax.runtime import run_dir
-from ti_jax.training import concepts_file, concepts_run, tensorboard, trainer
+from ti_jax.training import concepts_file, concepts_run, dry_run, tensorboard, trainer
 
 TOY = os.path.join(REPO, "examples", "toy")
 STYLE = os.path.join(REPO, "examples", "style")
@@ -174,3 +174,15 @@ def test_cli_on_two_processes_trains_the_concepts_over_both_hosts(runs, tmp_path
   assert "3 concepts on 4 concept shard(s) x 1 device(s) each" in errs[0]
   for name, alone in runs["alone"].items():
     assert _rel(_saved(workdir, name), alone) <= 1e-5
+
+
+def test_dry_run_checks_and_describes_each_concept_and_writes_nothing(runs, tmp_path):
+  lines = dry_run.dry_run(_config(runs["cache"], runs["concepts"]), str(tmp_path / "dry"))
+  assert lines[0].startswith(f"dry run of {tmp_path / 'dry'} (a new run): 3 concepts")
+  described = [line for line in lines if line.startswith("concept ")]
+  assert [line.split()[1] for line in described] == ["a", "b", "c"]
+  assert "style" in described[1] and "seed 7" in described[1]
+  assert not os.path.exists(tmp_path / "dry")
+  # The trained run's workdir: the dry run sees it resumes there.
+  again = dry_run.dry_run(_config(runs["cache"], runs["concepts"]), str(runs["root"] / "many"))
+  assert "resumes the run there" in again[0]

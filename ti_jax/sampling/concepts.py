@@ -96,6 +96,14 @@ def gather_concepts(workdir: str | None, step: int | None, sources: Sequence[str
   return concepts, run_meta
 
 
+def concepts_folder(workdir: str, run_meta: dict) -> str:
+  """Where sample and edit write by default for a run (`gather_concepts`' metadata): the
+  folder of its one selected concept (WORKDIR/<name> of a many-concept run), else the run
+  directory."""
+  selected = run_meta.get("selected_concepts") or []
+  return run_dir.concept_dir(workdir, selected[0]) if len(selected) == 1 else workdir
+
+
 def describe_concepts(concepts: Sequence[embedding_io.Concept]) -> list[str]:
   """One line per concept loaded from a file or another run: the token it registered and why."""
   lines = []

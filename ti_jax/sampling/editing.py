@@ -227,17 +227,20 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
         mask_threshold: int = MASK_THRESHOLD, mask_shrink_stages: int = -1,
         dtype: str = "auto", batch_size: int = 0, allow_base_model_mismatch: bool = False,
         cache_dir: str = "", allow_pickle: bool = False,
-        devices: Sequence | None = None, guidance_rescale: float = 0.0) -> list[str]:
+        devices: Sequence | None = None, guidance_rescale: float = 0.0,
+        concept: Sequence[str] = ()) -> list[str]:
   """Edits the white region of `mask` in `image` with `prompt`; returns the written PNG paths.
 
   Every model family, SDXL included (its concepts go into copies of both tokenizers).
+  `concept`: for a many-concept `workdir`, the `--concept` values naming the concepts
+  to edit with (`concepts.gather_concepts`); one concept's edits go to WORKDIR/<name>/edits.
   """
   _check_request(prompt=prompt, num_images=num_images, num_inference_steps=num_inference_steps,
                  batch_size=batch_size, seed=seed, guidance_scale=guidance_scale,
                  mask_threshold=mask_threshold, mask_shrink_stages=mask_shrink_stages,
                  scheduler=scheduler, guidance_rescale=guidance_rescale)
   pixels, region = load_image_and_mask(image, mask, mask_threshold)  # [H, W, 3], [H, W]
-  concepts, run_meta = concept_lib.gather_concepts(workdir, step, embedding_sources)
+  concepts, run_meta = concept_lib.gather_concepts(workdir, step, embedding_sources, concept)
   for line in concept_lib.describe_concepts(concepts):
     _log(line)
   run_config, ckpt_step = run_meta.get("config", {}), run_meta.get("step")
@@ -258,7 +261,8 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
   expanded, warnings = concept_lib.prepare_prompt(prompt, concepts, vocab["tokenizers"][0])
   for line in warnings:
     _log(f"warning: {line}")
-  out_dir = output_dir or (fileio.join(workdir, "edits") if workdir else "edits")
+  out_dir = output_dir or (fileio.join(concept_lib.concepts_folder(workdir, run_meta), "edits")
+                           if workdir else "edits")
   generation.make_output_dir(out_dir, EditError)
   step_part = f"_step{ckpt_step}" if ckpt_step is not None else ""
   stem = f"{generation.slug(prompt)}{step_part}_seed{seed}"

@@ -16,11 +16,12 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from ti_jax.runtime import console, fileio, parallel, run_dir
+from ti_jax.runtime import console, fileio, parallel
 from ti_jax.sampling import generation, noise_schedule, schedulers
 
 from ti_jax.sampling.concepts import (
   SampleError,
+  concepts_folder,
   describe_concepts,
   gather_concepts,
   load_base_model,
@@ -75,13 +76,6 @@ def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_
     raise SampleError(f"--cache_dir {cache_dir} is a file, not a folder")
 
 
-def _concepts_folder(workdir: str, run_meta: dict) -> str:
-  """Where a run's samples go by default: the folder of its one selected concept
-  (WORKDIR/<name> of a many-concept run), else the run directory."""
-  selected = run_meta.get("selected_concepts") or []
-  return run_dir.concept_dir(workdir, selected[0]) if len(selected) == 1 else workdir
-
-
 def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None = None,
         embedding_sources: Sequence[str] = (), pretrained_model_name_or_path: str = "",
         negative_prompt: str = "", num_images: int = 4, num_inference_steps: int = 50,
@@ -131,7 +125,7 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
                                                  "--scheduler")) from None
   except ValueError as e:
     raise SampleError(str(e)) from None
-  out_dir = output_dir or (fileio.join(_concepts_folder(workdir, run_meta), "samples")
+  out_dir = output_dir or (fileio.join(concepts_folder(workdir, run_meta), "samples")
                            if workdir else "samples")
   generation.make_output_dir(out_dir, SampleError)
   written = []
