@@ -9,6 +9,7 @@ bad concepts file is one line and writes nothing.
 import json
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -186,3 +187,15 @@ def test_dry_run_checks_and_describes_each_concept_and_writes_nothing(runs, tmp_
   # The trained run's workdir: the dry run sees it resumes there.
   again = dry_run.dry_run(_config(runs["cache"], runs["concepts"]), str(runs["root"] / "many"))
   assert "resumes the run there" in again[0]
+
+
+def test_on_tpu_the_mesh_takes_xla_attention_and_refuses_the_pallas_kernel(tmp_path):
+  """jax.jit cannot partition the Pallas kernel over the concept axis: TPU's default attention
+  becomes XLA's; an explicit pallas_tpu is one line; elsewhere the config is left as it is."""
+  tpu = [types.SimpleNamespace(platform="tpu")]
+  config = _config(tmp_path, "concepts.jsonl")
+  assert concepts_run.mesh_attention(config, tpu).attention_impl == "xla"
+  assert config.attention_impl == ""  # a copy: the caller's config unchanged
+  assert concepts_run.mesh_attention(config, jax.devices()[:1]) is config
+  with pytest.raises(concepts_file.config_lib.ConfigError, match="cannot train many concepts"):
+    concepts_run.mesh_attention(_config(tmp_path, "c", attention_impl="pallas_tpu"), tpu)

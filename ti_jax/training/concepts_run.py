@@ -20,6 +20,7 @@ exported; the others train on. The run directory's layout is `run_dir`'s.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ti_jax import errors
+from ti_jax.models import layers
 from ti_jax.runtime import console, fileio, parallel, run_dir
 from ti_jax.training import (checkpointing, concepts_file, loop, tensorboard, train_lib, trainer,
                              validation)
@@ -73,6 +75,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   # one device (train_batch_size x accumulation, or global_batch_size), however many
   # devices the run has: the concept axis, not the batch, spreads over them.
   devices = trainer.check_devices(config, devices, batch_devices=1)
+  config = mesh_attention(config, devices)
   workdir = fileio.resolve(workdir)
   lock, created = trainer.lock_workdir(workdir)
   try:
@@ -84,6 +87,25 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   finally:
     if lock is not None:
       lock.release()
+
+
+def mesh_attention(config, devices: Sequence):
+  """`config`, or a copy whose attention the mesh step can compile: on TPUs the default
+  (`attention_impl=""`) is the Pallas kernel, which `jax.jit` cannot partition over the
+  mesh's concept axis, so the run takes XLA's attention (said in one line); an explicit
+  "pallas_tpu" is refused in one line."""
+  if layers.resolve_attention_impl(config.attention_impl or None, devices) != layers.PALLAS_TPU:
+    return config
+  if config.attention_impl == layers.PALLAS_TPU:
+    raise ConfigError(f"config.attention_impl='{layers.PALLAS_TPU}' cannot train many concepts "
+                      "yet (jax.jit does not partition the Pallas kernel over the concept "
+                      "axis); use 'xla' or leave it empty")
+  _log("many concepts on TPU: XLA attention (the Pallas kernel is not partitioned over the "
+       "concept axis yet)")
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.attention_impl = "xla"
+  return c
 
 
 def _run_locked(config, specs, workdir: str, devices: list, progress: bool) -> dict:
