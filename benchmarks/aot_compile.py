@@ -65,6 +65,11 @@ flags.DEFINE_enum("remat", "false", ["false", "true", "auto"],
 flags.DEFINE_enum("shard_weights", "", ["", "false", "true"],
                   "Train program: '' the pmapped step; 'true'/'false' the mesh step of one "
                   "concept over every chip with the frozen weights FSDP-sharded/replicated.")
+flags.DEFINE_integer("num_concepts", 1,
+                     "Train program with --shard_weights true|false: the mesh step of this many "
+                     "concepts (ti_jax.train --config.concepts_file), sharing the step's "
+                     "--batch x chips examples (each concept's batch: that / num_concepts), "
+                     "spread over the chips as the run spreads them.")
 flags.DEFINE_enum("program", "both", ["train", "sample", "both"], "Which program(s) to compile.")
 flags.DEFINE_integer("sample_batch", 1, "Images per chip per sampling call.")
 flags.DEFINE_integer("num_inference_steps", 50, "DDIM steps of the sampling loop.")
@@ -397,9 +402,11 @@ def train_step_args(model: str, batch: int, dtype, attention_impl: str, remat: b
 
 
 def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat: bool,
-                       devices, hbm: int, num_views: int = 10, shard_weights: str = "") -> dict:
+                       devices, hbm: int, num_views: int = 10, shard_weights: str = "",
+                       num_concepts: int = 1) -> dict:
   """AOT-compiles ti_jax.train's pmapped step for `devices` (with `shard_weights` "true" or
-  "false": the mesh step, `aot_mesh`); returns the per-chip record."""
+  "false": the mesh step, `aot_mesh`, of `num_concepts` concepts); returns the per-chip
+  record."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from ti_jax.training import train_lib  # pylint: disable=import-outside-toplevel
@@ -412,8 +419,10 @@ def compile_train_step(model: str, batch: int, dtype, attention_impl: str, remat
             "dtype": jnp.dtype(dtype).name, "chips": n, "per_chip_batch": batch,
             "attention_impl": impl or "default", "remat": bool(remat)}
   if shard_weights:
-    lowered, mesh_args = aot_mesh.mesh_step_lowered(built, devices, shard_weights == "true")
-    record.update(layout="mesh", shard_weights=shard_weights == "true")
+    lowered, mesh_args = aot_mesh.mesh_step_lowered(built, devices, shard_weights == "true",
+                                                    num_concepts)
+    record.update(layout="mesh", shard_weights=shard_weights == "true",
+                  num_concepts=num_concepts)
     # One chip's shards of the arguments: the frozen weights' 1/n share when sharded.
     built["expected_argument_bytes"] = aot_mesh.per_chip_bytes(mesh_args)
   else:
@@ -485,13 +494,13 @@ def compile_sampler(model: str, batch: int, dtype, attention_impl: str, devices,
 
 def compile_step_auto_remat(model: str, batch: int, dtype, attention_impl: str, devices,
                             hbm: int, remat: str, num_views: int = 10,
-                            shard_weights: str = "") -> dict:
+                            shard_weights: str = "", num_concepts: int = 1) -> dict:
   """The train step with remat "true"/"false", or "auto": without remat, and with it only when
   the plain step does not fit the chip's HBM (the rule of `train_lib.remat_if_needed`, which
   `ti_jax.train` applies with remat="auto" on a TPU)."""
   def at(with_remat):
     return compile_train_step(model, batch, dtype, attention_impl, with_remat, devices, hbm,
-                              num_views, shard_weights)
+                              num_views, shard_weights, num_concepts)
   record = at(remat == "true")
   if remat == "auto" and not record["fits"]:
     plain, record = record, at(True)
@@ -557,6 +566,8 @@ def main(argv):
   del argv
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
+  if FLAGS.num_concepts > 1 and not FLAGS.shard_weights:
+    sys.exit("error: --num_concepts compiles the mesh step: pass --shard_weights true or false")
   try:
     target = aot_targets.describe(FLAGS.topology, FLAGS.gpu_memory_fraction)
   except (ValueError, RuntimeError, NotImplementedError) as e:
@@ -572,7 +583,7 @@ def main(argv):
   programs = {  # program name -> (compile at a per-chip batch, the batch asked for)
       "train": (lambda b: compile_step_auto_remat(FLAGS.model, b, dtype, FLAGS.attention_impl,
                                                   devices, hbm, FLAGS.remat, FLAGS.num_views,
-                                                  FLAGS.shard_weights),
+                                                  FLAGS.shard_weights, FLAGS.num_concepts),
                 FLAGS.batch),
       "sample": (lambda b: compile_sampler(FLAGS.model, b, dtype, FLAGS.attention_impl, devices,
                                            hbm, FLAGS.num_inference_steps, FLAGS.guidance_scale),

@@ -255,9 +255,7 @@ def compile_step(config, concepts: Concepts, devices: Sequence, state, start: in
     frozen, s = trainer.step_inputs(c, i)
     frozens.append(frozen)
     settings = settings or s  # the seed is each concept's slot; the rest is the run's
-  stacked = train_lib.stack_frozen(frozens)
-  stacked = stacked.replace(**{f: parallel.pad_stacked(getattr(stacked, f), padded)
-                               for f in train_lib.CONCEPT_FIELDS if getattr(stacked, f) is not None})
+  stacked = train_lib.stack_frozen(frozens, padded)
   sharded = config.shard_weights is True or (config.shard_weights == "auto"
                                               and devices[0].platform == "tpu")
   frozen = parallel.put(stacked, mesh, train_lib.mesh_frozen_specs(stacked, len(devices),

@@ -399,11 +399,11 @@ def _concept_axes(frozen: Frozen) -> Frozen:
                    for f in dataclasses.fields(Frozen)})
 
 
-def stack_frozen(frozens: list[Frozen]) -> Frozen:
+def stack_frozen(frozens: list[Frozen], size: int | None = None) -> Frozen:
   """K concepts' host `Frozen`s as one mesh-step argument: the shared fields (weights,
-  schedule) of the first, CONCEPT_FIELDS stacked `[K, ...]`. Views are padded to the most
-  any concept has (its batches never index the padding); every concept's latents must have
-  the same `[h, w, C]`."""
+  schedule) of the first, CONCEPT_FIELDS stacked `[K, ...]` (padded to `[size, ...]` if
+  given: `parallel.pad_stacked`). Views are padded to the most any concept has (its batches
+  never index the padding); every concept's latents must have the same `[h, w, C]`."""
   views = max(f.latent_mean.shape[0] for f in frozens)
 
   def pad_views(x):  # host arrays, or `jax.ShapeDtypeStruct`s (ahead-of-time lowering)
@@ -417,7 +417,7 @@ def stack_frozen(frozens: list[Frozen]) -> Frozen:
                            time_ids=None if f.time_ids is None else pad_views(f.time_ids))
                  for f in frozens]
   stacked = parallel.stack([{k: getattr(f, k) for k in CONCEPT_FIELDS} for f in per_concept])
-  return frozens[0].replace(**stacked)
+  return frozens[0].replace(**(parallel.pad_stacked(stacked, size) if size else stacked))
 
 
 def mesh_frozen_specs(frozen: Frozen, num_devices: int, shard_weights: bool) -> Frozen:
