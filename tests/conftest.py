@@ -270,21 +270,22 @@ def pytest_configure(config):
     config.option.loadscopereorder = False
 
 
-# The slowest test files (minutes each on 2 cores, 2026-12-07), slowest first. Under
-# `-n 2 --dist loadfile` each file runs whole on one worker, in the order the items come:
-# these go first so that neither worker is left with one of them at the end while the other
-# idles. Each file keeps its own tests' order; without xdist nothing is reordered.
+# The slowest test files (minutes each on 2 cores; CPU-seconds measured one file at a time,
+# 2026-12-07), slowest first. Under `-n 2 --dist loadfile` each file runs whole on one worker,
+# in the order the items come: these go first so that neither worker is left with one of them
+# at the end while the other idles. Each file keeps its own tests' order; without xdist
+# nothing is reordered.
 SLOW_FILES = (
-    "tests/training/test_train.py",
-    "tests/world/test_world_textual_inversion.py",
-    "tests/training/test_mesh_step.py",
-    "tests/sampling/test_edit.py",
-    "tests/sampling/test_sample.py",
-    "tests/training/test_paper.py",
-    "tests/evaluation/test_evaluate.py",
-    "tests/world/test_base_model.py",
+    "tests/training/test_train.py",  # ~490 CPU-s
+    "tests/world/test_world_textual_inversion.py",  # one test of ~200 s: never last
+    "tests/training/test_mesh_step.py",  # ~400
+    "tests/sampling/test_sample.py",  # ~350
+    "tests/sampling/test_edit.py",  # ~290
+    "tests/training/test_paper.py",  # ~155
+    "tests/evaluation/test_evaluate.py",  # ~135
     "tests/training/test_sdxl_train.py",
     "tests/benchmarks/test_aot_compile.py",
+    "tests/world/test_base_model.py",  # ~80
     "tests/training/test_multihost.py",
     "tests/models/test_attention.py",
     "tests/sampling/test_sample_concepts.py",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -24,17 +25,21 @@ PROTOCOL = evaluator.Protocol(num_samples=3, num_inference_steps=2, clip_model="
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Two tiny-LDM runs of the same concept: 2 steps and 0+1 step (different vectors)."""
+  """Two tiny-LDM runs of the same concept (different vectors): "long", 2 steps, and "short",
+  that run as if killed after its step-1 checkpoint (a copy without the later checkpoint and
+  the final files): one training run for both."""
   tmp = tmp_path_factory.mktemp("eval")
   cache = tmp / "cache"
-  out = {}
-  for name, steps in (("long", 2), ("short", 1)):
-    c = paper.get_config("tiny,object")
-    offline_config(c, cache, train_data_dir=os.path.join(REPO, c.train_data_dir),
-                   max_train_steps=steps, validation_prompt="")
-    trainer.run(c, str(tmp / name), devices=jax.local_devices()[:1], progress=False)
-    out[name] = str(tmp / name)
-  return out, str(cache), tmp
+  c = paper.get_config("tiny,object")
+  offline_config(c, cache, train_data_dir=os.path.join(REPO, c.train_data_dir),
+                 max_train_steps=2, checkpointing_steps=1, validation_prompt="")
+  trainer.run(c, str(tmp / "long"), devices=jax.local_devices()[:1], progress=False)
+  shutil.copytree(tmp / "long", tmp / "short")
+  shutil.rmtree(tmp / "short" / "checkpoints" / "2")
+  for name in os.listdir(tmp / "short"):
+    if name.startswith("learned_embeds"):
+      os.unlink(tmp / "short" / name)
+  return {"long": str(tmp / "long"), "short": str(tmp / "short")}, str(cache), tmp
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,22 @@ def _state(setup, concept: Concept):
   return train_lib.init_state({"embeds": setup["init"].vectors + concept.nudge}, opt)
 
 
+_COMPILED = {}  # (settings, mesh, shard_weights, argument shapes) -> compiled mesh step
+
+
+def _compiled_mesh_step(settings, mesh, shard_weights, *args):
+  """The mesh step compiled for `args` (placed by `place_mesh_args`), once per module for each
+  settings, mesh and argument shapes: the concepts' values differ, not the program."""
+  shapes = (jax.tree_util.tree_structure(args),
+            tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(args)))
+  key = (settings, tuple(mesh.devices.shape), tuple(d.id for d in mesh.devices.flat),
+         shard_weights, shapes)
+  if key not in _COMPILED:
+    step_fn = train_lib.make_mesh_step(settings, MAKE_OPT, optax.constant_schedule(BASE_LR), mesh)
+    _COMPILED[key] = step_fn.lower(*args).compile()
+  return _COMPILED[key]
+
+
 def _run_mesh(setup, concepts, mesh, settings=None, active=None, lr_scales=None, steps=STEPS,
               batch_size=BATCH, shard_weights=False):
   """The concepts' vectors `[K, n, D]`, final state, last metrics and the compiled step after
@@ -95,7 +111,6 @@ def _run_mesh(setup, concepts, mesh, settings=None, active=None, lr_scales=None,
   frozen = train_lib.stack_frozen([_frozen(setup, c, settings) for c in concepts])
   frozen = frozen.replace(**{f: parallel.pad_stacked(getattr(frozen, f), padded)
                              for f in train_lib.CONCEPT_FIELDS})
-  step_fn = train_lib.make_mesh_step(settings, MAKE_OPT, optax.constant_schedule(BASE_LR), mesh)
   metrics = compiled = None
   for step in range(steps):
     batch = parallel.pad_stacked(
@@ -103,7 +118,8 @@ def _run_mesh(setup, concepts, mesh, settings=None, active=None, lr_scales=None,
     if step == 0:
       state, frozen_on, batch, slots_on = train_lib.place_mesh_args(
           mesh, state, frozen, batch, slots, shard_weights)
-      compiled = step_fn.lower(state, frozen_on, batch, slots_on).compile()
+      compiled = _compiled_mesh_step(settings, mesh, shard_weights, state, frozen_on, batch,
+                                     slots_on)
     else:
       batch = parallel.put(batch, mesh, parallel.batch_spec())
     state, metrics = compiled(state, frozen_on, batch, slots_on)

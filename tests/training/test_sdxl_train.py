@@ -246,12 +246,16 @@ def test_dry_run_shows_both_tokenizers_ids(tiny_sdxl, cache_dir, tmp_path):
 
 
 def test_cli_trains_tiny_sdxl_and_exports_clip_l_clip_g(cache_dir, tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  # One device and a batch of 2: the step program of the 1-device run above, which the CLI
+  # then loads from the session's compilation cache instead of compiling one for 8 devices.
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   workdir = tmp_path / "run"
   train = subprocess.run(
       [sys.executable, "-m", "ti_jax.train", "--config",
        os.path.join(REPO, "configs/object.py:tiny_sdxl"), "--workdir", str(workdir),
-       "--config.max_train_steps=4", f"--config.cache_dir={cache_dir}",
+       "--config.max_train_steps=4", "--config.train_batch_size=2",
+       f"--config.cache_dir={cache_dir}",
        f"--config.train_data_dir={TOY}", "--config.validation_prompt=",
        f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"],
       check=False, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -58,11 +59,19 @@ def _pieces(lr_value=5e-3):
   return lr, train_lib.make_optimizer(lr, 0.9, 0.999, 1e-8, 1e-2)
 
 
+_STEPS = {}  # learning rate -> (pmapped one-device step, its optimizer), built once per module
+
+
 def _one_device_step(setup, lr_value=5e-3, start_vectors=None):
-  """(pmapped step, replicated state, replicated frozen, optimizer) on one device."""
+  """(pmapped step, fresh replicated state, replicated frozen, optimizer) on one device.
+
+  The step of a learning rate is built once and shared by the tests: each new step
+  function is traced again and its program loaded again (seconds each)."""
   devices = jax.local_devices()[:1]
-  lr, opt = _pieces(lr_value)
-  step_fn = train_lib.make_pmapped_step(setup["settings"], opt, lr, devices)
+  if lr_value not in _STEPS:
+    lr, opt = _pieces(lr_value)
+    _STEPS[lr_value] = (train_lib.make_pmapped_step(setup["settings"], opt, lr, devices), opt)
+  step_fn, opt = _STEPS[lr_value]
   vectors = setup["init"].vectors if start_vectors is None else start_vectors
   state = parallel.replicate(train_lib.init_state({"embeds": vectors}, opt), devices)
   frozen = parallel.replicate(setup["frozen"], devices)
@@ -160,18 +169,27 @@ def test_loss_decreases_on_learnable_case(setup):
   assert after < before * 0.97, (before, after)
 
 
-def test_eight_devices_equal_one_device(tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, cache_dir):
+  """(workdir, result) of a 4-step run at global batch 8 on one device, with a checkpoint
+  after every step (all kept): its step-1 vectors are those of a 1-step run. Read it only."""
+  workdir = str(tmp_path_factory.mktemp("one") / "run")
+  result = trainer.run(_config(cache_dir, train_batch_size=8, checkpointing_steps=1,
+                               checkpoints_total_limit=4), workdir,
+                       devices=jax.local_devices()[:1], progress=False)
+  return workdir, result
+
+
+def test_eight_devices_equal_one_device(tmp_path, cache_dir, one_device_run):
   assert jax.local_device_count() >= 8, "conftest sets 8 fake CPU devices"
-  one = trainer.run(_config(cache_dir, train_batch_size=8), str(tmp_path / "one"),
-                  devices=jax.local_devices()[:1], progress=False)
+  one_dir, one = one_device_run
   # The same global batch, set once for any device count (train_batch_size is then ignored).
   eight = trainer.run(_config(cache_dir, train_batch_size=3, global_batch_size=8),
                     str(tmp_path / "eight"), devices=jax.local_devices()[:8], progress=False)
   # Same examples and noise; only the order of float sums differs.
   np.testing.assert_allclose(eight["embeds"], one["embeds"], rtol=0, atol=1e-5)
-  initial = trainer.run(_config(cache_dir, max_train_steps=0 + 1, train_batch_size=8),
-                      str(tmp_path / "short"), devices=jax.local_devices()[:1], progress=False)
-  assert np.abs(initial["embeds"] - one["embeds"]).max() > 1e-3  # training moved the vectors
+  initial, _ = run_dir.learned_from_workdir(one_dir, step=1)
+  assert np.abs(initial - one["embeds"]).max() > 1e-3  # training moved the vectors
 
 
 def _cli(workdir, cache_dir, *extra):
@@ -257,14 +275,13 @@ def test_bad_input_is_one_line_error(tmp_path, cache_dir, override, needle):
   assert not (tmp_path / "w" / "run.json").exists()  # a failed start claims nothing
 
 
-def test_workdir_of_another_concept_is_refused_and_kept(tmp_path, cache_dir):
-  workdir = tmp_path / "w"
-  trainer.run(_config(cache_dir, max_train_steps=2), str(workdir), progress=False)
+def test_workdir_of_another_concept_is_refused_and_kept(cache_dir, one_device_run):
+  workdir = pathlib.Path(one_device_run[0])  # the shared run: the refusal must leave it as it is
   before = (workdir / "run.json").read_text()
   with pytest.raises(run_dir.WorkdirError, match="holds another run"):
     trainer.run(_config(cache_dir, placeholder_token="<other>"), str(workdir), progress=False)
   assert (workdir / "run.json").read_text() == before
-  assert run_dir.Checkpoints(str(workdir)).all_steps() == [2]
+  assert run_dir.Checkpoints(str(workdir)).all_steps() == [1, 2, 3, 4]
 
 
 def test_run_leaves_jax_config_alone_and_the_cli_turns_the_cache_on(tmp_path, cache_dir):
@@ -358,26 +375,28 @@ def test_embedding_regulariser_adds_its_exact_gradient(setup):
 def test_progressive_words_adds_one_trained_vector_every_n_steps(tmp_path, cache_dir):
   """progressive_words=2 with 3 vectors: vector i starts moving at step 2i, not before."""
   assert [train_lib.active_vectors(s, 3, 2) for s in range(7)] == [1, 1, 2, 2, 3, 3, 3]
-  init = None
-  moved = {}
-  for steps in (2, 4):
-    # The 2-step run also writes its validation image: at step 2, 2 of the 3 vectors are active.
-    shown = (dict(validation_prompt="a photo of {}", validation_steps=100, num_validation_images=1,
-                  validation_inference_steps=2) if steps == 2 else {})
-    result = trainer.run(_config(cache_dir, num_vectors=3, progressive_words=2, max_train_steps=steps,
-                               checkpointing_steps=100, **shown),
-                       str(tmp_path / f"run{steps}"), devices=jax.local_devices()[:1],
-                       progress=False)
-    if init is None:
-      sd = load_stable_diffusion("tiny-sd15", cache_dir=str(cache_dir))
-      table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"])
-      init = pseudo_words.initializer_vectors(sd.tokenizer, table, "toy", 3).vectors
-    moved[steps] = np.abs(result["embeds"] - init).max(axis=1) > 0
+  # One 4-step run, checkpointed and validated at step 2: its step-2 vectors are a 2-step run's
+  # (the rate is constant), its step-2 image the one a 2-step run writes at its end.
+  result = trainer.run(_config(cache_dir, num_vectors=3, progressive_words=2, max_train_steps=4,
+                               checkpointing_steps=2, validation_prompt="a photo of {}",
+                               validation_steps=2, num_validation_images=1,
+                               validation_inference_steps=2),
+                       str(tmp_path / "run"), devices=jax.local_devices()[:1], progress=False)
+  sd = load_stable_diffusion("tiny-sd15", cache_dir=str(cache_dir))
+  table = np.asarray(sd.text_encoder_params["embeddings"]["token_embedding"]["embedding"])
+  init = pseudo_words.initializer_vectors(sd.tokenizer, table, "toy", 3).vectors
+  ckpts = run_dir.Checkpoints(str(tmp_path / "run"), max_to_keep=None)
+  try:  # every vector, the inactive ones too (learned_from_workdir gives the active ones)
+    at_step_2 = np.asarray(ckpts.restore_untyped(2)[0]["state"]["params"]["embeds"])
+  finally:
+    ckpts.close()
+  moved = {steps: np.abs(vectors - init).max(axis=1) > 0
+           for steps, vectors in ((2, at_step_2), (4, result["embeds"]))}
   assert moved[2].tolist() == [True, False, False]
   assert moved[4].tolist() == [True, True, False]
   # The validation prompt names the active vectors only, as the training prompts do.
   from PIL import Image
-  with Image.open(tmp_path / "run2" / "validation" / "step000002_0.png") as png:
+  with Image.open(tmp_path / "run" / "validation" / "step000002_0.png") as png:
     assert png.text["prompt"] == "a photo of <toy> <toy>_1"
 
 

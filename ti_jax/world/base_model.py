@@ -224,13 +224,35 @@ def _vae_step(vae, tx):
   return step
 
 
+# The pmapped steps (and the VAE's encoder) by everything they are built from, as
+# `checker._APPLY_CACHE`: a process that trains several times with the same settings
+# (a resumed run, the tests) traces each program and loads it from the compilation
+# cache once, not once per run. The values are pure functions of their keys.
+_PROGRAM_CACHE: dict[tuple, Any] = {}
+
+
+def _cached_program(key: tuple, build: Callable[[], Any]) -> Any:
+  if key not in _PROGRAM_CACHE:
+    _PROGRAM_CACHE[key] = build()
+  return _PROGRAM_CACHE[key]
+
+
+def _compiled_vae_step(vae, learning_rate: float, warmup_steps: int, vae_steps: int,
+                       devices: tuple) -> tuple[optax.GradientTransformation, Callable]:
+  """The VAE phase's optimizer and its pmapped step over `devices` (`_vae_step`)."""
+  def build():
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, min(warmup_steps, vae_steps // 2), vae_steps, learning_rate * 0.1))
+    return tx, parallel.pmapped(_vae_step(vae, tx), devices, donate_argnums=(0,))
+  return _cached_program(("vae_step", vae, learning_rate, warmup_steps, vae_steps, devices),
+                         build)
+
+
 def train_vae(workdir: str, modules: dict, params: Any, settings: Settings, identity: dict,
               devices: list, progress: bool) -> tuple[Any, dict]:
   """Trains (or resumes) the VAE; returns its params and the last metrics."""
-  vae = modules["vae"]
-  tx = optax.adam(optax.warmup_cosine_decay_schedule(
-      0.0, settings.vae_learning_rate, min(settings.warmup_steps, settings.vae_steps // 2),
-      settings.vae_steps, settings.vae_learning_rate * 0.1))
+  tx, step = _compiled_vae_step(modules["vae"], settings.vae_learning_rate,
+                                settings.warmup_steps, settings.vae_steps, tuple(devices))
   host = {"params": params, "opt": tx.init(params)}
   ckpt = os.path.join(workdir, "vae.ckpt")
   saved = _restore_state(ckpt, {"step": 0, "state": host}, identity)
@@ -238,7 +260,6 @@ def train_vae(workdir: str, modules: dict, params: Any, settings: Settings, iden
   if saved is not None:
     start, host = int(saved["step"]), saved["state"]
   n = len(devices)
-  step = parallel.pmapped(_vae_step(vae, tx), devices, donate_argnums=(0,))
   latent = LATENT_SIZE
 
   def run_step(state, i):
@@ -261,7 +282,8 @@ def encode_dataset(vae, vae_params: Any, settings: Settings,
   Scenes `10**9 ..` of the world seed: apart from the VAE's stream, which starts at 0.
   The captions are the training ones (`scenes.caption(hidden=settings.hidden_names)`).
   """
-  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0])
+  encode = _cached_program(("encode", vae), lambda: jax.jit(
+      lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0]))
   means, captions = [], []
   for start in range(0, settings.num_images, chunk):
     count = min(chunk, settings.num_images - start)
@@ -306,18 +328,32 @@ def tokenize(tok, captions: list[str]) -> np.ndarray:
                         truncation=True).input_ids, np.int32)
 
 
+def _compiled_diffusion_step(unet, text_encoder, scheduler_config: dict, learning_rate: float,
+                             warmup_steps: int, ema_decay: float, devices: tuple) -> tuple:
+  """The diffusion phase's noise schedule, optimizer and pmapped step over `devices`."""
+  def build():
+    schedule = noise_schedule.noise_schedule_from_config(scheduler_config)
+    # Warmup, then a constant rate (the EMA does the averaging, as in DDPM): no step
+    # depends on the total, so a run resumed with a larger --steps continues exactly
+    # as a run started with it would have.
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        optax.linear_schedule(0.0, learning_rate, warmup_steps), weight_decay=1e-4))
+    step = parallel.pmapped(_diffusion_step(unet, text_encoder, tx, schedule, ema_decay),
+                            devices, donate_argnums=(0,))
+    return schedule, tx, step
+  return _cached_program(("diffusion_step", unet, text_encoder,
+                          json.dumps(scheduler_config, sort_keys=True), learning_rate,
+                          warmup_steps, ema_decay, devices), build)
+
+
 def train_diffusion(workdir: str, modules: dict, params: Any, latents: np.ndarray,
                     ids: np.ndarray, empty_ids: np.ndarray, scheduler_config: dict,
                     settings: Settings, identity: dict, devices: list,
                     progress: bool) -> tuple[Any, dict]:
   """Trains (or resumes) the UNet and text encoder; returns the EMA params and last metrics."""
-  schedule = noise_schedule.noise_schedule_from_config(scheduler_config)
-  # Warmup, then a constant rate (the EMA does the averaging, as in DDPM): no step
-  # depends on the total, so a run resumed with a larger --steps continues exactly
-  # as a run started with it would have.
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-      optax.linear_schedule(0.0, settings.learning_rate, settings.warmup_steps),
-      weight_decay=1e-4))
+  schedule, tx, step = _compiled_diffusion_step(
+      modules["unet"], modules["text_encoder"], scheduler_config, settings.learning_rate,
+      settings.warmup_steps, settings.ema_decay, tuple(devices))
   host = {"params": params, "opt": tx.init(params), "ema": params}
   ckpt = os.path.join(workdir, "diffusion.ckpt")
   saved = _restore_state(ckpt, {"step": 0, "state": host}, identity)
@@ -328,8 +364,6 @@ def train_diffusion(workdir: str, modules: dict, params: Any, latents: np.ndarra
     raise WorldTrainingError(f"{ckpt} is at step {start}, past --steps {settings.steps}; "
                              f"pass --steps {start} or more")
   n, b = len(devices), settings.batch_size
-  step = parallel.pmapped(_diffusion_step(modules["unet"], modules["text_encoder"], tx, schedule,
-                                          settings.ema_decay), devices, donate_argnums=(0,))
 
   def run_step(state, i):
     rng = np.random.default_rng([settings.seed, 3, i])
