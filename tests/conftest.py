@@ -281,6 +281,7 @@ SLOW_FILES = (
     "tests/training/test_mesh_step.py",  # ~400
     "tests/sampling/test_sample.py",  # ~350
     "tests/sampling/test_edit.py",  # ~290
+    "tests/training/test_concepts_run.py",  # ~180
     "tests/training/test_paper.py",  # ~155
     "tests/evaluation/test_evaluate.py",  # ~135
     "tests/training/test_sdxl_train.py",
