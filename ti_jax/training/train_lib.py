@@ -93,6 +93,9 @@ class StepSettings:
   pool_eos_token_id: int | None = None
 
 
+# Schedule, optimizer and pmapped step are memoized by their inputs: a process that trains
+# again (a sweep, a notebook, the tests) reuses the traced step instead of re-tracing it.
+@functools.lru_cache(maxsize=32)
 def learning_rate_schedule(base_lr: float, schedule: str, warmup_steps: int,
                            total_steps: int) -> optax.Schedule:
   """Learning rate by step: constant, constant_with_warmup, linear or cosine decay after warmup."""
@@ -144,6 +147,7 @@ def _inner_optimizer(name: str, lr: optax.Schedule, b1: float, b2: float, eps: f
   raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(lr: optax.Schedule, b1: float, b2: float, eps: float,
                    weight_decay: float, name: str = "adamw") -> optax.GradientTransformation:
   """Optimizer `name` (AdamW by default) on the learned vectors; frozen leaves get zero
@@ -358,9 +362,12 @@ def active_vectors(step, num_vectors: int, progressive_words: int):
 
 def make_pmapped_step(settings: StepSettings, optimizer, lr, devices):
   """The compiled data-parallel step: `(state, frozen, batch) -> (state, metrics)`, all sharded.
+  The state buffer is donated: the step updates it in place on device."""
+  return _pmapped_step(settings, optimizer, lr, tuple(devices))
 
-  The state buffer is donated: the step updates it in place on device.
-  """
+
+@functools.lru_cache(maxsize=16)
+def _pmapped_step(settings: StepSettings, optimizer, lr, devices: tuple):
   step = functools.partial(train_step, settings=settings, optimizer=optimizer, lr=lr)
   return parallel.pmapped(step, devices, donate_argnums=(0,))
 
@@ -374,10 +381,8 @@ def make_pmapped_step(settings: StepSettings, optimizer, lr, devices):
 class ConceptSlots:
   """What differs between the concepts of a mesh step besides their state, each `[K]`."""
   seed: jax.Array  # uint32: concept k's draws are a function of (seed[k], step, example index)
-  # float32: concept k's learning rate over the run's schedule (lr_k(step) = lr(step) * lr_scale[k])
-  lr_scale: jax.Array
-  # bool: False holds concept k's params and optimizer state (the caller's failure isolation;
-  # padding concepts are inactive).
+  lr_scale: jax.Array  # float32: concept k's rate over the run's schedule, lr(step) * lr_scale[k]
+  # bool: False holds concept k's params and optimizer state (failure isolation; padding).
   active: jax.Array
 
 
@@ -401,9 +406,8 @@ def _concept_axes(frozen: Frozen) -> Frozen:
 
 def stack_frozen(frozens: list[Frozen], size: int | None = None) -> Frozen:
   """K concepts' host `Frozen`s as one mesh-step argument: the shared fields (weights,
-  schedule) of the first, CONCEPT_FIELDS stacked `[K, ...]` (padded to `[size, ...]` if
-  given: `parallel.pad_stacked`). Views are padded to the most any concept has (its batches
-  never index the padding); every concept's latents must have the same `[h, w, C]`."""
+  schedule) of the first, CONCEPT_FIELDS stacked `[K, ...]` (padded to `[size, ...]`: see
+  `parallel.pad_stacked`); views padded to the most any concept has (never indexed)."""
   views = max(f.latent_mean.shape[0] for f in frozens)
 
   def pad_views(x):  # host arrays, or `jax.ShapeDtypeStruct`s (ahead-of-time lowering)
