@@ -176,6 +176,19 @@ def _edit_shard(arrays: _EditArrays, cond_ids: jax.Array, uncond_ids: jax.Array,
   return generation.decode_latents(settings, arrays, x)
 
 
+@functools.lru_cache(maxsize=16)
+def _edit_program(settings: _EditSettings, devices: tuple):
+  """The pmapped edit loop of `settings` (the sampler travels in its arrays), memoized as
+  `generation`'s: editors of the same settings share one traced program."""
+  return parallel.pmapped(functools.partial(_edit_shard, settings=settings), devices)
+
+
+@functools.lru_cache(maxsize=16)
+def _encode_program(vae):
+  """The VAE's jitted encode (the posterior mean), one per VAE module config."""
+  return jax.jit(lambda params, x: vae.apply({"params": params}, x, method=vae.encode)[0])
+
+
 class BlendedEditor:
   """Edits one image region with a prompt (Blended Latent Diffusion) over several devices."""
 
@@ -204,11 +217,9 @@ class BlendedEditor:
     weights = {"unet": sd.unet_params, "vae": sd.vae_params,
                "text_encoders": tuple(e.params for e in sd.text_encoders)}
     self._params = parallel.replicate(weights, self.devices)
-    self._fn = parallel.pmapped(functools.partial(_edit_shard, settings=self.settings),
-                                self.devices)
-    vae = sd.vae
+    self._fn = _edit_program(self.settings, tuple(self.devices))
     # One jitted encode on the host's default device: the image is encoded once per edit.
-    self._encode = jax.jit(lambda params, x: vae.apply({"params": params}, x, method=vae.encode)[0])
+    self._encode = _encode_program(sd.vae)
 
   def encode(self, image: np.ndarray) -> np.ndarray:
     """Scaled latents `[h, w, C]` (float32) of a uint8 `[H, W, 3]` image at the working size."""

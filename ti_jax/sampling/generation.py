@@ -244,6 +244,14 @@ def prompt_arrays(sd, prompts: Sequence[str], negative_prompt: str, *, learned=(
   return every(prompts), every(negatives), extra
 
 
+@functools.lru_cache(maxsize=16)
+def _generate_program(settings: _GenSettings, devices: tuple):
+  """The pmapped guided loop of `settings` (the sampler travels in its arrays): memoized, so
+  generators of the same settings (validation at every run of a process, sample after
+  sample) share one traced program."""
+  return parallel.pmapped(functools.partial(_generate_shard, settings=settings), devices)
+
+
 class ImageGenerator:
   """Generates images for prompts that may use learned pseudo-words, over several devices.
 
@@ -288,8 +296,7 @@ class ImageGenerator:
     shared = dict(replicated_params or {})
     self._params = dict(shared, **parallel.replicate(
         {k: v for k, v in own.items() if k not in shared}, self.devices))
-    self._fn = parallel.pmapped(functools.partial(_generate_shard, settings=self.settings),
-                                self.devices)
+    self._fn = _generate_program(self.settings, tuple(self.devices))
 
   def generate(self, prompts: Sequence[str], *, seed: int = 0, negative_prompt: str = "",
                learned: Sequence[tuple[np.ndarray, Sequence[int]]] = (),
