@@ -364,7 +364,7 @@ def test_second_sigterm_during_the_stop_checkpoint_does_not_cut_it_short(
 
     def close(self):
       pass
-  monkeypatch.setattr(loop, "_progress_bar", lambda *a: Bar())
+  monkeypatch.setattr(loop, "progress_bar", lambda *a: Bar())
   save = run_dir.Checkpoints.save
   signalled = []
 
@@ -443,7 +443,7 @@ def test_full_disk_with_tensorboard_is_one_error_line_without_thread_tracebacks_
     if step == 3:
       for f in files:
         f.armed = True
-  monkeypatch.setattr(loop, "_progress_bar", lambda *a: _StepHook(fill_the_disk))
+  monkeypatch.setattr(loop, "progress_bar", lambda *a: _StepHook(fill_the_disk))
   save = ocp.CheckpointManager.save
 
   def save_on_a_full_disk(self, step, *args, **kwargs):
@@ -465,7 +465,7 @@ def test_full_disk_with_tensorboard_is_one_error_line_without_thread_tracebacks_
   # Space again: the re-run resumes from step 2 and ends where an uninterrupted run does.
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
   monkeypatch.setattr(record_writer, "open_file", open_file)
-  monkeypatch.setattr(loop, "_progress_bar", lambda *a: _StepHook(lambda step: None))
+  monkeypatch.setattr(loop, "progress_bar", lambda *a: _StepHook(lambda step: None))
   resumed = _finishes(lambda: trainer.run(c, str(workdir), progress=False), 300)
   np.testing.assert_array_equal(resumed["embeds"], reference)
 

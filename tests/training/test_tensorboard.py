@@ -241,7 +241,7 @@ def test_tensorboard_folder_that_fails_mid_run_warns_once_and_training_goes_on(
 
     def close(self):
       pass
-  monkeypatch.setattr(loop, "_progress_bar", lambda *a: Bar())
+  monkeypatch.setattr(loop, "progress_bar", lambda *a: Bar())
   c = _config(cache_dir, max_train_steps=6)
   try:
     result = _finishes(lambda: trainer.run(c, str(workdir), devices=jax.local_devices()[:1],

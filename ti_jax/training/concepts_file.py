@@ -22,6 +22,7 @@ the file and the line; reading writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -29,6 +30,7 @@ import math
 import os
 from typing import Any
 
+from ti_jax import errors
 from ti_jax.embeddings import file_names
 from ti_jax.runtime import console, fileio, run_dir
 from ti_jax.training import config as config_lib
@@ -207,6 +209,16 @@ def read_concepts_file(path: str, config) -> tuple[ConceptSpec, ...]:
       raise ConceptsFileError(f"{path} line {spec.line}: train_data_dir {spec.train_data_dir} "
                               f"{what} (a relative path is read from the current directory)")
   return specs
+
+
+@contextlib.contextmanager
+def concept_errors(path: str, spec: ConceptSpec):
+  """Re-raises bad input of one concept (any `errors.UserError`: its images, initializer,
+  captions, ...) as one `ConceptsFileError` line naming the file, its line and the concept."""
+  try:
+    yield
+  except errors.UserError as e:
+    raise ConceptsFileError(f"{path} line {spec.line} (concept {spec.name}): {e}") from None
 
 
 def concept_config(config, spec: ConceptSpec):

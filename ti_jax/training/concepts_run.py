@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 import time
 from typing import Any, Sequence
 
@@ -77,16 +76,8 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
   devices = trainer.check_devices(config, devices, batch_devices=1)
   config = mesh_attention(config, devices)
   workdir = fileio.resolve(workdir)
-  lock, created = trainer.lock_workdir(workdir)
-  try:
-    return _run_locked(config, specs, workdir, devices, progress)
-  except BaseException:
-    if created:
-      trainer.remove_unclaimed_workdir(workdir)
-    raise
-  finally:
-    if lock is not None:
-      lock.release()
+  return trainer.in_locked_workdir(
+      workdir, lambda: _run_locked(config, specs, workdir, devices, progress))
 
 
 def mesh_attention(config, devices: Sequence):
@@ -167,11 +158,8 @@ def build_concepts(config, specs, workdir: str, devices: Sequence, identity: dic
   configs, built = [], []
   for spec in specs:
     c = concepts_file.concept_config(config, spec)
-    try:
+    with concepts_file.concept_errors(config.concepts_file, spec):
       built.append(run_inputs.build(c, workdir, one, model=model, has_run_json=has_run_json))
-    except errors.UserError as e:
-      raise concepts_file.ConceptsFileError(
-          f"{config.concepts_file} line {spec.line} (concept {spec.name}): {e}") from None
     configs.append(c)
   shapes = {tuple(i.latents[0][0].shape[1:]) for i in built}
   if len(shapes) > 1:  # one compiled step: one latent shape (resolution is the run's)
@@ -342,7 +330,7 @@ def train_loop(config, concepts: Concepts, mesh, step_fn, placed: Placed, start:
   names = concepts.names
   k = placed.num_concepts
   metrics_log = loop.open_metrics_log(workdir, start, is_main)
-  bar = _progress_bar(start, config.max_train_steps, progress and is_main)
+  bar = loop.progress_bar(start, config.max_train_steps, progress and is_main)
   flag = loop.StopFlag()
   state, step, interrupted = placed.state, start, False
   loss_sum, count, failed_at = None, 0, jnp.full((placed.padded,), -1, jnp.int32)
@@ -483,12 +471,6 @@ def _validate(validators: list, concepts: Concepts, state, step: int, k: int,
       v.generator = generator
     validation.write_images(v, step, tuple(np.asarray(params[key][i]) for key in keys), tb)
     generator = generator or v.generator
-
-
-def _progress_bar(start: int, total: int, enabled: bool):
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-              disable=not enabled, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import numpy as np
 
-from ti_jax import errors
 from ti_jax.data import buckets, captions
 from ti_jax.runtime import fileio, parallel
 from ti_jax.training import checkpointing, concept, concepts_file, concepts_run
@@ -80,11 +79,8 @@ def dry_run_concepts(config, workdir: str) -> list[str]:
            f"steps {config.max_train_steps}"]
   for spec in specs:
     c = concepts_file.concept_config(config, spec)
-    try:
+    with concepts_file.concept_errors(config.concepts_file, spec):
       setup = run_inputs.prepare(c, workdir, one, model=model, has_run_json=has_run_json)
-    except errors.UserError as e:
-      raise concepts_file.ConceptsFileError(
-          f"{config.concepts_file} line {spec.line} (concept {spec.name}): {e}") from None
     first = setup.concepts[0]
     lines.append(f"concept {spec.name} (line {spec.line}): placeholder {setup.prompts.tokens} "
                  f"= token ids {first.token_ids}, {setup.images.num_images} image(s) in "

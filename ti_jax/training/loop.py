@@ -72,7 +72,7 @@ def train_loop(config, inputs: RunInputs, step_fn, state, frozen, start: int,
   """
   is_main = jax.process_index() == 0
   metrics_log = open_metrics_log(workdir, start, is_main)
-  bar = _progress_bar(start, config.max_train_steps, progress and is_main)
+  bar = progress_bar(start, config.max_train_steps, progress and is_main)
   flag = StopFlag()
   interval = LogInterval(time.perf_counter(), start)
   step, interrupted = start, False
@@ -251,7 +251,9 @@ def stop_on_signals(flag: StopFlag):
       signal.signal(sig, handler)
 
 
-def _progress_bar(start: int, total: int, enabled: bool):
+def progress_bar(start: int, total: int, enabled: bool):
+  """The training steps' progress bar on stderr (from `start` of `total`; silent unless
+  `enabled`: process 0 with progress on)."""
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
               disable=not enabled, file=sys.stderr)

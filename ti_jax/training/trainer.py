@@ -14,7 +14,7 @@ checkpoint; Ctrl-C or SIGTERM saves a checkpoint before returning.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -47,16 +47,7 @@ def run(config, workdir: str, devices: Sequence | None = None, progress: bool = 
                       "ti_jax.training.concepts_run.run's (python -m ti_jax.train runs either)")
   devices = check_devices(config, devices)  # before the lock: a refusal writes nothing
   workdir = fileio.resolve(workdir)  # a local folder or gs://...
-  lock, created = lock_workdir(workdir)
-  try:
-    return _run_locked(config, workdir, devices, progress)
-  except BaseException:
-    if created:
-      remove_unclaimed_workdir(workdir)
-    raise
-  finally:
-    if lock is not None:
-      lock.release()
+  return in_locked_workdir(workdir, lambda: _run_locked(config, workdir, devices, progress))
 
 
 def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
@@ -110,7 +101,23 @@ def _run_locked(config, workdir: str, devices: list, progress: bool) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def lock_workdir(workdir: str):
+def in_locked_workdir(workdir: str, body: Callable[[], dict]) -> dict:
+  """`body()` with `workdir` locked for all of it (process 0 takes the lock; a refusal stops
+  every process). If `body` fails and the workdir it was given is new and holds only the
+  lock, the workdir is removed again."""
+  lock, created = _lock_workdir(workdir)
+  try:
+    return body()
+  except BaseException:
+    if created:
+      _remove_unclaimed_workdir(workdir)
+    raise
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _lock_workdir(workdir: str):
   """(lock or None, whether the workdir was created): process 0 locks, all learn the outcome."""
   lock, error, created = None, None, False
   if jax.process_index() == 0:
@@ -125,7 +132,7 @@ def lock_workdir(workdir: str):
   return lock, created
 
 
-def remove_unclaimed_workdir(workdir: str) -> None:
+def _remove_unclaimed_workdir(workdir: str) -> None:
   """Removes a workdir this run created if a failed start left only its lock in it."""
   if fileio.is_remote(workdir) or not os.path.isdir(workdir):
     return
