@@ -29,6 +29,7 @@ from flax import traverse_util
 INDEXED_MODULES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
     "transformer_blocks", "to_out", "net", "layers",
+    "block", "layer",  # transformers' T5 (`encoder.block.0.layer.1`)
 })
 
 # Names used by older checkpoints (diffusers' legacy VAE attention, diffusers'
@@ -63,6 +64,10 @@ TEXT_ENCODER_2 = dataclasses.replace(TEXT_ENCODER, name="text_encoder_2",
 # `to_logits` language-model head is dropped.
 LDM_BERT = ComponentSpec("text_encoder", strip_prefix="model.",
                          ignore=(r"^to_logits\.", r"(^|\.)position_ids$"))
+# transformers' T5EncoderModel (FLUX's text_encoder_2): the stack under `encoder.`, the token
+# table `shared` beside it; `encoder.embed_tokens` is the same tensor as `shared` (tied).
+T5_ENCODER = ComponentSpec("text_encoder_2", strip_prefix="encoder.", unprefixed=("shared",),
+                           ignore=(r"^encoder\.embed_tokens\.weight$",))
 
 
 def torch_key_to_path(key: str) -> tuple[str, ...]:
