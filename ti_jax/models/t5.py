@@ -58,10 +58,11 @@ T5_V1_1_XXL_CONFIG: dict[str, Any] = {
 
 # The same architecture at test size: d_model 32, 2 layers, 4 heads of 12 (their 48 differ
 # from d_model, so a swapped q/o layout shows), XXL's 32 buckets up to distance 128. The
-# vocabulary is the tiny T5 tokenizer's or larger.
+# vocabulary, a multiple of 128 as XXL's 32,128 is, holds the tiny T5 tokenizer's ids
+# (`tiny_t5_tokenizer`: 593) with spare rows past them, as T5's table has past its 32,100.
 TINY_T5_CONFIG: dict[str, Any] = {
     **T5_V1_1_XXL_CONFIG,
-    "vocab_size": 512, "d_model": 32, "d_kv": 12, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+    "vocab_size": 640, "d_model": 32, "d_kv": 12, "d_ff": 64, "num_layers": 2, "num_heads": 4,
 }
 
 
@@ -162,7 +163,7 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
 
 
 class T5LayerNorm(nn.Module):
-  """RMS norm with a scale and no bias, the mean square taken in float32 (transformers' T5LayerNorm)."""
+  """RMS norm: a scale, no bias or mean, the mean square in float32 (transformers' T5LayerNorm)."""
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
