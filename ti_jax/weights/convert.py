@@ -29,6 +29,7 @@ from flax import traverse_util
 INDEXED_MODULES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
     "transformer_blocks", "to_out", "net", "layers",
+    "single_transformer_blocks",  # Flux
 })
 
 # Names used by older checkpoints (diffusers' legacy VAE attention, diffusers'
@@ -52,6 +53,8 @@ class ComponentSpec:
 
 
 UNET = ComponentSpec("unet")
+# diffusers' FluxTransformer2DModel (folder "transformer").
+FLUX_TRANSFORMER = ComponentSpec("transformer")
 VAE = ComponentSpec("vae")
 TEXT_ENCODER = ComponentSpec("text_encoder", strip_prefix="text_model.",
                              ignore=(r"(^|\.)position_ids$",))
