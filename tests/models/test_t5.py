@@ -25,7 +25,7 @@ from transformers.models.t5.modeling_t5 import T5Attention as TorchT5Attention
 from ti_jax.embeddings import pseudo_words
 from ti_jax.models import t5
 from ti_jax.models.config_utils import UnsupportedConfigError
-from ti_jax.weights import convert, safetensors_io
+from ti_jax.weights import convert, presets, safetensors_io
 from ti_jax.weights.tiny_t5_tokenizer import write_tiny_t5_tokenizer
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
@@ -52,14 +52,14 @@ def saved(tmp_path_factory):
   """(torch model, folder it was saved to, its safetensors state dict)."""
   folder = str(tmp_path_factory.mktemp("t5"))
   torch.manual_seed(0)
-  model = perturb_(TorchT5EncoderModel(_torch_config(t5.TINY_T5_CONFIG)), seed=0)
+  model = perturb_(TorchT5EncoderModel(_torch_config(presets.TINY_T5_CONFIG)), seed=0)
   with torch.no_grad():
     # T5 does not scale its logits by 1/sqrt(d_kv): trained weights (and T5's own init) carry
     # that factor in `q`. Without it the random logits are sqrt(d_kv) too large and the bf16
     # figures (ours and transformers' alike, ~5e-2) would measure that, not the implementation.
     for name, p in model.named_parameters():
       if name.endswith("SelfAttention.q.weight"):
-        p.mul_(t5.TINY_T5_CONFIG["d_kv"] ** -0.5)
+        p.mul_(presets.TINY_T5_CONFIG["d_kv"] ** -0.5)
   model.save_pretrained(folder, safe_serialization=True)
   (path,) = glob.glob(os.path.join(folder, "*.safetensors"))
   return model, folder, safetensors_io.load(path)
@@ -71,7 +71,7 @@ def loaded(saved):
   _, _, state = saved
   out = {}
   for name, dt in DTYPES.items():
-    module = t5.T5EncoderModel(t5.T5EncoderConfig.from_transformers(t5.TINY_T5_CONFIG),
+    module = t5.T5EncoderModel(t5.T5EncoderConfig.from_transformers(presets.TINY_T5_CONFIG),
                                dtype=dt, param_dtype=dt)
     params = convert.convert_torch_state_dict(convert.T5_ENCODER, state, _flax_shapes(module),
                                               dtype=dt)
@@ -82,7 +82,7 @@ def loaded(saved):
 def _inputs():
   """Random token ids `[2, LENGTH]` (never the pad id 0 inside a row) and the padding mask."""
   rng = np.random.default_rng(0)
-  ids = rng.integers(1, t5.TINY_T5_CONFIG["vocab_size"], (len(LENGTHS), LENGTH))
+  ids = rng.integers(1, presets.TINY_T5_CONFIG["vocab_size"], (len(LENGTHS), LENGTH))
   mask = (np.arange(LENGTH)[None, :] < np.array(LENGTHS)[:, None]).astype(np.int64)
   return ids * mask, mask
 
@@ -108,7 +108,7 @@ def test_last_hidden_state_with_padding_matches_transformers(saved, loaded, dtyp
   ids, mask = _inputs()
   ref = _torch_run(model, ids, mask)
   out = module.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-  assert out.shape == (len(LENGTHS), LENGTH, t5.TINY_T5_CONFIG["d_model"])
+  assert out.shape == (len(LENGTHS), LENGTH, presets.TINY_T5_CONFIG["d_model"])
   assert out.dtype == DTYPES[dtype]
   record_parity(f"tiny-t5 encoder {dtype}", rel_err(out.astype(jnp.float32), ref),
                 TOLERANCE[dtype])
@@ -155,7 +155,7 @@ def test_spliced_pseudo_word_vectors_match_transformers_inputs_embeds(saved, loa
   model, _, _ = saved
   module, params = loaded["float32"]
   ids, mask = _inputs()
-  vocab = t5.TINY_T5_CONFIG["vocab_size"]
+  vocab = presets.TINY_T5_CONFIG["vocab_size"]
   placeholder_ids = jnp.array([vocab - 1, vocab])
   ids[:, 3], ids[0, 10], ids[1, 20] = vocab - 1, vocab, vocab - 1  # two vectors, in both rows
   learned = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32)), jnp.float32)
@@ -186,7 +186,7 @@ def test_relative_position_buckets_match_transformers(buckets, distance, bidirec
 
 
 def test_config_from_transformers_reads_xxl_and_refuses_what_it_cannot_run():
-  cfg = t5.T5EncoderConfig.from_transformers(t5.T5_V1_1_XXL_CONFIG)
+  cfg = t5.T5EncoderConfig.from_transformers(presets.T5_XXL_CONFIG)
   assert (cfg.d_model, cfg.d_ff, cfg.d_kv, cfg.num_heads, cfg.num_layers) == (4096, 10240, 64,
                                                                             64, 24)
   assert t5.feed_forward_kind(cfg.feed_forward_proj) == ("gelu_new", True)
@@ -196,7 +196,7 @@ def test_config_from_transformers_reads_xxl_and_refuses_what_it_cannot_run():
          {"model_type": "umt5"}, {"is_decoder": True}, {"architectures": ["BertModel"]}]
   for override in bad:
     with pytest.raises(UnsupportedConfigError):
-      t5.T5EncoderConfig.from_transformers({**t5.T5_V1_1_XXL_CONFIG, **override})
+      t5.T5EncoderConfig.from_transformers({**presets.T5_XXL_CONFIG, **override})
 
 
 def _meta_state_shapes_and_count(cfg: dict) -> tuple[dict, int]:
@@ -207,8 +207,8 @@ def _meta_state_shapes_and_count(cfg: dict) -> tuple[dict, int]:
 
 
 def test_full_size_xxl_param_tree_matches_converted_torch_state_dict():
-  torch_shapes, torch_count = _meta_state_shapes_and_count(t5.T5_V1_1_XXL_CONFIG)
-  module = t5.T5EncoderModel(t5.T5EncoderConfig.from_transformers(t5.T5_V1_1_XXL_CONFIG))
+  torch_shapes, torch_count = _meta_state_shapes_and_count(presets.T5_XXL_CONFIG)
+  module = t5.T5EncoderModel(t5.T5EncoderConfig.from_transformers(presets.T5_XXL_CONFIG))
   flax_shapes = _flax_shapes(module)
   plan = convert.plan_conversion(convert.T5_ENCODER, torch_shapes, flax_shapes)
   assert set(torch_shapes) - {key for key, _, _ in plan.entries} == {"encoder.embed_tokens.weight"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ti_jax.embeddings import pseudo_words
-from ti_jax.models.t5 import TINY_T5_CONFIG
+from ti_jax.weights.presets import TINY_T5_CONFIG
 from ti_jax.weights.tiny_t5_tokenizer import METASPACE, unigram_vocab, write_tiny_t5_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -34,38 +34,6 @@ from ti_jax.models.layers import ACTIVATIONS, xla_implementation
 
 Dtype = Any
 
-# transformers' `config.json` of FLUX.1's `text_encoder_2` (google/t5-v1_1-xxl's encoder).
-T5_V1_1_XXL_CONFIG: dict[str, Any] = {
-    "architectures": ["T5EncoderModel"],
-    "model_type": "t5",
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "dropout_rate": 0.1,
-    "layer_norm_epsilon": 1e-6,
-    "feed_forward_proj": "gated-gelu",
-    "is_encoder_decoder": True,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
-    "tie_word_embeddings": False,
-}
-
-# The same architecture at test size: d_model 32, 2 layers, 4 heads of 12 (their 48 differ
-# from d_model, so a swapped q/o layout shows), XXL's 32 buckets up to distance 128. The
-# vocabulary, a multiple of 128 as XXL's 32,128 is, holds the tiny T5 tokenizer's ids
-# (`tiny_t5_tokenizer`: 593) with spare rows past them, as T5's table has past its 32,100.
-TINY_T5_CONFIG: dict[str, Any] = {
-    **T5_V1_1_XXL_CONFIG,
-    "vocab_size": 640, "d_model": 32, "d_kv": 12, "d_ff": 64, "num_layers": 2, "num_heads": 4,
-}
-
-
 def feed_forward_kind(feed_forward_proj: str) -> tuple[str, bool]:
   """`(activation, gated)` for a transformers `feed_forward_proj` ("gated-gelu" -> gelu_new, gated).
 

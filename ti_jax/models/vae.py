@@ -1,4 +1,9 @@
-"""Flax AutoencoderKL (Stable Diffusion's VAE), NHWC, with diffusers' parameter names."""
+"""Flax AutoencoderKL (the VAE of Stable Diffusion, SDXL and Flux), NHWC, with diffusers' parameter names.
+
+Flux's VAE is the same network with 16 latent channels, no quant_conv /
+post_quant_conv (`use_quant_conv=False`, `use_post_quant_conv=False`) and a
+`shift_factor` subtracted from the latents before scaling.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ Dtype = Any
 
 _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "act_fn": ("silu",),
-    "use_quant_conv": (True,),
-    "use_post_quant_conv": (True,),
+    "use_quant_conv": (True, False),
+    "use_post_quant_conv": (True, False),
     "mid_block_add_attention": (True,),
     "latents_mean": (None,),
     "latents_std": (None,),
@@ -41,6 +46,9 @@ class VAEConfig:
   sample_size: int = 512
   scaling_factor: float = 0.18215
   shift_factor: float = 0.0
+  # The 1x1 convs after the encoder and before the decoder; Flux's VAE has neither.
+  use_quant_conv: bool = True
+  use_post_quant_conv: bool = True
 
   @classmethod
   def from_diffusers(cls, cfg: Mapping[str, Any]) -> "VAEConfig":
@@ -68,6 +76,8 @@ class VAEConfig:
         sample_size=cfg.get("sample_size", 512),
         scaling_factor=cfg.get("scaling_factor", 0.18215),
         shift_factor=cfg.get("shift_factor") or 0.0,
+        use_quant_conv=bool(cfg.get("use_quant_conv", True)),
+        use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
     )
 
 
@@ -168,28 +178,37 @@ class Decoder(_VAEModule):
 
 
 class AutoencoderKL(_VAEModule):
-  """Stable Diffusion's KL autoencoder.
+  """The KL autoencoder of Stable Diffusion, SDXL and Flux.
 
   `encode(images) -> (mean, logvar)` of the diagonal Gaussian posterior over
-  unscaled latents; `decode(latents) -> images`. Multiply samples by
-  `config.scaling_factor` before the UNet, as diffusers does.
+  unscaled latents; `decode(latents) -> images`. Subtract `config.shift_factor`
+  (Flux; 0 otherwise) from samples and multiply by `config.scaling_factor`
+  before the denoiser, as diffusers does.
   """
 
   def setup(self):
-    self.encoder = Encoder(self.config, **self.kw)
-    self.decoder = Decoder(self.config, **self.kw)
-    self.quant_conv = nn.Conv(2 * self.config.latent_channels, (1, 1), **self.kw)
-    self.post_quant_conv = nn.Conv(self.config.latent_channels, (1, 1), **self.kw)
+    cfg = self.config
+    self.encoder = Encoder(cfg, **self.kw)
+    self.decoder = Decoder(cfg, **self.kw)
+    if cfg.use_quant_conv:
+      self.quant_conv = nn.Conv(2 * cfg.latent_channels, (1, 1), **self.kw)
+    if cfg.use_post_quant_conv:
+      self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), **self.kw)
 
   def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """images: [B, H, W, 3] in [-1, 1] -> (mean, logvar), each [B, H/8, W/8, 4], float32."""
-    moments = self.quant_conv(self.encoder(images.astype(self.dtype))).astype(jnp.float32)
-    mean, logvar = jnp.split(moments, 2, axis=-1)
+    """images: [B, H, W, 3] in [-1, 1] -> (mean, logvar), each [B, H/8, W/8, latent], float32."""
+    moments = self.encoder(images.astype(self.dtype))
+    if self.config.use_quant_conv:
+      moments = self.quant_conv(moments)
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
   def decode(self, latents: jax.Array) -> jax.Array:
-    """latents: [B, h, w, 4] (unscaled) -> images [B, 8h, 8w, 3]."""
-    return self.decoder(self.post_quant_conv(latents.astype(self.dtype)))
+    """latents: [B, h, w, latent] (unscaled) -> images [B, 8h, 8w, 3]."""
+    latents = latents.astype(self.dtype)
+    if self.config.use_post_quant_conv:
+      latents = self.post_quant_conv(latents)
+    return self.decoder(latents)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Reconstructs images through the posterior mean (used to initialise all params)."""

@@ -30,6 +30,7 @@ INDEXED_MODULES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
     "transformer_blocks", "to_out", "net", "layers",
     "block", "layer",  # transformers' T5 (`encoder.block.0.layer.1`)
+    "single_transformer_blocks",  # Flux
 })
 
 # Names used by older checkpoints (diffusers' legacy VAE attention, diffusers'
@@ -53,6 +54,8 @@ class ComponentSpec:
 
 
 UNET = ComponentSpec("unet")
+# diffusers' FluxTransformer2DModel (folder "transformer").
+FLUX_TRANSFORMER = ComponentSpec("transformer")
 VAE = ComponentSpec("vae")
 TEXT_ENCODER = ComponentSpec("text_encoder", strip_prefix="text_model.",
                              ignore=(r"(^|\.)position_ids$",))

@@ -1,10 +1,10 @@
 """Architecture configs of the real and tiny latent diffusion models, as diffusers writes them.
 
-The SD 1.5, SD 2.1, SDXL base 1.0 and LDM-1.4B entries are the `config.json` contents of the public
-checkpoints (architecture fields only); tests use them to prove that real
+The SD 1.5, SD 2.1, SDXL base 1.0, LDM-1.4B and FLUX.1 entries are the `config.json`
+contents of the public checkpoints (architecture fields only); tests use them to prove that real
 checkpoints convert key for key, and benchmarks build random-weight models of
 those shapes. The tiny entries keep their model's topology (SD 1.5, SD 2.1,
-SDXL, LDM) at toy widths for offline tests and the demo; `TINY_MODELS` lists their
+SDXL, LDM, Flux) at toy widths for offline tests and the demo; `TINY_MODELS` lists their
 names, the one list every other module imports.
 """
 
@@ -161,6 +161,84 @@ def _tiny_sdxl() -> dict:
   return cfg
 
 
+# FLUX.1 ("black-forest-labs/FLUX.1-dev", "FLUX.1-schnell"): a 12e9-parameter rectified-flow
+# transformer (19 double-stream + 38 single-stream blocks, 24 heads of 128) over 2x2-packed
+# 16-channel latents (64 features per token); CLIP ViT-L (`text_encoder`, only its pooled state
+# is used) and T5-XXL (`text_encoder_2`, 4096-wide states); a 16-channel VAE without quant convs
+# that shifts its latents; flow-matching Euler sampling. dev embeds the guidance scale, schnell
+# (timestep-distilled, 4 steps) does not and samples without the resolution shift.
+# transformers' `config.json` of FLUX.1's `text_encoder_2` (google/t5-v1_1-xxl's encoder).
+T5_XXL_CONFIG: dict[str, Any] = {
+    "architectures": ["T5EncoderModel"],
+    "model_type": "t5",
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": True,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "tie_word_embeddings": False,
+}
+
+# The same architecture at test size: d_model 32, 2 layers, 4 heads of 12 (their 48 differ
+# from d_model, so a swapped q/o layout shows), XXL's 32 buckets up to distance 128. The
+# vocabulary, a multiple of 128 as XXL's 32,128 is, holds the tiny T5 tokenizer's ids
+# (`tiny_t5_tokenizer`: 593) with spare rows past them, as T5's table has past its 32,100.
+TINY_T5_CONFIG: dict[str, Any] = {
+    **T5_XXL_CONFIG,
+    "vocab_size": 640, "d_model": 32, "d_kv": 12, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+}
+
+
+_FLUX_DEV = {
+    "transformer": {
+        "patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19,
+        "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
+        "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+        "axes_dims_rope": [16, 56, 56],
+    },
+    "vae": dict(_SD15["vae"], sample_size=1024, latent_channels=16, use_quant_conv=False,
+                use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+                force_upcast=True, mid_block_add_attention=True, latents_mean=None,
+                latents_std=None),
+    "text_encoder": copy.deepcopy(_SD15["text_encoder"]),
+    "text_encoder_2": copy.deepcopy(T5_XXL_CONFIG),
+    "scheduler": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+        "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+        "base_image_seq_len": 256, "max_image_seq_len": 4096,
+    },
+}
+_FLUX_SCHNELL = copy.deepcopy(_FLUX_DEV)
+_FLUX_SCHNELL["transformer"].update(guidance_embeds=False)
+_FLUX_SCHNELL["scheduler"].update(shift=1.0, use_dynamic_shifting=False)
+
+
+def _tiny_flux() -> dict:
+  """FLUX.1-dev's topology at toy widths: 2 double + 2 single blocks, 2 heads of 16 (RoPE axes
+  4 + 6 + 6), a 32-wide CLIP (pooled 32) and 32-wide T5 states, the 16-channel VAE at SD's tiny widths."""
+  cfg = copy.deepcopy(_FLUX_DEV)
+  cfg["transformer"].update(num_layers=2, num_single_layers=2, attention_head_dim=16,
+                            num_attention_heads=2, joint_attention_dim=32,
+                            pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
+  cfg["vae"].update(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8,
+                    sample_size=64)
+  # vocab_size is set by the writer from the tiny tokenizer it writes.
+  cfg["text_encoder"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, projection_dim=32)
+  cfg["text_encoder_2"] = copy.deepcopy(TINY_T5_CONFIG)
+  return cfg
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "sd15": _SD15,
     "sd21": _SD21,
@@ -170,10 +248,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-ldm": _tiny(_LDM, attention_head_dim=2),
     "sdxl": _SDXL,
     "tiny-sdxl": _tiny_sdxl(),
+    "flux-dev": _FLUX_DEV,
+    "flux-schnell": _FLUX_SCHNELL,
+    "tiny-flux": _tiny_flux(),
 }
+# The Flux presets: their pipeline has a `transformer` where the others have a `unet`.
+FLUX_PRESETS = ("flux-dev", "flux-schnell", "tiny-flux")
 # The tiny random-weight models ti_jax writes itself (`ti_jax.weights.tiny_models`):
 # the names `pretrained_model_name_or_path` and `python -m ti_jax.tiny_model --preset` take.
-TINY_MODELS = tuple(name for name in PRESETS if name.startswith("tiny-"))
+# tiny-flux joins them once the writer and the loader build Flux pipelines.
+TINY_MODELS = tuple(name for name in PRESETS
+                    if name.startswith("tiny-") and name not in FLUX_PRESETS)
 
 # Trained models that ship inside the package (diffusers folders): name -> folder.
 # "tiny-world" is the base model of ti_jax's procedural world (`ti_jax.world`).
@@ -184,7 +269,8 @@ SHIPPED_MODELS = {"tiny-world": os.path.join(_PACKAGE_DIR, "world", "assets", "t
 def preset(name: str) -> dict[str, Any]:
   """A deep copy of the named preset's component configs (unet, vae, text_encoder, scheduler).
 
-  SDXL presets also have text_encoder_2.
+  SDXL presets also have text_encoder_2; Flux presets have a transformer instead of a
+  unet and T5 as text_encoder_2.
   """
   if name not in PRESETS:
     raise KeyError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
