@@ -283,6 +283,23 @@ def test_train_sigmas_and_noisy_input_equal_the_scripts(name):
       np.asarray(flow_match.flow_target(x0.numpy(), noise.numpy())), (noise - x0).numpy())
 
 
+def test_draw_train_timesteps_composes_the_scripts_lines():
+  schedule = flow_match.flow_train_schedule(FLUX_DEV)
+  key = jax.random.key(5)
+  for scheme in ("none", "logit_normal", "mode"):
+    idx, sigma, t = flow_match.draw_train_timesteps(key, schedule, scheme, (512,))
+    u = flow_match.timestep_density(scheme, flow_match.density_draw(key, scheme, (512,)))
+    np.testing.assert_array_equal(idx, np.floor(np.asarray(u) * np.float32(1000)))
+    np.testing.assert_array_equal(sigma, schedule.sigmas[idx])
+    np.testing.assert_array_equal(t, schedule.transformer_timesteps[idx])
+    assert idx.dtype == jnp.int32 and 0 <= int(idx.min()) and int(idx.max()) <= 999
+  # One example's draw (shape ()) under jit and vmap, as the trainer draws per example.
+  keys = jax.random.split(key, 8)
+  idx, _, _ = jax.jit(jax.vmap(lambda k: flow_match.draw_train_timesteps(k, schedule, "none")))(
+      keys)
+  assert idx.shape == (8,) and len(set(np.asarray(idx).tolist())) > 1
+
+
 def test_train_indices_stay_in_range():
   u = jnp.asarray([1.0, 1.0000001, -0.0005, -0.5, 0.0, 1 - 2 ** -24], jnp.float32)
   np.testing.assert_array_equal(flow_match.train_indices(u, 1000), [999, 999, 0, 0, 0, 999])

@@ -28,7 +28,8 @@ x_t = (1 - sigma) x0 + sigma noise, sigma in [0, 1] (1 is pure noise).
   `timestep_density` (their `compute_density_for_timestep_sampling`, fed the draws),
   `train_indices` (`(u * num_train_timesteps).long()`), `FlowTrainSchedule` (the
   scheduler's training `timesteps` and `sigmas` that `get_sigmas` looks up), `noisy_latents`,
-  `flow_target` and `loss_weighting` (`compute_loss_weighting_for_sd3`).
+  `flow_target`, `loss_weighting` (`compute_loss_weighting_for_sd3`) and `flow_loss`;
+  `draw_train_timesteps` chains the first three from a PRNG key, one example's at a time.
 
   What the scripts do, precisely: one flag, `--weighting_scheme` (default "none"), picks both
   the timestep density and the loss weighting: "logit_normal" (u = sigmoid(N(logit_mean,
@@ -423,6 +424,26 @@ def train_sigmas(schedule: FlowTrainSchedule, indices: jax.Array
   the transformer's timestep input [B], the scripts' float32 `timesteps[indices] / 1000`
   (which the transformer then casts to its dtype)."""
   return schedule.sigmas[indices], schedule.transformer_timesteps[indices]
+
+
+def draw_train_timesteps(key: jax.Array, schedule: FlowTrainSchedule, scheme: str,
+                         shape: tuple[int, ...] = (), logit_mean: float = DEFAULT_LOGIT_MEAN,
+                         logit_std: float = DEFAULT_LOGIT_STD,
+                         mode_scale: float = DEFAULT_MODE_SCALE,
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The scripts' timestep draw from a PRNG key: draw, density, index, sigma.
+
+  For ti_jax's per-example scheme, call it with one example's key and shape () (as
+  `train_lib._example_noise` draws its timestep from `k_t`), so the draw is a function of
+  (seed, step, example index) alone.
+
+  Returns:
+    (indices int32, sigmas float32, transformer timesteps float32), each of `shape`.
+  """
+  u = timestep_density(scheme, density_draw(key, scheme, shape), logit_mean, logit_std,
+                       mode_scale)
+  indices = train_indices(u, schedule.num_train_timesteps)
+  return (indices,) + train_sigmas(schedule, indices)
 
 
 def _per_example(values: jax.Array, ndim: int) -> jax.Array:
