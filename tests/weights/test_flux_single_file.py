@@ -12,12 +12,15 @@ shapes only, through torch's `meta` device.
 import contextlib
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ti_jax.testing import flux_single_file_models as writer
+from ti_jax.models import t5 as t5_model
+from ti_jax.weights import convert, safetensors_io
 from ti_jax.weights import flux_single_file as fsf
-from ti_jax.weights import safetensors_io
 from ti_jax.weights.pipeline import ModelLoadError
 
 torch = pytest.importorskip("torch")
@@ -222,6 +225,21 @@ def t5():
   return state, model
 
 
+def test_t5_file_converts_onto_ti_jax_t5_encoder(t5):
+  """A file holding only `encoder.embed_tokens.weight`, under ComfyUI's prefix, still fills
+  ti_jax's T5 token table (`shared`) through `convert.T5_ENCODER`."""
+  state, model = t5
+  prefix = fsf.T5_PREFIXES[0]
+  file = {prefix + k: v for k, v in state.items() if k != "shared.weight"}
+  ours = fsf.t5_state_dict(file, "t5xxl_fp16.safetensors")
+  module = t5_model.T5EncoderModel(t5_model.T5EncoderConfig.from_transformers(
+      model.config.to_dict()))
+  shapes = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, 1), jnp.int32)),
+                          jax.random.key(0))["params"]
+  params = convert.convert_torch_state_dict(convert.T5_ENCODER, ours, shapes)
+  np.testing.assert_array_equal(params["shared"]["embedding"], state["shared.weight"])
+
+
 @pytest.mark.parametrize("tables", [("shared.weight",), ("encoder.embed_tokens.weight",),
                                     ("shared.weight", "encoder.embed_tokens.weight")])
 @pytest.mark.parametrize("prefix", fsf.T5_PREFIXES)
@@ -271,6 +289,14 @@ def test_comfyui_files_written_from_a_diffusers_folder(tmp_path, transformers_by
                         components["text_encoder"][1])
     _assert_equal_dicts(fsf.t5_state_dict(files["text_encoder_2"], "t"),
                         components["text_encoder_2"][1])
+  # ComfyUI's all-in-one checkpoint: the four prefixed files in one; each takes its own part.
+  everything = {k: v for f in files.values() for k, v in f.items()}
+  assert fsf.is_flux_transformer(everything) and not fsf.is_flux_transformer(files["vae"])
+  _assert_equal_dicts(fsf.transformer_state_dict(everything, "all")[1], state)
+  _assert_equal_dicts(fsf.vae_state_dict(everything, "all", vae[0],
+                                         {k: v.shape for k, v in vae[1].items()}), vae[1])
+  _assert_equal_dicts(fsf.clip_state_dict(everything, "all"), components["text_encoder"][1])
+  _assert_equal_dicts(fsf.t5_state_dict(everything, "all"), components["text_encoder_2"][1])
 
 
 # ---------------------------------------------------------------------------

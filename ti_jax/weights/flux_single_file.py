@@ -96,6 +96,12 @@ def describe(keys) -> str:
   return "no known model layout"
 
 
+def is_flux_transformer(keys) -> bool:
+  """Whether a file with these keys holds a BFL-layout Flux transformer (any prefix), for routing
+  a single file to this module rather than to the SD loader (`single_file`)."""
+  return any(k in keys for k in (p + TRANSFORMER_MARKER for p in TRANSFORMER_PREFIXES))
+
+
 def _component(state: Mapping[str, np.ndarray], prefixes, markers: tuple[str, ...], wanted: str,
                path: str) -> dict[str, np.ndarray]:
   """The keys of one component with its prefix removed; a one-line refusal if it is not there.
@@ -131,12 +137,12 @@ def _check_expected(renamed: Mapping[str, tuple[int, ...]],
 # ---------------------------------------------------------------------------
 # The transformer.
 #
-# A `Source` names the original key and how its tensor becomes the diffusers one:
+# A `TransformerSource` names the original key and how its tensor becomes the diffusers one:
 #   ""                as is
 #   "rows:a:b/n"      rows a..b of a fused tensor of n rows (q/k/v, the single block's q/k/v/mlp)
 #   "swap"            the two halves of the rows exchanged (diffusers' AdaLayerNormContinuous
 #                     reads scale then shift, BFL's final layer shift then scale)
-Source = tuple[str, str]
+TransformerSource = tuple[str, str]  # (BFL key, op)
 
 _TOP = (  # diffusers module, BFL module (both with weight and bias)
     ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
@@ -223,7 +229,7 @@ def is_full_size(config: Mapping) -> bool:
   return all(config.get(k) == v for k, v in FULL_SIZE.items())
 
 
-def transformer_sources(config: Mapping) -> dict[str, Source]:
+def transformer_sources(config: Mapping) -> dict[str, TransformerSource]:
   """Every diffusers key of the transformer `config` -> (its BFL key, op); the one mapping.
 
   The loader reads it one way (`transformer_state_dict`), the test writer
@@ -231,7 +237,7 @@ def transformer_sources(config: Mapping) -> dict[str, Source]:
   """
   inner = config["attention_head_dim"] * config["num_attention_heads"]
   mlp = MLP_RATIO * inner
-  out: dict[str, Source] = {}
+  out: dict[str, TransformerSource] = {}
 
   def linear(new, old, op=""):
     for leaf in ("weight", "bias"):
@@ -299,7 +305,7 @@ def _check_source_shape(key: str, op: str, shape: tuple[int, ...], path: str):
     raise ModelLoadError(f"{path}: Flux transformer weight {key} has an odd number of rows")
 
 
-def _renamed_transformer(state: Mapping, path: str) -> tuple[dict, dict[str, Source]]:
+def _renamed_transformer(state: Mapping, path: str) -> tuple[dict, dict[str, TransformerSource]]:
   """(config, diffusers key -> source) of a BFL transformer, after checking its keys and shapes."""
   shapes = {k: tuple(v.shape) for k, v in state.items()}
   config = transformer_config(shapes, path)
