@@ -5,17 +5,19 @@ their params, the tokenizer(s) and the scheduler config. It reads Stable
 Diffusion 1.x/2.x folders (`StableDiffusionPipeline`: unet, vae,
 text_encoder = CLIP), Stable Diffusion XL folders (`StableDiffusionXLPipeline`:
 also text_encoder_2 = OpenCLIP bigG with projection, tokenizer_2) and the paper's LDM-1.4B (`LDMTextToImagePipeline`:
-unet, vqvae = a KL autoencoder, bert = LDMBert with a BERT tokenizer); the
+unet, vqvae = a KL autoencoder, bert = LDMBert with a BERT tokenizer) and
+FLUX.1 (`FluxPipeline`: transformer, the 16-channel vae, text_encoder = CLIP-L,
+text_encoder_2 = T5 with a T5 tokenizer_2); the
 components are addressed by role (unet, vae, text_encoder) whatever their
-folder is called. Weights come from
+folder is called. Large components may be sharded (`*.safetensors.index.json`). Weights come from
 PyTorch-layout `.safetensors` (preferred), diffusers/transformers Flax
 `.msgpack`, or, only with `allow_pickle=True` and torch installed, `.bin`
 pickles. Every failure is a `ModelLoadError` whose message is one line.
 
 The loaded model (`StableDiffusion`), `ModelLoadError` and the Flax module
-builders are `ti_jax.weights.pipeline`'s, shared with the single-file loader
-(`single_file`) and the tiny models' writer (`tiny_models`), both of which this
-module dispatches to.
+builders are `ti_jax.weights.pipeline`'s, shared with the single-file loaders
+(`single_file`; FLUX.1's: `flux_files`) and the tiny models' writer (`tiny_models`),
+all of which this module dispatches to.
 """
 
 from __future__ import annotations
@@ -29,30 +31,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from ti_jax.runtime import console, fileio
-from ti_jax.weights import convert, presets, safetensors_io, single_file
+from ti_jax.weights import convert, flux_files, presets, safetensors_io, single_file
 from ti_jax.weights.pipeline import (
   PIPELINE_FOLDERS,
   TOKENIZER_FOLDERS,
   ModelLoadError,
   StableDiffusion,
+  assemble,
   build_modules,
   component_spec,
   download_from_hub,
   param_shapes,
-  text_encoders,
 )
 from ti_jax.weights.tiny_models import ensure_tiny_model
 
 
 # Weight file stems per component: diffusers models vs transformers models.
 _WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                 "text_encoder": "model", "text_encoder_2": "model"}
+                 "text_encoder": "model", "text_encoder_2": "model",
+                 "transformer": "diffusion_pytorch_model"}
 _FLAX_FILES = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
-               "text_encoder": "flax_model.msgpack", "text_encoder_2": "flax_model.msgpack"}
+               "text_encoder": "flax_model.msgpack", "text_encoder_2": "flax_model.msgpack",
+               "transformer": "diffusion_flax_model.msgpack"}
 _BIN_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-              "text_encoder": "pytorch_model", "text_encoder_2": "pytorch_model"}
-# The tokenizer classes a model_index.json may name.
-_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "BertTokenizer", "BertTokenizerFast")
+              "text_encoder": "pytorch_model", "text_encoder_2": "pytorch_model",
+              "transformer": "diffusion_pytorch_model"}
+# The tokenizer classes a model_index.json may name (T5's: FLUX.1's tokenizer_2).
+_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "BertTokenizer", "BertTokenizerFast",
+               "T5TokenizerFast", "T5Tokenizer")
 
 
 def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
@@ -73,6 +79,8 @@ def _hub_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
     patterns += [f"{sub}/config.json", f"{sub}/{stem}{var}.safetensors",
                  f"{sub}/{stem}{var}.safetensors.index.json",
                  f"{sub}/{stem}{var}-*.safetensors"]
+    if variant:  # the libraries' own name of a variant's shard index
+      patterns.append(f"{sub}/{stem}.safetensors.index{var}.json")
   return patterns
 
 
@@ -150,12 +158,19 @@ def read_json(path: str, what: str) -> dict:
 
 
 def safetensors_files(folder: str, stem: str, variant: str | None = None) -> list[str]:
-  """`folder/stem[.variant].safetensors`, or the shards its index names; [] if neither exists."""
+  """`folder/stem[.variant].safetensors`, or the shards its index names; [] if neither exists.
+
+  A variant's index is `stem.variant.safetensors.index.json` or, as diffusers' and
+  transformers' `save_pretrained(variant=..., max_shard_size=...)` name it,
+  `stem.safetensors.index.variant.json`.
+  """
   var = f".{variant}" if variant else ""
   single = os.path.join(folder, f"{stem}{var}.safetensors")
   if os.path.isfile(single):
     return [single]
   index = single + ".index.json"
+  if variant and not os.path.isfile(index):
+    index = os.path.join(folder, f"{stem}.safetensors.index{var}.json")
   if os.path.isfile(index):
     weight_map = read_json(index, "safetensors index").get("weight_map", {})
     # A hand-edited or truncated index must fail here in one line, not as a TypeError
@@ -266,11 +281,12 @@ def read_configs(folder: str) -> dict[str, dict]:
 
 def load_tokenizer(folder: str, model_index: dict | None = None, max_length: int | None = None,
                    subfolder: str = "tokenizer"):
-  """The tokenizer of a diffusers folder: the class model_index.json names (CLIP or BERT).
+  """The tokenizer of a diffusers folder: the class model_index.json names (CLIP, BERT or T5).
 
   `max_length` (the text encoder's positions) caps `model_max_length`: BERT
   tokenizers declare 512, but LDMBert reads 77 tokens, and every prompt is
-  padded or cut to `model_max_length`. `subfolder` "tokenizer_2" is SDXL's second.
+  padded or cut to `model_max_length`. `subfolder` "tokenizer_2" is SDXL's second
+  (and FLUX.1's T5 tokenizer, whose encoder has no positions to cap it: None).
   """
   path = os.path.join(folder, subfolder)
   if not os.path.isdir(path):
@@ -296,17 +312,23 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
                           attention_impl: str | None = None,
                           cache_dir: str = DEFAULT_CACHE_DIR,
                           vae_dtype: Any = None, remat: bool = False,
-                          tokenizer: str | None = None) -> StableDiffusion:
-  """Loads a diffusers-format Stable Diffusion 1.x/2.x/XL or LDM-1.4B text-to-image model.
+                          tokenizer: str | None = None, vae_file: str | None = None,
+                          clip_l_file: str | None = None,
+                          t5_file: str | None = None) -> StableDiffusion:
+  """Loads a diffusers-format Stable Diffusion 1.x/2.x/XL, LDM-1.4B or FLUX.1 text-to-image model.
 
   A file instead of a folder is an original-layout single-file checkpoint
-  (`ti_jax/weights/single_file.py`).
+  (`ti_jax/weights/single_file.py`); FLUX.1's BFL-layout transformer file, with its
+  companions (`vae_file`, `clip_l_file`, `t5_file`), is `ti_jax/weights/flux_files.py`'s.
+  A FLUX.1 model comes back with `transformer`/`transformer_params` set and no UNet
+  (`StableDiffusion.is_flux`).
 
   Args:
     name_or_path: a local diffusers folder or a hub id such as
       "stable-diffusion-v1-5/stable-diffusion-v1-5",
       "stabilityai/stable-diffusion-xl-base-1.0" or
-      "CompVis/ldm-text2im-large-256" (only the needed files are fetched).
+      "CompVis/ldm-text2im-large-256", "black-forest-labs/FLUX.1-schnell" (only the needed
+      files are fetched; never pickles unless `allow_pickle`).
     dtype: compute dtype of the Flax modules (float32 or bfloat16).
     param_dtype: dtype the weights are stored in on the host/device.
     variant: weight file variant, e.g. "fp16" for `*.fp16.safetensors`.
@@ -318,15 +340,25 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
     cache_dir: where the tiny random-weight models are written.
     vae_dtype: compute and param dtype of the VAE (default: `dtype`/`param_dtype`; float32
       for SDXL, whose VAE overflows in half precision).
-    remat: rematerialise the UNet's resnets and transformers when differentiated.
+    remat: rematerialise the UNet's resnets and transformers (Flux: its blocks) when
+      differentiated.
     tokenizer: single files only (a folder has its own): a tokenizer folder or hub id;
       None: the model family's.
+    vae_file, clip_l_file, t5_file: FLUX.1 single files only: the VAE (`ae.safetensors`),
+      CLIP-L (`clip_l.safetensors`) and T5 (`t5xxl_fp16.safetensors`) files; None: the
+      transformer file's own component (an all-in-one file), else the file of that
+      name beside it.
 
   Raises:
     ModelLoadError: with a one-line message for any unusable input.
   """
   # --- single-file checkpoints (A1111/ComfyUI layout): owned by single_file.py ---
   if single_file.is_single_file(name_or_path):
+    if flux_files.is_flux_file(name_or_path):
+      return flux_files.load_flux_single_file(
+          name_or_path, tokenizer=tokenizer, dtype=dtype, param_dtype=param_dtype,
+          allow_pickle=allow_pickle, attention_impl=attention_impl, vae_dtype=vae_dtype,
+          remat=remat, vae_file=vae_file, clip_l_file=clip_l_file, t5_file=t5_file)
     return single_file.load_single_file(
         name_or_path, tokenizer=tokenizer, dtype=dtype, param_dtype=param_dtype,
         allow_pickle=allow_pickle, attention_impl=attention_impl, vae_dtype=vae_dtype,
@@ -337,7 +369,8 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
   configs = read_configs(folder)
   folders = component_folders(configs["model_index"])
   if vae_dtype is None and "text_encoder_2" in folders:
-    vae_dtype = jnp.float32  # SDXL's VAE overflows in fp16 (diffusers' force_upcast)
+    # SDXL's VAE overflows in fp16 (diffusers' force_upcast), as does FLUX.1's (force_upcast).
+    vae_dtype = jnp.float32
   modules = build_modules(configs, dtype=dtype, param_dtype=param_dtype,
                           attention_impl=attention_impl, vae_dtype=vae_dtype, remat=remat)
   shapes = param_shapes(modules)
@@ -359,12 +392,8 @@ def load_stable_diffusion(name_or_path: str, *, dtype: Any = jnp.float32,
       raise ModelLoadError(f"{folder}: {e}") from None
     params[comp] = tree
   tokenizers = {role: load_tokenizer(folder, configs["model_index"],
-                                     modules[role].config.max_position_embeddings, sub)
+                                     getattr(modules[role].config, "max_position_embeddings",
+                                             None), sub)
                 for role, sub in TOKENIZER_FOLDERS.items() if role in modules}
-  return StableDiffusion(
-      source=name_or_path, path=folder,
-      unet=modules["unet"], unet_params=params["unet"],
-      vae=modules["vae"], vae_params=params["vae"],
-      text_encoders=text_encoders(modules, params, tokenizers),
-      scheduler_config=configs["scheduler"],
-      model_index=configs["model_index"])
+  return assemble(name_or_path, folder, modules, params, tokenizers, configs["scheduler"],
+                  configs["model_index"])

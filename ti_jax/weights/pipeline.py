@@ -2,7 +2,8 @@
 
 `StableDiffusion` is what `ti_jax.weights.loading` (diffusers folders and hub
 ids) and `ti_jax.weights.single_file` (original-layout checkpoint files)
-return; `build_modules` turns component configs into the Flax modules and
+return, for FLUX.1 too (family "flux": a `transformer` where the others have a
+`unet`, CLIP-L and T5 as its two `TextEncoder` records); `build_modules` turns component configs into the Flax modules and
 `param_shapes` gives their param trees without allocating them, for those two
 loaders and for the tiny models' writer (`ti_jax.weights.tiny_models`).
 `download_from_hub` fetches a repo's files for either loader. Every failure is a
@@ -25,8 +26,10 @@ import jax.numpy as jnp
 from ti_jax import errors
 from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from ti_jax.models.config_utils import UnsupportedConfigError
+from ti_jax.models.flux import FluxConfig, FluxTransformer2DModel
 from ti_jax.models.layers import resolve_attention_impl
 from ti_jax.models.ldm_bert import LDMBertConfig, LDMBertModel, is_ldm_bert_config
+from ti_jax.models.t5 import T5EncoderConfig, T5EncoderModel
 from ti_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ti_jax.models.vae import AutoencoderKL, VAEConfig
 from ti_jax.runtime import console
@@ -37,8 +40,11 @@ class ModelLoadError(errors.UserError):
   """A model folder, file or config cannot be used; the message is one line for the user."""
 
 
-# The roles every supported pipeline has; SDXL adds text_encoder_2.
+# The roles every supported pipeline has; SDXL adds text_encoder_2. FLUX.1 has a
+# transformer where these have a unet (`DENOISERS`).
 COMPONENTS = ("unet", "vae", "text_encoder")
+# The denoiser role of each family: the UNet (SD, SDXL, LDM) or Flux's transformer.
+DENOISERS = ("unet", "transformer")
 # The tokenizer folder of each text encoder role.
 TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
@@ -48,9 +54,17 @@ PIPELINE_FOLDERS = {
     "LDMTextToImagePipeline": {"unet": "unet", "vae": "vqvae", "text_encoder": "bert"},
     "StableDiffusionXLPipeline": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder",
                                   "text_encoder_2": "text_encoder_2"},
+    # FLUX.1: text_encoder is CLIP-L (only its pooled output is used), text_encoder_2 T5.
+    "FluxPipeline": {"transformer": "transformer", "vae": "vae", "text_encoder": "text_encoder",
+                     "text_encoder_2": "text_encoder_2"},
 }
 # Model families (`StableDiffusion.family`).
-FAMILIES = ("sd1", "sd2", "sdxl", "ldm")
+FAMILIES = ("sd1", "sd2", "sdxl", "ldm", "flux")
+
+
+def is_t5_config(config: dict) -> bool:
+  """Whether a text encoder's config.json is a T5 encoder's (FLUX.1's text_encoder_2)."""
+  return config.get("model_type") == "t5"
 
 
 def component_spec(component: str, config: dict) -> convert.ComponentSpec:
@@ -58,8 +72,9 @@ def component_spec(component: str, config: dict) -> convert.ComponentSpec:
   if component == "text_encoder":
     return convert.LDM_BERT if is_ldm_bert_config(config) else convert.TEXT_ENCODER
   if component == "text_encoder_2":
-    return convert.TEXT_ENCODER_2
-  return {"unet": convert.UNET, "vae": convert.VAE}[component]
+    return convert.T5_ENCODER if is_t5_config(config) else convert.TEXT_ENCODER_2
+  return {"unet": convert.UNET, "vae": convert.VAE,
+          "transformer": convert.FLUX_TRANSFORMER}[component]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,19 +82,30 @@ class TextEncoder:
   """One text encoder of a pipeline with its tokenizer: the unit a pseudo-word lives in.
 
   SD 1/2 and the LDM have one, SDXL two (CLIP ViT-L/14, then OpenCLIP ViT-bigG/14
-  with its projection). Whatever repeats per encoder (placeholder ids, initial and
+  with its projection), FLUX.1 two (CLIP ViT-L/14, read for its pooled output, then
+  the T5 v1.1 XXL encoder, read for its states). Whatever repeats per encoder (placeholder ids, initial and
   learned vectors, embedding-file parts) is a tuple indexed like
   `StableDiffusion.text_encoders`, so a third kind of encoder is one more record.
   """
   role: str  # the pipeline's component role: "text_encoder", "text_encoder_2"
-  module: CLIPTextModel | LDMBertModel  # same calling convention (inputs_embeds, mask)
+  # Same calling convention (input_ids, inputs_embeds); each names its token table's
+  # place in its params (`TOKEN_TABLE_PATH`).
+  module: CLIPTextModel | LDMBertModel | T5EncoderModel
   params: Any
-  tokenizer: Any  # a transformers CLIP or BERT tokenizer (None where only shapes are built)
+  tokenizer: Any  # a transformers CLIP, BERT or T5 tokenizer (None where only shapes are built)
 
   @property
   def width(self) -> int:
-    """The token embedding width D (768 for SD 1.x's CLIP ViT-L, 1280 for SDXL's bigG)."""
+    """The token embedding width D (768 for SD 1.x's CLIP ViT-L, 1280 for SDXL's bigG,
+    4096 for FLUX.1's T5)."""
+    if isinstance(self.module, T5EncoderModel):
+      return int(self.module.config.d_model)
     return int(self.module.config.hidden_size)
+
+  @property
+  def is_t5(self) -> bool:
+    """Whether this is a T5 encoder (no positions, no pooled output, no bos token)."""
+    return isinstance(self.module, T5EncoderModel)
 
   @property
   def suffix(self) -> str:
@@ -97,16 +123,24 @@ class StableDiffusion:
   `TextEncoder` per encoder, in the pipeline's order (SDXL: two; the second
   is a `CLIPTextModel` with `projection_dim`, transformers'
   `CLIPTextModelWithProjection`). SDXL's conditioning: `ti_jax.models.sdxl`.
+
+  FLUX.1 (`family == "flux"`) is the same record with its denoiser in
+  `transformer`/`transformer_params` and `unet`/`unet_params` None: the VAE, the
+  text-encoder records (CLIP-L, then T5), the scheduler config and the tokenizer
+  copies are handled as for the other families, and the denoiser is the one thing a
+  caller picks by family.
   """
   source: str  # what the user passed: a folder or a hub id
   path: str  # the local diffusers folder
-  unet: UNet2DConditionModel
+  unet: UNet2DConditionModel | None  # None for FLUX.1
   unet_params: Any
   vae: AutoencoderKL
   vae_params: Any
   text_encoders: tuple[TextEncoder, ...]
   scheduler_config: dict
   model_index: dict
+  transformer: FluxTransformer2DModel | None = None  # FLUX.1's denoiser
+  transformer_params: Any = None
 
   # The first encoder, which every family has (its module, params and tokenizer).
   @property
@@ -130,8 +164,13 @@ class StableDiffusion:
 
   @property
   def family(self) -> str:
-    """"sd1", "sd2", "sdxl" or "ldm" (see `model_family`)."""
+    """"sd1", "sd2", "sdxl", "ldm" or "flux" (see `model_family`)."""
     return model_family(self.model_index, self.text_encoder.config)
+
+  @property
+  def is_flux(self) -> bool:
+    """Whether this is FLUX.1 (a transformer denoiser, CLIP-L + T5, rectified flow)."""
+    return self.family == "flux"
 
   @property
   def is_sdxl(self) -> bool:
@@ -145,6 +184,18 @@ def text_encoders(modules: dict, params: dict, tokenizers: dict) -> tuple[TextEn
                for role in TOKENIZER_FOLDERS if role in modules)
 
 
+def assemble(source: str, path: str, modules: dict, params: dict, tokenizers: dict,
+             scheduler_config: dict, model_index: dict) -> StableDiffusion:
+  """The loaded model from per-role dicts (a UNet or, for FLUX.1, a transformer)."""
+  return StableDiffusion(
+      source=source, path=path,
+      unet=modules.get("unet"), unet_params=params.get("unet"),
+      vae=modules["vae"], vae_params=params["vae"],
+      text_encoders=text_encoders(modules, params, tokenizers),
+      scheduler_config=scheduler_config, model_index=model_index,
+      transformer=modules.get("transformer"), transformer_params=params.get("transformer"))
+
+
 def model_family(model_index: dict, text_encoder_config: Any) -> str:
   """The family of a model: its pipeline class, and for SD 1/2 the text encoder.
 
@@ -156,6 +207,8 @@ def model_family(model_index: dict, text_encoder_config: Any) -> str:
     return "sdxl"
   if cls == "LDMTextToImagePipeline":
     return "ldm"
+  if cls == "FluxPipeline":
+    return "flux"
   return "sd2" if getattr(text_encoder_config, "hidden_act", None) == "gelu" else "sd1"
 
 
@@ -191,7 +244,12 @@ def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
   `vae_dtype` (default: `dtype`) sets the VAE's compute and param dtype apart
   from the UNet and text encoder. `remat` rematerialises the UNet's blocks in
   the backward pass (less activation memory, more compute).
+  With a "transformer" config (FLUX.1) the denoiser is Flux's transformer and
+  text_encoder_2 is T5 (`build_flux_modules`).
   """
+  if "transformer" in configs:
+    return build_flux_modules(configs, dtype=dtype, param_dtype=param_dtype,
+                              attention_impl=attention_impl, vae_dtype=vae_dtype, remat=remat)
   ldm_bert = is_ldm_bert_config(configs["text_encoder"])
   try:
     unet_cfg = UNetConfig.from_diffusers(configs["unet"])
@@ -218,6 +276,48 @@ def build_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
   if text_2_cfg is not None:
     modules["text_encoder_2"] = CLIPTextModel(text_2_cfg, attention_impl=attention_impl, **kw)
   return modules
+
+
+def build_flux_modules(configs: dict[str, dict], *, dtype: Any = jnp.float32,
+                       param_dtype: Any = jnp.float32, attention_impl: str | None = None,
+                       vae_dtype: Any = None, remat: bool = False) -> dict[str, Any]:
+  """FLUX.1's Flax modules from its config dicts: transformer, vae, CLIP-L, T5 (`build_modules`).
+
+  The transformer reads T5's states (`joint_attention_dim` = T5's `d_model`) and
+  CLIP's pooled output (`pooled_projection_dim` = CLIP's `hidden_size`); a pair that
+  does not fit is a one-line `ModelLoadError`. `remat` rematerialises the
+  transformer's blocks.
+  """
+  if not is_t5_config(configs.get("text_encoder_2", {})):
+    raise ModelLoadError("a Flux pipeline needs a T5 text_encoder_2 (T5EncoderModel)")
+  try:
+    flux_cfg = FluxConfig.from_diffusers(configs["transformer"])
+    vae_cfg = VAEConfig.from_diffusers(configs["vae"])
+    clip_cfg = CLIPTextConfig.from_transformers(configs["text_encoder"])
+  except UnsupportedConfigError as e:
+    raise ModelLoadError(str(e)) from None
+  try:
+    t5_cfg = T5EncoderConfig.from_transformers(configs["text_encoder_2"])
+  except UnsupportedConfigError as e:
+    raise ModelLoadError(str(e).replace("text encoder config", "text_encoder_2 config")) from None
+  if t5_cfg.d_model != flux_cfg.joint_attention_dim:
+    raise ModelLoadError(f"text_encoder_2 (T5) width {t5_cfg.d_model} does not match the "
+                         f"transformer's joint_attention_dim {flux_cfg.joint_attention_dim}")
+  if clip_cfg.hidden_size != flux_cfg.pooled_projection_dim:
+    raise ModelLoadError(f"text_encoder (CLIP) width {clip_cfg.hidden_size} does not match the "
+                         f"transformer's pooled_projection_dim {flux_cfg.pooled_projection_dim}")
+  if vae_cfg.latent_channels * 4 != flux_cfg.in_channels:
+    raise ModelLoadError(f"the VAE's {vae_cfg.latent_channels} latent channels, packed 2x2, are "
+                         f"not the transformer's {flux_cfg.in_channels} input channels")
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  attention_impl = resolve_attention_impl(attention_impl)
+  return {
+      "transformer": FluxTransformer2DModel(flux_cfg, attention_impl=attention_impl, remat=remat,
+                                            **kw),
+      "vae": AutoencoderKL(vae_cfg, dtype=vae_dtype or dtype, param_dtype=vae_dtype or param_dtype),
+      "text_encoder": CLIPTextModel(clip_cfg, attention_impl=attention_impl, **kw),
+      "text_encoder_2": T5EncoderModel(t5_cfg, attention_impl=attention_impl, **kw),
+  }
 
 
 def _check_widths(unet_cfg: UNetConfig, text_cfg: Any, text_2_cfg: CLIPTextConfig | None) -> None:
@@ -258,8 +358,19 @@ def unet_dummy_inputs(config: UNetConfig, batch: int = 1, size: int | None = Non
   return inputs
 
 
+def flux_dummy_inputs(config: FluxConfig, batch: int = 1) -> tuple:
+  """Zero inputs of the Flux transformer's shapes, one image and one text token (for init, tracing)."""
+  guidance = jnp.zeros((batch,)) if config.guidance_embeds else None
+  return (jnp.zeros((batch, 1, config.in_channels)),
+          jnp.zeros((batch, 1, config.joint_attention_dim)),
+          jnp.zeros((batch, config.pooled_projection_dim)), jnp.zeros((batch,)),
+          jnp.zeros((1, 3)), jnp.zeros((1, 3)), guidance)
+
+
 def _init_fn(role: str, module) -> Callable[[jax.Array], Any]:
   """`rng -> {"params": ...}` of one component on minimal dummy inputs (shapes only matter)."""
+  if role == "transformer":
+    return lambda rng: module.init(rng, *flux_dummy_inputs(module.config))
   if role == "unet":
     return lambda rng: module.init(rng, *unet_dummy_inputs(module.config))
   if role == "vae":
@@ -280,4 +391,5 @@ def param_shapes(modules: dict[str, Any]) -> dict[str, Any]:
   """Per component, the param tree of `jax.ShapeDtypeStruct`s (no memory is allocated)."""
   # Fresh containers for each caller: they may edit their copy.
   return {name: jax.tree_util.tree_map(lambda x: x, _component_shapes(name, modules[name]))
-          for name in ("unet", "vae") + tuple(r for r in TOKENIZER_FOLDERS if r in modules)}
+          for name in tuple(r for r in DENOISERS if r in modules) + ("vae",)
+          + tuple(r for r in TOKENIZER_FOLDERS if r in modules)}
