@@ -36,8 +36,12 @@ default the family's own (`DEFAULT_TOKENIZERS`), of which only tokenizer
 files are fetched. SDXL's loading needs the SDXL models and presets ("sdxl",
 "tiny-sdxl"); without them an SDXL file is refused in one line.
 
+FLUX.1's single files (`double_blocks.` keys) are `flux_files`'s: the loader
+(`loading.load_stable_diffusion`) sends them there before they reach this module,
+which refuses them as it refuses SD3's.
+
 Anything else (inpainting or depth UNets, the SDXL refiner, upscalers,
-diffusion transformers such as SD3/Flux, a diffusers component file) is
+diffusion transformers such as SD3, a diffusers component file) is
 refused with one line naming what was found.
 """
 
