@@ -29,7 +29,8 @@ def main(argv):
   except OSError as e:  # e.g. a read-only parent folder, or a file where a subfolder goes
     raise SystemExit(f"error: cannot write the model to {f.out_dir}: "
                      f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
-  family = {"tiny-ldm": "LDM", "tiny-sdxl": "Stable Diffusion XL"}.get(f.preset, "Stable Diffusion")
+  family = {"tiny-ldm": "LDM", "tiny-sdxl": "Stable Diffusion XL",
+            "tiny-flux": "FLUX.1"}.get(f.preset, "Stable Diffusion")
   print(f"wrote tiny random-weight {family} "
         f"({f.preset}) to {f.out_dir}")
 
@@ -43,7 +44,9 @@ if __name__ == "__main__":
                     "tiny-sd15: SD 1.x topology (conv proj, quick_gelu, epsilon); "
                     "tiny-sd21: SD 2.x topology (linear proj, per-block heads, upcast "
                     "attention, gelu, v-prediction); tiny-sdxl: SDXL topology (two text "
-                    "encoders, the second with projection, added size/crop conditioning, Euler).")
+                    "encoders, the second with projection, added size/crop conditioning, Euler); "
+                    "tiny-flux: FLUX.1-dev topology (double and single-stream transformer, "
+                    "16-channel VAE, CLIP-L + T5 with a tiny T5 tokenizer, flow matching).")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing model in --out_dir.")
   app.run(main, flags_parser=cli.flags_parser)

@@ -256,9 +256,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 FLUX_PRESETS = ("flux-dev", "flux-schnell", "tiny-flux")
 # The tiny random-weight models ti_jax writes itself (`ti_jax.weights.tiny_models`):
 # the names `pretrained_model_name_or_path` and `python -m ti_jax.tiny_model --preset` take.
-# tiny-flux joins them once the writer and the loader build Flux pipelines.
-TINY_MODELS = tuple(name for name in PRESETS
-                    if name.startswith("tiny-") and name not in FLUX_PRESETS)
+# tiny-flux writes a FluxPipeline folder (its T5 tokenizer: `tiny_t5_tokenizer`).
+TINY_MODELS = tuple(name for name in PRESETS if name.startswith("tiny-"))
 
 # Trained models that ship inside the package (diffusers folders): name -> folder.
 # "tiny-world" is the base model of ti_jax's procedural world (`ti_jax.world`).

@@ -6,7 +6,10 @@ scheduler/) loads in ti_jax and in diffusers' PyTorch
 paper's LDM layout instead (vqvae/, bert/ with an LDMBert, a BERT
 tokenizer) for `LDMTextToImagePipeline.from_pretrained`, and "tiny-sdxl"
 SDXL's (also text_encoder_2/ with projection, tokenizer_2/, Euler) for
-`StableDiffusionXLPipeline.from_pretrained`. The offline quick start (the
+`StableDiffusionXLPipeline.from_pretrained`, and "tiny-flux" FLUX.1-dev's
+(transformer/, the 16-channel vae/, CLIP text_encoder/, T5 text_encoder_2/ with
+the tiny T5 tokenizer in tokenizer_2/, flow-matching Euler) for
+`FluxPipeline.from_pretrained`. The offline quick start (the
 configs' `:tiny` variants, `load_stable_diffusion("tiny-sd15")`), tests and CI
 run the real loading code without the network. The weights are random: images
 made with it are noise-like by design.
@@ -31,6 +34,7 @@ from ti_jax.weights.pipeline import (
   component_spec,
   param_shapes,
 )
+from ti_jax.weights.tiny_t5_tokenizer import write_tiny_t5_tokenizer
 from ti_jax.weights.tiny_tokenizer import (
   write_tiny_bert_tokenizer,
   write_tiny_clip_tokenizer,
@@ -54,16 +58,22 @@ def write_json(path: str, obj: dict) -> None:
     f.write("\n")
 
 
-def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writer) -> None:
+def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writer,
+                       tokenizer_2_writer=None) -> None:
   """Writes a diffusers folder from component configs and ti_jax Flax params.
 
   Args:
     out_dir: destination folder (created).
     configs: {"unet", "vae", "text_encoder", "scheduler"} config dicts (SDXL: also
-      "text_encoder_2").
+      "text_encoder_2"; FLUX.1: "transformer" instead of "unet", T5's "text_encoder_2").
     params: {"unet", "vae", "text_encoder"[, "text_encoder_2"]} Flax param trees.
     tokenizer_writer: `fn(tokenizer_dir)` that writes the tokenizer files.
+    tokenizer_2_writer: the same for tokenizer_2/ (default: `tokenizer_writer`; FLUX.1: T5's).
   """
+  if "transformer" in configs:
+    write_flux_folder(out_dir, configs, params, tokenizer_writer,
+                      tokenizer_2_writer or write_tiny_t5_tokenizer)
+    return
   os.makedirs(out_dir, exist_ok=True)
   ldm = configs["text_encoder"].get("model_type") == "ldmbert"
   sdxl = "text_encoder_2" in configs
@@ -141,6 +151,52 @@ def write_model_folder(out_dir: str, configs: dict, params: dict, tokenizer_writ
   })
 
 
+def _write_component(sub: str, comp: str, config: dict, params) -> None:
+  """One FLUX.1 component folder: config.json and float32 safetensors weights."""
+  os.makedirs(sub, exist_ok=True)
+  spec = component_spec(comp, config)
+  state = {k: np.asarray(v, np.float32) for k, v in
+           convert.flax_params_to_torch_state_dict(spec, params).items()}
+  if comp in ("transformer", "vae"):
+    name = {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL"}[comp]
+    cfg = dict(config, _class_name=name, _diffusers_version=_DIFFUSERS_VERSION)
+    weights = "diffusion_pytorch_model.safetensors"
+  else:
+    cfg = dict(config, transformers_version=_TRANSFORMERS_VERSION, dtype="float32")
+    if comp == "text_encoder":
+      cfg.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+    weights = "model.safetensors"  # T5: `shared.weight` only, as transformers saves it (tied)
+  safetensors_io.save(os.path.join(sub, weights), state, {"format": "pt"})
+  write_json(os.path.join(sub, "config.json"), cfg)
+
+
+def write_flux_folder(out_dir: str, configs: dict, params: dict, tokenizer_writer,
+                      tokenizer_2_writer) -> None:
+  """Writes a diffusers `FluxPipeline` folder (see `write_model_folder`)."""
+  os.makedirs(out_dir, exist_ok=True)
+  folders = PIPELINE_FOLDERS["FluxPipeline"]
+  for comp, sub in folders.items():
+    _write_component(os.path.join(out_dir, sub), comp, configs[comp], params[comp])
+  os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+  write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"),
+             dict(configs["scheduler"], _diffusers_version=_DIFFUSERS_VERSION))
+  tokenizer_writer(os.path.join(out_dir, "tokenizer"))
+  tokenizer_2_writer(os.path.join(out_dir, "tokenizer_2"))
+  write_json(os.path.join(out_dir, "model_index.json"), {
+      "_class_name": "FluxPipeline",
+      "_diffusers_version": _DIFFUSERS_VERSION,
+      "feature_extractor": [None, None],
+      "image_encoder": [None, None],
+      "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
+      "text_encoder": ["transformers", "CLIPTextModel"],
+      "text_encoder_2": ["transformers", "T5EncoderModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"],
+      "tokenizer_2": ["transformers", "T5TokenizerFast"],
+      "transformer": ["diffusers", "FluxTransformer2DModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+  })
+
+
 def random_params(shapes, rng: np.random.Generator):
   """Random weights for a param-shape tree, drawn with numpy.
 
@@ -167,8 +223,11 @@ def write_tiny_model(out_dir: str, preset: str = "tiny-sd15", seed: int = 0) -> 
   tokenizer_writer = write_tiny_bert_tokenizer if ldm else write_tiny_clip_tokenizer
   with tempfile.TemporaryDirectory() as tmp:
     vocab_size = tokenizer_writer(tmp)
-  # SDXL's two encoders share the tiny tokenizer (written twice, as tokenizer and tokenizer_2).
-  text_roles = [r for r in ("text_encoder", "text_encoder_2") if r in configs]
+  # SDXL's two encoders share the tiny tokenizer (written twice, as tokenizer and tokenizer_2);
+  # FLUX.1's T5 has its own (its preset's vocabulary holds the tiny T5 tokenizer's ids).
+  flux = "transformer" in configs
+  text_roles = [r for r in ("text_encoder", "text_encoder_2") if r in configs
+                and not (flux and r == "text_encoder_2")]
   for role in text_roles:
     configs[role]["vocab_size"] = vocab_size
     if not ldm:
