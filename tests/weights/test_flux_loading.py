@@ -15,6 +15,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +26,10 @@ from conftest import record_parity
 
 from ti_jax.models import flux
 from ti_jax.testing import flux_single_file_models as writer
-from ti_jax.weights import presets, safetensors_io, tiny_models
+from ti_jax.weights import flux_files, pipeline, presets, safetensors_io, tiny_models
+from ti_jax.weights import flux_single_file as fsf
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion, resolve_model_dir
+from ti_jax.weights.original_layout import torch_shapes
 from ti_jax.weights.tiny_t5_tokenizer import write_tiny_t5_tokenizer
 from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
 
@@ -315,7 +319,44 @@ def test_tiny_flux_folder_loads_in_diffusers_and_ti_jax_with_equal_outputs(tmp_p
   _compare_outputs(pipe, sd, "tiny-flux writer")
 
 
+def test_cli_writes_the_tiny_flux_folder(tmp_path):
+  out = str(tmp_path / "flux")
+  cmd = [sys.executable, "-m", "ti_jax.tiny_model", "--out_dir", out, "--preset", "tiny-flux"]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  assert "wrote tiny random-weight FLUX.1 (tiny-flux)" in done.stdout
+  assert {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+          "scheduler"} <= set(os.listdir(out))
+  assert not os.path.isdir(os.path.join(out, "unet"))
+
+
 def test_tiny_flux_is_a_tiny_model_and_the_sd_ones_are_unchanged():
   assert "tiny-flux" in presets.TINY_MODELS and "tiny-flux" in tiny_models.TINY_PRESETS
   assert [m for m in presets.TINY_MODELS if m != "tiny-flux"] == [
       "tiny-sd15", "tiny-sd21", "tiny-ldm", "tiny-sdxl"]
+
+
+# --- Full size, on shapes only.
+
+
+@pytest.mark.parametrize("name", ["flux-dev", "flux-schnell"])
+def test_full_size_files_pick_their_preset_and_fit_the_built_model(name):
+  """FLUX.1's files, as shapes, give back the preset's configs, and every renamed key fits the
+  model `build_modules` makes of them (`jax.eval_shape`: nothing is allocated)."""
+  configs = presets.preset(name)
+  shapes = pipeline.param_shapes(pipeline.build_modules(configs))
+  want = {comp: torch_shapes(pipeline.component_spec(comp, configs[comp]), tree)
+          for comp, tree in shapes.items()}
+  fake = lambda named: {k: np.broadcast_to(np.float32(0), s) for k, s in named.items()}
+  found, renamed = fsf.transformer_shapes(
+      writer.bfl_shapes(want["transformer"], configs["transformer"]), "flux1.safetensors",
+      expected=want["transformer"])
+  assert renamed == want["transformer"]
+  ae = writer.original_vae_state_dict(fake(want["vae"]), configs["vae"])
+  picked, got = flux_files.flux_configs(found, {k: v.shape for k, v in ae.items()},
+                                        fake(want["text_encoder"]),
+                                        fake(want["text_encoder_2"]), "ae.safetensors")
+  assert picked == name and got == configs
+  assert {p: len(t) for p, t in want.items()} == {
+      "transformer": 1156 + (4 if name == "flux-dev" else 0), "vae": 244,
+      "text_encoder": 196, "text_encoder_2": 219}
