@@ -137,12 +137,14 @@ def _compare_outputs(pipe, sd, name: str):
   with torch.no_grad(), _ti_jax_time_features(pipe.transformer):
     ref = pipe.transformer(
         hidden_states=FluxPipeline._pack_latents(torch.from_numpy(latents), 1, 16, LATENT, LATENT),
-        encoder_hidden_states=torch.from_numpy(ref_t5), pooled_projections=torch.from_numpy(ref_clip),
+        encoder_hidden_states=torch.from_numpy(ref_t5),
+        pooled_projections=torch.from_numpy(ref_clip),
         timestep=torch.from_numpy(t), img_ids=img_ids, txt_ids=torch.from_numpy(txt_ids),
         guidance=torch.from_numpy(guidance)).sample.numpy()
+  packed = flux.pack_latents(jnp.asarray(latents.transpose(0, 2, 3, 1)))
   ours = sd.transformer.apply(
-      {"params": sd.transformer_params}, flux.pack_latents(jnp.asarray(latents.transpose(0, 2, 3, 1))),
-      ref_t5, ref_clip, t, flux.latent_image_ids(LATENT // 2, LATENT // 2), txt_ids, guidance)
+      {"params": sd.transformer_params}, packed, ref_t5, ref_clip, t,
+      flux.latent_image_ids(LATENT // 2, LATENT // 2), txt_ids, guidance)
   record_parity(f"{name} transformer float32", rel_err(ours, ref), TOL)
   # The VAE: the posterior mean of an image, and the decoding of latents.
   images = rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
@@ -181,7 +183,8 @@ def test_sharded_variant_folder_loads_the_same_params(saved, loaded):
   sharded = saved[2]
   assert os.path.isfile(os.path.join(sharded, "transformer",
                                      "diffusion_pytorch_model.safetensors.index.fp16.json"))
-  assert os.path.isfile(os.path.join(sharded, "text_encoder_2", "model.safetensors.index.fp16.json"))
+  assert os.path.isfile(os.path.join(sharded, "text_encoder_2",
+                                     "model.safetensors.index.fp16.json"))
   _assert_same_params(load_stable_diffusion(sharded, variant="fp16"), loaded)
 
 
@@ -277,7 +280,8 @@ def test_a_missing_companion_file_is_a_one_line_error(saved, comfyui_files, tmp_
                   str(tmp_path / "t5.safetensors"), tokenizer=saved[1],
                   vae_file=comfyui_files["vae"], t5_file=str(tmp_path / "t5.safetensors"))
   # A companion of the wrong kind is named for what it is.
-  _one_line_error(comfyui_files["transformer"], "t5xxl_fp16.safetensors: a T5 encoder, not a CLIP text encoder",
+  _one_line_error(comfyui_files["transformer"],
+                  "t5xxl_fp16.safetensors: a T5 encoder, not a CLIP text encoder",
                   tokenizer=saved[1], clip_l_file=comfyui_files["text_encoder_2"])
 
 

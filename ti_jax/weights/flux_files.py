@@ -1,4 +1,4 @@
-"""FLUX.1 from the single files users keep for ComfyUI, as `pipeline.StableDiffusion` (family "flux").
+"""FLUX.1 from the single files users keep for ComfyUI, as `pipeline.StableDiffusion` ("flux").
 
 ComfyUI users keep FLUX.1 as four files: the transformer in Black Forest
 Labs' layout (`flux1-dev.safetensors`, `flux1-schnell.safetensors`, or ComfyUI's

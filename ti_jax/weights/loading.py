@@ -7,12 +7,11 @@ text_encoder = CLIP), Stable Diffusion XL folders (`StableDiffusionXLPipeline`:
 also text_encoder_2 = OpenCLIP bigG with projection, tokenizer_2) and the paper's LDM-1.4B (`LDMTextToImagePipeline`:
 unet, vqvae = a KL autoencoder, bert = LDMBert with a BERT tokenizer) and
 FLUX.1 (`FluxPipeline`: transformer, the 16-channel vae, text_encoder = CLIP-L,
-text_encoder_2 = T5 with a T5 tokenizer_2); the
-components are addressed by role (unet, vae, text_encoder) whatever their
-folder is called. Large components may be sharded (`*.safetensors.index.json`). Weights come from
-PyTorch-layout `.safetensors` (preferred), diffusers/transformers Flax
-`.msgpack`, or, only with `allow_pickle=True` and torch installed, `.bin`
-pickles. Every failure is a `ModelLoadError` whose message is one line.
+text_encoder_2 = T5 with a T5 tokenizer_2); the components are addressed by
+role (unet, vae, text_encoder) whatever their folder is called. Large components
+may be sharded (`*.safetensors.index.json`). Weights come from PyTorch-layout
+`.safetensors` (preferred), diffusers/transformers Flax `.msgpack`, or, only
+with `allow_pickle=True` and torch installed, `.bin` pickles. Every failure is a `ModelLoadError` whose message is one line.
 
 The loaded model (`StableDiffusion`), `ModelLoadError` and the Flax module
 builders are `ti_jax.weights.pipeline`'s, shared with the single-file loaders

@@ -3,8 +3,8 @@
 `StableDiffusion` is what `ti_jax.weights.loading` (diffusers folders and hub
 ids) and `ti_jax.weights.single_file` (original-layout checkpoint files)
 return, for FLUX.1 too (family "flux": a `transformer` where the others have a
-`unet`, CLIP-L and T5 as its two `TextEncoder` records); `build_modules` turns component configs into the Flax modules and
-`param_shapes` gives their param trees without allocating them, for those two
+`unet`, CLIP-L and T5 as its two `TextEncoder` records); `build_modules` turns
+component configs into the Flax modules and `param_shapes` gives their param trees without allocating them, for those two
 loaders and for the tiny models' writer (`ti_jax.weights.tiny_models`).
 `download_from_hub` fetches a repo's files for either loader. Every failure is a
 `ModelLoadError` whose message is one line.
@@ -83,8 +83,8 @@ class TextEncoder:
 
   SD 1/2 and the LDM have one, SDXL two (CLIP ViT-L/14, then OpenCLIP ViT-bigG/14
   with its projection), FLUX.1 two (CLIP ViT-L/14, read for its pooled output, then
-  the T5 v1.1 XXL encoder, read for its states). Whatever repeats per encoder (placeholder ids, initial and
-  learned vectors, embedding-file parts) is a tuple indexed like
+  the T5 v1.1 XXL encoder, read for its states). Whatever repeats per encoder
+  (placeholder ids, initial and learned vectors, embedding-file parts) is a tuple indexed like
   `StableDiffusion.text_encoders`, so a third kind of encoder is one more record.
   """
   role: str  # the pipeline's component role: "text_encoder", "text_encoder_2"
