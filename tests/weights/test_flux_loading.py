@@ -262,6 +262,28 @@ def test_prefixed_and_all_in_one_files_load_to_identical_params(saved, loaded, t
   _assert_same_params(load_stable_diffusion(all_in_one, tokenizer=saved[1]), loaded)
 
 
+def test_half_precision_files_load_as_their_rounded_values(saved, loaded, comfyui_files, tmp_path):
+  """FLUX.1's files are bf16 (transformer, ae) and fp16 (t5xxl_fp16, clip_l): they load as the
+  float32 model's values rounded to those types (the renaming is exact on any dtype)."""
+  import ml_dtypes
+  kinds = {"transformer": ml_dtypes.bfloat16, "vae": ml_dtypes.bfloat16,
+           "text_encoder": np.float16, "text_encoder_2": np.float16}
+  for comp, path in comfyui_files.items():
+    safetensors_io.save(str(tmp_path / os.path.basename(path)),
+                        {k: np.asarray(v).astype(kinds[comp])
+                         for k, v in safetensors_io.load(path).items()})
+  sd = load_stable_diffusion(str(tmp_path / os.path.basename(comfyui_files["transformer"])),
+                             tokenizer=saved[1])
+  rounded = lambda tree, kind: jax.tree_util.tree_map(
+      lambda a: np.asarray(a).astype(kind).astype(np.float32), tree)
+  pairs = [(sd.transformer_params, loaded.transformer_params, kinds["transformer"]),
+           (sd.vae_params, loaded.vae_params, kinds["vae"])]
+  pairs += [(a.params, b.params, kinds[a.role]) for a, b in zip(sd.text_encoders,
+                                                                 loaded.text_encoders)]
+  for ours, full, kind in pairs:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ours, rounded(full, kind))
+
+
 def _one_line_error(path, *needles, **kwargs):
   with pytest.raises(ModelLoadError) as err:
     load_stable_diffusion(str(path), **kwargs)
