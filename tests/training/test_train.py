@@ -267,6 +267,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, cache_dir):
     ({"num_vectors": 1000}, "at most 75 fit"),
     ({"num_vectors": 70}, "leaving room for at most 68 vectors"),  # the templates' exact limit
     ({"resolution": 10016}, "above the limit of 2048 px"),
+    ({"pretrained_model_name_or_path": "tiny-flux"}, "cannot train with it yet"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, cache_dir, override, needle):
   with pytest.raises(errors.UserError) as err:

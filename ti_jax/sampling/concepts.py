@@ -21,6 +21,7 @@ from ti_jax.embeddings import embedding_io, pseudo_words
 from ti_jax.models import layers
 from ti_jax.runtime import fileio, run_dir
 from ti_jax.weights.loading import DEFAULT_CACHE_DIR, load_stable_diffusion
+from ti_jax.weights.pipeline import require_unet
 
 
 class SampleError(errors.UserError):
@@ -257,5 +258,6 @@ def load_base_model(concepts, run_config: dict, *, override: str = "", dtype: st
       attention_impl=attention_impl,
       cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR),
       tokenizer=(run_config.get("tokenizer_name_or_path") or None) if same_files else None)
+  require_unet(sd, "sample")
   check_concepts_fit(concepts, model_id, text_encoder_widths(sd), allow_base_model_mismatch)
   return sd, model_id

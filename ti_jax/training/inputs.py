@@ -30,6 +30,7 @@ from ti_jax.sampling import noise_schedule
 from ti_jax.training import checkpointing, concept, train_lib, validation
 from ti_jax.training.config import DTYPES, MAX_EXAMPLES_PER_STEP, ConfigError
 from ti_jax.weights.loading import ModelLoadError, load_stable_diffusion
+from ti_jax.weights.pipeline import require_unet
 
 _log = console.log
 
@@ -158,6 +159,7 @@ def load_model(config):
       revision=config.revision or None, allow_pickle=config.allow_pickle,
       attention_impl=config.attention_impl or None, cache_dir=config.cache_dir,
       remat=config.remat is True, tokenizer=config.tokenizer_name_or_path or None)
+  require_unet(sd, "train")
   try:
     schedule = noise_schedule.noise_schedule_from_config(sd.scheduler_config)
   except ValueError as e:

@@ -184,6 +184,15 @@ def text_encoders(modules: dict, params: dict, tokenizers: dict) -> tuple[TextEn
                for role in TOKENIZER_FOLDERS if role in modules)
 
 
+def require_unet(sd: "StableDiffusion", task: str) -> None:
+  """Refuses in one line a model that loads but that `task` ("train", "sample") cannot use yet:
+  FLUX.1 (its transformer, T5 and flow-matching step and sampler are not wired in yet)."""
+  if sd.unet is None:
+    raise ModelLoadError(
+        f"{sd.path}: a FLUX.1 model: ti_jax loads it but cannot {task} with it yet "
+        "(Stable Diffusion 1.x/2.x, SDXL and the LDM can)")
+
+
 def assemble(source: str, path: str, modules: dict, params: dict, tokenizers: dict,
              scheduler_config: dict, model_index: dict) -> StableDiffusion:
   """The loaded model from per-role dicts (a UNet or, for FLUX.1, a transformer)."""
