@@ -10,7 +10,6 @@ are written out here in torch on a real scheduler: `indices = (u * T).long()`,
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
