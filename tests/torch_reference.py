@@ -1,7 +1,12 @@
 """Helpers that build diffusers/transformers PyTorch models for parity tests."""
 
+import contextlib
+
+import jax.numpy as jnp
 import numpy as np
 import torch
+
+from ti_jax.models import flux
 
 
 def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -52,3 +57,18 @@ def rel_err(a, b) -> float:
   """max |a - b| / max |b| in float64."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@contextlib.contextmanager
+def flux_time_features(model: torch.nn.Module):
+  """Runs diffusers' `FluxTransformer2DModel` on ti_jax's timestep/guidance sines
+  (`flux.time_features`: float64 frequencies rounded once). They are sines of up to 1000
+  (guidance: 3500) radians, where torch's and XLA's float32 `exp` differ by an ulp in some
+  frequencies; with the same features the rest of the network is compared alone."""
+  proj = model.time_text_embed.time_proj
+  proj.forward = lambda t: torch.from_numpy(
+      np.array(flux.time_features(jnp.asarray(t.float().numpy()))))
+  try:
+    yield
+  finally:
+    del proj.forward  # back to the class's forward

@@ -13,7 +13,6 @@ rest of the network is diffusers' own); the figure with diffusers' own features
 is recorded beside it at the SD parity tolerance (1e-4).
 """
 
-import contextlib
 import copy
 import json
 import os
@@ -27,7 +26,7 @@ from conftest import PARITY_FIGURES, record_parity
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers import FluxPipeline, FluxTransformer2DModel as TorchFlux
 from diffusers.models.embeddings import get_timestep_embedding
-from torch_reference import perturb_, rel_err
+from torch_reference import flux_time_features, perturb_, rel_err
 
 from ti_jax.models import flux
 from ti_jax.models.config_utils import UnsupportedConfigError
@@ -98,17 +97,6 @@ def _inputs(variant: str):
   return torch_in, ours
 
 
-@contextlib.contextmanager
-def _ti_jax_time_features(model: torch.nn.Module):
-  """Runs diffusers' model with ti_jax's timestep/guidance features (see the module docstring)."""
-  proj = model.time_text_embed.time_proj
-  proj.forward = lambda t: torch.from_numpy(
-      np.array(flux.time_features(jnp.asarray(t.float().numpy()))))
-  try:
-    yield
-  finally:
-    del proj.forward  # back to the class's forward
-
 
 def _run(loaded, ours):
   module, params = loaded
@@ -146,7 +134,7 @@ def test_transformer_matches_diffusers(transformer, dtype):
   with torch.no_grad():
     ref = model(**torch_in).sample.numpy()
   if dtype == "float32":
-    with torch.no_grad(), _ti_jax_time_features(model):
+    with torch.no_grad(), flux_time_features(model):
       same_features = model(**torch_in).sample.numpy()
     record_parity(f"tiny-flux {variant} transformer float32", rel_err(out, same_features),
                   TOLERANCE[dtype])

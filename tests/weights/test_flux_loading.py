@@ -11,7 +11,6 @@ The transformer's timestep/guidance sines run on ti_jax's features on both sides
 (as in tests/models/test_flux.py, whose docstring says why).
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from ti_jax.weights.tiny_tokenizer import write_tiny_clip_tokenizer
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from torch_reference import perturb_, rel_err  # noqa: E402  (needs torch)
+from torch_reference import flux_time_features, perturb_, rel_err  # noqa: E402  (needs torch)
 
 TOL = 1e-5
 LATENT = 8  # latent height and width: 16 packed tokens
@@ -92,17 +91,6 @@ def _assert_same_params(a, b):
     jax.tree_util.tree_map(np.testing.assert_array_equal, x, y)
 
 
-@contextlib.contextmanager
-def _ti_jax_time_features(model):
-  """Runs diffusers' transformer on ti_jax's timestep/guidance sines (see the module docstring)."""
-  proj = model.time_text_embed.time_proj
-  proj.forward = lambda t: torch.from_numpy(
-      np.array(flux.time_features(jnp.asarray(t.float().numpy()))))
-  try:
-    yield
-  finally:
-    del proj.forward
-
 
 def _compare_outputs(pipe, sd, name: str):
   """The transformer's, T5's, CLIP's and the VAE's float32 outputs of `sd` equal `pipe`'s."""
@@ -134,7 +122,7 @@ def _compare_outputs(pipe, sd, name: str):
   img_ids = FluxPipeline._prepare_latent_image_ids(1, LATENT // 2, LATENT // 2, "cpu",
                                                    torch.float32)
   txt_ids = np.zeros((T5_LENGTH, 3), np.float32)
-  with torch.no_grad(), _ti_jax_time_features(pipe.transformer):
+  with torch.no_grad(), flux_time_features(pipe.transformer):
     ref = pipe.transformer(
         hidden_states=FluxPipeline._pack_latents(torch.from_numpy(latents), 1, 16, LATENT, LATENT),
         encoder_hidden_states=torch.from_numpy(ref_t5),

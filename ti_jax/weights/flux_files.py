@@ -33,10 +33,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from ti_jax.runtime import console
-from ti_jax.weights import convert, flux_single_file, pipeline, presets, safetensors_io
+from ti_jax.weights import flux_single_file, pipeline, presets, safetensors_io
 from ti_jax.weights.original_layout import torch_shapes
 from ti_jax.weights.single_file import (
   SAFETENSORS_SUFFIXES,
@@ -209,15 +208,8 @@ def load_flux_single_file(path: str, state: Mapping[str, Any] | None = None, *,
       "text_encoder_2": flux_single_file.t5_state_dict(
           files["text_encoder_2"][1], t5_path, expected["text_encoder_2"]),
   }
-  params = {}
-  for comp in flax_shapes:
-    store_dtype = (vae_dtype or param_dtype) if comp == "vae" else param_dtype
-    try:
-      params[comp] = convert.convert_torch_state_dict(specs[comp], weights[comp],
-                                                      flax_shapes[comp],
-                                                      dtype=np.dtype(store_dtype))
-    except convert.ConversionError as e:
-      raise ModelLoadError(f"{path}: {e}") from None
+  params = pipeline.convert_components(specs, weights, flax_shapes, path,
+                                       param_dtype=param_dtype, vae_dtype=vae_dtype)
   # The tokenizers last: a bad file is reported before anything is fetched.
   tokenizers = _flux_tokenizers(tokenizer, configs)
   if preset_name in presets.TINY_MODELS:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ti_jax import errors
 from ti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -182,6 +183,22 @@ def text_encoders(modules: dict, params: dict, tokenizers: dict) -> tuple[TextEn
   """The pipeline's `TextEncoder` records, in role order, from per-role dicts."""
   return tuple(TextEncoder(role, modules[role], params[role], tokenizers.get(role))
                for role in TOKENIZER_FOLDERS if role in modules)
+
+
+def convert_components(specs: dict, weights: dict, flax_shapes: dict, path: str, *,
+                       param_dtype: Any, vae_dtype: Any = None) -> dict:
+  """Each component's PyTorch-layout `weights` as its Flax param tree (`convert`), stored in
+  `param_dtype` (the VAE in `vae_dtype`, if given); a mismatch is one line naming `path`."""
+  params = {}
+  for comp in flax_shapes:
+    store_dtype = (vae_dtype or param_dtype) if comp == "vae" else param_dtype
+    try:
+      params[comp] = convert.convert_torch_state_dict(specs[comp], weights[comp],
+                                                      flax_shapes[comp],
+                                                      dtype=np.dtype(store_dtype))
+    except convert.ConversionError as e:
+      raise ModelLoadError(f"{path}: {e}") from None
+  return params
 
 
 def require_unet(sd: "StableDiffusion", task: str) -> None:

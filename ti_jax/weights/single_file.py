@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ti_jax.runtime import console
-from ti_jax.weights import convert, pipeline, presets, safetensors_io
+from ti_jax.weights import pipeline, presets, safetensors_io
 from ti_jax.weights.original_layout import (
   CLIP_PREFIX,
   OPENCLIP_PREFIX,
@@ -413,15 +413,8 @@ def load_single_file(path: str, *, tokenizer: str | None = None, dtype: Any = jn
   specs = {comp: pipeline.component_spec(comp, configs[comp]) for comp in components}
   expected = {comp: torch_shapes(specs[comp], flax_shapes[comp]) for comp in components}
   weights = component_state_dicts(family, state, configs, expected, path)
-  params = {}
-  for comp in components:
-    store_dtype = (vae_dtype or param_dtype) if comp == "vae" else param_dtype
-    try:
-      params[comp] = convert.convert_torch_state_dict(specs[comp], weights[comp],
-                                                      flax_shapes[comp],
-                                                      dtype=np.dtype(store_dtype))
-    except convert.ConversionError as e:
-      raise ModelLoadError(f"{path}: {e}") from None
+  params = pipeline.convert_components(specs, weights, flax_shapes, path,
+                                       param_dtype=param_dtype, vae_dtype=vae_dtype)
   # The tokenizers last: a bad file is reported before anything is fetched.
   folder = tokenizer_folder(family, tokenizer)
   tokenizers = {comp: load_tokenizer(folder, comp, configs[comp]["max_position_embeddings"])
