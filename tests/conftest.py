@@ -9,7 +9,24 @@ import sys
 import tempfile
 import types
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests compile for LLVM's -O0 (`xla_backend_optimization_level=0`): XLA's own passes
+# (fusion, layout, algebraic simplification) are unchanged, only the machine-code
+# optimisation of the compiled loops is skipped. Tiny models spend most of a test's time
+# compiling, and -O0 compiles about a third faster; the programs then run their elementwise
+# loops unvectorised (slower), so the tests that run long (the world run, its scores) run in
+# a subprocess at the default level (`xla_flags(optimized=True)`). The two levels round
+# differently in the last bits, so a test compares results of one level only.
+TEST_XLA_OPTIONS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int, optimized: bool = False) -> str:
+  """XLA_FLAGS for a test process (or a subprocess) with `devices` fake CPU devices, at the
+  tests' optimisation level (`optimized`: XLA's default, as users run)."""
+  return (f"--xla_force_host_platform_device_count={devices}"
+          + ("" if optimized else " " + TEST_XLA_OPTIONS))
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 # One persistent XLA cache per test session, shared with the subprocesses the
 # tests start, so each distinct program compiles once (compiles dominate on CPU).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

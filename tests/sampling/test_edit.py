@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, config_module
+from conftest import REPO, config_module, xla_flags
 from PIL import Image
 
 from ti_jax import errors
@@ -233,7 +233,7 @@ def test_working_size_keeps_the_aspect_near_the_model_resolution():
 
 def _cli(*args, env_extra=None):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["XLA_FLAGS"] = xla_flags(2)
   return subprocess.run([sys.executable, "-m", "ti_jax.edit", *args], capture_output=True,
                         text=True, env=env, cwd=REPO, timeout=600)
 

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 import safetensors.numpy
-from conftest import REPO, config_module, offline_config, step_pieces
+from conftest import REPO, config_module, offline_config, step_pieces, xla_flags
 
 from ti_jax.data import choices
 from ti_jax.runtime import parallel
@@ -292,7 +292,7 @@ def test_cli_trains_and_exports_with_sharded_weights(tmp_path):
          "--config.validation_prompt=", f"--config.max_train_steps={steps}",
          f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}",
          "--config.shard_weights=True"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
   sharded = safetensors.numpy.load_file(str(tmp_path / "sharded" / "learned_embeds.safetensors"))

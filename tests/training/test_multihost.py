@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import xla_flags
 from test_train import REPO, TOY, _config
 
 from ti_jax.sampling import runner
@@ -16,7 +17,7 @@ from ti_jax.runtime import run_dir
 from ti_jax.training import trainer
 from ti_jax.weights import safetensors_io
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+ENV = dict(os.environ, XLA_FLAGS=xla_flags(2))
 
 
 def _free_port() -> int:

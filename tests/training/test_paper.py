@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, config_module, offline_config
+from conftest import REPO, config_module, offline_config, xla_flags
 
 from ti_jax.data import captions, choices
 from ti_jax.embeddings import pseudo_words
@@ -125,7 +125,7 @@ def test_global_batch_not_divisible_by_devices_is_a_one_line_error(tmp_path, cac
 
 def test_paper_tiny_config_trains_and_samples_on_the_ldm_from_the_command_line(tmp_path, cache_dir):
   workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   cmd = [sys.executable, "-m", "ti_jax.train", "--config",
          os.path.join(REPO, "configs/paper.py:tiny,style"), "--workdir", str(workdir),
          f"--config.cache_dir={cache_dir}", "--config.max_train_steps=2",

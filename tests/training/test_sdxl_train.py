@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, config_module, offline_config, record_parity
+from conftest import REPO, config_module, offline_config, record_parity, xla_flags
 from PIL import Image
 from torch_reference import rel_err
 
@@ -249,7 +249,7 @@ def test_cli_trains_tiny_sdxl_and_exports_clip_l_clip_g(cache_dir, tmp_path):
   # One device and a batch of 2: the step program of the 1-device run above, which the CLI
   # then loads from the session's compilation cache instead of compiling one for 8 devices.
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   workdir = tmp_path / "run"
   train = subprocess.run(
       [sys.executable, "-m", "ti_jax.train", "--config",

@@ -9,45 +9,41 @@ attribute keep the concept and show the attribute. The same run the README's qui
 
 import json
 import os
+import subprocess
+import sys
 
-import jax
 import pytest
-from conftest import world_config
+from conftest import REPO, world_config, xla_flags
 
-from ti_jax.evaluation import evaluator
-from ti_jax.training import trainer
 from ti_jax.world import scenes
 
-# One edit prompt per kind of attribute (`world_scores.OBJECT_PROMPTS` has ten): the
-# editability target is the paper's claim for each kind. 32 samples a prompt: at 16 the
-# same run measured editability 0.703, a single image above the target.
-EDIT_PROMPTS = """\
-background\ta photo of {} on a green background
-colour\ta photo of a red {}
-size\ta photo of a large {}
-position\ta photo of {} on the left
-"""
-PROTOCOL = evaluator.Protocol(num_samples=32, num_inference_steps=25, guidance_scale=7.0,
-                              scorer="checker")
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world_quick_start.py")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """The run directory of `configs/object.py:world` trained as the quick start trains it."""
-  workdir = str(tmp_path_factory.mktemp("world_ti") / "run")
-  trainer.run(world_config("object", "world"), workdir, devices=jax.local_devices()[:1],
-              progress=False)
-  return workdir
+def run_and_report(tmp_path_factory):
+  """(run directory, report) of `configs/object.py:world` trained as the quick start trains it
+  and scored by the world's checker (`world_quick_start.py`: `PROTOCOL`, `EDIT_PROMPTS`), in a
+  process at XLA's default optimisation level, as users run it."""
+  tmp = tmp_path_factory.mktemp("world_ti")
+  workdir, eval_dir = tmp / "run", tmp / "eval"
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1, optimized=True),
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run([sys.executable, SCRIPT, str(workdir), str(eval_dir)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(eval_dir / "report.json", encoding="utf-8") as f:
+    return str(workdir), json.load(f)
 
 
 @pytest.fixture(scope="module")
-def report(run, tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("world_eval")
-  prompts = tmp / "edits.txt"
-  prompts.write_text(EDIT_PROMPTS, encoding="utf-8")
-  return evaluator.run(workdirs=[run], protocol=PROTOCOL, prompts_file=str(prompts),
-                       output_dir=str(tmp / "eval"), devices=jax.local_devices()[:1],
-                       words=["object"])
+def run(run_and_report):
+  return run_and_report[0]
+
+
+@pytest.fixture(scope="module")
+def report(run_and_report):
+  return run_and_report[1]
 
 
 def test_the_learned_word_draws_the_held_out_shape_far_more_often_than_the_initializer(report):
