@@ -537,6 +537,21 @@ def sweep(compile_at, start: int, max_batch: int, log) -> tuple[int, list[dict]]
   return lo, records
 
 
+def _one_at_a_time(compile_at):
+  """`compile_at` that drops JAX's caches after each compile, so that a sweep holds one program
+  at a time: a full-size SDXL sweep kept every earlier batch's program and grew past 23 GiB of
+  host memory by its fourth compile."""
+  import gc  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+
+  def at(batch):
+    record = compile_at(batch)
+    jax.clear_caches()
+    gc.collect()
+    return record
+  return at
+
+
 def _print(record: dict) -> None:
   gib = lambda k: f"{record[k] / GIB:.2f} GiB"
   layout = {True: " mesh, sharded weights", False: " mesh, replicated weights"}.get(
@@ -593,7 +608,7 @@ def main(argv):
       continue
     with aot_targets.cudnn_checks_for(devices):
       if FLAGS.sweep_batch:
-        best, records = sweep(at, batch, FLAGS.max_batch, _print)
+        best, records = sweep(_one_at_a_time(at), batch, FLAGS.max_batch, _print)
         out.extend(records)
         results[f"largest_{name}_batch"] = best
         print(f"largest per-chip {'train' if name == 'train' else 'sampling'} batch that fits: "
