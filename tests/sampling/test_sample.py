@@ -217,7 +217,7 @@ def test_prompt_warnings_for_missing_token_and_truncation(runs, capsys):
     (dict(prompts=[]), "no prompt"),
     (dict(scheduler="heun"), "heun"),
     (dict(seed=-1), "seed must be in"),
-    (dict(pretrained_model_name_or_path="tiny-flux"), "cannot sample with it yet"),
+    (dict(pretrained_model_name_or_path="tiny-flux"), "not yet with learned concepts"),
 ])
 def test_bad_sampling_input_is_one_line(runs, tmp_path, kwargs, needle):
   with pytest.raises(errors.UserError) as err:

@@ -234,8 +234,12 @@ def prepare_prompt(prompt: str, concepts, tokenizer) -> tuple[str, list[str]]:
 
 def load_base_model(concepts, run_config: dict, *, override: str = "", dtype: str = "auto",
                     platform: str = "cpu", allow_pickle: bool = False, cache_dir: str = "",
-                    allow_base_model_mismatch: bool = False):
+                    allow_base_model_mismatch: bool = False, allow_flux: bool = False):
   """Loads the base model the concepts were trained on (or `override`); returns (sd, model id).
+
+  A FLUX.1 model is refused in one line unless `allow_flux` (`ti_jax.sample`, which
+  samples it with plain prompts); with concepts it is refused either way (learned FLUX.1
+  vectors are not spliced into its prompts yet).
 
   The run's weight files (variant, revision) and settings apply when the base
   model is the run's own. `dtype` "auto" is float32 on CPU, else bfloat16; the
@@ -258,6 +262,11 @@ def load_base_model(concepts, run_config: dict, *, override: str = "", dtype: st
       attention_impl=attention_impl,
       cache_dir=cache_dir or run_config.get("cache_dir", DEFAULT_CACHE_DIR),
       tokenizer=(run_config.get("tokenizer_name_or_path") or None) if same_files else None)
-  require_unet(sd, "sample")
+  if not allow_flux:
+    require_unet(sd, "sample")
+  if sd.is_flux and concepts:
+    raise SampleError(
+        f"{model_id}: a FLUX.1 model: ti_jax samples it with plain prompts but not yet with "
+        f"learned concepts ({', '.join(c.token for c in concepts)}); pass no run or embeddings")
   check_concepts_fit(concepts, model_id, text_encoder_widths(sd), allow_base_model_mismatch)
   return sd, model_id

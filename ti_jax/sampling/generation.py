@@ -196,7 +196,7 @@ def text_settings(sd, height: int, width: int) -> dict[str, Any]:
               time_ids=tuple(float(v) for v in sdxl.time_ids((height, width), (0, 0))))
 
 
-def _learned_arrays(learned, width: int, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def learned_arrays(learned, width: int, tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """One encoder's learned vectors `[m, D]` and their token ids `[m]`, as the program reads
   them, from (vectors, ids) or None (no learned tokens)."""
   if learned is None or not len(learned[1]):  # an id that never occurs, so nothing is spliced
@@ -227,7 +227,7 @@ def prompt_arrays(sd, prompts: Sequence[str], negative_prompt: str, *, learned=(
                      f"{len(encoders)} (each concept needs vectors for every encoder)")
   if len(tokenizers) != len(encoders):
     raise ValueError(f"{len(tokenizers)} tokenizer(s) for {len(encoders)} text encoder(s)")
-  arrays = [_learned_arrays(learned[e] if learned else None, encoders[e].width, tokenizers[e])
+  arrays = [learned_arrays(learned[e] if learned else None, encoders[e].width, tokenizers[e])
             for e in range(len(encoders))]
   if learned and len({len(ids) for _, ids in arrays}) > 1:
     raise ValueError("each concept needs as many vectors for every text encoder: "
@@ -416,7 +416,7 @@ def auto_batch_size(generator: "ImageGenerator", num_images: int) -> int:
   if not limit:
     return max(1, min(needed, CPU_AUTO_BATCH))
   weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(
-      (generator.sd.unet_params, generator.sd.vae_params,
+      (generator.sd.unet_params, generator.sd.transformer_params, generator.sd.vae_params,
        [e.params for e in generator.sd.text_encoders])))
   h, w = generator.image_size
   fit = int(_MEMORY_SHARE * max(limit - weights, 0) // image_bytes(generator.sd, h, w))

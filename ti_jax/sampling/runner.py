@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from ti_jax.runtime import console, fileio, parallel
-from ti_jax.sampling import generation, noise_schedule, schedulers
+from ti_jax.sampling import flux_generation, generation, noise_schedule, schedulers
 
 from ti_jax.sampling.concepts import (
   SampleError,
@@ -42,6 +42,8 @@ GRID_MAX = 64
 # in its last blocks (2 GiB at 2048 px), and Stable Diffusion models are trained at
 # 512-1024 px (the same bound as training's resolution).
 MAX_IMAGE_SIZE = 2048
+# The sampler `run` uses unless told (FLUX.1 has its own: `flux_generation`).
+_DEFAULT_SCHEDULER = "ddim"
 
 
 def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_size: int,
@@ -76,10 +78,23 @@ def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_
     raise SampleError(f"--cache_dir {cache_dir} is a file, not a folder")
 
 
+def _flux_generator(sd, *, negative_prompt: str, guidance_rescale: float, scheduler: str,
+                    **kw) -> flux_generation.FluxImageGenerator:
+  """The FLUX.1 generator of a sampling request (`kw`: steps, guidance, size, devices);
+  a ValueError for what FLUX.1 sampling has not: classifier-free guidance's negative prompt
+  and rescale. `guidance_scale` is the guidance embedding's value (dev)."""
+  if negative_prompt or guidance_rescale:
+    raise ValueError("FLUX.1 samples without classifier-free guidance: pass no "
+                     "negative_prompt or guidance_rescale")
+  if scheduler != _DEFAULT_SCHEDULER:
+    _log(f"FLUX.1 samples with its flow-matching Euler sampler; scheduler {scheduler} is not used")
+  return flux_generation.FluxImageGenerator(sd, **kw)
+
+
 def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None = None,
         embedding_sources: Sequence[str] = (), pretrained_model_name_or_path: str = "",
         negative_prompt: str = "", num_images: int = 4, num_inference_steps: int = 50,
-        guidance_scale: float = 7.5, scheduler: str = "ddim", seed: int = 0,
+        guidance_scale: float = 7.5, scheduler: str = _DEFAULT_SCHEDULER, seed: int = 0,
         height: int = 0, width: int = 0, output_dir: str = "", dtype: str = "auto",
         batch_size: int = 0, allow_base_model_mismatch: bool = False,
         cache_dir: str = "", allow_pickle: bool = False,
@@ -109,17 +124,25 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   sd, model_id = load_base_model(
       concepts, run_config, override=pretrained_model_name_or_path, dtype=dtype,
       platform=devices[0].platform, allow_pickle=allow_pickle, cache_dir=cache_dir,
-      allow_base_model_mismatch=allow_base_model_mismatch)
+      allow_base_model_mismatch=allow_base_model_mismatch, allow_flux=True)
   vocab = tokenizers_with_concepts(sd, concepts)  # tokenizer(s) and learned vectors
   tokenizer = vocab["tokenizers"][0]  # the truncation warning counts the first's ids
   factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
-  native = run_config.get("resolution") or sd.unet.config.sample_size * factor
+  native = run_config.get("resolution") or (
+      flux_generation.native_size(sd) if sd.is_flux else sd.unet.config.sample_size * factor)
   height, width = height or native, width or native
   try:
-    generator = generation.ImageGenerator(
-        sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, height=height, width=width, devices=devices,
-        guidance_rescale=guidance_rescale)
+    if sd.is_flux:  # FLUX.1: its own flow-matching program (flux_generation)
+      generator = _flux_generator(sd, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, height=height, width=width,
+                                  devices=devices, negative_prompt=negative_prompt,
+                                  guidance_rescale=guidance_rescale, scheduler=scheduler)
+      scheduler = flux_generation.SAMPLER_NAME  # what the PNGs record
+    else:
+      generator = generation.ImageGenerator(
+          sd, scheduler=scheduler, num_inference_steps=num_inference_steps,
+          guidance_scale=guidance_scale, height=height, width=width, devices=devices,
+          guidance_rescale=guidance_rescale)
   except noise_schedule.SchedulerConfigError as e:
     raise SampleError(schedulers.sampler_refusal(e, sd.scheduler_config, num_inference_steps,
                                                  "--scheduler")) from None
