@@ -19,6 +19,7 @@ from PIL import Image
 
 from ti_jax import errors
 from ti_jax.embeddings import embedding_io, embedding_writer
+from ti_jax.embeddings.pseudo_words import token_table
 from ti_jax.models import flux
 from ti_jax.sampling import flow_match, flux_generation, runner
 from ti_jax.weights import safetensors_io
@@ -130,6 +131,25 @@ def test_two_devices_give_the_images_of_one(dev_folder, dev_gen):
   assert one.shape == (3, SIZE, SIZE, 3)
   # Same noise per image; only the batch layout differs, so at most rounding of one level.
   assert np.abs(two.generate(prompts, seed=2).astype(int) - one).max() <= 1
+
+
+def test_learned_vectors_are_spliced_per_text_encoder(dev_gen):
+  """The program's prompt encoding takes learned vectors per encoder (for learned FLUX.1
+  concepts): a word's own table row at its id changes nothing, another vector in either
+  encoder changes the images."""
+  sd, prompts = dev_gen.sd, PROMPTS[:1] * 2  # 2 prompts: the program compiled above
+  clip_ids, t5_ids, _ = flux_generation.flux_prompt_arrays(sd, prompts,
+                                                           dev_gen.max_sequence_length)
+  ids = (int(clip_ids[0, 1]), int(t5_ids[0, 0]))  # the first word's (first) piece in each
+  rows = tuple(np.asarray(token_table(e.module, e.params))[i][None]
+               for e, i in zip(sd.text_encoders, ids))
+  plain = dev_gen.generate(prompts)
+  own = tuple((r, [i]) for r, i in zip(rows, ids))
+  np.testing.assert_array_equal(dev_gen.generate(prompts, learned=own), plain)
+  for e in range(2):
+    other = list(own)
+    other[e] = (rows[e] + 1.0, [ids[e]])
+    assert not np.array_equal(dev_gen.generate(prompts, learned=tuple(other)), plain), e
 
 
 def test_sample_writes_the_generators_flux_pngs(dev_folder, dev_gen, tmp_path):
