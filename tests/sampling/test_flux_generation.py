@@ -133,6 +133,20 @@ def test_two_devices_give_the_images_of_one(dev_folder, dev_gen):
   assert np.abs(two.generate(prompts, seed=2).astype(int) - one).max() <= 1
 
 
+def test_lowered_program_takes_the_weights_as_arguments(dev_gen):
+  """One pmapped program whose frozen weights are arguments, not constants closed over."""
+  lowered = flux_generation.FluxImageGenerator(
+      dev_gen.sd, devices=jax.local_devices()[:2], **DEV).lower(per_device_batch=3)
+  weights = (dev_gen.sd.transformer_params, dev_gen.sd.vae_params,
+             [e.params for e in dev_gen.sd.text_encoders])
+  arg_shapes = [a.shape for a in jax.tree_util.tree_leaves(lowered.args_info[0])]
+  assert len(arg_shapes) >= len(jax.tree_util.tree_leaves(weights))
+  for leaf in jax.tree_util.tree_leaves(weights):
+    assert (2,) + leaf.shape in arg_shapes  # replicated over the 2 devices
+  text = lowered.as_text()
+  assert "while" in text and "tensor<2x3x77xi32>" in text and "tensor<2x3x512xi32>" in text
+
+
 def test_learned_vectors_are_spliced_per_text_encoder(dev_gen):
   """The program's prompt encoding takes learned vectors per encoder (for learned FLUX.1
   concepts): a word's own table row at its id changes nothing, another vector in either

@@ -256,6 +256,27 @@ class FluxImageGenerator:
     images = parallel.allgather(parallel.unshard(images))[:n]
     return np.round(images * 255.0).astype(np.uint8)
 
+  def lower(self, per_device_batch: int, num_learned: int = 1) -> jax.stages.Lowered:
+    """The program lowered for the generator's devices without running it, as
+    `ImageGenerator.lower` (ahead-of-time compilation, memory analysis): `per_device_batch`
+    prompts per device (CLIP ids of its 77, T5 ids of `max_sequence_length`) and
+    `num_learned` learned vectors per encoder. The weights may be `jax.ShapeDtypeStruct`s.
+    """
+    sds = jax.ShapeDtypeStruct
+    abstract = lambda tree: jax.tree_util.tree_map(lambda x: sds(np.shape(x), x.dtype), tree)
+    n = len(self.devices)
+    encoders = self.sd.text_encoders
+    extra = {"learned": tuple(sds((num_learned, e.width), jnp.float32) for e in encoders),
+             "placeholder_ids": tuple(sds((num_learned,), jnp.int32) for _ in encoders),
+             "sampler": abstract(self.sampler)}
+    arrays = abstract(self._arrays(parallel.replicate(extra, self.devices)))
+    rows = n * per_device_batch
+    clip_length = encoders[0].module.config.max_position_embeddings
+    inputs = parallel.shard((sds((rows, clip_length), jnp.int32),
+                             sds((rows, self.max_sequence_length), jnp.int32),
+                             sds((rows,), jnp.int32)), n)
+    return self._fn.lower(arrays, *inputs, sds((n,), np.uint32))
+
   def _arrays(self, extra: dict) -> _FluxArrays:
     """The program's arrays: the replicated weights and `extra` (learned, ids, sampler)."""
     return _FluxArrays(transformer=self._params["transformer"], vae=self._params["vae"],
