@@ -227,8 +227,11 @@ def define_generation_flags(flag_values=None) -> None:
                             "PATH:TOKEN to choose the token. Repeatable.")
   shared.DEFINE_string("negative_prompt", "", "Prompt for classifier-free guidance's "
                       "unconditional half (what to steer away from).")
-  shared.DEFINE_integer("num_inference_steps", 50, "Denoising steps.")
-  shared.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale (1 = off).",)
+  shared.DEFINE_integer("num_inference_steps", None, "Denoising steps (default: 50; "
+                        "FLUX.1-dev 28, FLUX.1-schnell 4, as FluxPipeline).")
+  shared.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1 = off; "
+                      "default 7.5). FLUX.1-dev: the value its guidance embedding is given "
+                      "(default 3.5; no classifier-free guidance).")
   shared.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale (Lin et al. 2023, "
                      "diffusers' name): 0 = off; 0.7 counters over-exposed guided images. "
                      "Every model family.")

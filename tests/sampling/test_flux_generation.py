@@ -10,6 +10,7 @@ plus float32 error.
 import json
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -167,15 +168,28 @@ def test_learned_vectors_are_spliced_per_text_encoder(dev_gen):
 
 
 def test_sample_writes_the_generators_flux_pngs(dev_folder, dev_gen, tmp_path):
+  # No guidance_scale: FLUX.1-dev's default, 3.5, the generator's (not SD's 7.5).
   paths = runner.run(prompts=["a photo of a red toy"], pretrained_model_name_or_path=dev_folder,
-                     num_images=2, guidance_scale=3.5, output_dir=str(tmp_path / "out"),
+                     num_images=2, output_dir=str(tmp_path / "out"),
                      devices=jax.local_devices()[:1], **DEV)
   assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
   pixels = np.stack([np.asarray(Image.open(p)) for p in paths])
   np.testing.assert_array_equal(pixels, dev_gen.generate(["a photo of a red toy"] * 2, seed=0))
   text = Image.open(paths[0]).text
   assert text["scheduler"] == flux_generation.SAMPLER_NAME and text["steps"] == "3"
+  assert text["guidance_scale"] == "3.5"
   assert any(f.endswith("_grid.png") for f in os.listdir(tmp_path / "out"))
+
+
+def test_steps_and_guidance_default_to_each_models_own(dev_gen, schnell_folder):
+  """As diffusers' pipelines: FLUX.1-dev 28 steps at guidance 3.5, schnell 4 steps, SD 50 at
+  7.5; a value given is kept."""
+  schnell = load_stable_diffusion(schnell_folder)
+  assert runner.model_defaults(dev_gen.sd, None, None) == (28, 3.5)
+  assert runner.model_defaults(schnell, None, None) == (4, 3.5)
+  assert runner.model_defaults(dev_gen.sd, 7, 2.0) == (7, 2.0)
+  sd = types.SimpleNamespace(is_flux=False)
+  assert runner.model_defaults(sd, None, None) == (50, 7.5)
 
 
 @pytest.mark.parametrize("kwargs, needle", [

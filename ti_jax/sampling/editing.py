@@ -222,9 +222,9 @@ def load_image_and_mask(image: str, mask: str, mask_threshold: int) -> tuple[np.
 def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
         step: int | None = None, embedding_sources: Sequence[str] = (),
         pretrained_model_name_or_path: str = "", negative_prompt: str = "",
-        num_images: int = 4, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-        scheduler: str = "ddim", seed: int = 0, output_dir: str = "",
-        mask_threshold: int = MASK_THRESHOLD, mask_shrink_stages: int = -1,
+        num_images: int = 4, num_inference_steps: int | None = None,
+        guidance_scale: float | None = None, scheduler: str = "ddim", seed: int = 0,
+        output_dir: str = "", mask_threshold: int = MASK_THRESHOLD, mask_shrink_stages: int = -1,
         dtype: str = "auto", batch_size: int = 0, allow_base_model_mismatch: bool = False,
         cache_dir: str = "", allow_pickle: bool = False,
         devices: Sequence | None = None, guidance_rescale: float = 0.0,
@@ -234,7 +234,10 @@ def run(*, image: str, mask: str, prompt: str, workdir: str | None = None,
   Every model family, SDXL included (its concepts go into copies of both tokenizers).
   `concept`: for a many-concept `workdir`, the `--concept` values naming the concepts
   to edit with (`concepts.gather_concepts`); one concept's edits go to WORKDIR/<name>/edits.
+  `num_inference_steps`, `guidance_scale` None: 50 and 7.5.
   """
+  num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
+  guidance_scale = 7.5 if guidance_scale is None else guidance_scale
   _check_request(prompt=prompt, num_images=num_images, num_inference_steps=num_inference_steps,
                  batch_size=batch_size, seed=seed, guidance_scale=guidance_scale,
                  mask_threshold=mask_threshold, mask_shrink_stages=mask_shrink_stages,

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from ti_jax.runtime import console, fileio, parallel
-from ti_jax.sampling import flux_generation, generation, noise_schedule, schedulers
+from ti_jax.sampling import flow_match, flux_generation, generation, noise_schedule, schedulers
 
 from ti_jax.sampling.concepts import (
   SampleError,
@@ -52,7 +52,7 @@ def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_
   """Refuses bad sampling arguments with a one-line `SampleError`, before anything loads."""
   if not prompts:
     raise SampleError("no prompt: pass --prompt (repeatable) or --prompts_file")
-  if num_images < 1 or num_inference_steps < 1:
+  if num_images < 1 or (num_inference_steps is not None and num_inference_steps < 1):
     raise SampleError("num_images and num_inference_steps must be >= 1")
   if batch_size < 0:
     raise SampleError("batch_size must be >= 1 (or 0: chosen to fit device memory)")
@@ -65,7 +65,7 @@ def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_
       raise SampleError(f"{name} {value} is above the limit of {MAX_IMAGE_SIZE} px: the VAE "
                         "decoder's activations alone would need 2 GiB or more per image, and "
                         "Stable Diffusion models are trained at 512-1024 px")
-  if not math.isfinite(guidance_scale):
+  if guidance_scale is not None and not math.isfinite(guidance_scale):
     raise SampleError(f"guidance_scale must be a finite number, got {guidance_scale}")
   if not 0.0 <= guidance_rescale <= 1.0:  # also refuses NaN
     raise SampleError(f"guidance_rescale must be in [0, 1] (0: off), got {guidance_rescale}")
@@ -76,6 +76,20 @@ def _check_request(*, prompts, num_images: int, num_inference_steps: int, batch_
   if cache_dir and os.path.exists(os.path.expanduser(cache_dir)) and not os.path.isdir(
       os.path.expanduser(cache_dir)):
     raise SampleError(f"--cache_dir {cache_dir} is a file, not a folder")
+
+
+def model_defaults(sd, num_inference_steps: int | None,
+                   guidance_scale: float | None) -> tuple[int, float]:
+  """(steps, guidance) with None replaced by the model's defaults, as diffusers' pipelines have
+  them: 50 steps and classifier-free guidance 7.5; FLUX.1-dev 28 steps and guidance embedding
+  3.5, FLUX.1-schnell (no guidance embedding) 4 steps."""
+  if sd.is_flux:
+    dev = sd.transformer.config.guidance_embeds
+    steps, guidance = (28 if dev else 4), flow_match.DEFAULT_GUIDANCE_SCALE
+  else:
+    steps, guidance = 50, 7.5
+  return (steps if num_inference_steps is None else num_inference_steps,
+          guidance if guidance_scale is None else guidance_scale)
 
 
 def _flux_generator(sd, *, negative_prompt: str, guidance_rescale: float, scheduler: str,
@@ -93,8 +107,8 @@ def _flux_generator(sd, *, negative_prompt: str, guidance_rescale: float, schedu
 
 def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None = None,
         embedding_sources: Sequence[str] = (), pretrained_model_name_or_path: str = "",
-        negative_prompt: str = "", num_images: int = 4, num_inference_steps: int = 50,
-        guidance_scale: float = 7.5, scheduler: str = _DEFAULT_SCHEDULER, seed: int = 0,
+        negative_prompt: str = "", num_images: int = 4, num_inference_steps: int | None = None,
+        guidance_scale: float | None = None, scheduler: str = _DEFAULT_SCHEDULER, seed: int = 0,
         height: int = 0, width: int = 0, output_dir: str = "", dtype: str = "auto",
         batch_size: int = 0, allow_base_model_mismatch: bool = False,
         cache_dir: str = "", allow_pickle: bool = False,
@@ -110,6 +124,7 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
   `concept`: for a many-concept `workdir`, the `--concept` values naming the
   concepts to use (names, comma lists or `all`); the PNGs then go by default to
   WORKDIR/<name>/samples for one concept, WORKDIR/samples for several.
+  `num_inference_steps`, `guidance_scale` None: the model's defaults (`model_defaults`).
   """
   _check_request(prompts=prompts, num_images=num_images,
                  num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed,
@@ -127,6 +142,7 @@ def run(*, prompts: Sequence[str], workdir: str | None = None, step: int | None 
       allow_base_model_mismatch=allow_base_model_mismatch, allow_flux=True)
   vocab = tokenizers_with_concepts(sd, concepts)  # tokenizer(s) and learned vectors
   tokenizer = vocab["tokenizers"][0]  # the truncation warning counts the first's ids
+  num_inference_steps, guidance_scale = model_defaults(sd, num_inference_steps, guidance_scale)
   factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
   native = run_config.get("resolution") or (
       flux_generation.native_size(sd) if sd.is_flux else sd.unet.config.sample_size * factor)

@@ -203,7 +203,8 @@ def convert_components(specs: dict, weights: dict, flax_shapes: dict, path: str,
 
 def require_unet(sd: "StableDiffusion", task: str) -> None:
   """Refuses in one line a model that loads but that `task` ("train", "sample") cannot use yet:
-  FLUX.1 (its transformer, T5 and flow-matching step and sampler are not wired in yet)."""
+  FLUX.1 where its transformer is not wired in (training, editing, evaluation, learned
+  concepts; `ti_jax.sample` of plain prompts has its own program, `flux_generation`)."""
   if sd.unet is None:
     raise ModelLoadError(
         f"{sd.path}: a FLUX.1 model: ti_jax loads it but cannot {task} with it yet "
