@@ -237,24 +237,13 @@ class FluxImageGenerator:
     """
     if negative_prompt:
       raise ValueError("FLUX.1 samples without classifier-free guidance: no negative prompt")
-    n = len(prompts)
-    d = len(self.devices)
-    padded = -(-n // d) * d
-    texts = list(prompts) + [prompts[-1]] * (padded - n)
+    texts = generation.device_padded(prompts, self.devices)
     clip_ids, t5_ids, extra = flux_prompt_arrays(self.sd, texts, self.max_sequence_length,
                                                  learned=learned, tokenizers=tokenizers)
     extra["sampler"] = self.sampler
-    index = np.arange(first_index, first_index + padded, dtype=np.int32)
     arrays = self._arrays(parallel.replicate(extra, self.devices))
-    # Each process feeds its own devices' rows (all rows with one process).
-    local = len(parallel.addressable(self.devices))
-    rows = slice(jax.process_index() * local * (padded // d),
-                 (jax.process_index() + 1) * local * (padded // d))
-    seeds = np.full((local,), seed, np.uint32)
-    images = self._fn(arrays, *parallel.shard((clip_ids[rows], t5_ids[rows], index[rows]), local),
-                      seeds)
-    images = parallel.allgather(parallel.unshard(images))[:n]
-    return np.round(images * 255.0).astype(np.uint8)
+    return generation.run_program(self._fn, arrays, (clip_ids, t5_ids), self.devices,
+                                  first_index, len(prompts), seed)
 
   def lower(self, per_device_batch: int, num_learned: int = 1) -> jax.stages.Lowered:
     """The program lowered for the generator's devices without running it, as

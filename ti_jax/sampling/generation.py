@@ -244,6 +244,31 @@ def prompt_arrays(sd, prompts: Sequence[str], negative_prompt: str, *, learned=(
   return every(prompts), every(negatives), extra
 
 
+def device_padded(prompts: Sequence[str], devices) -> list[str]:
+  """`prompts` padded with the last one to a multiple of the devices (one program call
+  gives every device the same number of rows)."""
+  d = len(devices)
+  return list(prompts) + [prompts[-1]] * (-(-len(prompts) // d) * d - len(prompts))
+
+
+def run_program(fn, arrays, per_row: tuple, devices, first_index: int, n: int,
+                seed: int) -> np.ndarray:
+  """Runs a pmapped generation program `fn(arrays, *per_row, index, seeds)` on `per_row`
+  (host arrays with one row per padded prompt: `device_padded`): each process feeds its own
+  devices' rows (all rows with one process), image i starts from (seed, first_index + i).
+  Returns the first `n` images, uint8 `[n, H, W, 3]`, on every process."""
+  padded, d = len(per_row[0]), len(devices)
+  index = np.arange(first_index, first_index + padded, dtype=np.int32)
+  local = len(parallel.addressable(devices))
+  rows = slice(jax.process_index() * local * (padded // d),
+               (jax.process_index() + 1) * local * (padded // d))
+  seeds = np.full((local,), seed, np.uint32)
+  images = fn(arrays, *parallel.shard(tuple(x[rows] for x in per_row) + (index[rows],), local),
+              seeds)
+  images = parallel.allgather(parallel.unshard(images))[:n]
+  return np.round(images * 255.0).astype(np.uint8)
+
+
 @functools.lru_cache(maxsize=16)
 def _generate_program(settings: _GenSettings, devices: tuple):
   """The pmapped guided loop of `settings` (the sampler travels in its arrays): memoized, so
@@ -320,24 +345,13 @@ class ImageGenerator:
       ValueError: a learned token id a tokenizer does not have, or concepts without
         vectors for every text encoder.
     """
-    n = len(prompts)
-    d = len(self.devices)
-    padded = -(-n // d) * d
-    texts = list(prompts) + [prompts[-1]] * (padded - n)
+    texts = device_padded(prompts, self.devices)
     cond, uncond, extra = prompt_arrays(self.sd, texts, negative_prompt, learned=learned,
                                         tokenizers=tokenizers)
     extra["sampler"] = self.sampler
-    index = np.arange(first_index, first_index + padded, dtype=np.int32)
     arrays = self._arrays(parallel.replicate(extra, self.devices))
-    # Each process feeds its own devices' rows (all rows with one process).
-    local = len(parallel.addressable(self.devices))
-    rows = slice(jax.process_index() * local * (padded // d),
-                 (jax.process_index() + 1) * local * (padded // d))
-    seeds = np.full((local,), seed, np.uint32)
-    images = self._fn(arrays, *parallel.shard((cond[rows], uncond[rows], index[rows]), local),
-                      seeds)
-    images = parallel.allgather(parallel.unshard(images))[:n]
-    return np.round(images * 255.0).astype(np.uint8)
+    return run_program(self._fn, arrays, (cond, uncond), self.devices, first_index,
+                       len(prompts), seed)
 
   def lower(self, per_device_batch: int, num_learned: int = 1) -> jax.stages.Lowered:
     """The generation program lowered for the generator's devices, without running it.
