@@ -218,11 +218,7 @@ class FluxImageGenerator:
         scaling_factor=float(sd.vae.config.scaling_factor),
         shift_factor=float(sd.vae.config.shift_factor),
         guidance=float(guidance_scale) if guided else None)
-    own = {"transformer": sd.transformer_params, "vae": sd.vae_params,
-           **{e.role: e.params for e in sd.text_encoders}}
-    shared = dict(replicated_params or {})
-    self._params = dict(shared, **parallel.replicate(
-        {k: v for k, v in own.items() if k not in shared}, self.devices))
+    self._params = generation.device_params(sd, self.devices, replicated_params)
     self._fn = _flux_program(self.settings, tuple(self.devices))
 
   def generate(self, prompts: Sequence[str], *, seed: int = 0, negative_prompt: str = "",

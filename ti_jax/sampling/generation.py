@@ -244,6 +244,18 @@ def prompt_arrays(sd, prompts: Sequence[str], negative_prompt: str, *, learned=(
   return every(prompts), every(negatives), extra
 
 
+def device_params(sd, devices, replicated_params: dict | None = None) -> dict:
+  """A generation program's frozen params by component role ("unet" or FLUX.1's "transformer",
+  "vae", each text encoder's), on every device: `replicated_params` (already replicated, e.g.
+  the training step's) as given, the pieces it lacks replicated here."""
+  denoiser = ({"transformer": sd.transformer_params} if sd.is_flux
+              else {"unet": sd.unet_params})
+  own = {**denoiser, "vae": sd.vae_params, **{e.role: e.params for e in sd.text_encoders}}
+  shared = dict(replicated_params or {})
+  return dict(shared, **parallel.replicate(
+      {k: v for k, v in own.items() if k not in shared}, devices))
+
+
 def device_padded(prompts: Sequence[str], devices) -> list[str]:
   """`prompts` padded with the last one to a multiple of the devices (one program call
   gives every device the same number of rows)."""
@@ -316,11 +328,7 @@ class ImageGenerator:
         scaling_factor=float(sd.vae.config.scaling_factor),
         shift_factor=float(sd.vae.config.shift_factor),
         guidance_rescale=float(guidance_rescale), **text_settings(sd, height, width))
-    own = {"unet": sd.unet_params, "vae": sd.vae_params,
-           **{e.role: e.params for e in sd.text_encoders}}
-    shared = dict(replicated_params or {})
-    self._params = dict(shared, **parallel.replicate(
-        {k: v for k, v in own.items() if k not in shared}, self.devices))
+    self._params = device_params(sd, self.devices, replicated_params)
     self._fn = _generate_program(self.settings, tuple(self.devices))
 
   def generate(self, prompts: Sequence[str], *, seed: int = 0, negative_prompt: str = "",
